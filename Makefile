@@ -1,0 +1,39 @@
+# The README's two commands: `make run` (the main job) and `make test` (the test suite).
+# Each creates .venv and installs what it needs on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.14.1
+
+.PHONY: venv install-run install-test run test bench lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)
+
+install-run: venv
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q --no-build-isolation -e ".[examples]"
+
+install-test: venv
+	$(PIP) install -q "$(TORCH_SPEC)" triton
+	$(PIP) install -q setuptools wheel
+	$(PIP) install -q --no-build-isolation -e ".[test,dev]"
+
+run: install-run
+	$(PY) examples/demo.py
+
+test: install-test
+	$(PY) -m pytest -q tests
+
+bench: install-test
+	$(PY) -m benchmarks --quick
+
+lint: install-test
+	$(PY) -m ruff check lorasc_kernels tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

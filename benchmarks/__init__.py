@@ -1,0 +1,1 @@
+"""Benchmarks for lorasc_kernels: ``python -m benchmarks [--quick]``."""

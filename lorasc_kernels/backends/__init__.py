@@ -1,0 +1,75 @@
+"""Backend registry: which implementation runs an op for given tensors.
+
+A backend is a module exposing
+
+* ``unavailable_reason(device) -> str | None``: ``None`` when it can run on ``device``;
+* ``lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+  noise_seed, noise_scale)``: differentiable, on validated 2-D ``x``;
+* ``merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
+  noise_add, row_offset)``: in place, on validated arguments.
+
+``"torch"`` is :mod:`.reference`; ``"triton"`` and ``"cuda"`` are imported lazily, so a
+missing Triton or CUDA toolchain never breaks ``import lorasc_kernels``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend"]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+
+_MODULES = {
+    "torch": "lorasc_kernels.backends.reference",
+    "triton": "lorasc_kernels.backends.triton",
+    "cuda": "lorasc_kernels.backends.cuda",
+}
+
+# Tried in this order by backend="auto" for CUDA tensors.
+_AUTO_ORDER = ("triton", "cuda")
+
+
+def _load(name: str) -> tuple[ModuleType | None, str | None]:
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ImportError as error:
+        return None, f"it cannot be imported ({error})"
+    return module, None
+
+
+def _usable(name: str, device: torch.device) -> tuple[ModuleType | None, str | None]:
+    module, reason = _load(name)
+    if module is None:
+        return None, reason
+    if name == "torch":
+        return module, None
+    reason = module.unavailable_reason(device)
+    return (None, reason) if reason else (module, None)
+
+
+def resolve_backend(name: str, device: torch.device) -> ModuleType:
+    """The backend module for ``name`` on ``device``.
+
+    ``"auto"`` picks the first usable of Triton then CUDA for CUDA tensors and the torch
+    reference otherwise. An explicit name that cannot run raises ``RuntimeError`` saying
+    what is missing.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda":
+            for candidate in _AUTO_ORDER:
+                module, _ = _usable(candidate, device)
+                if module is not None:
+                    return module
+        return _load("torch")[0]
+    module, reason = _usable(name, device)
+    if module is None:
+        raise RuntimeError(f"backend={name!r} is not available on {device}: {reason}")
+    return module

@@ -1,0 +1,182 @@
+"""Functional API: argument validation, autocast handling and backend dispatch.
+
+Shapes: ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K),
+``lora_B`` (N, r); for a merge, ``weight`` may be a block of rows of a larger matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks as checks
+from .backends import BACKENDS, reference, resolve_backend
+from .rounding import ROUNDING_MODES
+
+__all__ = ["lorasc_linear", "merge_lowrank_", "draw_seed"]
+
+
+def draw_seed() -> int:
+    """A fresh 62-bit seed from torch's default CPU generator (follows ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+def _check_lowrank(weight, lora_A, lora_B):
+    """Check ``lora_A`` (r, K) and ``lora_B`` (N, r) against ``weight`` (N, K); return r."""
+    checks.check_tensor("lora_A", lora_A, dims=2)
+    checks.check_tensor("lora_B", lora_B, dims=2)
+    rows, cols = weight.shape
+    r = lora_A.shape[0]
+    if not 1 <= r <= min(rows, cols):
+        raise ValueError(
+            f"lora_A must have r rows with 1 <= r <= min(out, in) = {min(rows, cols)}, "
+            f"got shape {tuple(lora_A.shape)}"
+        )
+    checks.check_shape("lora_A", lora_A, (r, cols), "r × in_features")
+    checks.check_shape("lora_B", lora_B, (rows, r), "rows of weight × r")
+    return r
+
+
+def _check_backend_dtype(module, **tensors):
+    if module is reference:
+        return
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}; only the torch backend accepts it "
+                f"(kernels take {[str(d) for d in checks.FLOAT_DTYPES]})"
+            )
+
+
+def lorasc_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    noise_seed: int | None = None,
+    noise_scale: float = 0.0,
+    backend: str = "auto",
+    dropout_seed: int | None = None,
+) -> torch.Tensor:
+    """``y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ``, with ``W`` perturbed by fused noise.
+
+    Args:
+        x: (..., K) input, any number of leading dims, any strides.
+        weight: (N, K) frozen weight, never modified; gets a gradient only if it requires one.
+        bias: (N,) or None.
+        lora_A, lora_B: (r, K) and (N, r); may have another float dtype than ``x``.
+        scale: the LoRA scaling ``lora_alpha / r``.
+        dropout_p: dropout probability on the LoRA branch's input, in [0, 1).
+        noise_seed, noise_scale: when ``noise_seed`` is set, this call uses
+            ``round(W + noise_scale · noise(noise_seed))`` (see :mod:`lorasc_kernels.noise`).
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        dropout_seed: seed of the dropout mask; drawn from torch's generator if None.
+
+    Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype.
+    Returns (..., N) in ``x``'s (or autocast's) dtype.
+    """
+    checks.check_tensor("x", x)
+    checks.check_tensor("weight", weight, dims=2)
+    if bias is not None:
+        checks.check_tensor("bias", bias, dims=1)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the in_features)")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have in_features={in_features} as its last dim (weight is "
+            f"{tuple(weight.shape)}), got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        checks.check_shape("bias", bias, (out_features,), "out_features")
+    _check_lowrank(weight, lora_A, lora_B)
+    checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    scale = checks.check_float("scale", scale)
+    dropout_p = checks.check_probability("dropout_p", dropout_p)
+    noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)
+    if noise_seed is not None:
+        noise_seed = checks.check_seed("noise_seed", noise_seed)
+    elif noise_scale != 0.0:
+        raise ValueError("noise_scale is nonzero but noise_seed is None: pass both or neither")
+    if dropout_seed is not None:
+        dropout_seed = checks.check_seed("dropout_seed", dropout_seed)
+    elif dropout_p > 0.0:
+        dropout_seed = draw_seed()
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but weight has {weight.dtype}: they must match "
+            "outside torch.autocast"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+
+    module = resolve_backend(backend, x.device)
+    _check_backend_dtype(module, x=x, lora_A=lora_A, lora_B=lora_B)
+    lead = x.shape[:-1]
+    with torch.autocast(device_type, enabled=False):
+        y = module.lorasc_linear(
+            x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scale, dropout_p,
+            dropout_seed, noise_seed, noise_scale,
+        )
+    return y.reshape(*lead, out_features)
+
+
+def merge_lowrank_(
+    weight: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    coeff: float,
+    rounding: str = "stochastic",
+    seed: int = 0,
+    noise_remove: tuple[int, float] | None = None,
+    noise_add: tuple[int, float] | None = None,
+    row_offset: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place; returns ``weight``.
+
+    Args:
+        weight: (rows, K) fp32/fp16/bf16 weight, or a block of rows of a larger one.
+        lora_B: (rows, r), the rows of B matching ``weight``'s rows.
+        lora_A: (r, K).
+        coeff: finite multiplier of ``B A`` (the cascade uses ``slow_rate · scale``).
+        rounding: ``"stochastic"`` (unbiased, bits keyed by ``seed``) or ``"nearest"``.
+        seed: key of the stochastic-rounding bits.
+        noise_remove, noise_add: ``(seed, scale)`` of noise ``scale · noise(seed)`` to
+            subtract / add in the same pass, or None.
+        row_offset: global index of ``weight``'s first row; noise and rounding bits are
+            indexed by global row, so merging shards one by one equals merging the whole.
+        backend: ``"auto" | "torch" | "triton" | "cuda"``.
+
+    The exact float32 order of operations is that of
+    :func:`lorasc_kernels.backends.reference.merge_lowrank_`. ``A``, ``B`` and ``coeff``
+    are checked finite first; any bad argument raises and leaves ``weight`` untouched.
+    """
+    checks.check_tensor("weight", weight, dims=2)
+    _check_lowrank(weight, lora_A, lora_B)
+    checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
+    coeff = checks.check_float("coeff", coeff)
+    rounding = checks.check_choice("rounding", rounding, ROUNDING_MODES)
+    seed = checks.check_seed("seed", seed)
+    noise_remove = checks.check_noise_pair("noise_remove", noise_remove)
+    noise_add = checks.check_noise_pair("noise_add", noise_add)
+    row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
+    checks.check_choice("backend", backend, BACKENDS)
+    module = resolve_backend(backend, weight.device)
+    _check_backend_dtype(module, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} has non-finite values; weight was left untouched")
+    with torch.no_grad():
+        module.merge_lowrank_(
+            weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add, row_offset
+        )
+    return weight

@@ -1,0 +1,117 @@
+"""``inject_lorasc``: put ``LoRASCLinear`` in place of a model's ``nn.Linear`` layers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _checks as checks
+from .backends import BACKENDS
+from .modules import LoRASCLinear
+
+__all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoRASCConfig:
+    """Which layers get a LoRASC adapter, and its shape.
+
+    ``target_modules`` follows PEFT: a list of names matched against the end of each
+    module's dotted name (``"q_proj"`` matches ``"layers.0.attn.q_proj"``), a regex
+    string matched against the full name, or ``"all-linear"``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: ALL_LINEAR)
+    backend: str = "auto"
+    lora_dtype: torch.dtype | None = None
+
+    def __post_init__(self):
+        checks.check_int("r", self.r, 1)
+        checks.check_float("lora_alpha", self.lora_alpha)
+        checks.check_probability("lora_dropout", self.lora_dropout)
+        checks.check_choice("backend", self.backend, BACKENDS)
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if not targets:
+                raise ValueError("target_modules must not be empty")
+            if targets != ALL_LINEAR:
+                try:
+                    re.compile(targets)
+                except re.error as error:
+                    raise ValueError(f"target_modules is not a valid regex: {error}") from None
+        elif isinstance(targets, (list, tuple, set)):
+            if not targets:
+                raise ValueError("target_modules must not be an empty list")
+            for name in targets:
+                if not isinstance(name, str) or not name:
+                    raise TypeError(f"target_modules must hold non-empty strs, got {name!r}")
+        else:
+            raise TypeError(
+                f"target_modules must be a list of names or a regex str, "
+                f"got {type(targets).__name__}"
+            )
+
+    def matches(self, name: str) -> bool:
+        """Whether the module called ``name`` (dotted path) is targeted."""
+        targets = self.target_modules
+        if targets == ALL_LINEAR:
+            return True
+        if isinstance(targets, str):
+            return re.fullmatch(targets, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
+    """Every ``LoRASCLinear`` in ``model`` by its dotted name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRASCLinear)}
+
+
+def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLinear]:
+    """Replace the targeted ``nn.Linear`` modules of ``model`` in place; freeze the rest.
+
+    Each new layer shares its linear's weight and bias storage. Every parameter except
+    ``lora_A``/``lora_B`` gets ``requires_grad=False``. Returns the new layers by name;
+    raises ``ValueError`` (listing the linear layers found) when nothing matches.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, LoRASCConfig):
+        raise TypeError(f"config must be a LoRASCConfig, got {type(config).__name__}")
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and name
+    }
+    chosen = {name: module for name, module in linears.items() if config.matches(name)}
+    if not chosen:
+        some = ", ".join(list(linears)[:10]) or "none"
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no nn.Linear; "
+            f"linear layers in the model: {some}"
+        )
+    for name, module in chosen.items():
+        if config.r > min(module.in_features, module.out_features):
+            raise ValueError(
+                f"r={config.r} exceeds min(in, out)="
+                f"{min(module.in_features, module.out_features)} of layer {name!r}"
+            )
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    layers = {}
+    for name, linear in chosen.items():
+        layer = LoRASCLinear.from_linear(
+            linear, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            backend=config.backend, lora_dtype=config.lora_dtype,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        layers[name] = layer
+    return layers

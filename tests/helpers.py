@@ -1,0 +1,37 @@
+"""Shared test helpers: tolerances of DESIGN.md §7, float64 oracles, input factories."""
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Relative Frobenius error against float64.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# Kernels whose fp32 dot products may run in tf32 / fp32-dot-in-Triton.
+KERNEL_TOLERANCE = {**TOLERANCE, torch.float32: 5e-4}
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖_F / ‖expected‖_F, in float64."""
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
+
+
+def lowrank_inputs(M, K, N, r, dtype, device="cpu", lora_dtype=None, bias=True):
+    """Fresh random x (M, K), W (N, K), b (N,), A (r, K), B (N, r); B nonzero."""
+    lora_dtype = lora_dtype or dtype
+    x = torch.randn(M, K, device=device).to(dtype)
+    weight = (torch.randn(N, K, device=device) / K**0.5).to(dtype)
+    b = torch.randn(N, device=device).to(dtype) if bias else None
+    lora_A = (torch.randn(r, K, device=device) / K**0.5).to(lora_dtype)
+    lora_B = (torch.randn(N, r, device=device) / r**0.5).to(lora_dtype)
+    return x, weight, b, lora_A, lora_B
+
+
+def reference_float64(x, weight, bias, lora_A, lora_B, scale, keep=None, p=0.0, noise=None):
+    """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ in float64; ``keep`` is the dropout keep-mask,
+    ``noise`` a float64 tensor added to W."""
+    x64, w64 = x.double(), weight.double()
+    if noise is not None:
+        w64 = w64 + noise
+    xd = x64 if keep is None else torch.where(keep, x64 / (1 - p), torch.zeros_like(x64))
+    y = x64 @ w64.t() + scale * (xd @ lora_A.double().t()) @ lora_B.double().t()
+    return y if bias is None else y + bias.double()
