@@ -97,10 +97,13 @@ class LoRASCLinear(nn.Linear):
             layer.bias.requires_grad_(False)
         return layer
 
-    def reset_lora(self) -> None:
-        """A fresh fast LoRA as PEFT initialises it: ``A`` Kaiming-uniform(a=√5), ``B = 0``."""
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """A fresh fast LoRA as PEFT initialises it: ``A`` Kaiming-uniform(a=√5), ``B = 0``.
+
+        ``generator`` (on ``lora_A``'s device) draws ``A``; torch's default one if None.
+        """
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
             nn.init.zeros_(self.lora_B)
 
     def set_noise(self, seed: int | None, scale: float = 0.0) -> None:
