@@ -11,7 +11,7 @@ KERNEL_TOLERANCE = {**TOLERANCE, torch.float32: 5e-4}
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖_F / ‖expected‖_F, in float64."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
 
 

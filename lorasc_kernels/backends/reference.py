@@ -54,12 +54,17 @@ def apply_dropout(x: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
 
 
 def noisy_weight(weight: torch.Tensor, seed: int | None, scale: float) -> torch.Tensor:
-    """``round(W + scale · noise(seed))`` in W's dtype (a new tensor), or ``W`` if no noise."""
+    """``round(W + scale · noise(seed))`` in W's dtype (a new tensor), or ``W`` if no noise.
+
+    In float32: ``(float32(W) + float32(scale) * u).to(W.dtype)``, the bits every kernel
+    reproduces; a float64 ``W`` (the oracle for gradcheck) gets the sum in float64.
+    """
     if seed is None or scale == 0.0:
         return weight
     u = noise_lib.noise(seed, weight.shape[0], weight.shape[1], device=weight.device)
-    scale32 = float(torch.tensor(scale, dtype=torch.float32))
-    return (weight.to(torch.float32) + scale32 * u).to(weight.dtype)
+    if weight.dtype == torch.float64:  # the float64 oracle: no float32 rounding
+        return weight + scale * u.double()
+    return (weight.to(torch.float32) + _fp32(scale) * u).to(weight.dtype)
 
 
 class LoRASCLinearFunction(torch.autograd.Function):

@@ -1,0 +1,74 @@
+"""Every bad input of lorasc_linear raises a clear error; backend resolution."""
+
+import pytest
+import torch
+
+from lorasc_kernels import lorasc_linear
+from lorasc_kernels.backends import reference, resolve_backend
+from tests.helpers import lowrank_inputs
+
+M, K, N, R = 6, 10, 8, 3
+
+
+def _call(**overrides):
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
+    arguments = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
+                 "scale": 2.0}
+    arguments.update(overrides)
+    return lorasc_linear(**arguments)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"x": torch.randn(M, K + 1)}, ValueError, "x must have in_features=10"),
+        ({"x": torch.randn(())}, ValueError, "x must have"),
+        ({"weight": torch.randn(N, K, 1)}, ValueError, "weight must be 2-D"),
+        ({"bias": torch.randn(N + 1)}, ValueError, r"bias must have shape \(8,\)"),
+        ({"lora_A": torch.randn(R, K + 2)}, ValueError, "lora_A must have shape"),
+        ({"lora_B": torch.randn(N, R + 1)}, ValueError, "lora_B must have shape"),
+        ({"lora_B": torch.randn(N + 1, R)}, ValueError, "lora_B must have shape"),
+        ({"lora_A": torch.randn(K + 1, K), "lora_B": torch.randn(N, K + 1)}, ValueError,
+         "1 <= r <= min"),
+        ({"x": torch.randint(0, 3, (M, K))}, TypeError, "x must have a floating dtype"),
+        ({"weight": torch.ones(N, K, dtype=torch.int8)}, TypeError, "weight must have"),
+        ({"x": [[1.0] * K]}, TypeError, "x must be a torch.Tensor"),
+        ({"x": torch.randn(M, K).bfloat16()}, TypeError, "x has dtype torch.bfloat16"),
+        ({"bias": torch.randn(N).half()}, TypeError, "bias must have weight's dtype"),
+        ({"scale": float("nan")}, ValueError, "scale must be finite"),
+        ({"scale": float("inf")}, ValueError, "scale must be finite"),
+        ({"scale": "2"}, TypeError, "scale must be a float"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p must be in \[0, 1\)"),
+        ({"dropout_p": -0.2}, ValueError, "dropout_p"),
+        ({"noise_scale": 0.1}, ValueError, "noise_seed is None"),
+        ({"noise_seed": 1, "noise_scale": -1.0}, ValueError, "noise_scale must be >= 0"),
+        ({"noise_seed": -3, "noise_scale": 1.0}, ValueError, "noise_seed must be >= 0"),
+        ({"noise_seed": 1.5, "noise_scale": 1.0}, TypeError, "noise_seed must be an int"),
+        ({"dropout_seed": 2**64}, ValueError, "dropout_seed"),
+        ({"backend": "tpu"}, ValueError, "backend must be one of"),
+        ({"backend": 3}, TypeError, "backend must be a str"),
+        ({"lora_A": torch.randn(R, K, device="meta")}, ValueError, "all tensors must be on"),
+    ],
+)
+def test_bad_inputs(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+def test_unavailable_backend_names_what_is_missing():
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        _call(backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='triton' is not available on meta"):
+        resolve_backend("triton", torch.device("meta"))
+
+
+def test_auto_falls_back_to_torch_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu")) is reference
+    assert resolve_backend("torch", torch.device("cpu")) is reference
+
+
+def test_float64_only_on_torch_backend():
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float64)
+    assert lorasc_linear(x, weight, bias, lora_A, lora_B, 1.0, backend="torch").dtype == (
+        torch.float64
+    )
