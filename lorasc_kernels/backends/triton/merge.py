@@ -1,0 +1,195 @@
+"""In-place cascade merge ``W ← round(W − N_remove + coeff · B A + N_add)`` in Triton.
+
+Shapes: ``weight`` (rows, cols), any strides without overlap, fp32/fp16/bf16, updated in
+place; ``lora_B`` (rows, r) and ``lora_A`` (r, cols), fp32/fp16/bf16, any strides.
+
+One program owns a ``BLOCK_ROWS × BLOCK_COLS`` tile of ``W``: it reads the tile once,
+builds the tile of ``B A`` in registers, swaps the noise, rounds, and writes the tile back
+to the same addresses. Nothing of ``W``'s size is allocated (except once, see Tuning).
+
+Exactness. Per element the kernel runs the float32 sequence of
+:func:`lorasc_kernels.backends.reference.merge_lowrank_`: ``delta = 0``, then for
+``k = 0 … r-1`` ``delta = delta + B[i, k] * A[k, j]`` as a separate multiply and add, then
+``v = W − s_remove·u_remove``, ``v = v + coeff·delta``, ``v = v + s_add·u_add``, then the
+rounding of :mod:`lorasc_kernels.rounding` with the same hash bits. The launch passes
+``enable_fp_fusion=False`` (ptxas ``--fmad=false``), so no multiply-add is contracted on
+the GPU; every other step is exact (noise, integer rounding, widening of 16-bit inputs).
+The result is therefore bit-identical to the reference on the GPU as under
+``TRITON_INTERPRET=1`` (tested there), for every finite value. Only NaN payloads may
+differ (a NaN stays a NaN). Round-to-nearest to bf16 is done on the bits (``+ 0x7FFF +
+lsb``, as torch does) because the interpreter's fp32 → bf16 cast truncates; 16-bit loads
+are widened by shifting their bits, which the interpreter also gets wrong for subnormals.
+
+Speed. The rank loop is exact float32 ALU work, 2 instructions per rank per element (no
+FMA, no tensor cores: ``tl.dot`` would sum in another order and break equality with the
+reference). On an H100 (~33 T fp32 instructions/s, ~3 TB/s) a bf16 ``W`` moves 4 bytes per
+element, so the ALU time equals the memory time near r ≈ 20: r ≤ 16 should run close to
+the copy bandwidth, and larger r becomes compute-bound (about r/20 of the copy time).
+Exactness was chosen over speed because the merge runs once per cascade.
+
+Tuning. On a GPU the tile is autotuned on the first call for each ``(rows, cols, r)``;
+tuning runs the kernel several times on ``W`` and restores it from a copy (Triton's
+``restore_value``), the one moment a temporary of ``W``'s size exists. Under the
+interpreter there is one tiny config and no tuning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import noise as noise_lib
+from ..reference import _fp32
+from . import interpreting
+from .random import element_bits, row_hash, uniform_centered
+
+__all__ = ["merge_configs", "merge_lowrank_"]
+
+# (BLOCK_ROWS, BLOCK_COLS, num_warps) tried on Hopper: 8-16 K elements per program.
+_HOPPER_TILES = (
+    (32, 256, 4),
+    (64, 128, 4),
+    (64, 128, 8),
+    (64, 256, 8),
+    (128, 128, 8),
+)
+
+
+def merge_configs() -> list[triton.Config]:
+    """Autotune configs: a few Hopper tiles, or one small tile under the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_ROWS": rows, "BLOCK_COLS": cols}, num_warps=warps, num_stages=2)
+        for rows, cols, warps in _HOPPER_TILES
+    ]
+
+
+@triton.jit
+def _load_fp32(pointers, mask):
+    """Load and widen to float32; bf16 is widened by its bits (exact, subnormals included)."""
+    value = tl.load(pointers, mask=mask, other=0.0)
+    if value.dtype == tl.bfloat16:
+        bits = value.to(tl.uint16, bitcast=True).to(tl.uint32)
+        return (bits << 16).to(tl.float32, bitcast=True)
+    return value.to(tl.float32)
+
+
+@triton.jit
+def _noise(key, global_rows, cols):
+    """``noise.noise`` of a tile: uniform in [-0.5, 0.5), float32 (len(rows), len(cols))."""
+    return uniform_centered(element_bits(row_hash(key, global_rows)[:, None], cols[None, :]))
+
+
+@triton.jit
+def _drop_low_bits(value, random, DROP_BITS: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Round float32 ``value`` to ``23 - DROP_BITS`` mantissa bits on its bit pattern.
+
+    Stochastic: add the top ``DROP_BITS`` of ``random`` (uint32) and truncate, as
+    :func:`lorasc_kernels.rounding.round_from_fp32`. Nearest: add ``0x7F..F + lsb`` (ties to
+    even), exact for bf16 only (same exponent range as float32). inf and NaN pass unchanged.
+    """
+    pattern = value.to(tl.uint32, bitcast=True)
+    if STOCHASTIC:
+        bias = random >> (32 - DROP_BITS)
+    else:
+        bias = ((1 << (DROP_BITS - 1)) - 1) + ((pattern >> DROP_BITS) & 1)
+    rounded = ((pattern + bias) >> DROP_BITS) << DROP_BITS
+    finite = (pattern & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded.to(tl.float32, bitcast=True), value)
+
+
+@triton.autotune(configs=merge_configs(), key=["rows", "cols", "rank"],
+                 restore_value=["weight_ptr"])
+@triton.jit(do_not_specialize=["remove_key", "add_key", "rounding_key", "row_offset"])
+def _merge_kernel(
+    # W (rows, cols), read and written in place; B (rows, rank); A (rank, cols)
+    weight_ptr, lora_b_ptr, lora_a_ptr,
+    rows, cols, rank,
+    # strides, in elements
+    stride_w_row, stride_w_col, stride_b_row, stride_b_rank, stride_a_rank, stride_a_col,
+    # float32 scalars: multiplier of B A and the two noise scales
+    coeff, remove_scale, add_scale,
+    # 32-bit hash keys (noise.stream_key) and the global index of W's first row
+    remove_key, add_key, rounding_key, row_offset,
+    HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr, STOCHASTIC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    row_ids = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col_ids = tl.program_id(1).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    row_mask = row_ids < rows
+    col_mask = col_ids < cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    global_rows = row_offset + row_ids
+    w_ptrs = weight_ptr + row_ids[:, None] * stride_w_row + col_ids[None, :] * stride_w_col
+
+    value = _load_fp32(w_ptrs, mask)
+    if HAS_REMOVE:
+        value = value - remove_scale * _noise(remove_key, global_rows, col_ids)
+    delta = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
+    for k in range(rank):
+        b = _load_fp32(lora_b_ptr + row_ids * stride_b_row + k * stride_b_rank, row_mask)
+        a = _load_fp32(lora_a_ptr + k * stride_a_rank + col_ids * stride_a_col, col_mask)
+        delta = delta + b[:, None] * a[None, :]
+    value = value + coeff * delta
+    if HAS_ADD:
+        value = value + add_scale * _noise(add_key, global_rows, col_ids)
+
+    out_dtype = weight_ptr.dtype.element_ty
+    random = 0
+    if STOCHASTIC:
+        if out_dtype != tl.float32:
+            random = element_bits(row_hash(rounding_key, global_rows)[:, None], col_ids[None, :])
+    if out_dtype == tl.bfloat16:
+        value = _drop_low_bits(value, random, 16, STOCHASTIC)
+    if out_dtype == tl.float16:
+        if STOCHASTIC:  # else the cast below rounds to nearest-even, subnormals included
+            value = _drop_low_bits(value, random, 13, STOCHASTIC)
+    tl.store(w_ptrs, value.to(out_dtype), mask=mask)
+
+
+def _noise_arguments(pair: tuple[int, float] | None) -> tuple[int, float]:
+    """``(key, float32 scale)`` of a ``(seed, scale)`` noise pair; ``(0, 0.0)`` for None."""
+    if pair is None:
+        return 0, 0.0
+    return noise_lib.stream_key(pair[0], noise_lib.STREAM_NOISE), _fp32(pair[1])
+
+
+def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
+                   row_offset):
+    """In-place merge on validated arguments; same bits as the reference (module docstring).
+
+    ``weight`` (rows, cols) may have any strides but no overlapping elements (a zero
+    stride raises ValueError). Returns ``weight``.
+    """
+    rows, cols = weight.shape
+    if any(s == 0 and n > 1 for s, n in zip(weight.stride(), weight.shape, strict=True)):
+        raise ValueError(
+            f"weight has a zero stride (strides {weight.stride()}): its elements overlap "
+            "and cannot be merged in place; pass a tensor that owns its elements"
+        )
+    if weight.numel() == 0:
+        return weight
+    remove_key, remove_scale = _noise_arguments(noise_remove)
+    add_key, add_scale = _noise_arguments(noise_add)
+
+    def grid(meta):
+        return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(cols, meta["BLOCK_COLS"])
+
+    on_gpu = weight.device.type == "cuda"
+    with torch.cuda.device(weight.device) if on_gpu else contextlib.nullcontext():
+        _merge_kernel[grid](
+            weight, lora_B, lora_A,
+            rows, cols, lora_A.shape[0],
+            *weight.stride(), *lora_B.stride(), *lora_A.stride(),
+            _fp32(coeff), remove_scale, add_scale,
+            remove_key, add_key, noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING),
+            row_offset,
+            HAS_REMOVE=noise_remove is not None, HAS_ADD=noise_add is not None,
+            STOCHASTIC=rounding == "stochastic",
+            enable_fp_fusion=False,
+        )
+    return weight
