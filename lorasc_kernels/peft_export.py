@@ -1,0 +1,86 @@
+"""Write a LoRASC run's merged updates as one standard PEFT LoRA adapter.
+
+A run of T merges adds ``Σ_t c·B_t A_t`` to each weight (``c = slow_rate · s``). Stacked,
+that is one LoRA of rank ``r·T``: ``A = [A_0; …; A_{T-1}]`` (rows), ``B = [c·B_0, …]``
+(columns), with ``lora_alpha = r·T`` so PEFT's scaling is 1. The files follow PEFT's
+conventions (``peft/utils/save_and_load.py``): ``adapter_model.safetensors`` keyed
+``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (no adapter name, PEFT
+inserts it on load) and ``adapter_config.json`` of a ``LoraConfig``; so
+``peft.PeftModel.from_pretrained(base_model, path)`` serves the run on an untouched base
+model. Layers of different ranks get anchored ``rank_pattern``/``alpha_pattern`` entries.
+
+In ``"inplace"`` noise mode the finalized weights differ from ``W₀ + ΣcBA`` by the
+rounding of adding and removing the noise (one rounding in W's dtype per merge); the
+adapter holds the updates only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "write_peft_adapter"]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def write_peft_adapter(
+    path: str | Path,
+    updates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    base_model_name_or_path: str | None = None,
+) -> Path:
+    """Write ``updates`` (module name → list of ``(c·B_t, A_t)``) as a PEFT LoRA adapter.
+
+    Args:
+        path: folder to create (or reuse); gets ``adapter_config.json`` and
+            ``adapter_model.safetensors``.
+        updates: per module, the merged updates in order; ``c·B_t`` (N, r), ``A_t`` (r, K).
+        base_model_name_or_path: recorded in the config, as PEFT does.
+
+    Returns the folder's path.
+    """
+    try:
+        from safetensors.torch import save_file
+    except ImportError as error:
+        raise ImportError(
+            "exporting a PEFT adapter needs the safetensors package: pip install safetensors"
+        ) from error
+    tensors, ranks = {}, {}
+    for name, pairs in updates.items():
+        if not pairs:
+            raise ValueError(f"updates[{name!r}] is empty: every module needs one update or more")
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = torch.cat([a for _, a in pairs], dim=0).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = torch.cat([b for b, _ in pairs], dim=1).contiguous()
+        ranks[name] = tensors[f"{prefix}.lora_A.weight"].shape[0]
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): "^" anchors them.
+    rank_pattern = {f"^{re.escape(n)}": k for n, k in ranks.items() if k != rank}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": rank,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": list(updates),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    return folder
