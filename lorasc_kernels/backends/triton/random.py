@@ -7,8 +7,8 @@ Kernels receive the 32-bit ``key = noise.stream_key(seed, stream)`` from the hos
 import triton
 import triton.language as tl
 
-_MUL1: tl.constexpr = 0x7FEB352D
-_MUL2: tl.constexpr = 0x846CA68B
+_MUL1 = tl.constexpr(0x7FEB352D)
+_MUL2 = tl.constexpr(0x846CA68B)
 
 
 @triton.jit
