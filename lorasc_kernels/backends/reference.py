@@ -23,6 +23,8 @@ __all__ = [
     "dropout_threshold",
     "apply_dropout",
     "noisy_weight",
+    "linear_forward",
+    "linear_backward",
     "LoRASCLinearFunction",
     "lorasc_linear",
     "lowrank_delta_fp32",
@@ -67,48 +69,63 @@ def noisy_weight(weight: torch.Tensor, seed: int | None, scale: float) -> torch.
     return (weight.to(torch.float32) + _fp32(scale) * u).to(weight.dtype)
 
 
+def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                   noise_seed, noise_scale):
+    """``(y (M, N), xa (M, r))`` for 2-D ``x``; ``xa = drop(x) Aᵀ`` is saved for backward."""
+    dtype = x.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    w = noisy_weight(weight, noise_seed, noise_scale)
+    xa = apply_dropout(x, dropout_p, dropout_seed) @ A.t()
+    y = x @ w.t() if bias is None else torch.addmm(bias.to(dtype), x, w.t())
+    y.addmm_(xa, B.t(), alpha=scale)
+    return y, xa
+
+
+def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                    noise_seed, noise_scale, needs):
+    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
+    bools, in that order) is False; ``dbias`` is in ``x``'s dtype, which is the bias's."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dtype = x.dtype
+    dy = dy.to(dtype)
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
+    dx = dw = dbias = d_a = d_b = None
+    if need_x:
+        dx_lora = dy_b @ A
+        if dropout_p > 0.0:
+            dx_lora = apply_dropout(dx_lora, dropout_p, dropout_seed)
+        dx = dy @ noisy_weight(weight, noise_seed, noise_scale)
+        dx.add_(dx_lora)
+    if need_w:
+        dw = (dy.t() @ x).to(weight.dtype)
+    if need_b:
+        dbias = dy.sum(0)
+    if need_a:
+        d_a = (dy_b.t() @ apply_dropout(x, dropout_p, dropout_seed)).to(lora_A.dtype)
+    if need_bb:
+        d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
+    return dx, dw, dbias, d_a, d_b
+
+
 class LoRASCLinearFunction(torch.autograd.Function):
     """Autograd for the LoRASC linear on 2-D ``x``; see the module docstring."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
                 noise_seed, noise_scale):
-        dtype = x.dtype
-        A, B = lora_A.to(dtype), lora_B.to(dtype)
-        w = noisy_weight(weight, noise_seed, noise_scale)
-        xa = apply_dropout(x, dropout_p, dropout_seed) @ A.t()
-        y = x @ w.t() if bias is None else torch.addmm(bias.to(dtype), x, w.t())
-        y.addmm_(xa, B.t(), alpha=scale)
+        hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+        y, xa = linear_forward(x, weight, bias, lora_A, lora_B, *hyper)
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+        ctx.hyper = hyper
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        scale, dropout_p, dropout_seed, noise_seed, noise_scale = ctx.hyper
-        dtype = x.dtype
-        dy = dy.to(dtype)
-        A, B = lora_A.to(dtype), lora_B.to(dtype)
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
-        dx = dw = dbias = d_a = d_b = None
-        if need_x:
-            dx_lora = dy_b @ A
-            if dropout_p > 0.0:
-                dx_lora = apply_dropout(dx_lora, dropout_p, dropout_seed)
-            dx = dy @ noisy_weight(weight, noise_seed, noise_scale)
-            dx.add_(dx_lora)
-        if need_w:
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_b and ctx.bias_dtype is not None:
-            dbias = dy.sum(0).to(ctx.bias_dtype)
-        if need_a:
-            d_a = (dy_b.t() @ apply_dropout(x, dropout_p, dropout_seed)).to(lora_A.dtype)
-        if need_bb:
-            d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
-        return dx, dw, dbias, d_a, d_b, None, None, None, None, None
+        grads = linear_backward(dy, x, xa, weight, lora_A, lora_B, *ctx.hyper,
+                                ctx.needs_input_grad[:5])
+        return (*grads, None, None, None, None, None)
 
 
 def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
