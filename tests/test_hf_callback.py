@@ -1,0 +1,76 @@
+"""LoRASCCallback: a Cascade driven by a Hugging Face Trainer on a tiny BERT built from a config."""
+
+import pytest
+import torch
+from torch import nn
+
+import lorasc_kernels
+from lorasc_kernels import LoRASCConfig, LoRASCLinear, inject_lorasc
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, LENGTH = 32, 8
+
+
+def tiny_bert():
+    """A one-layer BERT classifier with LoRASC on its query and value projections."""
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    inject_lorasc(model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
+    return model
+
+
+def tiny_dataset(size=16):
+    """Sequences labelled by whether token 1 occurs in them."""
+    input_ids = torch.randint(0, VOCAB, (size, LENGTH))
+    labels = (input_ids == 1).any(dim=1).long()
+    return [{"input_ids": ids, "labels": label} for ids, label in zip(input_ids, labels,
+                                                                       strict=True)]
+
+
+def train(model, callback, tmp_path, **args):
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
+        per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True, **args,
+    )
+    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=tiny_dataset(),
+                                   callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def query_weight(model):
+    return model.bert.encoder.layer[0].attention.self.query.weight
+
+
+def test_callback_runs_step_cascades_and_finalizes(tmp_path):
+    model = tiny_bert()
+    w0 = query_weight(model).detach().clone()
+    callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_mode="off", seed=3)
+    assert callback.cascade is None  # built when training begins
+    trainer = train(model, callback, tmp_path, max_steps=5)
+    cascade = callback.cascade
+    assert cascade.optimizer is trainer.optimizer
+    assert (cascade.cascade_index, cascade.steps_in_cascade) == (2, 1)
+    assert not torch.equal(query_weight(model), w0)  # two merges landed in W
+    finalized = cascade.finalize()
+    assert not any(isinstance(m, LoRASCLinear) for m in finalized.modules())
+    assert type(finalized.bert.encoder.layer[0].attention.self.value) is nn.Linear
+
+
+def test_callback_per_epoch_schedule(tmp_path):
+    model = tiny_bert()
+    callback = lorasc_kernels.LoRASCCallback(noise_lambda=0.1)
+    train(model, callback, tmp_path, num_train_epochs=2)
+    assert callback.cascade.cascade_index == 2
+    assert callback.cascade.steps_in_cascade == 0
+
+
+def test_callback_checks_settings_at_once():
+    with pytest.raises(ValueError, match="slow_rate"):
+        lorasc_kernels.LoRASCCallback(slow_rate=2.0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        lorasc_kernels.LoRASCCallback(steps=3)

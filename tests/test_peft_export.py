@@ -1,0 +1,101 @@
+"""export_peft_adapter: the whole run as one PEFT LoRA adapter that PEFT loads and serves."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
+from lorasc_kernels.inject import lorasc_layers
+from tests.helpers import TOLERANCE, rel_error
+
+peft = pytest.importorskip("peft")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+IN, HIDDEN, OUT = 13, 11, 7
+
+
+def base_model(dtype):
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+        nn.Linear(HIDDEN, OUT),
+    ).to(dtype)
+
+
+def train_and_finalize(model, rounding, cascades=3, steps_per_cascade=2, **cascade_kwargs):
+    """A LoRASC run with kept history; returns the cascade after finalize."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    cascade = Cascade(model, optimizer, steps_per_cascade=steps_per_cascade, keep_history=True,
+                      rounding=rounding, **cascade_kwargs)
+    x = torch.randn(16, IN).to(next(model.parameters()).dtype)
+    for _ in range(cascades * steps_per_cascade + 1):  # the last step is merged by finalize
+        model(x).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cascade.step()
+    cascade.finalize()
+    return cascade
+
+
+@pytest.mark.parametrize("dtype, rounding", [
+    (torch.float32, "nearest"), (torch.bfloat16, "stochastic"),
+], ids=["fp32-nearest", "bf16-stochastic"])
+def test_peft_reproduces_the_finalized_model(tmp_path, dtype, rounding):
+    model = base_model(dtype)
+    original = copy.deepcopy(model)
+    inject_lorasc(model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["0", "4"],
+                                      lora_dtype=torch.float32))
+    cascade = train_and_finalize(model, rounding)
+    merges = 3 + 1
+    folder = cascade.export_peft_adapter(tmp_path / "adapter")
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert config["r"] == config["lora_alpha"] == 2 * merges
+    assert config["target_modules"] == ["0", "4"]
+    tensors = safetensors_torch.load_file(folder / "adapter_model.safetensors")
+    assert set(tensors) == {f"base_model.model.{n}.lora_{m}.weight"
+                            for n in ("0", "4") for m in ("A", "B")}
+    assert tensors["base_model.model.0.lora_A.weight"].shape == (2 * merges, IN)
+    assert tensors["base_model.model.4.lora_B.weight"].shape == (OUT, 2 * merges)
+
+    x = torch.randn(9, IN).to(dtype)
+    with torch.no_grad():
+        untouched = original(x)
+        served = peft.PeftModel.from_pretrained(original, folder).eval()
+        expected, actual = model(x), served(x)
+    # fp32: the finalized weights and PEFT's W₀ + ΣcBA differ by float32 rounding only.
+    tolerance = 1e-6 if dtype == torch.float32 else TOLERANCE[dtype]
+    assert rel_error(actual, expected) < tolerance
+    assert rel_error(untouched, expected) > 10 * tolerance  # the run did change the model
+
+
+def test_layers_of_different_ranks_get_rank_patterns(tmp_path):
+    model = base_model(torch.float32)
+    original = copy.deepcopy(model)
+    inject_lorasc(model, LoRASCConfig(r=1, lora_alpha=2, target_modules=["0"]))
+    inject_lorasc(model, LoRASCConfig(r=3, lora_alpha=2, target_modules=["2", "4"]))
+    for layer in lorasc_layers(model).values():  # the second injection froze the first LoRA
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    cascade = train_and_finalize(model, "nearest", cascades=1, noise_mode="off")
+    folder = cascade.export_peft_adapter(tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["rank_pattern"] == {"^0": 2}
+    assert config["alpha_pattern"] == {"^0": 2}
+    served = peft.PeftModel.from_pretrained(original, folder).eval()
+    x = torch.randn(9, IN)
+    with torch.no_grad():
+        assert rel_error(served(x), model(x)) < 1e-6
+
+
+def test_export_needs_history_and_a_merge(tmp_path):
+    model = base_model(torch.float32)
+    inject_lorasc(model, LoRASCConfig(r=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(RuntimeError, match="keep_history"):
+        Cascade(model, optimizer).export_peft_adapter(tmp_path)
+    with pytest.raises(RuntimeError, match="nothing to export"):
+        Cascade(model, optimizer, keep_history=True).export_peft_adapter(tmp_path)
