@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks as checks
+from . import ops
 from .backends import BACKENDS, reference, resolve_backend
 from .rounding import ROUNDING_MODES
 
@@ -118,13 +119,14 @@ def lorasc_linear(
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
 
-    module = resolve_backend(backend, x.device)
-    _check_backend_dtype(module, x=x, lora_A=lora_A, lora_B=lora_B)
+    backend = ops.backend_name(backend, x.device)  # a constant under torch.compile
+    _check_backend_dtype(reference if backend == "torch" else backend, x=x, lora_A=lora_A,
+                         lora_B=lora_B)
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False):
-        y = module.lorasc_linear(
+        y = ops.lorasc_linear(
             x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scale, dropout_p,
-            dropout_seed, noise_seed, noise_scale,
+            dropout_seed, noise_seed, noise_scale, backend,
         )
     return y.reshape(*lead, out_features)
 
@@ -176,7 +178,8 @@ def merge_lowrank_(
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} has non-finite values; weight was left untouched")
     with torch.no_grad():
-        module.merge_lowrank_(
-            weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add, row_offset
+        ops.merge_lowrank_(
+            module, weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
+            row_offset,
         )
     return weight

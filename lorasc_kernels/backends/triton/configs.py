@@ -1,0 +1,60 @@
+"""Autotune configs of the fused low-rank linear and its thin products.
+
+On a GPU: a handful of Hopper (H100/H200) tilings with 3-4 pipeline stages. Tiles with
+``BLOCK_K = 64`` suit 16-bit operands; float32 operands need twice the shared memory per
+stage, so the smaller ``BLOCK_K = 32`` tilings are there for them (a config that does not
+fit is skipped by the autotuner). Under ``TRITON_INTERPRET=1`` a single tiny config is used:
+the interpreter is slow, and one config means nothing is benchmarked.
+"""
+
+from __future__ import annotations
+
+import triton
+
+from . import interpreting
+
+__all__ = ["fused_linear_configs", "thin_configs"]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
+_FUSED_HOPPER = (
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 128, 32, 4, 8),
+    (128, 64, 32, 4, 4),
+)
+
+# (BLOCK_M, BLOCK_K, num_stages, num_warps) of the thin (M × r) products.
+_THIN_HOPPER = (
+    (64, 128, 3, 4),
+    (128, 64, 3, 4),
+    (64, 64, 4, 4),
+    (32, 128, 4, 4),
+)
+
+
+def fused_linear_configs() -> list[triton.Config]:
+    """Configs of the fused kernel: ``BLOCK_M × BLOCK_N`` output tiles, ``GROUP_M`` swizzle."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+                              num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in _FUSED_HOPPER
+    ]
+
+
+def thin_configs() -> list[triton.Config]:
+    """Configs of the thin products: ``BLOCK_M`` rows × ``BLOCK_K`` reduction per step."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
+        for bm, bk, stages, warps in _THIN_HOPPER
+    ]

@@ -1,0 +1,296 @@
+"""Fused low-rank linear in Triton: ``out = P Qᵀ (+ bias) + s · U Vᵀ`` in one pass over ``out``.
+
+Shapes: ``x`` (M, K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K), ``lora_B`` (N, r).
+
+* forward: ``y = x Wᵀ + b + s · xa Bᵀ`` with ``xa = drop(x) Aᵀ`` (M, r);
+* backward: ``dX = dY W + s · drop((dY B) A)``: the same kernel with ``Q = Wᵀ`` read
+  through strides (no transposed copy) and the dropout mask applied to the rank term;
+* the thin products: ``drop(x) Aᵀ`` and ``dA = s (dY B)ᵀ drop(x)`` in :mod:`.thin` when
+  ``p > 0`` (the mask is regenerated from its seed, never stored); ``x Aᵀ``, ``dY B``,
+  ``dB = s dYᵀ xa`` and ``dA`` without dropout go to cuBLAS (``torch.mm``): they are
+  memory-bound reads of ``x`` or ``dY`` with an output of width r, which cuBLAS serves
+  with split-K kernels; a Triton version would read the same bytes.
+
+The rank-r term is one extra ``tl.dot`` of ``[BLOCK_M, r] × [r, BLOCK_N]`` into the fp32
+accumulator of each output tile (r padded to a power of two ≥ 16, masked).
+
+Fused noise: each loaded ``W`` tile gets ``noise_scale · noise(seed, W row, W col)`` added
+in fp32 and is rounded back to ``W``'s dtype before the dot, as
+:func:`~lorasc_kernels.backends.reference.noisy_weight` does (kernels are compiled with
+``enable_fp_fusion=False`` so the multiply and add are not contracted into an FMA, and the
+noisy tile is bit-identical). In the GEMM, a ``W`` tile is loaded once per ``BLOCK_M`` rows,
+so the hash runs ``M / BLOCK_M`` times per element of ``W``; above
+:data:`NOISE_IN_GEMM_MAX_ROWS` rows a separate pass writes the noisy ``W`` once (one hash,
+one read and one write per element) and the GEMM reads it instead.
+
+fp32 operands use IEEE dots when torch's fp32 matmul precision is ``"highest"`` (its
+default) and tf32 otherwise, like the frozen ``F.linear`` they replace.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import noise as noise_lib
+from ... import ops
+from . import interpreting
+from .configs import fused_linear_configs
+from .random import element_bits, row_hash, uniform_centered
+from .thin import (
+    dot_precision,
+    dropout_lowrank,
+    dropout_lowrank_grad,
+    dropout_params,
+    dropout_tile,
+    mma,
+    rank_block,
+    round_to,
+)
+
+__all__ = [
+    "NOISE_IN_GEMM_MAX_ROWS",
+    "fused_lowrank",
+    "noisy_weight",
+    "linear_forward",
+    "linear_backward",
+    "lorasc_linear",
+]
+
+# Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
+# above, one separate pass over W is cheaper than hashing W once per row tile.
+NOISE_IN_GEMM_MAX_ROWS = 256
+
+# Tile of the stand-alone noisy-weight pass.
+_NOISE_BLOCK = 32
+
+
+@triton.jit
+def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.constexpr,
+                   INTERPRETING: tl.constexpr):
+    """``round(q_t + noise_scale · noise(W row, W col))`` for a [BLOCK_K, BLOCK_N] tile of ``Qᵀ``.
+
+    ``offs_k``/``offs_n`` are the tile's global indices in ``Q`` (N, K). ``Q = W``: W row
+    ``offs_n``, col ``offs_k``; ``Q = Wᵀ`` (``W_TRANSPOSED``): W row ``offs_k``, col ``offs_n``.
+    """
+    if W_TRANSPOSED:
+        bits = element_bits(row_hash(key, offs_k)[:, None], offs_n[None, :])
+    else:
+        bits = element_bits(row_hash(key, offs_n)[None, :], offs_k[:, None])
+    noisy = q_t.to(tl.float32) + noise_scale * uniform_centered(bits)
+    return round_to(noisy, q_t.dtype, INTERPRETING)
+
+
+@triton.autotune(configs=fused_linear_configs(),
+                 key=["M", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"])
+@triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
+def _fused_lowrank_kernel(
+    # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
+    out_ptr, p_ptr, q_ptr, bias_ptr, u_ptr, v_ptr,
+    M, N, K, R,
+    stride_om, stride_on, stride_pm, stride_pk, stride_qn, stride_qk,
+    stride_um, stride_ur, stride_vn, stride_vr,
+    scale,
+    noise_key, noise_scale,  # FUSED_NOISE: each Q tile += noise_scale · noise(W row, W col)
+    dropout_key, dropout_threshold, keep_scale,  # LORA_DROPOUT: mask of the rank term's (m, n)
+    HAS_BIAS: tl.constexpr, FUSED_NOISE: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One program: one ``BLOCK_M × BLOCK_N`` tile of ``out``, row tiles grouped by ``GROUP_M``."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_m
+    pid_n = (pid % tiles_per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # Rank-r term first, so the main loop accumulates on top of it.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, R_BLOCK):
+        offs_r = r0 + tl.arange(0, R_BLOCK)
+        ranks = offs_r.to(tl.int64)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
+                    mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0)
+        v_t = tl.load(v_ptr + cols[None, :] * stride_vn + ranks[:, None] * stride_vr,
+                      mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
+        acc = mma(u, v_t, acc, DOT_PRECISION, INTERPRETING)
+    if LORA_DROPOUT:
+        acc = dropout_tile(acc, offs_m, offs_n, dropout_key, dropout_threshold, keep_scale,
+                           INTERPRETING)
+    acc = acc * scale
+
+    offs_k = tl.arange(0, BLOCK_K)
+    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_k[None, :].to(tl.int64) * stride_pk
+    q_ptrs = q_ptr + cols[None, :] * stride_qn + offs_k[:, None].to(tl.int64) * stride_qk
+    p_step = tl.full((), BLOCK_K, tl.int64) * stride_pk
+    q_step = tl.full((), BLOCK_K, tl.int64) * stride_qk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        q_t = tl.load(q_ptrs, mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        if FUSED_NOISE:
+            q_t = add_noise_tile(q_t, k0 + offs_k, offs_n, noise_key, noise_scale, W_TRANSPOSED,
+                                 INTERPRETING)
+        acc = mma(p, q_t, acc, DOT_PRECISION, INTERPRETING)
+        p_ptrs += p_step
+        q_ptrs += q_step
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             round_to(acc, out_ptr.dtype.element_ty, INTERPRETING),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["key"])
+def _noisy_weight_kernel(
+    out_ptr, q_ptr,  # out (N, K) = round(Q (N, K) + noise_scale · noise(W row, W col))
+    N, K,
+    stride_on, stride_ok, stride_qn, stride_qk,
+    key, noise_scale,
+    W_TRANSPOSED: tl.constexpr, INTERPRETING: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: one ``BLOCK × BLOCK`` tile, loaded as the GEMM loads it (``Qᵀ`` layout)."""
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cols = offs_n.to(tl.int64)
+    ks = offs_k.to(tl.int64)
+    mask = (offs_n[None, :] < N) & (offs_k[:, None] < K)
+    q_t = tl.load(q_ptr + cols[None, :] * stride_qn + ks[:, None] * stride_qk, mask=mask)
+    q_t = add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED, INTERPRETING)
+    tl.store(out_ptr + cols[None, :] * stride_on + ks[:, None] * stride_ok, q_t, mask=mask)
+
+
+def _fp32(value: float) -> float:
+    """``value`` rounded to float32, as kernels receive it."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def noisy_weight(weight: torch.Tensor, noise_seed: int, noise_scale: float,
+                 transposed: bool = False) -> torch.Tensor:
+    """``round(W + noise_scale · noise(noise_seed))`` (N, K) through the GEMM's tile loader.
+
+    With ``transposed`` the kernel reads ``Wᵀ`` as backward's dX GEMM does (swapped indices);
+    the result is in ``W``'s layout either way, so both orientations must equal
+    :func:`~lorasc_kernels.backends.reference.noisy_weight` bit for bit.
+    """
+    q = weight.t() if transposed else weight
+    out = torch.empty_like(q)
+    key = noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE)
+    grid = (triton.cdiv(q.shape[0], _NOISE_BLOCK), triton.cdiv(q.shape[1], _NOISE_BLOCK))
+    _noisy_weight_kernel[grid](
+        out, q, q.shape[0], q.shape[1], out.stride(0), out.stride(1), q.stride(0), q.stride(1),
+        key, _fp32(noise_scale),
+        W_TRANSPOSED=transposed, INTERPRETING=interpreting(), BLOCK=_NOISE_BLOCK,
+        enable_fp_fusion=False,
+    )
+    return out.t() if transposed else out
+
+
+def fused_lowrank(p, q, bias, u, v, scale, *, noise=None, w_transposed=False,
+                  lora_dropout=None) -> torch.Tensor:
+    """``out = P Qᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, any strides.
+
+    Args:
+        p, q: (M, K) and (N, K); ``q`` is ``W`` or, with ``w_transposed``, ``Wᵀ``.
+        bias: (N,) or None.
+        u, v: (M, r) and (N, r), in ``P``'s dtype.
+        noise: ``(key, scale)`` of the noise added to each ``Q`` tile, or None.
+        lora_dropout: ``(key, threshold, keep_scale)`` of a dropout mask on the rank term's
+            ``(m, n)`` entries, or None.
+    """
+    (M, K), N, r = p.shape, q.shape[0], u.shape[1]
+    out = torch.empty(M, N, device=p.device, dtype=p.dtype)
+    noise_key, noise_scale = noise if noise is not None else (0, 0.0)
+    dropout_key, threshold, keep_scale = lora_dropout if lora_dropout is not None else (0, 0, 1.0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fused_lowrank_kernel[grid](
+        out, p, q, out if bias is None else bias, u, v,
+        M, N, K, r,
+        out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        _fp32(scale),
+        noise_key, _fp32(noise_scale),
+        dropout_key, threshold, keep_scale,
+        HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=w_transposed,
+        LORA_DROPOUT=lora_dropout is not None, R_BLOCK=rank_block(r),
+        DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
+        enable_fp_fusion=False,
+    )
+    return out
+
+
+def _weight_operand(weight, noise_seed, noise_scale, rows):
+    """``(W or its noisy copy, noise for the GEMM or None)`` for a GEMM over ``rows`` rows."""
+    if noise_seed is None or noise_scale == 0.0:
+        return weight, None
+    if rows <= NOISE_IN_GEMM_MAX_ROWS:
+        return weight, (noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), noise_scale)
+    return noisy_weight(weight, noise_seed, noise_scale), None
+
+
+def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                   noise_seed, noise_scale):
+    """``(y (M, N), xa (M, r))`` for 2-D ``x``; ``xa = drop(x) Aᵀ`` is saved for backward."""
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if dropout_p > 0.0:
+        xa = dropout_lowrank(x, A, dropout_seed, dropout_p)
+    else:
+        xa = x @ A.t()
+    w, noise = _weight_operand(weight, noise_seed, noise_scale, x.shape[0])
+    return fused_lowrank(x, w, bias, xa, B, scale, noise=noise), xa
+
+
+def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                    noise_seed, noise_scale, needs):
+    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` is False.
+
+    ``needs`` holds five bools, in that order; ``dy`` is (M, N).
+    """
+    need_x, need_w, need_bias, need_a, need_b = needs
+    dy = dy.to(x.dtype)
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    dx = dweight = dbias = d_a = d_b = None
+    if need_x or need_a:
+        dy_b = dy @ B  # (M, r)
+    if need_x:
+        w, noise = _weight_operand(weight, noise_seed, noise_scale, dy.shape[0])
+        lora_dropout = dropout_params(dropout_seed, dropout_p) if dropout_p > 0.0 else None
+        dx = fused_lowrank(dy, w.t(), None, dy_b, A.t(), scale, noise=noise, w_transposed=True,
+                           lora_dropout=lora_dropout)
+    if need_w:
+        dweight = (dy.t() @ x).to(weight.dtype)
+    if need_bias:
+        dbias = dy.sum(0)
+    if need_a:
+        if dropout_p > 0.0:
+            d_a = dropout_lowrank_grad(dy_b, x, dropout_seed, dropout_p)
+        else:
+            d_a = dy_b.t() @ x
+        d_a = d_a.mul_(scale).to(lora_A.dtype)
+    if need_b:
+        d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
+    return dx, dweight, dbias, d_a, d_b
+
+
+def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                  noise_seed, noise_scale):
+    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N), through the
+    ``lorasc::linear_*`` custom ops (see :mod:`lorasc_kernels.ops`)."""
+    return ops.lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                             noise_seed, noise_scale, backend="triton")

@@ -1,0 +1,186 @@
+"""``torch.library`` custom ops of the LoRASC linear and merge, so ``torch.compile`` traces them.
+
+Ops (namespace ``lorasc``), each with a fake kernel giving output shapes and dtypes:
+
+* ``linear_forward(x, weight, bias, lora_A, lora_B, ...) -> (y, xa)``;
+* ``linear_backward(dy, x, xa, weight, lora_A, lora_B, ..., needs) -> [grads]``: only the
+  gradients ``needs`` asks for, in the order ``(x, weight, bias, lora_A, lora_B)``;
+* ``merge_lowrank_(weight, ...)``: mutates ``weight``.
+
+The forward op's autograd formula (``torch.library.register_autograd``) saves ``x``, ``xa``
+and the parameters and calls the backward op, so a model of ``LoRASCLinear`` layers
+compiles with ``fullgraph=True``. Each op takes the backend's name (``"torch"`` or
+``"triton"``) and calls that backend's ``linear_forward`` / ``linear_backward`` /
+``merge_lowrank_`` inside; backends without these entry points are called directly (eager
+only).
+
+Seeds are ints in ``[0, 2**64)`` but a schema ``int`` is int64: they cross the op boundary
+as the int64 with the same 64 bits (:func:`seed_to_int64`; seeds below ``2**63`` are
+unchanged) and are decoded back inside. ``None`` (no noise, no dropout) is ``int?``.
+Under ``torch.compile`` seeds are constants of the graph: a new noise seed (once per
+cascade) recompiles, and dropout, which draws a seed on the host at each call, breaks
+the graph — compile with ``lora_dropout=0``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from .backends import _MODULES, resolve_backend
+
+__all__ = ["seed_to_int64", "seed_from_int64", "lorasc_linear", "merge_lowrank_"]
+
+# Backend module (as resolve_backend returns it) → its registry name.
+_REGISTRY_NAMES = {module: name for name, module in _MODULES.items()}
+# Backends run through the custom ops → module holding their linear_forward /
+# linear_backward, imported on first use.
+_LINEAR_MODULES = {"torch": "lorasc_kernels.backends.reference",
+                   "triton": "lorasc_kernels.backends.triton.fused_linear"}
+_SEED_SPAN = 2**64
+
+
+def seed_to_int64(seed: int | None) -> int | None:
+    """A seed in ``[0, 2**64)`` as the int64 with the same bits (None stays None)."""
+    if seed is None:
+        return None
+    return seed - _SEED_SPAN if seed >= 2**63 else seed
+
+
+def seed_from_int64(value: int | None) -> int | None:
+    """Inverse of :func:`seed_to_int64`."""
+    return None if value is None else value % _SEED_SPAN
+
+
+def _linear_module(backend: str) -> ModuleType:
+    return importlib.import_module(_LINEAR_MODULES[backend])
+
+
+@torch.library.custom_op("lorasc::linear_forward", mutates_args=())
+def _linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, scale: float, dropout_p: float, dropout_seed: int | None,
+    noise_seed: int | None, noise_scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
+    return _linear_module(backend).linear_forward(
+        x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_from_int64(dropout_seed),
+        seed_from_int64(noise_seed), noise_scale,
+    )
+
+
+@_linear_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
+      noise_scale, backend):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@torch.library.custom_op("lorasc::linear_backward", mutates_args=())
+def _linear_backward(
+    dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
+    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float,
+    dropout_seed: int | None, noise_seed: int | None, noise_scale: float,
+    needs: Sequence[bool], backend: str,
+) -> list[torch.Tensor]:
+    """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
+    grads = _linear_module(backend).linear_backward(
+        dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, seed_from_int64(dropout_seed),
+        seed_from_int64(noise_seed), noise_scale, needs,
+    )
+    return [grad for grad, need in zip(grads, needs, strict=True) if need]
+
+
+@_linear_backward.register_fake
+def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
+      noise_scale, needs, backend):
+    like = (x, weight, weight.new_empty(weight.shape[0], dtype=x.dtype), lora_A, lora_B)
+    return [torch.empty_like(tensor) for tensor, need in zip(like, needs, strict=True) if need]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _, lora_A, lora_B, *hyper, backend = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B)
+    ctx.mark_non_differentiable(output[1])
+    ctx.hyper = hyper
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, _):
+    needs = list(ctx.needs_input_grad[:5])
+    if not any(needs):
+        return (None,) * 11
+    grads = iter(torch.ops.lorasc.linear_backward(dy, *ctx.saved_tensors, *ctx.hyper, needs,
+                                                  ctx.backend))
+    return (*(next(grads) if need else None for need in needs),) + (None,) * 6
+
+
+_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight",))
+def _merge_lowrank(
+    weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coeff: float,
+    rounding: str, seed: int, remove_seed: int | None, remove_scale: float,
+    add_seed: int | None, add_scale: float, row_offset: int, backend: str,
+) -> None:
+    """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``."""
+    module = importlib.import_module(_MODULES[backend])
+    noise_remove = None if remove_seed is None else (seed_from_int64(remove_seed), remove_scale)
+    noise_add = None if add_seed is None else (seed_from_int64(add_seed), add_scale)
+    module.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed_from_int64(seed),
+                          noise_remove, noise_add, row_offset)
+
+
+@_merge_lowrank.register_fake
+def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, add_seed,
+      add_scale, row_offset, backend):
+    return None
+
+
+@torch.compiler.assume_constant_result
+def backend_name(backend: str, device: torch.device) -> str:
+    """The registry name (``"torch" | "triton" | "cuda"``) that ``backend`` resolves to on
+    ``device``; a constant of the graph under ``torch.compile`` (resolution imports modules)."""
+    return _REGISTRY_NAMES[resolve_backend(backend, device).__name__]
+
+
+def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                  noise_seed, noise_scale, backend: str) -> torch.Tensor:
+    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
+
+    ``backend`` is a name from :func:`backend_name`: ``"torch"`` and ``"triton"`` run
+    through the custom ops; others (CUDA) are called directly.
+    """
+    if backend not in _LINEAR_MODULES:
+        return resolve_backend(backend, x.device).lorasc_linear(
+            x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
+            noise_scale,
+        )
+    y, _ = torch.ops.lorasc.linear_forward(
+        x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_to_int64(dropout_seed),
+        seed_to_int64(noise_seed), noise_scale, backend,
+    )
+    return y
+
+
+def merge_lowrank_(module: ModuleType, weight, lora_B, lora_A, coeff, rounding, seed,
+                   noise_remove, noise_add, row_offset) -> None:
+    """Run ``module``'s merge through ``lorasc::merge_lowrank_`` when it has that op.
+
+    ``noise_remove``/``noise_add`` are ``(seed, scale)`` pairs or None.
+    """
+    name = _REGISTRY_NAMES[module.__name__]
+    if name not in _LINEAR_MODULES:
+        module.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
+                              noise_add, row_offset)
+        return
+    remove_seed, remove_scale = noise_remove if noise_remove is not None else (None, 0.0)
+    add_seed, add_scale = noise_add if noise_add is not None else (None, 0.0)
+    torch.ops.lorasc.merge_lowrank_(
+        weight, lora_B, lora_A, coeff, rounding, seed_to_int64(seed),
+        seed_to_int64(remove_seed), remove_scale, seed_to_int64(add_seed), add_scale,
+        row_offset, name,
+    )

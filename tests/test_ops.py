@@ -1,0 +1,162 @@
+"""The torch.library custom ops: opcheck, fake kernels, seeds through the schema, and
+torch.compile(fullgraph=True) of LoRASCLinear models on the CPU (torch backend behind)."""
+
+import pytest
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from lorasc_kernels import LoRASCLinear, ops
+from lorasc_kernels.backends import reference
+from tests.helpers import lowrank_inputs
+
+NEEDS_ALL = [True, True, True, True, True]
+# (dropout_p, dropout_seed, noise_seed, noise_scale); seeds as the schema carries them.
+HYPER = {
+    "plain": (0.0, None, None, 0.0),
+    "dropout": (0.25, ops.seed_to_int64(2**64 - 3), None, 0.0),
+    "noise": (0.0, None, ops.seed_to_int64(2**63 + 11), 0.05),
+}
+
+
+def _forward_args(hyper, backend="torch", dtype=torch.float32, bias=True, lora_dtype=None,
+                  grad=True):
+    x, weight, b, lora_A, lora_B = lowrank_inputs(6, 10, 7, 3, dtype, lora_dtype=lora_dtype,
+                                                  bias=bias)
+    for tensor in (x, lora_A, lora_B):
+        tensor.requires_grad_(grad)
+    return (x, weight, b, lora_A, lora_B, 1.5, *HYPER[hyper], backend)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2**63 - 1, 2**63, 2**64 - 1])
+def test_seed_round_trip_through_int64(seed):
+    encoded = ops.seed_to_int64(seed)
+    assert -(2**63) <= encoded < 2**63
+    assert ops.seed_from_int64(encoded) == seed
+    assert ops.seed_to_int64(None) is None and ops.seed_from_int64(None) is None
+
+
+@pytest.mark.parametrize("hyper", sorted(HYPER))
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_linear_forward(hyper, bias):
+    torch.library.opcheck(torch.ops.lorasc.linear_forward.default,
+                          _forward_args(hyper, bias=bias))
+
+
+def test_opcheck_linear_forward_lora_dtype_differs():
+    args = _forward_args("dropout", dtype=torch.bfloat16, lora_dtype=torch.float32)
+    torch.library.opcheck(torch.ops.lorasc.linear_forward.default, args)
+
+
+@pytest.mark.parametrize("hyper", sorted(HYPER))
+@pytest.mark.parametrize("needs", [NEEDS_ALL, [True, False, False, True, True],
+                                   [False, False, True, False, True]])
+def test_opcheck_linear_backward(hyper, needs):
+    x, weight, b, lora_A, lora_B, scale, *rest, backend = _forward_args(hyper, grad=False)
+    _, xa = torch.ops.lorasc.linear_forward(x, weight, b, lora_A, lora_B, scale, *rest, backend)
+    dy = torch.randn(x.shape[0], weight.shape[0])
+    torch.library.opcheck(torch.ops.lorasc.linear_backward.default,
+                          (dy, x, xa, weight, lora_A, lora_B, scale, *rest, needs, backend))
+
+
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_opcheck_merge(noise, rounding):
+    weight = torch.randn(6, 9).to(torch.bfloat16)
+    lora_A = torch.randn(2, 9)
+    lora_B = torch.randn(6, 2)
+    remove = (ops.seed_to_int64(2**64 - 1), 0.01) if noise else (None, 0.0)
+    add = (5, 0.02) if noise else (None, 0.0)
+    torch.library.opcheck(
+        torch.ops.lorasc.merge_lowrank_.default,
+        (weight, lora_B, lora_A, 0.5, rounding, 3, *remove, *add, 2, "torch"),
+    )
+
+
+def test_opcheck_triton_backend():
+    torch.library.opcheck(torch.ops.lorasc.linear_forward.default,
+                          _forward_args("noise", backend="triton", grad=False))
+
+
+def test_merge_op_equals_reference_with_large_seeds():
+    weight = torch.randn(6, 9).to(torch.bfloat16)
+    lora_A, lora_B = torch.randn(2, 9), torch.randn(6, 2)
+    expected = weight.clone()
+    reference.merge_lowrank_(expected, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
+                             (2**63 + 5, 0.01), (7, 0.02), 3)
+    ops.merge_lowrank_(reference, weight, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
+                       (2**63 + 5, 0.01), (7, 0.02), 3)
+    assert torch.equal(weight, expected)
+
+
+def test_forward_op_uses_the_seed_it_was_given():
+    """A noise seed ≥ 2**63 crosses the schema intact: the op's output equals the reference's."""
+    x, weight, b, lora_A, lora_B = lowrank_inputs(5, 8, 6, 2, torch.float32)
+    seed = 2**64 - 9
+    y = ops.lorasc_linear(x, weight, b, lora_A, lora_B, 2.0, 0.0, None, seed, 0.1, "torch")
+    expected, _ = reference.linear_forward(x, weight, b, lora_A, lora_B, 2.0, 0.0, None, seed,
+                                           0.1)
+    assert torch.equal(y, expected)
+    plain = ops.lorasc_linear(x, weight, b, lora_A, lora_B, 2.0, 0.0, None, None, 0.0, "torch")
+    assert not torch.equal(y, plain)
+
+
+@pytest.mark.parametrize("needs", [NEEDS_ALL, [False, False, False, True, True]])
+def test_fake_kernels_match_real_shapes_and_dtypes(needs):
+    args = _forward_args("plain", dtype=torch.float16, lora_dtype=torch.float32, grad=False)
+    y, xa = torch.ops.lorasc.linear_forward(*args)
+    x, weight, _, lora_A, lora_B, scale, *rest, backend = args
+    dy = torch.randn_like(y)
+    grads = torch.ops.lorasc.linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, *rest,
+                                             needs, backend)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
+        fake_y, fake_xa = torch.ops.lorasc.linear_forward(*fake)
+        fake_grads = torch.ops.lorasc.linear_backward(
+            mode.from_tensor(dy), fake[0], fake_xa, fake[1], fake[3], fake[4], scale, *rest,
+            needs, backend)
+    assert len(grads) == len(fake_grads) == sum(needs)
+    for real, fake_out in zip((y, xa, *grads), (fake_y, fake_xa, *fake_grads), strict=True):
+        assert fake_out.shape == real.shape and fake_out.dtype == real.dtype
+
+
+def test_auto_backend_picks_triton_for_cuda_tensors():
+    assert ops.backend_name("auto", torch.device("cuda")) == "triton"
+    assert ops.backend_name("auto", torch.device("cpu")) == "torch"
+
+
+def _model(noise: bool) -> nn.Module:
+    model = nn.Sequential(LoRASCLinear(12, 20, r=4, backend="torch"), nn.GELU(),
+                          LoRASCLinear(20, 6, r=3, bias=False, backend="torch"))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()
+    if noise:
+        model[0].set_noise(2**64 - 1, 0.02)
+    return model
+
+
+def _run(model, x):
+    """Output and the gradients of x and every trainable parameter after one backward."""
+    x = x.detach().requires_grad_(True)
+    y = model(x)
+    y.square().sum().backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [x.grad] + [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return y.detach(), grads
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_compile_fullgraph_matches_eager(noise):
+    model = _model(noise)
+    x = torch.randn(2, 5, 12)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_eager, grads_eager = _run(model, x)
+    y_compiled, grads_compiled = _run(compiled, x)
+    assert torch.equal(y_compiled, y_eager)
+    for compiled_grad, eager_grad in zip(grads_compiled, grads_eager, strict=True):
+        assert torch.equal(compiled_grad, eager_grad)
