@@ -1,6 +1,6 @@
 """``Cascade``: the LoRASC schedule over a model's ``LoRASCLinear`` layers.
 
-Three lines in a training loop::
+Three lines in a training loop, and one at its end::
 
     cascade = Cascade(model, optimizer)          # after inject_lorasc and the optimizer
     cascade.step()                               # after each optimizer.step()
@@ -289,14 +289,16 @@ class Cascade:
             coeff = self.settings.slow_rate * layer.scaling
             if record:
                 self.history[name].append(_update_on_cpu(layer, coeff))
-            current = None if mode == "off" else self._noise(t, index)
             following = None if mode == "off" or last else self._noise(t + 1, index)
-            in_weight = mode == "inplace"
-            self._merge(index, layer, t + 1, coeff, noise_remove=current if in_weight else None,
-                        noise_add=following if in_weight else None)
-            self._drop_optimizer_state(layer)
+            if mode == "inplace":
+                self._merge(index, layer, t + 1, coeff, noise_remove=self._noise(t, index),
+                            noise_add=following)
+            else:
+                self._merge(index, layer, t + 1, coeff, noise_remove=None, noise_add=None)
             if mode == "fused":
-                layer.set_noise(*(following or (None, 0.0)))
+                seed, scale = following or (None, 0.0)
+                layer.set_noise(seed, scale)
+            self._drop_optimizer_state(layer)
             if not last:
                 layer.reset_lora(self._init_generator(layer, t + 1, index))
         self.cascade_index = t + 1

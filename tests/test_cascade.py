@@ -173,11 +173,11 @@ def test_training_loss_falls_with_cascades():
     model = nn.Sequential(nn.Linear(IN, OUT))
     inject_lorasc(model, LoRASCConfig(r=4, lora_alpha=8))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    cascade = Cascade(model, optimizer, steps_per_cascade=15)
+    cascade = Cascade(model, optimizer, steps_per_cascade=10)
     x = torch.randn(64, IN)
     target = teacher(x).detach()
     losses = []
-    for _ in range(60):
+    for _ in range(40):
         losses.append(train_step(model, optimizer, x, target))
         cascade.step()
     assert cascade.cascade_index == 4

@@ -64,9 +64,12 @@ def test_callback_runs_step_cascades_and_finalizes(tmp_path):
 def test_callback_per_epoch_schedule(tmp_path):
     model = tiny_bert()
     callback = lorasc_kernels.LoRASCCallback(noise_lambda=0.1)
-    train(model, callback, tmp_path, num_train_epochs=2)
+    trainer = train(model, callback, tmp_path, num_train_epochs=2)
     assert callback.cascade.cascade_index == 2
     assert callback.cascade.steps_in_cascade == 0
+    # The epoch's boundary dropped the fast LoRA's state from the Trainer's optimizer.
+    assert trainer.state.global_step == 8
+    assert not trainer.optimizer.optimizer.state
 
 
 def test_callback_checks_settings_at_once():
