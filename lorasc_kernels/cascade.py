@@ -29,6 +29,11 @@ Design choices:
   precision the noise is removed exactly only up to the rounding of each merge).
   ``"fused"`` leaves ``W`` clean and hands ``(seed, scale)`` to the kernels through
   :meth:`LoRASCLinear.set_noise`. ``"off"`` trains without noise.
+* **Distributed.** Under DDP every rank runs the same boundary on the same ``W`` (build the
+  ``Cascade`` after wrapping the model). Under FSDP2 each rank merges only its own rows of
+  ``W`` with their global ``row_offset`` (:mod:`lorasc_kernels.distributed`): the noise,
+  rounding bits, ``std(W)`` and fresh ``A`` are those of the unsharded run and no rank
+  gathers a ``W``.
 
 Resuming: construct the model, optimizer and ``Cascade`` as for a fresh run, THEN load the
 model's, the optimizer's and the cascade's state dicts (and torch's RNG state if the LoRA
@@ -48,6 +53,7 @@ import torch
 from torch import nn
 
 from . import _checks as checks
+from .distributed import full_tensor, global_std, local_row_block, reset_lora
 from .functional import merge_lowrank_
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
@@ -250,7 +256,7 @@ class Cascade:
     def _measure_noise_scale(self, layer: LoRASCLinear) -> float:
         if self.settings.noise_mode == "off":
             return 0.0
-        return self.settings.noise_lambda * float(layer.weight.detach().float().std())
+        return self.settings.noise_lambda * global_std(layer.weight)
 
     def _noise(self, cascade_index: int, layer_index: int) -> tuple[int, float]:
         """``(seed, scale)`` of the noise layer ``layer_index`` carries in a cascade."""
@@ -268,12 +274,16 @@ class Cascade:
 
     def _merge(self, index: int, layer: LoRASCLinear, merge_index: int, coeff: float,
                noise_remove, noise_add) -> None:
-        weight = layer.weight.data
-        lora_b, lora_a = (p.detach().to(weight.device) for p in (layer.lora_B, layer.lora_A))
+        weight, row_offset = local_row_block(layer.weight.data)  # an FSDP2 rank's rows
+        lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
+        lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
+        if weight.shape[0] == 0:  # a rank holding no rows of this weight
+            return
         merge_lowrank_(
             weight, lora_b, lora_a, coeff, rounding=self.settings.rounding,
             seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, index),
-            noise_remove=noise_remove, noise_add=noise_add, backend=layer.backend,
+            noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
+            backend=layer.backend,
         )
 
     def _boundary(self, last: bool) -> None:
@@ -300,7 +310,7 @@ class Cascade:
                 layer.set_noise(seed, scale)
             self._drop_optimizer_state(layer)
             if not last:
-                layer.reset_lora(self._init_generator(layer, t + 1, index))
+                reset_lora(layer, self._init_generator(layer, t + 1, index))
         self.cascade_index = t + 1
         self.steps_in_cascade = 0
         devices = {layer.weight.device for layer in self.layers.values()}
@@ -326,8 +336,8 @@ class Cascade:
 
 def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(coeff · B, A)`` of ``layer`` as new float32 CPU tensors."""
-    lora_b = layer.lora_B.detach().to("cpu", torch.float32) * coeff
-    lora_a = layer.lora_A.detach().to("cpu", torch.float32, copy=True)
+    lora_b = full_tensor(layer.lora_B.detach()).to("cpu", torch.float32) * coeff
+    lora_a = full_tensor(layer.lora_A.detach()).to("cpu", torch.float32, copy=True)
     return lora_b, lora_a
 
 
