@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import gc
+import importlib.metadata
 import platform
 import statistics
 import time
@@ -49,3 +51,102 @@ def append_csv(rows: list[dict], path: Path) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def time_interleaved_ms(fns: dict, rounds: int = 5, reps: int = 3, warmup: int = 2) -> dict:
+    """Median wall-clock milliseconds of each of ``fns`` (name → callable), timed in turns.
+
+    For CPUs shared with other work: each round times ``reps`` calls of every function,
+    in an order rotated by one each round, so a burst of outside load falls on all of them
+    alike instead of on whichever ran then. The median is over all ``rounds × reps`` calls;
+    Python's garbage collector is paused while timing, as ``timeit`` does.
+    """
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index in range(rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    fns[name]()
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        if collecting:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_all_ms(fns: dict, device: str, quick: bool = False) -> dict:
+    """Median milliseconds of each of ``fns``: ``do_bench`` one by one on GPU, in turns on
+    CPU; a quick CPU run times each once (a smoke test: its times mean little)."""
+    if device.startswith("cuda"):
+        return {name: time_ms(fn, device) for name, fn in fns.items()}
+    if quick:
+        return time_interleaved_ms(fns, rounds=1, reps=1, warmup=0)
+    return time_interleaved_ms(fns)
+
+
+def peak_memory_mib(fn, device: str) -> float | None:
+    """Peak CUDA memory that ``fn()`` allocates above what was allocated before, in MiB.
+
+    ``None`` on CPU, where torch keeps no allocator statistics.
+    """
+    if not device.startswith("cuda"):
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def significant(value: float | None, digits: int = 4) -> float | None:
+    """``value`` rounded to ``digits`` significant digits (None stays None)."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A fixed-width text table of ``rows`` over ``columns`` (missing or None cells blank)."""
+    cells = [[("" if row.get(c) is None else str(row[c])) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in cells]
+    return "\n".join(lines)
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def result_row(family: str, problem, provider: str, mode: str, ms: float, flops: float,
+               floor_ms: float | None, peak_mib: float | None = None) -> dict:
+    """One CSV row of the linear or layer family; units are in the column names."""
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "device": device_name(problem.device),
+        "family": family,
+        "provider": provider,
+        "mode": mode,
+        "M": problem.M,
+        "K": problem.K,
+        "N": problem.N,
+        "r": problem.r,
+        "dtype": problem.dtype_name,
+        "median_ms": significant(ms),
+        "tflop_per_s": significant(flops / (ms * 1e-3) / 1e12),
+        "ratio_to_floor": significant(ms / floor_ms, 3) if floor_ms else None,
+        "peak_mem_MiB": significant(peak_mib),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _package_version("triton"),
+    }

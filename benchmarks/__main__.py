@@ -1,0 +1,147 @@
+"""``python -m benchmarks``: run the benchmark families, write CSV + plot, print tables.
+
+    python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR]
+                         [--only linear,layer,merge,precision] [--threads N]
+    python -m benchmarks --summary FILE.csv ...   # the short table of saved results
+
+Rows of the linear and layer families go to ``<out>/<device>.csv`` (appended; units in
+the column names) and their plot to ``<out>/<device>.png``; the merge and precision
+families' rows go to ``<out>/<device>-<family>.csv``. Without ``--out``, results go to
+``benchmarks/results/``, except quick runs, which go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS_DIR, append_csv, device_name, format_table
+
+FAMILIES = {
+    "linear": "benchmarks.bench_linear",
+    "layer": "benchmarks.bench_layer",
+    "merge": "benchmarks.bench_merge",
+    "precision": "benchmarks.merge_precision",
+}
+# Families whose rows share the linear family's columns (one CSV, one plot).
+RATIO_FAMILIES = ("linear", "layer")
+TABLE_COLUMNS = ["family", "mode", "M", "K", "N", "r", "dtype", "provider", "median_ms",
+                 "tflop_per_s", "ratio_to_floor", "peak_mem_MiB"]
+SUMMARY_MODE = "forward+backward"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes, end to end in seconds")
+    size.add_argument("--full", action="store_true",
+                      help="the whole GPU matrix (default: the reduced one of gpu_check.sh)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="folder of the CSV and PNG files")
+    parser.add_argument("--only", default=",".join(FAMILIES),
+                        help=f"comma-separated families among {','.join(FAMILIES)}")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of CPU runs (default 2; 1 with --quick, whose "
+                             "tiny products only wait on a second thread)")
+    parser.add_argument("--summary", type=Path, nargs="+", metavar="CSV",
+                        help="print the short table of these result files and exit")
+    args = parser.parse_args(argv)
+    args.families = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = sorted(set(args.families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"--only: unknown families {unknown}; choose among {list(FAMILIES)}")
+    return args
+
+
+def ratio_pivot(rows: list[dict], mode: str = SUMMARY_MODE) -> str:
+    """One line per problem, one column per provider: time / floor time in ``mode``."""
+    rows = [row for row in rows if row.get("mode") == mode]
+    names = list(dict.fromkeys(row["provider"] for row in rows))
+    lines = {}
+    for row in rows:
+        key = (row["family"], f"{row['M']}x{row['K']}x{row['N']}", row["r"], row["dtype"])
+        line = lines.setdefault(key, dict(zip(("family", "MxKxN", "r", "dtype"), key,
+                                              strict=True)))
+        line[row["provider"]] = row["ratio_to_floor"]
+        if row["provider"] == "floor":
+            line["floor_ms"] = row["median_ms"]
+    columns = ["family", "MxKxN", "r", "dtype", "floor_ms", *names]
+    return f"time / floor time, {mode}:\n" + format_table(list(lines.values()), columns)
+
+
+def run_family(name: str, args) -> list[dict] | None:
+    """Rows of family ``name``; None (with a printed reason) when it is absent or fails."""
+    try:
+        module = importlib.import_module(FAMILIES[name])
+    except ModuleNotFoundError as error:
+        if error.name != FAMILIES[name]:
+            raise
+        print(f"skip {name}: {FAMILIES[name]} is not there yet", flush=True)
+        return None
+    kwargs = {"full": True} if args.full and name in RATIO_FAMILIES else {}
+    start = time.perf_counter()
+    rows = module.run(quick=args.quick, device=args.device, out_dir=args.out, **kwargs)
+    print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.summary:
+        for path in args.summary:
+            with path.open(newline="") as handle:
+                print(f"{path}\n{ratio_pivot(list(csv.DictReader(handle)))}\n")
+        return 0
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or (1 if args.quick else 2))
+        if args.quick:  # before any Triton kernel is defined: they then run interpreted
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir(), "lorasc_bench_quick") if args.quick else RESULTS_DIR
+    device = device_name(args.device)
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"results in {args.out}", flush=True)
+
+    ratio_rows, failed = [], []
+    for name in args.families:
+        try:
+            rows = run_family(name, args)
+        except Exception:  # report and go on with the other families
+            traceback.print_exc()
+            failed.append(name)
+            continue
+        if not rows:
+            continue
+        if name in RATIO_FAMILIES:
+            ratio_rows += rows
+            append_csv(rows, args.out / f"{device}.csv")
+        else:
+            append_csv(rows, args.out / f"{device}-{name}.csv")
+            print(format_table(rows, list(rows[0])), flush=True)
+
+    if ratio_rows:
+        from .plot import plot_ratios
+
+        png = plot_ratios(ratio_rows, args.out / f"{device}.png",
+                          f"{device}, torch {torch.__version__}, {ratio_rows[0]['date_utc']} UTC")
+        print(format_table(ratio_rows, TABLE_COLUMNS))
+        print(f"\nwrote {args.out / f'{device}.csv'} and {png}\n")
+        print(ratio_pivot(ratio_rows), flush=True)
+    if failed:
+        print(f"failed families: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Fused low-rank linear family: forward, backward, forward+backward and peak memory.
+
+Every provider of :mod:`benchmarks.providers` runs the same problems; times are medians
+(``do_bench`` on GPU, turns of wall-clock timing on CPU) and each row carries its ratio to
+the frozen-linear floor of the same problem and mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import torch
+
+from . import providers
+from .common import peak_memory_mib, result_row, time_all_ms
+from .providers import Problem, Tensors
+
+FAMILY = "linear"
+MODES = ("forward", "backward", "forward+backward")
+
+# Weight shapes (K in, N out) of real models: Llama-2-7B attention and MLP, Llama-3-70B MLP.
+MODEL_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672))
+GPU_TOKENS = (4096, 8192, 16384)
+GPU_RANKS = (8, 16, 64)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def on_gpu(device: str) -> bool:
+    """Whether ``device`` (``cpu``, ``cuda``, ``cuda:1``...) is a GPU."""
+    return device.startswith("cuda")
+
+
+def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
+    """The problems to run: tiny with ``quick``, the whole matrix with ``full``, else the
+    reduced matrix that fits the GPU check (or 2 CPU cores)."""
+    if quick:
+        dtype = torch.bfloat16 if on_gpu(device) else torch.float32
+        return [Problem(37, 45, 29, 3, dtype, device)]
+    if not on_gpu(device):
+        # Llama-like shapes a quarter wide, for 2 cores.
+        fp32 = torch.float32
+        return [
+            Problem(2048, 1024, 1024, 16, fp32, device),
+            Problem(2048, 1024, 2752, 16, fp32, device),
+            Problem(2048, 2752, 1024, 16, fp32, device),
+            Problem(2048, 1024, 1024, 8, fp32, device),
+            Problem(2048, 1024, 1024, 64, fp32, device),
+            Problem(512, 1024, 1024, 16, fp32, device),
+            Problem(2048, 1024, 1024, 16, torch.bfloat16, device),
+        ]
+    if full:
+        return [Problem(m, k, n, r, dtype, device) for (k, n), m, r, dtype
+                in itertools.product(MODEL_SHAPES, GPU_TOKENS, GPU_RANKS, GPU_DTYPES)]
+    bf16 = torch.bfloat16
+    return [Problem(8192, k, n, 16, bf16, device) for k, n in MODEL_SHAPES] + [
+        Problem(8192, 4096, 4096, 64, bf16, device),
+        Problem(4096, 4096, 4096, 16, torch.float16, device),
+    ]
+
+
+def provider_names(quick: bool, device: str) -> list[str]:
+    """Providers for ``device``: Triton only under the interpreter with ``quick`` on CPU
+    (correctness, not speed); ``torch.compile`` left out of quick CPU runs (20 s+ to build)."""
+    if not on_gpu(device):
+        backends = ("torch", "triton") if quick else ("torch",)
+        if quick:
+            print("skip compile: its CPU build takes longer than a quick run", flush=True)
+        return providers.provider_names(backends, compile_=not quick)
+    return providers.provider_names(("triton", "cuda"))
+
+
+def clear_grads(tensors: list[torch.Tensor]) -> None:
+    """Drop the ``.grad`` of each tensor (cheaper and clearer than zeroing)."""
+    for tensor in tensors:
+        tensor.grad = None
+
+
+def step_fn(mode: str, module: torch.nn.Module, tensors: Tensors):
+    """A callable running ``mode`` of ``module`` once on ``tensors``; gradients are reset
+    before each backward so no accumulation is timed."""
+    x, grad_out = tensors.x, tensors.grad_out
+    grads = [x, *providers.trainable(module)]
+    if mode == "forward":
+        return lambda: module(x)
+    if mode == "backward":
+        y = module(x)
+
+        def backward():
+            clear_grads(grads)
+            y.backward(grad_out, retain_graph=True)
+
+        return backward
+    if mode == "forward+backward":
+
+        def forward_backward():
+            clear_grads(grads)
+            module(x).backward(grad_out)
+
+        return forward_backward
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
+            step_factory=step_fn) -> list[dict]:
+    """Rows of ``names`` on ``problem`` for each mode (plus peak memory on GPU);
+    ``step_factory(mode, module, tensors)`` makes the timed callables."""
+    tensors = Tensors.draw(problem)
+    modules = providers.build_checked(names, tensors)
+    if "floor" not in modules:
+        print(f"skip {problem.label}: the floor did not run", flush=True)
+        return []
+    rows = []
+    for mode in modes:
+        fns = {name: step_factory(mode, module, tensors) for name, module in modules.items()}
+        times = time_all_ms(fns, problem.device, quick)
+        for name, ms in times.items():
+            peak = None
+            if mode == "forward+backward":
+                peak = peak_memory_mib(fns[name], problem.device)
+            rows.append(result_row(family, problem, name, mode, ms,
+                                   problem.flops(mode, lora=name != "floor"),
+                                   times["floor"], peak))
+    print(f"{family} {problem.label}: " + ", ".join(
+        f"{row['provider']} {row['ratio_to_floor']}x" for row in rows
+        if row["mode"] == modes[-1]), flush=True)
+    return rows
+
+
+def run(quick: bool, device: str, out_dir: Path, full: bool = False) -> list[dict]:
+    """Run the family; returns its rows (``python -m benchmarks`` writes them out)."""
+    names = provider_names(quick, device)
+    rows = []
+    for problem in problems(quick, device, full):
+        rows += measure(FAMILY, problem, names, MODES, quick)
+    return rows
