@@ -241,7 +241,8 @@ class Cascade:
         if not any(self.history.values()):
             raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
         config = getattr(self.model, "config", None)
-        return write_peft_adapter(path, self.history, getattr(config, "_name_or_path", None))
+        base_name = getattr(config, "_name_or_path", None) or None  # Hugging Face models
+        return write_peft_adapter(path, self.history, base_name)
 
     # -- internals ------------------------------------------------------------------------
 

@@ -91,6 +91,31 @@ def test_layers_of_different_ranks_get_rank_patterns(tmp_path):
         assert rel_error(served(x), model(x)) < 1e-6
 
 
+def test_peft_serves_the_run_on_a_hugging_face_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    original = copy.deepcopy(model)
+    inject_lorasc(model, LoRASCConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, keep_history=True,
+                      rounding="nearest")
+    ids = torch.randint(0, 32, (4, 8))
+    for _ in range(5):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cascade.step()
+    cascade.finalize()
+    folder = cascade.export_peft_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        served = peft.PeftModel.from_pretrained(original, folder).eval()
+        assert rel_error(served(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-6
+
+
 def test_export_needs_history_and_a_merge(tmp_path):
     model = base_model(torch.float32)
     inject_lorasc(model, LoRASCConfig(r=2))
