@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ... import noise as noise_lib
 from ... import ops
+from ..reference import _fp32
 from . import interpreting
 from .configs import fused_linear_configs
 from .random import element_bits, row_hash, uniform_centered
@@ -171,11 +172,6 @@ def _noisy_weight_kernel(
     q_t = tl.load(q_ptr + cols[None, :] * stride_qn + ks[:, None] * stride_qk, mask=mask)
     q_t = add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED, INTERPRETING)
     tl.store(out_ptr + cols[None, :] * stride_on + ks[:, None] * stride_ok, q_t, mask=mask)
-
-
-def _fp32(value: float) -> float:
-    """``value`` rounded to float32, as kernels receive it."""
-    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def noisy_weight(weight: torch.Tensor, noise_seed: int, noise_scale: float,

@@ -9,6 +9,9 @@ Both regenerate the keep-mask of :func:`~lorasc_kernels.backends.reference.dropo
 from the seed for each ``x`` tile they load (one hash per element of ``x``) and never store
 it. Without dropout the same products are plain ``torch.mm`` calls (cuBLAS), done by the
 caller.
+
+Also the device helpers that :mod:`.fused_linear` shares: :func:`round_to`, :func:`mma`,
+:func:`dropout_tile`, and the host-side :func:`dot_precision`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from . import interpreting
 from .configs import thin_configs
 from .random import element_bits, row_hash
 
-__all__ = ["dropout_params", "rank_block", "dropout_lowrank", "dropout_lowrank_grad"]
+__all__ = [
+    "dropout_params",
+    "rank_block",
+    "dot_precision",
+    "round_to",
+    "mma",
+    "dropout_tile",
+    "dropout_lowrank",
+    "dropout_lowrank_grad",
+]
 
 # Rows of x reduced by one program of dropout_lowrank_grad: a multiple of every BLOCK_M.
 _GRAD_ROWS_PER_SPLIT = 256
