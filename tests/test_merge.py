@@ -1,0 +1,260 @@
+"""merge_lowrank_: Triton vs reference bit for bit, in place, by shards, noise swap,
+stochastic rounding, non-finite inputs and bad arguments.
+
+Without a GPU the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1``.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from lorasc_kernels import merge_lowrank_
+from lorasc_kernels import noise as noise_lib
+from tests.helpers import DTYPES, rel_error
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ("torch", "triton")
+MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+NOISE = {"noise_remove": (11, 0.03), "noise_add": (12, 0.05)}
+
+
+def _inputs(rows, cols, r, dtype, lora_dtype=None):
+    """Fresh W (rows, cols) ~ 0.02·N(0, 1), B (rows, r), A (r, cols) in ``lora_dtype``."""
+    lora_dtype = lora_dtype or dtype
+    weight = (0.02 * torch.randn(rows, cols, device=DEVICE)).to(dtype)
+    lora_B = torch.randn(rows, r, device=DEVICE).to(lora_dtype)
+    lora_A = (torch.randn(r, cols, device=DEVICE) / cols**0.5).to(lora_dtype)
+    return weight, lora_B, lora_A
+
+
+def _bits(tensor):
+    """The raw bit patterns (so that -0.0 differs from +0.0)."""
+    return tensor.view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
+def _ulp(values, dtype):
+    """Spacing of ``dtype`` at each of ``values`` (normal range), float64."""
+    _, exponent = torch.frexp(values.double().abs())
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float64),
+                       exponent - 1 - MANTISSA_BITS[dtype])
+
+
+def _merged(weight, *args, backend, **kwargs):
+    out = weight.clone()
+    merge_lowrank_(out, *args, backend=backend, **kwargs)
+    return out
+
+
+CASES = (
+    [((37, 91, 5), w, ab) for w in DTYPES for ab in DTYPES]
+    + [((64, 33, 1), w, w) for w in DTYPES]
+    + [((70, 129, 16), w, w) for w in DTYPES]
+)
+
+
+@pytest.mark.parametrize("noise", [False, True], ids=["plain", "noise"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("shape,dtype,lora_dtype", CASES)
+def test_triton_matches_reference_bit_for_bit(shape, dtype, lora_dtype, rounding, noise):
+    weight, lora_B, lora_A = _inputs(*shape, dtype, lora_dtype)
+    kwargs = dict(rounding=rounding, seed=7, row_offset=13, **(NOISE if noise else {}))
+    expected = _merged(weight, lora_B, lora_A, 0.37, backend="torch", **kwargs)
+    actual = _merged(weight, lora_B, lora_A, 0.37, backend="triton", **kwargs)
+    assert not torch.equal(expected, weight)
+    assert torch.equal(_bits(actual), _bits(expected))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_is_in_place(backend):
+    weight, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
+    before, pointer = weight.clone(), weight.data_ptr()
+    result = merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend)
+    assert result is weight
+    assert weight.data_ptr() == pointer
+    assert not torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_equal_whole(backend):
+    weight, lora_B, lora_A = _inputs(70, 45, 4, torch.bfloat16)
+    kwargs = dict(rounding="stochastic", seed=3, row_offset=5, **NOISE)
+    whole = _merged(weight, lora_B, lora_A, 0.8, backend=backend, **kwargs)
+    sharded = weight.clone()
+    for start, stop in ((0, 17), (17, 50), (50, 70)):
+        kwargs["row_offset"] = 5 + start
+        merge_lowrank_(sharded[start:stop], lora_B[start:stop], lora_A, 0.8, backend=backend,
+                       **kwargs)
+    assert torch.equal(_bits(sharded), _bits(whole))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_swap_returns_weight_within_one_rounding_per_merge(backend, dtype):
+    """Merge 1 adds c·B A and noise N; merge 2 (coeff 0) removes N: W = W0 + c·B A ± 2 roundings."""
+    weight, lora_B, lora_A = _inputs(37, 91, 5, dtype)
+    noise_pair = (21, 0.01)
+    once = _merged(weight, lora_B, lora_A, 0.05, backend=backend, noise_add=noise_pair, seed=1)
+    twice = _merged(once, lora_B, lora_A, 0.0, backend=backend, noise_remove=noise_pair, seed=2)
+    noise = noise_pair[1] * noise_lib.noise(noise_pair[0], 37, 91, device=DEVICE).double()
+    update = 0.05 * lora_B.double() @ lora_A.double()
+    assert (once.double() - weight.double() - update - noise).abs().max() > 0  # N was in W
+    error = (twice.double() - weight.double() - update).abs()
+    # One rounding per merge, each below one ulp of its result; slack for float32 math.
+    bound = _ulp(once, dtype) + _ulp(twice, dtype) + 1e-6 * weight.double().abs().max()
+    assert bool((error <= bound).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_keeps_sub_ulp_updates_nearest_loses_them(backend):
+    """``merges`` successive updates of ~0.2 ulp each on W in [1, 2) (ulp = 2**-7)."""
+    rows, cols, r, merges = 32, 64, 2, 24
+    start = (1.0 + torch.rand(rows, cols, device=DEVICE)).to(torch.bfloat16)
+    lora_B = 0.5 + 0.5 * torch.rand(rows, r, device=DEVICE)
+    lora_A = 0.5 + 0.5 * torch.rand(r, cols, device=DEVICE)
+    ulp = 2.0**-7
+    coeff = 0.2 * ulp / float((lora_B @ lora_A).mean())
+    assert float((coeff * lora_B @ lora_A).max()) < 0.5 * ulp
+    expected_mean = merges * coeff * float((lora_B.double() @ lora_A.double()).mean())
+    results = {}
+    for rounding in ("nearest", "stochastic"):
+        weight = start.clone()
+        for step in range(merges):
+            merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed=step, backend=backend)
+        results[rounding] = float((weight.double() - start.double()).mean())
+    assert results["nearest"] == 0.0  # every update is below half an ulp: all lost
+    # Each merge rounds each element with an error of std <= ulp/2, independently.
+    standard_error = 0.5 * ulp * math.sqrt(merges / (rows * cols))
+    assert abs(results["stochastic"] - expected_mean) < 5 * standard_error
+    assert 5 * standard_error < 0.1 * expected_mean
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("name", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_lowrank_raises_and_leaves_weight(backend, name, value):
+    weight, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
+    tensors = {"lora_B": lora_B, "lora_A": lora_A}
+    tensors[name][1, 2] = value
+    before = weight.clone()
+    with pytest.raises(ValueError, match=f"{name} has non-finite values"):
+        merge_lowrank_(weight, tensors["lora_B"], tensors["lora_A"], 0.5, backend=backend)
+    assert torch.equal(_bits(weight), _bits(before))
+
+
+ROWS, COLS, RANK = 9, 12, 3
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"rounding": "up"}, ValueError, "rounding must be one of"),
+        ({"rounding": None}, TypeError, "rounding must be a str"),
+        ({"lora_A": torch.randn(RANK, COLS + 1)}, ValueError, "lora_A must have shape"),
+        ({"lora_B": torch.randn(ROWS + 1, RANK)}, ValueError, "lora_B must have shape"),
+        ({"weight": torch.randn(ROWS, COLS, 2)}, ValueError, "weight must be 2-D"),
+        ({"weight": torch.ones(ROWS, COLS, dtype=torch.int32)}, TypeError, "weight must have"),
+        ({"row_offset": -1}, ValueError, "row_offset must be >= 0"),
+        ({"row_offset": 2**32}, ValueError, "row_offset must be <="),
+        ({"row_offset": 1.0}, TypeError, "row_offset must be an int"),
+        ({"noise_add": (1,)}, TypeError, "noise_add must be None or a"),
+        ({"noise_add": 5}, TypeError, "noise_add must be None or a"),
+        ({"noise_remove": (1.5, 0.1)}, TypeError, r"noise_remove\[0\] \(seed\)"),
+        ({"noise_remove": (1, float("inf"))}, ValueError, r"noise_remove\[1\] \(scale\)"),
+        ({"coeff": float("inf")}, ValueError, "coeff must be finite"),
+        ({"coeff": float("nan")}, ValueError, "coeff must be finite"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments_raise_and_leave_weight(backend, overrides, error, match):
+    weight, lora_B, lora_A = _inputs(ROWS, COLS, RANK, torch.float32)
+    arguments = {"weight": weight, "lora_B": lora_B, "lora_A": lora_A, "coeff": 0.5,
+                 "backend": backend}
+    arguments.update({k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in overrides.items()})
+    before = weight.clone()
+    with pytest.raises(error, match=match):
+        merge_lowrank_(**arguments)
+    assert torch.equal(weight, before)
+
+
+def test_triton_rejects_float64_and_overlapping_weight():
+    weight, lora_B, lora_A = _inputs(ROWS, COLS, RANK, torch.float64)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        merge_lowrank_(weight, lora_B, lora_A, 0.5, backend="triton")
+    row = torch.randn(1, COLS, device=DEVICE)
+    with pytest.raises(ValueError, match="weight has a zero stride"):
+        merge_lowrank_(row.expand(ROWS, COLS), lora_B.float(), lora_A.float(), 0.5,
+                       backend="triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_weight_matches_float64_math(backend):
+    weight, lora_B, lora_A = _inputs(37, 91, 5, torch.float32)
+    merged = _merged(weight, lora_B, lora_A, 0.4, backend=backend, **NOISE)
+    expected = weight.double() + 0.4 * lora_B.double() @ lora_A.double()
+    for (seed, scale), sign in ((NOISE["noise_remove"], -1), (NOISE["noise_add"], 1)):
+        expected += sign * scale * noise_lib.noise(seed, 37, 91, device=DEVICE).double()
+    assert rel_error(merged, expected) < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["column_slice", "column_major"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_weight(backend, layout):
+    """A non-contiguous W merges in place with the bits of its contiguous copy."""
+    base, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
+    if layout == "column_slice":
+        storage = (0.02 * torch.randn(37, 120, device=DEVICE)).to(torch.bfloat16)
+        weight = storage[:, 20:111]
+    else:
+        storage = base.t().contiguous()
+        weight = storage.t()
+    untouched = storage.clone()
+    contiguous = _merged(weight.contiguous(), lora_B, lora_A, 0.6, backend=backend, **NOISE)
+    merge_lowrank_(weight, lora_B, lora_A, 0.6, backend=backend, **NOISE)
+    assert torch.equal(_bits(weight), _bits(contiguous))
+    if layout == "column_slice":
+        assert torch.equal(storage[:, :20], untouched[:, :20])
+        assert torch.equal(storage[:, 111:], untouched[:, 111:])
+
+
+_COMPILE_FOR_HOPPER = textwrap.dedent(
+    """
+    import re, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from lorasc_kernels.backends.triton.merge import _merge_kernel
+
+    kernel = _merge_kernel.fn
+    floats = {"coeff", "remove_scale", "add_scale"}
+    constants = {"HAS_REMOVE": True, "HAS_ADD": True, "STOCHASTIC": True,
+                 "BLOCK_ROWS": 64, "BLOCK_COLS": 128}
+    signature = {
+        name: "constexpr" if name in constants else "*bf16" if name.endswith("_ptr")
+        else "fp32" if name in floats else "i32"
+        for name in kernel.arg_names
+    }
+    constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
+    for fusion in (False, True):
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"enable_fp_fusion": fusion})
+        print(fusion, len(re.findall(r"fma\\.rn\\.f32", compiled.asm["ptx"])))
+    """
+)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernel itself")
+def test_kernel_compiles_for_hopper_without_fused_multiply_add():
+    """Compile (no GPU needed) for sm_90: the PTX has no fma with fusion off, as launched."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fma_counts = dict(line.split() for line in result.stdout.split("\n") if line)
+    assert fma_counts["False"] == "0"
+    assert int(fma_counts["True"]) > 0  # the check can fail: fusion would contract
