@@ -1,0 +1,222 @@
+"""One rank of the distributed cascade checks, run by tests/test_distributed.py.
+
+Launched once per rank with the ``torchrun`` environment (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``, ``MASTER_PORT``) on the CPU with gloo. Every rank also keeps an unsharded,
+single-process copy of the model as the reference; it runs two scenarios and saves what
+it measured to ``<out_dir>/rank<RANK>.pt`` for the test to check:
+
+* ``ddp``: LoRASC layers and a Cascade under DistributedDataParallel, each rank on half
+  of the global batch, against the reference trained on the whole batch.
+* ``fsdp``: the same under FSDP2 (``fully_shard``); at each boundary the reference gets
+  the FSDP run's fast LoRA (gathered here, for checking only), so the merges must agree
+  bit for bit.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+import lorasc_kernels.modules
+from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc
+from lorasc_kernels.distributed import (
+    assert_weights_equal_across_ranks,
+    full_tensor,
+    is_dtensor,
+    weight_checksums,
+)
+from lorasc_kernels.inject import lorasc_layers
+
+IN, HIDDEN, OUT = 13, 11, 5  # 11 and 5 rows shard unevenly over 2 ranks: 6 + 5, 3 + 2
+GLOBAL_BATCH, STEPS, STEPS_PER_CASCADE = 8, 5, 2
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def squared_error(model, x, target):
+    return (model(x).float() - target).pow(2).mean()
+
+
+def rel_error(actual, expected):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def lora_grad_errors(model, reference):
+    """Largest relative error of the fast-LoRA gradients of ``model`` against ``reference``."""
+    pairs = zip(lorasc_layers(model).values(), lorasc_layers(reference).values(), strict=True)
+    return max(rel_error(full_tensor(getattr(layer, name).grad),
+                         getattr(ref, name).grad)
+               for layer, ref in pairs for name in ("lora_A", "lora_B"))
+
+
+def global_batches(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(GLOBAL_BATCH, IN, generator=generator),
+             torch.randn(GLOBAL_BATCH, OUT, generator=generator)) for _ in range(STEPS)]
+
+
+def ddp_scenario(rank, world):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    inject_lorasc(model, LoRASCConfig(r=3, lora_alpha=6))
+    reference = copy.deepcopy(model)
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(trainable(ddp), lr=1e-2)
+    ref_optimizer = torch.optim.Adam(trainable(reference), lr=1e-2)
+    cascade = Cascade(ddp, optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7)
+    ref_cascade = Cascade(reference, ref_optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7)
+    local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    grad_errors, boundary_checksums = [], []
+    for x, target in global_batches(seed=1):
+        squared_error(ddp, x[local], target[local]).backward()
+        squared_error(reference, x, target).backward()
+        grad_errors.append(lora_grad_errors(model, reference))
+        for opt in (optimizer, ref_optimizer):
+            opt.step()
+            opt.zero_grad()
+        ref_cascade.step()
+        if cascade.step():
+            boundary_checksums.append(assert_weights_equal_across_ranks(ddp))
+    assert cascade.cascade_index == ref_cascade.cascade_index == STEPS // STEPS_PER_CASCADE
+    mismatch = ""
+    with torch.no_grad():  # one rank's W off by one ulp: the helper must notice
+        if rank == 1:
+            model[2].weight[0, 0] = torch.nextafter(model[2].weight[0, 0], torch.tensor(1.0))
+    try:
+        assert_weights_equal_across_ranks(ddp)
+    except AssertionError as error:
+        mismatch = str(error)
+    return {
+        "grad_errors": grad_errors,
+        "boundary_checksums": boundary_checksums,
+        "weight_errors": [rel_error(m.weight, r.weight) for m, r in
+                          zip(lorasc_layers(model).values(), lorasc_layers(reference).values(),
+                              strict=True)],
+        "mismatch_message": mismatch,
+    }
+
+
+class KernelInputs:
+    """Records what LoRASCLinear.forward hands ``lorasc_linear`` (the kernels' entry)."""
+
+    def __init__(self):
+        self.seen = []
+        self.original = lorasc_kernels.modules.lorasc_linear
+
+    def __enter__(self):
+        def recorded(x, weight, bias, lora_A, lora_B, *args, **kwargs):
+            self.seen.append({name: (is_dtensor(t), tuple(t.shape)) for name, t in
+                              (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))})
+            return self.original(x, weight, bias, lora_A, lora_B, *args, **kwargs)
+        lorasc_kernels.modules.lorasc_linear = recorded
+        return self
+
+    def __exit__(self, *exc):
+        lorasc_kernels.modules.lorasc_linear = self.original
+
+
+class GatherLog:
+    """Records the global shape of every DTensor gathered (``full_tensor``/``redistribute``)."""
+
+    def __init__(self):
+        self.shapes = []
+        self.originals = {name: getattr(DTensor, name) for name in ("full_tensor", "redistribute")}
+
+    def __enter__(self):
+        for name, original in self.originals.items():
+            def logged(tensor, *args, _original=original, **kwargs):
+                self.shapes.append(tuple(tensor.shape))
+                return _original(tensor, *args, **kwargs)
+            setattr(DTensor, name, logged)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(DTensor, name, original)
+
+
+def full_state(model):
+    """Every parameter of ``model`` in full (gathered: for checking only)."""
+    return {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def fsdp_scenario(rank, world):
+    torch.manual_seed(0)
+    kwargs = {"dtype": torch.bfloat16, "lora_dtype": torch.float32}
+    model = nn.Sequential(LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, **kwargs), nn.Tanh(),
+                          LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, **kwargs))
+    reference = copy.deepcopy(model)
+    for layer in lorasc_layers(model).values():
+        fully_shard(layer)
+    fully_shard(model)
+    kernel_inputs = KernelInputs()
+    optimizer = torch.optim.Adam(trainable(model), lr=1e-2)
+    ref_optimizer = torch.optim.Adam(trainable(reference), lr=1e-2)
+    settings = {"steps_per_cascade": STEPS_PER_CASCADE, "seed": 3, "keep_history": True}
+    cascade = Cascade(model, optimizer, **settings)
+    ref_cascade = Cascade(reference, ref_optimizer, **settings)
+    states = [(full_state(model), full_state(reference))]  # after the first noise
+    gathered, grad_errors, checksums = [], [], []
+    local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    for x, target in global_batches(seed=2):
+        x = x.to(torch.bfloat16)
+        with kernel_inputs:
+            loss = squared_error(model, x[local], target[local])
+        loss.backward()
+        squared_error(reference, x, target).backward()
+        grad_errors.append(lora_grad_errors(model, reference))
+        for opt in (optimizer, ref_optimizer):
+            opt.step()
+            opt.zero_grad()
+        if cascade.steps_in_cascade + 1 == STEPS_PER_CASCADE:
+            # The merge must agree for the same fast LoRA: hand the reference this run's.
+            with torch.no_grad():
+                for name, value in full_state(model).items():
+                    if "lora" in name:
+                        reference.get_parameter(name).copy_(value)
+        with GatherLog() as log:
+            ran = cascade.step()
+        assert ran == ref_cascade.step()
+        if ran:
+            gathered.append(log.shapes)
+            states.append((full_state(model), full_state(reference)))
+            checksums.append((weight_checksums(model), weight_checksums(reference),
+                              assert_weights_equal_across_ranks(model)))
+    return {
+        "states": states,
+        "checksums": checksums,
+        "noise_scales": (cascade.noise_scales, ref_cascade.noise_scales),
+        "history_equal": all(torch.equal(a, b) for name in cascade.history
+                             for pair, ref_pair in zip(cascade.history[name],
+                                                       ref_cascade.history[name], strict=True)
+                             for a, b in zip(pair, ref_pair, strict=True)),
+        "kernel_inputs": kernel_inputs.seen,
+        "local_weight_shapes": [tuple(layer.weight.to_local().shape)
+                                for layer in lorasc_layers(model).values()],
+        "gathered_shapes": gathered,
+        "weight_shapes": [tuple(layer.weight.shape) for layer in lorasc_layers(model).values()],
+        "grad_errors": grad_errors,
+    }
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        results = {"ddp": ddp_scenario(rank, world), "fsdp": fsdp_scenario(rank, world)}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,250 @@
+"""Distributed training: DDP and FSDP2 runs on 2 CPU processes (gloo), shard-wise merges,
+sharded statistics and checksums.
+
+The process tests launch ``tests/distributed_workers/cascade_worker.py`` and
+``examples/torchrun_ddp.py`` once per rank with the environment ``torchrun`` would set
+(localhost, a free port), bounded in time; every rank is killed when one fails.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorasc_kernels import LoRASCLinear, merge_lowrank_
+from lorasc_kernels.distributed import (
+    _block_checksum,
+    _row_moments,
+    assert_weights_equal_across_ranks,
+    global_std,
+    local_row_block,
+    reset_lora,
+    tensor_checksum,
+    weight_checksums,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed_workers" / "cascade_worker.py"
+EXAMPLE = ROOT / "examples" / "torchrun_ddp.py"
+RANKS = 2
+TIMEOUT_S = 150
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: Path, args: list[str], log_dir: Path) -> list[str]:
+    """Run ``script`` on ``RANKS`` CPU processes; return each rank's output.
+
+    Fails (after killing every rank) when a rank exits with an error or the run takes
+    longer than ``TIMEOUT_S``.
+    """
+    port = free_port()
+    processes, logs = [], []
+    try:
+        for rank in range(RANKS):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                   "WORLD_SIZE": str(RANKS), "LOCAL_WORLD_SIZE": str(RANKS),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+            logs.append(log_dir / f"{script.stem}.rank{rank}.log")
+            with open(logs[-1], "w") as log:
+                processes.append(subprocess.Popen(
+                    [sys.executable, str(script), *args], env=env, cwd=ROOT, stdout=log,
+                    stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in processes):
+            failed = any(p.returncode not in (None, 0) for p in processes)
+            if failed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    outputs = [log.read_text() for log in logs]
+    codes = [p.returncode for p in processes]
+    assert codes == [0] * RANKS, f"{script.name} exited with {codes}:\n" + "\n".join(
+        f"--- rank {rank} ---\n{text[-3000:]}" for rank, text in enumerate(outputs))
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """What each rank of the DDP and FSDP2 scenarios measured (one 2-process run)."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    launch(WORKER, [str(out_dir)], out_dir)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)]
+
+
+# -- DDP ------------------------------------------------------------------------------------
+
+def test_ddp_gradients_equal_single_process_on_the_global_batch(runs):
+    for run in runs:
+        errors = run["ddp"]["grad_errors"]
+        assert len(errors) == 5
+        assert max(errors) < 1e-5, errors
+
+
+def test_ddp_weights_after_boundaries_match_single_process(runs):
+    """Within fp32 tolerance, not bit for bit: DDP averages gradients in another order."""
+    for run in runs:
+        errors = run["ddp"]["weight_errors"]
+        assert len(errors) == 2 and max(errors) < 1e-5, errors
+
+
+def test_ddp_weights_bit_identical_across_ranks_after_each_boundary(runs):
+    per_rank = [run["ddp"]["boundary_checksums"] for run in runs]
+    assert len(per_rank[0]) == 2
+    assert per_rank[0] == per_rank[1]
+    first, second = per_rank[0]
+    assert first["module.0.weight"] != second["module.0.weight"]  # the boundary changed W
+
+
+def test_checksum_helper_names_a_weight_that_differs_on_one_rank(runs):
+    for run in runs:
+        message = run["ddp"]["mismatch_message"]
+        assert "module.2.weight" in message and "module.0.weight" not in message
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------
+
+def test_fsdp_forward_hands_the_kernels_unsharded_parameters(runs):
+    for rank, run in enumerate(runs):
+        fsdp = run["fsdp"]
+        full_shapes = fsdp["weight_shapes"]
+        assert fsdp["local_weight_shapes"] == [((6, 5)[rank], 13), ((3, 2)[rank], 11)]
+        seen = fsdp["kernel_inputs"]
+        assert len(seen) == 2 * 5
+        for call, weight_shape in zip(seen, full_shapes * 5, strict=True):
+            assert call["weight"] == (False, weight_shape)
+            rank_r = call["lora_A"][1][0]
+            assert call["lora_A"] == (False, (rank_r, weight_shape[1]))
+            assert call["lora_B"] == (False, (weight_shape[0], rank_r))
+
+
+def test_fsdp_boundaries_equal_the_unsharded_run_bit_for_bit(runs):
+    for run in runs:
+        states = run["fsdp"]["states"]
+        assert len(states) == 3  # after the first noise, then after each boundary
+        for sharded, unsharded in states:
+            assert sharded.keys() == unsharded.keys()
+            for name, value in sharded.items():
+                assert torch.equal(value, unsharded[name]), name
+        assert not torch.equal(states[1][0]["0.weight"], states[0][0]["0.weight"])
+        assert torch.count_nonzero(states[2][0]["2.lora_B"]) == 0  # a fresh fast LoRA
+        assert run["fsdp"]["history_equal"]
+
+
+def test_fsdp_boundary_gathers_no_weight(runs):
+    for run in runs:
+        fsdp = run["fsdp"]
+        assert len(fsdp["gathered_shapes"]) == 2
+        for shapes in fsdp["gathered_shapes"]:
+            assert (3, 13) in shapes and (2, 11) in shapes  # the small A of each layer
+            assert not set(shapes) & set(fsdp["weight_shapes"])
+
+
+def test_fsdp_checksums_and_noise_scales_equal_the_unsharded_run_on_every_rank(runs):
+    """After each boundary, the sharded checksum of every tensor (computed without a
+    gather) equals the unsharded run's, and every rank agrees."""
+    for run in runs:
+        assert len(run["fsdp"]["checksums"]) == 2
+        for sharded, unsharded, compared in run["fsdp"]["checksums"]:
+            assert sharded == unsharded == compared
+        scales, reference_scales = run["fsdp"]["noise_scales"]
+        assert scales == reference_scales
+    assert runs[0]["fsdp"]["checksums"] == runs[1]["fsdp"]["checksums"]
+    assert runs[0]["fsdp"]["noise_scales"] == runs[1]["fsdp"]["noise_scales"]
+
+
+def test_fsdp_gradients_match_single_process_within_bf16_tolerance(runs):
+    for run in runs:
+        errors = run["fsdp"]["grad_errors"]
+        assert len(errors) == 5 and max(errors) < 2e-2, errors
+
+
+# -- the example ----------------------------------------------------------------------------
+
+def test_torchrun_ddp_example_runs_on_two_cpu_processes(tmp_path):
+    outputs = launch(EXAMPLE, ["--steps", "12", "--steps-per-cascade", "4"], tmp_path)
+    assert outputs[0].count("W identical on 2 ranks") == 3
+    assert "done: 2 ranks (gloo), 12 steps, 3 boundaries" in outputs[0]
+    assert "done:" not in outputs[1]
+
+
+# -- shard-wise pieces, in one process ------------------------------------------------------
+
+def row_blocks(rows: int, ranks: int) -> list[tuple[int, int]]:
+    """``(row_offset, rows)`` of each rank's block, sharded like FSDP2 (``torch.chunk``)."""
+    chunk = -(-rows // ranks)
+    return [(min(r * chunk, rows), max(0, min(chunk, rows - r * chunk))) for r in range(ranks)]
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shardwise_merge_equals_the_whole_merge(ranks, dtype):
+    rows, cols, r = 23, 19, 3
+    weight = torch.randn(rows, cols).to(dtype)
+    lora_b, lora_a = torch.randn(rows, r), torch.randn(r, cols)
+    settings = {"coeff": 0.37, "seed": 11, "noise_remove": (5, 0.02), "noise_add": (6, 0.02)}
+    whole = merge_lowrank_(weight.clone(), lora_b, lora_a, **settings)
+    sharded = weight.clone()
+    for offset, count in row_blocks(rows, ranks):
+        block = sharded[offset:offset + count]  # a view, as a shard's local tensor is
+        merge_lowrank_(block, lora_b[offset:offset + count], lora_a, row_offset=offset,
+                       **settings)
+    assert torch.equal(sharded, whole)
+    assert not torch.equal(whole, weight)
+
+
+def test_plain_tensor_is_its_own_row_block():
+    weight = torch.randn(5, 4)
+    block, offset = local_row_block(weight)
+    assert block is weight and offset == 0
+
+
+def test_row_moments_of_shards_and_global_std():
+    weight = (torch.randn(23, 19) * 0.1 + 0.3).to(torch.bfloat16)
+    cols = weight.shape[1]
+    whole = _row_moments(weight, cols)
+    by_shard = torch.cat([_row_moments(weight[o:o + n], cols) for o, n in row_blocks(23, 3)])
+    assert torch.equal(by_shard, whole)
+    assert global_std(weight) == pytest.approx(float(weight.double().std()), rel=1e-12)
+
+
+def test_checksum_is_exact_and_additive_over_row_blocks():
+    weight = torch.randn(23, 19)
+    whole = tensor_checksum(weight)
+    parts = sum(_block_checksum(weight[o:o + n], o) for o, n in row_blocks(23, 3))
+    assert parts % 2**64 == whole
+    assert tensor_checksum(weight.clone()) == whole
+    nudged = weight.clone()
+    nudged[7, 3] = torch.nextafter(nudged[7, 3], torch.tensor(10.0))
+    assert tensor_checksum(nudged) != whole
+    assert tensor_checksum(weight.t().contiguous()) != whole  # positions matter
+    assert tensor_checksum(weight.to(torch.bfloat16)) != tensor_checksum(weight)
+
+
+def test_weight_checksums_single_process():
+    layer = LoRASCLinear(7, 5, r=2)
+    checksums = assert_weights_equal_across_ranks(layer)  # no process group: nothing to compare
+    assert checksums == weight_checksums(layer)
+    assert set(checksums) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+def test_reset_lora_of_a_plain_layer_is_the_layer_reset():
+    layer, twin = LoRASCLinear(7, 5, r=2), LoRASCLinear(7, 5, r=2)
+    reset_lora(layer, torch.Generator().manual_seed(4))
+    twin.reset_lora(torch.Generator().manual_seed(4))
+    assert torch.equal(layer.lora_A, twin.lora_A)
+    assert torch.count_nonzero(layer.lora_B) == 0
