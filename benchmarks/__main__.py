@@ -2,12 +2,14 @@
 
     python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR]
                          [--only linear,layer,merge,precision] [--threads N]
-    python -m benchmarks --summary FILE.csv ...   # the short table of saved results
+    python -m benchmarks --summary DIR_OR_CSV ...  # short tables (and plot) of saved results
+    python -m benchmarks --ceilings [--device ...] # the device's copy GB/s and matmul TFLOP/s
 
 Rows of the linear and layer families go to ``<out>/<device>.csv`` (appended; units in
 the column names) and their plot to ``<out>/<device>.png``; the merge and precision
-families' rows go to ``<out>/<device>-<family>.csv``. Without ``--out``, results go to
-``benchmarks/results/``, except quick runs, which go to a temporary folder.
+families write their own CSV files into ``<out>`` (their tables are printed here).
+Without ``--out``, results go to ``benchmarks/results/``, except quick runs, which go to
+a temporary folder.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .common import RESULTS_DIR, append_csv, device_name, format_table
+from .common import RESULTS_DIR, append_csv, device_ceilings, device_name, format_table
 
 FAMILIES = {
     "linear": "benchmarks.bench_linear",
@@ -54,8 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="CPU threads of CPU runs (default 2; 1 with --quick, whose "
                              "tiny products only wait on a second thread)")
-    parser.add_argument("--summary", type=Path, nargs="+", metavar="CSV",
-                        help="print the short table of these result files and exit")
+    parser.add_argument("--summary", type=Path, nargs="+", metavar="PATH",
+                        help="print the short tables of these CSV files (or of the CSV files "
+                             "in these folders), re-plot the ratio ones, and exit")
+    parser.add_argument("--ceilings", action="store_true",
+                        help="measure the device's copy bandwidth and matmul rate, and exit")
     args = parser.parse_args(argv)
     args.families = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(args.families) - set(FAMILIES))
@@ -80,6 +85,25 @@ def ratio_pivot(rows: list[dict], mode: str = SUMMARY_MODE) -> str:
     return f"time / floor time, {mode}:\n" + format_table(list(lines.values()), columns)
 
 
+def summarize(paths: list[Path]) -> None:
+    """Print the short table of each CSV file (folders: their CSV files); re-plot the
+    ratio ones beside them. Of repeated problems, the latest rows count."""
+    from .plot import plot_ratios
+
+    files = [f for p in paths for f in (sorted(p.glob("*.csv")) if p.is_dir() else [p])]
+    for path in files:
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            continue
+        if "ratio_to_floor" in rows[0]:
+            png = plot_ratios(rows, path.with_suffix(".png"),
+                              f"{path.stem}, {rows[0]['date_utc']} to {rows[-1]['date_utc']} UTC")
+            print(f"{path} (plot: {png})\n{ratio_pivot(rows)}\n")
+        else:
+            print(f"{path}\n{format_table(rows, list(rows[0]))}\n")
+
+
 def run_family(name: str, args) -> list[dict] | None:
     """Rows of family ``name``; None (with a printed reason) when it is absent or fails."""
     try:
@@ -99,9 +123,7 @@ def run_family(name: str, args) -> list[dict] | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summary:
-        for path in args.summary:
-            with path.open(newline="") as handle:
-                print(f"{path}\n{ratio_pivot(list(csv.DictReader(handle)))}\n")
+        summarize(args.summary)
         return 0
     if args.device == "cpu":
         torch.set_num_threads(args.threads or (1 if args.quick else 2))
@@ -110,6 +132,10 @@ def main(argv=None) -> int:
     if args.out is None:
         args.out = Path(tempfile.gettempdir(), "lorasc_bench_quick") if args.quick else RESULTS_DIR
     device = device_name(args.device)
+    if args.ceilings:
+        ceilings = device_ceilings(args.device, args.quick)
+        print(format_table([ceilings], list(ceilings)))
+        return 0
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"results in {args.out}", flush=True)
 
@@ -127,7 +153,6 @@ def main(argv=None) -> int:
             ratio_rows += rows
             append_csv(rows, args.out / f"{device}.csv")
         else:
-            append_csv(rows, args.out / f"{device}-{name}.csv")
             print(format_table(rows, list(rows[0])), flush=True)
 
     if ratio_rows:

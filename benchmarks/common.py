@@ -150,3 +150,27 @@ def result_row(family: str, problem, provider: str, mode: str, ms: float, flops:
         "torch": torch.__version__,
         "triton": _package_version("triton"),
     }
+
+
+def device_ceilings(device: str, quick: bool = False) -> dict:
+    """The two ceilings of the device: copy bandwidth and bf16 matmul rate, measured.
+
+    Copy: ``dst.copy_(src)`` of 1 GiB (bytes read plus written count). Matmul: an
+    8192³ bf16 product on random data (fp32 256³ on CPU with ``quick``).
+    """
+    big = device.startswith("cuda") or not quick
+    copy_bytes = 2**30 if big else 2**24
+    src = torch.randn(copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = time_ms(lambda: dst.copy_(src), device)
+    size, dtype = (8192, torch.bfloat16) if big else (256, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    matmul_ms = time_ms(lambda: a @ b, device)
+    return {
+        "device": device_name(device),
+        "copy_GB_per_s": significant(2 * copy_bytes / (copy_ms * 1e-3) / 1e9),
+        "matmul_dtype": str(dtype).removeprefix("torch."),
+        "matmul_size": size,
+        "matmul_tflop_per_s": significant(2 * size**3 / (matmul_ms * 1e-3) / 1e12),
+    }

@@ -1,0 +1,151 @@
+"""The benchmarks run end to end on a CPU, their providers compute the same layer, and the
+GPU check script runs its steps (GPU-only ones skipped) within its time box."""
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import providers
+from benchmarks.providers import Problem, Tensors
+from lorasc_kernels.backends.reference import noisy_weight
+from tests.helpers import rel_error
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["date_utc", "device", "family", "provider", "mode", "M", "K", "N", "r", "dtype",
+           "median_ms", "tflop_per_s", "ratio_to_floor", "peak_mem_MiB", "threads", "torch",
+           "triton"]
+# CUDA hidden: the script and the CLI take their CPU paths even on a GPU machine.
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+
+
+def run(command, timeout, **env):
+    return subprocess.run(command, cwd=ROOT, env={**CPU_ENV, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory):
+    """Output folder of one ``python -m benchmarks --quick`` run of the linear and layer
+    families on the CPU."""
+    out = tmp_path_factory.mktemp("bench")
+    result = run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu",
+                  "--only", "linear,layer", "--out", str(out)], timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+def test_quick_run_writes_csv_with_units_and_plot(quick_out):
+    csv_files = list(quick_out.glob("*.csv"))
+    assert len(csv_files) == 1 and csv_files[0].name.endswith("-1threads.csv")
+    rows = read_rows(csv_files[0])
+    assert list(rows[0]) == COLUMNS
+    assert {row["family"] for row in rows} == {"linear", "layer"}
+    assert {"floor", "peft", "addmm", "ours-torch", "ours-torch+noise"} <= {
+        row["provider"] for row in rows}
+    for row in rows:
+        ms, tflops = float(row["median_ms"]), float(row["tflop_per_s"])
+        assert ms > 0
+        problem = Problem(int(row["M"]), int(row["K"]), int(row["N"]), int(row["r"]),
+                          torch.float32, "cpu")
+        flops = problem.flops(row["mode"], lora=row["provider"] != "floor")
+        assert tflops == pytest.approx(flops / (ms * 1e-3) / 1e12, rel=1e-3)
+        if row["provider"] == "floor":
+            assert float(row["ratio_to_floor"]) == 1.0
+    png = quick_out / f"{csv_files[0].stem}.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_prints_the_ratio_table(quick_out):
+    result = run([sys.executable, "-m", "benchmarks", "--summary", str(quick_out)], timeout=120)
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[2].split()
+    assert header[:5] == ["family", "MxKxN", "r", "dtype", "floor_ms"]
+    assert {"peft", "addmm", "ours-torch"} <= set(header)
+
+
+@pytest.mark.parametrize("name", ["peft", "addmm", "compile", "ours-torch", "ours-torch+noise"])
+def test_providers_compute_the_same_layer(name):
+    problem = Problem(37, 45, 29, 5, torch.float32, "cpu", bias=True)
+    tensors = Tensors.draw(problem, seed=3)
+    module = providers.build(name, tensors)
+    y = module(tensors.x)
+    y.backward(tensors.grad_out)
+    assert rel_error(y, providers.expected_output(name, tensors)) < 1e-5
+
+    # Gradients against float64 autograd of the eager LoRA on the same weight.
+    weight = tensors.weight.double()
+    if name.endswith("+noise"):
+        weight = noisy_weight(tensors.weight, providers.NOISE_SEED, tensors.noise_scale).double()
+    x = tensors.x.detach().double().requires_grad_()
+    a = tensors.lora_A.double().requires_grad_()
+    b = tensors.lora_B.double().requires_grad_()
+    y64 = x @ weight.t() + tensors.bias.double() + tensors.scale * (x @ a.t()) @ b.t()
+    y64.backward(tensors.grad_out.double())
+    grad_a, grad_b = (p.grad for p in providers.trainable(module))
+    for actual, expected in ((tensors.x.grad, x.grad), (grad_a, a.grad), (grad_b, b.grad)):
+        assert rel_error(actual, expected) < 1e-5
+
+
+def test_build_checked_leaves_out_a_missing_backend(capsys):
+    tensors = Tensors.draw(Problem(8, 16, 12, 2, torch.float32, "cpu"))
+    modules = providers.build_checked(["floor", "ours-cuda"], tensors)
+    assert list(modules) == ["floor"]
+    assert "skip ours-cuda" in capsys.readouterr().out
+
+
+def gpu_check(out: Path, steps: str, timeout: float, budget: int = 480):
+    return run(["bash", "benchmarks/gpu_check.sh", str(out)], timeout=timeout,
+               LORASC_GPU_CHECK_ALLOW_CPU="1", LORASC_GPU_CHECK_STEPS=steps,
+               LORASC_GPU_CHECK_BUDGET_S=str(budget), PYTHON=sys.executable)
+
+
+def summary_status(log: str) -> dict:
+    """Step name → status words, from the summary block of the script's log."""
+    block = log.split("=== summary")[1].split("\n\n")[0].splitlines()[1:]
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in block}
+
+
+def test_gpu_check_cpu_mode_runs_steps_and_skips_gpu_ones(tmp_path):
+    result = gpu_check(tmp_path, "env,ceilings,build_cuda,gpu_tests,bench_layer,report",
+                       timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:]
+    status = summary_status(result.stdout)
+    assert status["build_cuda"] == "skipped (needs a GPU)"
+    assert status["gpu_tests"] == "skipped (needs a GPU)"
+    assert status["bench_linear"] == "skipped (not selected)"
+    for step in ("env", "ceilings", "bench_layer", "report"):
+        assert status[step].startswith("ok"), status
+    assert "copy_GB_per_s" in result.stdout
+    assert (tmp_path / "gpu_check.log").read_text() == result.stdout
+    rows = read_rows(next(tmp_path.glob("*.csv")))
+    assert {row["family"] for row in rows} == {"layer"}
+    assert list(tmp_path.glob("*.png"))
+    assert "time / floor time" in "\n".join(result.stdout.splitlines()[-5:])  # table last
+
+
+def test_gpu_check_time_box_stops_steps_and_still_reports(tmp_path):
+    start = time.monotonic()
+    result = gpu_check(tmp_path, "env,bench_linear,report", timeout=120, budget=25)
+    assert time.monotonic() - start < 60
+    assert result.returncode == 1
+    status = summary_status(result.stdout)
+    assert status["bench_linear"].startswith(("TIMEOUT", "skipped (budget spent)")), status
+    assert "report" in status
+
+
+def test_gpu_check_refuses_to_run_on_cpu_unless_allowed(tmp_path):
+    result = run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], timeout=120,
+                 LORASC_GPU_CHECK_ALLOW_CPU="0", PYTHON=sys.executable)
+    assert result.returncode == 2
+    assert "LORASC_GPU_CHECK_ALLOW_CPU=1" in result.stderr + result.stdout
