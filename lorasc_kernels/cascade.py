@@ -38,7 +38,8 @@ Design choices:
 Resuming: construct the model, optimizer and ``Cascade`` as for a fresh run, THEN load the
 model's, the optimizer's and the cascade's state dicts (and torch's RNG state if the LoRA
 dropout is on). The model's state must be loaded after the ``Cascade`` is built, because
-construction injects the first noise into ``W``.
+construction injects the first noise into ``W``; where the weights are loaded first, build
+the Cascade with :meth:`Cascade.from_state_dict` instead, which injects nothing.
 """
 
 from __future__ import annotations
@@ -131,10 +132,29 @@ class Cascade:
                  slow_rate: float = 0.5, noise_lambda: float = 0.15,
                  noise_mode: str = "inplace", seed: int = 0, keep_history: bool = False,
                  rounding: str = "stochastic"):
-        self.settings = CascadeSettings(steps_per_cascade, slow_rate, noise_lambda, noise_mode,
-                                        seed, keep_history, rounding)
+        self._attach(model, optimizer, CascadeSettings(
+            steps_per_cascade, slow_rate, noise_lambda, noise_mode, seed, keep_history, rounding))
+        self.noise_scales = [self._measure_noise_scale(layer) for layer in self.layers.values()]
+        self._start_first_noise()
+
+    @classmethod
+    def from_state_dict(cls, model: nn.Module, optimizer, state: dict) -> Cascade:
+        """Continue a saved run on a model and optimizer that already hold its state.
+
+        Takes the settings from ``state`` and, unlike building a Cascade (which injects the
+        first noise) and then loading, leaves ``W`` alone: for weights loaded first, as a
+        Hugging Face ``Trainer`` does when it resumes from a checkpoint.
+        """
+        cascade = cls.__new__(cls)
+        cascade._attach(model, optimizer, CascadeSettings(**state["settings"]))
+        cascade.load_state_dict(state)
+        return cascade
+
+    def _attach(self, model: nn.Module, optimizer, settings: CascadeSettings) -> None:
+        """Check and keep the model, optimizer and settings; counters at the run's start."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.settings = settings
         self.model = model
         self.layers = lorasc_layers(model)
         if not self.layers:
@@ -147,8 +167,6 @@ class Cascade:
         self.history: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
             name: [] for name in self.layers
         }
-        self.noise_scales = [self._measure_noise_scale(layer) for layer in self.layers.values()]
-        self._start_first_noise()
 
     # -- the schedule ---------------------------------------------------------------------
 

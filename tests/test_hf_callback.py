@@ -8,6 +8,7 @@ import lorasc_kernels
 from lorasc_kernels import LoRASCConfig, LoRASCLinear, inject_lorasc
 
 transformers = pytest.importorskip("transformers")
+CHECKPOINT_FILE = pytest.importorskip("lorasc_kernels.hf_callback").CHECKPOINT_FILE
 
 VOCAB, LENGTH = 32, 8
 
@@ -31,14 +32,14 @@ def tiny_dataset(size=16):
                                                                        strict=True)]
 
 
-def train(model, callback, tmp_path, **args):
+def train(model, callback, tmp_path, dataset=None, resume_from_checkpoint=None, **args):
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no",
-        per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True, **args,
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+        learning_rate=1e-2, disable_tqdm=True, **{"save_strategy": "no", **args},
     )
-    trainer = transformers.Trainer(model=model, args=arguments, train_dataset=tiny_dataset(),
-                                   callbacks=[callback])
-    trainer.train()
+    trainer = transformers.Trainer(model=model, args=arguments,
+                                   train_dataset=dataset or tiny_dataset(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
 
@@ -70,6 +71,28 @@ def test_callback_per_epoch_schedule(tmp_path):
     # The epoch's boundary dropped the fast LoRA's state from the Trainer's optimizer.
     assert trainer.state.global_step == 8
     assert not trainer.optimizer.optimizer.state
+
+
+def test_callback_resumes_from_a_trainer_checkpoint_bit_exactly(tmp_path):
+    settings = {"steps_per_cascade": 2, "seed": 4, "noise_lambda": 0.2}
+    dataset = tiny_dataset()
+    uninterrupted = tiny_bert()
+    train(uninterrupted, lorasc_kernels.LoRASCCallback(**settings), tmp_path, dataset,
+          max_steps=6, save_strategy="steps", save_steps=3)
+    assert (tmp_path / "checkpoint-3" / CHECKPOINT_FILE).is_file()
+
+    resumed = tiny_bert()  # other initial weights: the checkpoint's replace them
+    callback = lorasc_kernels.LoRASCCallback(**settings)
+    train(resumed, callback, tmp_path, dataset, max_steps=6, save_strategy="steps",
+          save_steps=3, resume_from_checkpoint=str(tmp_path / "checkpoint-3"))  # mid-cascade
+    assert callback.cascade.cascade_index == 3
+    expected = uninterrupted.state_dict()
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+    with pytest.raises(ValueError, match="ran with"):
+        train(tiny_bert(), lorasc_kernels.LoRASCCallback(**{**settings, "seed": 5}), tmp_path,
+              dataset, max_steps=6, resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
 
 
 def test_callback_checks_settings_at_once():
