@@ -1,0 +1,111 @@
+"""The CUDA backend's shared element-wise headers (csrc/lorasc/*.cuh), built for the host
+with g++, against noise.py, rounding.py and the reference backend, bit for bit."""
+
+import pytest
+import torch
+
+from lorasc_kernels import _build
+from lorasc_kernels import noise as noise_lib
+from lorasc_kernels.backends import reference
+from lorasc_kernels.rounding import round_from_fp32
+
+NO_NOISE_KEY = -1
+TRANSFORM_NOISE, TRANSFORM_DROPOUT = 0, 1  # host_check.transform kinds
+
+
+@pytest.fixture(scope="module")
+def host():
+    return _build.load_host_check()
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, ()))
+
+
+def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bitwise equality of two float tensors of one dtype; any NaN equals any NaN (their
+    payloads differ between conversion routines and carry no meaning)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    int_type = {4: torch.int32, 2: torch.int16}[actual.element_size()]
+    nan = expected.isnan()
+    return torch.equal(actual.isnan(), nan) and torch.equal(
+        actual[~nan].view(int_type), expected[~nan].view(int_type)
+    )
+
+
+@pytest.mark.parametrize("row_offset", [0, 1000, 2**32 - 37])
+def test_noise_bits_and_uniform_match_noise_py(host, row_offset):
+    key = noise_lib.stream_key(fresh_seed(), noise_lib.STREAM_NOISE)
+    bits = host.noise_bits(key, 37, 91, row_offset)
+    expected = noise_lib.hash_bits(key, 37, 91, row_offset)
+    assert torch.equal(bits, expected)
+    assert same_bits(host.uniform(bits), noise_lib.uniform_from_bits(expected))
+
+
+def rounding_inputs(count: int) -> torch.Tensor:
+    """float32 values over many binades, with fp16 subnormals, overflow, ±0, ±inf and NaN."""
+    magnitude = torch.exp2(torch.empty(count).uniform_(-30, 20))
+    values = magnitude * torch.randn(count).sign()
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65519.0,
+                             -70000.0, 3.0e38, 1e-8, -6.0e-5])
+    return torch.cat([values, specials])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_rounding_matches_rounding_py(host, dtype, rounding):
+    values = rounding_inputs(4000)
+    key = noise_lib.stream_key(fresh_seed(), noise_lib.STREAM_ROUNDING)
+    bits = noise_lib.hash_bits(key, 1, values.numel()).view(-1)
+    out = torch.empty(values.shape, dtype=dtype)
+    host.round_from_fp32(values, bits, out, rounding == "stochastic")
+    assert same_bits(out, round_from_fp32(values, dtype, rounding, bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_noisy_weight_matches_reference(host, dtype):
+    weight = torch.randn(53, 91).to(dtype)
+    seed, scale = fresh_seed(), 0.37
+    key = noise_lib.stream_key(seed, noise_lib.STREAM_NOISE)
+    actual = host.transform(weight, TRANSFORM_NOISE, key, 0, scale)
+    expected = reference.noisy_weight(weight, seed, scale)
+    assert not torch.equal(expected, weight)
+    assert same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_matches_reference(host, dtype, p):
+    x = torch.randn(37, 91).to(dtype)
+    seed = fresh_seed()
+    key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
+    actual = host.transform(x, TRANSFORM_DROPOUT, key, reference.dropout_threshold(p),
+                            1.0 / (1.0 - p))
+    assert same_bits(actual, reference.apply_dropout(x, p, seed))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("with_noise", [False, True])
+def test_merge_matches_reference(host, weight_dtype, lora_dtype, rounding, with_noise):
+    rows, cols, r, row_offset = 29, 67, 5, 123
+    weight = (torch.randn(rows, cols) * 0.05).to(weight_dtype)
+    lora_B = (torch.randn(rows, r) * 0.01).to(lora_dtype)
+    lora_A = (torch.randn(r, cols) * 0.01).to(lora_dtype)
+    seed, coeff = fresh_seed(), 0.73
+    remove = (fresh_seed(), 0.011) if with_noise else None
+    add = (fresh_seed(), 0.013) if with_noise else None
+
+    def key(pair):
+        return NO_NOISE_KEY if pair is None else noise_lib.stream_key(pair[0], 0)
+
+    actual = weight.clone()
+    host.merge_lowrank_(actual, lora_B, lora_A, coeff, rounding == "stochastic",
+                        noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING), key(remove),
+                        remove[1] if remove else 0.0, key(add), add[1] if add else 0.0,
+                        row_offset)
+    expected = reference.merge_lowrank_(weight.clone(), lora_B, lora_A, coeff, rounding, seed,
+                                        remove, add, row_offset)
+    assert not torch.equal(expected, weight)
+    assert same_bits(actual, expected)
