@@ -74,7 +74,7 @@ def main():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if cascade.step():
             checksums = assert_weights_equal_across_ranks(ddp)
             if rank == 0:
