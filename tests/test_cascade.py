@@ -224,13 +224,36 @@ def test_fresh_fast_lora_does_not_depend_on_torch_generator():
     assert torch.equal(*lora_a)
 
 
-def build_run():
-    """The model, optimizer, scheduler and cascade of the resume test, freshly built."""
+def build_training():
+    """The model (bf16 weights, LoRA dropout), optimizer and LR scheduler of the resume test."""
     model = nn.Sequential(nn.Linear(IN, OUT), nn.GELU(), nn.Linear(OUT, 5)).to(torch.bfloat16)
     inject_lorasc(model, LoRASCConfig(r=2, lora_dropout=0.25, lora_dtype=torch.float32))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    return model, optimizer, scheduler
+
+
+def build_run():
+    """``build_training()`` and a fresh Cascade over it."""
+    model, optimizer, scheduler = build_training()
     cascade = Cascade(model, optimizer, steps_per_cascade=3, seed=11, keep_history=True)
+    return model, optimizer, scheduler, cascade
+
+
+def resume_run(saved, cascade_first):
+    """A rebuilt run loading ``saved``: Cascade then states, or states then from_state_dict."""
+    if cascade_first:
+        model, optimizer, scheduler, cascade = build_run()
+    else:
+        model, optimizer, scheduler = build_training()
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if cascade_first:
+        cascade.load_state_dict(saved["cascade"])
+    else:
+        cascade = Cascade.from_state_dict(model, optimizer, saved["cascade"])
+    torch.set_rng_state(saved["rng"])
     return model, optimizer, scheduler, cascade
 
 
@@ -248,7 +271,9 @@ def flat_history(cascade):
                       for pair in pairs for t in pair])
 
 
-def test_resume_mid_cascade_is_bit_exact():
+@pytest.mark.parametrize("cascade_first", [True, False], ids=["load_state_dict",
+                                                                "from_state_dict"])
+def test_resume_mid_cascade_is_bit_exact(cascade_first):
     batches = [torch.randn(4, IN).to(torch.bfloat16) for _ in range(8)]
     torch.manual_seed(100)
     uninterrupted = build_run()
@@ -267,13 +292,7 @@ def test_resume_mid_cascade_is_bit_exact():
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     torch.manual_seed(999)  # a new process: other RNG state, other initial weights
-    resumed = build_run()
-    model, optimizer, scheduler, cascade = resumed
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    cascade.load_state_dict(saved["cascade"])
-    torch.set_rng_state(saved["rng"])
+    resumed = resume_run(saved, cascade_first)
     run_steps(resumed, batches[4:])  # crosses the boundary after step 6
 
     assert resumed[3].cascade_index == uninterrupted[3].cascade_index == 2
