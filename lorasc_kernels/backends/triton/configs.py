@@ -1,10 +1,11 @@
 """Autotune configs of the fused low-rank linear and its thin products.
 
-On a GPU: a handful of Hopper (H100/H200) tilings with 3-4 pipeline stages. Tiles with
-``BLOCK_K = 64`` suit 16-bit operands; float32 operands need twice the shared memory per
-stage, so the smaller ``BLOCK_K = 32`` tilings are there for them (a config that does not
-fit is skipped by the autotuner). Under ``TRITON_INTERPRET=1`` a single tiny config is used:
-the interpreter is slow, and one config means nothing is benchmarked.
+On a GPU: a handful of Hopper (H100/H200) tilings with 3-4 pipeline stages. Each K step
+reads 128 bytes of every operand row: ``BLOCK_K = 64`` for 16-bit operands, 32 for
+float32, which needs twice the shared memory per stage (:func:`prune_by_operand_size`
+keeps the matching ones, so an fp32 call does not tune 16-bit tilings and vice versa).
+Under ``TRITON_INTERPRET=1`` a single tiny config is used: the interpreter is slow, and one
+config means nothing is benchmarked.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import triton
 
 from . import interpreting
 
-__all__ = ["fused_linear_configs", "thin_configs"]
+__all__ = ["fused_linear_configs", "prune_by_operand_size", "thin_configs"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
 _FUSED_HOPPER = (
@@ -21,13 +22,13 @@ _FUSED_HOPPER = (
     (256, 128, 64, 3, 8),
     (128, 128, 64, 4, 8),
     (128, 128, 64, 4, 4),
-    (64, 256, 64, 4, 4),
-    (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (64, 64, 64, 4, 4),
     (128, 128, 32, 4, 8),
     (128, 64, 32, 4, 4),
+    (64, 64, 32, 4, 4),
 )
+_K_STEP_ROW_BYTES = 128
 
 # (BLOCK_M, BLOCK_K, num_stages, num_warps) of the thin (M × r) products.
 _THIN_HOPPER = (
@@ -48,6 +49,13 @@ def fused_linear_configs() -> list[triton.Config]:
                       num_stages=stages, num_warps=warps)
         for bm, bn, bk, stages, warps in _FUSED_HOPPER
     ]
+
+
+def prune_by_operand_size(configs, named_args, **kwargs) -> list[triton.Config]:
+    """The configs whose K step reads 128 bytes per row of the operand ``p_ptr``."""
+    element_size = named_args["p_ptr"].element_size()
+    return [config for config in configs
+            if config.kwargs["BLOCK_K"] * element_size == _K_STEP_ROW_BYTES]
 
 
 def thin_configs() -> list[triton.Config]:

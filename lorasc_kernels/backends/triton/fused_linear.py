@@ -37,7 +37,7 @@ from ... import noise as noise_lib
 from ... import ops
 from ..reference import _fp32
 from . import interpreting
-from .configs import fused_linear_configs
+from .configs import fused_linear_configs, prune_by_operand_size
 from .random import element_bits, row_hash, uniform_centered
 from .thin import (
     dot_precision,
@@ -84,7 +84,8 @@ def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.const
 
 
 @triton.autotune(configs=fused_linear_configs(),
-                 key=["M", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"])
+                 key=["M", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"],
+                 prune_configs_by={"early_config_prune": prune_by_operand_size})
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
 def _fused_lowrank_kernel(
     # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
