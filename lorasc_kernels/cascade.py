@@ -113,7 +113,8 @@ class Cascade:
     """Runs the LoRASC schedule on every ``LoRASCLinear`` of ``model``.
 
     Args:
-        model: a model holding ``LoRASCLinear`` layers (see :func:`inject_lorasc`).
+        model: a model holding ``LoRASCLinear`` layers (see :func:`inject_lorasc`), maybe
+            wrapped in ``DistributedDataParallel`` (layers are named as inside it).
         optimizer: the optimizer of their ``lora_A``/``lora_B``; anything with ``state``
             and ``param_groups`` like ``torch.optim.Optimizer``.
         steps_per_cascade: cascade length in ``step()`` calls; None: one cascade per epoch,
@@ -156,7 +157,7 @@ class Cascade:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.settings = settings
         self.model = model
-        self.layers = lorasc_layers(model)
+        self.layers = lorasc_layers(_unwrap(model))
         if not self.layers:
             raise ValueError("model has no LoRASCLinear layer: call inject_lorasc first")
         self.optimizer = optimizer
@@ -208,7 +209,7 @@ class Cascade:
                 self.model = linear
                 continue
             parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name), child, linear)
+            setattr(_unwrap(self.model).get_submodule(parent_name), child, linear)
         self.finalized = True
         return self.model
 
@@ -258,7 +259,7 @@ class Cascade:
             raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")
         if not any(self.history.values()):
             raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
-        config = getattr(self.model, "config", None)
+        config = getattr(_unwrap(self.model), "config", None)
         base_name = getattr(config, "_name_or_path", None) or None  # Hugging Face models
         return write_peft_adapter(path, self.history, base_name)
 
@@ -351,6 +352,13 @@ class Cascade:
     def _drop_optimizer_state(self, layer: LoRASCLinear) -> None:
         for parameter in (layer.lora_A, layer.lora_B):
             self.optimizer.state.pop(parameter, None)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper: layer names as the user's model has."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model
 
 
 def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,6 +72,20 @@ def test_peft_reproduces_the_finalized_model(tmp_path, dtype, rounding):
     assert rel_error(untouched, expected) > 10 * tolerance  # the run did change the model
 
 
+def test_layer_names_are_those_inside_a_data_parallel_wrapper(tmp_path):
+    model = base_model(torch.float32)
+    original = copy.deepcopy(model)
+    inject_lorasc(model, LoRASCConfig(r=2, target_modules=["2"]))
+    cascade = train_and_finalize(nn.DataParallel(model), "nearest", cascades=1)
+    assert type(model[2]) is nn.Linear
+    folder = cascade.export_peft_adapter(tmp_path / "adapter")
+    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["2"]
+    x = torch.randn(9, IN)
+    with torch.no_grad():
+        served = peft.PeftModel.from_pretrained(original, folder).eval()
+        assert rel_error(served(x), model(x)) < 1e-6
+
+
 def test_layers_of_different_ranks_get_rank_patterns(tmp_path):
     model = base_model(torch.float32)
     original = copy.deepcopy(model)
