@@ -32,7 +32,7 @@ import torch
 
 from .backends import _MODULES, resolve_backend
 
-__all__ = ["seed_to_int64", "seed_from_int64", "lorasc_linear", "merge_lowrank_"]
+__all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "lorasc_linear", "merge_lowrank_"]
 
 # Backend module (as resolve_backend returns it) → its registry name.
 _REGISTRY_NAMES = {module: name for name, module in _MODULES.items()}

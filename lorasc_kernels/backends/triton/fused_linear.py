@@ -64,7 +64,7 @@ __all__ = [
 NOISE_IN_GEMM_MAX_ROWS = 256
 
 # Tile of the stand-alone noisy-weight pass.
-_NOISE_BLOCK = 32
+_NOISE_BLOCK = 64
 
 
 @triton.jit
