@@ -177,8 +177,8 @@ def test_fsdp_gradients_match_single_process_within_bf16_tolerance(runs):
 
 def test_torchrun_ddp_example_runs_on_two_cpu_processes(tmp_path):
     outputs = launch(EXAMPLE, ["--steps", "12", "--steps-per-cascade", "4"], tmp_path)
-    assert outputs[0].count("W identical on 2 ranks") == 3
-    assert "done: 2 ranks (gloo), 12 steps, 3 boundaries" in outputs[0]
+    assert outputs[0].count("weights agree on 2 ranks") == 3
+    assert "done: 2 ranks (gloo, DDP), 12 steps, 3 boundaries" in outputs[0]
     assert "done:" not in outputs[1]
 
 
