@@ -59,6 +59,7 @@ STEPS=(
     "bench_layer|60|any|\$PYTHON -m benchmarks --only layer --out \$OUT_DIR \$BENCH_ARGS"
     "bench_merge|60|any|\$PYTHON -m benchmarks --only merge --out \$OUT_DIR \$BENCH_ARGS"
     "bench_precision|90|any|\$PYTHON -m benchmarks --only precision --out \$OUT_DIR \$BENCH_ARGS"
+    "distributed|150|gpu|for mode in '' --fsdp; do \$PYTHON -m torch.distributed.run --standalone --nproc-per-node gpu examples/torchrun_ddp.py --steps 20 --steps-per-cascade 5 \$mode || exit 1; done"
     "report|30|any|\$PYTHON -m benchmarks --summary \$OUT_DIR >\$REPORT_FILE; rc=\$?; cat \$REPORT_FILE; exit \$rc"
 )
 export REPORT_FILE="$REPORT"
