@@ -61,7 +61,11 @@ class LoRASCCallback(TrainerCallback):
             raise RuntimeError("the Trainer passed no model or optimizer to on_train_begin")
         if state.global_step == 0:
             self.cascade = Cascade(model, optimizer, **asdict(self.settings))
-            return
+        else:
+            self.cascade = self._resumed_cascade(args, state, model, optimizer)
+
+    def _resumed_cascade(self, args, state, model, optimizer) -> Cascade:
+        """The Cascade saved with the checkpoint the Trainer resumed from."""
         path = _checkpoint_file(args, state)
         if not path.is_file():
             raise RuntimeError(
@@ -74,7 +78,7 @@ class LoRASCCallback(TrainerCallback):
                 f"the checkpoint's Cascade ran with {saved['settings']}, this callback has "
                 f"{asdict(self.settings)}"
             )
-        self.cascade = Cascade.from_state_dict(model, optimizer, saved)
+        return Cascade.from_state_dict(model, optimizer, saved)
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
