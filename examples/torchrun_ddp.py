@@ -75,8 +75,9 @@ def main():
             model, device_ids=None if device.index is None else [device.index])
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
                                   lr=args.lr)
-    # After wrapping: DDP's broadcast of rank 0's weights would undo the first noise.
-    cascade = Cascade(wrapped, optimizer, steps_per_cascade=args.steps_per_cascade,
+    # After wrapping (DDP's broadcast of rank 0's weights would undo the first noise), on
+    # the inner model: its layer names are the unwrapped model's.
+    cascade = Cascade(model, optimizer, steps_per_cascade=args.steps_per_cascade,
                       seed=args.seed)
     data = torch.Generator(device=device).manual_seed(args.seed + 1 + rank)  # own batches
 
@@ -89,7 +90,7 @@ def main():
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if cascade.step():
-            checksums = assert_weights_equal_across_ranks(wrapped)
+            checksums = assert_weights_equal_across_ranks(model)
             if rank == 0:
                 print(f"step {step + 1}: cascade {cascade.cascade_index} ended, loss "
                       f"{loss.item():.4f}, weights agree on {world} ranks "
@@ -98,8 +99,8 @@ def main():
     finalized = cascade.finalize()  # plain nn.Linear layers again
     # Under FSDP2 they hold the shards: gather the whole state into an unsharded model.
     trained = mlp(device)
-    trained.load_state_dict({name: full_tensor(value) for name, value in
-                             getattr(finalized, "module", finalized).state_dict().items()})
+    trained.load_state_dict({name: full_tensor(value)
+                             for name, value in finalized.state_dict().items()})
     x = torch.randn(256, IN, device=device, generator=data)
     with torch.no_grad():
         final = float((trained(x) - teacher(x)).pow(2).mean())
