@@ -339,23 +339,23 @@ __global__ void __launch_bounds__(kThreads) lowrank_gemm_kernel(const GemmArgs a
   const int slices = args.rank_slices + args.main_slices;
   uint4 stage_p[S::kLoads], stage_q[S::kLoads];
 
-  auto left = [&](int slice) -> const Operand& {
-    return slice < args.rank_slices ? args.u : args.p;
-  };
-  auto right = [&](int slice) -> const Operand& {
-    return slice < args.rank_slices ? args.v : args.q;
-  };
+  // Branches instead of operand references: the kernel parameters stay in constant space.
   auto load = [&](int slice) {
-    const int rank_part = slice < args.rank_slices;
-    const int64_t depth0 = static_cast<int64_t>(rank_part ? slice : slice - args.rank_slices) *
-                           S::kDepth;
-    load_slice<T>(left(slice), row0, depth0, stage_p);
-    load_slice<T>(right(slice), col0, depth0, stage_q);
+    if (slice < args.rank_slices) {
+      const int64_t depth0 = static_cast<int64_t>(slice) * S::kDepth;
+      load_slice<T>(args.u, row0, depth0, stage_p);
+      load_slice<T>(args.v, col0, depth0, stage_q);
+    } else {
+      const int64_t depth0 = static_cast<int64_t>(slice - args.rank_slices) * S::kDepth;
+      load_slice<T>(args.p, row0, depth0, stage_p);
+      load_slice<T>(args.q, col0, depth0, stage_q);
+    }
   };
   auto store = [&](int slice) {
+    const bool rank_part = slice < args.rank_slices;
     T* p_tile = buffers + (slice & 1) * 2 * S::kOperandElems;
-    store_slice<T>(left(slice).layout, stage_p, p_tile);
-    store_slice<T>(right(slice).layout, stage_q, p_tile + S::kOperandElems);
+    store_slice<T>(rank_part ? args.u.layout : args.p.layout, stage_p, p_tile);
+    store_slice<T>(rank_part ? args.v.layout : args.q.layout, stage_q, p_tile + S::kOperandElems);
   };
 
   Accumulator acc;
@@ -458,7 +458,7 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
   const c10::cuda::CUDAGuard guard(p.device());
   at::Tensor out = at::empty({M, N}, p.options());
   if (M == 0 || N == 0) return out;
-  const Transform none = make_transform("u", kTransformNone, 0, 0, 0.0, false);
+  const Transform none{kTransformNone, 0u, 0u, 0.0f, false};
   GemmArgs args{make_operand(p, make_transform("p", p_kind, p_key, p_threshold, p_value, p_swap)),
                 make_operand(q, make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap)),
                 u ? make_operand(*u, none) : Operand{},

@@ -28,6 +28,7 @@ constexpr int kColsPerThread = 8;
 constexpr int kBlockRows = (kThreads / 32) * kRowsPerThread;  // 32
 constexpr int kBlockCols = 32 * kColsPerThread;               // 256
 constexpr int kRankChunk = 16;
+static_assert(kColsPerThread == 8, "a lane reads its columns of A as two float4");
 
 struct MergeArgs {
   void* weight;
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeArgs args) {
 
   float delta[kRowsPerThread][kColsPerThread] = {};
   for (int64_t k0 = 0; k0 < args.rank; k0 += kRankChunk) {
-    const int chunk = static_cast<int>(min<int64_t>(kRankChunk, args.rank - k0));
+    const int chunk = static_cast<int>(args.rank - k0 < kRankChunk ? args.rank - k0 : kRankChunk);
     __syncthreads();  // the previous chunk is consumed
     for (int idx = threadIdx.x; idx < kRankChunk * kBlockCols; idx += kThreads) {
       const int k = idx / kBlockCols, c = idx % kBlockCols;
@@ -113,10 +114,9 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const MergeArgs args) {
     }
     __syncthreads();
     for (int k = 0; k < chunk; ++k) {
-      float a[kColsPerThread];
       const float4* a_row = reinterpret_cast<const float4*>(&a_chunk[k][lane * kColsPerThread]);
-      *reinterpret_cast<float4*>(a) = a_row[0];
-      *reinterpret_cast<float4*>(a + 4) = a_row[1];
+      const float4 low = a_row[0], high = a_row[1];
+      const float a[kColsPerThread] = {low.x, low.y, low.z, low.w, high.x, high.y, high.z, high.w};
 #pragma unroll
       for (int i = 0; i < kRowsPerThread; ++i) {
         const float b = b_chunk[warp * kRowsPerThread + i][k];

@@ -1,0 +1,187 @@
+"""The CUDA backend on a GPU: forward/backward against float64 in every dtype and odd
+shapes, the merge and every random draw bit for bit against the reference and Triton."""
+
+import pytest
+import torch
+from helpers import DTYPES, TOLERANCE, lowrank_inputs, reference_float64, rel_error
+
+from lorasc_kernels import functional
+from lorasc_kernels import noise as noise_lib
+from lorasc_kernels.backends import reference
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = torch.device("cuda")
+# (M, K, N, r): odd tails, a single row, rank 1, rank 256.
+SHAPES = [(37, 91, 53, 5), (1, 8, 8, 1), (130, 257, 129, 17), (70, 300, 280, 256)]
+
+
+@pytest.fixture(scope="module")
+def cuda_ops():
+    from lorasc_kernels.backends import cuda
+
+    reason = cuda.unavailable_reason(DEVICE)
+    assert reason is None, reason
+    return cuda.ops(DEVICE)
+
+
+def fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, ()))
+
+
+def same_bits(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    int_type = {4: torch.int32, 2: torch.int16}[actual.element_size()]
+    return actual.dtype == expected.dtype and torch.equal(
+        actual.contiguous().view(int_type), expected.contiguous().view(int_type)
+    )
+
+
+def triton_or_skip():
+    from lorasc_kernels.backends import resolve_backend
+
+    try:
+        return resolve_backend("triton", DEVICE)
+    except RuntimeError as error:
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_float64(cuda_ops, dtype, shape, bias):
+    M, K, N, r = shape
+    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, dtype, DEVICE, bias=bias)
+    y = functional.lorasc_linear(x, weight, b, lora_A, lora_B, 1.7, backend="cuda")
+    expected = reference_float64(x, weight, b, lora_A, lora_B, 1.7)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel_error(y, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_forward_backward_with_noise_dropout_and_strides(cuda_ops, dtype, shape):
+    M, K, N, r = shape
+    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, dtype, DEVICE,
+                                                  lora_dtype=torch.float32)
+    x = torch.cat([x, x], dim=1)[:, ::2].detach()  # non-contiguous input
+    p, dropout_seed, noise_seed, noise_scale, scale = 0.3, fresh_seed(), fresh_seed(), 0.05, 0.8
+    leaves = [t.clone().requires_grad_() for t in (x, b, lora_A, lora_B)]
+    y = functional.lorasc_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scale,
+                                 dropout_p=p, noise_seed=noise_seed, noise_scale=noise_scale,
+                                 backend="cuda", dropout_seed=dropout_seed)
+    dy = torch.randn(M, N, device=DEVICE).to(dtype).t().contiguous().t()  # column-major
+    y.backward(dy)
+
+    noisy = reference.noisy_weight(weight, noise_seed, noise_scale)
+    keep = reference.dropout_keep_mask(dropout_seed, M, K, p, device=DEVICE)
+    leaves64 = [t.double().requires_grad_() for t in (x, b, lora_A, lora_B)]
+    y64 = reference_float64(leaves64[0], weight, leaves64[1], leaves64[2], leaves64[3], scale,
+                            keep=keep, p=p, noise=noisy.double() - weight.double())
+    y64.backward(dy.double())
+    tolerance = TOLERANCE[dtype]
+    assert rel_error(y, y64) < tolerance
+    for name, leaf, leaf64 in zip(("x", "bias", "lora_A", "lora_B"), leaves, leaves64, strict=True):
+        assert leaf.grad.dtype == leaf.dtype, name
+        assert rel_error(leaf.grad, leaf64.grad) < tolerance, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_backward_matches_reference_backend(cuda_ops, dtype):
+    M, K, N, r = SHAPES[2]
+    inputs = lowrank_inputs(M, K, N, r, dtype, DEVICE)
+    grads = {}
+    for backend in ("cuda", "torch"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y = functional.lorasc_linear(*leaves, 2.0, noise_seed=11, noise_scale=0.02,
+                                     backend=backend)
+        y.backward(torch.ones_like(y))
+        grads[backend] = [t.grad for t in leaves]
+    for actual, expected in zip(grads["cuda"], grads["torch"], strict=True):
+        assert rel_error(actual, expected) < 2 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_noise_equals_reference_and_triton_bits(cuda_ops, dtype, transposed):
+    """The GEMM's noise on load, read out exactly through an identity: I·(W + n)ᵀ."""
+    N, K = 67, 300
+    weight = torch.randn(N, K, device=DEVICE).to(dtype)
+    seed, scale = fresh_seed(), 0.3
+    key = noise_lib.stream_key(seed, noise_lib.STREAM_NOISE)
+    if transposed:  # backward's read: Q = Wᵀ, indices swapped; out = I · W
+        eye = torch.eye(N, device=DEVICE, dtype=dtype)
+        out = cuda_ops.lowrank_gemm(eye, weight.t(), None, None, None, 1.0,
+                                    0, 0, 0, 0.0, False, 1, key, 0, scale, True)
+    else:  # forward's read: Q = W; out = I · Wᵀ
+        eye = torch.eye(K, device=DEVICE, dtype=dtype)
+        out = cuda_ops.lowrank_gemm(eye, weight, None, None, None, 1.0,
+                                    0, 0, 0, 0.0, False, 1, key, 0, scale, False).t()
+    expected = reference.noisy_weight(weight, seed, scale)
+    assert not torch.equal(expected, weight)
+    assert same_bits(out, expected)
+    triton_or_skip()
+    from lorasc_kernels.backends.triton import fused_linear
+
+    assert same_bits(out, fused_linear.noisy_weight(weight, seed, scale, transposed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_kernel_equals_reference_bits(cuda_ops, dtype):
+    x = torch.randn(37, 300, device=DEVICE).to(dtype)
+    p, seed = 0.4, fresh_seed()
+    key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
+    out = cuda_ops.dropout(x, key, reference.dropout_threshold(p), 1.0 / (1.0 - p))
+    assert same_bits(out, reference.apply_dropout(x, p, seed))
+
+
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+@pytest.mark.parametrize("lora_dtype", DTYPES)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_merge_bit_equal_to_reference(cuda_ops, weight_dtype, lora_dtype, rounding):
+    rows, cols, r, row_offset = 67, 300, 17, 1000
+    weight = (torch.randn(rows, cols, device=DEVICE) * 0.05).to(weight_dtype)
+    lora_B = (torch.randn(rows, r, device=DEVICE) * 0.01).to(lora_dtype)
+    lora_A = (torch.randn(r, cols, device=DEVICE) * 0.01).to(lora_dtype)
+    kwargs = dict(coeff=0.37, rounding=rounding, seed=fresh_seed(),
+                  noise_remove=(fresh_seed(), 0.01), noise_add=(fresh_seed(), 0.02),
+                  row_offset=row_offset)
+    actual = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="cuda", **kwargs)
+    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch",
+                                         **kwargs)
+    assert not torch.equal(expected, weight)
+    assert same_bits(actual, expected)
+
+
+@pytest.mark.parametrize("weight_dtype", DTYPES)
+def test_merge_rank_256_strided_and_equal_to_triton(cuda_ops, weight_dtype):
+    rows, cols, r = 300, 260, 256
+    storage = (torch.randn(rows, cols + 9, device=DEVICE) * 0.05).to(weight_dtype)
+    weight = storage[:, 3 : 3 + cols]  # rows not 16-byte aligned: the element-wise path
+    lora_B = torch.randn(rows, r, device=DEVICE) * 0.01
+    lora_A = torch.randn(r, cols, device=DEVICE) * 0.01
+    kwargs = dict(coeff=0.5, seed=fresh_seed(), noise_add=(fresh_seed(), 0.02))
+    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch",
+                                         **kwargs)
+    before = storage.clone()
+    functional.merge_lowrank_(weight, lora_B, lora_A, backend="cuda", **kwargs)
+    assert same_bits(weight, expected)
+    assert torch.equal(storage[:, :3], before[:, :3]) and torch.equal(storage[:, -6:],
+                                                                      before[:, -6:])
+    triton_or_skip()
+    by_triton = functional.merge_lowrank_(before[:, 3 : 3 + cols].clone(), lora_B, lora_A,
+                                          backend="triton", **kwargs)
+    assert same_bits(weight, by_triton)
+
+
+def test_opcheck(cuda_ops):
+    x = torch.randn(37, 91, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(53, 91, device=DEVICE, dtype=torch.bfloat16)
+    u = torch.randn(37, 5, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn(53, 5, device=DEVICE, dtype=torch.bfloat16)
+    torch.library.opcheck(cuda_ops.lowrank_gemm.default,
+                          (x, weight, None, u, v, 2.0, 2, 5, 1000, 1.5, False, 1, 7, 0, 0.1, False))
+    torch.library.opcheck(cuda_ops.dropout.default, (x, 5, 1000, 1.5))
+    lora_B = torch.randn(53, 5, device=DEVICE)
+    lora_A = torch.randn(5, 91, device=DEVICE)
+    torch.library.opcheck(cuda_ops.merge_lowrank_.default,
+                          (weight.clone(), lora_B, lora_A, 0.5, True, 3, -1, 0.0, 9, 0.01, 0))
