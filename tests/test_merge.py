@@ -55,11 +55,12 @@ CASES = (
     + [((64, 33, 1), w, w) for w in DTYPES]
     + [((70, 129, 16), w, w) for w in DTYPES]
 )
+CASE_IDS = [f"{rows}x{cols}r{r}-W{str(w)[6:]}-AB{str(ab)[6:]}" for (rows, cols, r), w, ab in CASES]
 
 
 @pytest.mark.parametrize("noise", [False, True], ids=["plain", "noise"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("shape,dtype,lora_dtype", CASES)
+@pytest.mark.parametrize("shape,dtype,lora_dtype", CASES, ids=CASE_IDS)
 def test_triton_matches_reference_bit_for_bit(shape, dtype, lora_dtype, rounding, noise):
     weight, lora_B, lora_A = _inputs(*shape, dtype, lora_dtype)
     kwargs = dict(rounding=rounding, seed=7, row_offset=13, **(NOISE if noise else {}))
@@ -67,6 +68,20 @@ def test_triton_matches_reference_bit_for_bit(shape, dtype, lora_dtype, rounding
     actual = _merged(weight, lora_B, lora_A, 0.37, backend="triton", **kwargs)
     assert not torch.equal(expected, weight)
     assert torch.equal(_bits(actual), _bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nearest_rounds_ties_to_even(backend, dtype):
+    """Adding exactly half an ulp to ±1 (even) and ±(1 + ulp) (odd) lands on ties."""
+    ulp = 2.0 ** -MANTISSA_BITS[dtype]
+    start = torch.tensor([[1.0, 1.0 + ulp, -1.0, -1.0 - ulp]], device=DEVICE)
+    lora_B = torch.ones(1, 1, device=DEVICE)
+    lora_A = torch.tensor([[1.0, 1.0, -1.0, -1.0]], device=DEVICE)
+    weight = start.to(dtype)
+    merge_lowrank_(weight, lora_B, lora_A, ulp / 2, "nearest", backend=backend)
+    expected = torch.tensor([[1.0, 1.0 + 2 * ulp, -1.0, -1.0 - 2 * ulp]], device=DEVICE)
+    assert torch.equal(weight, expected.to(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
