@@ -74,7 +74,7 @@ def local_row_block(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     if isinstance(placement, Replicate):
         return local, 0
     if not (isinstance(placement, Shard) and placement.dim == 0):
-        raise ValueError(f"expected a DTensor sharded by rows (Shard(0)), got {placement}")
+        raise ValueError(f"expected a DTensor sharded by rows (Shard(0)), got {placement!r}")
     rows = tensor.shape[0]
     chunk = -(-rows // mesh.size())
     row_offset = min(mesh.get_local_rank() * chunk, rows)
@@ -116,8 +116,10 @@ def global_std(tensor: torch.Tensor) -> float:
     """``std`` (unbiased) of the whole of ``tensor``, in float64, identical on every rank.
 
     Each rank computes the moments of its own rows (:func:`local_row_block`); the ``N × 2``
-    moments are gathered and combined in row order, so a sharded matrix gives the same
-    bits as the unsharded one. A collective for a sharded ``DTensor``.
+    moments are gathered and combined in row order on every rank. A row's moments do not
+    depend on the sharding (where torch reduces a row alike whatever the number of rows,
+    as on the CPU), so a sharded matrix gives the unsharded bits. A collective for a
+    sharded ``DTensor``.
     """
     if tensor.dim() == 0 or tensor.numel() < 2:
         raise ValueError(f"std needs at least 2 elements, got shape {tuple(tensor.shape)}")

@@ -167,6 +167,15 @@ def test_fsdp_checksums_and_noise_scales_equal_the_unsharded_run_on_every_rank(r
     assert runs[0]["fsdp"]["noise_scales"] == runs[1]["fsdp"]["noise_scales"]
 
 
+def test_fsdp_rank_holding_no_rows_of_a_weight(runs):
+    assert [run["edge"]["local_rows"] for run in runs] == [1, 0]
+    for run in runs:
+        sharded, unsharded = run["edge"]["states"]
+        for name, value in sharded.items():
+            assert torch.equal(value, unsharded[name]), name
+        assert "Shard(dim=1)" in run["edge"]["column_shard_error"]
+
+
 def test_fsdp_gradients_match_single_process_within_bf16_tolerance(runs):
     for run in runs:
         errors = run["fsdp"]["grad_errors"]

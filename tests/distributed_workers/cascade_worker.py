@@ -10,6 +10,7 @@ it measured to ``<out_dir>/rank<RANK>.pt`` for the test to check:
 * ``fsdp``: the same under FSDP2 (``fully_shard``); at each boundary the reference gets
   the FSDP run's fast LoRA (gathered here, for checking only), so the merges must agree
   bit for bit.
+* ``edge``: FSDP2 on a weight with fewer rows than ranks; a column-sharded DTensor.
 """
 
 import copy
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
 import lorasc_kernels.modules
@@ -29,6 +30,7 @@ from lorasc_kernels.distributed import (
     assert_weights_equal_across_ranks,
     full_tensor,
     is_dtensor,
+    local_row_block,
     weight_checksums,
 )
 from lorasc_kernels.inject import lorasc_layers
@@ -208,11 +210,41 @@ def fsdp_scenario(rank, world):
     }
 
 
+def edge_scenario():
+    """FSDP2 on a one-row weight (the second rank holds none of its rows, nor of A), and
+    a DTensor sharded by columns, which has no row block."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(IN, 1, r=1, lora_alpha=2)
+    reference = copy.deepcopy(layer)
+    fully_shard(layer)
+    optimizer = torch.optim.SGD(trainable(layer), lr=0.5)
+    cascade = Cascade(layer, optimizer, steps_per_cascade=1, seed=5)
+    ref_cascade = Cascade(reference, torch.optim.SGD(trainable(reference), lr=0.5),
+                          steps_per_cascade=1, seed=5)
+    layer(torch.randn(4, IN)).pow(2).mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        for name, value in full_state(layer).items():
+            if "lora" in name:
+                reference.get_parameter(name).copy_(value)
+    assert cascade.step() and ref_cascade.step()
+    column_shard_error = ""
+    try:
+        local_row_block(distribute_tensor(torch.randn(4, 6), layer.weight.device_mesh,
+                                          [Shard(1)]))
+    except ValueError as error:
+        column_shard_error = str(error)
+    return {"local_rows": layer.weight.to_local().shape[0],
+            "states": (full_state(layer), full_state(reference)),
+            "column_shard_error": column_shard_error}
+
+
 def main(out_dir):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        results = {"ddp": ddp_scenario(rank, world), "fsdp": fsdp_scenario(rank, world)}
+        results = {"ddp": ddp_scenario(rank, world), "fsdp": fsdp_scenario(rank, world),
+                   "edge": edge_scenario()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
