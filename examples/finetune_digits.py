@@ -1,0 +1,495 @@
+"""LoRA vs LoRASC vs full fine-tuning on handwritten digits, clean and corrupted.
+
+A small vision transformer (16 tokens of 2×2 pixels) is pretrained on digits 0–4 of
+scikit-learn's bundled 8×8 digits (cached under ``--cache``), then fine-tuned on digits
+5–9 from a few labelled examples per class, three ways:
+
+* ``lora``:   ``inject_lorasc`` into every block's linear layers, no cascade (plain LoRA);
+* ``lorasc``: the same plus a ``Cascade`` (noisy backbone, slow-fast merges, fresh LoRAs);
+* ``full``:   every weight trained, as a reference.
+
+The classification head is new (5 classes) and trained in all three. Each run is evaluated
+on the clean test split of 5–9 and on corrupted copies of it (Gaussian noise, rotations,
+shifts, blur), the out-of-distribution (OOD) set. Prints a table (mean ± std over seeds)
+and writes ``results.md``, ``results.json`` and ``results.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import MemoryMeter, StepTimer, pick_device, trainable_parameters
+from scipy import ndimage
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
+
+HERE = Path(__file__).resolve().parent
+PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
+FINETUNE_CLASSES = (5, 6, 7, 8, 9)
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+METHODS = ("lora", "lorasc", "full")
+CORRUPTIONS = ("noise", "rotate", "shift", "blur")
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """Images (n, 8, 8) in [0, 1] as float32 and labels (n,) counted from 0."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def load_split(classes: tuple[int, ...]) -> tuple[Split, Split]:
+    """Half of each class of ``classes`` to train from, half to test on (fixed split)."""
+    digits = load_digits()
+    keep = np.isin(digits.target, classes)
+    images = (digits.images[keep] / 16.0).astype(np.float32)
+    labels = np.searchsorted(classes, digits.target[keep])
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, labels, test_size=0.5, stratify=labels, random_state=0
+    )
+    return Split(train_x, train_y), Split(test_x, test_y)
+
+
+def few_shots(split: Split, shots: int, seed: int) -> Split:
+    """``shots`` examples of each class drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    chosen = np.concatenate([
+        rng.choice(np.flatnonzero(split.labels == label), shots, replace=False)
+        for label in np.unique(split.labels)
+    ])
+    return Split(split.images[chosen], split.labels[chosen])
+
+
+def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
+    """A corrupted copy of ``images``: noise σ=0.25, rotation ±20°, shift ±1 px, blur σ=0.7."""
+    rng = np.random.default_rng(seed)
+    if kind == "noise":
+        out = images + rng.normal(0.0, 0.25, images.shape)
+    elif kind == "rotate":
+        out = np.stack([ndimage.rotate(image, rng.uniform(-20, 20), reshape=False, order=1)
+                        for image in images])
+    elif kind == "shift":
+        out = np.stack([ndimage.shift(image, rng.choice([-1, 1], 2), order=0) for image in images])
+    elif kind == "blur":
+        out = np.stack([ndimage.gaussian_filter(image, 0.7) for image in images])
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+# -- model -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: int = 2
+    patch: int = 2
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with separate q/k/v projections (LoRA targets)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+        self.out_proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        return x.view(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        q, k, v = (self._split_heads(proj(h)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape)
+        x = x + self.out_proj(attended)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class DigitsTransformer(nn.Module):
+    """8×8 image → (8/patch)² patch tokens → transformer blocks → mean pool → classes."""
+
+    def __init__(self, shape: ModelShape, classes: int):
+        super().__init__()
+        self.patch = shape.patch
+        tokens = (8 // shape.patch) ** 2
+        self.embed = nn.Linear(shape.patch**2, shape.dim)
+        self.position = nn.Parameter(0.02 * torch.randn(tokens, shape.dim))
+        self.blocks = nn.ModuleList(
+            Block(shape.dim, shape.heads, shape.mlp_ratio) for _ in range(shape.depth)
+        )
+        self.norm = nn.LayerNorm(shape.dim)
+        self.head = nn.Linear(shape.dim, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        batch = images.shape[0]
+        patches = images.view(batch, 8 // p, p, 8 // p, p).transpose(2, 3).reshape(batch, -1, p * p)
+        x = self.embed(patches) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+# -- training ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    shape: ModelShape = ModelShape()
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+    def cache_key(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def batches(count: int, batch_size: int, generator: torch.Generator):
+    """Shuffled index batches covering ``count`` items once."""
+    order = torch.randperm(count, generator=generator)
+    return order.split(batch_size)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x).argmax(-1) == y).sum())
+                  for x, y in zip(images.split(512), labels.split(512), strict=True))
+    model.train(was_training)
+    return correct / len(labels)
+
+
+def pretrain(settings: PretrainSettings, cache: Path, device: torch.device) -> dict:
+    """The pretrained state dict for ``settings``, loaded from ``cache`` or trained and saved."""
+    path = cache / f"pretrain-{settings.cache_key()}.pt"
+    if path.exists():
+        print(f"pretrained model: {path} (cached)")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    torch.manual_seed(settings.seed)
+    train, test = load_split(PRETRAIN_CLASSES)
+    images = torch.from_numpy(train.images).to(device)
+    labels = torch.from_numpy(train.labels).to(device)
+    model = DigitsTransformer(settings.shape, len(PRETRAIN_CLASSES)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(settings.seed)
+    steps = settings.epochs * math.ceil(len(labels) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=steps)
+    for _ in tqdm(range(settings.epochs), desc="pretrain on 0-4", unit="epoch"):
+        for index in batches(len(labels), settings.batch_size, generator):
+            loss = F.cross_entropy(model(images[index]), labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    test_accuracy = accuracy(model, torch.from_numpy(test.images).to(device),
+                             torch.from_numpy(test.labels).to(device))
+    print(f"pretrained on 0-4: held-out accuracy {test_accuracy:.3f}; saved to {path}")
+    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    epochs: int = 30
+    shots: int = 16
+    batch_size: int = 16
+    rank: int = 4
+    lora_alpha: float = 8
+    lora_lr: float = 1e-2
+    full_lr: float = 1e-3
+    slow_rate: float = 0.5
+    noise_lambda: float = 0.15
+    epochs_per_cascade: int = 10
+    backend: str = "auto"
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    clean: float
+    ood: float
+    ood_by_kind: dict[str, float]
+    ms_per_step: float
+    memory_mib: float
+    trainable: int
+    losses: list[float]
+    curve: list[float]
+
+
+def build_model(method: str, pretrained: dict, settings: FinetuneSettings,
+                shape: ModelShape, device: torch.device) -> nn.Module:
+    """The pretrained backbone with a new 5-class head, prepared for ``method``."""
+    model = DigitsTransformer(shape, len(FINETUNE_CLASSES))
+    backbone = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
+    model.load_state_dict(backbone, strict=False)
+    model.to(device)
+    if method != "full":
+        inject_lorasc(model, LoRASCConfig(r=settings.rank, lora_alpha=settings.lora_alpha,
+                                          target_modules=TARGET_MODULES,
+                                          backend=settings.backend))
+        model.head.requires_grad_(True)
+    return model
+
+
+def finetune(method: str, seed: int, pretrained: dict, data: dict, settings: FinetuneSettings,
+             shape: ModelShape, device: torch.device) -> RunResult:
+    """Fine-tune one way on ``seed``'s shots; evaluate clean and corrupted."""
+    torch.manual_seed(seed)
+    model = build_model(method, pretrained, settings, shape, device)
+    lr = settings.full_lr if method == "full" else settings.lora_lr
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                  weight_decay=0.0)
+    images, labels = data["train"]
+    steps_per_epoch = math.ceil(len(labels) / settings.batch_size)
+    cascade = None
+    if method == "lorasc":
+        cascade = Cascade(model, optimizer,
+                          steps_per_cascade=settings.epochs_per_cascade * steps_per_epoch,
+                          slow_rate=settings.slow_rate, noise_lambda=settings.noise_lambda,
+                          seed=seed)
+    timer, meter = StepTimer(device), MemoryMeter(device)
+    generator = torch.Generator().manual_seed(seed)
+    losses, curve = [], []
+    progress = tqdm(total=settings.epochs * steps_per_epoch, desc=f"{method:6s} seed {seed}",
+                    unit="step", leave=False)
+    for _ in range(settings.epochs):
+        epoch_loss = 0.0
+        for index in batches(len(labels), settings.batch_size, generator):
+            first = progress.n == 0
+            with timer.step():
+                with meter.saved_activations(model) if first else nullcontext():
+                    loss = F.cross_entropy(model(images[index]), labels[index])
+                    optimizer.zero_grad()
+                    loss.backward()
+                optimizer.step()
+                if cascade is not None:
+                    cascade.step()
+            if first:
+                meter.count_state(model, optimizer)
+            epoch_loss += loss.item() * len(index) / len(labels)
+            progress.update()
+        losses.append(epoch_loss)
+        curve.append(accuracy(model, *data["test"]))
+        progress.set_postfix(loss=f"{epoch_loss:.3f}", acc=f"{curve[-1]:.3f}")
+    progress.close()
+    trainable = trainable_parameters(model)
+    if cascade is not None:
+        model = cascade.finalize()
+    clean = accuracy(model, *data["test"])
+    ood_by_kind = {kind: accuracy(model, *data[kind]) for kind in CORRUPTIONS}
+    return RunResult(method, seed, clean, float(np.mean(list(ood_by_kind.values()))),
+                     ood_by_kind, timer.ms_per_step(), meter.peak_bytes() / 2**20, trainable,
+                     losses, curve)
+
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def as_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device):
+    return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
+
+
+def evaluation_sets(test: Split, device: torch.device) -> dict:
+    """The clean test split and one corrupted copy per kind, as device tensors."""
+    sets = {"test": as_tensors(test.images, test.labels, device)}
+    for index, kind in enumerate(CORRUPTIONS):
+        sets[kind] = as_tensors(corrupt(test.images, kind, seed=index), test.labels, device)
+    return sets
+
+
+def mean_std(values) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def results_table(results: list[RunResult], memory_what: str) -> str:
+    """Markdown table, one row per method, mean ± std over seeds."""
+    lines = [
+        "| method | clean acc | OOD acc | " + " | ".join(CORRUPTIONS)
+        + f" | ms/step | memory MiB ({memory_what}) | trainable params |",
+        "|---" * (7 + len(CORRUPTIONS)) + "|",
+    ]
+    for method in METHODS:
+        runs = [r for r in results if r.method == method]
+        if not runs:
+            continue
+        by_kind = " | ".join(f"{np.mean([r.ood_by_kind[k] for r in runs]):.3f}"
+                             for k in CORRUPTIONS)
+        lines.append(
+            f"| {method} | {mean_std([r.clean for r in runs])} "
+            f"| {mean_std([r.ood for r in runs])} | {by_kind} "
+            f"| {np.mean([r.ms_per_step for r in runs]):.2f} "
+            f"| {np.mean([r.memory_mib for r in runs]):.2f} | {runs[0].trainable:,} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], path: Path, title: str) -> None:
+    """Training loss and clean test accuracy per epoch, and final accuracies per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (loss_axis, curve_axis, bar_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
+    methods = [m for m in METHODS if any(r.method == m for r in results)]
+    for color, method in zip(("C0", "C1", "C2"), methods, strict=False):
+        runs = [r for r in results if r.method == method]
+        epochs = np.arange(1, len(runs[0].losses) + 1)
+        for axis, field in ((loss_axis, "losses"), (curve_axis, "curve")):
+            values = np.array([getattr(r, field) for r in runs])
+            axis.plot(epochs, values.mean(0), color=color, label=method)
+            axis.fill_between(epochs, values.min(0), values.max(0), color=color, alpha=0.15)
+    loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
+    curve_axis.set(xlabel="epoch", ylabel="accuracy",
+                   title="clean test accuracy during training\n(LoRASC: noisy backbone)")
+    width = 0.38
+    positions = np.arange(len(methods))
+    for offset, field, label in ((-width / 2, "clean", "clean"), (width / 2, "ood", "OOD")):
+        values = [[getattr(r, field) for r in results if r.method == m] for m in methods]
+        bar_axis.bar(positions + offset, [np.mean(v) for v in values], width,
+                     yerr=[np.std(v) for v in values], capsize=4, label=label)
+    bar_axis.set(xticks=positions, xticklabels=methods, ylabel="accuracy", ylim=(0, 1),
+                 title="final accuracy (mean ± std over seeds)")
+    for axis in (loss_axis, curve_axis, bar_axis):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    defaults = FinetuneSettings()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="number of seeds (0..N-1): shots, head, LoRA and noise (default 3)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs,
+                        help=f"fine-tuning epochs over the shots (default {defaults.epochs})")
+    parser.add_argument("--shots", type=int, default=defaults.shots,
+                        help=f"labelled examples per class of 5-9 (default {defaults.shots})")
+    parser.add_argument("--rank", type=int, default=defaults.rank,
+                        help=f"LoRA rank r (default {defaults.rank}; "
+                             f"lora_alpha = 2r)")
+    parser.add_argument("--slow-rate", type=float, default=defaults.slow_rate,
+                        help="LoRASC: portion of each fast LoRA merged into the weights "
+                             f"(default {defaults.slow_rate})")
+    parser.add_argument("--noise-lambda", type=float, default=defaults.noise_lambda,
+                        help="LoRASC: noise scale relative to each weight's std "
+                             f"(default {defaults.noise_lambda})")
+    parser.add_argument("--epochs-per-cascade", type=int, default=defaults.epochs_per_cascade,
+                        help="LoRASC: cascade length in epochs "
+                             f"(default {defaults.epochs_per_cascade})")
+    parser.add_argument("--backend", default=defaults.backend,
+                        choices=("auto", "torch", "triton", "cuda"),
+                        help="kernel backend of the LoRASC layers (default auto: Triton or "
+                             "CUDA on a GPU, the torch reference on the CPU)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device (default auto: cuda when available)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: this model's ops are too "
+                             "small to gain from more, and busy cores make threads spin)")
+    parser.add_argument("--out", type=Path, default=HERE / "out",
+                        help="folder for results.md, results.json, results.png "
+                             "(default examples/out)")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache",
+                        help="folder of the pretrained backbone, keyed by its settings "
+                             "(default examples/.cache)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings for a smoke test: 1 seed, few epochs, short "
+                             "pretraining (numbers mean nothing)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[RunResult]:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    torch.set_num_threads(args.threads)
+    pretrain_settings = PretrainSettings()
+    settings = FinetuneSettings(
+        epochs=args.epochs, shots=args.shots, rank=args.rank, lora_alpha=2 * args.rank,
+        slow_rate=args.slow_rate, noise_lambda=args.noise_lambda,
+        epochs_per_cascade=args.epochs_per_cascade, backend=args.backend,
+    )
+    seeds = args.seeds
+    if args.quick:
+        pretrain_settings = dataclasses.replace(pretrain_settings, epochs=2)
+        settings = dataclasses.replace(settings, epochs=2, shots=4, epochs_per_cascade=1)
+        seeds = 1
+    started = time.perf_counter()
+    pretrained = pretrain(pretrain_settings, args.cache, device)
+    train_pool, test = load_split(FINETUNE_CLASSES)
+    data = evaluation_sets(test, device)
+    results = []
+    for seed in range(seeds):
+        shots = few_shots(train_pool, settings.shots, seed)
+        data["train"] = as_tensors(shots.images, shots.labels, device)
+        for method in METHODS:
+            result = finetune(method, seed, pretrained, data, settings,
+                              pretrain_settings.shape, device)
+            print(f"{method:6s} seed {seed}: clean {result.clean:.3f}  OOD {result.ood:.3f}  "
+                  f"{result.ms_per_step:.2f} ms/step")
+            results.append(result)
+
+    memory_what = MemoryMeter(device).what
+    table = results_table(results, memory_what)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (f"digits 5-9, {settings.shots} shots/class, {settings.epochs} epochs, "
+              f"{seeds} seed(s), rank {settings.rank}, slow_rate {settings.slow_rate}, "
+              f"noise_lambda {settings.noise_lambda}, {settings.epochs_per_cascade} "
+              f"epoch(s)/cascade, device {device_name}")
+    print(f"\n{header}\n\n{table}\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(f"{header}\n\n{table}\n")
+    (args.out / "results.json").write_text(json.dumps({
+        "settings": dataclasses.asdict(settings), "seeds": seeds, "device": device_name,
+        "memory_measures": memory_what, "runs": [dataclasses.asdict(r) for r in results],
+    }, indent=1))
+    plot(results, args.out / "results.png", header)
+    print(f"wrote {args.out}/results.md, results.json, results.png "
+          f"in {time.perf_counter() - started:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
