@@ -170,6 +170,11 @@ def merge_lowrank_(
     seed = checks.check_seed("seed", seed)
     noise_remove = checks.check_noise_pair("noise_remove", noise_remove)
     noise_add = checks.check_noise_pair("noise_add", noise_add)
+    scalars = {"coeff": coeff, "noise_remove[1] (scale)": (noise_remove or (0, 0.0))[1],
+               "noise_add[1] (scale)": (noise_add or (0, 0.0))[1]}
+    for name, value in scalars.items():  # the merge computes in float32: inf would spread
+        if abs(value) > torch.finfo(torch.float32).max:
+            raise ValueError(f"{name} must be within float32's range, got {value}")
     row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
     checks.check_choice("backend", backend, BACKENDS)
     module = resolve_backend(backend, weight.device)

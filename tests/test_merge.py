@@ -182,6 +182,8 @@ ROWS, COLS, RANK = 9, 12, 3
         ({"noise_remove": (1, float("inf"))}, ValueError, r"noise_remove\[1\] \(scale\)"),
         ({"coeff": float("inf")}, ValueError, "coeff must be finite"),
         ({"coeff": float("nan")}, ValueError, "coeff must be finite"),
+        ({"coeff": -1e39}, ValueError, "coeff must be within float32's range"),
+        ({"noise_add": (1, 1e39)}, ValueError, r"noise_add\[1\] \(scale\) must be within"),
         ({"seed": -1}, ValueError, "seed must be >= 0"),
     ],
 )
