@@ -35,8 +35,11 @@ def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
 
 
 def provider_names(quick: bool, device: str) -> list[str]:
-    """No fused-noise rows here (the linear family has them); compile as in that family."""
+    """No fused-noise rows here (the linear family has them); ``torch.compile`` on CPU
+    except in quick runs (its build takes 20 s+)."""
     if not on_gpu(device):
+        if quick:
+            print("skip compile in a quick CPU run: 20 s+ to build", flush=True)
         return providers.provider_names(("torch",), compile_=not quick, noise=False)
     return providers.provider_names(("triton", "cuda"), noise=False)
 
