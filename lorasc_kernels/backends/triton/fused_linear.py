@@ -23,8 +23,9 @@ so the hash runs ``M / BLOCK_M`` times per element of ``W``; above
 :data:`NOISE_IN_GEMM_MAX_ROWS` rows a separate pass writes the noisy ``W`` once (one hash,
 one read and one write per element) and the GEMM reads it instead.
 
-fp32 operands use IEEE dots when torch's fp32 matmul precision is ``"highest"`` (its
-default) and tf32 otherwise, like the frozen ``F.linear`` they replace.
+fp32 operands use 3×tf32 dots (near-fp32 accuracy on tensor cores) when torch's fp32
+matmul precision is ``"highest"`` (its default) and tf32 otherwise (see
+:func:`.thin.dot_precision`).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def _fused_lowrank_kernel(
 
     # Rank-r term first, so the main loop accumulates on top of it.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, R_BLOCK):
+    for r0 in tl.range(0, R, R_BLOCK, num_stages=1):  # one pass, no multi-buffering
         offs_r = r0 + tl.arange(0, R_BLOCK)
         ranks = offs_r.to(tl.int64)
         u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
