@@ -21,15 +21,21 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
-def _check_lowrank(weight, lora_A, lora_B):
-    """Check ``lora_A`` (r, K) and ``lora_B`` (N, r) against ``weight`` (N, K); return r."""
+def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
+    """Check ``lora_A`` (r, K) and ``lora_B`` (N, r) against ``weight`` (N, K); return r.
+
+    ``r`` must be at most ``min(N, K)``, or at most ``K`` when ``weight`` is a block of rows
+    of a larger matrix (``row_block``: a shard may hold fewer rows than ``r``).
+    """
     checks.check_tensor("lora_A", lora_A, dims=2)
     checks.check_tensor("lora_B", lora_B, dims=2)
     rows, cols = weight.shape
     r = lora_A.shape[0]
-    if not 1 <= r <= min(rows, cols):
+    largest = cols if row_block else min(rows, cols)
+    if not 1 <= r <= largest:
+        bound = "in_features" if row_block else "min(out, in)"
         raise ValueError(
-            f"lora_A must have r rows with 1 <= r <= min(out, in) = {min(rows, cols)}, "
+            f"lora_A must have r rows with 1 <= r <= {bound} = {largest}, "
             f"got shape {tuple(lora_A.shape)}"
         )
     checks.check_shape("lora_A", lora_A, (r, cols), "r × in_features")
@@ -128,7 +134,8 @@ def lorasc_linear(
             x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scale, dropout_p,
             dropout_seed, noise_seed, noise_scale, backend,
         )
-    return y.reshape(*lead, out_features)
+    # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
+    return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
 
 def merge_lowrank_(
@@ -163,7 +170,7 @@ def merge_lowrank_(
     are checked finite first; any bad argument raises and leaves ``weight`` untouched.
     """
     checks.check_tensor("weight", weight, dims=2)
-    _check_lowrank(weight, lora_A, lora_B)
+    _check_lowrank(weight, lora_A, lora_B, row_block=True)
     checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
     coeff = checks.check_float("coeff", coeff)
     rounding = checks.check_choice("rounding", rounding, ROUNDING_MODES)

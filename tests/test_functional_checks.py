@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorasc_kernels import lorasc_linear
+from lorasc_kernels import lorasc_linear, merge_lowrank_
 from lorasc_kernels.backends import reference, resolve_backend
 from tests.helpers import lowrank_inputs
 
@@ -72,3 +72,23 @@ def test_float64_only_on_torch_backend():
     assert lorasc_linear(x, weight, bias, lora_A, lora_B, 1.0, backend="torch").dtype == (
         torch.float64
     )
+
+
+def test_merge_accepts_a_row_block_with_fewer_rows_than_rank():
+    weight = torch.randn(20, K)
+    lora_B, lora_A = torch.randn(20, 4), torch.randn(4, K)
+    whole = weight.clone()
+    merge_lowrank_(whole, lora_B, lora_A, 0.5, rounding="nearest", backend="torch")
+    for start in range(0, 20, 2):  # 2-row shards, r = 4
+        block = weight[start : start + 2]
+        merge_lowrank_(block, lora_B[start : start + 2], lora_A, 0.5, rounding="nearest",
+                       row_offset=start, backend="torch")
+    assert torch.equal(weight, whole)
+    with pytest.raises(ValueError, match="r <= in_features"):
+        merge_lowrank_(weight, torch.randn(20, K + 1), torch.randn(K + 1, K), 0.5)
+
+
+def test_output_is_not_a_view():
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
+    y = lorasc_linear(x.reshape(2, 3, K), weight, bias, lora_A, lora_B, 1.0)
+    assert y.shape == (2, 3, N) and not y._is_view()
