@@ -85,23 +85,38 @@ def ratio_pivot(rows: list[dict], mode: str = SUMMARY_MODE) -> str:
     return f"time / floor time, {mode}:\n" + format_table(list(lines.values()), columns)
 
 
+def latest_rows(rows: list[dict]) -> list[dict]:
+    """The last row of each (family, mode, problem, provider): a CSV appended to by several
+    runs keeps its history, tables and plots show the latest."""
+    keys = ("family", "mode", "M", "K", "N", "r", "dtype", "provider")
+    return list({tuple(row[key] for key in keys): row for row in rows}.values())
+
+
 def summarize(paths: list[Path]) -> None:
-    """Print the short table of each CSV file (folders: their CSV files); re-plot the
-    ratio ones beside them. Of repeated problems, the latest rows count."""
+    """Print the short table of each CSV file (folders: their CSV files), the ratio ones
+    last and re-plotted beside their CSV."""
     from .plot import plot_ratios
 
     files = [f for p in paths for f in (sorted(p.glob("*.csv")) if p.is_dir() else [p])]
+    tables = {}
     for path in files:
         with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+            tables[path] = list(csv.DictReader(handle))
+    for path, rows in sorted(tables.items(), key=lambda item: is_ratio_table(item[1])):
         if not rows:
             continue
-        if "ratio_to_floor" in rows[0]:
+        if is_ratio_table(rows):
+            rows = latest_rows(rows)
             png = plot_ratios(rows, path.with_suffix(".png"),
                               f"{path.stem}, {rows[0]['date_utc']} to {rows[-1]['date_utc']} UTC")
             print(f"{path} (plot: {png})\n{ratio_pivot(rows)}\n")
         else:
             print(f"{path}\n{format_table(rows, list(rows[0]))}\n")
+
+
+def is_ratio_table(rows: list[dict]) -> bool:
+    """Whether ``rows`` are of the linear or layer family (they have a ratio to the floor)."""
+    return bool(rows) and "ratio_to_floor" in rows[0]
 
 
 def run_family(name: str, args) -> list[dict] | None:

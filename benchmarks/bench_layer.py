@@ -22,16 +22,18 @@ GOAL_RATIO = 1.12
 
 
 def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
-    """Tiny with ``quick``; the comparison problem on CPU; Llama-7B layers on GPU."""
+    """Tiny with ``quick``; the comparison problem on CPU; Llama-7B layers on GPU (one
+    unless ``full``)."""
     if quick:
         dtype = torch.bfloat16 if on_gpu(device) else torch.float32
         return [Problem(37, 45, 29, 3, dtype, device, bias=True)]
     if not on_gpu(device):
         return [Problem(2048, 1024, 1024, 16, torch.float32, device, bias=True)]
+    if not full:
+        return [Problem(8192, 4096, 4096, 16, torch.bfloat16, device, bias=True)]
     shapes = ((4096, 4096), (4096, 11008), (11008, 4096))
-    tokens = (4096, 8192, 16384) if full else (8192,)
     return [Problem(m, k, n, 16, torch.bfloat16, device, bias=True)
-            for m in tokens for k, n in shapes]
+            for m in (4096, 8192, 16384) for k, n in shapes]
 
 
 def provider_names(quick: bool, device: str) -> list[str]:

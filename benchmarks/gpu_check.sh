@@ -51,16 +51,16 @@ fi
 # Steps, run in this order: "name|cap in seconds|gpu (GPU only) or any|command".
 # More steps (a distributed run, say) go here, before the report.
 STEPS=(
-    "env|30|any|print_environment"
-    "ceilings|60|any|\$PYTHON -m benchmarks --ceilings \$BENCH_ARGS"
-    "build_cuda|180|gpu|build_cuda_extension"
-    "gpu_tests|150|gpu|\$PYTHON -m pytest -q -m gpu -p no:cacheprovider tests"
-    "bench_linear|150|any|\$PYTHON -m benchmarks --only linear --out \$OUT_DIR \$BENCH_ARGS"
+    "env|20|any|print_environment"
+    "ceilings|30|any|\$PYTHON -m benchmarks --ceilings \$BENCH_ARGS"
+    "build_cuda|150|gpu|build_cuda_extension"
+    "gpu_tests|120|gpu|\$PYTHON -m pytest -q -m gpu -p no:cacheprovider tests"
+    "bench_linear|200|any|\$PYTHON -m benchmarks --only linear --out \$OUT_DIR \$BENCH_ARGS"
     "bench_layer|60|any|\$PYTHON -m benchmarks --only layer --out \$OUT_DIR \$BENCH_ARGS"
-    "bench_merge|60|any|\$PYTHON -m benchmarks --only merge --out \$OUT_DIR \$BENCH_ARGS"
-    "bench_precision|90|any|\$PYTHON -m benchmarks --only precision --out \$OUT_DIR \$BENCH_ARGS"
+    "bench_merge|45|any|\$PYTHON -m benchmarks --only merge --out \$OUT_DIR \$BENCH_ARGS"
+    "bench_precision|60|any|\$PYTHON -m benchmarks --only precision --out \$OUT_DIR \$BENCH_ARGS"
     "distributed|150|gpu|for mode in '' --fsdp; do \$PYTHON -m torch.distributed.run --standalone --nproc-per-node gpu examples/torchrun_ddp.py --steps 20 --steps-per-cascade 5 \$mode || exit 1; done"
-    "report|30|any|\$PYTHON -m benchmarks --summary \$OUT_DIR >\$REPORT_FILE; rc=\$?; cat \$REPORT_FILE; exit \$rc"
+    "report|20|any|\$PYTHON -m benchmarks --summary \$OUT_DIR >\$REPORT_FILE; rc=\$?; cat \$REPORT_FILE; exit \$rc"
 )
 export REPORT_FILE="$REPORT"
 
