@@ -109,3 +109,58 @@ def test_merge_matches_reference(host, weight_dtype, lora_dtype, rounding, with_
                                         remove, add, row_offset)
     assert not torch.equal(expected, weight)
     assert same_bits(actual, expected)
+
+
+class EmulatedOps:
+    """``torch.ops.lorasc_cuda`` on the CPU: each op's contract in float64 torch, with the
+    element transforms of the host build (so the CUDA backend's autograd function, its
+    transposed views and swap flags, run here)."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def _transformed(self, t, kind, key, threshold, value, swap):
+        if kind == 0:
+            return t
+        host_kind = {1: TRANSFORM_NOISE, 2: TRANSFORM_DROPOUT}[kind]
+        if swap:  # keyed by (col, row): the transform of the transposed operand
+            return self.host.transform(t.t(), host_kind, key, threshold, value).t()
+        return self.host.transform(t, host_kind, key, threshold, value)
+
+    def lowrank_gemm(self, p, q, bias, u, v, scale, *transforms):
+        out = (self._transformed(p, *transforms[:5]).double()
+               @ self._transformed(q, *transforms[5:]).double().t())
+        if u is not None:
+            out += scale * (u.double() @ v.double().t())
+        if bias is not None:
+            out += bias.double()
+        return out.to(p.dtype)
+
+    def dropout(self, x, key, threshold, inv_keep):
+        return self.host.transform(x, TRANSFORM_DROPOUT, key, threshold, inv_keep)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("with_noise", [False, True])
+def test_autograd_function_on_emulated_ops_matches_reference(host, monkeypatch, dropout_p,
+                                                             with_noise):
+    from helpers import lowrank_inputs, rel_error
+
+    from lorasc_kernels.backends import cuda
+
+    monkeypatch.setattr(cuda, "ops", lambda device=None: EmulatedOps(host))
+    M, K, N, r = 37, 91, 53, 5
+    inputs = lowrank_inputs(M, K, N, r, torch.float32)
+    hyper = (0.7, dropout_p, fresh_seed(), fresh_seed() if with_noise else None,
+             0.05 if with_noise else 0.0)
+    dy = torch.randn(M, N).t().contiguous().t()  # column-major, as autograd may hand it
+    results = []
+    for backend in (cuda, reference):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        x = torch.cat([leaves[0], leaves[0]], dim=1)[:, ::2]  # non-contiguous
+        y = backend.lorasc_linear(x, *leaves[1:], *hyper)
+        y.backward(dy)
+        results.append([y] + [t.grad for t in leaves])
+    for name, actual, expected in zip(("y", "x", "weight", "bias", "lora_A", "lora_B"),
+                                      *results, strict=True):
+        assert rel_error(actual, expected) < 1e-5, name

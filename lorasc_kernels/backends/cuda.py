@@ -28,7 +28,9 @@ from .. import noise as noise_lib
 from .._build import load_extension
 from .reference import dropout_threshold
 
-__all__ = ["unavailable_reason", "lorasc_linear", "merge_lowrank_", "LoRASCLinearFunction"]
+__all__ = [
+    "ops", "unavailable_reason", "lorasc_linear", "merge_lowrank_", "LoRASCLinearFunction",
+]
 
 # Transform kinds of lowrank_gemm (csrc/lorasc/ops.h: TransformKind).
 _NONE, _NOISE, _DROPOUT = 0, 1, 2
