@@ -96,8 +96,10 @@ def _linear_backward(
 @_linear_backward.register_fake
 def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
       noise_scale, needs, backend):
-    like = (x, weight, weight.new_empty(weight.shape[0], dtype=x.dtype), lora_A, lora_B)
-    return [torch.empty_like(tensor) for tensor, need in zip(like, needs, strict=True) if need]
+    shapes = ((x.shape, x.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), x.dtype),
+              (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype))
+    return [x.new_empty(shape, dtype=dtype)  # contiguous, as every backend returns them
+            for (shape, dtype), need in zip(shapes, needs, strict=True) if need]
 
 
 def _setup_context(ctx, inputs, output):

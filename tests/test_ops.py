@@ -102,8 +102,9 @@ def test_forward_op_uses_the_seed_it_was_given():
 
 
 @pytest.mark.parametrize("needs", [NEEDS_ALL, [False, False, False, True, True]])
-def test_fake_kernels_match_real_shapes_and_dtypes(needs):
+def test_fake_kernels_match_real_shapes_dtypes_and_strides(needs):
     args = _forward_args("plain", dtype=torch.float16, lora_dtype=torch.float32, grad=False)
+    args = (args[0].t().contiguous().t(), *args[1:])  # column-major x: outputs still row-major
     y, xa = torch.ops.lorasc.linear_forward(*args)
     x, weight, _, lora_A, lora_B, scale, *rest, backend = args
     dy = torch.randn_like(y)
@@ -118,6 +119,7 @@ def test_fake_kernels_match_real_shapes_and_dtypes(needs):
     assert len(grads) == len(fake_grads) == sum(needs)
     for real, fake_out in zip((y, xa, *grads), (fake_y, fake_xa, *fake_grads), strict=True):
         assert fake_out.shape == real.shape and fake_out.dtype == real.dtype
+        assert fake_out.stride() == real.stride()
 
 
 def test_auto_backend_picks_triton_for_cuda_tensors():
