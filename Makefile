@@ -27,7 +27,7 @@ install-test: venv
 	LORASC_SKIP_CUDA_BUILD=1 $(PIP) install -q --no-build-isolation -e ".[test,dev]"
 
 run: install-run
-	$(PY) examples/demo.py
+	$(PY) examples/finetune_digits.py
 
 test: install-test
 	CUDA_HOME="$(CUDA_HOME)" MAX_JOBS="$${MAX_JOBS:-2}" $(PY) -m pytest -q tests
