@@ -15,6 +15,7 @@ import torch
 
 from lorasc_kernels import merge_lowrank_
 from lorasc_kernels import noise as noise_lib
+from lorasc_kernels.backends import reference
 from tests.helpers import DTYPES, rel_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,6 +106,15 @@ def test_shards_equal_whole(backend):
         merge_lowrank_(sharded[start:stop], lora_B[start:stop], lora_A, 0.8, backend=backend,
                        **kwargs)
     assert torch.equal(_bits(sharded), _bits(whole))
+
+
+def test_reference_row_blocks_do_not_change_bits(monkeypatch):
+    weight, lora_B, lora_A = _inputs(70, 45, 4, torch.bfloat16)
+    kwargs = dict(rounding="stochastic", seed=3, row_offset=5, **NOISE)
+    one_block = _merged(weight, lora_B, lora_A, 0.8, backend="torch", **kwargs)
+    monkeypatch.setattr(reference, "MERGE_BLOCK_ELEMENTS", 100)  # blocks of 2 rows
+    blocks = _merged(weight, lora_B, lora_A, 0.8, backend="torch", **kwargs)
+    assert torch.equal(_bits(blocks), _bits(one_block))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -31,8 +31,9 @@ __all__ = [
     "merge_lowrank_",
 ]
 
-# Rows of W processed at a time by the merge: bounds its float32 temporaries.
-MERGE_BLOCK_ELEMENTS = 1 << 20
+# Elements of W processed at a time by the merge: bounds its temporaries (float32 values and
+# int64 hash bits, ~56 bytes per element: 3.5 MiB in all), which also keeps them in cache.
+MERGE_BLOCK_ELEMENTS = 1 << 16
 
 
 def dropout_threshold(p: float) -> int:
