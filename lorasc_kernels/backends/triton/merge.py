@@ -15,17 +15,21 @@ rounding of :mod:`lorasc_kernels.rounding` with the same hash bits. The launch p
 ``enable_fp_fusion=False`` (ptxas ``--fmad=false``), so no multiply-add is contracted on
 the GPU; every other step is exact (noise, integer rounding, widening of 16-bit inputs).
 The result is therefore bit-identical to the reference on the GPU as under
-``TRITON_INTERPRET=1`` (tested there), for every finite value. Only NaN payloads may
+``TRITON_INTERPRET=1`` (tested there; the tests also compile the kernel for sm_90 and find
+no ``fma`` in its PTX), for every finite value. Only NaN payloads may
 differ (a NaN stays a NaN). Round-to-nearest to bf16 is done on the bits (``+ 0x7FFF +
 lsb``, as torch does) because the interpreter's fp32 → bf16 cast truncates; 16-bit loads
 are widened by shifting their bits, which the interpreter also gets wrong for subnormals.
 
 Speed. The rank loop is exact float32 ALU work, 2 instructions per rank per element (no
 FMA, no tensor cores: ``tl.dot`` would sum in another order and break equality with the
-reference). On an H100 (~33 T fp32 instructions/s, ~3 TB/s) a bf16 ``W`` moves 4 bytes per
-element, so the ALU time equals the memory time near r ≈ 20: r ≤ 16 should run close to
-the copy bandwidth, and larger r becomes compute-bound (about r/20 of the copy time).
-Exactness was chosen over speed because the merge runs once per cascade.
+reference). A bf16 ``W`` moves 4 bytes per element; an H100 SXM (~3.35 TB/s, ~33 T
+instructions/s) thus affords ~40 instructions per element at full bandwidth. The rank loop
+takes 2r, stochastic rounding ~12 (one hash), each noise stream ~15. Estimate: r = 16
+without noise (~44) sits at that budget and should run near the copy bandwidth; a noise swap
+or r ≥ 32 makes the kernel compute-bound, at roughly 40 / (2r + 12 + 30·swap) of it.
+Exactness was chosen over speed: the merge runs once per cascade, and a dot-based merge
+could not match the reference.
 
 Tuning. On a GPU the tile is autotuned on the first call for each ``(rows, cols, r)``;
 tuning runs the kernel several times on ``W`` and restores it from a copy (Triton's
