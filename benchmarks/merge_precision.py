@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, append_csv, device_name
+from benchmarks.common import RESULTS_DIR, append_csv, device_name, format_table, significant
 from lorasc_kernels import merge_lowrank_
 
 RANK = 16
@@ -70,10 +70,10 @@ def measure(size: int, merges: int, device: str, seed: int = 0) -> list[dict]:
             "rank": RANK,
             "merges": merges,
             "update_size_rel": UPDATE_SIZE,
-            "rel_error": float(error.norm() / total.norm()),
-            "mean_bias": float(error.mean() / total.abs().mean()),
-            "max_abs_error": float(error.abs().max()),
-            "update_max_abs": float(total.abs().max()),
+            "rel_error": significant(float(error.norm() / total.norm())),
+            "mean_bias": significant(float(error.mean() / total.abs().mean())),
+            "max_abs_error": significant(float(error.abs().max())),
+            "update_max_abs": significant(float(total.abs().max())),
             "run_time_s": round(seconds, 1),
         })
     return rows
@@ -93,9 +93,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     arguments = parser.parse_args()
-    for row in run(arguments.quick, arguments.device, arguments.out_dir):
-        print(", ".join(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}"
-                        for key, value in row.items()))
+    rows = run(arguments.quick, arguments.device, arguments.out_dir)
+    print(format_table(rows, list(rows[0])))
 
 
 if __name__ == "__main__":
