@@ -175,8 +175,6 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
             f"weight has a zero stride (strides {weight.stride()}): its elements overlap "
             "and cannot be merged in place; pass a tensor that owns its elements"
         )
-    if weight.numel() == 0:
-        return weight
     remove_key, remove_scale = _noise_arguments(noise_remove)
     add_key, add_scale = _noise_arguments(noise_add)
 
