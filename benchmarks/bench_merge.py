@@ -15,8 +15,9 @@ time over the provider's. ``peak_extra_MiB`` is the memory the call allocates be
 existed before: ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU, the high-water
 mark of torch's allocations recorded by ``torch.profiler`` (``profile_memory=True``), which
 sees every tensor torch allocates (the CPU allocator keeps no statistics). Our CPU path is
-the torch reference, which works on blocks of 2**20 elements, so its temporaries stop
-growing past 1024² while PEFT's grow with ``W``; the Triton and CUDA kernels allocate none.
+the torch reference, which works on blocks of 2**16 elements, so its temporaries stay near
+3.5 MiB whatever ``W``'s size while PEFT's grow with ``W``; the Triton and CUDA kernels
+allocate none (after the Triton kernel's one-time autotuning).
 
 Usage: ``python -m benchmarks.bench_merge [--quick] [--device cuda]``.
 """
