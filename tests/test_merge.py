@@ -256,7 +256,7 @@ _COMPILE_FOR_HOPPER = textwrap.dedent(
     from triton.compiler import ASTSource
     from lorasc_kernels.backends.triton.merge import _merge_kernel
 
-    kernel = _merge_kernel.fn
+    kernel = _merge_kernel
     floats = {"coeff", "remove_scale", "add_scale"}
     constants = {"HAS_REMOVE": True, "HAS_ADD": True, "STOCHASTIC": True,
                  "BLOCK_ROWS": 64, "BLOCK_COLS": 128}

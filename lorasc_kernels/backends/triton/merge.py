@@ -5,7 +5,7 @@ place; ``lora_B`` (rows, r) and ``lora_A`` (r, cols), fp32/fp16/bf16, any stride
 
 One program owns a ``BLOCK_ROWS × BLOCK_COLS`` tile of ``W``: it reads the tile once,
 builds the tile of ``B A`` in registers, swaps the noise, rounds, and writes the tile back
-to the same addresses. Nothing of ``W``'s size is allocated (except once, see Tuning).
+to the same addresses. Nothing of ``W``'s size is allocated.
 
 Exactness. Per element the kernel runs the float32 sequence of
 :func:`lorasc_kernels.backends.reference.merge_lowrank_`: ``delta = 0``, then for
@@ -31,10 +31,10 @@ or r ≥ 32 makes the kernel compute-bound, at roughly 40 / (2r + 12 + 30·swap)
 Exactness was chosen over speed: the merge runs once per cascade, and a dot-based merge
 could not match the reference.
 
-Tuning. On a GPU the tile is autotuned on the first call for each ``(rows, cols, r)``;
-tuning runs the kernel several times on ``W`` and restores it from a copy (Triton's
-``restore_value``), the one moment a temporary of ``W``'s size exists. Under the
-interpreter there is one tiny config and no tuning.
+Tiling. One fixed tile, not autotuned: autotuning an in-place kernel must run it several
+times on ``W`` and restore ``W`` from a copy, a temporary of ``W``'s size that a merge must
+never allocate. 64 × 128 elements per program with 8 warps (32 elements per thread) keeps
+every SM busy on the weight sizes of real models; under the interpreter a small tile.
 """
 
 from __future__ import annotations
@@ -50,26 +50,11 @@ from ..reference import _fp32
 from . import interpreting
 from .random import element_bits, row_hash, uniform_centered
 
-__all__ = ["merge_configs", "merge_lowrank_"]
+__all__ = ["merge_tile", "merge_lowrank_"]
 
-# (BLOCK_ROWS, BLOCK_COLS, num_warps) tried on Hopper: 8-16 K elements per program.
-_HOPPER_TILES = (
-    (32, 256, 4),
-    (64, 128, 4),
-    (64, 128, 8),
-    (64, 256, 8),
-    (128, 128, 8),
-)
-
-
-def merge_configs() -> list[triton.Config]:
-    """Autotune configs: a few Hopper tiles, or one small tile under the interpreter."""
-    if interpreting():
-        return [triton.Config({"BLOCK_ROWS": 32, "BLOCK_COLS": 64}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_ROWS": rows, "BLOCK_COLS": cols}, num_warps=warps, num_stages=2)
-        for rows, cols, warps in _HOPPER_TILES
-    ]
+def merge_tile() -> tuple[int, int, int]:
+    """``(BLOCK_ROWS, BLOCK_COLS, num_warps)`` of the merge kernel."""
+    return (32, 64, 1) if interpreting() else (64, 128, 8)
 
 
 @triton.jit
@@ -106,8 +91,6 @@ def _drop_low_bits(value, random, DROP_BITS: tl.constexpr, STOCHASTIC: tl.conste
     return tl.where(finite, rounded.to(tl.float32, bitcast=True), value)
 
 
-@triton.autotune(configs=merge_configs(), key=["rows", "cols", "rank"],
-                 restore_value=["weight_ptr"])
 @triton.jit(do_not_specialize=["remove_key", "add_key", "rounding_key", "row_offset"])
 def _merge_kernel(
     # W (rows, cols), read and written in place; B (rows, rank); A (rank, cols)
@@ -178,9 +161,8 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
     remove_key, remove_scale = _noise_arguments(noise_remove)
     add_key, add_scale = _noise_arguments(noise_add)
 
-    def grid(meta):
-        return triton.cdiv(rows, meta["BLOCK_ROWS"]), triton.cdiv(cols, meta["BLOCK_COLS"])
-
+    block_rows, block_cols, num_warps = merge_tile()
+    grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
     on_gpu = weight.device.type == "cuda"
     with torch.cuda.device(weight.device) if on_gpu else contextlib.nullcontext():
         _merge_kernel[grid](
@@ -192,6 +174,7 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
             row_offset,
             HAS_REMOVE=noise_remove is not None, HAS_ADD=noise_add is not None,
             STOCHASTIC=rounding == "stochastic",
+            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
             enable_fp_fusion=False,
         )
     return weight
