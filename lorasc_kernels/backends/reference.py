@@ -168,7 +168,8 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
         v = v + s_add * u_add              # if noise_add = (seed_add, s_add)
         W = round_from_fp32(v, W.dtype, rounding, bits(seed, STREAM_ROUNDING))
 
-    Scalars are rounded to float32 first. Rows are global rows ``row_offset + i``.
+    Scalars are rounded to float32 first. Rows are global rows ``row_offset + i``. A float64
+    ``W`` (torch backend only) goes through the same float32 arithmetic, like every kernel.
     Arguments are validated by :func:`lorasc_kernels.functional.merge_lowrank_`.
     """
     rows, cols = weight.shape
