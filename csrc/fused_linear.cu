@@ -16,6 +16,8 @@
 // Each loaded element may be transformed on its way to shared memory: the fused cascade
 // noise (W + scale·u, reference.noisy_weight) or dropout (reference.apply_dropout), keyed
 // by the element's (row, col) in the operand, or (col, row) for a transposed weight view.
+// The loads, stores, slice schedule and output writes live in lorasc/gemm_tile.cuh (the
+// CPU tests emulate a CTA with them); this file holds the multiply and the launch.
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,7 +33,8 @@
 
 #include "lorasc/checks.h"
 #include "lorasc/dispatch.h"
-#include "lorasc/elementwise.cuh"
+#include "lorasc/launch_args.h"
+#include "lorasc/gemm_tile.cuh"
 #include "lorasc/ops.h"
 
 namespace lorasc {
@@ -39,48 +42,7 @@ namespace {
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kThreads = 256;
-constexpr int kTile = 128;  // output tile: kTile rows of P × kTile rows of Q
-
-// Per storage type T: reduction depth of a slice, elements per 16-byte vector, padded
-// shared-memory row length (against bank conflicts), 16-byte vectors per thread per operand.
-template <typename T>
-struct Slice {
-  static constexpr int kDepth = sizeof(T) == 2 ? 32 : 16;
-  static constexpr int kVec = 16 / sizeof(T);
-  static constexpr int kLd = kDepth + kVec;
-  static constexpr int kLoads = kTile * kDepth / (kVec * kThreads);
-  static constexpr int kOperandElems = kTile * kLd;  // one operand's slice in shared memory
-};
-
-// How a loader reads an operand: 16-byte vectors along the depth, along the rows, or
-// element by element (any strides).
-enum Layout : int { kScalar = 0, kDepthContiguous = 1, kRowContiguous = 2 };
-
-struct Transform {
-  int64_t kind;  // TransformKind
-  uint32_t key;
-  uint32_t threshold;  // dropout
-  float value;         // noise scale, or dropout's 1 / (1 - p)
-  bool swap;           // key the hash by (col, row)
-};
-
-// A 2-D operand (rows, depth) read through strides.
-struct Operand {
-  const void* data;
-  int64_t rows, depth, stride_row, stride_depth;
-  int layout;
-  Transform transform;
-};
-
-struct GemmArgs {
-  Operand p, q, u, v;  // u, v unused when rank_slices == 0
-  const void* bias;    // (N,) or null
-  void* out;           // (M, N) contiguous
-  int64_t M, N;
-  float scale;
-  int rank_slices, main_slices;
-};
+constexpr int kThreads = kGemmThreads;
 
 template <typename T>
 struct Native;  // the cuda_fp16 / cuda_bf16 type WMMA takes
@@ -92,119 +54,6 @@ template <>
 struct Native<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
-
-template <typename T>
-__device__ __forceinline__ T& element(uint4& vector, int e) {
-  return reinterpret_cast<T*>(&vector)[e];
-}
-
-// Where this thread's load `l` sits in the slice: first element and the step between the
-// vector's elements, in (row, depth) of the tile.
-template <typename T>
-struct VectorSlot {
-  int row, depth, row_step, depth_step;
-
-  __device__ __forceinline__ VectorSlot(int layout, int l) {
-    using S = Slice<T>;
-    const int v = threadIdx.x + l * kThreads;
-    if (layout == kRowContiguous) {
-      // Depth fastest across threads: the transposed stores to shared memory of a warp
-      // hit consecutive addresses (no bank conflicts).
-      row = (v / S::kDepth) * S::kVec;
-      depth = v % S::kDepth;
-      row_step = 1;
-      depth_step = 0;
-    } else {
-      row = v / (S::kDepth / S::kVec);
-      depth = (v % (S::kDepth / S::kVec)) * S::kVec;
-      row_step = 0;
-      depth_step = 1;
-    }
-  }
-};
-
-template <typename T>
-__device__ __forceinline__ T transformed(T value, const Transform& t, int64_t row, int64_t col) {
-  const uint32_t hash_row = static_cast<uint32_t>(t.swap ? col : row);
-  const uint32_t hash_col = static_cast<uint32_t>(t.swap ? row : col);
-  const uint32_t bits = element_bits(row_hash(t.key, hash_row), hash_col);
-  return t.kind == kTransformNoise ? noisy_element(value, t.value, bits)
-                                   : dropout_element(value, t.threshold, t.value, bits);
-}
-
-// Loads rows [row0, row0 + kTile) × depth [depth0, depth0 + kDepth) of `op` into registers;
-// out-of-range elements are zero (masked tails), in-range ones transformed.
-template <typename T>
-__device__ __forceinline__ void load_slice(const Operand& op, int64_t row0, int64_t depth0,
-                                           uint4 (&stage)[Slice<T>::kLoads]) {
-  using S = Slice<T>;
-  const T* data = static_cast<const T*>(op.data);
-#pragma unroll
-  for (int l = 0; l < S::kLoads; ++l) {
-    const VectorSlot<T> slot(op.layout, l);
-    const int64_t row = row0 + slot.row, depth = depth0 + slot.depth;
-    const int64_t last_row = row + slot.row_step * (S::kVec - 1);
-    const int64_t last_depth = depth + slot.depth_step * (S::kVec - 1);
-    if (op.layout != kScalar && last_row < op.rows && last_depth < op.depth) {
-      stage[l] = *reinterpret_cast<const uint4*>(data + row * op.stride_row +
-                                                 depth * op.stride_depth);
-    } else {
-#pragma unroll
-      for (int e = 0; e < S::kVec; ++e) {
-        const int64_t r = row + e * slot.row_step, d = depth + e * slot.depth_step;
-        element<T>(stage[l], e) =
-            r < op.rows && d < op.depth ? data[r * op.stride_row + d * op.stride_depth] : T(0.0f);
-      }
-    }
-    if (op.transform.kind != kTransformNone) {
-#pragma unroll
-      for (int e = 0; e < S::kVec; ++e) {
-        const int64_t r = row + e * slot.row_step, d = depth + e * slot.depth_step;
-        if (r < op.rows && d < op.depth)
-          element<T>(stage[l], e) = transformed(element<T>(stage[l], e), op.transform, r, d);
-      }
-    }
-  }
-}
-
-// Writes the staged slice into shared memory as tile[row][depth] (row length kLd).
-template <typename T>
-__device__ __forceinline__ void store_slice(int layout, uint4 (&stage)[Slice<T>::kLoads],
-                                            T* tile) {
-  using S = Slice<T>;
-#pragma unroll
-  for (int l = 0; l < S::kLoads; ++l) {
-    const VectorSlot<T> slot(layout, l);
-    if (layout == kRowContiguous) {
-#pragma unroll
-      for (int e = 0; e < S::kVec; ++e)
-        tile[(slot.row + e) * S::kLd + slot.depth] = element<T>(stage[l], e);
-    } else {
-      *reinterpret_cast<uint4*>(tile + slot.row * S::kLd + slot.depth) = stage[l];
-    }
-  }
-}
-
-// Writes `count` consecutive fp32 results (+ bias) of output row `row` from column `col`.
-template <typename T>
-__device__ __forceinline__ void write_run(const GemmArgs& args, int64_t row, int64_t col,
-                                          const float* values, int count) {
-  if (row >= args.M) return;
-  constexpr int kVec = Slice<T>::kVec;
-  T* out = static_cast<T*>(args.out) + row * args.N;
-  const T* bias = static_cast<const T*>(args.bias);
-  auto result = [&](int t) {
-    return from_float<T>(bias ? values[t] + to_float(bias[col + t]) : values[t]);
-  };
-  if (count == kVec && col + kVec <= args.N && args.N % kVec == 0) {
-    uint4 packed;
-#pragma unroll
-    for (int t = 0; t < kVec; ++t) element<T>(packed, t) = result(t);
-    *reinterpret_cast<uint4*>(out + col) = packed;
-  } else {
-    for (int t = 0; t < count && col + t < args.N; ++t) out[col + t] = result(t);
-  }
-}
 
 // 16-bit operands: 8 warps as 2 × 4, each owning 64 × 32 of the tile in 4 × 2 WMMA
 // fragments with fp32 accumulators.
@@ -324,7 +173,7 @@ template <typename T>
 using AccumulatorFor =
     std::conditional_t<std::is_same_v<T, float>, FmaAccumulator, WmmaAccumulator<T>>;
 
-// Grid: x over M tiles, y over N tiles. Slices [0, rank_slices) read U/V, the rest P/Q.
+// Grid: x over M tiles, y over N tiles.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lowrank_gemm_kernel(const GemmArgs args) {
   using S = Slice<T>;
@@ -333,43 +182,27 @@ __global__ void __launch_bounds__(kThreads) lowrank_gemm_kernel(const GemmArgs a
   static_assert(Accumulator::kScratchBytes <= kBufferBytes, "epilogue scratch must fit");
   __shared__ __align__(128) unsigned char smem[kBufferBytes];
   T* const buffers = reinterpret_cast<T*>(smem);
+  auto stage_tiles = [&](int slice) { return buffers + (slice & 1) * 2 * S::kOperandElems; };
 
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kGemmTile;
+  const int64_t col0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
   const int slices = args.rank_slices + args.main_slices;
-  uint4 stage_p[S::kLoads], stage_q[S::kLoads];
-
-  // Branches instead of operand references: the kernel parameters stay in constant space.
-  auto load = [&](int slice) {
-    if (slice < args.rank_slices) {
-      const int64_t depth0 = static_cast<int64_t>(slice) * S::kDepth;
-      load_slice<T>(args.u, row0, depth0, stage_p);
-      load_slice<T>(args.v, col0, depth0, stage_q);
-    } else {
-      const int64_t depth0 = static_cast<int64_t>(slice - args.rank_slices) * S::kDepth;
-      load_slice<T>(args.p, row0, depth0, stage_p);
-      load_slice<T>(args.q, col0, depth0, stage_q);
-    }
-  };
-  auto store = [&](int slice) {
-    const bool rank_part = slice < args.rank_slices;
-    T* p_tile = buffers + (slice & 1) * 2 * S::kOperandElems;
-    store_slice<T>(rank_part ? args.u.layout : args.p.layout, stage_p, p_tile);
-    store_slice<T>(rank_part ? args.v.layout : args.q.layout, stage_q, p_tile + S::kOperandElems);
-  };
+  Vec16 left[S::kLoads], right[S::kLoads];
 
   Accumulator acc;
   acc.clear();
-  load(0);
-  store(0);
+  load_operands<T>(args, 0, row0, col0, threadIdx.x, left, right);
+  store_operands<T>(args, 0, threadIdx.x, left, right, stage_tiles(0));
   __syncthreads();
   for (int slice = 0; slice < slices; ++slice) {
     const bool more = slice + 1 < slices;
-    if (more) load(slice + 1);
-    const T* p_tile = buffers + (slice & 1) * 2 * S::kOperandElems;
-    acc.multiply(p_tile, p_tile + S::kOperandElems);
+    if (more) load_operands<T>(args, slice + 1, row0, col0, threadIdx.x, left, right);
+    const T* tiles = stage_tiles(slice);
+    acc.multiply(tiles, tiles + S::kOperandElems);
     if (slice + 1 == args.rank_slices) acc.scale(args.scale);
-    if (more) store(slice + 1);
+    if (more) {
+      store_operands<T>(args, slice + 1, threadIdx.x, left, right, stage_tiles(slice + 1));
+    }
     __syncthreads();
   }
   // The loop ended with __syncthreads: the buffers are free for the epilogue's scratch.
@@ -387,30 +220,6 @@ __global__ void dropout_kernel(const T* x, T* out, int64_t rows, int64_t cols, u
     const uint32_t row = static_cast<uint32_t>(i / cols), col = static_cast<uint32_t>(i % cols);
     out[i] = dropout_element(x[i], threshold, inv_keep, element_bits(row_hash(key, row), col));
   }
-}
-
-Transform make_transform(const char* name, int64_t kind, int64_t key, int64_t threshold,
-                         double value, bool swap) {
-  TORCH_CHECK(kind == kTransformNone || kind == kTransformNoise || kind == kTransformDropout,
-              name, "_kind must be 0 (none), 1 (noise) or 2 (dropout), got ", kind);
-  if (kind == kTransformNone) return {kind, 0u, 0u, 0.0f, false};
-  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t(1) << 24), name,
-              "_threshold must be in [0, 2**24], got ", threshold);
-  return {kind, check_key(name, key), static_cast<uint32_t>(threshold),
-          static_cast<float>(value), swap};
-}
-
-Operand make_operand(const at::Tensor& t, Transform transform) {
-  const int64_t vec = 16 / t.element_size();
-  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  const int64_t stride_row = t.stride(0), stride_depth = t.stride(1);
-  int layout = kScalar;
-  if (aligned && stride_depth == 1 && stride_row % vec == 0) {
-    layout = kDepthContiguous;
-  } else if (aligned && stride_row == 1 && stride_depth % vec == 0) {
-    layout = kRowContiguous;
-  }
-  return {t.data_ptr(), t.size(0), t.size(1), stride_row, stride_depth, layout, transform};
 }
 
 void check_operand(const char* name, const at::Tensor& t, const at::Tensor& p, int64_t rows,
@@ -453,28 +262,18 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
     TORCH_CHECK(rank > 0, "u must have r >= 1 columns, got shape ", u->sizes());
     check_operand("v", *v, p, N, rank);
   }
-  TORCH_CHECK(ceil_div(N, kTile) <= 65535, "q has too many rows: N=", N);
+  TORCH_CHECK(ceil_div(N, kGemmTile) <= 65535, "q has too many rows: N=", N);
 
   const c10::cuda::CUDAGuard guard(p.device());
   at::Tensor out = at::empty({M, N}, p.options());
   if (M == 0 || N == 0) return out;
-  const Transform none{kTransformNone, 0u, 0u, 0.0f, false};
-  GemmArgs args{make_operand(p, make_transform("p", p_kind, p_key, p_threshold, p_value, p_swap)),
-                make_operand(q, make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap)),
-                u ? make_operand(*u, none) : Operand{},
-                v ? make_operand(*v, none) : Operand{},
-                bias ? bias->data_ptr() : nullptr,
-                out.data_ptr(),
-                M,
-                N,
-                static_cast<float>(scale),
-                0,
-                0};
-  const dim3 grid(ceil_div(M, kTile), ceil_div(N, kTile));
+  const Transform p_transform = make_transform("p", p_kind, p_key, p_threshold, p_value, p_swap);
+  const Transform q_transform = make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap);
+  const dim3 grid(ceil_div(M, kGemmTile), ceil_div(N, kGemmTile));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   LORASC_DISPATCH_FLOAT_TYPES(p.scalar_type(), "lowrank_gemm", [&] {
-    args.rank_slices = ceil_div(rank, Slice<scalar_t>::kDepth);
-    args.main_slices = ceil_div(K, Slice<scalar_t>::kDepth);
+    const GemmArgs args =
+        make_gemm_args<scalar_t>(p, q, bias, u, v, scale, p_transform, q_transform, out);
     lowrank_gemm_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

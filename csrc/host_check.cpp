@@ -1,26 +1,32 @@
-// CPU build of the shared element-wise headers (csrc/lorasc/*.cuh), compiled with g++ so
-// tests/test_cuda_host.py can compare them bit for bit with noise.py, rounding.py and the
-// reference merge. Inputs are CPU tensors; keys are uint32 values in int64.
+// CPU build of the shared headers (csrc/lorasc/*.cuh), compiled with g++ so
+// tests/test_cuda_host.py can compare the element-wise functions bit for bit with noise.py,
+// rounding.py and the reference merge, and run the data paths of the merge kernel and of
+// the fused GEMM (loads, transforms, tiles, schedule, output writes) one CTA after the
+// other. Inputs are CPU tensors; keys are uint32 values in int64.
 #include <torch/extension.h>
+
+#include <memory>
+#include <vector>
 
 #include "lorasc/dispatch.h"
 #include "lorasc/elementwise.cuh"
+#include "lorasc/launch_args.h"
+#include "lorasc/gemm_tile.cuh"
+#include "lorasc/merge_tile.cuh"
 
 namespace {
 
-using lorasc::MergeParams;
+using lorasc::GemmArgs;
+using lorasc::Slice;
+using lorasc::Vec16;
 
-uint32_t as_key(int64_t key) {
-  TORCH_CHECK(key >= 0 && key < (int64_t(1) << 32), "key must be in [0, 2**32), got ", key);
-  return static_cast<uint32_t>(key);
-}
 
 // bits(key, row_offset + i, j) for an (rows, cols) block, as int64.
 torch::Tensor noise_bits(int64_t key, int64_t rows, int64_t cols, int64_t row_offset) {
   auto out = torch::empty({rows, cols}, torch::kInt64);
   auto acc = out.accessor<int64_t, 2>();
   for (int64_t i = 0; i < rows; ++i) {
-    const uint32_t hashed = lorasc::row_hash(as_key(key), static_cast<uint32_t>(row_offset + i));
+    const uint32_t hashed = lorasc::row_hash(lorasc::check_key("key", key), static_cast<uint32_t>(row_offset + i));
     for (int64_t j = 0; j < cols; ++j)
       acc[i][j] = lorasc::element_bits(hashed, static_cast<uint32_t>(j));
   }
@@ -59,7 +65,7 @@ torch::Tensor transform(torch::Tensor x, int64_t kind, int64_t key, int64_t thre
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t rows = in.size(0), cols = in.size(1);
     for (int64_t i = 0; i < rows; ++i) {
-      const uint32_t hashed = lorasc::row_hash(as_key(key), static_cast<uint32_t>(i));
+      const uint32_t hashed = lorasc::row_hash(lorasc::check_key("key", key), static_cast<uint32_t>(i));
       for (int64_t j = 0; j < cols; ++j) {
         const uint32_t bits = lorasc::element_bits(hashed, static_cast<uint32_t>(j));
         dst[i * cols + j] =
@@ -72,35 +78,99 @@ torch::Tensor transform(torch::Tensor x, int64_t kind, int64_t key, int64_t thre
   return out;
 }
 
-// The merge on CPU tensors, element by element with the kernels' functions; keys < 0 mean
-// "no noise". W is contiguous; A and B have the same dtype.
+// One CTA of merge_kernel, run serially: each phase for every thread, as the kernel's
+// __syncthreads separate them (lorasc/merge_tile.cuh).
+template <typename TW, typename TL>
+void emulate_merge_tile(const lorasc::MergeArgs& args, int64_t row0, int64_t col0) {
+  struct ThreadState {
+    lorasc::WeightRun<TW> runs[lorasc::kRowsPerThread];
+    float delta[lorasc::kRowsPerThread][lorasc::kColsPerThread];
+  };
+  std::vector<ThreadState> threads(lorasc::kMergeThreads, ThreadState{});
+  auto chunks = std::make_unique<lorasc::MergeChunks>();
+  for (int t = 0; t < lorasc::kMergeThreads; ++t)
+    lorasc::load_weights<TW>(args, lorasc::MergeLane(row0, col0, t), threads[t].runs);
+  for (int64_t k0 = 0; k0 < args.rank; k0 += lorasc::kRankChunk) {
+    const int chunk = lorasc::chunk_size(args, k0);
+    for (int t = 0; t < lorasc::kMergeThreads; ++t)
+      lorasc::stage_rank_chunk<TL>(args, k0, chunk, row0, col0, t, *chunks);
+    for (int t = 0; t < lorasc::kMergeThreads; ++t)
+      lorasc::accumulate_rank_chunk(*chunks, chunk, t, threads[t].delta);
+  }
+  for (int t = 0; t < lorasc::kMergeThreads; ++t)
+    lorasc::merge_and_store<TW>(args, lorasc::MergeLane(row0, col0, t), threads[t].runs,
+                                threads[t].delta);
+}
+
+// merge_lowrank_ (csrc/lorasc/ops.h) on CPU tensors through emulate_merge_tile.
 void merge_lowrank_(torch::Tensor weight, torch::Tensor lora_B, torch::Tensor lora_A, double coeff,
                     bool stochastic, int64_t rounding_key, int64_t remove_key, double remove_scale,
                     int64_t add_key, double add_scale, int64_t row_offset) {
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-  const MergeParams params{static_cast<float>(coeff), remove_key >= 0,
-                           remove_key >= 0 ? as_key(remove_key) : 0u,
-                           static_cast<float>(remove_scale), add_key >= 0,
-                           add_key >= 0 ? as_key(add_key) : 0u, static_cast<float>(add_scale),
-                           stochastic, as_key(rounding_key)};
-  auto A = lora_A.to(at::kFloat).contiguous();  // exact upcast, as the kernels do on load
-  auto B = lora_B.to(at::kFloat).contiguous();
-  const int64_t rows = weight.size(0), cols = weight.size(1), rank = A.size(0);
+  const lorasc::MergeArgs args =
+      lorasc::make_merge_args(weight, lora_B, lora_A, coeff, stochastic, rounding_key,
+                              remove_key, remove_scale, add_key, add_scale, row_offset);
   LORASC_DISPATCH_FLOAT_TYPES(weight.scalar_type(), "merge_lowrank_", [&] {
-    scalar_t* w = weight.data_ptr<scalar_t>();
-    const float* a = A.data_ptr<float>();
-    const float* b = B.data_ptr<float>();
-    for (int64_t i = 0; i < rows; ++i) {
-      const auto hashes = lorasc::merge_row_hashes(params, static_cast<uint32_t>(row_offset + i));
-      for (int64_t j = 0; j < cols; ++j) {
-        float delta = 0.0f;
-        for (int64_t k = 0; k < rank; ++k)
-          delta = lorasc::lowrank_step(delta, b[i * rank + k], a[k * cols + j]);
-        w[i * cols + j] = lorasc::merge_element<scalar_t>(
-            lorasc::to_float(w[i * cols + j]), delta, hashes, static_cast<uint32_t>(j), params);
-      }
-    }
+    using TW = scalar_t;
+    LORASC_DISPATCH_FLOAT_TYPES(lora_A.scalar_type(), "merge_lowrank_", [&] {
+      for (int64_t row0 = 0; row0 < args.rows; row0 += lorasc::kMergeBlockRows)
+        for (int64_t col0 = 0; col0 < args.cols; col0 += lorasc::kMergeBlockCols)
+          emulate_merge_tile<TW, scalar_t>(args, row0, col0);
+    });
   });
+}
+
+// One CTA of lowrank_gemm_kernel, run serially: the kernel's loads, stores, slice schedule
+// and output writes (lorasc/gemm_tile.cuh) around a plain fp32 multiply of the tiles.
+template <typename T>
+void emulate_tile(const GemmArgs& args, int64_t row0, int64_t col0) {
+  using S = Slice<T>;
+  constexpr int kTile = lorasc::kGemmTile;
+  std::vector<T> tiles(2 * S::kOperandElems);
+  std::vector<float> acc(kTile * kTile, 0.0f);
+  for (int slice = 0; slice < args.rank_slices + args.main_slices; ++slice) {
+    for (int thread = 0; thread < lorasc::kGemmThreads; ++thread) {
+      Vec16 left[S::kLoads], right[S::kLoads];
+      lorasc::load_operands<T>(args, slice, row0, col0, thread, left, right);
+      lorasc::store_operands<T>(args, slice, thread, left, right, tiles.data());
+    }
+    const T* p_tile = tiles.data();
+    const T* q_tile = tiles.data() + S::kOperandElems;
+    for (int m = 0; m < kTile; ++m)
+      for (int n = 0; n < kTile; ++n)
+        for (int d = 0; d < S::kDepth; ++d)
+          acc[m * kTile + n] +=
+              lorasc::to_float(p_tile[m * S::kLd + d]) * lorasc::to_float(q_tile[n * S::kLd + d]);
+    if (slice + 1 == args.rank_slices)
+      for (float& value : acc) value *= args.scale;
+  }
+  // Runs of 8 outputs as the WMMA epilogue writes them for 16-bit types, single ones for fp32.
+  const int run = sizeof(T) == 2 ? S::kVec : 1;
+  for (int m = 0; m < kTile; ++m)
+    for (int n = 0; n < kTile; n += run)
+      lorasc::write_run<T>(args, row0 + m, col0 + n, &acc[m * kTile + n], run);
+}
+
+// lowrank_gemm (csrc/lorasc/ops.h) on CPU tensors through emulate_tile.
+torch::Tensor emulate_lowrank_gemm(torch::Tensor p, torch::Tensor q,
+                                   std::optional<torch::Tensor> bias,
+                                   std::optional<torch::Tensor> u, std::optional<torch::Tensor> v,
+                                   double scale, int64_t p_kind, int64_t p_key,
+                                   int64_t p_threshold, double p_value, bool p_swap,
+                                   int64_t q_kind, int64_t q_key, int64_t q_threshold,
+                                   double q_value, bool q_swap) {
+  auto out = torch::empty({p.size(0), q.size(0)}, p.options());
+  const auto p_transform =
+      lorasc::make_transform("p", p_kind, p_key, p_threshold, p_value, p_swap);
+  const auto q_transform =
+      lorasc::make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap);
+  LORASC_DISPATCH_FLOAT_TYPES(p.scalar_type(), "emulate_lowrank_gemm", [&] {
+    const GemmArgs args = lorasc::make_gemm_args<scalar_t>(p, q, bias, u, v, scale, p_transform,
+                                                           q_transform, out);
+    for (int64_t row0 = 0; row0 < args.M; row0 += lorasc::kGemmTile)
+      for (int64_t col0 = 0; col0 < args.N; col0 += lorasc::kGemmTile)
+        emulate_tile<scalar_t>(args, row0, col0);
+  });
+  return out;
 }
 
 }  // namespace
@@ -111,5 +181,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform", &uniform, "uniform_centered of int64 bits, float32");
   m.def("round_from_fp32", &round_from_fp32, "float32 values -> out's dtype");
   m.def("transform", &transform, "kind 0: noisy weight (value=scale); 1: dropout (value=1/(1-p))");
-  m.def("merge_lowrank_", &merge_lowrank_, "in-place merge on CPU tensors");
+  m.def("merge_lowrank_", &merge_lowrank_, "the merge kernel's data path on CPU tensors");
+  m.def("emulate_lowrank_gemm", &emulate_lowrank_gemm,
+        "lowrank_gemm's data path on CPU tensors, one CTA after the other");
 }

@@ -88,9 +88,17 @@ def test_dropout_matches_reference(host, dtype, p):
 @pytest.mark.parametrize("lora_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("with_noise", [False, True])
-def test_merge_matches_reference(host, weight_dtype, lora_dtype, rounding, with_noise):
-    rows, cols, r, row_offset = 29, 67, 5, 123
-    weight = (torch.randn(rows, cols) * 0.05).to(weight_dtype)
+@pytest.mark.parametrize(
+    ("rows", "cols", "r", "strided"),
+    [(29, 67, 5, False), (70, 296, 37, False), (33, 260, 17, True)],
+)
+def test_merge_kernel_emulated_matches_reference(host, weight_dtype, lora_dtype, rounding,
+                                                 with_noise, rows, cols, r, strided):
+    """The merge kernel's data path, CTA by CTA (row and column tails, several rank chunks,
+    vector and element-wise weight access), bit for bit against the reference."""
+    row_offset = 123
+    storage = (torch.randn(rows, cols + 3) * 0.05).to(weight_dtype)
+    weight = storage[:, 1 : 1 + cols] if strided else storage[:, :cols].contiguous()
     lora_B = (torch.randn(rows, r) * 0.01).to(lora_dtype)
     lora_A = (torch.randn(r, cols) * 0.01).to(lora_dtype)
     seed, coeff = fresh_seed(), 0.73
@@ -100,15 +108,18 @@ def test_merge_matches_reference(host, weight_dtype, lora_dtype, rounding, with_
     def key(pair):
         return NO_NOISE_KEY if pair is None else noise_lib.stream_key(pair[0], 0)
 
-    actual = weight.clone()
-    host.merge_lowrank_(actual, lora_B, lora_A, coeff, rounding == "stochastic",
+    expected = reference.merge_lowrank_(weight.clone(), lora_B, lora_A, coeff, rounding, seed,
+                                        remove, add, row_offset)
+    before = storage.clone()
+    host.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding == "stochastic",
                         noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING), key(remove),
                         remove[1] if remove else 0.0, key(add), add[1] if add else 0.0,
                         row_offset)
-    expected = reference.merge_lowrank_(weight.clone(), lora_B, lora_A, coeff, rounding, seed,
-                                        remove, add, row_offset)
-    assert not torch.equal(expected, weight)
-    assert same_bits(actual, expected)
+    assert not torch.equal(expected, before[:, 1 : 1 + cols] if strided else before[:, :cols])
+    assert same_bits(weight, expected)
+    if strided:  # the columns around the view are untouched
+        assert torch.equal(storage[:, 0], before[:, 0])
+        assert torch.equal(storage[:, -2:], before[:, -2:])
 
 
 class EmulatedOps:
@@ -164,3 +175,55 @@ def test_autograd_function_on_emulated_ops_matches_reference(host, monkeypatch, 
     for name, actual, expected in zip(("y", "x", "weight", "bias", "lora_A", "lora_B"),
                                       *results, strict=True):
         assert rel_error(actual, expected) < 1e-5, name
+
+
+def no_transform():
+    return (0, 0, 0, 0.0, False)
+
+
+def gemm_case(case: str, dtype: torch.dtype):
+    """Arguments of lowrank_gemm for one use in the CUDA backend, and the float64 result.
+
+    Shapes leave tails in every tile dimension; the operands cover the three load layouts
+    (vectors along the depth, along the rows, element by element)."""
+    from helpers import lowrank_inputs
+
+    noise_seed, drop_seed, p, scale = fresh_seed(), fresh_seed(), 0.3, 0.7
+    noise = (1, noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), 0, 0.1)
+    drop = (2, noise_lib.stream_key(drop_seed, noise_lib.STREAM_DROPOUT),
+            reference.dropout_threshold(p), 1.0 / (1.0 - p))
+    K = 91 if case == "forward_odd" else 136
+    r = 40 if case == "forward_odd" else 16
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(130, K, 150, r, dtype)
+    if case in ("forward", "forward_odd"):  # y = x (W + n)ᵀ + b + s xa Bᵀ
+        xa = x @ lora_A.t()
+        args = (x, weight, bias, xa, lora_B, scale, *no_transform(), *noise, False)
+        noisy = reference.noisy_weight(weight, noise_seed, 0.1).double()
+        expected = x.double() @ noisy.t() + bias.double() + scale * (
+            xa.double() @ lora_B.double().t())
+    elif case == "backward":  # dX = dY (W + n) + dY_B A, with Q = Wᵀ and V = Aᵀ
+        dy, dy_b = torch.randn(130, 150).to(dtype), torch.randn(130, r).to(dtype)
+        args = (dy, weight.t(), None, dy_b, lora_A.t(), 1.0, *no_transform(), *noise, True)
+        noisy = reference.noisy_weight(weight, noise_seed, 0.1).double()
+        expected = dy.double() @ noisy + dy_b.double() @ lora_A.double()
+    elif case == "dropout_left":  # xa = drop(x) Aᵀ
+        args = (x, lora_A, None, None, None, 1.0, *drop, False, *no_transform())
+        expected = reference.apply_dropout(x, p, drop_seed).double() @ lora_A.double().t()
+    else:  # "dropout_right_swapped": dA = dY_Bᵀ drop(x), with P = dY_Bᵀ and Q = xᵀ
+        dy_b = torch.randn(130, r).to(dtype)
+        args = (dy_b.t(), x.t(), None, None, None, 1.0, *no_transform(), *drop, True)
+        expected = dy_b.double().t() @ reference.apply_dropout(x, p, drop_seed).double()
+    return args, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "case", ["forward", "forward_odd", "backward", "dropout_left", "dropout_right_swapped"]
+)
+def test_gemm_data_path_emulated_on_host(host, dtype, case):
+    from helpers import TOLERANCE, rel_error
+
+    args, expected = gemm_case(case, dtype)
+    out = host.emulate_lowrank_gemm(*args)
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert rel_error(out, expected) < TOLERANCE[dtype]
