@@ -33,8 +33,8 @@
 
 #include "lorasc/checks.h"
 #include "lorasc/dispatch.h"
-#include "lorasc/launch_args.h"
 #include "lorasc/gemm_tile.cuh"
+#include "lorasc/launch_args.h"
 #include "lorasc/ops.h"
 
 namespace lorasc {

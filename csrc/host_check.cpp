@@ -10,8 +10,8 @@
 
 #include "lorasc/dispatch.h"
 #include "lorasc/elementwise.cuh"
-#include "lorasc/launch_args.h"
 #include "lorasc/gemm_tile.cuh"
+#include "lorasc/launch_args.h"
 #include "lorasc/merge_tile.cuh"
 
 namespace {

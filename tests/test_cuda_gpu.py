@@ -25,6 +25,15 @@ def cuda_ops():
     return cuda.ops(DEVICE)
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32_matmul():
+    """cuBLAS's fp32 thin products in full fp32 (no tf32), whatever other tests set."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
 def fresh_seed() -> int:
     return int(torch.randint(0, 2**62, ()))
 
