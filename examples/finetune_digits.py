@@ -69,6 +69,11 @@ def load_split(classes: tuple[int, ...]) -> tuple[Split, Split]:
     return Split(train_x, train_y), Split(test_x, test_y)
 
 
+def as_tensors(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of ``split`` on ``device``."""
+    return torch.from_numpy(split.images).to(device), torch.from_numpy(split.labels).to(device)
+
+
 def few_shots(split: Split, shots: int, seed: int) -> Split:
     """``shots`` examples of each class drawn with ``seed``."""
     rng = np.random.default_rng(seed)
@@ -101,6 +106,8 @@ def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ModelShape:
+    """Width, depth, heads, MLP width ratio and patch side of :class:`DigitsTransformer`."""
+
     dim: int = 64
     depth: int = 2
     heads: int = 4
@@ -163,6 +170,8 @@ class DigitsTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class PretrainSettings:
+    """Pretraining on digits 0–4; its hash names the cached backbone."""
+
     shape: ModelShape = ModelShape()
     epochs: int = 60
     batch_size: int = 64
@@ -182,6 +191,7 @@ def batches(count: int, batch_size: int, generator: torch.Generator):
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of ``images`` classified as ``labels``, in eval mode (mode restored after)."""
     was_training = model.training
     model.eval()
     correct = sum(int((model(x).argmax(-1) == y).sum())
@@ -198,8 +208,7 @@ def pretrain(settings: PretrainSettings, cache: Path, device: torch.device) -> d
         return torch.load(path, map_location="cpu", weights_only=True)
     torch.manual_seed(settings.seed)
     train, test = load_split(PRETRAIN_CLASSES)
-    images = torch.from_numpy(train.images).to(device)
-    labels = torch.from_numpy(train.labels).to(device)
+    images, labels = as_tensors(train, device)
     model = DigitsTransformer(settings.shape, len(PRETRAIN_CLASSES)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -212,8 +221,7 @@ def pretrain(settings: PretrainSettings, cache: Path, device: torch.device) -> d
             loss.backward()
             optimizer.step()
             schedule.step()
-    test_accuracy = accuracy(model, torch.from_numpy(test.images).to(device),
-                             torch.from_numpy(test.labels).to(device))
+    test_accuracy = accuracy(model, *as_tensors(test, device))
     print(f"pretrained on 0-4: held-out accuracy {test_accuracy:.3f}; saved to {path}")
     state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
     cache.mkdir(parents=True, exist_ok=True)
@@ -223,6 +231,8 @@ def pretrain(settings: PretrainSettings, cache: Path, device: torch.device) -> d
 
 @dataclass(frozen=True)
 class FinetuneSettings:
+    """Fine-tuning on digits 5–9, shared by the three methods."""
+
     epochs: int = 40
     shots: int = 16
     batch_size: int = 16
@@ -238,6 +248,8 @@ class FinetuneSettings:
 
 @dataclass
 class RunResult:
+    """One method on one seed: final accuracies, costs, and per-epoch loss and accuracy."""
+
     method: str
     seed: int
     clean: float
@@ -265,15 +277,15 @@ def build_model(method: str, pretrained: dict, settings: FinetuneSettings,
     return model
 
 
-def finetune(method: str, seed: int, pretrained: dict, data: dict, settings: FinetuneSettings,
-             shape: ModelShape, device: torch.device) -> RunResult:
-    """Fine-tune one way on ``seed``'s shots; evaluate clean and corrupted."""
+def finetune(method: str, seed: int, pretrained: dict, train: Split, sets: dict,
+             settings: FinetuneSettings, shape: ModelShape, device: torch.device) -> RunResult:
+    """Fine-tune one way on ``train``; evaluate on ``sets`` (see :func:`evaluation_sets`)."""
     torch.manual_seed(seed)
     model = build_model(method, pretrained, settings, shape, device)
     lr = settings.full_lr if method == "full" else settings.lora_lr
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=0.0)
-    images, labels = data["train"]
+    images, labels = as_tensors(train, device)
     steps_per_epoch = math.ceil(len(labels) / settings.batch_size)
     cascade = None
     if method == "lorasc":
@@ -286,10 +298,11 @@ def finetune(method: str, seed: int, pretrained: dict, data: dict, settings: Fin
     losses, curve = [], []
     progress = tqdm(total=settings.epochs * steps_per_epoch, desc=f"{method:6s} seed {seed}",
                     unit="step", leave=False)
+    step = 0
     for _ in range(settings.epochs):
         epoch_loss = 0.0
         for index in batches(len(labels), settings.batch_size, generator):
-            first = progress.n == 0
+            first = step == 0
             with timer.step():
                 with meter.saved_activations(model) if first else nullcontext():
                     loss = F.cross_entropy(model(images[index]), labels[index])
@@ -301,38 +314,36 @@ def finetune(method: str, seed: int, pretrained: dict, data: dict, settings: Fin
             if first:
                 meter.count_state(model, optimizer)
             epoch_loss += loss.item() * len(index) / len(labels)
+            step += 1
             progress.update()
         losses.append(epoch_loss)
-        curve.append(accuracy(model, *data["test"]))
+        curve.append(accuracy(model, *sets["test"]))
         progress.set_postfix(loss=f"{epoch_loss:.3f}", acc=f"{curve[-1]:.3f}")
     progress.close()
     trainable = trainable_parameters(model)
     if cascade is not None:
         model = cascade.finalize()
-    clean = accuracy(model, *data["test"])
-    ood_by_kind = {kind: accuracy(model, *data[kind]) for kind in CORRUPTIONS}
+    clean = accuracy(model, *sets["test"])
+    ood_by_kind = {kind: accuracy(model, *sets[kind]) for kind in CORRUPTIONS}
     return RunResult(method, seed, clean, float(np.mean(list(ood_by_kind.values()))),
                      ood_by_kind, timer.ms_per_step(), meter.peak_bytes() / 2**20, trainable,
                      losses, curve)
 
 
-
 # -- report ------------------------------------------------------------------------------
-
-
-def as_tensors(images: np.ndarray, labels: np.ndarray, device: torch.device):
-    return torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device)
 
 
 def evaluation_sets(test: Split, device: torch.device) -> dict:
     """The clean test split and one corrupted copy per kind, as device tensors."""
-    sets = {"test": as_tensors(test.images, test.labels, device)}
+    sets = {"test": as_tensors(test, device)}
     for index, kind in enumerate(CORRUPTIONS):
-        sets[kind] = as_tensors(corrupt(test.images, kind, seed=index), test.labels, device)
+        sets[kind] = as_tensors(Split(corrupt(test.images, kind, seed=index), test.labels),
+                                device)
     return sets
 
 
 def mean_std(values) -> str:
+    """``"mean ± std"`` with three decimals."""
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
 
 
@@ -464,13 +475,12 @@ def main(argv=None) -> list[RunResult]:
     started = time.perf_counter()
     pretrained = pretrain(pretrain_settings, args.cache, device)
     train_pool, test = load_split(FINETUNE_CLASSES)
-    data = evaluation_sets(test, device)
+    sets = evaluation_sets(test, device)
     results = []
     for seed in range(seeds):
         shots = few_shots(train_pool, settings.shots, seed)
-        data["train"] = as_tensors(shots.images, shots.labels, device)
         for method in METHODS:
-            result = finetune(method, seed, pretrained, data, settings,
+            result = finetune(method, seed, pretrained, shots, sets, settings,
                               pretrain_settings.shape, device)
             print(f"{method:6s} seed {seed}: clean {result.clean:.3f}  OOD {result.ood:.3f}  "
                   f"{result.ms_per_step:.2f} ms/step")
