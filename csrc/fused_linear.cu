@@ -253,6 +253,7 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
     TORCH_CHECK(bias->scalar_type() == p.scalar_type() && bias->size(0) == N,
                 "bias must be (N,) = (", N, ",) in p's dtype, got ", bias->sizes(), " ",
                 bias->scalar_type());
+    TORCH_CHECK(bias->is_contiguous(), "bias must be contiguous, got strides ", bias->strides());
   }
   TORCH_CHECK(u.has_value() == v.has_value(), "u and v must be given together");
   int64_t rank = 0;

@@ -11,10 +11,10 @@
 namespace lorasc {
 
 // out (M, N) = p (M, K) · q (N, K)ᵀ + bias + scale · u (M, r) · v (N, r)ᵀ, fp32 accumulation,
-// one rounding to p's dtype. Any strides. Each of p and q may carry a transform keyed by
-// (row, col) of the operand, or by (col, row) with *_swap (a transposed view of a weight);
-// *_kind: 0 none, 1 noise (value = scale), 2 dropout (value = 1 / (1 - p)); see
-// lorasc/gemm_tile.cuh.
+// one rounding to p's dtype. Any strides (bias contiguous). Each of p and q may carry a
+// transform keyed by (row, col) of the operand, or by (col, row) with *_swap (a transposed
+// view of a weight); *_kind: 0 none, 1 noise (value = scale), 2 dropout
+// (value = 1 / (1 - p)); see lorasc/gemm_tile.cuh.
 at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& u,
                         const std::optional<at::Tensor>& v, double scale, int64_t p_kind,

@@ -32,7 +32,7 @@ __all__ = [
     "ops", "unavailable_reason", "lorasc_linear", "merge_lowrank_", "LoRASCLinearFunction",
 ]
 
-# Transform kinds of lowrank_gemm (csrc/lorasc/ops.h: TransformKind).
+# Transform kinds of lowrank_gemm (csrc/lorasc/gemm_tile.cuh: TransformKind).
 _NONE, _NOISE, _DROPOUT = 0, 1, 2
 _NO_TRANSFORM = (_NONE, 0, 0, 0.0, False)
 _NO_NOISE_KEY = -1  # merge_lowrank_'s "no noise" key
@@ -127,6 +127,7 @@ class LoRASCLinearFunction(torch.autograd.Function):
             xa = _gemm(x, A, p_transform=_dropout_transform(dropout_p, dropout_seed, False))
         else:
             xa = x @ A.t()
+        bias = None if bias is None else bias.contiguous()
         y = _gemm(x, weight, bias, xa, B, scale,
                   q_transform=_noise_transform(noise_seed, noise_scale, False))
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
