@@ -18,12 +18,11 @@ $(PY):
 venv: $(PY)
 
 install-run: venv
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q --no-build-isolation -e ".[examples]"
+	$(PIP) install -q "$(TORCH_SPEC)" setuptools wheel
+	LORASC_SKIP_CUDA_BUILD=1 $(PIP) install -q --no-build-isolation -e ".[examples]"
 
 install-test: venv
-	$(PIP) install -q "$(TORCH_SPEC)" triton
-	$(PIP) install -q setuptools wheel
+	$(PIP) install -q "$(TORCH_SPEC)" triton setuptools wheel
 	LORASC_SKIP_CUDA_BUILD=1 $(PIP) install -q --no-build-isolation -e ".[test,dev]"
 
 run: install-run
