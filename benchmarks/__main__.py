@@ -107,8 +107,9 @@ def summarize(paths: list[Path]) -> None:
             continue
         if is_ratio_table(rows):
             rows = latest_rows(rows)
+            dates = sorted(row["date_utc"] for row in rows)
             png = plot_ratios(rows, path.with_suffix(".png"),
-                              f"{path.stem}, {rows[0]['date_utc']} to {rows[-1]['date_utc']} UTC")
+                              f"{path.stem}, {dates[0]} to {dates[-1]} UTC")
             print(f"{path} (plot: {png})\n{ratio_pivot(rows)}\n")
         else:
             print(f"{path}\n{format_table(rows, list(rows[0]))}\n")
