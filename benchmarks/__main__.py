@@ -2,6 +2,7 @@
 
     python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR]
                          [--only linear,layer,merge,precision] [--threads N]
+                         [--skip-backends cuda]
     python -m benchmarks --summary DIR_OR_CSV ...  # short tables (and plot) of saved results
     python -m benchmarks --ceilings [--device ...] # the device's copy GB/s and matmul TFLOP/s
 
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="folder of the CSV and PNG files")
     parser.add_argument("--only", default=",".join(FAMILIES),
                         help=f"comma-separated families among {','.join(FAMILIES)}")
+    parser.add_argument("--skip-backends", default="", metavar="NAMES",
+                        help="comma-separated backends of ours not to run (e.g. cuda)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of CPU runs (default 2; 1 with --quick, whose "
                              "tiny products only wait on a second thread)")
@@ -63,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="measure the device's copy bandwidth and matmul rate, and exit")
     args = parser.parse_args(argv)
     args.families = [name.strip() for name in args.only.split(",") if name.strip()]
+    args.skip_backends = [name.strip() for name in args.skip_backends.split(",") if name.strip()]
     unknown = sorted(set(args.families) - set(FAMILIES))
     if unknown:
         parser.error(f"--only: unknown families {unknown}; choose among {list(FAMILIES)}")
@@ -129,7 +133,9 @@ def run_family(name: str, args) -> list[dict] | None:
             raise
         print(f"skip {name}: {FAMILIES[name]} is not there yet", flush=True)
         return None
-    kwargs = {"full": True} if args.full and name in RATIO_FAMILIES else {}
+    kwargs = {}
+    if name in RATIO_FAMILIES:
+        kwargs = {"full": args.full, "skip_backends": args.skip_backends}
     start = time.perf_counter()
     rows = module.run(quick=args.quick, device=args.device, out_dir=args.out, **kwargs)
     print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)

@@ -81,9 +81,10 @@ def goal_report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool, device: str, out_dir: Path, full: bool = False) -> list[dict]:
+def run(quick: bool, device: str, out_dir: Path, full: bool = False,
+        skip_backends=()) -> list[dict]:
     """Run the family; returns its rows (``python -m benchmarks`` writes them out)."""
-    names = provider_names(quick, device)
+    names = providers.without_backends(provider_names(quick, device), skip_backends)
     rows = []
     for problem in problems(quick, device, full):
         rows += measure(FAMILY, problem, names, MODES, quick, step_factory=train_step_fn)

@@ -120,9 +120,10 @@ def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
     return rows
 
 
-def run(quick: bool, device: str, out_dir: Path, full: bool = False) -> list[dict]:
+def run(quick: bool, device: str, out_dir: Path, full: bool = False,
+        skip_backends=()) -> list[dict]:
     """Run the family; returns its rows (``python -m benchmarks`` writes them out)."""
-    names = provider_names(quick, device)
+    names = providers.without_backends(provider_names(quick, device), skip_backends)
     rows = []
     for problem in problems(quick, device, full):
         rows += measure(FAMILY, problem, names, MODES, quick)

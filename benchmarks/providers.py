@@ -36,6 +36,7 @@ __all__ = [
     "NOISE_LAMBDA",
     "NOISE_SEED",
     "provider_names",
+    "without_backends",
     "build",
     "expected_output",
     "tolerance",
@@ -252,6 +253,12 @@ def provider_names(backends=OUR_BACKENDS, compile_: bool = True, noise: bool = T
         if noise:
             names.append(f"ours-{backend}+noise")
     return names
+
+
+def without_backends(names: list[str], backends) -> list[str]:
+    """``names`` less our providers on any of ``backends`` (e.g. a CUDA build that failed)."""
+    return [name for name in names
+            if not any(name.split("+")[0] == f"ours-{backend}" for backend in backends)]
 
 
 def build(name: str, tensors: Tensors) -> nn.Module:
