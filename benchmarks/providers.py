@@ -8,7 +8,8 @@ problem's providers share one ``W`` storage and start from the same ``A`` and ``
 Providers (see :func:`provider_names`):
 
 * ``floor``: frozen ``nn.Linear`` (``F.linear``); its backward computes only ``dX = dY W``.
-* ``peft``: PEFT's LoRA ``Linear`` built by ``get_peft_model`` on a one-layer model.
+* ``peft``: PEFT's LoRA ``Linear`` built by ``get_peft_model`` on a one-layer model, with
+  PEFT's defaults (over an fp16/bf16 weight its LoRA factors are fp32 and ``x`` is cast).
 * ``addmm``: a hand-written autograd Function with ``addmm``/``addmm_`` (no fused kernel).
 * ``compile``: ``torch.compile`` of the eager LoRA ``F.linear(x, W, b) + s · B(A(x))``.
 * ``ours-<backend>``: :class:`lorasc_kernels.LoRASCLinear` with ``backend`` one of

@@ -104,6 +104,13 @@ def test_build_checked_leaves_out_a_missing_backend(capsys):
     assert "skip ours-cuda" in capsys.readouterr().out
 
 
+def test_without_backends_drops_plain_and_noise_rows_of_those_backends():
+    names = providers.provider_names(("torch", "triton", "cuda"))
+    kept = providers.without_backends(names, ["cuda"])
+    assert kept == [name for name in names if not name.startswith("ours-cuda")]
+    assert "ours-triton+noise" in kept and "compile" in kept
+
+
 def gpu_check(out: Path, steps: str, timeout: float, budget: int = 480):
     return run(["bash", "benchmarks/gpu_check.sh", str(out)], timeout=timeout,
                LORASC_GPU_CHECK_ALLOW_CPU="1", LORASC_GPU_CHECK_STEPS=steps,
