@@ -135,7 +135,9 @@ def run_family(name: str, args) -> list[dict] | None:
         return None
     kwargs = {}
     if name in RATIO_FAMILIES:
-        kwargs = {"full": args.full, "skip_backends": args.skip_backends}
+        csv_path = args.out / f"{device_name(args.device)}.csv"
+        kwargs = {"full": args.full, "skip_backends": args.skip_backends,
+                  "sink": lambda rows: append_csv(rows, csv_path)}
     start = time.perf_counter()
     rows = module.run(quick=args.quick, device=args.device, out_dir=args.out, **kwargs)
     print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)
@@ -172,8 +174,7 @@ def main(argv=None) -> int:
         if not rows:
             continue
         if name in RATIO_FAMILIES:
-            ratio_rows += rows
-            append_csv(rows, args.out / f"{device}.csv")
+            ratio_rows += rows  # already in the CSV, problem by problem
         else:
             print(format_table(rows, list(rows[0])), flush=True)
 

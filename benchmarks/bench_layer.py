@@ -82,12 +82,14 @@ def goal_report(rows: list[dict]) -> str:
 
 
 def run(quick: bool, device: str, out_dir: Path, full: bool = False,
-        skip_backends=()) -> list[dict]:
-    """Run the family; returns its rows (``python -m benchmarks`` writes them out)."""
+        skip_backends=(), sink=None) -> list[dict]:
+    """Run the family; returns its rows, and hands each problem's rows to ``sink`` as they
+    come (``python -m benchmarks`` appends them to the CSV: a timeout keeps what ran)."""
     names = providers.without_backends(provider_names(quick, device), skip_backends)
     rows = []
     for problem in problems(quick, device, full):
-        rows += measure(FAMILY, problem, names, MODES, quick, step_factory=train_step_fn)
+        rows += measure(FAMILY, problem, names, MODES, quick, step_factory=train_step_fn,
+                        sink=sink)
     if not quick and not on_gpu(device):  # the goal is the CPU comparison's
         print(goal_report(rows), flush=True)
     return rows

@@ -95,9 +95,9 @@ def step_fn(mode: str, module: torch.nn.Module, tensors: Tensors):
 
 
 def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
-            step_factory=step_fn) -> list[dict]:
-    """Rows of ``names`` on ``problem`` for each mode (plus peak memory on GPU);
-    ``step_factory(mode, module, tensors)`` makes the timed callables."""
+            step_factory=step_fn, sink=None) -> list[dict]:
+    """Rows of ``names`` on ``problem`` for each mode (plus peak memory on GPU), also
+    handed to ``sink``; ``step_factory(mode, module, tensors)`` makes the timed callables."""
     tensors = Tensors.draw(problem)
     modules = providers.build_checked(names, tensors)
     if "floor" not in modules:
@@ -117,14 +117,17 @@ def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
     print(f"{family} {problem.label}: " + ", ".join(
         f"{row['provider']} {row['ratio_to_floor']}x" for row in rows
         if row["mode"] == modes[-1]), flush=True)
+    if sink is not None:
+        sink(rows)
     return rows
 
 
 def run(quick: bool, device: str, out_dir: Path, full: bool = False,
-        skip_backends=()) -> list[dict]:
-    """Run the family; returns its rows (``python -m benchmarks`` writes them out)."""
+        skip_backends=(), sink=None) -> list[dict]:
+    """Run the family; returns its rows, and hands each problem's rows to ``sink`` as they
+    come (``python -m benchmarks`` appends them to the CSV: a timeout keeps what ran)."""
     names = providers.without_backends(provider_names(quick, device), skip_backends)
     rows = []
     for problem in problems(quick, device, full):
-        rows += measure(FAMILY, problem, names, MODES, quick)
+        rows += measure(FAMILY, problem, names, MODES, quick, sink=sink)
     return rows
