@@ -10,7 +10,7 @@ import torch
 
 from . import _checks as checks
 from . import ops
-from .backends import BACKENDS, reference, resolve_backend
+from .backends import BACKENDS
 from .rounding import ROUNDING_MODES
 
 __all__ = ["lorasc_linear", "merge_lowrank_", "draw_seed"]
@@ -43,8 +43,9 @@ def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
     return r
 
 
-def _check_backend_dtype(module, **tensors):
-    if module is reference:
+def _check_backend_dtype(backend: str, **tensors):
+    """float64 (the oracle's dtype) is for the torch backend only."""
+    if backend == "torch":
         return
     for name, tensor in tensors.items():
         if tensor is not None and tensor.dtype not in checks.FLOAT_DTYPES:
@@ -126,8 +127,7 @@ def lorasc_linear(
         raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
 
     backend = ops.backend_name(backend, x.device)  # a constant under torch.compile
-    _check_backend_dtype(reference if backend == "torch" else backend, x=x, lora_A=lora_A,
-                         lora_B=lora_B)
+    _check_backend_dtype(backend, x=x, lora_A=lora_A, lora_B=lora_B)
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False):
         y = ops.lorasc_linear(
@@ -184,14 +184,14 @@ def merge_lowrank_(
             raise ValueError(f"{name} must be within float32's range, got {value}")
     row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
     checks.check_choice("backend", backend, BACKENDS)
-    module = resolve_backend(backend, weight.device)
-    _check_backend_dtype(module, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    backend = ops.backend_name(backend, weight.device)
+    _check_backend_dtype(backend, weight=weight, lora_A=lora_A, lora_B=lora_B)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} has non-finite values; weight was left untouched")
     with torch.no_grad():
         ops.merge_lowrank_(
-            module, weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
+            backend, weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
             row_offset,
         )
     return weight

@@ -168,21 +168,22 @@ def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_see
     return y
 
 
-def merge_lowrank_(module: ModuleType, weight, lora_B, lora_A, coeff, rounding, seed,
+def merge_lowrank_(backend: str, weight, lora_B, lora_A, coeff, rounding, seed,
                    noise_remove, noise_add, row_offset) -> None:
-    """Run ``module``'s merge through ``lorasc::merge_lowrank_`` when it has that op.
+    """Run ``backend``'s merge, through ``lorasc::merge_lowrank_`` when it has that op.
 
-    ``noise_remove``/``noise_add`` are ``(seed, scale)`` pairs or None.
+    ``backend`` is a name from :func:`backend_name`; ``noise_remove``/``noise_add`` are
+    ``(seed, scale)`` pairs or None.
     """
-    name = _REGISTRY_NAMES[module.__name__]
-    if name not in _LINEAR_MODULES:
-        module.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
-                              noise_add, row_offset)
+    if backend not in _LINEAR_MODULES:
+        resolve_backend(backend, weight.device).merge_lowrank_(
+            weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add, row_offset
+        )
         return
     remove_seed, remove_scale = noise_remove if noise_remove is not None else (None, 0.0)
     add_seed, add_scale = noise_add if noise_add is not None else (None, 0.0)
     torch.ops.lorasc.merge_lowrank_(
         weight, lora_B, lora_A, coeff, rounding, seed_to_int64(seed),
         seed_to_int64(remove_seed), remove_scale, seed_to_int64(add_seed), add_scale,
-        row_offset, name,
+        row_offset, backend,
     )

@@ -84,7 +84,7 @@ def test_merge_op_equals_reference_with_large_seeds():
     expected = weight.clone()
     reference.merge_lowrank_(expected, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
                              (2**63 + 5, 0.01), (7, 0.02), 3)
-    ops.merge_lowrank_(reference, weight, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
+    ops.merge_lowrank_("torch", weight, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
                        (2**63 + 5, 0.01), (7, 0.02), 3)
     assert torch.equal(weight, expected)
 

@@ -93,11 +93,11 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
     dx = dw = dbias = d_a = d_b = None
     if need_x:
-        dx_lora = dy_b @ A
-        if dropout_p > 0.0:
-            dx_lora = apply_dropout(dx_lora, dropout_p, dropout_seed)
         dx = dy @ noisy_weight(weight, noise_seed, noise_scale)
-        dx.add_(dx_lora)
+        if dropout_p > 0.0:
+            dx.add_(apply_dropout(dy_b @ A, dropout_p, dropout_seed))
+        else:
+            dx.addmm_(dy_b, A)  # accumulated in place: no (M, K) temporary
     if need_w:
         dw = (dy.t() @ x).to(weight.dtype)
     if need_b:
