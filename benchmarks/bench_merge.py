@@ -24,17 +24,15 @@ Usage: ``python -m benchmarks.bench_merge [--quick] [--device cuda]``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from benchmarks import providers
 from benchmarks.common import (
-    RESULTS_DIR,
     append_csv,
     device_name,
-    format_table,
+    family_main,
     peak_memory_mib,
     significant,
     time_all_ms,
@@ -149,15 +147,5 @@ def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="one small problem")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    arguments = parser.parse_args()
-    rows = run(arguments.quick, arguments.device, arguments.out_dir)
-    print(format_table(rows, list(rows[0])))
-
-
 if __name__ == "__main__":
-    main()
+    family_main(run, __doc__.split("\n")[0], "one small problem")

@@ -174,3 +174,19 @@ def device_ceilings(device: str, quick: bool = False) -> dict:
         "matmul_size": size,
         "matmul_tflop_per_s": significant(2 * size**3 / (matmul_ms * 1e-3) / 1e12),
     }
+
+
+def family_main(run, description: str, quick_help: str) -> None:
+    """The command line of a family script: ``[--quick] [--device] [--out-dir]``, then a table.
+
+    ``run(quick, device, out_dir) -> rows`` is the family's entry point.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    arguments = parser.parse_args()
+    rows = run(arguments.quick, arguments.device, arguments.out_dir)
+    print(format_table(rows, list(rows[0])))

@@ -18,13 +18,12 @@ Usage: ``python -m benchmarks.merge_precision [--quick] [--device cuda]``.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, append_csv, device_name, format_table, significant
+from benchmarks.common import append_csv, device_name, family_main, significant
 from lorasc_kernels import merge_lowrank_
 
 RANK = 16
@@ -87,15 +86,5 @@ def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100 merges on a 4x smaller side")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    arguments = parser.parse_args()
-    rows = run(arguments.quick, arguments.device, arguments.out_dir)
-    print(format_table(rows, list(rows[0])))
-
-
 if __name__ == "__main__":
-    main()
+    family_main(run, __doc__.split("\n")[0], "100 merges on a 4x smaller side")
