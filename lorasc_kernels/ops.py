@@ -9,10 +9,12 @@ Ops (namespace ``lorasc``), each with a fake kernel giving output shapes and dty
 
 The forward op's autograd formula (``torch.library.register_autograd``) saves ``x``, ``xa``
 and the parameters and calls the backward op, so a model of ``LoRASCLinear`` layers
-compiles with ``fullgraph=True``. Each op takes the backend's name (``"torch"`` or
-``"triton"``) and calls that backend's ``linear_forward`` / ``linear_backward`` /
-``merge_lowrank_`` inside; backends without these entry points are called directly (eager
-only).
+compiles with ``fullgraph=True``. In eager mode :func:`lorasc_linear` skips the op
+dispatch (about 0.3 ms per forward+backward on the CPU) and runs the same formula in
+:class:`LinearFunction`, a plain ``torch.autograd.Function``. Each op takes the backend's
+name (``"torch"`` or ``"triton"``) and calls that backend's ``linear_forward`` /
+``linear_backward`` / ``merge_lowrank_`` inside; backends without these entry points are
+called directly (eager only).
 
 Seeds are ints in ``[0, 2**64)`` but a schema ``int`` is int64: they cross the op boundary
 as the int64 with the same 64 bits (:func:`seed_to_int64`; seeds below ``2**63`` are
@@ -32,7 +34,8 @@ import torch
 
 from .backends import _MODULES, resolve_backend
 
-__all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "lorasc_linear", "merge_lowrank_"]
+__all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction", "lorasc_linear",
+           "merge_lowrank_"]
 
 # Backend module (as resolve_backend returns it) → its registry name.
 _REGISTRY_NAMES = {module: name for name, module in _MODULES.items()}
@@ -110,6 +113,26 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+class LinearFunction(torch.autograd.Function):
+    """Eager autograd over a backend's ``linear_forward`` / ``linear_backward``: saves
+    ``x``, ``xa`` and the parameters, as the custom ops' formula does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                noise_seed, noise_scale, backend):
+        ctx.module = _linear_module(backend)
+        ctx.hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+        y, xa = ctx.module.linear_forward(x, weight, bias, lora_A, lora_B, *ctx.hyper)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = ctx.module.linear_backward(dy, *ctx.saved_tensors, *ctx.hyper,
+                                           list(ctx.needs_input_grad[:5]))
+        return (*grads,) + (None,) * 6
+
+
 def _backward(ctx, dy, _):
     needs = list(ctx.needs_input_grad[:5])
     if not any(needs):
@@ -154,13 +177,17 @@ def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_see
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
     ``backend`` is a name from :func:`backend_name`: ``"torch"`` and ``"triton"`` run
-    through the custom ops; others (CUDA) are called directly.
+    through the custom ops under ``torch.compile`` and through :class:`LinearFunction` in
+    eager mode; others (CUDA) are called directly.
     """
     if backend not in _LINEAR_MODULES:
         return resolve_backend(backend, x.device).lorasc_linear(
             x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
             noise_scale,
         )
+    if not torch.compiler.is_compiling():
+        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                    dropout_seed, noise_seed, noise_scale, backend)
     y, _ = torch.ops.lorasc.linear_forward(
         x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_to_int64(dropout_seed),
         seed_to_int64(noise_seed), noise_scale, backend,

@@ -12,7 +12,7 @@ never at import. Its ops, ``torch.ops.lorasc_cuda.*``:
   (col, row) when ``swap`` (a transposed view of ``W``).
 * ``dropout(x, key, threshold, inv_keep)`` and ``merge_lowrank_(...)`` (in place).
 
-The autograd function mirrors :class:`~lorasc_kernels.backends.reference.LoRASCLinearFunction`:
+The autograd function mirrors :class:`~lorasc_kernels.ops.LinearFunction`:
 forward ``y = lowrank_gemm(x, W⊕noise, b, xa, B, s)`` with ``xa = drop(x) Aᵀ``; backward
 ``dX = lowrank_gemm(dY, (W⊕noise)ᵀ, dY_B, Aᵀ)`` with ``dY_B = s · dY B`` (without dropout;
 with dropout the LoRA term ``drop(dY_B A)`` is added after the GEMM). The thin products run

@@ -25,7 +25,6 @@ __all__ = [
     "noisy_weight",
     "linear_forward",
     "linear_backward",
-    "LoRASCLinearFunction",
     "lorasc_linear",
     "lowrank_delta_fp32",
     "merge_lowrank_",
@@ -109,31 +108,14 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     return dx, dw, dbias, d_a, d_b
 
 
-class LoRASCLinearFunction(torch.autograd.Function):
-    """Autograd for the LoRASC linear on 2-D ``x``; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                noise_seed, noise_scale):
-        hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        y, xa = linear_forward(x, weight, bias, lora_A, lora_B, *hyper)
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        ctx.hyper = hyper
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        grads = linear_backward(dy, x, xa, weight, lora_A, lora_B, *ctx.hyper,
-                                ctx.needs_input_grad[:5])
-        return (*grads, None, None, None, None, None)
-
-
 def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
                   noise_seed, noise_scale):
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N)."""
-    return LoRASCLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                      dropout_seed, noise_seed, noise_scale)
+    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N): autograd over
+    :func:`linear_forward` / :func:`linear_backward` (see :mod:`lorasc_kernels.ops`)."""
+    from .. import ops
+
+    return ops.lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                             noise_seed, noise_scale, backend="torch")
 
 
 def lowrank_delta_fp32(lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
