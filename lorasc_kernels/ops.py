@@ -12,9 +12,8 @@ and the parameters and calls the backward op, so a model of ``LoRASCLinear`` lay
 compiles with ``fullgraph=True``. In eager mode :func:`lorasc_linear` skips the op
 dispatch (about 0.3 ms per forward+backward on the CPU) and runs the same formula in
 :class:`LinearFunction`, a plain ``torch.autograd.Function``. Each op takes the backend's
-name (``"torch"`` or ``"triton"``) and calls that backend's ``linear_forward`` /
-``linear_backward`` / ``merge_lowrank_`` inside; backends without these entry points are
-called directly (eager only).
+name (``"torch"``, ``"triton"`` or ``"cuda"``) and calls that backend's ``linear_forward``
+/ ``linear_backward`` / ``merge_lowrank_`` inside.
 
 Seeds are ints in ``[0, 2**64)`` but a schema ``int`` is int64: they cross the op boundary
 as the int64 with the same 64 bits (:func:`seed_to_int64`; seeds below ``2**63`` are
@@ -39,10 +38,10 @@ __all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction",
 
 # Backend module (as resolve_backend returns it) → its registry name.
 _REGISTRY_NAMES = {module: name for name, module in _MODULES.items()}
-# Backends run through the custom ops → module holding their linear_forward /
-# linear_backward, imported on first use.
+# Backend name → module holding its linear_forward / linear_backward, imported on first use.
 _LINEAR_MODULES = {"torch": "lorasc_kernels.backends.reference",
-                   "triton": "lorasc_kernels.backends.triton.fused_linear"}
+                   "triton": "lorasc_kernels.backends.triton.fused_linear",
+                   "cuda": "lorasc_kernels.backends.cuda"}
 _SEED_SPAN = 2**64
 
 
@@ -176,15 +175,9 @@ def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_see
                   noise_seed, noise_scale, backend: str) -> torch.Tensor:
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
-    ``backend`` is a name from :func:`backend_name`: ``"torch"`` and ``"triton"`` run
-    through the custom ops under ``torch.compile`` and through :class:`LinearFunction` in
-    eager mode; others (CUDA) are called directly.
+    ``backend`` is a name from :func:`backend_name`; it runs through the custom ops under
+    ``torch.compile`` and through :class:`LinearFunction` in eager mode.
     """
-    if backend not in _LINEAR_MODULES:
-        return resolve_backend(backend, x.device).lorasc_linear(
-            x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
-            noise_scale,
-        )
     if not torch.compiler.is_compiling():
         return LinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
                                     dropout_seed, noise_seed, noise_scale, backend)
@@ -197,16 +190,11 @@ def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_see
 
 def merge_lowrank_(backend: str, weight, lora_B, lora_A, coeff, rounding, seed,
                    noise_remove, noise_add, row_offset) -> None:
-    """Run ``backend``'s merge, through ``lorasc::merge_lowrank_`` when it has that op.
+    """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op.
 
     ``backend`` is a name from :func:`backend_name`; ``noise_remove``/``noise_add`` are
     ``(seed, scale)`` pairs or None.
     """
-    if backend not in _LINEAR_MODULES:
-        resolve_backend(backend, weight.device).merge_lowrank_(
-            weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add, row_offset
-        )
-        return
     remove_seed, remove_scale = noise_remove if noise_remove is not None else (None, 0.0)
     add_seed, add_scale = noise_add if noise_add is not None else (None, 0.0)
     torch.ops.lorasc.merge_lowrank_(

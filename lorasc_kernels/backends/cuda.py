@@ -12,7 +12,8 @@ never at import. Its ops, ``torch.ops.lorasc_cuda.*``:
   (col, row) when ``swap`` (a transposed view of ``W``).
 * ``dropout(x, key, threshold, inv_keep)`` and ``merge_lowrank_(...)`` (in place).
 
-The autograd function mirrors :class:`~lorasc_kernels.ops.LinearFunction`:
+:func:`linear_forward` / :func:`linear_backward` run under the package's autograd
+(:class:`lorasc_kernels.ops.LinearFunction`, or the ``lorasc::`` ops under ``torch.compile``):
 forward ``y = lowrank_gemm(x, W⊕noise, b, xa, B, s)`` with ``xa = drop(x) Aᵀ``; backward
 ``dX = lowrank_gemm(dY, (W⊕noise)ᵀ, dY_B, Aᵀ)`` with ``dY_B = s · dY B`` (without dropout;
 with dropout the LoRA term ``drop(dY_B A)`` is added after the GEMM). The thin products run
@@ -28,9 +29,8 @@ from .. import noise as noise_lib
 from .._build import load_extension
 from .reference import dropout_threshold
 
-__all__ = [
-    "ops", "unavailable_reason", "lorasc_linear", "merge_lowrank_", "LoRASCLinearFunction",
-]
+__all__ = ["ops", "unavailable_reason", "lorasc_linear", "merge_lowrank_", "linear_forward",
+           "linear_backward"]
 
 # Transform kinds of lowrank_gemm (csrc/lorasc/gemm_tile.cuh: TransformKind).
 _NONE, _NOISE, _DROPOUT = 0, 1, 2
@@ -111,70 +111,64 @@ def _gemm(p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM,
     return ops(p.device).lowrank_gemm(p, q, bias, u, v, scale, *p_transform, *q_transform)
 
 
-class LoRASCLinearFunction(torch.autograd.Function):
-    """Autograd for the LoRASC linear on 2-D ``x``, on the CUDA kernels.
+def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                   noise_seed, noise_scale):
+    """``(y (M, N), xa (M, r))`` for 2-D ``x``; ``xa = drop(x) Aᵀ`` is saved for backward."""
+    dtype = x.dtype
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    if dropout_p > 0.0:
+        xa = _gemm(x, A, p_transform=_dropout_transform(dropout_p, dropout_seed, False))
+    else:
+        xa = x @ A.t()
+    bias = None if bias is None else bias.contiguous()
+    y = _gemm(x, weight, bias, xa, B, scale,
+              q_transform=_noise_transform(noise_seed, noise_scale, False))
+    return y, xa
 
-    Saves ``x``, ``xa = drop(x) Aᵀ`` and the parameters; regenerates the dropout mask and
-    the noise from their seeds in backward.
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                noise_seed, noise_scale):
-        dtype = x.dtype
-        A, B = lora_A.to(dtype), lora_B.to(dtype)
-        if dropout_p > 0.0:
-            xa = _gemm(x, A, p_transform=_dropout_transform(dropout_p, dropout_seed, False))
+def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
+                    noise_seed, noise_scale, needs):
+    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
+    bools, in that order) is False; the dropout mask and the noise are regenerated."""
+    dtype = x.dtype
+    dy = dy.to(dtype)
+    A, B = lora_A.to(dtype), lora_B.to(dtype)
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
+    dx = dw = dbias = d_a = d_b = None
+    if need_x:
+        noise = _noise_transform(noise_seed, noise_scale, True)
+        if dropout_p > 0.0:  # the mask sits on the product: add it after the GEMM
+            key = noise_lib.stream_key(dropout_seed, noise_lib.STREAM_DROPOUT)
+            dx = _gemm(dy, weight.t(), q_transform=noise)
+            dx.add_(ops(dy.device).dropout(dy_b @ A, key, dropout_threshold(dropout_p),
+                                           1.0 / (1.0 - dropout_p)))
         else:
-            xa = x @ A.t()
-        bias = None if bias is None else bias.contiguous()
-        y = _gemm(x, weight, bias, xa, B, scale,
-                  q_transform=_noise_transform(noise_seed, noise_scale, False))
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
-        scale, dropout_p, dropout_seed, noise_seed, noise_scale = ctx.hyper
-        dtype = x.dtype
-        dy = dy.to(dtype)
-        A, B = lora_A.to(dtype), lora_B.to(dtype)
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
-        dx = dw = dbias = d_a = d_b = None
-        if need_x:
-            noise = _noise_transform(noise_seed, noise_scale, True)
-            if dropout_p > 0.0:  # the mask sits on the product: add it after the GEMM
-                key = noise_lib.stream_key(dropout_seed, noise_lib.STREAM_DROPOUT)
-                dx = _gemm(dy, weight.t(), q_transform=noise)
-                dx.add_(ops(dy.device).dropout(dy_b @ A, key, dropout_threshold(dropout_p),
-                                               1.0 / (1.0 - dropout_p)))
-            else:
-                dx = _gemm(dy, weight.t(), None, dy_b, A.t(), 1.0, q_transform=noise)
-        if need_w:
-            dw = (dy.t() @ x).to(weight.dtype)
-        if need_b and ctx.bias_dtype is not None:
-            dbias = dy.sum(0).to(ctx.bias_dtype)
-        if need_a:
-            if dropout_p > 0.0:  # dY_Bᵀ · drop(x), the mask applied to xᵀ as it is loaded
-                d_a = _gemm(dy_b.t(), x.t(),
-                            q_transform=_dropout_transform(dropout_p, dropout_seed, True))
-            else:
-                d_a = dy_b.t() @ x
-            d_a = d_a.to(lora_A.dtype)
-        if need_bb:
-            d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
-        return dx, dw, dbias, d_a, d_b, None, None, None, None, None
+            dx = _gemm(dy, weight.t(), None, dy_b, A.t(), 1.0, q_transform=noise)
+    if need_w:
+        dw = (dy.t() @ x).to(weight.dtype)
+    if need_b:
+        dbias = dy.sum(0)
+    if need_a:
+        if dropout_p > 0.0:  # dY_Bᵀ · drop(x), the mask applied to xᵀ as it is loaded
+            d_a = _gemm(dy_b.t(), x.t(),
+                        q_transform=_dropout_transform(dropout_p, dropout_seed, True))
+        else:
+            d_a = dy_b.t() @ x
+        d_a = d_a.to(lora_A.dtype)
+    if need_bb:
+        d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
+    return dx, dw, dbias, d_a, d_b
 
 
 def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
                   noise_seed, noise_scale):
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N)."""
-    return LoRASCLinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                      dropout_seed, noise_seed, noise_scale)
+    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N): autograd over
+    :func:`linear_forward` / :func:`linear_backward` (see :mod:`lorasc_kernels.ops`)."""
+    from .. import ops as lorasc_ops
+
+    return lorasc_ops.lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p,
+                                    dropout_seed, noise_seed, noise_scale, backend="cuda")
 
 
 def _noise_key(pair: tuple[int, float] | None) -> tuple[int, float]:
