@@ -114,8 +114,8 @@ def lorasc_linear(
         dropout_seed = draw_seed()
 
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+        dtype = torch.get_autocast_dtype(device_type)  # float64 stays, as autocast leaves it
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     if x.dtype != weight.dtype:
@@ -183,6 +183,12 @@ def merge_lowrank_(
         if abs(value) > torch.finfo(torch.float32).max:
             raise ValueError(f"{name} must be within float32's range, got {value}")
     row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
+    if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape,
+                                                            strict=True)):
+        raise ValueError(
+            f"weight has a zero stride (strides {weight.stride()}): its elements overlap "
+            "and cannot be merged in place; pass a tensor that owns its elements"
+        )
     checks.check_choice("backend", backend, BACKENDS)
     backend = ops.backend_name(backend, weight.device)
     _check_backend_dtype(backend, weight=weight, lora_A=lora_A, lora_B=lora_B)

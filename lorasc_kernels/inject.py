@@ -23,7 +23,9 @@ class LoRASCConfig:
 
     ``target_modules`` follows PEFT: a list of names matched against the end of each
     module's dotted name (``"q_proj"`` matches ``"layers.0.attn.q_proj"``), a regex
-    string matched against the full name, or ``"all-linear"``.
+    string matched against the full name, or ``"all-linear"`` (every ``nn.Linear`` except
+    the output layer ``model.get_output_embeddings()``, as in PEFT: it is often tied to the
+    input embeddings, which a merge must not change).
     """
 
     r: int = 8
@@ -38,6 +40,8 @@ class LoRASCConfig:
         checks.check_float("lora_alpha", self.lora_alpha)
         checks.check_probability("lora_dropout", self.lora_dropout)
         checks.check_choice("backend", self.backend, BACKENDS)
+        if self.lora_dtype is not None and self.lora_dtype not in checks.REFERENCE_DTYPES:
+            raise TypeError(f"lora_dtype must be None or a floating dtype, got {self.lora_dtype!r}")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -85,10 +89,13 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoRASCConfig):
         raise TypeError(f"config must be a LoRASCConfig, got {type(config).__name__}")
+    output_layer = None
+    if config.target_modules == ALL_LINEAR and hasattr(model, "get_output_embeddings"):
+        output_layer = model.get_output_embeddings()
     linears = {
         name: module
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name
+        if type(module) is nn.Linear and name and module is not output_layer
     }
     chosen = {name: module for name, module in linears.items() if config.matches(name)}
     if not chosen:

@@ -108,8 +108,12 @@ class LoRASCLinear(nn.Linear):
 
     def set_noise(self, seed: int | None, scale: float = 0.0) -> None:
         """Fused noise for later forwards: ``scale · noise(seed)``, or none if ``seed`` is None."""
-        self.noise_seed = None if seed is None else checks.check_seed("seed", seed)
-        self.noise_scale = 0.0 if seed is None else checks.check_float("scale", scale, 0.0)
+        if seed is None:
+            self.noise_seed, self.noise_scale = None, 0.0
+            return
+        seed = checks.check_seed("seed", seed)
+        self.noise_scale = checks.check_float("scale", scale, 0.0)
+        self.noise_seed = seed
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` sharing this layer's weight and bias storage (LoRA dropped)."""

@@ -126,6 +126,7 @@ class LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         grads = ctx.module.linear_backward(dy, *ctx.saved_tensors, *ctx.hyper,
                                            list(ctx.needs_input_grad[:5]))

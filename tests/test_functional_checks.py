@@ -92,3 +92,25 @@ def test_output_is_not_a_view():
     x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
     y = lorasc_linear(x.reshape(2, 3, K), weight, bias, lora_A, lora_B, 1.0)
     assert y.shape == (2, 3, N) and not y._is_view()
+
+
+def test_merge_refuses_a_weight_with_overlapping_elements():
+    weight = torch.zeros(1, K).expand(4, K)
+    with pytest.raises(ValueError, match="zero stride"):
+        merge_lowrank_(weight, torch.randn(4, 2), torch.randn(2, K), 0.5, backend="torch")
+
+
+def test_autocast_leaves_float64_alone():
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lorasc_linear(x, weight, bias, lora_A, lora_B, 1.0, backend="torch")
+    assert y.dtype == torch.float64
+
+
+def test_second_order_gradients_are_refused_not_wrong():
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
+    lora_A.requires_grad_(True)
+    y = lorasc_linear(x, weight, bias, lora_A, lora_B, 1.0, backend="torch")
+    (grad,) = torch.autograd.grad(y.square().sum(), lora_A, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()

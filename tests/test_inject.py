@@ -112,3 +112,33 @@ def test_bad_arguments_types():
         inject_lorasc("model", LoRASCConfig())
     with pytest.raises(TypeError, match="config"):
         inject_lorasc(tiny_transformer(), {"r": 4})
+
+
+def test_bad_lora_dtype_is_refused_before_the_model_changes():
+    with pytest.raises(TypeError, match="lora_dtype"):
+        LoRASCConfig(r=2, lora_dtype=torch.int32)
+    with pytest.raises(TypeError, match="lora_dtype"):
+        LoRASCConfig(r=2, lora_dtype="float32")
+
+
+class WithHead(nn.Module):
+    """A model whose output layer PEFT's "all-linear" leaves alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 5)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, x):
+        return self.lm_head(self.body(x))
+
+
+def test_all_linear_skips_the_output_layer():
+    model = WithHead()
+    layers = inject_lorasc(model, LoRASCConfig(r=2))
+    assert list(layers) == ["body"] and type(model.lm_head) is nn.Linear
+    named = inject_lorasc(WithHead(), LoRASCConfig(r=2, target_modules=["lm_head"]))
+    assert list(named) == ["lm_head"]

@@ -144,3 +144,11 @@ def test_bad_set_noise():
         layer.set_noise(1, -0.5)
     with pytest.raises(TypeError, match="seed"):
         layer.set_noise("1", 0.5)
+
+
+def test_failed_set_noise_changes_nothing():
+    layer = LoRASCLinear(16, 8, r=4)
+    layer.set_noise(3, 0.1)
+    with pytest.raises(ValueError, match="scale"):
+        layer.set_noise(5, -1.0)
+    assert (layer.noise_seed, layer.noise_scale) == (3, 0.1)

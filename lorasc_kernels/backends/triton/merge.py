@@ -18,8 +18,9 @@ The result is therefore bit-identical to the reference on the GPU as under
 ``TRITON_INTERPRET=1`` (tested there; the tests also compile the kernel for sm_90 and find
 no ``fma`` in its PTX), for every finite value. Only NaN payloads may
 differ (a NaN stays a NaN). Round-to-nearest to bf16 is done on the bits (``+ 0x7FFF +
-lsb``, as torch does) because the interpreter's fp32 → bf16 cast truncates; 16-bit loads
-are widened by shifting their bits, which the interpreter also gets wrong for subnormals.
+lsb``, as torch does) because the interpreter's fp32 → bf16 cast truncates; bf16 loads
+are widened by shifting their bits (fp16 by a plain cast), as the interpreter gets bf16
+subnormals wrong.
 
 Speed. The rank loop is exact float32 ALU work, 2 instructions per rank per element (no
 FMA, no tensor cores: ``tl.dot`` would sum in another order and break equality with the
@@ -150,14 +151,10 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
     """In-place merge on validated arguments; same bits as the reference (module docstring).
 
     ``weight`` (rows, cols) may have any strides but no overlapping elements (a zero
-    stride raises ValueError). Returns ``weight``.
+    stride is refused by :func:`lorasc_kernels.functional.merge_lowrank_`). Returns
+    ``weight``.
     """
     rows, cols = weight.shape
-    if any(s == 0 and n > 1 for s, n in zip(weight.stride(), weight.shape, strict=True)):
-        raise ValueError(
-            f"weight has a zero stride (strides {weight.stride()}): its elements overlap "
-            "and cannot be merged in place; pass a tensor that owns its elements"
-        )
     remove_key, remove_scale = _noise_arguments(noise_remove)
     add_key, add_scale = _noise_arguments(noise_add)
 
