@@ -239,6 +239,13 @@ class Cascade:
             raise ValueError("state was saved for other LoRASCLinear layers than this model's")
         if state["finalized"]:
             raise ValueError("state is of a finalized Cascade: there is nothing to resume")
+        checks.check_int("state['cascade_index']", state["cascade_index"], 0)
+        checks.check_int("state['steps_in_cascade']", state["steps_in_cascade"], 0)
+        if len(state["noise_scales"]) != len(self.layers):
+            raise ValueError(
+                f"state has {len(state['noise_scales'])} noise scales for "
+                f"{len(self.layers)} layers"
+            )
         self.cascade_index = state["cascade_index"]
         self.steps_in_cascade = state["steps_in_cascade"]
         self.noise_scales = list(state["noise_scales"])
@@ -311,20 +318,21 @@ class Cascade:
         started = time.perf_counter()
         t = self.cascade_index
         mode = self.settings.noise_mode
+        self._check_finite_lora()
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
         record = self.settings.keep_history and any(
             bool(layer.lora_B.detach().any()) for layer in self.layers.values()
         )
         for index, name, layer in self._indexed_layers():
             coeff = self.settings.slow_rate * layer.scaling
-            if record:
-                self.history[name].append(_update_on_cpu(layer, coeff))
             following = None if mode == "off" or last else self._noise(t + 1, index)
             if mode == "inplace":
                 self._merge(index, layer, t + 1, coeff, noise_remove=self._noise(t, index),
                             noise_add=following)
             else:
                 self._merge(index, layer, t + 1, coeff, noise_remove=None, noise_add=None)
+            if record:
+                self.history[name].append(_update_on_cpu(layer, coeff))
             if mode == "fused":
                 seed, scale = following or (None, 0.0)
                 layer.set_noise(seed, scale)
@@ -343,6 +351,16 @@ class Cascade:
             1e3 * (time.perf_counter() - started),
             sum(self.noise_scales) / len(self.noise_scales),
         )
+
+    def _check_finite_lora(self) -> None:
+        """Refuse a boundary, before any merge, if a fast LoRA diverged (inf or NaN)."""
+        for name, layer in self.layers.items():
+            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                if not bool(torch.isfinite(parameter.detach()).all()):
+                    raise ValueError(
+                        f"{name or 'model'}.{kind} has non-finite values: no layer was "
+                        "merged and the cascade is unchanged"
+                    )
 
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
         generator = torch.Generator(device=layer.lora_A.device)

@@ -351,3 +351,29 @@ def test_bad_model_or_optimizer_raise():
         Cascade(layer, [layer.lora_A, layer.lora_B])
     with pytest.raises(ValueError, match="lora_B"):
         Cascade(layer, torch.optim.SGD([layer.lora_A], lr=0.1))
+
+
+def test_diverged_fast_lora_stops_the_boundary_before_any_merge():
+    model = nn.Sequential(LoRASCLinear(IN, OUT, r=RANK), LoRASCLinear(OUT, OUT, r=RANK))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    cascade = Cascade(model, optimizer, keep_history=True)
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+        model[1].lora_B.fill_(float("nan"))
+    weights = [layer.weight.clone() for layer in model]
+    lora_a = model[0].lora_A.clone()
+    with pytest.raises(ValueError, match=r"1\.lora_B has non-finite values"):
+        cascade.end_epoch()
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(model, weights, strict=True))
+    assert torch.equal(model[0].lora_A, lora_a)
+    assert cascade.cascade_index == 0 and not any(cascade.history.values())
+
+
+def test_load_state_dict_refuses_mismatched_counters():
+    layer, optimizer = one_layer()
+    cascade = Cascade(layer, optimizer)
+    state = cascade.state_dict()
+    with pytest.raises(ValueError, match="noise scales"):
+        cascade.load_state_dict({**state, "noise_scales": [0.1, 0.2]})
+    with pytest.raises(ValueError, match="cascade_index"):
+        cascade.load_state_dict({**state, "cascade_index": -1})
