@@ -136,6 +136,15 @@ def test_strided_x_in_the_kernel():
         assert torch.equal(got, expected)
 
 
+def test_strided_bias():
+    x, weight, b, lora_A, lora_B = lowrank_inputs(9, 16, 12, 2, torch.float32, DEVICE)
+    strided_bias = torch.randn(24, device=DEVICE)[::2]
+    got = lorasc_linear(x, weight, strided_bias, lora_A, lora_B, 1.5, backend="triton")
+    expected = lorasc_linear(x, weight, strided_bias.contiguous(), lora_A, lora_B, 1.5,
+                             backend="triton")
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("transposed", [False, True], ids=["W", "W_t"])
 def test_in_kernel_noise_is_bit_identical(dtype, transposed):

@@ -6,6 +6,8 @@ Kernel modules are imported on first use, so importing this package needs no GPU
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -17,12 +19,29 @@ try:
 except ImportError as error:  # Triton is optional
     _IMPORT_ERROR = str(error)
 
-__all__ = ["interpreting", "unavailable_reason", "lorasc_linear", "merge_lowrank_"]
+__all__ = ["interpreting", "on_tensor_device", "unavailable_reason", "lorasc_linear",
+           "merge_lowrank_"]
 
 
 def interpreting() -> bool:
     """Whether Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_tensor_device(launcher):
+    """Run ``launcher(tensor, ...)`` with its first tensor's GPU as the current device.
+
+    Triton launches on the current CUDA device; without this, tensors on ``cuda:1`` while
+    ``cuda:0`` is current (e.g. a model split over GPUs) would launch on the wrong GPU.
+    """
+
+    @functools.wraps(launcher)
+    def run(tensor, *args, **kwargs):
+        on_gpu = tensor.device.type == "cuda"
+        with torch.cuda.device(tensor.device) if on_gpu else contextlib.nullcontext():
+            return launcher(tensor, *args, **kwargs)
+
+    return run
 
 
 def unavailable_reason(device: torch.device) -> str | None:

@@ -37,7 +37,7 @@ import triton.language as tl
 from ... import noise as noise_lib
 from ... import ops
 from ..reference import _fp32
-from . import interpreting
+from . import interpreting, on_tensor_device
 from .configs import fused_linear_configs, prune_by_operand_size
 from .random import element_bits, row_hash, uniform_centered
 from .thin import (
@@ -242,6 +242,7 @@ def _weight_operand(weight, noise_seed, noise_scale, rows):
     return noisy_weight(weight, noise_seed, noise_scale), None
 
 
+@on_tensor_device
 def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
                    noise_seed, noise_scale):
     """``(y (M, N), xa (M, r))`` for 2-D ``x``; ``xa = drop(x) Aᵀ`` is saved for backward."""
@@ -251,9 +252,11 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_se
     else:
         xa = x @ A.t()
     w, noise = _weight_operand(weight, noise_seed, noise_scale, x.shape[0])
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it with stride 1
     return fused_lowrank(x, w, bias, xa, B, scale, noise=noise), xa
 
 
+@on_tensor_device
 def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
                     noise_seed, noise_scale, needs):
     """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` is False.

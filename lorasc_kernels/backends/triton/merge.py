@@ -40,15 +40,12 @@ every SM busy on the weight sizes of real models; under the interpreter a small 
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
 from ... import noise as noise_lib
 from ..reference import _fp32
-from . import interpreting
+from . import interpreting, on_tensor_device
 from .random import element_bits, row_hash, uniform_centered
 
 __all__ = ["merge_tile", "merge_lowrank_"]
@@ -146,6 +143,7 @@ def _noise_arguments(pair: tuple[int, float] | None) -> tuple[int, float]:
     return noise_lib.stream_key(pair[0], noise_lib.STREAM_NOISE), _fp32(pair[1])
 
 
+@on_tensor_device
 def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
                    row_offset):
     """In-place merge on validated arguments; same bits as the reference (module docstring).
@@ -160,18 +158,16 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
 
     block_rows, block_cols, num_warps = merge_tile()
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
-    on_gpu = weight.device.type == "cuda"
-    with torch.cuda.device(weight.device) if on_gpu else contextlib.nullcontext():
-        _merge_kernel[grid](
-            weight, lora_B, lora_A,
-            rows, cols, lora_A.shape[0],
-            *weight.stride(), *lora_B.stride(), *lora_A.stride(),
-            _fp32(coeff), remove_scale, add_scale,
-            remove_key, add_key, noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING),
-            row_offset,
-            HAS_REMOVE=noise_remove is not None, HAS_ADD=noise_add is not None,
-            STOCHASTIC=rounding == "stochastic",
-            BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
-            enable_fp_fusion=False,
-        )
+    _merge_kernel[grid](
+        weight, lora_B, lora_A,
+        rows, cols, lora_A.shape[0],
+        *weight.stride(), *lora_B.stride(), *lora_A.stride(),
+        _fp32(coeff), remove_scale, add_scale,
+        remove_key, add_key, noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING),
+        row_offset,
+        HAS_REMOVE=noise_remove is not None, HAS_ADD=noise_add is not None,
+        STOCHASTIC=rounding == "stochastic",
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
+        enable_fp_fusion=False,
+    )
     return weight
