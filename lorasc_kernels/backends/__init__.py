@@ -3,10 +3,14 @@
 A backend is a module exposing
 
 * ``unavailable_reason(device) -> str | None``: ``None`` when it can run on ``device``;
-* ``lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-  noise_seed, noise_scale)``: differentiable, on validated 2-D ``x``;
+* ``linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
+  noise_seed, noise_scale) -> (y, xa)`` and ``linear_backward(dy, x, xa, weight, lora_A,
+  lora_B, <same hyper-parameters>, needs) -> grads``, on validated 2-D ``x``: the autograd
+  of :mod:`lorasc_kernels.ops` runs them (``lorasc_linear`` wraps that, for direct use);
 * ``merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
   noise_add, row_offset)``: in place, on validated arguments.
+
+(For Triton, ``linear_forward``/``linear_backward`` live in ``triton/fused_linear.py``.)
 
 ``"torch"`` is :mod:`.reference`; ``"triton"`` and ``"cuda"`` are imported lazily, so a
 missing Triton or CUDA toolchain never breaks ``import lorasc_kernels``.

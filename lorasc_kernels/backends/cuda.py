@@ -150,7 +150,7 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     if need_b:
         dbias = dy.sum(0)
     if need_a:
-        if dropout_p > 0.0:  # dY_Bᵀ · drop(x), the mask applied to xᵀ as it is loaded
+        if dropout_p > 0.0 and x.shape[0] > 0:  # dY_Bᵀ · drop(x), the mask on xᵀ as loaded
             d_a = _gemm(dy_b.t(), x.t(),
                         q_transform=_dropout_transform(dropout_p, dropout_seed, True))
         else:
