@@ -85,13 +85,14 @@ def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.const
 
 
 @triton.autotune(configs=fused_linear_configs(),
-                 key=["M", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"],
+                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"],
                  prune_configs_by={"early_config_prune": prune_by_operand_size})
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
 def _fused_lowrank_kernel(
     # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
     out_ptr, p_ptr, q_ptr, bias_ptr, u_ptr, v_ptr,
     M, N, K, R,
+    M_BUCKET,  # autotuning key: M rounded up to a power of two (token counts vary per batch)
     stride_om, stride_on, stride_pm, stride_pk, stride_qn, stride_qk,
     stride_um, stride_ur, stride_vn, stride_vr,
     scale,
@@ -219,7 +220,7 @@ def fused_lowrank(p, q, bias, u, v, scale, *, noise=None, w_transposed=False,
 
     _fused_lowrank_kernel[grid](
         out, p, q, out if bias is None else bias, u, v,
-        M, N, K, r,
+        M, N, K, r, triton.next_power_of_2(M),
         out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         _fp32(scale),

@@ -89,11 +89,12 @@ def dropout_tile(tile, rows, cols, key, threshold, keep_scale, INTERPRETING: tl.
     return round_to(kept, tile.dtype, INTERPRETING)
 
 
-@triton.autotune(configs=thin_configs(), key=["M", "K", "R"])
+@triton.autotune(configs=thin_configs(), key=["M_BUCKET", "K", "R"])
 @triton.jit(do_not_specialize=["key", "threshold"])
 def _dropout_lowrank_kernel(
     xa_ptr, x_ptr, a_ptr,  # xa (M, R) = drop(x) (M, K) @ A (R, K)ᵀ
     M, K, R,
+    M_BUCKET,  # autotuning key: M rounded up to a power of two
     stride_xam, stride_xar, stride_xm, stride_xk, stride_ar, stride_ak,
     key, threshold, keep_scale,  # dropout mask
     R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETING: tl.constexpr,
@@ -119,11 +120,12 @@ def _dropout_lowrank_kernel(
              mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
 
 
-@triton.autotune(configs=thin_configs(), key=["M", "K", "R"])
+@triton.autotune(configs=thin_configs(), key=["M_BUCKET", "K", "R"])
 @triton.jit(do_not_specialize=["key", "threshold"])
 def _dropout_lowrank_grad_kernel(
     part_ptr, g_ptr, x_ptr,  # part[s] (R, K) = G[rows of split s]ᵀ @ drop(x)[rows of split s]
     M, K, R, ROWS_PER_SPLIT,
+    M_BUCKET,  # autotuning key: M rounded up to a power of two
     stride_ps, stride_pr, stride_pk, stride_gm, stride_gr, stride_xm, stride_xk,
     key, threshold, keep_scale,  # dropout mask
     R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETING: tl.constexpr,
@@ -172,7 +174,7 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) 
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, r_block)
 
     _dropout_lowrank_kernel[grid](
-        xa, x, lora_A, M, K, r,
+        xa, x, lora_A, M, K, r, triton.next_power_of_2(M),
         xa.stride(0), xa.stride(1), x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         key, threshold, keep_scale,
         R_BLOCK=r_block, DOT_PRECISION=dot_precision(x.dtype),
@@ -202,7 +204,7 @@ def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: f
         return triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, r_block), splits
 
     _dropout_lowrank_grad_kernel[grid](
-        partials, grad_xa, x, M, K, r, rows_per_split,
+        partials, grad_xa, x, M, K, r, rows_per_split, triton.next_power_of_2(M),
         partials.stride(0), partials.stride(1), partials.stride(2),
         grad_xa.stride(0), grad_xa.stride(1), x.stride(0), x.stride(1),
         key, threshold, keep_scale,
