@@ -25,23 +25,15 @@ the graph — compile with ``lora_dropout=0``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 
-from .backends import _MODULES, resolve_backend
+from .backends import backend_module, resolve_backend_name
 
 __all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction", "lorasc_linear",
            "merge_lowrank_"]
 
-# Backend module (as resolve_backend returns it) → its registry name.
-_REGISTRY_NAMES = {module: name for name, module in _MODULES.items()}
-# Backend name → module holding its linear_forward / linear_backward, imported on first use.
-_LINEAR_MODULES = {"torch": "lorasc_kernels.backends.reference",
-                   "triton": "lorasc_kernels.backends.triton.fused_linear",
-                   "cuda": "lorasc_kernels.backends.cuda"}
 _SEED_SPAN = 2**64
 
 
@@ -57,10 +49,6 @@ def seed_from_int64(value: int | None) -> int | None:
     return None if value is None else value % _SEED_SPAN
 
 
-def _linear_module(backend: str) -> ModuleType:
-    return importlib.import_module(_LINEAR_MODULES[backend])
-
-
 @torch.library.custom_op("lorasc::linear_forward", mutates_args=())
 def _linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -68,7 +56,7 @@ def _linear_forward(
     noise_seed: int | None, noise_scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
-    return _linear_module(backend).linear_forward(
+    return backend_module(backend).linear_forward(
         x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_from_int64(dropout_seed),
         seed_from_int64(noise_seed), noise_scale,
     )
@@ -88,7 +76,7 @@ def _linear_backward(
     needs: Sequence[bool], backend: str,
 ) -> list[torch.Tensor]:
     """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
-    grads = _linear_module(backend).linear_backward(
+    grads = backend_module(backend).linear_backward(
         dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, seed_from_int64(dropout_seed),
         seed_from_int64(noise_seed), noise_scale, needs,
     )
@@ -119,7 +107,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
                 noise_seed, noise_scale, backend):
-        ctx.module = _linear_module(backend)
+        ctx.module = backend_module(backend)
         ctx.hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
         y, xa = ctx.module.linear_forward(x, weight, bias, lora_A, lora_B, *ctx.hyper)
         ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
@@ -152,7 +140,7 @@ def _merge_lowrank(
     add_seed: int | None, add_scale: float, row_offset: int, backend: str,
 ) -> None:
     """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``."""
-    module = importlib.import_module(_MODULES[backend])
+    module = backend_module(backend)
     noise_remove = None if remove_seed is None else (seed_from_int64(remove_seed), remove_scale)
     noise_add = None if add_seed is None else (seed_from_int64(add_seed), add_scale)
     module.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed_from_int64(seed),
@@ -169,7 +157,7 @@ def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, 
 def backend_name(backend: str, device: torch.device) -> str:
     """The registry name (``"torch" | "triton" | "cuda"``) that ``backend`` resolves to on
     ``device``; a constant of the graph under ``torch.compile`` (resolution imports modules)."""
-    return _REGISTRY_NAMES[resolve_backend(backend, device).__name__]
+    return resolve_backend_name(backend, device)
 
 
 def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,

@@ -6,11 +6,9 @@ A backend is a module exposing
 * ``linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
   noise_seed, noise_scale) -> (y, xa)`` and ``linear_backward(dy, x, xa, weight, lora_A,
   lora_B, <same hyper-parameters>, needs) -> grads``, on validated 2-D ``x``: the autograd
-  of :mod:`lorasc_kernels.ops` runs them (``lorasc_linear`` wraps that, for direct use);
+  of :mod:`lorasc_kernels.ops` (one for every backend) runs them;
 * ``merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
   noise_add, row_offset)``: in place, on validated arguments.
-
-(For Triton, ``linear_forward``/``linear_backward`` live in ``triton/fused_linear.py``.)
 
 ``"torch"`` is :mod:`.reference`; ``"triton"`` and ``"cuda"`` are imported lazily, so a
 missing Triton or CUDA toolchain never breaks ``import lorasc_kernels``.
@@ -23,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend"]
+__all__ = ["BACKENDS", "backend_module", "resolve_backend_name", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
@@ -37,26 +35,21 @@ _MODULES = {
 _AUTO_ORDER = ("triton", "cuda")
 
 
-def _load(name: str) -> tuple[ModuleType | None, str | None]:
+def backend_module(name: str) -> ModuleType:
+    """The module of the backend called ``name`` (``"torch" | "triton" | "cuda"``)."""
+    return importlib.import_module(_MODULES[name])
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str | None:
     try:
-        module = importlib.import_module(_MODULES[name])
+        module = backend_module(name)
     except ImportError as error:
-        return None, f"it cannot be imported ({error})"
-    return module, None
+        return f"it cannot be imported ({error})"
+    return module.unavailable_reason(device)
 
 
-def _usable(name: str, device: torch.device) -> tuple[ModuleType | None, str | None]:
-    module, reason = _load(name)
-    if module is None:
-        return None, reason
-    if name == "torch":
-        return module, None
-    reason = module.unavailable_reason(device)
-    return (None, reason) if reason else (module, None)
-
-
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
-    """The backend module for ``name`` on ``device``.
+def resolve_backend_name(name: str, device: torch.device) -> str:
+    """The backend (``"torch" | "triton" | "cuda"``) that ``name`` means on ``device``.
 
     ``"auto"`` picks the first usable of Triton then CUDA for CUDA tensors and the torch
     reference otherwise. An explicit name that cannot run raises ``RuntimeError`` saying
@@ -69,11 +62,15 @@ def resolve_backend(name: str, device: torch.device) -> ModuleType:
     if name == "auto":
         if device.type == "cuda":
             for candidate in _AUTO_ORDER:
-                module, _ = _usable(candidate, device)
-                if module is not None:
-                    return module
-        return _load("torch")[0]
-    module, reason = _usable(name, device)
-    if module is None:
+                if _unavailable_reason(candidate, device) is None:
+                    return candidate
+        return "torch"
+    reason = _unavailable_reason(name, device)
+    if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available on {device}: {reason}")
-    return module
+    return name
+
+
+def resolve_backend(name: str, device: torch.device) -> ModuleType:
+    """The backend module that ``name`` means on ``device`` (see :func:`resolve_backend_name`)."""
+    return backend_module(resolve_backend_name(name, device))

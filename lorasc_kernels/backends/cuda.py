@@ -29,8 +29,7 @@ from .. import noise as noise_lib
 from .._build import load_extension
 from .reference import dropout_threshold
 
-__all__ = ["ops", "unavailable_reason", "lorasc_linear", "merge_lowrank_", "linear_forward",
-           "linear_backward"]
+__all__ = ["ops", "unavailable_reason", "linear_forward", "linear_backward", "merge_lowrank_"]
 
 # Transform kinds of lowrank_gemm (csrc/lorasc/gemm_tile.cuh: TransformKind).
 _NONE, _NOISE, _DROPOUT = 0, 1, 2
@@ -159,16 +158,6 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     if need_bb:
         d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
     return dx, dw, dbias, d_a, d_b
-
-
-def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                  noise_seed, noise_scale):
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N): autograd over
-    :func:`linear_forward` / :func:`linear_backward` (see :mod:`lorasc_kernels.ops`)."""
-    from .. import ops as lorasc_ops
-
-    return lorasc_ops.lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                    dropout_seed, noise_seed, noise_scale, backend="cuda")
 
 
 def _noise_key(pair: tuple[int, float] | None) -> tuple[int, float]:

@@ -25,7 +25,7 @@ __all__ = [
     "noisy_weight",
     "linear_forward",
     "linear_backward",
-    "lorasc_linear",
+    "unavailable_reason",
     "lowrank_delta_fp32",
     "merge_lowrank_",
 ]
@@ -108,14 +108,9 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     return dx, dw, dbias, d_a, d_b
 
 
-def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                  noise_seed, noise_scale):
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N): autograd over
-    :func:`linear_forward` / :func:`linear_backward` (see :mod:`lorasc_kernels.ops`)."""
-    from .. import ops
-
-    return ops.lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                             noise_seed, noise_scale, backend="torch")
+def unavailable_reason(device: torch.device) -> None:
+    """The torch backend runs wherever torch does."""
+    return None
 
 
 def lowrank_delta_fp32(lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 
 import torch
@@ -19,8 +20,12 @@ try:
 except ImportError as error:  # Triton is optional
     _IMPORT_ERROR = str(error)
 
-__all__ = ["interpreting", "on_tensor_device", "unavailable_reason", "lorasc_linear",
-           "merge_lowrank_"]
+__all__ = ["interpreting", "on_tensor_device", "unavailable_reason", "linear_forward",
+           "linear_backward", "merge_lowrank_"]
+
+# Entry point of the backend interface → the kernel module defining it.
+_ENTRY_POINTS = {"linear_forward": "fused_linear", "linear_backward": "fused_linear",
+                 "merge_lowrank_": "merge"}
 
 
 def interpreting() -> bool:
@@ -53,19 +58,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"Triton needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device}"
 
 
-def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                  noise_seed, noise_scale):
-    """See :func:`lorasc_kernels.backends.reference.lorasc_linear` (same contract)."""
-    from .fused_linear import lorasc_linear as run
-
-    return run(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-               noise_seed, noise_scale)
-
-
-def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
-                   row_offset):
-    """See :func:`lorasc_kernels.backends.reference.merge_lowrank_` (same bits)."""
-    from .merge import merge_lowrank_ as run
-
-    return run(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
-               row_offset)
+def __getattr__(name: str):
+    """The backend entry points, imported from their kernel module on first use."""
+    if name not in _ENTRY_POINTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_ENTRY_POINTS[name]}", __name__), name)

@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 
 from ... import noise as noise_lib
-from ... import ops
 from ..reference import _fp32
 from . import interpreting, on_tensor_device
 from .configs import fused_linear_configs, prune_by_operand_size
@@ -57,7 +56,6 @@ __all__ = [
     "noisy_weight",
     "linear_forward",
     "linear_backward",
-    "lorasc_linear",
 ]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
@@ -288,11 +286,3 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     if need_b:
         d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
     return dx, dweight, dbias, d_a, d_b
-
-
-def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                  noise_seed, noise_scale):
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N), through the
-    ``lorasc::linear_*`` custom ops (see :mod:`lorasc_kernels.ops`)."""
-    return ops.lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                             noise_seed, noise_scale, backend="triton")
