@@ -27,7 +27,7 @@ import torch
 
 from .. import noise as noise_lib
 from .._build import load_extension
-from .reference import dropout_threshold
+from .reference import dense_grads, dropout_threshold
 
 __all__ = ["ops", "unavailable_reason", "linear_forward", "linear_backward", "merge_lowrank_"]
 
@@ -133,8 +133,9 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     dy = dy.to(dtype)
     A, B = lora_A.to(dtype), lora_B.to(dtype)
     need_x, need_w, need_b, need_a, need_bb = needs
-    dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
-    dx = dw = dbias = d_a = d_b = None
+    dx = d_a = None
+    if need_x or need_a:
+        dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
     if need_x:
         noise = _noise_transform(noise_seed, noise_scale, True)
         if dropout_p > 0.0:  # the mask sits on the product: add it after the GEMM
@@ -144,10 +145,6 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
                                            1.0 / (1.0 - dropout_p)))
         else:
             dx = _gemm(dy, weight.t(), None, dy_b, A.t(), 1.0, q_transform=noise)
-    if need_w:
-        dw = (dy.t() @ x).to(weight.dtype)
-    if need_b:
-        dbias = dy.sum(0)
     if need_a:
         if dropout_p > 0.0 and x.shape[0] > 0:  # dY_Bᵀ · drop(x), the mask on xᵀ as loaded
             d_a = _gemm(dy_b.t(), x.t(),
@@ -155,8 +152,7 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
         else:
             d_a = dy_b.t() @ x
         d_a = d_a.to(lora_A.dtype)
-    if need_bb:
-        d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
+    dw, dbias, d_b = dense_grads(dy, x, xa, weight, lora_B, scale, need_w, need_b, need_bb)
     return dx, dw, dbias, d_a, d_b
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "noisy_weight",
     "linear_forward",
     "linear_backward",
+    "dense_grads",
     "unavailable_reason",
     "lowrank_delta_fp32",
     "merge_lowrank_",
@@ -81,6 +82,15 @@ def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_se
     return y, xa
 
 
+def dense_grads(dy, x, xa, weight, lora_B, scale, need_weight, need_bias, need_lora_B):
+    """``(dweight, dbias, dlora_B)``, None where not needed: the backward's plain matmuls,
+    shared by every backend. ``dy`` (M, N) and ``x`` (M, K) in the compute dtype."""
+    dweight = (dy.t() @ x).to(weight.dtype) if need_weight else None
+    dbias = dy.sum(0) if need_bias else None
+    dlora_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype) if need_lora_B else None
+    return dweight, dbias, dlora_b
+
+
 def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
                     noise_seed, noise_scale, needs):
     """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
@@ -89,22 +99,18 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     dtype = x.dtype
     dy = dy.to(dtype)
     A, B = lora_A.to(dtype), lora_B.to(dtype)
-    dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
-    dx = dw = dbias = d_a = d_b = None
+    dx = d_a = None
+    if need_x or need_a:
+        dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
     if need_x:
         dx = dy @ noisy_weight(weight, noise_seed, noise_scale)
         if dropout_p > 0.0:
             dx.add_(apply_dropout(dy_b @ A, dropout_p, dropout_seed))
         else:
             dx.addmm_(dy_b, A)  # accumulated in place: no (M, K) temporary
-    if need_w:
-        dw = (dy.t() @ x).to(weight.dtype)
-    if need_b:
-        dbias = dy.sum(0)
     if need_a:
         d_a = (dy_b.t() @ apply_dropout(x, dropout_p, dropout_seed)).to(lora_A.dtype)
-    if need_bb:
-        d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
+    dw, dbias, d_b = dense_grads(dy, x, xa, weight, lora_B, scale, need_w, need_b, need_bb)
     return dx, dw, dbias, d_a, d_b
 
 

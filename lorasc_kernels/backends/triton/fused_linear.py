@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ... import noise as noise_lib
-from ..reference import _fp32
+from ..reference import _fp32, dense_grads
 from . import interpreting, on_tensor_device
 from .configs import fused_linear_configs, prune_by_operand_size
 from .random import element_bits, row_hash, uniform_centered
@@ -265,7 +265,7 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
     need_x, need_w, need_bias, need_a, need_b = needs
     dy = dy.to(x.dtype)
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    dx = dweight = dbias = d_a = d_b = None
+    dx = d_a = None
     if need_x or need_a:
         dy_b = dy @ B  # (M, r)
     if need_x:
@@ -273,16 +273,12 @@ def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout
         lora_dropout = dropout_params(dropout_seed, dropout_p) if dropout_p > 0.0 else None
         dx = fused_lowrank(dy, w.t(), None, dy_b, A.t(), scale, noise=noise, w_transposed=True,
                            lora_dropout=lora_dropout)
-    if need_w:
-        dweight = (dy.t() @ x).to(weight.dtype)
-    if need_bias:
-        dbias = dy.sum(0)
     if need_a:
         if dropout_p > 0.0:
             d_a = dropout_lowrank_grad(dy_b, x, dropout_seed, dropout_p)
         else:
             d_a = dy_b.t() @ x
         d_a = d_a.mul_(scale).to(lora_A.dtype)
-    if need_b:
-        d_b = (dy.t() @ xa).mul_(scale).to(lora_B.dtype)
+    dweight, dbias, d_b = dense_grads(dy, x, xa, weight, lora_B, scale, need_w, need_bias,
+                                      need_b)
     return dx, dweight, dbias, d_a, d_b
