@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _checks as checks
 from .backends import BACKENDS
-from .functional import draw_seed, lorasc_linear
+from .functional import lorasc_linear
 
 __all__ = ["LoRASCLinear"]
 
@@ -129,7 +129,7 @@ class LoRASCLinear(nn.Linear):
         return lorasc_linear(
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=dropout_p, noise_seed=self.noise_seed, noise_scale=self.noise_scale,
-            backend=self.backend, dropout_seed=draw_seed() if dropout_p > 0.0 else None,
+            backend=self.backend,  # a dropout seed is drawn per call from torch's generator
         )
 
     def extra_repr(self) -> str:
