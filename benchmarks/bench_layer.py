@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import providers
-from .bench_linear import clear_grads, measure, on_gpu, step_fn
+from .bench_linear import clear_grads, measure_all, on_gpu, step_fn
 from .providers import Problem, Tensors
 
 FAMILY = "layer"
@@ -83,13 +83,9 @@ def goal_report(rows: list[dict]) -> str:
 
 def run(quick: bool, device: str, out_dir: Path, full: bool = False,
         skip_backends=(), sink=None) -> list[dict]:
-    """Run the family; returns its rows, and hands each problem's rows to ``sink`` as they
-    come (``python -m benchmarks`` appends them to the CSV: a timeout keeps what ran)."""
-    names = providers.without_backends(provider_names(quick, device), skip_backends)
-    rows = []
-    for problem in problems(quick, device, full):
-        rows += measure(FAMILY, problem, names, MODES, quick, step_factory=train_step_fn,
-                        sink=sink)
+    """Run the family and return its rows (see ``bench_linear.measure_all``)."""
+    rows = measure_all(FAMILY, problems(quick, device, full), provider_names(quick, device),
+                       MODES, quick, skip_backends, step_factory=train_step_fn, sink=sink)
     if not quick and not on_gpu(device):  # the goal is the CPU comparison's
         print(goal_report(rows), flush=True)
     return rows

@@ -122,12 +122,17 @@ def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
     return rows
 
 
+def measure_all(family: str, problem_list: list[Problem], names: list[str], modes,
+                quick: bool, skip_backends=(), step_factory=step_fn, sink=None) -> list[dict]:
+    """:func:`measure` over ``problem_list``; each problem's rows go to ``sink`` as they come
+    (``python -m benchmarks`` appends them to the CSV: a timeout keeps what ran)."""
+    names = providers.without_backends(names, skip_backends)
+    return [row for problem in problem_list
+            for row in measure(family, problem, names, modes, quick, step_factory, sink)]
+
+
 def run(quick: bool, device: str, out_dir: Path, full: bool = False,
         skip_backends=(), sink=None) -> list[dict]:
-    """Run the family; returns its rows, and hands each problem's rows to ``sink`` as they
-    come (``python -m benchmarks`` appends them to the CSV: a timeout keeps what ran)."""
-    names = providers.without_backends(provider_names(quick, device), skip_backends)
-    rows = []
-    for problem in problems(quick, device, full):
-        rows += measure(FAMILY, problem, names, MODES, quick, sink=sink)
-    return rows
+    """Run the family and return its rows (see :func:`measure_all`)."""
+    return measure_all(FAMILY, problems(quick, device, full), provider_names(quick, device),
+                       MODES, quick, skip_backends, sink=sink)
