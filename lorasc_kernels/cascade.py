@@ -94,6 +94,8 @@ class CascadeSettings:
     seed: int = 0
     keep_history: bool = False
     rounding: str = "stochastic"
+    slow_other_params: bool = True
+    warmup_steps: int = 0
 
     def __post_init__(self):
         if self.steps_per_cascade is not None:
@@ -107,6 +109,11 @@ class CascadeSettings:
         if not isinstance(self.keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {type(self.keep_history).__name__}")
         checks.check_choice("rounding", self.rounding, ROUNDING_MODES)
+        if not isinstance(self.slow_other_params, bool):
+            raise TypeError(
+                f"slow_other_params must be a bool, got {type(self.slow_other_params).__name__}"
+            )
+        checks.check_int("warmup_steps", self.warmup_steps, 0, self.steps_per_cascade)
 
 
 class Cascade:
@@ -127,14 +134,39 @@ class Cascade:
         keep_history: keep each merged ``(slow_rate·s·B_t, A_t)`` on the CPU in float32,
             for :meth:`export_peft_adapter`.
         rounding: rounding of the merges into ``W``'s dtype, ``"stochastic"`` or ``"nearest"``.
+        slow_other_params: give the other trainable parameters the optimizer holds (a new
+            head, norms, biases) the same slow update at each boundary, see below.
+        warmup_steps: length of the linear learning-rate warm-up at the start of every
+            cascade (0: none), applied through :meth:`lr_lambda`.
+
+    **The slow update of the other parameters.** A parameter trained next to the LoRASC
+    layers (a new classification head, a norm, a bias) keeps its value ``p_start`` at the
+    start of each cascade; at the boundary ``p ← p_start + slow_rate · (p − p_start)``,
+    in place (``torch.lerp``: elementwise, so an FSDP2 rank updates its own rows and DDP
+    ranks stay identical). Without it, a head adapted to the whole fast LoRA keeps its full
+    step while ``1 − slow_rate`` of the LoRA's vanishes, and the training loss jumps at every
+    boundary. Their optimizer state is kept (as Lookahead keeps its inner optimizer's):
+    they are the same parameters, moved part of the way back. The anchors ``p_start``
+    cost one copy of those parameters and are part of :meth:`state_dict`. With
+    ``slow_rate=1`` the update is the identity and no anchor is kept.
+
+    **Per-cascade warm-up.** Every boundary hands the optimizer a fresh fast LoRA with
+    empty moments; ReLoRA found a short warm-up after each such reset necessary ("jagged"
+    schedule). ``lr_lambda(schedule)`` returns ``step ↦ schedule(step) · lr_factor()`` for
+    ``torch.optim.lr_scheduler.LambdaLR``, where ``lr_factor() = min(1, (k + 1) /
+    warmup_steps)`` for the ``k``-th step of the current cascade: the user's schedule
+    (``schedule``, e.g. a cosine decay of the global step) times the jagged warm-up.
+    Call ``scheduler.step()`` after ``cascade.step()``.
     """
 
     def __init__(self, model: nn.Module, optimizer, steps_per_cascade: int | None = None,
                  slow_rate: float = 0.5, noise_lambda: float = 0.15,
                  noise_mode: str = "inplace", seed: int = 0, keep_history: bool = False,
-                 rounding: str = "stochastic"):
+                 rounding: str = "stochastic", slow_other_params: bool = True,
+                 warmup_steps: int = 0):
         self._attach(model, optimizer, CascadeSettings(
-            steps_per_cascade, slow_rate, noise_lambda, noise_mode, seed, keep_history, rounding))
+            steps_per_cascade, slow_rate, noise_lambda, noise_mode, seed, keep_history, rounding,
+            slow_other_params, warmup_steps))
         self.noise_scales = [self._measure_noise_scale(layer) for layer in self.layers.values()]
         self._start_first_noise()
 
@@ -168,6 +200,11 @@ class Cascade:
         self.history: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
             name: [] for name in self.layers
         }
+        self.other_params = _other_trainable_params(optimizer, self.layers)
+        if not settings.slow_other_params or settings.slow_rate == 1.0:
+            self.other_params = []
+        # p_start of each other parameter (an FSDP2 rank's own rows), in optimizer order.
+        self.anchors = [_local(p).clone() for p in self.other_params]
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -194,6 +231,19 @@ class Cascade:
             return True
         return False
 
+    def lr_factor(self) -> float:
+        """The per-cascade warm-up's multiplier of the learning rate for the next step."""
+        if self.settings.warmup_steps == 0:
+            return 1.0
+        return min(1.0, (self.steps_in_cascade + 1) / self.settings.warmup_steps)
+
+    def lr_lambda(self, schedule=None):
+        """``step ↦ schedule(step) · lr_factor()`` for ``LambdaLR`` (``schedule``: the user's
+        multiplier of the global step, None for 1); see the class docstring."""
+        def multiplier(step: int) -> float:
+            return (1.0 if schedule is None else schedule(step)) * self.lr_factor()
+        return multiplier
+
     def finalize(self) -> nn.Module:
         """Remove the noise, do the last merge, and put plain ``nn.Linear`` layers back.
 
@@ -216,7 +266,8 @@ class Cascade:
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Counters, noise scales, settings and (with ``keep_history``) the merged updates."""
+        """Counters, noise scales, settings, the anchors of the other parameters' slow
+        update (copies) and (with ``keep_history``) the merged updates."""
         return {
             "settings": asdict(self.settings),
             "layer_names": list(self.layers),
@@ -225,6 +276,7 @@ class Cascade:
             "finalized": self.finalized,
             "noise_scales": list(self.noise_scales),
             "history": {name: list(pairs) for name, pairs in self.history.items()},
+            "anchors": [anchor.clone() for anchor in self.anchors],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -250,6 +302,7 @@ class Cascade:
         self.steps_in_cascade = state["steps_in_cascade"]
         self.noise_scales = list(state["noise_scales"])
         self.history = {name: list(pairs) for name, pairs in state["history"].items()}
+        self._load_anchors(state["anchors"])
         if self.settings.noise_mode == "fused":
             for index, _, layer in self._indexed_layers():
                 layer.set_noise(*self._noise(self.cascade_index, index))
@@ -339,6 +392,7 @@ class Cascade:
             self._drop_optimizer_state(layer)
             if not last:
                 reset_lora(layer, self._init_generator(layer, t + 1, index))
+        self._slow_update_other_params()
         self.cascade_index = t + 1
         self.steps_in_cascade = 0
         devices = {layer.weight.device for layer in self.layers.values()}
@@ -362,6 +416,27 @@ class Cascade:
                         "merged and the cascade is unchanged"
                     )
 
+    def _slow_update_other_params(self) -> None:
+        """``p ← p_start + slow_rate · (p − p_start)`` in place; the result is the next anchor."""
+        for parameter, anchor in zip(self.other_params, self.anchors, strict=True):
+            local = _local(parameter)
+            anchor.lerp_(local, self.settings.slow_rate)
+            local.copy_(anchor)
+
+    def _load_anchors(self, anchors: list) -> None:
+        if len(anchors) != len(self.anchors):
+            raise ValueError(
+                f"state has {len(anchors)} anchors, this Cascade slow-updates "
+                f"{len(self.anchors)} other parameters"
+            )
+        for index, (anchor, saved) in enumerate(zip(self.anchors, anchors, strict=True)):
+            if saved.shape != anchor.shape or saved.dtype != anchor.dtype:
+                raise ValueError(
+                    f"state['anchors'][{index}] has shape {tuple(saved.shape)} and dtype "
+                    f"{saved.dtype}, expected {tuple(anchor.shape)} and {anchor.dtype}"
+                )
+            anchor.copy_(saved)
+
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
         generator = torch.Generator(device=layer.lora_A.device)
         generator.manual_seed(cascade_seed(self.settings.seed, PURPOSE_INIT, cascade_index, index))
@@ -377,6 +452,22 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return model.module
     return model
+
+
+def _local(parameter: torch.Tensor) -> torch.Tensor:
+    """The rows of ``parameter`` this rank holds (all of a plain tensor), sharing storage."""
+    return local_row_block(parameter.detach())[0]
+
+
+def _other_trainable_params(optimizer, layers: dict[str, LoRASCLinear]) -> list[nn.Parameter]:
+    """The trainable parameters ``optimizer`` holds besides the fast LoRAs, each once."""
+    fast = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    others = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            if parameter.requires_grad and id(parameter) not in fast:
+                others.setdefault(id(parameter), parameter)
+    return list(others.values())
 
 
 def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
