@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -43,8 +46,10 @@ def check_same_device(**tensors):
 
 
 def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as a Python int: any integral number but a bool (numpy integers too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
@@ -53,7 +58,8 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
 
 
 def check_float(name: str, value, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a finite Python float: any real number but a bool (numpy scalars too)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -89,3 +95,93 @@ def check_noise_pair(name: str, value) -> tuple[int, float] | None:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise TypeError(f"{name} must be None or a (seed, scale) pair, got {value!r}")
     return check_seed(f"{name}[0] (seed)", value[0]), check_float(f"{name}[1] (scale)", value[1])
+
+
+def check_layer_dtype(name: str, dtype) -> None:
+    """``dtype`` (None: torch's default) must be a floating dtype the package computes in."""
+    if dtype is not None and dtype not in REFERENCE_DTYPES:
+        raise TypeError(
+            f"{name} must be None or a floating dtype in "
+            f"{[str(d) for d in REFERENCE_DTYPES]}, got {dtype}"
+        )
+
+
+def layer_label(name: str) -> str:
+    """How errors name a layer: its module path, or the model itself for the root."""
+    return repr(name) if name else "'' (the model itself)"
+
+
+@contextmanager
+def naming_layer(name: str) -> Iterator[None]:
+    """Re-raise a ``TypeError``/``ValueError`` from inside with the layer's module path first."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"layer {layer_label(name)}: {error}") from error
+
+
+def check_writable(name: str, tensor: torch.Tensor) -> None:
+    """``tensor`` can be updated in place here: it holds values and is not an inference
+    tensor outside ``torch.inference_mode()``."""
+    if tensor.is_meta:
+        raise ValueError(
+            f"{name} is on the meta device and holds no values to update: materialize it "
+            "first (module.to_empty(device=...), then load the weights)"
+        )
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name} was created under torch.inference_mode() and cannot be updated in place "
+            f"outside it: pass {name}.clone(), or call inside torch.inference_mode()"
+        )
+
+
+# Rows whose cheap bound comes this close to the largest finite value are merged exactly into
+# a scratch copy instead: the bound ignores float32 rounding (relative 2**-24 per operation).
+_BOUND_MARGIN = 1.0 - 2.0**-10
+# Rows merged exactly at a time (scratch memory of about 8 bytes per element).
+_EXACT_BLOCK_ELEMENTS = 1 << 20
+
+
+def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
+                         coeff: float, noise_scales: tuple[float, float], row_offset: int,
+                         exact_rows) -> None:
+    """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range.
+
+    ``weight`` (rows, K) with finite values only, ``noise_scales`` the two noise scales (0
+    for no noise), ``exact_rows(start, stop)`` the merged values of rows ``start:stop``
+    computed into new memory. Per row ``i``, in float64, noise values lying in [-½, ½)::
+
+        bound_i = max_j |W_ij| + (|s_remove| + |s_add|) / 2 + |coeff| · Σ_k |B_ik| max_j |A_kj|
+
+    bounds every value of the row. A row passes when ``bound_i`` and ``Σ_k |B_ik| max_j
+    |A_kj|`` are below ``(1 - 2**-10)`` times the largest finite value of W's dtype (of
+    float32 for float64 ``W``: the merge computes in float32). Any other row is merged
+    exactly by ``exact_rows`` and refused only if that yields an inf, so no merge that fits
+    is refused. One read of ``W`` (a row-wise max), no write.
+    """
+    dtype_max = torch.finfo(weight.dtype).max
+    limit = min(dtype_max, torch.finfo(torch.float32).max) * _BOUND_MARGIN
+    if weight.shape[0] == 0:
+        return
+    row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
+    finite = torch.isfinite(row_max)
+    if not bool(finite.all()):
+        row = row_offset + int((~finite).nonzero()[0, 0])
+        raise ValueError(f"weight has non-finite values (row {row}); it was left untouched")
+    lowrank = lora_B.detach().abs().double() @ lora_A.detach().abs().amax(dim=1).double()
+    bound = row_max + sum(abs(s) for s in noise_scales) / 2 + abs(coeff) * lowrank
+    suspect = ((bound > limit) | (lowrank > limit)).nonzero().flatten()
+    if suspect.numel() == 0:
+        return
+    start, stop = int(suspect[0]), int(suspect[-1]) + 1
+    block = max(1, _EXACT_BLOCK_ELEMENTS // weight.shape[1])
+    for first in range(start, stop, block):
+        merged = exact_rows(first, min(stop, first + block))
+        overflow = ~torch.isfinite(merged)
+        if bool(overflow.any()):
+            row, col = (int(i) for i in overflow.nonzero()[0])
+            raise ValueError(
+                f"the merge would overflow {weight.dtype} (largest finite value {dtype_max:.4g})"
+                f" at weight[{row_offset + first + row}, {col}]: |coeff| = {abs(coeff):.4g}, "
+                f"noise scales {noise_scales}; weight was left untouched"
+            )

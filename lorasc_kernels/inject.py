@@ -36,12 +36,11 @@ class LoRASCConfig:
     lora_dtype: torch.dtype | None = None
 
     def __post_init__(self):
-        checks.check_int("r", self.r, 1)
-        checks.check_float("lora_alpha", self.lora_alpha)
-        checks.check_probability("lora_dropout", self.lora_dropout)
+        self.r = checks.check_int("r", self.r, 1)
+        self.lora_alpha = checks.check_float("lora_alpha", self.lora_alpha)
+        self.lora_dropout = checks.check_probability("lora_dropout", self.lora_dropout)
         checks.check_choice("backend", self.backend, BACKENDS)
-        if self.lora_dtype is not None and self.lora_dtype not in checks.REFERENCE_DTYPES:
-            raise TypeError(f"lora_dtype must be None or a floating dtype, got {self.lora_dtype!r}")
+        checks.check_layer_dtype("lora_dtype", self.lora_dtype)
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -73,9 +72,33 @@ class LoRASCConfig:
         return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _module_paths(model: nn.Module, kind: type) -> dict[str, nn.Module]:
+    """Every module of type ``kind`` in ``model`` under each of its dotted paths."""
+    return {name: module for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, kind)}
+
+
+def _check_registered_once(paths: dict[str, nn.Module], names) -> None:
+    """``ValueError`` naming two paths when a module of ``names`` has another path in
+    ``paths``: a merge would reach it once, a replacement only one of its paths."""
+    by_module: dict[int, list[str]] = {}
+    for name, module in paths.items():
+        by_module.setdefault(id(module), []).append(name)
+    for name in names:
+        both = by_module[id(paths[name])]
+        if len(both) > 1:
+            raise ValueError(
+                f"one {type(paths[name]).__name__} is registered under two module paths, "
+                f"{checks.layer_label(both[0])} and {checks.layer_label(both[1])}: give each "
+                "path its own layer"
+            )
+
+
 def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
-    """Every ``LoRASCLinear`` in ``model`` by its dotted name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRASCLinear)}
+    """Every ``LoRASCLinear`` in ``model`` by its dotted name; ``ValueError`` if one has two."""
+    paths = _module_paths(model, LoRASCLinear)
+    _check_registered_once(paths, paths)
+    return paths
 
 
 def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLinear]:
@@ -83,7 +106,8 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
 
     Each new layer shares its linear's weight and bias storage. Every parameter except
     ``lora_A``/``lora_B`` gets ``requires_grad=False``. Returns the new layers by name;
-    raises ``ValueError`` (listing the linear layers found) when nothing matches.
+    raises ``ValueError`` (listing the linear layers found) when nothing matches. Every
+    targeted layer is checked before the model changes: a failure leaves it as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -92,12 +116,14 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
     output_layer = None
     if config.target_modules == ALL_LINEAR and hasattr(model, "get_output_embeddings"):
         output_layer = model.get_output_embeddings()
+    paths = _module_paths(model, nn.Linear)
     linears = {
         name: module
-        for name, module in model.named_modules()
+        for name, module in paths.items()
         if type(module) is nn.Linear and name and module is not output_layer
     }
     chosen = {name: module for name, module in linears.items() if config.matches(name)}
+    _check_registered_once(paths, chosen)
     if not chosen:
         some = ", ".join(list(linears)[:10]) or "none"
         raise ValueError(
@@ -105,6 +131,8 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
             f"linear layers in the model: {some}"
         )
     for name, module in chosen.items():
+        with checks.naming_layer(name):
+            LoRASCLinear.check_linear(module)
         if config.r > min(module.in_features, module.out_features):
             raise ValueError(
                 f"r={config.r} exceeds min(in, out)="

@@ -39,14 +39,14 @@ class LoRASCLinear(nn.Linear):
         dtype=None,
         lora_dtype: torch.dtype | None = None,
     ):
-        checks.check_int("in_features", in_features, 1)
-        checks.check_int("out_features", out_features, 1)
-        checks.check_int("r", r, 1, min(in_features, out_features))
+        in_features = checks.check_int("in_features", in_features, 1)
+        out_features = checks.check_int("out_features", out_features, 1)
+        r = checks.check_int("r", r, 1, min(in_features, out_features))
         lora_alpha = checks.check_float("lora_alpha", lora_alpha)
         lora_dropout = checks.check_probability("lora_dropout", lora_dropout)
         checks.check_choice("backend", backend, BACKENDS)
-        if lora_dtype is not None and lora_dtype not in checks.REFERENCE_DTYPES:
-            raise TypeError(f"lora_dtype must be a floating dtype, got {lora_dtype}")
+        checks.check_layer_dtype("dtype", dtype)
+        checks.check_layer_dtype("lora_dtype", lora_dtype)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.r = r
         self.lora_alpha = lora_alpha
@@ -77,9 +77,12 @@ class LoRASCLinear(nn.Linear):
         backend: str = "auto",
         lora_dtype: torch.dtype | None = None,
     ) -> LoRASCLinear:
-        """A LoRASC layer sharing ``linear``'s weight and bias Parameters (same storage)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        """A LoRASC layer sharing ``linear``'s weight and bias Parameters (same storage).
+
+        Freezes them (``requires_grad=False``). Refuses a ``LoRASCLinear`` (its trained LoRA
+        would be lost: finalize or ``merge_lowrank_`` it first) and non-float weights.
+        """
+        cls.check_linear(linear)
         weight = linear.weight
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, r=r,
@@ -96,6 +99,18 @@ class LoRASCLinear(nn.Linear):
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
         return layer
+
+    @staticmethod
+    def check_linear(linear) -> None:
+        """``linear`` can become a ``LoRASCLinear``: a plain ``nn.Linear`` with float weights."""
+        if isinstance(linear, LoRASCLinear):
+            raise TypeError(
+                "linear is a LoRASCLinear already: wrapping it again would drop its trained "
+                "LoRA unmerged; finalize its Cascade (or merge_lowrank_ its LoRA) first"
+            )
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        checks.check_layer_dtype("linear.weight's dtype", linear.weight.dtype)
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """A fresh fast LoRA as PEFT initialises it: ``A`` Kaiming-uniform(a=√5), ``B = 0``.

@@ -7,7 +7,11 @@ conventions (``peft/utils/save_and_load.py``): ``adapter_model.safetensors`` key
 ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (no adapter name, PEFT
 inserts it on load) and ``adapter_config.json`` of a ``LoraConfig``; so
 ``peft.PeftModel.from_pretrained(base_model, path)`` serves the run on an untouched base
-model. Layers of different ranks get anchored ``rank_pattern``/``alpha_pattern`` entries.
+model. Module names are anchored: ``target_modules`` is the regex ``^(?:name|…)$`` (PEFT
+fullmatches a string against each module's full path, where a list entry would also match
+every path ending in ``.name``), and layers of different ranks get anchored
+``rank_pattern``/``alpha_pattern`` entries. PEFT adapts submodules only, so a model that
+is itself one ``LoRASCLinear`` (module path ``""``) is refused: wrap it in a container.
 
 In ``"inplace"`` noise mode the finalized weights differ from ``W₀ + ΣcBA`` by the
 rounding of adding and removing the noise (one rounding in W's dtype per merge); the
@@ -52,8 +56,7 @@ def write_peft_adapter(
         ) from error
     tensors, ranks = {}, {}
     for name, pairs in updates.items():
-        if not pairs:
-            raise ValueError(f"updates[{name!r}] is empty: every module needs one update or more")
+        _check_module_updates(name, pairs)
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = torch.cat([a for _, a in pairs], dim=0).contiguous()
         tensors[f"{prefix}.lora_B.weight"] = torch.cat([b for b, _ in pairs], dim=1).contiguous()
@@ -69,7 +72,7 @@ def write_peft_adapter(
         "lora_alpha": rank,
         "rank_pattern": rank_pattern,
         "alpha_pattern": dict(rank_pattern),
-        "target_modules": list(updates),
+        "target_modules": "^(?:" + "|".join(re.escape(n) for n in updates) + ")$",
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -84,3 +87,29 @@ def write_peft_adapter(
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     return folder
+
+
+def _check_module_updates(name, pairs) -> None:
+    """``pairs`` of one module: a non-empty list of ``(c·B_t (N, r_t), A_t (r_t, K))``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"updates has module name {name!r}: PEFT adapts named submodules only; for a "
+            "model that is itself one LoRASCLinear, wrap it (nn.Sequential(layer)) before "
+            "building the Cascade"
+        )
+    if not pairs:
+        raise ValueError(f"updates[{name!r}] is empty: every module needs one update or more")
+    shape = None
+    for t, pair in enumerate(pairs):
+        lora_b, lora_a = pair
+        if lora_b.dim() != 2 or lora_a.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
+            raise ValueError(
+                f"updates[{name!r}][{t}] must be (c·B (N, r), A (r, K)), got shapes "
+                f"{tuple(lora_b.shape)} and {tuple(lora_a.shape)}"
+            )
+        if shape is not None and (lora_b.shape[0], lora_a.shape[1]) != shape:
+            raise ValueError(
+                f"updates[{name!r}][{t}] updates a {lora_b.shape[0]}×{lora_a.shape[1]} weight, "
+                f"the earlier ones a {shape[0]}×{shape[1]} weight"
+            )
+        shape = (lora_b.shape[0], lora_a.shape[1])

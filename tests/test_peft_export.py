@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
+from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc
 from lorasc_kernels.inject import lorasc_layers
 from tests.helpers import TOLERANCE, rel_error
 
@@ -54,7 +54,7 @@ def test_peft_reproduces_the_finalized_model(tmp_path, dtype, rounding):
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
     assert config["r"] == config["lora_alpha"] == 2 * merges
-    assert config["target_modules"] == ["0", "4"]
+    assert config["target_modules"] == "^(?:0|4)$"
     tensors = safetensors_torch.load_file(folder / "adapter_model.safetensors")
     assert set(tensors) == {f"base_model.model.{n}.lora_{m}.weight"
                             for n in ("0", "4") for m in ("A", "B")}
@@ -79,7 +79,7 @@ def test_layer_names_are_those_inside_a_data_parallel_wrapper(tmp_path):
     cascade = train_and_finalize(nn.DataParallel(model), "nearest", cascades=1)
     assert type(model[2]) is nn.Linear
     folder = cascade.export_peft_adapter(tmp_path / "adapter")
-    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == ["2"]
+    assert json.loads((folder / "adapter_config.json").read_text())["target_modules"] == "^(?:2)$"
     x = torch.randn(9, IN)
     with torch.no_grad():
         served = peft.PeftModel.from_pretrained(original, folder).eval()
@@ -138,3 +138,32 @@ def test_export_needs_history_and_a_merge(tmp_path):
         Cascade(model, optimizer).export_peft_adapter(tmp_path)
     with pytest.raises(RuntimeError, match="nothing to export"):
         Cascade(model, optimizer, keep_history=True).export_peft_adapter(tmp_path)
+
+
+def test_names_are_anchored_so_peft_adapts_exactly_the_exported_layers(tmp_path):
+    """A layer named ``1`` next to a module ``0.1``: PEFT's suffix match would take both."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, IN)),
+                          nn.Linear(IN, OUT))
+    original = copy.deepcopy(model)
+    inject_lorasc(model, LoRASCConfig(r=2, target_modules="1"))  # a regex: the path "1" only
+    cascade = train_and_finalize(model, "nearest", cascades=1)
+    folder = cascade.export_peft_adapter(tmp_path / "adapter")
+    served = peft.PeftModel.from_pretrained(original, folder).eval()
+    adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A")
+               for name, _ in served.named_modules() if name.endswith(".lora_A")}
+    assert adapted == {"1"}
+    x = torch.randn(9, IN)
+    with torch.no_grad():
+        assert rel_error(served(x), model(x)) < 1e-6
+
+
+def test_a_bare_layer_model_is_refused_before_anything_is_written(tmp_path):
+    layer = LoRASCLinear(IN, OUT, r=2)
+    optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+    cascade = Cascade(layer, optimizer, keep_history=True, noise_mode="off")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    cascade.finalize()
+    with pytest.raises(ValueError, match="wrap it"):
+        cascade.export_peft_adapter(tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
