@@ -110,6 +110,15 @@ def test_ddp_weights_bit_identical_across_ranks_after_each_boundary(runs):
     assert first["module.0.weight"] != second["module.0.weight"]  # the boundary changed W
 
 
+def test_ddp_slow_update_of_a_trained_bias_is_exact_and_identical_on_every_rank(runs):
+    for run in runs:
+        assert run["ddp"]["slow_updates"] == [True, True]
+        assert run["ddp"]["bias_error"] < 1e-5
+    first, second = (run["ddp"]["boundary_checksums"] for run in runs)
+    assert first == second
+    assert first[0]["module.2.bias"] != first[1]["module.2.bias"]
+
+
 def test_checksum_helper_names_a_weight_that_differs_on_one_rank(runs):
     for run in runs:
         message = run["ddp"]["mismatch_message"]
@@ -143,6 +152,18 @@ def test_fsdp_boundaries_equal_the_unsharded_run_bit_for_bit(runs):
         assert not torch.equal(states[1][0]["0.weight"], states[0][0]["0.weight"])
         assert torch.count_nonzero(states[2][0]["2.lora_B"]) == 0  # a fresh fast LoRA
         assert run["fsdp"]["history_equal"]
+
+
+def test_fsdp_slow_update_of_a_sharded_parameter_is_in_place_and_resumes(runs):
+    """A trained gain's 5 rows are sharded 3 + 2: each rank anchors and updates its own rows,
+    and the whole equals the unsharded run's slow update (states checked bit for bit above)."""
+    for rank, run in enumerate(runs):
+        fsdp = run["fsdp"]
+        assert fsdp["slow_updates"] == [True, True]
+        assert fsdp["local_anchor_shapes"] == [((3, 2)[rank],)]
+        assert fsdp["resumed_anchors_equal"]
+        for sharded, _ in fsdp["states"][1:]:
+            assert "3.weight" in sharded
 
 
 def test_fsdp_boundary_gathers_no_weight(runs):

@@ -6,10 +6,11 @@ single-process copy of the model as the reference; it runs two scenarios and sav
 it measured to ``<out_dir>/rank<RANK>.pt`` for the test to check:
 
 * ``ddp``: LoRASC layers and a Cascade under DistributedDataParallel, each rank on half
-  of the global batch, against the reference trained on the whole batch.
+  of the global batch, against the reference trained on the whole batch; the last bias is
+  trained too and gets the Cascade's slow update.
 * ``fsdp``: the same under FSDP2 (``fully_shard``); at each boundary the reference gets
-  the FSDP run's fast LoRA (gathered here, for checking only), so the merges must agree
-  bit for bit.
+  the FSDP run's fast LoRA and trained gain (gathered here, for checking only), so the
+  merges and the slow update of the sharded gain must agree bit for bit.
 * ``edge``: FSDP2 on a weight with fewer rows than ranks; a column-sharded DTensor.
 """
 
@@ -60,6 +61,11 @@ def lora_grad_errors(model, reference):
                for layer, ref in pairs for name in ("lora_A", "lora_B"))
 
 
+def slow_update_exact(before, fast, after, slow_rate=0.5):
+    """Whether ``after == lerp(before, fast, slow_rate)`` bit for bit (full tensors)."""
+    return torch.equal(after, torch.lerp(before, fast, slow_rate))
+
+
 def global_batches(seed):
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(GLOBAL_BATCH, IN, generator=generator),
@@ -70,6 +76,7 @@ def ddp_scenario(rank, world):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
     inject_lorasc(model, LoRASCConfig(r=3, lora_alpha=6))
+    model[2].bias.requires_grad_(True)  # trained next to the fast LoRAs: slow-updated
     reference = copy.deepcopy(model)
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.Adam(trainable(ddp), lr=1e-2)
@@ -77,7 +84,8 @@ def ddp_scenario(rank, world):
     cascade = Cascade(ddp, optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7)
     ref_cascade = Cascade(reference, ref_optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7)
     local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    grad_errors, boundary_checksums = [], []
+    grad_errors, boundary_checksums, slow_updates = [], [], []
+    bias_start = model[2].bias.detach().clone()
     for x, target in global_batches(seed=1):
         squared_error(ddp, x[local], target[local]).backward()
         squared_error(reference, x, target).backward()
@@ -86,8 +94,11 @@ def ddp_scenario(rank, world):
             opt.step()
             opt.zero_grad()
         ref_cascade.step()
+        bias_fast = model[2].bias.detach().clone()
         if cascade.step():
             boundary_checksums.append(assert_weights_equal_across_ranks(ddp))
+            slow_updates.append(slow_update_exact(bias_start, bias_fast, model[2].bias))
+            bias_start = model[2].bias.detach().clone()
     assert cascade.cascade_index == ref_cascade.cascade_index == STEPS // STEPS_PER_CASCADE
     mismatch = ""
     with torch.no_grad():  # one rank's W off by one ulp: the helper must notice
@@ -103,6 +114,8 @@ def ddp_scenario(rank, world):
         "weight_errors": [rel_error(m.weight, r.weight) for m, r in
                           zip(lorasc_layers(model).values(), lorasc_layers(reference).values(),
                               strict=True)],
+        "bias_error": rel_error(model[2].bias, reference[2].bias),
+        "slow_updates": slow_updates,
         "mismatch_message": mismatch,
     }
 
@@ -146,6 +159,18 @@ class GatherLog:
             setattr(DTensor, name, original)
 
 
+class Gain(nn.Module):
+    """``x · g`` with a trained float32 vector ``g``: a parameter beside the fast LoRAs (FSDP2
+    wants one dtype among a group's trained parameters, so it is not the bf16 bias)."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+
+    def forward(self, x):
+        return x.float() * self.weight
+
+
 def full_state(model):
     """Every parameter of ``model`` in full (gathered: for checking only)."""
     return {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
@@ -155,7 +180,8 @@ def fsdp_scenario(rank, world):
     torch.manual_seed(0)
     kwargs = {"dtype": torch.bfloat16, "lora_dtype": torch.float32}
     model = nn.Sequential(LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, **kwargs), nn.Tanh(),
-                          LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, **kwargs))
+                          LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, **kwargs),
+                          Gain(OUT))  # 5 rows sharded 3 + 2, slow-updated shard-wise
     reference = copy.deepcopy(model)
     for layer in lorasc_layers(model).values():
         fully_shard(layer)
@@ -167,8 +193,9 @@ def fsdp_scenario(rank, world):
     cascade = Cascade(model, optimizer, **settings)
     ref_cascade = Cascade(reference, ref_optimizer, **settings)
     states = [(full_state(model), full_state(reference))]  # after the first noise
-    gathered, grad_errors, checksums = [], [], []
+    gathered, grad_errors, checksums, slow_updates = [], [], [], []
     local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+    gain_start = full_tensor(model[3].weight.detach()).clone()
     for x, target in global_batches(seed=2):
         x = x.to(torch.bfloat16)
         with kernel_inputs:
@@ -179,17 +206,22 @@ def fsdp_scenario(rank, world):
         for opt in (optimizer, ref_optimizer):
             opt.step()
             opt.zero_grad()
+        gain_fast = full_tensor(model[3].weight.detach()).clone()
         if cascade.steps_in_cascade + 1 == STEPS_PER_CASCADE:
-            # The merge must agree for the same fast LoRA: hand the reference this run's.
+            # The boundary must agree for the same fast LoRA and gain: hand the reference
+            # this run's.
             with torch.no_grad():
                 for name, value in full_state(model).items():
-                    if "lora" in name:
+                    if reference.get_parameter(name).requires_grad:
                         reference.get_parameter(name).copy_(value)
         with GatherLog() as log:
             ran = cascade.step()
         assert ran == ref_cascade.step()
         if ran:
             gathered.append(log.shapes)
+            gain_after = full_tensor(model[3].weight.detach())
+            slow_updates.append(slow_update_exact(gain_start, gain_fast, gain_after))
+            gain_start = gain_after.clone()
             states.append((full_state(model), full_state(reference)))
             checksums.append((weight_checksums(model), weight_checksums(reference),
                               assert_weights_equal_across_ranks(model)))
@@ -207,6 +239,12 @@ def fsdp_scenario(rank, world):
         "gathered_shapes": gathered,
         "weight_shapes": [tuple(layer.weight.shape) for layer in lorasc_layers(model).values()],
         "grad_errors": grad_errors,
+        "slow_updates": slow_updates,
+        "local_anchor_shapes": [tuple(anchor.shape) for anchor in cascade.anchors],
+        "resumed_anchors_equal": all(
+            torch.equal(a, b) for a, b in zip(
+                Cascade.from_state_dict(model, optimizer, cascade.state_dict()).anchors,
+                cascade.anchors, strict=True)),
     }
 
 
