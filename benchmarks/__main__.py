@@ -1,7 +1,7 @@
 """``python -m benchmarks``: run the benchmark families, write CSV + plot, print tables.
 
     python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR]
-                         [--only linear,layer,merge,precision] [--threads N]
+                         [--only linear,layer,merge,precision,expressiveness] [--threads N]
                          [--skip-backends cuda]
     python -m benchmarks --summary DIR_OR_CSV ...  # short tables (and plot) of saved results
     python -m benchmarks --ceilings [--device ...] # the device's copy GB/s and matmul TFLOP/s
@@ -34,6 +34,7 @@ FAMILIES = {
     "layer": "benchmarks.bench_layer",
     "merge": "benchmarks.bench_merge",
     "precision": "benchmarks.merge_precision",
+    "expressiveness": "benchmarks.bench_expressiveness",
 }
 # Families whose rows share the linear family's columns (one CSV, one plot).
 RATIO_FAMILIES = ("linear", "layer")
