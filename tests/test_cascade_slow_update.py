@@ -172,15 +172,19 @@ def test_resume_mid_cascade_with_anchors_and_warmup_is_bit_exact():
     assert resumed[1].param_groups[0]["lr"] == uninterrupted[1].param_groups[0]["lr"]
 
 
-def test_load_state_dict_refuses_anchors_of_other_parameters():
+def fresh_cascade(**settings):
     model = model_with_head()
-    state = Cascade(model, adam(model), steps_per_cascade=2).state_dict()
+    return Cascade(model, adam(model), steps_per_cascade=2, **settings)
+
+
+def test_load_state_dict_refuses_anchors_of_other_parameters():
+    state = fresh_cascade().state_dict()
     fewer = dict(state, anchors=state["anchors"][:-1])
     with pytest.raises(ValueError, match="anchors"):
-        Cascade(model, adam(model), steps_per_cascade=2).load_state_dict(fewer)
+        fresh_cascade().load_state_dict(fewer)
     reshaped = dict(state, anchors=[a.reshape(-1, 1) for a in state["anchors"]])
     with pytest.raises(ValueError, match=r"anchors'\]\[0\]"):
-        Cascade(model, adam(model), steps_per_cascade=2).load_state_dict(reshaped)
+        fresh_cascade().load_state_dict(reshaped)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
