@@ -9,9 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# float64 is accepted by the torch backend only (gradcheck, float64 oracles).
-REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
+from .dtypes import REFERENCE_DTYPES, dtype_names
 
 
 def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
@@ -20,7 +18,7 @@ def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
     if value.dtype not in REFERENCE_DTYPES:
         raise TypeError(
             f"{name} must have a floating dtype in "
-            f"{[str(d) for d in REFERENCE_DTYPES]}, got {value.dtype}"
+            f"{dtype_names(REFERENCE_DTYPES)}, got {value.dtype}"
         )
     if dims is not None and value.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")

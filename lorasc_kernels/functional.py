@@ -10,8 +10,10 @@ import torch
 
 from . import _checks as checks
 from . import ops
-from .backends import BACKENDS
+from .backends import BACKENDS, backend_module
+from .dtypes import dtype_names
 from .rounding import ROUNDING_MODES
+from .specs import LinearSpec, MergeSpec, NoiseSpec
 
 __all__ = ["lorasc_linear", "merge_lowrank_", "draw_seed"]
 
@@ -44,14 +46,13 @@ def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
 
 
 def _check_backend_dtype(backend: str, **tensors):
-    """float64 (the oracle's dtype) is for the torch backend only."""
-    if backend == "torch":
-        return
+    """Each tensor's dtype is one the backend declares (float64: the torch backend only)."""
+    supported = backend_module(backend).WEIGHT_DTYPES
     for name, tensor in tensors.items():
-        if tensor is not None and tensor.dtype not in checks.FLOAT_DTYPES:
+        if tensor is not None and tensor.dtype not in supported:
             raise TypeError(
-                f"{name} has dtype {tensor.dtype}; only the torch backend accepts it "
-                f"(kernels take {[str(d) for d in checks.FLOAT_DTYPES]})"
+                f"{name} has dtype {tensor.dtype}, which backend {backend!r} does not take "
+                f"(it takes {dtype_names(supported)}; the torch backend also float64)"
             )
 
 
@@ -130,10 +131,9 @@ def lorasc_linear(
     _check_backend_dtype(backend, x=x, lora_A=lora_A, lora_B=lora_B)
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False):
-        y = ops.lorasc_linear(
-            x.reshape(-1, in_features), weight, bias, lora_A, lora_B, scale, dropout_p,
-            dropout_seed, noise_seed, noise_scale, backend,
-        )
+        spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+        y = ops.lorasc_linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
+                              backend)
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
@@ -166,7 +166,7 @@ def merge_lowrank_(
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     The exact float32 order of operations is that of
-    :func:`lorasc_kernels.backends.reference.merge_lowrank_`. ``A``, ``B`` and ``coeff``
+    :func:`lorasc_kernels.backends.reference.merge_`. ``A``, ``B`` and ``coeff``
     are checked finite first; any bad argument raises and leaves ``weight`` untouched.
     """
     checks.check_tensor("weight", weight, dims=2)
@@ -195,9 +195,9 @@ def merge_lowrank_(
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} has non-finite values; weight was left untouched")
+    spec = MergeSpec(coeff, rounding, seed,
+                     None if noise_remove is None else NoiseSpec(*noise_remove),
+                     None if noise_add is None else NoiseSpec(*noise_add), row_offset)
     with torch.no_grad():
-        ops.merge_lowrank_(
-            backend, weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
-            row_offset,
-        )
+        ops.merge_(backend, weight, lora_B, lora_A, spec)
     return weight

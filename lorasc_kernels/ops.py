@@ -12,8 +12,10 @@ and the parameters and calls the backward op, so a model of ``LoRASCLinear`` lay
 compiles with ``fullgraph=True``. In eager mode :func:`lorasc_linear` skips the op
 dispatch (about 0.3 ms per forward+backward on the CPU) and runs the same formula in
 :class:`LinearFunction`, a plain ``torch.autograd.Function``. Each op takes the backend's
-name (``"torch"``, ``"triton"`` or ``"cuda"``) and calls that backend's ``linear_forward``
-/ ``linear_backward`` / ``merge_lowrank_`` inside.
+name (``"torch"``, ``"triton"`` or ``"cuda"``) and runs :mod:`lorasc_kernels.composition`
+over that backend's primitives, or its ``merge_``, inside. Within the package, arguments
+travel as the bundles of :mod:`lorasc_kernels.specs`; this module is the one place that
+converts them to the ops' schema arguments and back.
 
 Seeds are ints in ``[0, 2**64)`` but a schema ``int`` is int64: they cross the op boundary
 as the int64 with the same 64 bits (:func:`seed_to_int64`; seeds below ``2**63`` are
@@ -29,10 +31,12 @@ from collections.abc import Sequence
 
 import torch
 
+from . import composition
 from .backends import backend_module, resolve_backend_name
+from .specs import LinearSpec, MergeSpec, NoiseSpec
 
 __all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction", "lorasc_linear",
-           "merge_lowrank_"]
+           "merge_"]
 
 _SEED_SPAN = 2**64
 
@@ -49,6 +53,21 @@ def seed_from_int64(value: int | None) -> int | None:
     return None if value is None else value % _SEED_SPAN
 
 
+def _linear_op_args(spec: LinearSpec) -> tuple:
+    """``(scale, dropout_p, dropout_seed, noise_seed, noise_scale)`` of the ops' schemas."""
+    dropout, noise = spec.dropout, spec.noise
+    return (spec.scale, 0.0 if dropout is None else dropout.p,
+            None if dropout is None else seed_to_int64(dropout.seed),
+            None if noise is None else seed_to_int64(noise.seed),
+            0.0 if noise is None else noise.scale)
+
+
+def _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale) -> LinearSpec:
+    """Inverse of :func:`_linear_op_args`."""
+    return LinearSpec.of(scale, dropout_p, seed_from_int64(dropout_seed),
+                         seed_from_int64(noise_seed), noise_scale)
+
+
 @torch.library.custom_op("lorasc::linear_forward", mutates_args=())
 def _linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -56,10 +75,9 @@ def _linear_forward(
     noise_seed: int | None, noise_scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
-    return backend_module(backend).linear_forward(
-        x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_from_int64(dropout_seed),
-        seed_from_int64(noise_seed), noise_scale,
-    )
+    spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+    return composition.linear_forward(backend_module(backend), x, weight, bias, lora_A, lora_B,
+                                      spec)
 
 
 @_linear_forward.register_fake
@@ -76,10 +94,9 @@ def _linear_backward(
     needs: Sequence[bool], backend: str,
 ) -> list[torch.Tensor]:
     """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
-    grads = backend_module(backend).linear_backward(
-        dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, seed_from_int64(dropout_seed),
-        seed_from_int64(noise_seed), noise_scale, needs,
-    )
+    spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+    grads = composition.linear_backward(backend_module(backend), dy, x, xa, weight, lora_A,
+                                        lora_B, spec, needs)
     return [grad for grad, need in zip(grads, needs, strict=True) if need]
 
 
@@ -100,27 +117,6 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-class LinearFunction(torch.autograd.Function):
-    """Eager autograd over a backend's ``linear_forward`` / ``linear_backward``: saves
-    ``x``, ``xa`` and the parameters, as the custom ops' formula does."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                noise_seed, noise_scale, backend):
-        ctx.module = backend_module(backend)
-        ctx.hyper = (scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        y, xa = ctx.module.linear_forward(x, weight, bias, lora_A, lora_B, *ctx.hyper)
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        grads = ctx.module.linear_backward(dy, *ctx.saved_tensors, *ctx.hyper,
-                                           list(ctx.needs_input_grad[:5]))
-        return (*grads,) + (None,) * 6
-
-
 def _backward(ctx, dy, _):
     needs = list(ctx.needs_input_grad[:5])
     if not any(needs):
@@ -133,6 +129,26 @@ def _backward(ctx, dy, _):
 _linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class LinearFunction(torch.autograd.Function):
+    """Eager autograd of the same formula as the custom ops': saves ``x``, ``xa`` and the
+    parameters, and runs :mod:`lorasc_kernels.composition` on the backend directly."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str):
+        ctx.backend = backend_module(backend)
+        ctx.spec = spec
+        y, xa = composition.linear_forward(ctx.backend, x, weight, bias, lora_A, lora_B, spec)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        grads = composition.linear_backward(ctx.backend, dy, *ctx.saved_tensors, ctx.spec,
+                                            ctx.needs_input_grad[:5])
+        return (*grads, None, None)
+
+
 @torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight",))
 def _merge_lowrank(
     weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coeff: float,
@@ -140,11 +156,11 @@ def _merge_lowrank(
     add_seed: int | None, add_scale: float, row_offset: int, backend: str,
 ) -> None:
     """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``."""
-    module = backend_module(backend)
-    noise_remove = None if remove_seed is None else (seed_from_int64(remove_seed), remove_scale)
-    noise_add = None if add_seed is None else (seed_from_int64(add_seed), add_scale)
-    module.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed_from_int64(seed),
-                          noise_remove, noise_add, row_offset)
+    remove = None if remove_seed is None else NoiseSpec(seed_from_int64(remove_seed),
+                                                          remove_scale)
+    add = None if add_seed is None else NoiseSpec(seed_from_int64(add_seed), add_scale)
+    spec = MergeSpec(coeff, rounding, seed_from_int64(seed), remove, add, row_offset)
+    backend_module(backend).merge_(weight, lora_B, lora_A, spec)
 
 
 @_merge_lowrank.register_fake
@@ -160,34 +176,29 @@ def backend_name(backend: str, device: torch.device) -> str:
     return resolve_backend_name(backend, device)
 
 
-def lorasc_linear(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                  noise_seed, noise_scale, backend: str) -> torch.Tensor:
+def lorasc_linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str
+                  ) -> torch.Tensor:
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
     ``backend`` is a name from :func:`backend_name`; it runs through the custom ops under
     ``torch.compile`` and through :class:`LinearFunction` in eager mode.
     """
     if not torch.compiler.is_compiling():
-        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, scale, dropout_p,
-                                    dropout_seed, noise_seed, noise_scale, backend)
-    y, _ = torch.ops.lorasc.linear_forward(
-        x, weight, bias, lora_A, lora_B, scale, dropout_p, seed_to_int64(dropout_seed),
-        seed_to_int64(noise_seed), noise_scale, backend,
-    )
+        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend)
+    y, _ = torch.ops.lorasc.linear_forward(x, weight, bias, lora_A, lora_B,
+                                           *_linear_op_args(spec), backend)
     return y
 
 
-def merge_lowrank_(backend: str, weight, lora_B, lora_A, coeff, rounding, seed,
-                   noise_remove, noise_add, row_offset) -> None:
+def merge_(backend: str, weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op.
 
-    ``backend`` is a name from :func:`backend_name`; ``noise_remove``/``noise_add`` are
-    ``(seed, scale)`` pairs or None.
+    ``backend`` is a name from :func:`backend_name`.
     """
-    remove_seed, remove_scale = noise_remove if noise_remove is not None else (None, 0.0)
-    add_seed, add_scale = noise_add if noise_add is not None else (None, 0.0)
+    def noise_args(noise: NoiseSpec | None) -> tuple[int | None, float]:
+        return (None, 0.0) if noise is None else (seed_to_int64(noise.seed), noise.scale)
+
     torch.ops.lorasc.merge_lowrank_(
-        weight, lora_B, lora_A, coeff, rounding, seed_to_int64(seed),
-        seed_to_int64(remove_seed), remove_scale, seed_to_int64(add_seed), add_scale,
-        row_offset, backend,
+        weight, lora_B, lora_A, spec.coeff, spec.rounding, seed_to_int64(spec.seed),
+        *noise_args(spec.remove), *noise_args(spec.add), spec.row_offset, backend,
     )

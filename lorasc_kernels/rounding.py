@@ -4,7 +4,8 @@ Stochastic rounding adds random bits below the target's last mantissa bit to the
 bit pattern and truncates them (torchao's ``_fp32_to_bf16_sr`` trick): a value rounds
 away from zero with probability equal to its distance from the lower neighbour, so the
 expected result is the exact value. The random bits are the top bits of
-``noise.hash_bits`` on :data:`~lorasc_kernels.noise.STREAM_ROUNDING`:
+``noise.hash_bits`` on :data:`~lorasc_kernels.noise.STREAM_ROUNDING`; how many bits a dtype
+drops comes from its entry in :data:`lorasc_kernels.dtypes.WEIGHT_DTYPES`:
 
 * bfloat16: drop 16 bits, random ``bits >> 16``; exact over bf16's whole range.
 * float16: drop 13 bits, random ``bits >> 19``; exact for |v| >= 2**-14 (fp16 normals).
@@ -20,16 +21,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ROUNDING_MODES", "dropped_bits", "round_from_fp32"]
+from .dtypes import weight_dtype
+
+__all__ = ["ROUNDING_MODES", "round_from_fp32"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
-
-_DROPPED_BITS = {torch.bfloat16: 16, torch.float16: 13}
-
-
-def dropped_bits(dtype: torch.dtype) -> int:
-    """How many low float32 mantissa bits stochastic rounding to ``dtype`` replaces (0: none)."""
-    return _DROPPED_BITS.get(dtype, 0)
 
 
 def round_from_fp32(
@@ -42,9 +38,9 @@ def round_from_fp32(
         dtype: target dtype.
         rounding: ``"nearest"`` or ``"stochastic"``.
         bits: int64 tensor of uint32 random bits, same shape as ``value``; required for
-            ``"stochastic"`` when ``dtype`` is fp16 or bf16.
+            ``"stochastic"`` when ``dtype`` drops bits (fp16, bf16).
     """
-    drop = dropped_bits(dtype)
+    drop = weight_dtype(dtype).dropped_bits
     if rounding == "nearest" or drop == 0:
         return value.to(dtype)
     random = (bits >> (32 - drop)).to(torch.int32)

@@ -4,10 +4,11 @@ with g++, against noise.py, rounding.py and the reference backend, bit for bit."
 import pytest
 import torch
 
-from lorasc_kernels import _build
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import reference
 from lorasc_kernels.rounding import round_from_fp32
+from lorasc_kernels.specs import DropoutSpec, MergeSpec, NoiseSpec
+from tests.backends import host_build
 
 NO_NOISE_KEY = -1
 TRANSFORM_NOISE, TRANSFORM_DROPOUT = 0, 1  # host_check.transform kinds
@@ -15,7 +16,7 @@ TRANSFORM_NOISE, TRANSFORM_DROPOUT = 0, 1  # host_check.transform kinds
 
 @pytest.fixture(scope="module")
 def host():
-    return _build.load_host_check()
+    return host_build()
 
 
 def fresh_seed() -> int:
@@ -79,7 +80,7 @@ def test_dropout_matches_reference(host, dtype, p):
     x = torch.randn(37, 91).to(dtype)
     seed = fresh_seed()
     key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
-    actual = host.transform(x, TRANSFORM_DROPOUT, key, reference.dropout_threshold(p),
+    actual = host.transform(x, TRANSFORM_DROPOUT, key, DropoutSpec(seed, p).threshold,
                             1.0 / (1.0 - p))
     assert same_bits(actual, reference.apply_dropout(x, p, seed))
 
@@ -108,8 +109,10 @@ def test_merge_kernel_emulated_matches_reference(host, weight_dtype, lora_dtype,
     def key(pair):
         return NO_NOISE_KEY if pair is None else noise_lib.stream_key(pair[0], 0)
 
-    expected = reference.merge_lowrank_(weight.clone(), lora_B, lora_A, coeff, rounding, seed,
-                                        remove, add, row_offset)
+    expected = weight.clone()
+    spec = MergeSpec(coeff, rounding, seed, None if remove is None else NoiseSpec(*remove),
+                     None if add is None else NoiseSpec(*add), row_offset)
+    reference.merge_(expected, lora_B, lora_A, spec)
     before = storage.clone()
     host.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding == "stochastic",
                         noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING), key(remove),
@@ -122,55 +125,28 @@ def test_merge_kernel_emulated_matches_reference(host, weight_dtype, lora_dtype,
         assert torch.equal(storage[:, -2:], before[:, -2:])
 
 
-class EmulatedOps:
-    """``torch.ops.lorasc_cuda`` on the CPU: each op's contract in float64 torch, with the
-    element transforms of the host build (so the CUDA backend's autograd function, its
-    transposed views and swap flags, run here)."""
-
-    def __init__(self, host):
-        self.host = host
-
-    def _transformed(self, t, kind, key, threshold, value, swap):
-        if kind == 0:
-            return t
-        host_kind = {1: TRANSFORM_NOISE, 2: TRANSFORM_DROPOUT}[kind]
-        if swap:  # keyed by (col, row): the transform of the transposed operand
-            return self.host.transform(t.t(), host_kind, key, threshold, value).t()
-        return self.host.transform(t, host_kind, key, threshold, value)
-
-    def lowrank_gemm(self, p, q, bias, u, v, scale, *transforms):
-        out = (self._transformed(p, *transforms[:5]).double()
-               @ self._transformed(q, *transforms[5:]).double().t())
-        if u is not None:
-            out += scale * (u.double() @ v.double().t())
-        if bias is not None:
-            out += bias.double()
-        return out.to(p.dtype)
-
-    def dropout(self, x, key, threshold, inv_keep):
-        return self.host.transform(x, TRANSFORM_DROPOUT, key, threshold, inv_keep)
-
-
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("with_noise", [False, True])
-def test_autograd_function_on_emulated_ops_matches_reference(host, monkeypatch, dropout_p,
+def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropout_p,
                                                              with_noise):
-    from helpers import lowrank_inputs, rel_error
-
+    """The CUDA backend's primitives on the host build's data paths, under the package's
+    autograd, with a non-contiguous x and a column-major dY, against the torch backend."""
     from lorasc_kernels import ops as lorasc_ops
-    from lorasc_kernels.backends import cuda
+    from lorasc_kernels.specs import LinearSpec
+    from tests.backends import emulate_cuda_on_host
+    from tests.helpers import lowrank_inputs, rel_error
 
-    monkeypatch.setattr(cuda, "ops", lambda device=None: EmulatedOps(host))
+    emulate_cuda_on_host(monkeypatch)
     M, K, N, r = 37, 91, 53, 5
     inputs = lowrank_inputs(M, K, N, r, torch.float32)
-    hyper = (0.7, dropout_p, fresh_seed(), fresh_seed() if with_noise else None,
-             0.05 if with_noise else 0.0)
+    spec = LinearSpec.of(0.7, dropout_p, fresh_seed(), fresh_seed() if with_noise else None,
+                         0.05 if with_noise else 0.0)
     dy = torch.randn(M, N).t().contiguous().t()  # column-major, as autograd may hand it
     results = []
     for backend in ("cuda", "torch"):
         leaves = [t.clone().requires_grad_() for t in inputs]
         x = torch.cat([leaves[0], leaves[0]], dim=1)[:, ::2]  # non-contiguous
-        y = lorasc_ops.lorasc_linear(x, *leaves[1:], *hyper, backend)
+        y = lorasc_ops.lorasc_linear(x, *leaves[1:], spec, backend)
         y.backward(dy)
         results.append([y] + [t.grad for t in leaves])
     for name, actual, expected in zip(("y", "x", "weight", "bias", "lora_A", "lora_B"),
@@ -192,7 +168,7 @@ def gemm_case(case: str, dtype: torch.dtype):
     noise_seed, drop_seed, p, scale = fresh_seed(), fresh_seed(), 0.3, 0.7
     noise = (1, noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), 0, 0.1)
     drop = (2, noise_lib.stream_key(drop_seed, noise_lib.STREAM_DROPOUT),
-            reference.dropout_threshold(p), 1.0 / (1.0 - p))
+            DropoutSpec(drop_seed, p).threshold, 1.0 / (1.0 - p))
     K = 91 if case == "forward_odd" else 136
     r = 40 if case == "forward_odd" else 16
     x, weight, bias, lora_A, lora_B = lowrank_inputs(130, K, 150, r, dtype)

@@ -1,7 +1,8 @@
-"""merge_lowrank_: Triton vs reference bit for bit, in place, by shards, noise swap,
-stochastic rounding, non-finite inputs and bad arguments.
+"""merge_lowrank_ on every backend: bit for bit against the reference, in place, by
+shards, noise swap, stochastic rounding, non-finite inputs and bad arguments.
 
-Without a GPU the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1``.
+Without a GPU the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` and the
+CUDA kernel's data path through its host build (tests/backends.py).
 """
 
 import math
@@ -16,10 +17,11 @@ import torch
 from lorasc_kernels import merge_lowrank_
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import reference
+from tests.backends import DEVICE
 from tests.helpers import DTYPES, rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ("torch", "triton")
+pytest_plugins = ["tests.backends"]  # the `backend` fixture: every registered backend
+
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 NOISE = {"noise_remove": (11, 0.03), "noise_add": (12, 0.05)}
 
@@ -62,17 +64,16 @@ CASE_IDS = [f"{rows}x{cols}r{r}-W{str(w)[6:]}-AB{str(ab)[6:]}" for (rows, cols, 
 @pytest.mark.parametrize("noise", [False, True], ids=["plain", "noise"])
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("shape,dtype,lora_dtype", CASES, ids=CASE_IDS)
-def test_triton_matches_reference_bit_for_bit(shape, dtype, lora_dtype, rounding, noise):
+def test_matches_reference_bit_for_bit(backend, shape, dtype, lora_dtype, rounding, noise):
     weight, lora_B, lora_A = _inputs(*shape, dtype, lora_dtype)
     kwargs = dict(rounding=rounding, seed=7, row_offset=13, **(NOISE if noise else {}))
     expected = _merged(weight, lora_B, lora_A, 0.37, backend="torch", **kwargs)
-    actual = _merged(weight, lora_B, lora_A, 0.37, backend="triton", **kwargs)
+    actual = _merged(weight, lora_B, lora_A, 0.37, backend=backend, **kwargs)
     assert not torch.equal(expected, weight)
     assert torch.equal(_bits(actual), _bits(expected))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_rounds_ties_to_even(backend, dtype):
     """Adding exactly half an ulp to ±1 (even) and ±(1 + ulp) (odd) lands on ties."""
     ulp = 2.0 ** -MANTISSA_BITS[dtype]
@@ -85,7 +86,6 @@ def test_nearest_rounds_ties_to_even(backend, dtype):
     assert torch.equal(weight, expected.to(dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_merge_is_in_place(backend):
     weight, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
     before, pointer = weight.clone(), weight.data_ptr()
@@ -95,7 +95,6 @@ def test_merge_is_in_place(backend):
     assert not torch.equal(weight, before)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_shards_equal_whole(backend):
     weight, lora_B, lora_A = _inputs(70, 45, 4, torch.bfloat16)
     kwargs = dict(rounding="stochastic", seed=3, row_offset=5, **NOISE)
@@ -118,7 +117,6 @@ def test_reference_row_blocks_do_not_change_bits(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_swap_returns_weight_within_one_rounding_per_merge(backend, dtype):
     """Merge 1 adds c·B A and noise N; merge 2 (coeff 0) removes N: W = W0 + c·B A ± 2 roundings."""
     weight, lora_B, lora_A = _inputs(37, 91, 5, dtype)
@@ -134,7 +132,6 @@ def test_noise_swap_returns_weight_within_one_rounding_per_merge(backend, dtype)
     assert bool((error <= bound).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_stochastic_rounding_keeps_sub_ulp_updates_nearest_loses_them(backend):
     """``merges`` successive updates of ~0.2 ulp each on W in [1, 2) (ulp = 2**-7)."""
     rows, cols, r, merges = 32, 64, 2, 24
@@ -160,7 +157,6 @@ def test_stochastic_rounding_keeps_sub_ulp_updates_nearest_loses_them(backend):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("name", ["lora_A", "lora_B"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_lowrank_raises_and_leaves_weight(backend, name, value):
     weight, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
     tensors = {"lora_B": lora_B, "lora_A": lora_A}
@@ -197,7 +193,6 @@ ROWS, COLS, RANK = 9, 12, 3
         ({"seed": -1}, ValueError, "seed must be >= 0"),
     ],
 )
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_arguments_raise_and_leave_weight(backend, overrides, error, match):
     weight, lora_B, lora_A = _inputs(ROWS, COLS, RANK, torch.float32)
     arguments = {"weight": weight, "lora_B": lora_B, "lora_A": lora_A, "coeff": 0.5,
@@ -209,17 +204,17 @@ def test_bad_arguments_raise_and_leave_weight(backend, overrides, error, match):
     assert torch.equal(weight, before)
 
 
-def test_triton_rejects_float64_and_overlapping_weight():
+def test_kernels_reject_float64_and_every_backend_an_overlapping_weight(backend):
     weight, lora_B, lora_A = _inputs(ROWS, COLS, RANK, torch.float64)
-    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
-        merge_lowrank_(weight, lora_B, lora_A, 0.5, backend="triton")
+    if backend != "torch":
+        with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+            merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend)
     row = torch.randn(1, COLS, device=DEVICE)
     with pytest.raises(ValueError, match="weight has a zero stride"):
         merge_lowrank_(row.expand(ROWS, COLS), lora_B.float(), lora_A.float(), 0.5,
-                       backend="triton")
+                       backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_weight_matches_float64_math(backend):
     weight, lora_B, lora_A = _inputs(37, 91, 5, torch.float32)
     merged = _merged(weight, lora_B, lora_A, 0.4, backend=backend, **NOISE)
@@ -230,7 +225,6 @@ def test_float32_weight_matches_float64_math(backend):
 
 
 @pytest.mark.parametrize("layout", ["column_slice", "column_major"])
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_weight(backend, layout):
     """A non-contiguous W merges in place with the bits of its contiguous copy."""
     base, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
@@ -258,8 +252,8 @@ _COMPILE_FOR_HOPPER = textwrap.dedent(
 
     kernel = _merge_kernel
     floats = {"coeff", "remove_scale", "add_scale"}
-    constants = {"HAS_REMOVE": True, "HAS_ADD": True, "STOCHASTIC": True,
-                 "BLOCK_ROWS": 64, "BLOCK_COLS": 128}
+    constants = {"HAS_REMOVE": True, "HAS_ADD": True, "STOCHASTIC": True, "DROP_BITS": 16,
+                 "NEAREST_ON_BITS": True, "BLOCK_ROWS": 64, "BLOCK_COLS": 128}
     signature = {
         name: "constexpr" if name in constants else "*bf16" if name.endswith("_ptr")
         else "fp32" if name in floats else "i32"

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lorasc_kernels import LoRASCLinear, ops
+from lorasc_kernels import LoRASCLinear, composition, ops
 from lorasc_kernels.backends import reference
+from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
 from tests.helpers import lowrank_inputs
 
 NEEDS_ALL = [True, True, True, True, True]
@@ -82,22 +83,22 @@ def test_merge_op_equals_reference_with_large_seeds():
     weight = torch.randn(6, 9).to(torch.bfloat16)
     lora_A, lora_B = torch.randn(2, 9), torch.randn(6, 2)
     expected = weight.clone()
-    reference.merge_lowrank_(expected, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
-                             (2**63 + 5, 0.01), (7, 0.02), 3)
-    ops.merge_lowrank_("torch", weight, lora_B, lora_A, 0.5, "stochastic", 2**64 - 2,
-                       (2**63 + 5, 0.01), (7, 0.02), 3)
+    spec = MergeSpec(0.5, "stochastic", 2**64 - 2, NoiseSpec(2**63 + 5, 0.01),
+                     NoiseSpec(7, 0.02), 3)
+    reference.merge_(expected, lora_B, lora_A, spec)
+    ops.merge_("torch", weight, lora_B, lora_A, spec)
     assert torch.equal(weight, expected)
 
 
 def test_forward_op_uses_the_seed_it_was_given():
     """A noise seed ≥ 2**63 crosses the schema intact: the op's output equals the reference's."""
     x, weight, b, lora_A, lora_B = lowrank_inputs(5, 8, 6, 2, torch.float32)
-    seed = 2**64 - 9
-    y = ops.lorasc_linear(x, weight, b, lora_A, lora_B, 2.0, 0.0, None, seed, 0.1, "torch")
-    expected, _ = reference.linear_forward(x, weight, b, lora_A, lora_B, 2.0, 0.0, None, seed,
-                                           0.1)
+    spec = LinearSpec(2.0, noise=NoiseSpec(2**64 - 9, 0.1))
+    (y,) = torch.ops.lorasc.linear_forward(x, weight, b, lora_A, lora_B,
+                                           *ops._linear_op_args(spec), "torch")[:1]
+    expected, _ = composition.linear_forward(reference, x, weight, b, lora_A, lora_B, spec)
     assert torch.equal(y, expected)
-    plain = ops.lorasc_linear(x, weight, b, lora_A, lora_B, 2.0, 0.0, None, None, 0.0, "torch")
+    plain = ops.lorasc_linear(x, weight, b, lora_A, lora_B, LinearSpec(2.0), "torch")
     assert not torch.equal(y, plain)
 
 

@@ -7,13 +7,15 @@ Runs on CPU tensors under ``TRITON_INTERPRET=1`` (tests/conftest.py) with tiny s
 import pytest
 import torch
 
-from lorasc_kernels import lorasc_linear
+from lorasc_kernels import composition, lorasc_linear
 from lorasc_kernels import noise as noise_lib
-from lorasc_kernels.backends import reference
+from lorasc_kernels.backends import reference, resolve_backend
 from lorasc_kernels.backends.triton import fused_linear, thin
+from lorasc_kernels.specs import DropoutSpec, LinearSpec, NoiseSpec
+from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_error
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytest_plugins = ["tests.backends"]  # the `backend` fixture: every registered backend
 NOISE_SEED = 2**64 - 7
 DROPOUT_SEED = 2**63 + 3
 
@@ -66,12 +68,13 @@ def _run(backend, x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy):
     return y.detach(), [leaf.grad for leaf in leaves]
 
 
-def _check_against_oracles(x, weight, bias, lora_A, lora_B, p, noise_scale, dy):
-    """Triton output and grads within tolerance of float64 and of the torch reference."""
+def _check_against_oracles(x, weight, bias, lora_A, lora_B, p, noise_scale, dy,
+                           backend="triton"):
+    """``backend``'s output and grads within tolerance of float64 and of the torch reference."""
     scale = 1.75
     tolerance = KERNEL_TOLERANCE[x.dtype]
     weight_before = weight.clone()
-    y, grads = _run("triton", x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy)
+    y, grads = _run(backend, x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy)
     assert torch.equal(weight, weight_before)  # fused noise never writes W
     y_ref, grads_ref = _run("torch", x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy)
     y64, grads64 = _float64_run(x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy)
@@ -86,11 +89,11 @@ def _check_against_oracles(x, weight, bias, lora_A, lora_B, p, noise_scale, dy):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_forward_and_grads_match_reference_and_float64(case):
+def test_forward_and_grads_match_reference_and_float64(backend, case):
     dtype, M, K, N, r, p, noise_scale, bias = case
     x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, dtype, DEVICE, bias=bias)
     dy = torch.randn(M, N, device=DEVICE).to(dtype)
-    _check_against_oracles(x, weight, b, lora_A, lora_B, p, noise_scale, dy)
+    _check_against_oracles(x, weight, b, lora_A, lora_B, p, noise_scale, dy, backend)
 
 
 def test_strided_3d_x_and_fp32_lora_over_bf16_weight():
@@ -129,9 +132,11 @@ def test_strided_x_in_the_kernel():
     x = x_base[:, 1::2]
     lora_A = lora_A[:, :29].contiguous()
     weight = weight[:, :29].contiguous()
-    strided = fused_linear.linear_forward(x, weight, b, lora_A, lora_B, 1.5, 0.3, 5, None, 0.0)
-    dense = fused_linear.linear_forward(x.contiguous(), weight, b, lora_A, lora_B, 1.5, 0.3, 5,
-                                        None, 0.0)
+    spec = LinearSpec(1.5, dropout=DropoutSpec(5, 0.3))
+    triton_backend = resolve_backend("triton", torch.device(DEVICE))
+    strided = composition.linear_forward(triton_backend, x, weight, b, lora_A, lora_B, spec)
+    dense = composition.linear_forward(triton_backend, x.contiguous(), weight, b, lora_A, lora_B,
+                                       spec)
     for got, expected in zip(strided, dense, strict=True):
         assert torch.equal(got, expected)
 
@@ -150,7 +155,7 @@ def test_strided_bias():
 def test_in_kernel_noise_is_bit_identical(dtype, transposed):
     weight = (torch.randn(37, 45, device=DEVICE) / 7).to(dtype)
     scale = 0.03
-    got = fused_linear.noisy_weight(weight, NOISE_SEED, scale, transposed=transposed)
+    got = fused_linear.noisy_weight(weight, NoiseSpec(NOISE_SEED, scale), transposed=transposed)
     u = noise_lib.noise(NOISE_SEED, 37, 45, device=DEVICE)
     scale32 = float(torch.tensor(scale, dtype=torch.float32))
     expected = (weight.to(torch.float32) + scale32 * u).to(dtype)
@@ -165,12 +170,14 @@ def test_noise_in_gemm_equals_separate_noise_pass(dtype, monkeypatch):
     with one tiling (the interpreter's); on a GPU each path may autotune another tiling."""
     x, weight, b, lora_A, lora_B = lowrank_inputs(20, 33, 18, 3, dtype, DEVICE)
     dy = torch.randn(20, 18, device=DEVICE).to(dtype)
-    hyper = (1.5, 0.0, None, NOISE_SEED, 0.1)
+    spec = LinearSpec(1.5, noise=NoiseSpec(NOISE_SEED, 0.1))
     needs = (True, False, False, False, False)
+    triton_backend = resolve_backend("triton", torch.device(DEVICE))
 
     def run():
-        y, xa = fused_linear.linear_forward(x, weight, b, lora_A, lora_B, *hyper)
-        dx = fused_linear.linear_backward(dy, x, xa, weight, lora_A, lora_B, *hyper, needs)[0]
+        y, xa = composition.linear_forward(triton_backend, x, weight, b, lora_A, lora_B, spec)
+        dx = composition.linear_backward(triton_backend, dy, x, xa, weight, lora_A, lora_B, spec,
+                                         needs)[0]
         return y, dx
 
     monkeypatch.setattr(fused_linear, "NOISE_IN_GEMM_MAX_ROWS", 1 << 30)
@@ -193,11 +200,11 @@ def test_dropout_masks_are_the_references(dtype):
     x = torch.randn(M, K, device=DEVICE).to(dtype)
     eye = torch.eye(K, device=DEVICE, dtype=dtype)
     expected = reference.apply_dropout(x, p, seed)
-    dx = fused_linear.fused_lowrank(
-        torch.zeros_like(x), torch.zeros_like(eye), None, x, eye, 1.0, w_transposed=True,
-        lora_dropout=thin.dropout_params(seed, p))
-    for got in (thin.dropout_lowrank(x, eye, seed, p),
-                thin.dropout_lowrank_grad(eye, x, seed, p).to(dtype), dx):
+    dropout = DropoutSpec(seed, p)
+    dx = fused_linear.lowrank_gemm(torch.zeros_like(x), torch.zeros_like(eye), None, x, eye, 1.0,
+                                   q_transposed=True, rank_dropout=dropout)
+    for got in (thin.dropout_lowrank(x, eye, dropout),
+                thin.dropout_lowrank_grad(eye, x, dropout).to(dtype), dx):
         assert torch.equal(got == 0, expected == 0)
         if DEVICE == "cpu" or dtype != torch.float32:
             assert torch.equal(got, expected)
@@ -209,7 +216,7 @@ def test_dropout_grad_sums_row_splits():
     """dA's reduction over M runs in several row splits (M > 256) and still matches."""
     x = torch.randn(300, 16, device=DEVICE)
     g = torch.randn(300, 2, device=DEVICE)
-    got = thin.dropout_lowrank_grad(g, x, 9, 0.5)
+    got = thin.dropout_lowrank_grad(g, x, DropoutSpec(9, 0.5))
     expected = g.double().t() @ reference.apply_dropout(x, 0.5, 9).double()
     assert rel_error(got, expected) < KERNEL_TOLERANCE[torch.float32]
 
@@ -233,5 +240,5 @@ def test_gpu_noise_bit_identical_at_real_size(dtype):
     weight = (torch.randn(4096, 4096, device="cuda") / 64).to(dtype)
     expected = reference.noisy_weight(weight, NOISE_SEED, 0.01)
     for transposed in (False, True):
-        got = fused_linear.noisy_weight(weight, NOISE_SEED, 0.01, transposed=transposed)
+        got = fused_linear.noisy_weight(weight, NoiseSpec(NOISE_SEED, 0.01), transposed=transposed)
         assert torch.equal(got, expected)

@@ -1,14 +1,10 @@
 """Backend registry: which implementation runs an op for given tensors.
 
-A backend is a module exposing
-
-* ``unavailable_reason(device) -> str | None``: ``None`` when it can run on ``device``;
-* ``linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-  noise_seed, noise_scale) -> (y, xa)`` and ``linear_backward(dy, x, xa, weight, lora_A,
-  lora_B, <same hyper-parameters>, needs) -> grads``, on validated 2-D ``x``: the autograd
-  of :mod:`lorasc_kernels.ops` (one for every backend) runs them;
-* ``merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
-  noise_add, row_offset)``: in place, on validated arguments.
+A backend is a module satisfying :class:`.contract.Backend`: the primitives the
+forward/backward composition (:mod:`lorasc_kernels.composition`) and the merge run on,
+``unavailable_reason`` and the dtypes it takes. Adding one is one module and one line of
+:data:`_MODULES`; ``tests/test_backend_contract.py`` then runs
+the conformance suite on it.
 
 ``"torch"`` is :mod:`.reference`; ``"triton"`` and ``"cuda"`` are imported lazily, so a
 missing Triton or CUDA toolchain never breaks ``import lorasc_kernels``.
@@ -17,27 +13,38 @@ missing Triton or CUDA toolchain never breaks ``import lorasc_kernels``.
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "backend_module", "resolve_backend_name", "resolve_backend"]
+from .contract import Backend
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+__all__ = ["BACKENDS", "Backend", "backend_module", "resolve_backend_name", "resolve_backend"]
 
+# Registered backends: name → module.
 _MODULES = {
     "torch": "lorasc_kernels.backends.reference",
     "triton": "lorasc_kernels.backends.triton",
     "cuda": "lorasc_kernels.backends.cuda",
 }
+# The names a caller may pass: "auto" or a registered backend.
+BACKENDS = ("auto", *_MODULES)
 
 # Tried in this order by backend="auto" for CUDA tensors.
 _AUTO_ORDER = ("triton", "cuda")
 
 
-def backend_module(name: str) -> ModuleType:
-    """The module of the backend called ``name`` (``"torch" | "triton" | "cuda"``)."""
-    return importlib.import_module(_MODULES[name])
+_LOADED: dict[str, Backend] = {}
+
+
+def backend_module(name: str) -> Backend:
+    """The module of the backend called ``name`` (``"torch" | "triton" | "cuda"``).
+
+    Imported once, then a dict lookup that ``torch.compile`` traces without a graph break.
+    """
+    module = _LOADED.get(name)
+    if module is None:
+        module = _LOADED[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def _unavailable_reason(name: str, device: torch.device) -> str | None:
@@ -71,6 +78,6 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_backend(name: str, device: torch.device) -> ModuleType:
+def resolve_backend(name: str, device: torch.device) -> Backend:
     """The backend module that ``name`` means on ``device`` (see :func:`resolve_backend_name`)."""
     return backend_module(resolve_backend_name(name, device))

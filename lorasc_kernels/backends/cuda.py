@@ -1,6 +1,7 @@
-"""CUDA C++ backend: the kernels of ``csrc/`` behind the backend interface.
+"""CUDA C++ backend: the kernels of ``csrc/`` as the primitives of
+:class:`~lorasc_kernels.backends.contract.Backend`.
 
-Shapes: ``x`` (M, K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K), ``lora_B`` (N, r).
+Shapes: ``p`` (M, K), ``q`` (N, K), ``u`` (M, r), ``v`` (N, r), ``x`` (M, K), ``lora_A`` (r, K).
 
 The extension is loaded (or compiled, see :mod:`lorasc_kernels._build`) on first use,
 never at import. Its ops, ``torch.ops.lorasc_cuda.*``:
@@ -9,27 +10,27 @@ never at import. Its ops, ``torch.ops.lorasc_cuda.*``:
   ``p qᵀ + bias + scale · u vᵀ`` with an fp32 accumulator; a transform
   ``(kind, key, threshold, value, swap)`` adds the fused noise to, or drops out, each
   element of an operand as it is loaded, keyed by the element's (row, col), or by
-  (col, row) when ``swap`` (a transposed view of ``W``).
+  (col, row) when ``swap`` (a transposed view of ``W``);
 * ``dropout(x, key, threshold, inv_keep)`` and ``merge_lowrank_(...)`` (in place).
 
-:func:`linear_forward` / :func:`linear_backward` run under the package's autograd
-(:class:`lorasc_kernels.ops.LinearFunction`, or the ``lorasc::`` ops under ``torch.compile``):
-forward ``y = lowrank_gemm(x, W⊕noise, b, xa, B, s)`` with ``xa = drop(x) Aᵀ``; backward
-``dX = lowrank_gemm(dY, (W⊕noise)ᵀ, dY_B, Aᵀ)`` with ``dY_B = s · dY B`` (without dropout;
-with dropout the LoRA term ``drop(dY_B A)`` is added after the GEMM). The thin products run
-on cuBLAS (``torch.matmul``), except those that need the dropout mask, which use the same
-GEMM kernel with the mask applied on load, so ``drop(x)`` is never stored.
+The primitives map onto them: ``lowrank_gemm`` with the noise as ``q``'s transform (the
+rank-term dropout, which sits on the product, is added after the GEMM);
+``dropout_lowrank`` as the GEMM with the mask on ``x`` as loaded, ``dropout_lowrank_grad``
+with the mask on ``xᵀ``, so ``drop(x)`` is never stored.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import noise as noise_lib
 from .._build import load_extension
-from .reference import dense_grads, dropout_threshold
+from ..dtypes import KERNEL_DTYPES
+from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
-__all__ = ["ops", "unavailable_reason", "linear_forward", "linear_backward", "merge_lowrank_"]
+__all__ = ["WEIGHT_DTYPES", "ops", "unavailable_reason", "lowrank_gemm", "dropout_lowrank",
+           "dropout_lowrank_grad", "merge_"]
+
+WEIGHT_DTYPES = KERNEL_DTYPES
 
 # Transform kinds of lowrank_gemm (csrc/lorasc/gemm_tile.cuh: TransformKind).
 _NONE, _NOISE, _DROPOUT = 0, 1, 2
@@ -91,17 +92,16 @@ def unavailable_reason(device) -> str | None:
     return None
 
 
-def _noise_transform(seed: int | None, scale: float, swap: bool) -> tuple:
-    """``W + scale · noise(seed)`` on load; ``swap`` when the operand is ``Wᵀ``."""
-    if seed is None or scale == 0.0:
+def _noise_transform(noise: NoiseSpec | None, swap: bool) -> tuple:
+    """``W + noise`` on load; ``swap`` when the operand is ``Wᵀ``."""
+    if noise is None:
         return _NO_TRANSFORM
-    return (_NOISE, noise_lib.stream_key(seed, noise_lib.STREAM_NOISE), 0, scale, swap)
+    return (_NOISE, noise.key, 0, noise.scale, swap)
 
 
-def _dropout_transform(p: float, seed: int, swap: bool) -> tuple:
+def _dropout_transform(dropout: DropoutSpec, swap: bool) -> tuple:
     """Dropout of ``x`` on load; ``swap`` when the operand is ``xᵀ``."""
-    key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
-    return (_DROPOUT, key, dropout_threshold(p), 1.0 / (1.0 - p), swap)
+    return (_DROPOUT, dropout.key, dropout.threshold, dropout.keep_scale, swap)
 
 
 def _gemm(p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM,
@@ -110,70 +110,47 @@ def _gemm(p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM,
     return ops(p.device).lowrank_gemm(p, q, bias, u, v, scale, *p_transform, *q_transform)
 
 
-def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                   noise_seed, noise_scale):
-    """``(y (M, N), xa (M, r))`` for 2-D ``x``; ``xa = drop(x) Aᵀ`` is saved for backward."""
-    dtype = x.dtype
-    A, B = lora_A.to(dtype), lora_B.to(dtype)
-    if dropout_p > 0.0:
-        xa = _gemm(x, A, p_transform=_dropout_transform(dropout_p, dropout_seed, False))
-    else:
-        xa = x @ A.t()
+def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
+                 ) -> torch.Tensor:
+    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract."""
+    noise_transform = _noise_transform(noise, q_transposed)
     bias = None if bias is None else bias.contiguous()
-    y = _gemm(x, weight, bias, xa, B, scale,
-              q_transform=_noise_transform(noise_seed, noise_scale, False))
-    return y, xa
+    if rank_dropout is None:
+        return _gemm(p, q, bias, u, v, scale, q_transform=noise_transform)
+    out = _gemm(p, q, bias, q_transform=noise_transform)
+    if u is None:
+        return out
+    rank_term = ops(p.device).dropout(u @ v.t(), rank_dropout.key, rank_dropout.threshold,
+                                      rank_dropout.keep_scale)
+    return out.add_(rank_term, alpha=scale)
 
 
-def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                    noise_seed, noise_scale, needs):
-    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
-    bools, in that order) is False; the dropout mask and the noise are regenerated."""
-    dtype = x.dtype
-    dy = dy.to(dtype)
-    A, B = lora_A.to(dtype), lora_B.to(dtype)
-    need_x, need_w, need_b, need_a, need_bb = needs
-    dx = d_a = None
-    if need_x or need_a:
-        dy_b = (dy @ B).mul_(scale)  # (M, r): s · dY B
-    if need_x:
-        noise = _noise_transform(noise_seed, noise_scale, True)
-        if dropout_p > 0.0:  # the mask sits on the product: add it after the GEMM
-            key = noise_lib.stream_key(dropout_seed, noise_lib.STREAM_DROPOUT)
-            dx = _gemm(dy, weight.t(), q_transform=noise)
-            dx.add_(ops(dy.device).dropout(dy_b @ A, key, dropout_threshold(dropout_p),
-                                           1.0 / (1.0 - dropout_p)))
-        else:
-            dx = _gemm(dy, weight.t(), None, dy_b, A.t(), 1.0, q_transform=noise)
-    if need_a:
-        if dropout_p > 0.0 and x.shape[0] > 0:  # dY_Bᵀ · drop(x), the mask on xᵀ as loaded
-            d_a = _gemm(dy_b.t(), x.t(),
-                        q_transform=_dropout_transform(dropout_p, dropout_seed, True))
-        else:
-            d_a = dy_b.t() @ x
-        d_a = d_a.to(lora_A.dtype)
-    dw, dbias, d_b = dense_grads(dy, x, xa, weight, lora_B, scale, need_w, need_b, need_bb)
-    return dx, dw, dbias, d_a, d_b
+def dropout_lowrank(x, lora_A, dropout: DropoutSpec) -> torch.Tensor:
+    """``drop(x) Aᵀ`` (M, r): the GEMM with the mask applied to ``x`` as loaded."""
+    return _gemm(x, lora_A, p_transform=_dropout_transform(dropout, False))
 
 
-def _noise_key(pair: tuple[int, float] | None) -> tuple[int, float]:
-    if pair is None:
-        return _NO_NOISE_KEY, 0.0
-    return noise_lib.stream_key(pair[0], noise_lib.STREAM_NOISE), pair[1]
+def dropout_lowrank_grad(grad, x, dropout: DropoutSpec) -> torch.Tensor:
+    """``Gᵀ drop(x)`` (r, K): the GEMM of ``Gᵀ`` and ``xᵀ``, the mask on ``xᵀ`` as loaded."""
+    if x.shape[0] == 0:  # the GEMM needs a nonempty reduction
+        return grad.t() @ x
+    return _gemm(grad.t(), x.t(), q_transform=_dropout_transform(dropout, True))
+
+
+def _noise_key(noise: NoiseSpec | None) -> tuple[int, float]:
+    return (_NO_NOISE_KEY, 0.0) if noise is None else (noise.key, noise.scale)
 
 
 @torch.no_grad()
-def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
-                   row_offset):
-    """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, in one pass.
+def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
+    """``W ← round(W − remove + coeff · B A + add)`` in place, in one pass.
 
-    Bit-identical to :func:`lorasc_kernels.backends.reference.merge_lowrank_`.
+    Bit-identical to :func:`lorasc_kernels.backends.reference.merge_`.
     """
     if lora_A.dtype != lora_B.dtype:  # exact: the kernel upcasts both to float32 anyway
         lora_A, lora_B = lora_A.float(), lora_B.float()
     ops(weight.device).merge_lowrank_(
-        weight, lora_B, lora_A, coeff, rounding == "stochastic",
-        noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING), *_noise_key(noise_remove),
-        *_noise_key(noise_add), row_offset,
+        weight, lora_B, lora_A, spec.coeff, spec.stochastic, spec.rounding_key,
+        *_noise_key(spec.remove), *_noise_key(spec.add), spec.row_offset,
     )
-    return weight

@@ -1,5 +1,12 @@
-"""Triton backend: the fused low-rank linear (``fused_linear.py``) and the in-place merge
-(``merge.py``). Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+"""Triton backend: the primitives of :class:`~lorasc_kernels.backends.contract.Backend` as
+Triton kernels. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
+
+* ``fused_linear.py``: ``lowrank_gemm``, the fused low-rank GEMM with its load-time noise;
+* ``thin.py``: ``dropout_lowrank`` / ``dropout_lowrank_grad``, the thin products with the
+  dropout mask regenerated on load;
+* ``merge.py``: ``merge_``, the in-place merge;
+* ``device.py`` and ``random.py``: device functions the kernels share; ``configs.py``: tile
+  configurations.
 
 Kernel modules are imported on first use, so importing this package needs no GPU.
 """
@@ -13,6 +20,8 @@ import os
 
 import torch
 
+from ...dtypes import KERNEL_DTYPES
+
 try:
     import triton  # noqa: F401
 
@@ -20,12 +29,14 @@ try:
 except ImportError as error:  # Triton is optional
     _IMPORT_ERROR = str(error)
 
-__all__ = ["interpreting", "on_tensor_device", "unavailable_reason", "linear_forward",
-           "linear_backward", "merge_lowrank_"]
+__all__ = ["WEIGHT_DTYPES", "interpreting", "on_tensor_device", "unavailable_reason",
+           "lowrank_gemm", "dropout_lowrank", "dropout_lowrank_grad", "merge_"]
 
-# Entry point of the backend interface → the kernel module defining it.
-_ENTRY_POINTS = {"linear_forward": "fused_linear", "linear_backward": "fused_linear",
-                 "merge_lowrank_": "merge"}
+WEIGHT_DTYPES = KERNEL_DTYPES
+
+# Primitive of the backend contract → the kernel module defining it.
+_PRIMITIVES = {"lowrank_gemm": "fused_linear", "dropout_lowrank": "thin",
+               "dropout_lowrank_grad": "thin", "merge_": "merge"}
 
 
 def interpreting() -> bool:
@@ -59,7 +70,7 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def __getattr__(name: str):
-    """The backend entry points, imported from their kernel module on first use."""
-    if name not in _ENTRY_POINTS:
+    """The backend's primitives, imported from their kernel module on first use."""
+    if name not in _PRIMITIVES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_ENTRY_POINTS[name]}", __name__), name)
+    return getattr(importlib.import_module(f".{_PRIMITIVES[name]}", __name__), name)

@@ -10,11 +10,13 @@ config means nothing is benchmarked.
 
 from __future__ import annotations
 
+import torch
 import triton
 
 from . import interpreting
 
-__all__ = ["fused_linear_configs", "prune_by_operand_size", "thin_configs"]
+__all__ = ["fused_linear_configs", "prune_by_operand_size", "thin_configs", "rank_block",
+           "dot_precision"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
 _FUSED_HOPPER = (
@@ -68,3 +70,19 @@ def thin_configs() -> list[triton.Config]:
         triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_stages=stages, num_warps=warps)
         for bm, bk, stages, warps in _THIN_HOPPER
     ]
+
+
+def rank_block(r: int) -> int:
+    """Columns of the rank dimension per block: ``r`` padded to a power of two in [16, 64]."""
+    return min(64, max(16, triton.next_power_of_2(r)))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision for ``dtype`` operands, following torch's fp32 matmul
+    precision (``torch.set_float32_matmul_precision``): at ``"highest"`` (torch's default)
+    fp32 dots run as 3×tf32 ("tf32x3": error ~1e-6, on tensor cores, whereas Triton's
+    IEEE fp32 dot runs on CUDA cores and spills registers at 128×128 tiles), else tf32.
+    16-bit operands ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "tf32x3"
+    return "tf32"

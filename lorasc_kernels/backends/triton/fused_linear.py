@@ -1,20 +1,15 @@
-"""Fused low-rank linear in Triton: ``out = P Qᵀ (+ bias) + s · U Vᵀ`` in one pass over ``out``.
+"""Fused low-rank GEMM in Triton: ``out = P Qᵀ (+ bias) + s · drop(U Vᵀ)`` in one pass over
+``out``, the backend's ``lowrank_gemm`` primitive.
 
-Shapes: ``x`` (M, K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K), ``lora_B`` (N, r).
-
-* forward: ``y = x Wᵀ + b + s · xa Bᵀ`` with ``xa = drop(x) Aᵀ`` (M, r);
-* backward: ``dX = dY W + s · drop((dY B) A)``: the same kernel with ``Q = Wᵀ`` read
-  through strides (no transposed copy) and the dropout mask applied to the rank term;
-* the thin products: ``drop(x) Aᵀ`` and ``dA = s (dY B)ᵀ drop(x)`` in :mod:`.thin` when
-  ``p > 0`` (the mask is regenerated from its seed, never stored); ``x Aᵀ``, ``dY B``,
-  ``dB = s dYᵀ xa`` and ``dA`` without dropout go to cuBLAS (``torch.mm``): they are
-  memory-bound reads of ``x`` or ``dY`` with an output of width r, which cuBLAS serves
-  with split-K kernels; a Triton version would read the same bytes.
+Shapes: ``p`` (M, K), ``q`` (N, K), ``bias`` (N,), ``u`` (M, r), ``v`` (N, r). The linear's
+forward uses it as ``y = x Wᵀ + b + s · xa Bᵀ``; its backward as ``dX = dY W + s ·
+drop((dY B) A)``, with ``Q = Wᵀ`` read through strides (no transposed copy) and the dropout
+mask applied to the rank term (:mod:`lorasc_kernels.composition`).
 
 The rank-r term is one extra ``tl.dot`` of ``[BLOCK_M, r] × [r, BLOCK_N]`` into the fp32
 accumulator of each output tile (r padded to a power of two ≥ 16, masked).
 
-Fused noise: each loaded ``W`` tile gets ``noise_scale · noise(seed, W row, W col)`` added
+Fused noise: each loaded ``W`` tile gets ``noise.scale · noise(noise.seed, W row, W col)`` added
 in fp32 and is rounded back to ``W``'s dtype before the dot, as
 :func:`~lorasc_kernels.backends.reference.noisy_weight` does (kernels are compiled with
 ``enable_fp_fusion=False`` so the multiply and add are not contracted into an FMA, and the
@@ -34,29 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import noise as noise_lib
-from ..reference import _fp32, dense_grads
+from ...dtypes import float32_scalar
+from ...specs import DropoutSpec, NoiseSpec
 from . import interpreting, on_tensor_device
-from .configs import fused_linear_configs, prune_by_operand_size
+from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
+from .device import dropout_tile, mma, round_to
 from .random import element_bits, row_hash, uniform_centered
-from .thin import (
-    dot_precision,
-    dropout_lowrank,
-    dropout_lowrank_grad,
-    dropout_params,
-    dropout_tile,
-    mma,
-    rank_block,
-    round_to,
-)
 
-__all__ = [
-    "NOISE_IN_GEMM_MAX_ROWS",
-    "fused_lowrank",
-    "noisy_weight",
-    "linear_forward",
-    "linear_backward",
-]
+__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight", "lowrank_gemm"]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -175,43 +155,46 @@ def _noisy_weight_kernel(
     tl.store(out_ptr + cols[None, :] * stride_on + ks[:, None] * stride_ok, q_t, mask=mask)
 
 
-def noisy_weight(weight: torch.Tensor, noise_seed: int, noise_scale: float,
-                 transposed: bool = False) -> torch.Tensor:
-    """``round(W + noise_scale · noise(noise_seed))`` (N, K) through the GEMM's tile loader.
+def noisy_weight(weight: torch.Tensor, noise: NoiseSpec, transposed: bool = False
+                 ) -> torch.Tensor:
+    """``round(W + noise)`` (N, K) through the GEMM's tile loader, in ``W``'s layout.
 
     With ``transposed`` the kernel reads ``Wᵀ`` as backward's dX GEMM does (swapped indices);
-    the result is in ``W``'s layout either way, so both orientations must equal
+    both orientations must equal
     :func:`~lorasc_kernels.backends.reference.noisy_weight` bit for bit.
     """
     q = weight.t() if transposed else weight
     out = torch.empty_like(q)
-    key = noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE)
     grid = (triton.cdiv(q.shape[0], _NOISE_BLOCK), triton.cdiv(q.shape[1], _NOISE_BLOCK))
     _noisy_weight_kernel[grid](
         out, q, q.shape[0], q.shape[1], out.stride(0), out.stride(1), q.stride(0), q.stride(1),
-        key, _fp32(noise_scale),
+        noise.key, noise.scale32,
         W_TRANSPOSED=transposed, INTERPRETING=interpreting(), BLOCK=_NOISE_BLOCK,
         enable_fp_fusion=False,
     )
     return out.t() if transposed else out
 
 
-def fused_lowrank(p, q, bias, u, v, scale, *, noise=None, w_transposed=False,
-                  lora_dropout=None) -> torch.Tensor:
-    """``out = P Qᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, any strides.
+@on_tensor_device
+def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
+                 ) -> torch.Tensor:
+    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype.
 
-    Args:
-        p, q: (M, K) and (N, K); ``q`` is ``W`` or, with ``w_transposed``, ``Wᵀ``.
-        bias: (N,) or None.
-        u, v: (M, r) and (N, r), in ``P``'s dtype.
-        noise: ``(key, scale)`` of the noise added to each ``Q`` tile, or None.
-        lora_dropout: ``(key, threshold, keep_scale)`` of a dropout mask on the rank term's
-            ``(m, n)`` entries, or None.
+    The contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`): ``q`` is
+    ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
+    :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
+    by one pass that writes the noisy ``W``.
     """
-    (M, K), N, r = p.shape, q.shape[0], u.shape[1]
+    (M, K), N = p.shape, q.shape[0]
+    if noise is not None and M > NOISE_IN_GEMM_MAX_ROWS:
+        q = noisy_weight(q.t(), noise).t() if q_transposed else noisy_weight(q, noise)
+        noise = None
     out = torch.empty(M, N, device=p.device, dtype=p.dtype)
-    noise_key, noise_scale = noise if noise is not None else (0, 0.0)
-    dropout_key, threshold, keep_scale = lora_dropout if lora_dropout is not None else (0, 0, 1.0)
+    r = 0 if u is None else u.shape[1]
+    if u is None:
+        u = v = out  # not read: the rank loop runs R = 0 times
+    bias = None if bias is None else bias.contiguous()  # the kernel reads it with stride 1
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -221,64 +204,13 @@ def fused_lowrank(p, q, bias, u, v, scale, *, noise=None, w_transposed=False,
         M, N, K, r, triton.next_power_of_2(M),
         out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        _fp32(scale),
-        noise_key, _fp32(noise_scale),
-        dropout_key, threshold, keep_scale,
-        HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=w_transposed,
-        LORA_DROPOUT=lora_dropout is not None, R_BLOCK=rank_block(r),
+        float32_scalar(scale),
+        0 if noise is None else noise.key, 0.0 if noise is None else noise.scale32,
+        *((0, 0, 1.0) if rank_dropout is None else
+          (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)),
+        HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
+        LORA_DROPOUT=rank_dropout is not None, R_BLOCK=rank_block(max(r, 1)),
         DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )
     return out
-
-
-def _weight_operand(weight, noise_seed, noise_scale, rows):
-    """``(W or its noisy copy, noise for the GEMM or None)`` for a GEMM over ``rows`` rows."""
-    if noise_seed is None or noise_scale == 0.0:
-        return weight, None
-    if rows <= NOISE_IN_GEMM_MAX_ROWS:
-        return weight, (noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), noise_scale)
-    return noisy_weight(weight, noise_seed, noise_scale), None
-
-
-@on_tensor_device
-def linear_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                   noise_seed, noise_scale):
-    """``(y (M, N), xa (M, r))`` for 2-D ``x``; ``xa = drop(x) Aᵀ`` is saved for backward."""
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    if dropout_p > 0.0:
-        xa = dropout_lowrank(x, A, dropout_seed, dropout_p)
-    else:
-        xa = x @ A.t()
-    w, noise = _weight_operand(weight, noise_seed, noise_scale, x.shape[0])
-    bias = None if bias is None else bias.contiguous()  # the kernel reads it with stride 1
-    return fused_lowrank(x, w, bias, xa, B, scale, noise=noise), xa
-
-
-@on_tensor_device
-def linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed,
-                    noise_seed, noise_scale, needs):
-    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` is False.
-
-    ``needs`` holds five bools, in that order; ``dy`` is (M, N).
-    """
-    need_x, need_w, need_bias, need_a, need_b = needs
-    dy = dy.to(x.dtype)
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-    dx = d_a = None
-    if need_x or need_a:
-        dy_b = dy @ B  # (M, r)
-    if need_x:
-        w, noise = _weight_operand(weight, noise_seed, noise_scale, dy.shape[0])
-        lora_dropout = dropout_params(dropout_seed, dropout_p) if dropout_p > 0.0 else None
-        dx = fused_lowrank(dy, w.t(), None, dy_b, A.t(), scale, noise=noise, w_transposed=True,
-                           lora_dropout=lora_dropout)
-    if need_a:
-        if dropout_p > 0.0:
-            d_a = dropout_lowrank_grad(dy_b, x, dropout_seed, dropout_p)
-        else:
-            d_a = dy_b.t() @ x
-        d_a = d_a.mul_(scale).to(lora_A.dtype)
-    dweight, dbias, d_b = dense_grads(dy, x, xa, weight, lora_B, scale, need_w, need_bias,
-                                      need_b)
-    return dx, dweight, dbias, d_a, d_b

@@ -1,14 +1,15 @@
 """In-place cascade merge ``W ← round(W − N_remove + coeff · B A + N_add)`` in Triton.
 
-Shapes: ``weight`` (rows, cols), any strides without overlap, fp32/fp16/bf16, updated in
-place; ``lora_B`` (rows, r) and ``lora_A`` (r, cols), fp32/fp16/bf16, any strides.
+Shapes: ``weight`` (rows, cols), any strides without overlap, in a dtype of
+:data:`lorasc_kernels.dtypes.KERNEL_DTYPES`, updated in place; ``lora_B`` (rows, r) and
+``lora_A`` (r, cols) in those dtypes too, any strides.
 
 One program owns a ``BLOCK_ROWS × BLOCK_COLS`` tile of ``W``: it reads the tile once,
 builds the tile of ``B A`` in registers, swaps the noise, rounds, and writes the tile back
 to the same addresses. Nothing of ``W``'s size is allocated.
 
 Exactness. Per element the kernel runs the float32 sequence of
-:func:`lorasc_kernels.backends.reference.merge_lowrank_`: ``delta = 0``, then for
+:func:`lorasc_kernels.backends.reference.merge_`: ``delta = 0``, then for
 ``k = 0 … r-1`` ``delta = delta + B[i, k] * A[k, j]`` as a separate multiply and add, then
 ``v = W − s_remove·u_remove``, ``v = v + coeff·delta``, ``v = v + s_add·u_add``, then the
 rounding of :mod:`lorasc_kernels.rounding` with the same hash bits. The launch passes
@@ -43,12 +44,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ... import noise as noise_lib
-from ..reference import _fp32
+from ...dtypes import float32_scalar, weight_dtype
+from ...specs import MergeSpec, NoiseSpec
 from . import interpreting, on_tensor_device
 from .random import element_bits, row_hash, uniform_centered
 
-__all__ = ["merge_tile", "merge_lowrank_"]
+__all__ = ["merge_tile", "merge_"]
+
 
 def merge_tile() -> tuple[int, int, int]:
     """``(BLOCK_ROWS, BLOCK_COLS, num_warps)`` of the merge kernel."""
@@ -101,6 +103,7 @@ def _merge_kernel(
     # 32-bit hash keys (noise.stream_key) and the global index of W's first row
     remove_key, add_key, rounding_key, row_offset,
     HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr, STOCHASTIC: tl.constexpr,
+    DROP_BITS: tl.constexpr, NEAREST_ON_BITS: tl.constexpr,  # of W's dtype (dtypes.py)
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     row_ids = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -123,38 +126,31 @@ def _merge_kernel(
     if HAS_ADD:
         value = value + add_scale * _noise(add_key, global_rows, col_ids)
 
-    out_dtype = weight_ptr.dtype.element_ty
-    random = 0
-    if STOCHASTIC:
-        if out_dtype != tl.float32:
+    if DROP_BITS > 0:
+        if STOCHASTIC:
             random = element_bits(row_hash(rounding_key, global_rows)[:, None], col_ids[None, :])
-    if out_dtype == tl.bfloat16:
-        value = _drop_low_bits(value, random, 16, STOCHASTIC)
-    if out_dtype == tl.float16:
-        if STOCHASTIC:  # else the cast below rounds to nearest-even, subnormals included
-            value = _drop_low_bits(value, random, 13, STOCHASTIC)
-    tl.store(w_ptrs, value.to(out_dtype), mask=mask)
+            value = _drop_low_bits(value, random, DROP_BITS, STOCHASTIC)
+        elif NEAREST_ON_BITS:  # else the cast below rounds to nearest-even, subnormals included
+            value = _drop_low_bits(value, 0, DROP_BITS, STOCHASTIC)
+    tl.store(w_ptrs, value.to(weight_ptr.dtype.element_ty), mask=mask)
 
 
-def _noise_arguments(pair: tuple[int, float] | None) -> tuple[int, float]:
-    """``(key, float32 scale)`` of a ``(seed, scale)`` noise pair; ``(0, 0.0)`` for None."""
-    if pair is None:
-        return 0, 0.0
-    return noise_lib.stream_key(pair[0], noise_lib.STREAM_NOISE), _fp32(pair[1])
+def _noise_arguments(noise: NoiseSpec | None) -> tuple[int, float]:
+    """``(key, float32 scale)`` of the kernel; ``(0, 0.0)`` when there is no noise."""
+    return (0, 0.0) if noise is None else (noise.key, noise.scale32)
 
 
 @on_tensor_device
-def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, noise_add,
-                   row_offset):
+def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """In-place merge on validated arguments; same bits as the reference (module docstring).
 
     ``weight`` (rows, cols) may have any strides but no overlapping elements (a zero
-    stride is refused by :func:`lorasc_kernels.functional.merge_lowrank_`). Returns
-    ``weight``.
+    stride is refused by :func:`lorasc_kernels.functional.merge_lowrank_`).
     """
     rows, cols = weight.shape
-    remove_key, remove_scale = _noise_arguments(noise_remove)
-    add_key, add_scale = _noise_arguments(noise_add)
+    remove_key, remove_scale = _noise_arguments(spec.remove)
+    add_key, add_scale = _noise_arguments(spec.add)
+    rounding = weight_dtype(weight.dtype)
 
     block_rows, block_cols, num_warps = merge_tile()
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
@@ -162,12 +158,11 @@ def merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove, 
         weight, lora_B, lora_A,
         rows, cols, lora_A.shape[0],
         *weight.stride(), *lora_B.stride(), *lora_A.stride(),
-        _fp32(coeff), remove_scale, add_scale,
-        remove_key, add_key, noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING),
-        row_offset,
-        HAS_REMOVE=noise_remove is not None, HAS_ADD=noise_add is not None,
-        STOCHASTIC=rounding == "stochastic",
+        float32_scalar(spec.coeff), remove_scale, add_scale,
+        remove_key, add_key, spec.rounding_key, spec.row_offset,
+        HAS_REMOVE=spec.remove is not None, HAS_ADD=spec.add is not None,
+        STOCHASTIC=spec.stochastic, DROP_BITS=rounding.dropped_bits,
+        NEAREST_ON_BITS=rounding.nearest_on_bits,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
         enable_fp_fusion=False,
     )
-    return weight

@@ -7,11 +7,8 @@ Shapes: ``x`` (M, K), ``lora_A`` (r, K), ``grad_xa`` (M, r).
 
 Both regenerate the keep-mask of :func:`~lorasc_kernels.backends.reference.dropout_keep_mask`
 from the seed for each ``x`` tile they load (one hash per element of ``x``) and never store
-it. Without dropout the same products are plain ``torch.mm`` calls (cuBLAS), done by the
-caller.
-
-Also the device helpers that :mod:`.fused_linear` shares: :func:`round_to`, :func:`mma`,
-:func:`dropout_tile`, and the host-side :func:`dot_precision`.
+it. Without dropout the same products are plain ``torch.mm`` calls (cuBLAS), done by
+:mod:`lorasc_kernels.composition`.
 """
 
 from __future__ import annotations
@@ -20,73 +17,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import noise as noise_lib
-from ..reference import dropout_threshold
-from . import interpreting
-from .configs import thin_configs
-from .random import element_bits, row_hash
+from ...specs import DropoutSpec
+from . import interpreting, on_tensor_device
+from .configs import dot_precision, rank_block, thin_configs
+from .device import dropout_tile, mma, round_to
 
-__all__ = [
-    "dropout_params",
-    "rank_block",
-    "dot_precision",
-    "round_to",
-    "mma",
-    "dropout_tile",
-    "dropout_lowrank",
-    "dropout_lowrank_grad",
-]
+__all__ = ["dropout_lowrank", "dropout_lowrank_grad"]
 
 # Rows of x reduced by one program of dropout_lowrank_grad: a multiple of every BLOCK_M.
 _GRAD_ROWS_PER_SPLIT = 256
 # At most this many fp32 partials of dA (r × K each) are summed after the kernel.
 _GRAD_MAX_SPLITS = 16
-
-
-def dropout_params(seed: int, p: float) -> tuple[int, int, float]:
-    """``(key, threshold, keep_scale)`` of the dropout mask that kernels regenerate."""
-    key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
-    return key, dropout_threshold(p), 1.0 / (1.0 - p)
-
-
-def rank_block(r: int) -> int:
-    """Columns of the rank dimension per block: ``r`` padded to a power of two in [16, 64]."""
-    return min(64, max(16, triton.next_power_of_2(r)))
-
-
-@triton.jit
-def round_to(value, dtype: tl.constexpr, INTERPRETING: tl.constexpr):
-    """``value`` (fp32) rounded to nearest-even in ``dtype``.
-
-    The interpreter truncates fp32 → bf16, so there the rounding is done on the bits.
-    """
-    if INTERPRETING and dtype == tl.bfloat16:
-        bits = value.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return value.to(dtype)
-
-
-@triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETING: tl.constexpr):
-    """``acc + a @ b`` in fp32; operands are upcast in the interpreter (its bf16 dot
-    multiplies raw bits)."""
-    if INTERPRETING:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def dropout_tile(tile, rows, cols, key, threshold, keep_scale, INTERPRETING: tl.constexpr):
-    """``drop(tile)`` in the tile's dtype: kept entries times ``keep_scale``, others 0.
-
-    ``rows``/``cols`` are the tile's global indices in ``x``; keep iff ``bits >> 8 >=
-    threshold``, the rule of ``reference.dropout_keep_mask``.
-    """
-    bits = element_bits(row_hash(key, rows)[:, None], cols[None, :])
-    kept = tl.where((bits >> 8) >= threshold, tile.to(tl.float32) * keep_scale, 0.0)
-    return round_to(kept, tile.dtype, INTERPRETING)
 
 
 @triton.autotune(configs=thin_configs(), key=["M_BUCKET", "K", "R"])
@@ -152,22 +93,12 @@ def _dropout_lowrank_grad_kernel(
              acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for ``dtype`` operands, following torch's fp32 matmul
-    precision (``torch.set_float32_matmul_precision``): at ``"highest"`` (torch's default)
-    fp32 dots run as 3×tf32 ("tf32x3": error ~1e-6, on tensor cores, whereas Triton's
-    IEEE fp32 dot runs on CUDA cores and spills registers at 128×128 tiles), else tf32.
-    16-bit operands ignore it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "tf32x3"
-    return "tf32"
-
-
-def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+@on_tensor_device
+def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec
+                    ) -> torch.Tensor:
     """``drop(x) Aᵀ`` (M, r) in ``x``'s dtype; ``x`` (M, K) any strides, ``lora_A`` (r, K)."""
     (M, K), r = x.shape, lora_A.shape[0]
     xa = torch.empty(M, r, device=x.device, dtype=x.dtype)
-    key, threshold, keep_scale = dropout_params(seed, p)
     r_block = rank_block(r)
 
     def grid(meta):
@@ -176,14 +107,15 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float) 
     _dropout_lowrank_kernel[grid](
         xa, x, lora_A, M, K, r, triton.next_power_of_2(M),
         xa.stride(0), xa.stride(1), x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        key, threshold, keep_scale,
+        dropout.key, dropout.threshold, dropout.keep_scale,
         R_BLOCK=r_block, DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=interpreting(),
     )
     return xa
 
 
-def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: float
+@on_tensor_device
+def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec
                          ) -> torch.Tensor:
     """``Gᵀ drop(x)`` (r, K) in float32 for ``G = grad_xa`` (M, r) and ``x`` (M, K).
 
@@ -197,7 +129,6 @@ def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: f
                          * _GRAD_ROWS_PER_SPLIT)
     splits = triton.cdiv(M, rows_per_split)
     partials = torch.empty(splits, r, K, device=x.device, dtype=torch.float32)
-    key, threshold, keep_scale = dropout_params(seed, p)
     r_block = rank_block(r)
 
     def grid(meta):
@@ -207,7 +138,7 @@ def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: f
         partials, grad_xa, x, M, K, r, rows_per_split, triton.next_power_of_2(M),
         partials.stride(0), partials.stride(1), partials.stride(2),
         grad_xa.stride(0), grad_xa.stride(1), x.stride(0), x.stride(1),
-        key, threshold, keep_scale,
+        dropout.key, dropout.threshold, dropout.keep_scale,
         R_BLOCK=r_block, DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=interpreting(),
     )

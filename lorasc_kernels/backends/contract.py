@@ -1,0 +1,63 @@
+"""The backend contract: the primitives a backend supplies, as a :class:`typing.Protocol`.
+
+A backend is a module that satisfies :class:`Backend`. The LoRASC linear's forward and
+backward are written once over these primitives (:mod:`lorasc_kernels.composition`); a
+backend implements the primitives only. Arguments arrive validated
+(:mod:`lorasc_kernels.functional`): 2-D tensors of one device, dtypes in the backend's
+:attr:`~Backend.WEIGHT_DTYPES`, specs from :mod:`lorasc_kernels.specs`.
+
+The torch backend (:mod:`.reference`) implements them in plain torch and is the oracle:
+noise, dropout masks and merges must match it bit for bit; GEMMs within the tolerances of
+``docs/design.md``. ``tests/test_backend_contract.py`` checks every registered backend.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..specs import DropoutSpec, MergeSpec, NoiseSpec
+
+__all__ = ["Backend", "PRIMITIVES"]
+
+PRIMITIVES = ("unavailable_reason", "lowrank_gemm", "dropout_lowrank", "dropout_lowrank_grad",
+              "merge_")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend module defines. Shapes: ``p`` (M, K), ``q`` (N, K), ``u`` (M, r),
+    ``v`` (N, r), ``bias`` (N,), ``x`` (M, K), ``lora_A`` (r, K), ``weight`` (N, K)."""
+
+    WEIGHT_DTYPES: tuple[torch.dtype, ...]
+    """The weight (and input) dtypes the backend's kernels take."""
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        """None when the backend can run on ``device``; else why not, in words."""
+
+    def lowrank_gemm(self, p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None,
+                     u: torch.Tensor | None, v: torch.Tensor | None, scale: float,
+                     noise: NoiseSpec | None = None, q_transposed: bool = False,
+                     rank_dropout: DropoutSpec | None = None) -> torch.Tensor:
+        """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``p``'s dtype.
+
+        ``q`` is a weight ``W`` (N, K), or with ``q_transposed`` a view ``Wᵀ``: ``noise``
+        is keyed by ``W``'s (row, col), and ``Q ⊕ noise`` is
+        :func:`~lorasc_kernels.backends.reference.noisy_weight` of ``W``. ``rank_dropout``
+        masks the rank term's ``(m, n)`` entries (``m < M``, ``n < N``). ``u``/``v`` None:
+        no rank term. Any strides.
+        """
+
+    def dropout_lowrank(self, x: torch.Tensor, lora_A: torch.Tensor,
+                        dropout: DropoutSpec) -> torch.Tensor:
+        """``drop(x) Aᵀ`` (M, r) in ``x``'s dtype, the mask regenerated, never stored."""
+
+    def dropout_lowrank_grad(self, grad: torch.Tensor, x: torch.Tensor,
+                             dropout: DropoutSpec) -> torch.Tensor:
+        """``Gᵀ drop(x)`` (r, K) for ``G = grad`` (M, r), in float32 or ``x``'s dtype."""
+
+    def merge_(self, weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
+               spec: MergeSpec) -> None:
+        """``W ← round(W − remove + coeff · B A + add)`` in place, bit-identical to the
+        reference; ``weight`` (rows, K) is a block of rows from ``spec.row_offset`` on."""

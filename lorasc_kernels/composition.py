@@ -1,0 +1,65 @@
+"""The LoRASC linear's forward and backward, written once over a backend's primitives.
+
+Shapes: ``x`` (M, K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K), ``lora_B`` (N, r),
+``dy`` (M, N). With ``s = spec.scale``, ``drop`` the LoRA-branch dropout and ``W ⊕ n`` the
+weight with the call's fused noise:
+
+* forward: ``xa = drop(x) Aᵀ`` (M, r), ``y = x (W ⊕ n)ᵀ + b + s · xa Bᵀ``; saves ``x``, ``xa``;
+* backward: ``dY_B = dY B`` (M, r), ``dX = dY (W ⊕ n) + s · drop(dY_B A)``,
+  ``dA = s · dY_Bᵀ drop(x)``, ``dB = s · dYᵀ xa``, ``dW = dYᵀ x``, ``db = Σ_m dY``.
+
+The GEMMs with an (M, N) or (M, K) output go to the backend's fused
+:meth:`~lorasc_kernels.backends.contract.Backend.lowrank_gemm`; the thin products that need
+the dropout mask to its ``dropout_lowrank`` primitives (the mask is regenerated from its
+seed, never stored); the other thin and dense products are plain ``torch`` matmuls
+(cuBLAS on a GPU: memory-bound reads of ``x`` or ``dY`` with an output of width r).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.contract import Backend
+from .specs import LinearSpec
+
+__all__ = ["linear_forward", "linear_backward"]
+
+
+def linear_forward(backend: Backend, x: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                   spec: LinearSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward."""
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    if spec.dropout is None:
+        xa = x @ A.t()
+    else:
+        xa = backend.dropout_lowrank(x, A, spec.dropout)
+    y = backend.lowrank_gemm(x, weight, bias, xa, B, spec.scale, noise=spec.noise)
+    return y, xa
+
+
+def linear_backward(backend: Backend, dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor,
+                    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    spec: LinearSpec, needs) -> tuple:
+    """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
+    bools, in that order) is False; each in its input's dtype (``dbias`` in ``x``'s)."""
+    need_x, need_weight, need_bias, need_a, need_b = needs
+    dy = dy.to(x.dtype)
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+    dx = d_a = None
+    if need_x or need_a:
+        dy_b = dy @ B
+    if need_x:
+        dx = backend.lowrank_gemm(dy, weight.t(), None, dy_b, A.t(), spec.scale,
+                                  noise=spec.noise, q_transposed=True,
+                                  rank_dropout=spec.dropout)
+    if need_a:
+        if spec.dropout is None:
+            d_a = dy_b.t() @ x
+        else:
+            d_a = backend.dropout_lowrank_grad(dy_b, x, spec.dropout)
+        d_a = d_a.mul_(spec.scale).to(lora_A.dtype)
+    dweight = (dy.t() @ x).to(weight.dtype) if need_weight else None
+    dbias = dy.sum(0) if need_bias else None
+    d_b = (dy.t() @ xa).mul_(spec.scale).to(lora_B.dtype) if need_b else None
+    return dx, dweight, dbias, d_a, d_b

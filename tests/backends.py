@@ -1,0 +1,67 @@
+"""Every registered backend as a test parameter, so each op's tests run on each backend.
+
+A test module loads it with ``pytest_plugins = ["tests.backends"]`` and takes a ``backend``
+argument: the test runs once per registered backend, with the backend's name.
+Without a GPU, Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests/conftest.py)
+and CUDA through the host build of its kernels' data paths (``csrc/host_check.cpp``):
+:class:`HostOps` stands in for ``torch.ops.lorasc_cuda`` on CPU tensors, so the CUDA
+backend's Python code and its kernels' loads, transforms, tiles and merges run here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lorasc_kernels import _build
+from lorasc_kernels.backends import BACKENDS, resolve_backend_name
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REGISTERED = tuple(name for name in BACKENDS if name != "auto")
+HOST_TRANSFORM_DROPOUT = 1  # host_check.transform's kind for dropout
+
+
+@functools.cache
+def host_build():
+    """The g++ build of csrc/host_check.cpp (cached by ninja across runs)."""
+    return _build.load_host_check()
+
+
+class HostOps:
+    """``torch.ops.lorasc_cuda`` on CPU tensors: each op runs the kernel's data path of the
+    host build, CTA after CTA (element functions, loads, tiles, schedule, stores)."""
+
+    def __init__(self, host):
+        self.host = host
+
+    def lowrank_gemm(self, *args):
+        return self.host.emulate_lowrank_gemm(*args)
+
+    def dropout(self, x, key, threshold, inv_keep):
+        return self.host.transform(x, HOST_TRANSFORM_DROPOUT, key, threshold, inv_keep)
+
+    def merge_lowrank_(self, *args):
+        self.host.merge_lowrank_(*args)
+
+
+def emulate_cuda_on_host(monkeypatch):
+    """Make the CUDA backend run on CPU tensors through :class:`HostOps`."""
+    from lorasc_kernels.backends import cuda
+
+    ops = HostOps(host_build())
+    monkeypatch.setattr(cuda, "ops", lambda device=None: ops)
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)
+
+
+@pytest.fixture(params=REGISTERED)
+def backend(request, monkeypatch) -> str:
+    """The name of a registered backend that can run on :data:`DEVICE` (others skip)."""
+    name = request.param
+    if name == "cuda" and DEVICE == "cpu":
+        emulate_cuda_on_host(monkeypatch)
+    try:
+        return resolve_backend_name(name, torch.device(DEVICE))
+    except RuntimeError as error:
+        pytest.skip(str(error))
