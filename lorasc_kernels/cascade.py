@@ -45,17 +45,20 @@ the Cascade with :meth:`Cascade.from_state_dict` instead, which injects nothing.
 from __future__ import annotations
 
 import logging
+import math
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks as checks
 from .distributed import full_tensor, global_std, local_row_block, reset_lora
-from .functional import merge_lowrank_
+from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
@@ -67,10 +70,19 @@ logger = logging.getLogger("lorasc_kernels")
 
 NOISE_MODES = ("inplace", "fused", "off")
 
+# The entries of Cascade.state_dict().
+STATE_KEYS = ("settings", "layer_names", "cascade_index", "steps_in_cascade", "finalized",
+              "noise_scales", "history", "anchors")
+
 # What a derived seed is for (an input of the hash, not a noise stream).
 PURPOSE_NOISE = 0
 PURPOSE_ROUNDING = 1
 PURPOSE_INIT = 2
+
+# The Cascade driving each layer, so that a second one is refused (its noise and merges would
+# be applied on top of the first's). Weak both ways: a layer or a Cascade that is gone frees
+# its entry.
+_DRIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cascade_seed(seed: int, purpose: int, index: int, layer_index: int) -> int:
@@ -167,8 +179,19 @@ class Cascade:
         self._attach(model, optimizer, CascadeSettings(
             steps_per_cascade, slow_rate, noise_lambda, noise_mode, seed, keep_history, rounding,
             slow_other_params, warmup_steps))
-        self.noise_scales = [self._measure_noise_scale(layer) for layer in self.layers.values()]
+        for name, layer in self.layers.items():
+            if layer.weight_noise is not None:
+                raise ValueError(
+                    f"layer {checks.layer_label(name)}: its weight carries the in-place noise "
+                    "of another Cascade that was not finalized; finalize that Cascade, or "
+                    "continue its run with Cascade.from_state_dict"
+                )
+        self.noise_scales = []
+        for name, layer in self.layers.items():
+            with checks.naming_layer(name):
+                self.noise_scales.append(self._measure_noise_scale(layer))
         self._start_first_noise()
+        self._start_driving()
 
     @classmethod
     def from_state_dict(cls, model: nn.Module, optimizer, state: dict) -> Cascade:
@@ -178,9 +201,17 @@ class Cascade:
         first noise) and then loading, leaves ``W`` alone: for weights loaded first, as a
         Hugging Face ``Trainer`` does when it resumes from a checkpoint.
         """
+        settings = state.get("settings") if isinstance(state, dict) else None
+        if not isinstance(settings, dict):
+            raise ValueError("state must be a dict from Cascade.state_dict() with its 'settings'")
+        try:
+            settings = CascadeSettings(**settings)
+        except TypeError as error:
+            raise TypeError(f"state['settings']: {error}") from None
         cascade = cls.__new__(cls)
-        cascade._attach(model, optimizer, CascadeSettings(**state["settings"]))
+        cascade._attach(model, optimizer, settings)
         cascade.load_state_dict(state)
+        cascade._start_driving()
         return cascade
 
     def _attach(self, model: nn.Module, optimizer, settings: CascadeSettings) -> None:
@@ -192,6 +223,15 @@ class Cascade:
         self.layers = lorasc_layers(_unwrap(model))
         if not self.layers:
             raise ValueError("model has no LoRASCLinear layer: call inject_lorasc first")
+        for name, layer in self.layers.items():
+            driver = _DRIVERS.get(layer)
+            if driver is not None and driver() is not None and not driver().finalized:
+                raise ValueError(
+                    f"layer {checks.layer_label(name)} is driven by another Cascade already: "
+                    "finalize it first (one Cascade per model)"
+                )
+            with checks.naming_layer(name):
+                checks.check_writable("weight", layer.weight.detach())
         self.optimizer = optimizer
         _check_optimizer(optimizer, self.layers)
         self.cascade_index = 0
@@ -200,9 +240,7 @@ class Cascade:
         self.history: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
             name: [] for name in self.layers
         }
-        self.other_params = _other_trainable_params(optimizer, self.layers)
-        if not settings.slow_other_params or settings.slow_rate == 1.0:
-            self.other_params = []
+        self.other_params = self._slow_params(optimizer)
         # p_start of each other parameter (an FSDP2 rank's own rows), in optimizer order.
         self.anchors = [_local(p).clone() for p in self.other_params]
 
@@ -214,10 +252,10 @@ class Cascade:
         Returns whether a boundary ran.
         """
         self._check_active("step")
-        self.steps_in_cascade += 1
-        if self.steps_in_cascade == self.settings.steps_per_cascade:
-            self._boundary(last=False)
+        if self.steps_in_cascade + 1 == self.settings.steps_per_cascade:
+            self._boundary(last=False)  # counts the step by ending the cascade, or raises
             return True
+        self.steps_in_cascade += 1
         return False
 
     def end_epoch(self) -> bool:
@@ -253,6 +291,7 @@ class Cascade:
         """
         self._check_active("finalize")
         self._boundary(last=True)
+        self._stop_noting()
         for name, layer in self.layers.items():
             linear = layer.to_linear()
             if not name:
@@ -262,6 +301,36 @@ class Cascade:
             setattr(_unwrap(self.model).get_submodule(parent_name), child, linear)
         self.finalized = True
         return self.model
+
+    # -- the model and optimizer ----------------------------------------------------------
+
+    def runs_on(self, model: nn.Module) -> bool:
+        """Whether ``model`` (maybe wrapped in DDP) holds exactly this Cascade's layers."""
+        if not isinstance(model, nn.Module):
+            return False
+        layers = lorasc_layers(_unwrap(model))
+        return list(map(id, layers.values())) == list(map(id, self.layers.values()))
+
+    def use_optimizer(self, optimizer) -> None:
+        """Hand over the optimizer that trains from now on (one built after the Cascade).
+
+        Checked as the constructor's. It must hold the same other trainable parameters
+        (those the slow update anchors). An optimizer that steps the fast LoRA without being
+        handed over is noticed as well (by a step hook on every ``torch.optim.Optimizer``):
+        each boundary drops the fast LoRA's state from it too, so no moments of one fast
+        LoRA carry over to the next.
+        """
+        self._check_active("use_optimizer")
+        if optimizer is self.optimizer:
+            return
+        _check_optimizer(optimizer, self.layers)
+        if list(map(id, self._slow_params(optimizer))) != list(map(id, self.other_params)):
+            raise ValueError(
+                "optimizer holds other trainable parameters besides the fast LoRAs than the "
+                "Cascade's optimizer (the slow update keeps an anchor for each): build it over "
+                "the same parameters"
+            )
+        self.optimizer = optimizer
 
     # -- state ----------------------------------------------------------------------------
 
@@ -280,32 +349,79 @@ class Cascade:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue a saved run; see the module docstring for the order of loading."""
+        """Continue a saved run; see the module docstring for the order of loading.
+
+        Every entry of ``state`` is checked before any is taken: a bad one raises naming it
+        and leaves the Cascade as it was.
+        """
         self._check_active("load_state_dict")
+        self._check_state(state)
+        self.cascade_index = int(state["cascade_index"])
+        self.steps_in_cascade = int(state["steps_in_cascade"])
+        self.noise_scales = [float(scale) for scale in state["noise_scales"]]
+        self.history = {name: list(pairs) for name, pairs in state["history"].items()}
+        for anchor, saved in zip(self.anchors, state["anchors"], strict=True):
+            anchor.copy_(saved)
+        for index, _, layer in self._indexed_layers():
+            noise = self._noise(self.cascade_index, index)
+            if self.settings.noise_mode == "fused":
+                layer.set_noise(*noise)
+            elif self.settings.noise_mode == "inplace":
+                layer.weight_noise = noise  # the weights loaded with this state carry it
+
+    def _check_state(self, state) -> None:
+        """``state`` is a :meth:`state_dict` of a run of this Cascade's settings and layers."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from Cascade.state_dict(), "
+                            f"got {type(state).__name__}")
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"state lacks {missing}: pass a dict from Cascade.state_dict()")
         if state["settings"] != asdict(self.settings):
             raise ValueError(
-                f"state was saved with settings {state['settings']}, this Cascade has "
+                f"state['settings'] {state['settings']} differ from this Cascade's "
                 f"{asdict(self.settings)}"
             )
         if state["layer_names"] != list(self.layers):
-            raise ValueError("state was saved for other LoRASCLinear layers than this model's")
-        if state["finalized"]:
-            raise ValueError("state is of a finalized Cascade: there is nothing to resume")
-        checks.check_int("state['cascade_index']", state["cascade_index"], 0)
-        checks.check_int("state['steps_in_cascade']", state["steps_in_cascade"], 0)
-        if len(state["noise_scales"]) != len(self.layers):
             raise ValueError(
-                f"state has {len(state['noise_scales'])} noise scales for "
-                f"{len(self.layers)} layers"
+                f"state['layer_names'] {state['layer_names']} are not this model's "
+                f"LoRASCLinear layers {list(self.layers)}"
             )
-        self.cascade_index = state["cascade_index"]
-        self.steps_in_cascade = state["steps_in_cascade"]
-        self.noise_scales = list(state["noise_scales"])
-        self.history = {name: list(pairs) for name, pairs in state["history"].items()}
-        self._load_anchors(state["anchors"])
-        if self.settings.noise_mode == "fused":
-            for index, _, layer in self._indexed_layers():
-                layer.set_noise(*self._noise(self.cascade_index, index))
+        if state["finalized"] is not False:
+            raise ValueError("state['finalized'] is not False: a finalized run cannot resume")
+        checks.check_int("state['cascade_index']", state["cascade_index"], 0)
+        steps = self.settings.steps_per_cascade
+        checks.check_int("state['steps_in_cascade']", state["steps_in_cascade"], 0,
+                         None if steps is None else steps - 1)
+        scales = state["noise_scales"]
+        if not isinstance(scales, (list, tuple)) or len(scales) != len(self.layers):
+            raise ValueError(f"state['noise_scales'] must be a list of {len(self.layers)} "
+                             f"scales, one per layer, got {scales!r}")
+        for index, scale in enumerate(scales):
+            checks.check_float(f"state['noise_scales'][{index}]", scale, minimum=0.0)
+        self._check_history(state["history"])
+        self._check_anchors(state["anchors"])
+
+    def _check_history(self, history) -> None:
+        """``state['history']``: per layer, ``(c·B (out, r), A (r, in))`` pairs (none unless
+        ``keep_history``)."""
+        if not isinstance(history, dict) or list(history) != list(self.layers):
+            raise ValueError("state['history'] must be a dict with one list per layer, "
+                             f"keyed {list(self.layers)}")
+        for name, layer in self.layers.items():
+            pairs = history[name]
+            where = f"state['history'][{name!r}]"
+            if not isinstance(pairs, (list, tuple)):
+                raise TypeError(f"{where} must be a list, got {type(pairs).__name__}")
+            if pairs and not self.settings.keep_history:
+                raise ValueError(f"{where} holds updates but keep_history is False")
+            for t, pair in enumerate(pairs):
+                shapes = ((layer.out_features, layer.r), (layer.r, layer.in_features))
+                if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                        isinstance(x, torch.Tensor) and tuple(x.shape) == shape
+                        for x, shape in zip(pair, shapes, strict=True))):
+                    raise ValueError(f"{where}[{t}] must be a pair of tensors of shapes "
+                                     f"{shapes} (c·B, A)")
 
     def export_peft_adapter(self, path: str | Path) -> Path:
         """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
@@ -336,7 +452,10 @@ class Cascade:
     def _measure_noise_scale(self, layer: LoRASCLinear) -> float:
         if self.settings.noise_mode == "off":
             return 0.0
-        return self.settings.noise_lambda * global_std(layer.weight)
+        std = global_std(layer.weight)
+        if not math.isfinite(std):
+            raise ValueError(f"weight has non-finite values (std {std}); no layer was changed")
+        return self.settings.noise_lambda * std
 
     def _noise(self, cascade_index: int, layer_index: int) -> tuple[int, float]:
         """``(seed, scale)`` of the noise layer ``layer_index`` carries in a cascade."""
@@ -344,27 +463,55 @@ class Cascade:
         return seed, self.noise_scales[layer_index]
 
     def _start_first_noise(self) -> None:
+        """The noise of cascade 0 in every layer, each checked before the first is written."""
         mode = self.settings.noise_mode
-        for index, _, layer in self._indexed_layers():
-            if mode == "fused":
+        if mode == "off":
+            return
+        merges = []
+        for index, name, layer in self._indexed_layers():
+            with checks.naming_layer(name):
+                merges.append(self._prepare_merge(index, layer, 0, 0.0, None,
+                                                  self._noise(0, index)))
+        for (index, _, layer), merge in zip(self._indexed_layers(), merges, strict=True):
+            if mode == "fused":  # the merge only checked that W + noise stays finite
                 layer.set_noise(*self._noise(0, index))
-            elif mode == "inplace":
-                self._merge(index, layer, 0, coeff=0.0, noise_remove=None,
-                            noise_add=self._noise(0, index))
+            else:
+                merge()
+                layer.weight_noise = self._noise(0, index)
 
-    def _merge(self, index: int, layer: LoRASCLinear, merge_index: int, coeff: float,
-               noise_remove, noise_add) -> None:
+    def _prepare_merge(self, index: int, layer: LoRASCLinear, merge_index: int, coeff: float,
+                       noise_remove, noise_add):
+        """The checked merge of ``layer`` (see :func:`prepare_merge`), not yet run."""
         weight, row_offset = local_row_block(layer.weight.data)  # an FSDP2 rank's rows
         lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
         lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
         if weight.shape[0] == 0:  # a rank holding no rows of this weight
-            return
-        merge_lowrank_(
+            return lambda: None
+        return prepare_merge(
             weight, lora_b, lora_a, coeff, rounding=self.settings.rounding,
             seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, index),
             noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
             backend=layer.backend,
         )
+
+    def _prepare_boundary(self, last: bool) -> list:
+        """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""
+        t = self.cascade_index
+        mode = self.settings.noise_mode
+        plans = []
+        for index, name, layer in self._indexed_layers():
+            coeff = self.settings.slow_rate * layer.scaling
+            following = None if mode == "off" or last else self._noise(t + 1, index)
+            with checks.naming_layer(name):
+                if mode == "inplace":
+                    merge = self._prepare_merge(index, layer, t + 1, coeff,
+                                                self._noise(t, index), following)
+                else:
+                    merge = self._prepare_merge(index, layer, t + 1, coeff, None, None)
+                if mode == "fused" and following is not None:  # W + the next noise stays finite
+                    self._prepare_merge(index, layer, t + 1, coeff, None, following)
+            plans.append((coeff, following, merge))
+        return plans
 
     def _boundary(self, last: bool) -> None:
         """End cascade ``t``: merge every layer, swap the noise, start fresh fast LoRAs."""
@@ -372,18 +519,16 @@ class Cascade:
         t = self.cascade_index
         mode = self.settings.noise_mode
         self._check_finite_lora()
+        plans = self._prepare_boundary(last)
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
         record = self.settings.keep_history and any(
             bool(layer.lora_B.detach().any()) for layer in self.layers.values()
         )
-        for index, name, layer in self._indexed_layers():
-            coeff = self.settings.slow_rate * layer.scaling
-            following = None if mode == "off" or last else self._noise(t + 1, index)
+        for (index, name, layer), (coeff, following, merge) in zip(
+                self._indexed_layers(), plans, strict=True):
+            merge()
             if mode == "inplace":
-                self._merge(index, layer, t + 1, coeff, noise_remove=self._noise(t, index),
-                            noise_add=following)
-            else:
-                self._merge(index, layer, t + 1, coeff, noise_remove=None, noise_add=None)
+                layer.weight_noise = following
             if record:
                 self.history[name].append(_update_on_cpu(layer, coeff))
             if mode == "fused":
@@ -406,6 +551,38 @@ class Cascade:
             sum(self.noise_scales) / len(self.noise_scales),
         )
 
+    def _start_driving(self) -> None:
+        """Claim the layers and note every optimizer that steps them: the last step of a
+        construction (the hook lives until :meth:`finalize` or the Cascade is gone)."""
+        for layer in self.layers.values():
+            _DRIVERS[layer] = weakref.ref(self)
+        self._other_optimizers = weakref.WeakSet()
+        cascade = weakref.ref(self)  # the hook must not keep the Cascade alive
+
+        def note_optimizer(optimizer, *_):
+            if cascade() is not None:
+                cascade()._note_optimizer(optimizer)
+
+        handle = register_optimizer_step_post_hook(note_optimizer)
+        self._stop_noting = weakref.finalize(self, handle.remove)
+
+    def _note_optimizer(self, optimizer) -> None:
+        """Keep an optimizer other than the Cascade's that steps a fast LoRA parameter."""
+        own = self.optimizer
+        while own is not None:  # the Cascade's optimizer, or the one a wrapper holds
+            if own is optimizer:
+                return
+            own = getattr(own, "optimizer", None)
+        fast = {id(p) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)}
+        if any(id(p) in fast for group in optimizer.param_groups for p in group["params"]):
+            self._other_optimizers.add(optimizer)
+
+    def _slow_params(self, optimizer) -> list[nn.Parameter]:
+        """The parameters the slow update anchors: none if it is off or is the identity."""
+        if not self.settings.slow_other_params or self.settings.slow_rate == 1.0:
+            return []
+        return _other_trainable_params(optimizer, self.layers)
+
     def _check_finite_lora(self) -> None:
         """Refuse a boundary, before any merge, if a fast LoRA diverged (inf or NaN)."""
         for name, layer in self.layers.items():
@@ -423,19 +600,21 @@ class Cascade:
             anchor.lerp_(local, self.settings.slow_rate)
             local.copy_(anchor)
 
-    def _load_anchors(self, anchors: list) -> None:
-        if len(anchors) != len(self.anchors):
+    def _check_anchors(self, anchors) -> None:
+        """``state['anchors']``: one tensor like each anchor of this Cascade."""
+        if not isinstance(anchors, (list, tuple)) or len(anchors) != len(self.anchors):
+            count = len(anchors) if isinstance(anchors, (list, tuple)) else anchors
             raise ValueError(
-                f"state has {len(anchors)} anchors, this Cascade slow-updates "
+                f"state has {count} anchors, this Cascade slow-updates "
                 f"{len(self.anchors)} other parameters"
             )
         for index, (anchor, saved) in enumerate(zip(self.anchors, anchors, strict=True)):
-            if saved.shape != anchor.shape or saved.dtype != anchor.dtype:
+            if (not isinstance(saved, torch.Tensor) or saved.shape != anchor.shape
+                    or saved.dtype != anchor.dtype):
                 raise ValueError(
-                    f"state['anchors'][{index}] has shape {tuple(saved.shape)} and dtype "
-                    f"{saved.dtype}, expected {tuple(anchor.shape)} and {anchor.dtype}"
+                    f"state['anchors'][{index}] must be a tensor of shape "
+                    f"{tuple(anchor.shape)} and dtype {anchor.dtype}, got {saved!r:.80}"
                 )
-            anchor.copy_(saved)
 
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
         generator = torch.Generator(device=layer.lora_A.device)
@@ -443,8 +622,11 @@ class Cascade:
         return generator
 
     def _drop_optimizer_state(self, layer: LoRASCLinear) -> None:
-        for parameter in (layer.lora_A, layer.lora_B):
-            self.optimizer.state.pop(parameter, None)
+        """Drop the fast LoRA's state from the Cascade's optimizer and any other that
+        stepped it (one built after the Cascade): the fresh LoRA starts without moments."""
+        for optimizer in (self.optimizer, *self._other_optimizers):
+            for parameter in (layer.lora_A, layer.lora_B):
+                optimizer.state.pop(parameter, None)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -6,6 +6,9 @@ Shapes: ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K),
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 
 from . import _checks as checks
@@ -15,7 +18,7 @@ from .dtypes import dtype_names
 from .rounding import ROUNDING_MODES
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
-__all__ = ["lorasc_linear", "merge_lowrank_", "draw_seed"]
+__all__ = ["lorasc_linear", "merge_lowrank_", "prepare_merge", "draw_seed"]
 
 
 def draw_seed() -> int:
@@ -115,7 +118,8 @@ def lorasc_linear(
         dropout_seed = draw_seed()
 
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+    autocast = torch.amp.is_autocast_available(device_type)  # not on "meta"
+    if autocast and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)  # float64 stays, as autocast leaves it
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -130,7 +134,7 @@ def lorasc_linear(
     backend = ops.backend_name(backend, x.device)  # a constant under torch.compile
     _check_backend_dtype(backend, x=x, lora_A=lora_A, lora_B=lora_B)
     lead = x.shape[:-1]
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
         y = ops.lorasc_linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
                               backend)
@@ -169,6 +173,29 @@ def merge_lowrank_(
     :func:`lorasc_kernels.backends.reference.merge_`. ``A``, ``B`` and ``coeff``
     are checked finite first; any bad argument raises and leaves ``weight`` untouched.
     """
+    return prepare_merge(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
+                         noise_add, row_offset, backend)()
+
+
+def prepare_merge(
+    weight: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    coeff: float,
+    rounding: str = "stochastic",
+    seed: int = 0,
+    noise_remove: tuple[int, float] | None = None,
+    noise_add: tuple[int, float] | None = None,
+    row_offset: int = 0,
+    backend: str = "auto",
+) -> Callable[[], torch.Tensor]:
+    """Check every argument of :func:`merge_lowrank_` and return the call that merges.
+
+    Nothing is written here, so a caller merging many weights (the Cascade) checks them all
+    before the first write. Beyond the argument checks: ``weight`` must hold values (not
+    meta, not an inference tensor outside inference mode), be finite, and the merge must
+    keep it finite in its dtype (:func:`lorasc_kernels._checks.check_merge_in_range`).
+    """
     checks.check_tensor("weight", weight, dims=2)
     _check_lowrank(weight, lora_A, lora_B, row_block=True)
     checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
@@ -192,12 +219,23 @@ def merge_lowrank_(
     checks.check_choice("backend", backend, BACKENDS)
     backend = ops.backend_name(backend, weight.device)
     _check_backend_dtype(backend, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    checks.check_writable("weight", weight)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} has non-finite values; weight was left untouched")
-    spec = MergeSpec(coeff, rounding, seed,
-                     None if noise_remove is None else NoiseSpec(*noise_remove),
-                     None if noise_add is None else NoiseSpec(*noise_add), row_offset)
-    with torch.no_grad():
-        ops.merge_(backend, weight, lora_B, lora_A, spec)
-    return weight
+    remove = None if noise_remove is None else NoiseSpec(*noise_remove)
+    add = None if noise_add is None else NoiseSpec(*noise_add)
+
+    def merge_rows(target: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Merge rows ``start:stop`` of the update into ``target`` (those rows of W)."""
+        spec = MergeSpec(coeff, rounding, seed, remove, add, row_offset + start)
+        with torch.no_grad():
+            ops.merge_(backend, target, lora_B[start:stop], lora_A, spec)
+        return target
+
+    checks.check_merge_in_range(
+        weight, lora_B, lora_A, coeff, (scalars["noise_remove[1] (scale)"],
+                                        scalars["noise_add[1] (scale)"]), row_offset,
+        lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
+    )
+    return lambda: merge_rows(weight, 0, weight.shape[0])

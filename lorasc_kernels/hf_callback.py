@@ -47,22 +47,57 @@ def _checkpoint_file(args, state) -> Path:
 class LoRASCCallback(TrainerCallback):
     """A ``TrainerCallback`` running the LoRASC schedule; takes :class:`Cascade`'s settings.
 
-    ``cascade`` is None until training begins, then the running :class:`Cascade`.
+    ``cascade`` is the running :class:`Cascade` once training has begun (``started``);
+    before that, reading it (or a Trainer event other than ``on_train_begin``) raises
+    ``RuntimeError``. A second ``trainer.train()`` continues the same Cascade on the same
+    model (with the Trainer's optimizer); another model, or a finalized Cascade, is refused.
     """
 
     def __init__(self, **settings):
         self.settings = CascadeSettings(**settings)
-        self.cascade: Cascade | None = None
+        self._cascade: Cascade | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether training has begun, so that :attr:`cascade` exists."""
+        return self._cascade is not None
+
+    @property
+    def cascade(self) -> Cascade:
+        """The Cascade built when training began."""
+        if self._cascade is None:
+            raise RuntimeError(
+                "LoRASCCallback has no Cascade yet: it is built when training begins "
+                "(trainer.train() calls on_train_begin); pass the callback to the Trainer "
+                "and train first"
+            )
+        return self._cascade
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.cascade is not None:
-            return
         if model is None or optimizer is None:
             raise RuntimeError("the Trainer passed no model or optimizer to on_train_begin")
+        if self._cascade is not None:
+            self._check_continues(model, optimizer)
+            return
         if state.global_step == 0:
-            self.cascade = Cascade(model, optimizer, **asdict(self.settings))
+            self._cascade = Cascade(model, optimizer, **asdict(self.settings))
         else:
-            self.cascade = self._resumed_cascade(args, state, model, optimizer)
+            self._cascade = self._resumed_cascade(args, state, model, optimizer)
+
+    def _check_continues(self, model, optimizer) -> None:
+        """A later ``train()`` continues the running Cascade: same layers, and the
+        Trainer's (maybe rebuilt) optimizer handed over with :meth:`Cascade.use_optimizer`."""
+        cascade = self._cascade
+        if cascade.finalized:
+            raise RuntimeError(
+                "this LoRASCCallback's Cascade was finalized: use a new callback for a new run"
+            )
+        if not cascade.runs_on(model):
+            raise RuntimeError(
+                "this LoRASCCallback runs a Cascade over another model than this train() "
+                "call's: use a new callback for a new model"
+            )
+        cascade.use_optimizer(optimizer)
 
     def _resumed_cascade(self, args, state, model, optimizer) -> Cascade:
         """The Cascade saved with the checkpoint the Trainer resumed from."""
@@ -73,9 +108,10 @@ class LoRASCCallback(TrainerCallback):
                 "resume from a checkpoint of output_dir saved with LoRASCCallback"
             )
         saved = torch.load(path, weights_only=True)
-        if saved["settings"] != asdict(self.settings):
+        settings = saved.get("settings") if isinstance(saved, dict) else None
+        if settings != asdict(self.settings):
             raise ValueError(
-                f"the checkpoint's Cascade ran with {saved['settings']}, this callback has "
+                f"the checkpoint's Cascade ran with {settings} ({path}), this callback has "
                 f"{asdict(self.settings)}"
             )
         return Cascade.from_state_dict(model, optimizer, saved)

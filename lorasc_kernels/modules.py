@@ -54,6 +54,8 @@ class LoRASCLinear(nn.Linear):
         self.backend = backend
         self.noise_seed: int | None = None
         self.noise_scale = 0.0
+        # (seed, scale) of the noise a Cascade in "inplace" mode wrote into W, else None.
+        self.weight_noise: tuple[int, float] | None = None
         lora_kwargs = {"device": self.weight.device, "dtype": lora_dtype or self.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **lora_kwargs))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **lora_kwargs))

@@ -307,7 +307,7 @@ def test_resume_mid_cascade_is_bit_exact(cascade_first):
 def test_load_state_dict_refuses_other_settings():
     layer, optimizer = one_layer()
     state = Cascade(layer, optimizer, slow_rate=0.5).state_dict()
-    other = Cascade(layer, optimizer, slow_rate=0.25, noise_mode="off")
+    other = Cascade(*one_layer(), slow_rate=0.25, noise_mode="off")  # one Cascade per layer
     with pytest.raises(ValueError, match="settings"):
         other.load_state_dict(state)
 
@@ -373,7 +373,7 @@ def test_load_state_dict_refuses_mismatched_counters():
     layer, optimizer = one_layer()
     cascade = Cascade(layer, optimizer)
     state = cascade.state_dict()
-    with pytest.raises(ValueError, match="noise scales"):
+    with pytest.raises(ValueError, match="noise_scales"):
         cascade.load_state_dict({**state, "noise_scales": [0.1, 0.2]})
     with pytest.raises(ValueError, match="cascade_index"):
         cascade.load_state_dict({**state, "cascade_index": -1})

@@ -51,7 +51,9 @@ def test_callback_runs_step_cascades_and_finalizes(tmp_path):
     model = tiny_bert()
     w0 = query_weight(model).detach().clone()
     callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_mode="off", seed=3)
-    assert callback.cascade is None  # built when training begins
+    assert not callback.started  # the Cascade is built when training begins
+    with pytest.raises(RuntimeError, match="no Cascade yet"):
+        callback.cascade.finalize()
     trainer = train(model, callback, tmp_path, max_steps=5)
     cascade = callback.cascade
     assert cascade.optimizer is trainer.optimizer

@@ -131,13 +131,16 @@ def test_peft_serves_the_run_on_a_hugging_face_model(tmp_path):
 
 
 def test_export_needs_history_and_a_merge(tmp_path):
-    model = base_model(torch.float32)
-    inject_lorasc(model, LoRASCConfig(r=2))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    def fresh_run(**settings):
+        model = base_model(torch.float32)
+        inject_lorasc(model, LoRASCConfig(r=2))
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        return Cascade(model, optimizer, **settings)
+
     with pytest.raises(RuntimeError, match="keep_history"):
-        Cascade(model, optimizer).export_peft_adapter(tmp_path)
+        fresh_run().export_peft_adapter(tmp_path)
     with pytest.raises(RuntimeError, match="nothing to export"):
-        Cascade(model, optimizer, keep_history=True).export_peft_adapter(tmp_path)
+        fresh_run(keep_history=True).export_peft_adapter(tmp_path)
 
 
 def test_names_are_anchored_so_peft_adapts_exactly_the_exported_layers(tmp_path):
