@@ -1,7 +1,7 @@
 """Every registered backend as a test parameter, so each op's tests run on each backend.
 
-A test module loads it with ``pytest_plugins = ["tests.backends"]`` and takes a ``backend``
-argument: the test runs once per registered backend, with the backend's name.
+tests/conftest.py loads this module as a plugin; a test that takes a ``backend`` argument
+runs once per registered backend, with the backend's name.
 Without a GPU, Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests/conftest.py)
 and CUDA through the host build of its kernels' data paths (``csrc/host_check.cpp``):
 :class:`HostOps` stands in for ``torch.ops.lorasc_cuda`` on CPU tensors, so the CUDA

@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The `backend` fixture: op tests run on every registered backend (tests/backends.py).
+pytest_plugins = ["tests.backends"]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

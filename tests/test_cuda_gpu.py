@@ -8,6 +8,7 @@ from helpers import DTYPES, TOLERANCE, lowrank_inputs, reference_float64, rel_er
 from lorasc_kernels import functional
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import reference
+from lorasc_kernels.specs import DropoutSpec, NoiseSpec
 
 pytestmark = pytest.mark.gpu
 
@@ -133,7 +134,7 @@ def test_fused_noise_equals_reference_and_triton_bits(cuda_ops, dtype, transpose
     triton_or_skip()
     from lorasc_kernels.backends.triton import fused_linear
 
-    assert same_bits(out, fused_linear.noisy_weight(weight, seed, scale, transposed))
+    assert same_bits(out, fused_linear.noisy_weight(weight, NoiseSpec(seed, scale), transposed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,7 +142,7 @@ def test_dropout_kernel_equals_reference_bits(cuda_ops, dtype):
     x = torch.randn(37, 300, device=DEVICE).to(dtype)
     p, seed = 0.4, fresh_seed()
     key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
-    out = cuda_ops.dropout(x, key, reference.dropout_threshold(p), 1.0 / (1.0 - p))
+    out = cuda_ops.dropout(x, key, DropoutSpec(seed, p).threshold, 1.0 / (1.0 - p))
     assert same_bits(out, reference.apply_dropout(x, p, seed))
 
 

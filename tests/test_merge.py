@@ -20,8 +20,6 @@ from lorasc_kernels.backends import reference
 from tests.backends import DEVICE
 from tests.helpers import DTYPES, rel_error
 
-pytest_plugins = ["tests.backends"]  # the `backend` fixture: every registered backend
-
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
 NOISE = {"noise_remove": (11, 0.03), "noise_add": (12, 0.05)}
 

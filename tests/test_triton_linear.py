@@ -14,8 +14,6 @@ from lorasc_kernels.backends.triton import fused_linear, thin
 from lorasc_kernels.specs import DropoutSpec, LinearSpec, NoiseSpec
 from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_error
-
-pytest_plugins = ["tests.backends"]  # the `backend` fixture: every registered backend
 NOISE_SEED = 2**64 - 7
 DROPOUT_SEED = 2**63 + 3
 

@@ -1,6 +1,6 @@
 """Thin products of the LoRA branch with dropout regenerated from its seed, in Triton.
 
-Shapes: ``x`` (M, K), ``lora_A`` (r, K), ``grad_xa`` (M, r).
+Shapes: ``x`` (M, K), ``lora_A`` (r, K), ``grad`` (M, r).
 
 * :func:`dropout_lowrank` — ``xa = drop(x) Aᵀ`` (M, r) for the forward;
 * :func:`dropout_lowrank_grad` — ``Gᵀ drop(x)`` (r, K) for backward's ``dA``.
@@ -115,15 +115,15 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec
 
 
 @on_tensor_device
-def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec
+def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec
                          ) -> torch.Tensor:
-    """``Gᵀ drop(x)`` (r, K) in float32 for ``G = grad_xa`` (M, r) and ``x`` (M, K).
+    """``Gᵀ drop(x)`` (r, K) in float32 for ``G = grad`` (M, r) and ``x`` (M, K).
 
     The reduction over M is split in up to 16 row ranges whose fp32 partials are summed
     here, so that enough programs run when ``K`` is small; the order is fixed, so the
     result is deterministic.
     """
-    (M, K), r = x.shape, grad_xa.shape[1]
+    (M, K), r = x.shape, grad.shape[1]
     rows_per_split = max(_GRAD_ROWS_PER_SPLIT,
                          triton.cdiv(triton.cdiv(M, _GRAD_MAX_SPLITS), _GRAD_ROWS_PER_SPLIT)
                          * _GRAD_ROWS_PER_SPLIT)
@@ -135,9 +135,9 @@ def dropout_lowrank_grad(grad_xa: torch.Tensor, x: torch.Tensor, dropout: Dropou
         return triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, r_block), splits
 
     _dropout_lowrank_grad_kernel[grid](
-        partials, grad_xa, x, M, K, r, rows_per_split, triton.next_power_of_2(M),
+        partials, grad, x, M, K, r, rows_per_split, triton.next_power_of_2(M),
         partials.stride(0), partials.stride(1), partials.stride(2),
-        grad_xa.stride(0), grad_xa.stride(1), x.stride(0), x.stride(1),
+        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
         dropout.key, dropout.threshold, dropout.keep_scale,
         R_BLOCK=r_block, DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=interpreting(),
