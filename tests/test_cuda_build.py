@@ -4,6 +4,9 @@ two cores, cached by ninja in LORASC_BUILD_DIR) happens here, not in ``pip insta
 
 import importlib.util
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,98 @@ def test_cuda_backend_is_unavailable_for_cpu_tensors():
     from lorasc_kernels.backends import cuda
 
     assert "needs CUDA tensors" in cuda.unavailable_reason(torch.device("cpu"))
+
+
+def make_toolkit(root: Path) -> Path:
+    """A fake CUDA toolkit at ``root``: ``bin/nvcc``, the runtime header and libcudart."""
+    (root / "bin").mkdir(parents=True)
+    (root / "include").mkdir()
+    (root / "targets" / "x86_64-linux" / "lib").mkdir(parents=True)
+    nvcc = root / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'nvcc: fake'\n")
+    nvcc.chmod(0o755)
+    (root / "include" / "cuda_runtime.h").write_text("")
+    (root / "targets" / "x86_64-linux" / "lib" / "libcudart.so.13").write_text("")
+    return root
+
+
+def make_wrapper(folder: Path, nvcc: Path) -> Path:
+    """``folder/nvcc``: a shell script that runs ``nvcc``, as ``/usr/local/bin/nvcc`` may."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {nvcc} "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+def test_cuda_home_follows_a_wrapper_nvcc_to_its_toolkit(tmp_path, monkeypatch):
+    toolkit = make_toolkit(tmp_path / "cuda-13.0")
+    (tmp_path / "cuda").symlink_to(toolkit)  # the wrapper runs a path through a link
+    make_wrapper(tmp_path / "wrappers", tmp_path / "cuda" / "bin" / "nvcc")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'wrappers'}{os.pathsep}{os.environ['PATH']}")
+    home = _build.find_cuda_home()
+    assert home.path == toolkit
+    assert home.source.startswith(f"nvcc on PATH {tmp_path / 'wrappers' / 'nvcc'}")
+    assert home.rejected == ()
+
+
+def test_cuda_home_rejects_broken_candidates_with_reasons(tmp_path, monkeypatch):
+    incomplete = tmp_path / "incomplete"
+    make_toolkit(incomplete)
+    for library in incomplete.glob("targets/*/lib/libcudart*"):
+        library.unlink()
+    toolkit = make_toolkit(tmp_path / "good")
+    make_wrapper(tmp_path / "first", incomplete / "bin" / "nvcc")
+    make_wrapper(tmp_path / "second", toolkit / "bin" / "nvcc")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
+    monkeypatch.setenv("PATH", os.pathsep.join(
+        [str(tmp_path / "first"), str(tmp_path / "second"), os.environ["PATH"]]))
+    home = _build.find_cuda_home()
+    assert home.path == toolkit
+    reasons = dict(home.rejected)
+    assert reasons[f"CUDA_HOME={tmp_path / 'missing'}"] == f"no {tmp_path / 'missing/bin/nvcc'}"
+    assert "no libcudart.so*" in next(r for c, r in home.rejected if "first" in c)
+    report = home.report()
+    assert f"CUDA_HOME={toolkit}" in report.splitlines()[0] and "rejected" in report
+
+
+def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    assert not _build.clear_stale_lock(tmp_path, max_age_s=60)  # a build may be running
+    assert lock.exists()
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    assert _build.clear_stale_lock(tmp_path, max_age_s=60)
+    assert not lock.exists()
+
+
+def test_prebuilt_extension_that_is_missing_is_an_error_not_a_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(_build, "_loaded", None)
+    monkeypatch.setenv("LORASC_CUDA_EXTENSION", str(tmp_path / "lorasc_kernels_cuda.so"))
+    with pytest.raises(RuntimeError, match="does not exist .* not building"):
+        _build.load_extension()
+
+
+@needs_toolchain
+def test_build_step_resolves_the_real_toolkit_behind_a_wrapper_nvcc(extension, tmp_path):
+    """The GPU check's build step (``python -m lorasc_kernels._build --build``) with
+    ``CUDA_HOME`` unset and a wrapper ``nvcc`` first on ``PATH``: torch alone would guess
+    the wrapper's parent folder and fail to link; the build resolves the real toolkit
+    (the same as this process's, so the cached build is reused) and loads."""
+    real = _build.find_cuda_home().path
+    wrapper = make_wrapper(tmp_path / "bin", real / "bin" / "nvcc")
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("CUDA_HOME", "CUDA_PATH")}
+    environment["PATH"] = f"{wrapper.parent}{os.pathsep}{environment['PATH']}"
+    environment["PYTHONPATH"] = str(ROOT)
+    result = subprocess.run([sys.executable, "-m", "lorasc_kernels._build", "--build"],
+                            cwd=ROOT, env=environment, capture_output=True, text=True,
+                            timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"CUDA_HOME={real} (nvcc on PATH {wrapper} (runs {real}/bin/nvcc))" in result.stderr
+    built = Path(result.stdout.splitlines()[-1])
+    assert built.is_file() and built.suffix == ".so"
+    assert built.samefile(extension.__file__)

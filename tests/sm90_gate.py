@@ -1,0 +1,339 @@
+"""Compile every Triton kernel of the package for sm_90 on a machine without a GPU.
+
+``python tests/sm90_gate.py`` (run by ``tests/test_sm90_compile.py`` with
+``TRITON_INTERPRET=0``) prints one JSON line per compile. Steps:
+
+1. **Kernels**: every ``triton.jit`` or ``triton.autotune`` object in the modules of
+   :data:`PACKAGE`.
+2. **Launches**: the linear's forward and backward (``lorasc_kernels.composition`` over the
+   backend's primitives) and its ``merge_`` run on small CPU tensors over
+   :func:`exercise`'s choices (dtypes, fp32 matmul precision, rank, rows, bias, noise,
+   dropout, rounding) with every kernel replaced by a recorder, so each launch's argument
+   types, constexprs and options are the launchers' own. Autotuned kernels get the GPU configs (``TRITON_INTERPRET=0``), pruned
+   by their own ``early_config_prune``.
+3. **Representative subset** (:func:`plan`), per kernel and argument types: (a) every
+   autotune config with the heaviest launch (most flags on, widest rank block); for
+   :data:`HOT_OPERAND` operands also (b) every config with the lightest launch (the plain
+   forward at the narrowest rank block) and (c) every combination of flags (rank block at
+   its widest) with the config of the smallest tile.
+4. **Compile** for ``GPUTarget("cuda", 90, 32)``: shared memory from the metadata, register
+   spills from ``ptxas -v``, ``fma`` count in the PTX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import json
+import math
+import os
+import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE = "lorasc_kernels.backends.triton"
+TARGET = ("cuda", 90, 32)
+SHARED_LIMIT_BYTES = 227 * 1024
+# The operand type of the GPU problems (bf16 weights): its every flag combination is compiled.
+HOT_OPERAND = "bf16"
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32",
+               "int64": "i64", "uint8": "u8", "bool": "i1"}
+
+
+@dataclass
+class Launch:
+    """One distinct launch: kernel ``module:name``, argument types, constexprs, options."""
+
+    kernel: str
+    signature: dict
+    constexprs: dict
+    options: dict
+    named_args: dict = field(repr=False, default_factory=dict)
+
+    def key(self) -> str:
+        return json.dumps([self.kernel, self.signature, self.constexprs, self.options],
+                          sort_keys=True, default=str)
+
+
+def kernels() -> dict[str, object]:
+    """``"module:attribute"`` → Triton kernel object, for every kernel of :data:`PACKAGE`."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    package = importlib.import_module(PACKAGE)
+    found = {}
+    for info in pkgutil.walk_packages(package.__path__, f"{PACKAGE}."):
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            if isinstance(value, Autotuner | JITFunction) and value_is_kernel(value):
+                if all(value is not other for other in found.values()):
+                    found[f"{info.name}:{name}"] = value
+    return found
+
+
+def value_is_kernel(value) -> bool:
+    """A kernel (launched with a grid), not a ``@triton.jit`` device helper: kernels are
+    the JIT functions that take a pointer argument named ``*_ptr``."""
+    fn = jit_function(value)
+    return any(name.endswith("_ptr") for name in fn.arg_names)
+
+
+def jit_function(kernel):
+    """The ``JITFunction`` of a kernel (under its autotuner, if any)."""
+    from triton.runtime.autotuner import Autotuner
+
+    return kernel.fn if isinstance(kernel, Autotuner) else kernel
+
+
+def argument_type(value) -> str:
+    """Triton signature type of a launch argument."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return "*" + DTYPE_NAMES[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__} argument {value!r}")
+
+
+class Recorder:
+    """Stands in for a kernel: ``recorder[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, name: str, kernel, launches: dict):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        return self.record
+
+    def record(self, *args, **kwargs):
+        fn = jit_function(self.kernel)
+        values = dict(zip(fn.arg_names, args, strict=False))
+        options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+        values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+        constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+        launch = Launch(
+            kernel=self.name,
+            signature={name: "constexpr" if name in constexpr_names else argument_type(value)
+                       for name, value in values.items()},
+            constexprs={name: values[name] for name in constexpr_names if name in values},
+            options=options,
+            named_args=values,
+        )
+        self.launches.setdefault(launch.key(), launch)
+
+
+def exercise(backend) -> None:
+    """Run the backend's entry points over the choices a user can make, on CPU tensors."""
+    import torch
+
+    from lorasc_kernels import composition
+    from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
+
+    generator = torch.Generator().manual_seed(0)
+    choices = [(torch.float32, "highest"), (torch.float32, "high"),
+               (torch.float16, "highest"), (torch.bfloat16, "highest")]
+    K, N = 64, 48
+    for (dtype, precision), rank, rows in itertools.product(choices, (5, 17, 64), (64, 2048)):
+        torch.set_float32_matmul_precision(precision)
+        x = torch.randn(rows, K, generator=generator).to(dtype)
+        weight = torch.randn(N, K, generator=generator).to(dtype)
+        lora_A = torch.randn(rank, K, generator=generator).to(dtype)
+        lora_B = torch.randn(N, rank, generator=generator).to(dtype)
+        for bias, noise, dropout in itertools.product((None, weight[:, 0].clone()),
+                                                      (None, 11), (0.0, 0.1)):
+            spec = LinearSpec.of(2.0, dropout, 7, noise, 0.05)
+            y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
+            composition.linear_backward(backend, torch.ones_like(y), x, xa, weight, lora_A,
+                                        lora_B, spec, (True,) * 5)
+    torch.set_float32_matmul_precision("highest")
+    for weight_dtype, lora_dtype in itertools.product((torch.float32, torch.float16,
+                                                       torch.bfloat16), repeat=2):
+        weight = torch.randn(64, 96, generator=generator).to(weight_dtype)
+        lora_B = torch.randn(64, 16, generator=generator).to(lora_dtype)
+        lora_A = torch.randn(16, 96, generator=generator).to(lora_dtype)
+        for rounding, remove, add in itertools.product(("nearest", "stochastic"),
+                                                       (None, (3, 0.01)), (None, (4, 0.01))):
+            backend.merge_(weight, lora_B, lora_A, MergeSpec(
+                0.5, rounding, 5, remove and NoiseSpec(*remove), add and NoiseSpec(*add)))
+
+
+def record_launches(found: dict) -> list[Launch]:
+    """Every distinct launch that :func:`exercise` makes, kernels replaced by recorders."""
+    launches: dict[str, Launch] = {}
+    patched = []
+    for module_name in {name.split(":")[0] for name in found}:
+        module = sys.modules[module_name]
+        for attribute, value in list(vars(module).items()):
+            for name, kernel in found.items():
+                if value is kernel:
+                    patched.append((module, attribute, value))
+                    setattr(module, attribute, Recorder(name, kernel, launches))
+    try:
+        exercise(importlib.import_module(PACKAGE))
+    finally:
+        for module, attribute, value in patched:
+            setattr(module, attribute, value)
+    return list(launches.values())
+
+
+def configs_of(kernel, launch: Launch) -> list:
+    """The autotune configs this launch would tune (pruned as the autotuner prunes), or
+    ``[None]`` for a kernel without autotuning."""
+    from triton.runtime.autotuner import Autotuner
+
+    if not isinstance(kernel, Autotuner):
+        return [None]
+    configs = list(kernel.configs)
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is not None:
+        configs = prune(configs, launch.named_args)
+    return configs
+
+
+def _weight(launch: Launch) -> tuple:
+    """How heavy a launch is: flags on, then the sum of its integer constexprs."""
+    values = launch.constexprs.values()
+    return (sum(v is True for v in values),
+            sum(v for v in values if isinstance(v, int) and not isinstance(v, bool)))
+
+
+def _tile(config) -> int:
+    return math.prod(v for v in config.kwargs.values() if isinstance(v, int))
+
+
+def _job(launch: Launch, config, reason: str) -> dict:
+    constexprs = dict(launch.constexprs)
+    options = dict(launch.options)
+    signature = dict(launch.signature)
+    config_text = "fixed"
+    if config is not None:
+        constexprs.update(config.kwargs)
+        signature.update({name: "constexpr" for name in config.kwargs})
+        options.update(num_warps=config.num_warps, num_stages=config.num_stages)
+        config_text = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+        config_text += f", warps={config.num_warps}, stages={config.num_stages}"
+    flags = {k: v for k, v in launch.constexprs.items()}
+    return {"kernel": launch.kernel, "signature": signature, "constexprs": constexprs,
+            "options": options, "config": config_text, "flags": flags, "reason": reason,
+            "operand": operand_type(launch)}
+
+
+def operand_type(launch: Launch) -> str:
+    """The element type of the launch's first pointer argument (its data type)."""
+    return next(t for t in launch.signature.values() if t.startswith("*")).lstrip("*")
+
+
+def plan(found: dict, launches: list[Launch]) -> list[dict]:
+    """The representative subset of compiles (module docstring, step 3), without repeats."""
+    jobs = {}
+
+    def add(launch, config, reason):
+        job = _job(launch, config, reason)
+        key = json.dumps([job["kernel"], job["signature"], job["constexprs"], job["options"]],
+                         sort_keys=True, default=str)
+        jobs.setdefault(key, job)
+
+    groups: dict[tuple, list[Launch]] = {}
+    for launch in launches:
+        text_constexprs = sorted((k, v) for k, v in launch.constexprs.items()
+                                 if isinstance(v, str))
+        group = (launch.kernel, json.dumps([sorted(launch.signature.items()), text_constexprs]))
+        groups.setdefault(group, []).append(launch)
+    for members in groups.values():
+        heaviest = max(members, key=_weight)
+        for config in configs_of(found[heaviest.kernel], heaviest):
+            add(heaviest, config, "every config, heaviest launch")
+        if operand_type(heaviest) == HOT_OPERAND:
+            lightest = min(members, key=_weight)
+            for config in configs_of(found[lightest.kernel], lightest):
+                add(lightest, config, f"every config, lightest {HOT_OPERAND} launch")
+            widest: dict[str, Launch] = {}
+            for launch in members:
+                flags = json.dumps(sorted((k, v) for k, v in launch.constexprs.items()
+                                          if not isinstance(v, int) or isinstance(v, bool)),
+                                   default=str)
+                if flags not in widest or _weight(launch) > _weight(widest[flags]):
+                    widest[flags] = launch
+            for launch in widest.values():
+                configs = configs_of(found[launch.kernel], launch)
+                add(launch, min(configs, key=lambda c: 0 if c is None else _tile(c)),
+                    f"every {HOT_OPERAND} flag combination, smallest tile")
+    return list(jobs.values())
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary tool: Triton's bundled copy, else the one on ``PATH``."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.is_file() else (shutil.which(name) or name)
+
+
+def spill_bytes(compiled) -> int:
+    """Bytes of register spill stores of a compiled kernel: none when ``cuobjdump
+    -res-usage`` shows no stack frame, else what ``ptxas -v`` reports for its PTX."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder, "kernel.cubin")
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+        if re.search(r"STACK:0\b", usage):
+            return 0
+        source = Path(folder, "kernel.ptx")
+        source.write_text(compiled.asm["ptx"])
+        arch = f"-arch=sm_{TARGET[1]}a"
+        result = subprocess.run([_tool("ptxas"), arch, "-v", str(source), "-o", str(cubin)],
+                                capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr))
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one job for sm_90; the job with ``shared``, ``spill_bytes``, ``fma`` added
+    (or ``error``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module_name, attribute = job["kernel"].split(":")
+    fn = jit_function(getattr(importlib.import_module(module_name), attribute))
+    source = ASTSource(fn, job["signature"], job["constexprs"])
+    start = time.perf_counter()
+    try:
+        compiled = triton.compile(source, target=GPUTarget(*TARGET), options=job["options"])
+    except Exception as error:  # reported, and the gate fails on it
+        return {**job, "error": f"{type(error).__name__}: {error}"[:2000]}
+    return {**job, "shared": compiled.metadata.shared, "spill_bytes": spill_bytes(compiled),
+            "fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("run with TRITON_INTERPRET=0: the gate needs the GPU configs", file=sys.stderr)
+        return 2
+    found = kernels()
+    launches = record_launches(found)
+    launched = {launch.kernel for launch in launches}
+    for name in sorted(set(found) - launched):
+        print(json.dumps({"kernel": name, "error": "never launched by the entry points"}))
+    jobs = plan(found, launches)
+    workers = int(os.environ.get("LORASC_GATE_JOBS", min(2, os.cpu_count() or 1)))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(compile_job, jobs):
+            print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
