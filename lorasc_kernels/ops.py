@@ -131,7 +131,13 @@ _linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class LinearFunction(torch.autograd.Function):
     """Eager autograd of the same formula as the custom ops': saves ``x``, ``xa`` and the
-    parameters, and runs :mod:`lorasc_kernels.composition` on the backend directly."""
+    parameters, and runs :mod:`lorasc_kernels.composition` on the backend directly.
+
+    Under ``backward(create_graph=True)`` (double backward, e.g. a gradient penalty) the
+    backward runs on the torch backend, whose ops autograd records, with ``xa`` recomputed
+    from ``x`` and ``A`` so its graph is part of the result: any backend's forward then has
+    second derivatives (the backends share the forward's bits up to float rounding).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str):
@@ -142,10 +148,15 @@ class LinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        grads = composition.linear_backward(ctx.backend, dy, *ctx.saved_tensors, ctx.spec,
-                                            ctx.needs_input_grad[:5])
+        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        backend = ctx.backend
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+            backend = backend_module("torch")
+            _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B,
+                                               ctx.spec)
+        grads = composition.linear_backward(backend, dy, x, xa, weight, lora_A, lora_B,
+                                            ctx.spec, ctx.needs_input_grad[:5])
         return (*grads, None, None)
 
 
