@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .noise import MASK32, _mix32
+from .noise import MASK32, mix32
 
 __all__ = [
     "is_dtensor",
@@ -173,8 +173,8 @@ def _block_checksum(block: torch.Tensor, row_offset: int) -> int:
             chunk &= 0xFFFF
         index = torch.arange(first + start, first + start + chunk.numel(),
                              dtype=torch.int64, device=chunk.device)
-        key = _mix32(_mix32(index >> 32) ^ (index & MASK32))
-        total += int(_mix32(key ^ chunk).sum())
+        key = mix32(mix32(index >> 32) ^ (index & MASK32))
+        total += int(mix32(key ^ chunk).sum())
     return total % 2**64
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "STREAM_DROPOUT",
     "MASK32",
     "mix32_int",
+    "mix32",
     "stream_key",
     "hash_bits",
     "uniform_from_bits",
@@ -83,7 +84,8 @@ def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
     return (low + high) & MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """``mix32`` on an int64 tensor holding uint32 values (element-wise)."""
     x = x ^ (x >> 16)
     x = _mul32(x, _MUL1)
     x = x ^ (x >> 15)
@@ -100,8 +102,8 @@ def hash_bits(
     """
     row = torch.arange(row_offset, row_offset + rows, dtype=torch.int64, device=device)
     col = torch.arange(col_offset, col_offset + cols, dtype=torch.int64, device=device)
-    row_hash = _mix32(row ^ key)
-    return _mix32(row_hash[:, None] ^ col[None, :])
+    row_hash = mix32(row ^ key)
+    return mix32(row_hash[:, None] ^ col[None, :])
 
 
 def uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
