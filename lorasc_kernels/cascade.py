@@ -290,6 +290,11 @@ class Cascade:
         ``nn.Linear`` if the model itself was a ``LoRASCLinear``).
         """
         self._check_active("finalize")
+        if not self.runs_on(self.model):
+            raise RuntimeError(
+                "the model no longer holds this Cascade's LoRASCLinear layers at their module "
+                f"paths {list(self.layers)}: put them back before finalize()"
+            )
         self._boundary(last=True)
         self._stop_noting()
         for name, layer in self.layers.items():

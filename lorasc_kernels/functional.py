@@ -170,8 +170,9 @@ def merge_lowrank_(
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
 
     The exact float32 order of operations is that of
-    :func:`lorasc_kernels.backends.reference.merge_`. ``A``, ``B`` and ``coeff``
-    are checked finite first; any bad argument raises and leaves ``weight`` untouched.
+    :func:`lorasc_kernels.backends.reference.merge_`. Everything is checked first
+    (:func:`prepare_merge`), including that the result stays finite in ``weight``'s dtype:
+    any bad argument raises and leaves ``weight`` untouched.
     """
     return prepare_merge(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
                          noise_add, row_offset, backend)()

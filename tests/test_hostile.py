@@ -675,3 +675,11 @@ def test_callback_resume_without_or_with_a_malformed_checkpoint_is_refused(tmp_p
     torch.save({"cascade_index": 1}, folder / hf_callback.CHECKPOINT_FILE)
     refused(ValueError, "checkpoint's Cascade ran with None", begin, model, optimizer)
     assert not callback.started
+
+
+def test_finalize_refuses_a_model_whose_layer_was_swapped_out():
+    model, optimizer = two_layers()
+    cascade = Cascade(model, optimizer)
+    model[2] = nn.Linear(HIDDEN, OUT)
+    refused(RuntimeError, r"no longer holds this Cascade's LoRASCLinear layers at their module "
+            r"paths \['0', '2'\]", cascade.finalize, model, optimizer, cascade)
