@@ -11,8 +11,12 @@ def _problem_label(row: dict) -> str:
 
 def plot_ratios(rows: list[dict], path: Path, title: str) -> Path | None:
     """Grouped bars of ``ratio_to_floor`` (the floor's 1.0 drawn as a line); returns the
-    PNG's path, or None when no row has a ratio."""
-    import matplotlib
+    PNG's path, or None when no row has a ratio or matplotlib is not installed (said)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"plot skipped: matplotlib is not installed (pip install matplotlib), no {path}")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
