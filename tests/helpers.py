@@ -1,4 +1,4 @@
-"""Shared test helpers: tolerances of DESIGN.md §7, float64 oracles, input factories."""
+"""Shared test helpers: tolerances of docs/design.md §7, float64 oracles, input factories."""
 
 import torch
 
