@@ -107,10 +107,16 @@ def test_autocast_leaves_float64_alone():
     assert y.dtype == torch.float64
 
 
-def test_second_order_gradients_are_refused_not_wrong():
-    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
-    lora_A.requires_grad_(True)
-    y = lorasc_linear(x, weight, bias, lora_A, lora_B, 1.0, backend="torch")
-    (grad,) = torch.autograd.grad(y.square().sum(), lora_A, create_graph=True)
-    with pytest.raises(RuntimeError):
-        grad.sum().backward()
+def test_second_order_gradients_match_plain_torch():
+    inputs = [t.double().requires_grad_(True)
+              for t in lowrank_inputs(M, K, N, R, torch.float32)]
+    def plain(x, weight, bias, lora_A, lora_B):
+        return x @ weight.t() + bias + 1.5 * (x @ lora_A.t()) @ lora_B.t()
+
+    expected, actual = [], []
+    for grads, linear in ((expected, plain),
+                          (actual, lambda *t: lorasc_linear(*t, 1.5, backend="torch"))):
+        (grad,) = torch.autograd.grad(linear(*inputs).square().sum(), inputs[3], create_graph=True)
+        grads.extend(torch.autograd.grad(grad.square().sum(), inputs))
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
