@@ -4,7 +4,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "lorasc/ops.h"
+#include "lorasc/entry_points.h"
 
 TORCH_LIBRARY(lorasc_cuda, m) {
   m.def(

@@ -32,10 +32,10 @@
 #include <type_traits>
 
 #include "lorasc/checks.h"
-#include "lorasc/dispatch.h"
+#include "lorasc/weight_types.h"
 #include "lorasc/gemm_tile.cuh"
 #include "lorasc/launch_args.h"
-#include "lorasc/ops.h"
+#include "lorasc/entry_points.h"
 
 namespace lorasc {
 namespace {
@@ -224,7 +224,7 @@ __global__ void dropout_kernel(const T* x, T* out, int64_t rows, int64_t cols, u
 
 void check_operand(const char* name, const at::Tensor& t, const at::Tensor& p, int64_t rows,
                    int64_t depth) {
-  check_cuda_float(name, t, 2);
+  check_cuda_weight_type(name, t, 2);
   check_same_device(name, t, p);
   TORCH_CHECK(t.scalar_type() == p.scalar_type(), name, " must have p's dtype ", p.scalar_type(),
               ", got ", t.scalar_type());
@@ -242,13 +242,13 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
                         int64_t p_key, int64_t p_threshold, double p_value, bool p_swap,
                         int64_t q_kind, int64_t q_key, int64_t q_threshold, double q_value,
                         bool q_swap) {
-  check_cuda_float("p", p, 2);
+  check_cuda_weight_type("p", p, 2);
   const int64_t M = p.size(0), K = p.size(1);
   TORCH_CHECK(K > 0, "p must have at least one column, got shape ", p.sizes());
   check_operand("q", q, p, q.size(0), K);
   const int64_t N = q.size(0);
   if (bias) {
-    check_cuda_float("bias", *bias, 1);
+    check_cuda_weight_type("bias", *bias, 1);
     check_same_device("bias", *bias, p);
     TORCH_CHECK(bias->scalar_type() == p.scalar_type() && bias->size(0) == N,
                 "bias must be (N,) = (", N, ",) in p's dtype, got ", bias->sizes(), " ",
@@ -272,7 +272,7 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
   const Transform q_transform = make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap);
   const dim3 grid(ceil_div(M, kGemmTile), ceil_div(N, kGemmTile));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LORASC_DISPATCH_FLOAT_TYPES(p.scalar_type(), "lowrank_gemm", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(p.scalar_type(), "p", [&] {
     const GemmArgs args =
         make_gemm_args<scalar_t>(p, q, bias, u, v, scale, p_transform, q_transform, out);
     lowrank_gemm_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(args);
@@ -282,7 +282,7 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
 }
 
 at::Tensor dropout(const at::Tensor& x, int64_t key, int64_t threshold, double inv_keep) {
-  check_cuda_float("x", x, 2);
+  check_cuda_weight_type("x", x, 2);
   const Transform t = make_transform("dropout", kTransformDropout, key, threshold, inv_keep, false);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor input = x.contiguous();
@@ -291,7 +291,7 @@ at::Tensor dropout(const at::Tensor& x, int64_t key, int64_t threshold, double i
   if (count == 0) return out;
   const int blocks = static_cast<int>(std::min<int64_t>((count + 255) / 256, 65535));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LORASC_DISPATCH_FLOAT_TYPES(x.scalar_type(), "dropout", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(x.scalar_type(), "x", [&] {
     dropout_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
         input.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), input.size(0), input.size(1), t.key,
         t.threshold, t.value);

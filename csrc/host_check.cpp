@@ -8,7 +8,7 @@
 #include <memory>
 #include <vector>
 
-#include "lorasc/dispatch.h"
+#include "lorasc/weight_types.h"
 #include "lorasc/elementwise.cuh"
 #include "lorasc/gemm_tile.cuh"
 #include "lorasc/launch_args.h"
@@ -48,19 +48,23 @@ void round_from_fp32(torch::Tensor values, torch::Tensor bits, torch::Tensor out
   auto v = values.contiguous().view(-1);
   auto b = bits.contiguous().view(-1);
   TORCH_CHECK(out.is_contiguous() && out.numel() == v.numel(), "out must match values");
-  LORASC_DISPATCH_FLOAT_TYPES(out.scalar_type(), "round_from_fp32", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(out.scalar_type(), "out", [&] {
     for (int64_t i = 0; i < v.numel(); ++i)
       out.data_ptr<scalar_t>()[i] = lorasc::round_from_fp32<scalar_t>(
           v.data_ptr<float>()[i], static_cast<uint32_t>(b.data_ptr<int64_t>()[i]), stochastic);
   });
 }
 
-// noisy_weight (kind 0) or dropout (kind 1) of a 2-D tensor, keyed by (row, col).
+// The load-time transform of lowrank_gemm on every element of a 2-D tensor, keyed by
+// (row, col): kTransformNoise (reference.noisy_weight, value = scale) or kTransformDropout
+// (reference.apply_dropout, value = 1 / (1 - p)).
 torch::Tensor transform(torch::Tensor x, int64_t kind, int64_t key, int64_t threshold,
                         double value) {
+  TORCH_CHECK(kind == lorasc::kTransformNoise || kind == lorasc::kTransformDropout,
+              "kind must be 1 (noise) or 2 (dropout), got ", kind);
   auto in = x.contiguous();
   auto out = torch::empty_like(in);
-  LORASC_DISPATCH_FLOAT_TYPES(in.scalar_type(), "transform", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(in.scalar_type(), "x", [&] {
     const scalar_t* src = in.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     const int64_t rows = in.size(0), cols = in.size(1);
@@ -69,7 +73,7 @@ torch::Tensor transform(torch::Tensor x, int64_t kind, int64_t key, int64_t thre
       for (int64_t j = 0; j < cols; ++j) {
         const uint32_t bits = lorasc::element_bits(hashed, static_cast<uint32_t>(j));
         dst[i * cols + j] =
-            kind == 0 ? lorasc::noisy_element(src[i * cols + j], static_cast<float>(value), bits)
+            kind == lorasc::kTransformNoise ? lorasc::noisy_element(src[i * cols + j], static_cast<float>(value), bits)
                       : lorasc::dropout_element(src[i * cols + j], static_cast<uint32_t>(threshold),
                                                 static_cast<float>(value), bits);
       }
@@ -102,16 +106,16 @@ void emulate_merge_tile(const lorasc::MergeArgs& args, int64_t row0, int64_t col
                                 threads[t].delta);
 }
 
-// merge_lowrank_ (csrc/lorasc/ops.h) on CPU tensors through emulate_merge_tile.
+// merge_lowrank_ (csrc/lorasc/entry_points.h) on CPU tensors through emulate_merge_tile.
 void merge_lowrank_(torch::Tensor weight, torch::Tensor lora_B, torch::Tensor lora_A, double coeff,
                     bool stochastic, int64_t rounding_key, int64_t remove_key, double remove_scale,
                     int64_t add_key, double add_scale, int64_t row_offset) {
   const lorasc::MergeArgs args =
       lorasc::make_merge_args(weight, lora_B, lora_A, coeff, stochastic, rounding_key,
                               remove_key, remove_scale, add_key, add_scale, row_offset);
-  LORASC_DISPATCH_FLOAT_TYPES(weight.scalar_type(), "merge_lowrank_", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(weight.scalar_type(), "weight", [&] {
     using TW = scalar_t;
-    LORASC_DISPATCH_FLOAT_TYPES(lora_A.scalar_type(), "merge_lowrank_", [&] {
+    LORASC_DISPATCH_WEIGHT_TYPES(lora_A.scalar_type(), "lora_A", [&] {
       for (int64_t row0 = 0; row0 < args.rows; row0 += lorasc::kMergeBlockRows)
         for (int64_t col0 = 0; col0 < args.cols; col0 += lorasc::kMergeBlockCols)
           emulate_merge_tile<TW, scalar_t>(args, row0, col0);
@@ -150,7 +154,7 @@ void emulate_tile(const GemmArgs& args, int64_t row0, int64_t col0) {
       lorasc::write_run<T>(args, row0 + m, col0 + n, &acc[m * kTile + n], run);
 }
 
-// lowrank_gemm (csrc/lorasc/ops.h) on CPU tensors through emulate_tile.
+// lowrank_gemm (csrc/lorasc/entry_points.h) on CPU tensors through emulate_tile.
 torch::Tensor emulate_lowrank_gemm(torch::Tensor p, torch::Tensor q,
                                    std::optional<torch::Tensor> bias,
                                    std::optional<torch::Tensor> u, std::optional<torch::Tensor> v,
@@ -163,7 +167,7 @@ torch::Tensor emulate_lowrank_gemm(torch::Tensor p, torch::Tensor q,
       lorasc::make_transform("p", p_kind, p_key, p_threshold, p_value, p_swap);
   const auto q_transform =
       lorasc::make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap);
-  LORASC_DISPATCH_FLOAT_TYPES(p.scalar_type(), "emulate_lowrank_gemm", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(p.scalar_type(), "p", [&] {
     const GemmArgs args = lorasc::make_gemm_args<scalar_t>(p, q, bias, u, v, scale, p_transform,
                                                            q_transform, out);
     for (int64_t row0 = 0; row0 < args.M; row0 += lorasc::kGemmTile)
@@ -180,7 +184,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("noise_bits", &noise_bits, "bits(key, row_offset + i, j) as int64 (rows, cols)");
   m.def("uniform", &uniform, "uniform_centered of int64 bits, float32");
   m.def("round_from_fp32", &round_from_fp32, "float32 values -> out's dtype");
-  m.def("transform", &transform, "kind 0: noisy weight (value=scale); 1: dropout (value=1/(1-p))");
+  m.def("transform", &transform, "kind 1: noisy weight (value=scale); 2: dropout (value=1/(1-p))");
   m.def("merge_lowrank_", &merge_lowrank_, "the merge kernel's data path on CPU tensors");
   m.def("emulate_lowrank_gemm", &emulate_lowrank_gemm,
         "lowrank_gemm's data path on CPU tensors, one CTA after the other");

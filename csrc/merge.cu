@@ -16,10 +16,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "lorasc/checks.h"
-#include "lorasc/dispatch.h"
+#include "lorasc/weight_types.h"
 #include "lorasc/launch_args.h"
 #include "lorasc/merge_tile.cuh"
-#include "lorasc/ops.h"
+#include "lorasc/entry_points.h"
 
 namespace lorasc {
 namespace {
@@ -52,9 +52,9 @@ int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 void merge_lowrank_(at::Tensor& weight, const at::Tensor& lora_B, const at::Tensor& lora_A,
                     double coeff, bool stochastic, int64_t rounding_key, int64_t remove_key,
                     double remove_scale, int64_t add_key, double add_scale, int64_t row_offset) {
-  check_cuda_float("weight", weight, 2);
-  check_cuda_float("lora_B", lora_B, 2);
-  check_cuda_float("lora_A", lora_A, 2);
+  check_cuda_weight_type("weight", weight, 2);
+  check_cuda_weight_type("lora_B", lora_B, 2);
+  check_cuda_weight_type("lora_A", lora_A, 2);
   check_same_device("lora_B", lora_B, weight);
   check_same_device("lora_A", lora_A, weight);
   TORCH_CHECK(lora_A.scalar_type() == lora_B.scalar_type(),
@@ -75,9 +75,9 @@ void merge_lowrank_(at::Tensor& weight, const at::Tensor& lora_B, const at::Tens
   const c10::cuda::CUDAGuard guard(weight.device());
   const dim3 grid(ceil_div(rows, kMergeBlockRows), ceil_div(cols, kMergeBlockCols));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  LORASC_DISPATCH_FLOAT_TYPES(weight.scalar_type(), "merge_lowrank_", [&] {
+  LORASC_DISPATCH_WEIGHT_TYPES(weight.scalar_type(), "weight", [&] {
     using TW = scalar_t;
-    LORASC_DISPATCH_FLOAT_TYPES(lora_A.scalar_type(), "merge_lowrank_", [&] {
+    LORASC_DISPATCH_WEIGHT_TYPES(lora_A.scalar_type(), "lora_A", [&] {
       merge_kernel<TW, scalar_t><<<grid, kMergeThreads, 0, stream>>>(args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from lorasc_kernels import _build
-from lorasc_kernels.backends import BACKENDS, resolve_backend_name
+from lorasc_kernels.backends import BACKENDS, cuda, resolve_backend_name
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REGISTERED = tuple(name for name in BACKENDS if name != "auto")
-HOST_TRANSFORM_DROPOUT = 1  # host_check.transform's kind for dropout
 
 
 @functools.cache
@@ -40,7 +39,7 @@ class HostOps:
         return self.host.emulate_lowrank_gemm(*args)
 
     def dropout(self, x, key, threshold, inv_keep):
-        return self.host.transform(x, HOST_TRANSFORM_DROPOUT, key, threshold, inv_keep)
+        return self.host.transform(x, cuda.TRANSFORM_DROPOUT, key, threshold, inv_keep)
 
     def merge_lowrank_(self, *args):
         self.host.merge_lowrank_(*args)
@@ -48,10 +47,8 @@ class HostOps:
 
 def emulate_cuda_on_host(monkeypatch):
     """Make the CUDA backend run on CPU tensors through :class:`HostOps`."""
-    from lorasc_kernels.backends import cuda
-
     ops = HostOps(host_build())
-    monkeypatch.setattr(cuda, "ops", lambda device=None: ops)
+    monkeypatch.setattr(cuda, "extension_ops", lambda device=None: ops)
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None)
 
 

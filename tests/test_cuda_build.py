@@ -28,7 +28,7 @@ def extension():
     from lorasc_kernels.backends import cuda
 
     module = _build.load_extension()
-    cuda.ops()  # registers the fake kernels
+    cuda.extension_ops()  # registers the fake kernels
     return module
 
 

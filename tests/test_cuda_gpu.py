@@ -23,7 +23,7 @@ def cuda_ops():
 
     reason = cuda.unavailable_reason(DEVICE)
     assert reason is None, reason
-    return cuda.ops(DEVICE)
+    return cuda.extension_ops(DEVICE)
 
 
 @pytest.fixture(autouse=True)

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from lorasc_kernels import noise as noise_lib
-from lorasc_kernels.backends import reference
+from lorasc_kernels.backends import cuda, reference
 from lorasc_kernels.rounding import round_from_fp32
 from lorasc_kernels.specs import DropoutSpec, MergeSpec, NoiseSpec
 from tests.backends import host_build
 
 NO_NOISE_KEY = -1
-TRANSFORM_NOISE, TRANSFORM_DROPOUT = 0, 1  # host_check.transform kinds
+TRANSFORM_NOISE, TRANSFORM_DROPOUT = cuda.TRANSFORM_NOISE, cuda.TRANSFORM_DROPOUT
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ def gemm_case(case: str, dtype: torch.dtype):
     from helpers import lowrank_inputs
 
     noise_seed, drop_seed, p, scale = fresh_seed(), fresh_seed(), 0.3, 0.7
-    noise = (1, noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), 0, 0.1)
-    drop = (2, noise_lib.stream_key(drop_seed, noise_lib.STREAM_DROPOUT),
+    noise = (TRANSFORM_NOISE, noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), 0, 0.1)
+    drop = (TRANSFORM_DROPOUT, noise_lib.stream_key(drop_seed, noise_lib.STREAM_DROPOUT),
             DropoutSpec(drop_seed, p).threshold, 1.0 / (1.0 - p))
     K = 91 if case == "forward_odd" else 136
     r = 40 if case == "forward_odd" else 16

@@ -6,14 +6,15 @@
 
 #include <cstdint>
 
+#include "weight_types.h"
+
 namespace lorasc {
 
-inline void check_cuda_float(const char* name, const at::Tensor& t, int64_t dims) {
+inline void check_cuda_weight_type(const char* name, const at::Tensor& t, int64_t dims) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == dims, name, " must be ", dims, "-D, got shape ", t.sizes());
-  const auto type = t.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16, name,
-              " must be float32, float16 or bfloat16, got ", type);
+  TORCH_CHECK(is_weight_type(t.scalar_type()), name, " has dtype ", t.scalar_type(),
+              ", which the kernels do not take (csrc/lorasc/weight_types.h)");
 }
 
 inline void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& first) {

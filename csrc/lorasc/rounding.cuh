@@ -2,26 +2,15 @@
 //
 // Stochastic: add the top `drop` random bits (bits >> (32 - drop)) to the float32 pattern,
 // clear the low `drop` bits, convert (exact for bf16; for fp16 exact above 2^-14, and
-// round-to-nearest on fp16 subnormals). drop = 16 for bf16, 13 for fp16, 0 for float32.
+// round-to-nearest on fp16 subnormals). drop = WeightTraits<T>::kDroppedBits (weight_types.h):
+// 16 for bf16, 13 for fp16, 0 for float32.
 // Non-finite values pass through unchanged.
 #pragma once
 
 #include "dtypes.cuh"
+#include "weight_types.h"
 
 namespace lorasc {
-
-template <typename T>
-struct DroppedBits {
-  static constexpr int value = 0;
-};
-template <>
-struct DroppedBits<c10::BFloat16> {
-  static constexpr int value = 16;
-};
-template <>
-struct DroppedBits<c10::Half> {
-  static constexpr int value = 13;
-};
 
 // `value` with `drop` low mantissa bits replaced by a random carry from `bits`.
 LORASC_HD float truncate_with_random_carry(float value, uint32_t bits, int drop) {
@@ -33,7 +22,7 @@ LORASC_HD float truncate_with_random_carry(float value, uint32_t bits, int drop)
 
 template <typename T>
 LORASC_HD T round_from_fp32(float value, uint32_t bits, bool stochastic) {
-  constexpr int drop = DroppedBits<T>::value;
+  constexpr int drop = WeightTraits<T>::kDroppedBits;
   if constexpr (drop > 0) {
     if (stochastic) value = truncate_with_random_carry(value, bits, drop);
   }

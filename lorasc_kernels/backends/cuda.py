@@ -27,14 +27,15 @@ from .._build import load_extension
 from ..dtypes import KERNEL_DTYPES
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
-__all__ = ["WEIGHT_DTYPES", "ops", "unavailable_reason", "lowrank_gemm", "dropout_lowrank",
+__all__ = ["WEIGHT_DTYPES", "TRANSFORM_NONE", "TRANSFORM_NOISE", "TRANSFORM_DROPOUT",
+           "extension_ops", "unavailable_reason", "lowrank_gemm", "dropout_lowrank",
            "dropout_lowrank_grad", "merge_"]
 
 WEIGHT_DTYPES = KERNEL_DTYPES
 
 # Transform kinds of lowrank_gemm (csrc/lorasc/gemm_tile.cuh: TransformKind).
-_NONE, _NOISE, _DROPOUT = 0, 1, 2
-_NO_TRANSFORM = (_NONE, 0, 0, 0.0, False)
+TRANSFORM_NONE, TRANSFORM_NOISE, TRANSFORM_DROPOUT = 0, 1, 2
+_NO_TRANSFORM = (TRANSFORM_NONE, 0, 0, 0.0, False)
 _NO_NOISE_KEY = -1  # merge_lowrank_'s "no noise" key
 
 _ops = None
@@ -59,7 +60,7 @@ def _register_fake_kernels():
         return None
 
 
-def ops(device: torch.device | None = None):
+def extension_ops(device: torch.device | None = None):
     """``torch.ops.lorasc_cuda``, loading or building the extension the first time.
 
     Raises ``RuntimeError`` saying what is missing (and remembers it: no retry).
@@ -86,7 +87,7 @@ def unavailable_reason(device) -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     try:
-        ops(device)
+        extension_ops(device)
     except RuntimeError as error:
         return str(error)
     return None
@@ -96,18 +97,19 @@ def _noise_transform(noise: NoiseSpec | None, swap: bool) -> tuple:
     """``W + noise`` on load; ``swap`` when the operand is ``Wᵀ``."""
     if noise is None:
         return _NO_TRANSFORM
-    return (_NOISE, noise.key, 0, noise.scale, swap)
+    return (TRANSFORM_NOISE, noise.key, 0, noise.scale, swap)
 
 
 def _dropout_transform(dropout: DropoutSpec, swap: bool) -> tuple:
     """Dropout of ``x`` on load; ``swap`` when the operand is ``xᵀ``."""
-    return (_DROPOUT, dropout.key, dropout.threshold, dropout.keep_scale, swap)
+    return (TRANSFORM_DROPOUT, dropout.key, dropout.threshold, dropout.keep_scale, swap)
 
 
 def _gemm(p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM,
           q_transform=_NO_TRANSFORM):
     """``p qᵀ + bias + scale · u vᵀ`` (M, N) with transforms applied on load."""
-    return ops(p.device).lowrank_gemm(p, q, bias, u, v, scale, *p_transform, *q_transform)
+    return extension_ops(p.device).lowrank_gemm(p, q, bias, u, v, scale, *p_transform,
+                                                *q_transform)
 
 
 def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
@@ -121,8 +123,8 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
     out = _gemm(p, q, bias, q_transform=noise_transform)
     if u is None:
         return out
-    rank_term = ops(p.device).dropout(u @ v.t(), rank_dropout.key, rank_dropout.threshold,
-                                      rank_dropout.keep_scale)
+    rank_term = extension_ops(p.device).dropout(u @ v.t(), rank_dropout.key,
+                                                rank_dropout.threshold, rank_dropout.keep_scale)
     return out.add_(rank_term, alpha=scale)
 
 
@@ -150,7 +152,7 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """
     if lora_A.dtype != lora_B.dtype:  # exact: the kernel upcasts both to float32 anyway
         lora_A, lora_B = lora_A.float(), lora_B.float()
-    ops(weight.device).merge_lowrank_(
+    extension_ops(weight.device).merge_lowrank_(
         weight, lora_B, lora_A, spec.coeff, spec.stochastic, spec.rounding_key,
         *_noise_key(spec.remove), *_noise_key(spec.add), spec.row_offset,
     )

@@ -1,4 +1,5 @@
-// Host entry points of the CUDA kernels (csrc/*.cu), bound in bindings.cpp.
+// Host entry points of the CUDA kernels (csrc/*.cu), registered as torch.ops.lorasc_cuda.* in
+// bindings.cpp.
 //
 // Keys are noise.stream_key(...) values (uint32 in int64); scalars arrive as double and
 // are rounded to float32 once, as the reference does.
