@@ -53,11 +53,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks as checks
-from .distributed import full_tensor, global_std, local_row_block, reset_lora
+from .distributed import full_tensor, global_std, is_dtensor, local_row_block, reset_lora
 from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
@@ -472,11 +473,8 @@ class Cascade:
         mode = self.settings.noise_mode
         if mode == "off":
             return
-        merges = []
-        for index, name, layer in self._indexed_layers():
-            with checks.naming_layer(name):
-                merges.append(self._prepare_merge(index, layer, 0, 0.0, None,
-                                                  self._noise(0, index)))
+        merges = self._prepare_merges([(index, name, layer, 0, 0.0, None, self._noise(0, index))
+                                       for index, name, layer in self._indexed_layers()])
         for (index, _, layer), merge in zip(self._indexed_layers(), merges, strict=True):
             if mode == "fused":  # the merge only checked that W + noise stays finite
                 layer.set_noise(*self._noise(0, index))
@@ -484,39 +482,51 @@ class Cascade:
                 merge()
                 layer.weight_noise = self._noise(0, index)
 
-    def _prepare_merge(self, index: int, layer: LoRASCLinear, merge_index: int, coeff: float,
-                       noise_remove, noise_add):
-        """The checked merge of ``layer`` (see :func:`prepare_merge`), not yet run."""
-        weight, row_offset = local_row_block(layer.weight.data)  # an FSDP2 rank's rows
-        lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
-        lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
-        if weight.shape[0] == 0:  # a rank holding no rows of this weight
-            return lambda: None
-        return prepare_merge(
-            weight, lora_b, lora_a, coeff, rounding=self.settings.rounding,
-            seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, index),
-            noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
-            backend=layer.backend,
-        )
+    def _prepare_merges(self, requests: list) -> list:
+        """The checked merges (none run) of ``requests``, each ``(index, name, layer,
+        merge_index, coeff, noise_remove, noise_add)``; see :func:`prepare_merge`.
+
+        Under FSDP2 a rank checks the rows it holds: the operands are gathered first (the
+        same collectives in the same order on every rank), then every rank raises when one
+        refuses, so that all ranks run the boundary or none does.
+        """
+        operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
+        merges, failure = [], None
+        for (index, name, layer, merge_index, coeff, noise_remove, noise_add), (
+                weight, row_offset, lora_b, lora_a) in zip(requests, operands, strict=True):
+            if weight.shape[0] == 0:  # a rank holding no rows of this weight
+                merges.append(lambda: None)
+                continue
+            try:
+                with checks.naming_layer(name):
+                    merges.append(prepare_merge(
+                        weight, lora_b, lora_a, coeff, rounding=self.settings.rounding,
+                        seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index,
+                                          index),
+                        noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
+                        backend=layer.backend,
+                    ))
+            except (TypeError, ValueError) as error:
+                failure = error
+                break
+        _raise_on_every_rank(failure, self.layers.values())
+        return merges
 
     def _prepare_boundary(self, last: bool) -> list:
         """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""
         t = self.cascade_index
         mode = self.settings.noise_mode
-        plans = []
+        plans, requests, noise_checks = [], [], []
         for index, name, layer in self._indexed_layers():
             coeff = self.settings.slow_rate * layer.scaling
             following = None if mode == "off" or last else self._noise(t + 1, index)
-            with checks.naming_layer(name):
-                if mode == "inplace":
-                    merge = self._prepare_merge(index, layer, t + 1, coeff,
-                                                self._noise(t, index), following)
-                else:
-                    merge = self._prepare_merge(index, layer, t + 1, coeff, None, None)
-                if mode == "fused" and following is not None:  # W + the next noise stays finite
-                    self._prepare_merge(index, layer, t + 1, coeff, None, following)
-            plans.append((coeff, following, merge))
-        return plans
+            noises = (self._noise(t, index), following) if mode == "inplace" else (None, None)
+            requests.append((index, name, layer, t + 1, coeff, *noises))
+            if mode == "fused" and following is not None:  # W + the next noise stays finite
+                noise_checks.append((index, name, layer, t + 1, coeff, None, following))
+            plans.append((coeff, following))
+        merges = self._prepare_merges(requests + noise_checks)[:len(requests)]
+        return [(*plan, merge) for plan, merge in zip(plans, merges, strict=True)]
 
     def _boundary(self, last: bool) -> None:
         """End cascade ``t``: merge every layer, swap the noise, start fresh fast LoRAs."""
@@ -655,6 +665,32 @@ def _other_trainable_params(optimizer, layers: dict[str, LoRASCLinear]) -> list[
             if parameter.requires_grad and id(parameter) not in fast:
                 others.setdefault(id(parameter), parameter)
     return list(others.values())
+
+
+def _merge_operands(layer: LoRASCLinear) -> tuple:
+    """``(weight rows, row_offset, lora_B rows, whole lora_A)`` of this rank (a collective
+    for an FSDP2 ``lora_A``)."""
+    weight, row_offset = local_row_block(layer.weight.data)
+    lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
+    lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
+    return weight, row_offset, lora_b, lora_a
+
+
+def _raise_on_every_rank(failure: Exception | None, layers) -> None:
+    """Raise ``failure`` (None: this rank found none); with row-sharded weights, every rank
+    of their mesh raises when one has a failure."""
+    meshes = {id(layer.weight.device_mesh): layer.weight for layer in layers
+              if is_dtensor(layer.weight)}
+    refused_elsewhere = False
+    for weight in meshes.values():
+        flag = torch.tensor([int(failure is not None)], device=weight.to_local().device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=weight.device_mesh.get_group())
+        refused_elsewhere |= bool(flag)
+    if failure is not None:
+        raise failure
+    if refused_elsewhere:
+        raise ValueError("another rank refused this merge for the rows it holds (its error "
+                         "says why): no layer was changed on any rank")
 
 
 def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:

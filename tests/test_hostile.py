@@ -23,6 +23,7 @@ from lorasc_kernels import (
     merge_lowrank_,
 )
 from lorasc_kernels.cascade import STATE_KEYS
+from lorasc_kernels.distributed import is_dtensor
 from lorasc_kernels.peft_export import write_peft_adapter
 
 IN, HIDDEN, OUT, RANK = 7, 6, 5, 2
@@ -31,8 +32,11 @@ IN, HIDDEN, OUT, RANK = 7, 6, 5, 2
 # -- the snapshot: every bit a failed call must leave alone ----------------------------------
 
 def _bits(tensor: torch.Tensor) -> tuple:
-    """dtype, shape and exact bytes of ``tensor`` (NaN compares equal to itself here)."""
+    """dtype, shape and exact bytes of ``tensor`` (NaN compares equal to itself here; this
+    rank's shard of an FSDP2 parameter)."""
     tensor = tensor.detach()
+    if is_dtensor(tensor):
+        tensor = tensor.to_local()
     if tensor.is_meta:
         return str(tensor.dtype), tuple(tensor.shape), "meta"
     raw = tensor.reshape(-1).contiguous().cpu().view(torch.uint8)
@@ -683,3 +687,50 @@ def test_finalize_refuses_a_model_whose_layer_was_swapped_out():
     model[2] = nn.Linear(HIDDEN, OUT)
     refused(RuntimeError, r"no longer holds this Cascade's LoRASCLinear layers at their module "
             r"paths \['0', '2'\]", cascade.finalize, model, optimizer, cascade)
+
+
+# -- FSDP2: a refusal on the rank holding the bad rows stops every rank -----------------------
+
+def _fsdp_refusal_rank(rank, world, port, out_dir):
+    """One rank: a 4-row layer sharded 2 + 2; rank 1's rows of B overflow the merge."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        layer = LoRASCLinear(IN, 4, r=RANK)
+        fully_shard(layer)
+        optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+        cascade = Cascade(layer, optimizer, noise_mode="off")
+        with torch.no_grad():
+            layer.lora_A.to_local().fill_(1e10)
+            layer.lora_B.to_local().fill_(1e30 if rank == 1 else 1e-3)
+        before = _snap([layer, optimizer, cascade])
+        try:
+            cascade.end_epoch()
+            message = ""
+        except ValueError as error:
+            message = str(error)
+        torch.save({"message": message, "unchanged": _snap([layer, optimizer, cascade]) == before},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_fsdp2_every_rank_refuses_when_one_rank_holds_the_bad_rows(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_fsdp_refusal_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert "another rank refused this merge" in results[0]["message"]
+    assert "layer '' (the model itself): the merge would overflow" in results[1]["message"]
+    assert all(result["unchanged"] for result in results)
