@@ -40,6 +40,10 @@ model's, the optimizer's and the cascade's state dicts (and torch's RNG state if
 dropout is on). The model's state must be loaded after the ``Cascade`` is built, because
 construction injects the first noise into ``W``; where the weights are loaded first, build
 the Cascade with :meth:`Cascade.from_state_dict` instead, which injects nothing.
+
+Failures: every public method checks everything (every layer's merge included) before it
+writes, so one that raises leaves the weights, the optimizer and the counters as they were;
+one Cascade drives a model at a time (see docs/reliability.md).
 """
 
 from __future__ import annotations
