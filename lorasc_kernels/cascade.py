@@ -576,6 +576,8 @@ class Cascade:
         for layer in self.layers.values():
             _DRIVERS[layer] = weakref.ref(self)
         self._other_optimizers = weakref.WeakSet()
+        # Optimizers holding no fast LoRA parameter, with how many parameters they held.
+        self._unrelated_optimizers = weakref.WeakKeyDictionary()
         cascade = weakref.ref(self)  # the hook must not keep the Cascade alive
 
         def note_optimizer(optimizer, *_):
@@ -592,9 +594,16 @@ class Cascade:
             if own is optimizer:
                 return
             own = getattr(own, "optimizer", None)
+        if optimizer in self._other_optimizers:
+            return
+        held = sum(len(group["params"]) for group in optimizer.param_groups)
+        if self._unrelated_optimizers.get(optimizer) == held:  # seen, and no group added since
+            return
         fast = {id(p) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)}
         if any(id(p) in fast for group in optimizer.param_groups for p in group["params"]):
             self._other_optimizers.add(optimizer)
+        else:
+            self._unrelated_optimizers[optimizer] = held
 
     def _slow_params(self, optimizer) -> list[nn.Parameter]:
         """The parameters the slow update anchors: none if it is off or is the identity."""

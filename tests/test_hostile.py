@@ -368,6 +368,18 @@ def test_an_optimizer_built_after_the_cascade_loses_its_fast_lora_state_at_bound
     assert cascade.cascade_index == 1 and not replacement.state
 
 
+def test_an_optimizer_of_other_parameters_keeps_its_state_at_boundaries():
+    model, optimizer = two_layers()
+    cascade = Cascade(model, optimizer, steps_per_cascade=1)
+    other = nn.Linear(3, 3)
+    other_optimizer = torch.optim.Adam(other.parameters(), lr=1e-2)
+    other(torch.randn(2, 3)).sum().backward()
+    other_optimizer.step()
+    state = _snap(other_optimizer)
+    trained(model, optimizer, 1, cascade)
+    assert cascade.cascade_index == 1 and _snap(other_optimizer) == state
+
+
 def test_use_optimizer_refuses_an_optimizer_missing_a_fast_lora():
     model, optimizer = two_layers()
     cascade = Cascade(model, optimizer)
