@@ -136,8 +136,8 @@ def lorasc_linear(
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        y = ops.lorasc_linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
-                              backend)
+        y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
+                       backend)
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 

@@ -9,7 +9,7 @@ Ops (namespace ``lorasc``), each with a fake kernel giving output shapes and dty
 
 The forward op's autograd formula (``torch.library.register_autograd``) saves ``x``, ``xa``
 and the parameters and calls the backward op, so a model of ``LoRASCLinear`` layers
-compiles with ``fullgraph=True``. In eager mode :func:`lorasc_linear` skips the op
+compiles with ``fullgraph=True``. In eager mode :func:`linear` skips the op
 dispatch (about 0.3 ms per forward+backward on the CPU) and runs the same formula in
 :class:`LinearFunction`, a plain ``torch.autograd.Function``. Each op takes the backend's
 name (``"torch"``, ``"triton"`` or ``"cuda"``) and runs :mod:`lorasc_kernels.composition`
@@ -35,7 +35,7 @@ from . import composition
 from .backends import backend_module, resolve_backend_name
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
-__all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction", "lorasc_linear",
+__all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction", "linear",
            "merge_"]
 
 _SEED_SPAN = 2**64
@@ -187,8 +187,7 @@ def backend_name(backend: str, device: torch.device) -> str:
     return resolve_backend_name(backend, device)
 
 
-def lorasc_linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str
-                  ) -> torch.Tensor:
+def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str) -> torch.Tensor:
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
     ``backend`` is a name from :func:`backend_name`; it runs through the custom ops under

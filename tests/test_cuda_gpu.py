@@ -134,7 +134,8 @@ def test_fused_noise_equals_reference_and_triton_bits(cuda_ops, dtype, transpose
     triton_or_skip()
     from lorasc_kernels.backends.triton import fused_linear
 
-    assert same_bits(out, fused_linear.noisy_weight(weight, NoiseSpec(seed, scale), transposed))
+    assert same_bits(out, fused_linear.noisy_weight_pass(weight, NoiseSpec(seed, scale),
+                                                         transposed))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -98,7 +98,7 @@ def test_forward_op_uses_the_seed_it_was_given():
                                            *ops._linear_op_args(spec), "torch")[:1]
     expected, _ = composition.linear_forward(reference, x, weight, b, lora_A, lora_B, spec)
     assert torch.equal(y, expected)
-    plain = ops.lorasc_linear(x, weight, b, lora_A, lora_B, LinearSpec(2.0), "torch")
+    plain = ops.linear(x, weight, b, lora_A, lora_B, LinearSpec(2.0), "torch")
     assert not torch.equal(y, plain)
 
 

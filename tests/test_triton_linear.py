@@ -14,6 +14,7 @@ from lorasc_kernels.backends.triton import fused_linear, thin
 from lorasc_kernels.specs import DropoutSpec, LinearSpec, NoiseSpec
 from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_error
+
 NOISE_SEED = 2**64 - 7
 DROPOUT_SEED = 2**63 + 3
 
@@ -153,7 +154,7 @@ def test_strided_bias():
 def test_in_kernel_noise_is_bit_identical(dtype, transposed):
     weight = (torch.randn(37, 45, device=DEVICE) / 7).to(dtype)
     scale = 0.03
-    got = fused_linear.noisy_weight(weight, NoiseSpec(NOISE_SEED, scale), transposed=transposed)
+    got = fused_linear.noisy_weight_pass(weight, NoiseSpec(NOISE_SEED, scale), transposed)
     u = noise_lib.noise(NOISE_SEED, 37, 45, device=DEVICE)
     scale32 = float(torch.tensor(scale, dtype=torch.float32))
     expected = (weight.to(torch.float32) + scale32 * u).to(dtype)
@@ -238,5 +239,5 @@ def test_gpu_noise_bit_identical_at_real_size(dtype):
     weight = (torch.randn(4096, 4096, device="cuda") / 64).to(dtype)
     expected = reference.noisy_weight(weight, NOISE_SEED, 0.01)
     for transposed in (False, True):
-        got = fused_linear.noisy_weight(weight, NoiseSpec(NOISE_SEED, 0.01), transposed=transposed)
+        got = fused_linear.noisy_weight_pass(weight, NoiseSpec(NOISE_SEED, 0.01), transposed)
         assert torch.equal(got, expected)

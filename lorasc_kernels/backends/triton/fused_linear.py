@@ -36,7 +36,7 @@ from .configs import dot_precision, fused_linear_configs, prune_by_operand_size,
 from .device import dropout_tile, mma, round_to
 from .random import element_bits, row_hash, uniform_centered
 
-__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight", "lowrank_gemm"]
+__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "lowrank_gemm"]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -155,9 +155,10 @@ def _noisy_weight_kernel(
     tl.store(out_ptr + cols[None, :] * stride_on + ks[:, None] * stride_ok, q_t, mask=mask)
 
 
-def noisy_weight(weight: torch.Tensor, noise: NoiseSpec, transposed: bool = False
-                 ) -> torch.Tensor:
-    """``round(W + noise)`` (N, K) through the GEMM's tile loader, in ``W``'s layout.
+def noisy_weight_pass(weight: torch.Tensor, noise: NoiseSpec, transposed: bool = False
+                      ) -> torch.Tensor:
+    """``round(W + noise)`` (N, K), :func:`~lorasc_kernels.backends.reference.noisy_weight`
+    written by one pass of the GEMM's tile loader, in ``W``'s layout.
 
     With ``transposed`` the kernel reads ``Wᵀ`` as backward's dX GEMM does (swapped indices);
     both orientations must equal
@@ -188,7 +189,7 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
     """
     (M, K), N = p.shape, q.shape[0]
     if noise is not None and M > NOISE_IN_GEMM_MAX_ROWS:
-        q = noisy_weight(q.t(), noise).t() if q_transposed else noisy_weight(q, noise)
+        q = noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
         noise = None
     out = torch.empty(M, N, device=p.device, dtype=p.dtype)
     r = 0 if u is None else u.shape[1]
