@@ -283,6 +283,10 @@ class Cascade:
     def lr_lambda(self, schedule=None):
         """``step ↦ schedule(step) · lr_factor()`` for ``LambdaLR`` (``schedule``: the user's
         multiplier of the global step, None for 1); see the class docstring."""
+        if schedule is not None and not callable(schedule):
+            raise TypeError(f"schedule must be None or a function of the step, "
+                            f"got {type(schedule).__name__}")
+
         def multiplier(step: int) -> float:
             return (1.0 if schedule is None else schedule(step)) * self.lr_factor()
         return multiplier

@@ -401,6 +401,13 @@ def test_use_optimizer_refuses_other_slow_updated_parameters():
     assert cascade.optimizer is replacement
 
 
+def test_a_schedule_that_is_not_a_function_is_refused():
+    model, optimizer = two_layers()
+    cascade = Cascade(model, optimizer, steps_per_cascade=4, warmup_steps=2)
+    refused(TypeError, "schedule must be None or a function", lambda: cascade.lr_lambda(0.5),
+            model, optimizer, cascade)
+
+
 def test_calls_after_finalize_are_refused():
     model, optimizer = two_layers()
     cascade = Cascade(model, optimizer)
