@@ -23,7 +23,9 @@ class LoRASCLinear(nn.Linear):
 
     ``noise_seed``/``noise_scale`` (set by :class:`~lorasc_kernels.Cascade` in
     ``noise_mode="fused"``) make each forward use ``W + noise_scale · noise(noise_seed)``
-    without writing ``W``.
+    without writing ``W``. ``weight_noise`` is the ``(seed, scale)`` of the noise a Cascade
+    in ``"inplace"`` mode wrote into ``W`` (None while ``W`` is clean): a second Cascade
+    refuses such a layer.
     """
 
     def __init__(
