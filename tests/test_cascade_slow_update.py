@@ -40,7 +40,7 @@ def others(model):
 
 def test_other_parameters_are_found_in_optimizer_order():
     model = model_with_head()
-    cascade = Cascade(model, adam(model), steps_per_cascade=2)
+    cascade = Cascade(model, adam(model), steps_per_cascade=2, slow_rate=0.5)
     assert [p.shape for p in cascade.other_params] == [
         p.shape for p in others(model).values()]
     assert all(p is q for p, q in zip(cascade.other_params, others(model).values(), strict=True))
@@ -83,7 +83,9 @@ def test_finalize_applies_the_slow_update_too():
     assert torch.equal(model[2].weight, torch.lerp(start, fast, 0.5))
 
 
-@pytest.mark.parametrize("settings", [{"slow_other_params": False}, {"slow_rate": 1.0}])
+@pytest.mark.parametrize("settings", [{"slow_rate": 0.5, "slow_other_params": False},
+                                      {"slow_rate": 1.0}, {}],
+                         ids=["off", "slow_rate=1", "defaults"])
 def test_other_parameters_keep_their_value_when_off_or_at_slow_rate_one(settings):
     model, x = model_with_head(), torch.randn(6, IN)
     optimizer = adam(model)
@@ -130,7 +132,8 @@ def build_run():
     """bf16 model with head, AdamW, a warm-up schedule and a Cascade of 3 steps."""
     model = model_with_head(torch.bfloat16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    cascade = Cascade(model, optimizer, steps_per_cascade=3, seed=4, warmup_steps=2)
+    cascade = Cascade(model, optimizer, steps_per_cascade=3, seed=4, warmup_steps=2,
+                      slow_rate=0.5, noise_lambda=0.15)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cascade.lr_lambda(lambda step: 1.0 / (1 + step)))
     return model, optimizer, scheduler, cascade
@@ -174,7 +177,7 @@ def test_resume_mid_cascade_with_anchors_and_warmup_is_bit_exact():
 
 def fresh_cascade(**settings):
     model = model_with_head()
-    return Cascade(model, adam(model), steps_per_cascade=2, **settings)
+    return Cascade(model, adam(model), steps_per_cascade=2, slow_rate=0.5, **settings)
 
 
 def test_load_state_dict_refuses_anchors_of_other_parameters():

@@ -38,6 +38,8 @@ from lorasc_kernels.inject import lorasc_layers
 
 IN, HIDDEN, OUT = 13, 11, 5  # 11 and 5 rows shard unevenly over 2 ranks: 6 + 5, 3 + 2
 GLOBAL_BATCH, STEPS, STEPS_PER_CASCADE = 8, 5, 2
+# The paper's settings, not the defaults: noise and a partial merge exercise every part.
+PAPER = {"slow_rate": 0.5, "noise_lambda": 0.15}
 
 
 def trainable(model):
@@ -81,8 +83,9 @@ def ddp_scenario(rank, world):
     ddp = DistributedDataParallel(model)
     optimizer = torch.optim.Adam(trainable(ddp), lr=1e-2)
     ref_optimizer = torch.optim.Adam(trainable(reference), lr=1e-2)
-    cascade = Cascade(ddp, optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7)
-    ref_cascade = Cascade(reference, ref_optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7)
+    cascade = Cascade(ddp, optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7, **PAPER)
+    ref_cascade = Cascade(reference, ref_optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7,
+                          **PAPER)
     local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     grad_errors, boundary_checksums, slow_updates = [], [], []
     bias_start = model[2].bias.detach().clone()
@@ -189,7 +192,8 @@ def fsdp_scenario(rank, world):
     kernel_inputs = KernelInputs()
     optimizer = torch.optim.Adam(trainable(model), lr=1e-2)
     ref_optimizer = torch.optim.Adam(trainable(reference), lr=1e-2)
-    settings = {"steps_per_cascade": STEPS_PER_CASCADE, "seed": 3, "keep_history": True}
+    settings = {"steps_per_cascade": STEPS_PER_CASCADE, "seed": 3, "keep_history": True,
+                **PAPER}
     cascade = Cascade(model, optimizer, **settings)
     ref_cascade = Cascade(reference, ref_optimizer, **settings)
     states = [(full_state(model), full_state(reference))]  # after the first noise
@@ -263,9 +267,9 @@ def edge_scenario():
     reference = copy.deepcopy(layer)
     fully_shard(layer)
     optimizer = torch.optim.SGD(trainable(layer), lr=0.5)
-    cascade = Cascade(layer, optimizer, steps_per_cascade=1, seed=5)
+    cascade = Cascade(layer, optimizer, steps_per_cascade=1, seed=5, **PAPER)
     ref_cascade = Cascade(reference, torch.optim.SGD(trainable(reference), lr=0.5),
-                          steps_per_cascade=1, seed=5)
+                          steps_per_cascade=1, seed=5, **PAPER)
     layer(torch.randn(4, IN)).pow(2).mean().backward()
     optimizer.step()
     with torch.no_grad():
