@@ -112,7 +112,8 @@ def merge_args(dtype=torch.float32, rows=OUT, cols=IN):
 
 
 def with_head():
-    """One LoRASC layer and a trainable head: the Cascade keeps anchors for the head."""
+    """One LoRASC layer and a trainable head: a Cascade of ``slow_rate < 1`` keeps anchors
+    for the head."""
     model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Linear(HIDDEN, OUT))
     inject_lorasc(model, LoRASCConfig(r=RANK, target_modules=["0"]))
     model[1].requires_grad_(True)
@@ -154,7 +155,7 @@ def test_a_later_layer_with_a_non_finite_weight_stops_the_cascade_before_any_noi
     with torch.no_grad():
         model[2].weight[1, 3] = bad
     refused(ValueError, r"layer '2': weight has non-finite", lambda: Cascade(
-        model, optimizer, noise_mode=noise_mode), model, optimizer)
+        model, optimizer, noise_mode=noise_mode, noise_lambda=0.15), model, optimizer)
     with torch.no_grad():
         model[2].weight[1, 3] = 0.5
     Cascade(model, optimizer, noise_mode=noise_mode)  # the failed one claimed nothing
@@ -276,7 +277,7 @@ def test_from_state_dict_refuses_a_malformed_state_and_claims_nothing(state, err
 
 def test_from_state_dict_with_anchors_of_other_parameters_is_refused():
     model, optimizer = with_head()
-    state = Cascade(model, optimizer).state_dict()
+    state = Cascade(model, optimizer, slow_rate=0.5).state_dict()
     other, other_optimizer = with_head()
     bad = dict(state, anchors=state["anchors"][:1])
     refused(ValueError, "anchors", lambda: Cascade.from_state_dict(other, other_optimizer, bad),
@@ -285,7 +286,7 @@ def test_from_state_dict_with_anchors_of_other_parameters_is_refused():
 
 def test_anchors_of_the_wrong_shape_are_refused_before_any_anchor_is_copied():
     model, optimizer = with_head()
-    cascade = Cascade(model, optimizer, steps_per_cascade=2)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, slow_rate=0.5)
     state = cascade.state_dict()
     trained(model, optimizer, 3, cascade)
     bad = dict(state, anchors=[state["anchors"][0] + 1, state["anchors"][1].reshape(-1, 1)])
@@ -320,9 +321,15 @@ def test_a_second_cascade_on_a_driven_model_is_refused(noise_mode):
 
 def test_a_cascade_over_weights_that_carry_another_runs_noise_is_refused():
     model, optimizer = two_layers()
-    Cascade(model, optimizer)  # dropped without finalize: its noise stays in W
+    Cascade(model, optimizer, noise_lambda=0.15)  # dropped without finalize: noise stays in W
     refused(ValueError, r"layer '0': its weight carries the in-place noise",
             lambda: Cascade(model, optimizer), model, optimizer)
+
+
+def test_a_run_without_noise_leaves_nothing_that_stops_a_new_cascade():
+    model, optimizer = two_layers()
+    Cascade(model, optimizer, noise_lambda=0.0)  # dropped: W holds no noise
+    Cascade(model, optimizer)
 
 
 def test_after_finalize_the_model_can_get_a_new_cascade():
@@ -392,7 +399,7 @@ def test_use_optimizer_refuses_an_optimizer_missing_a_fast_lora():
 
 def test_use_optimizer_refuses_other_slow_updated_parameters():
     model, optimizer = with_head()
-    cascade = Cascade(model, optimizer)
+    cascade = Cascade(model, optimizer, slow_rate=0.5)
     lora = [p for n, p in model.named_parameters() if "lora" in n]
     refused(ValueError, "other trainable parameters", lambda: cascade.use_optimizer(
         torch.optim.SGD(lora, lr=0.1)), model, optimizer, cascade)
