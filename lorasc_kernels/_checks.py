@@ -100,7 +100,7 @@ def check_layer_dtype(name: str, dtype) -> None:
     if dtype is not None and dtype not in REFERENCE_DTYPES:
         raise TypeError(
             f"{name} must be None or a floating dtype in "
-            f"{[str(d) for d in REFERENCE_DTYPES]}, got {dtype}"
+            f"{dtype_names(REFERENCE_DTYPES)}, got {dtype}"
         )
 
 
