@@ -2,7 +2,7 @@
 
     python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR]
                          [--only linear,layer,merge,precision,expressiveness] [--threads N]
-                         [--skip-backends cuda]
+                         [--skip-backends cuda] [--problems all|headline|rest]
     python -m benchmarks --summary DIR_OR_CSV ...  # short tables (and plot) of saved results
     python -m benchmarks --ceilings [--device ...] # the device's copy GB/s and matmul TFLOP/s
 
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"comma-separated families among {','.join(FAMILIES)}")
     parser.add_argument("--skip-backends", default="", metavar="NAMES",
                         help="comma-separated backends of ours not to run (e.g. cuda)")
+    parser.add_argument("--problems", choices=("all", "headline", "rest"), default="all",
+                        help="linear and layer families: all problems, only the headline "
+                             "one (bf16 M=8192 K=N=4096 r=16 on a GPU), or all but it")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of CPU runs (default 2; 1 with --quick, whose "
                              "tiny products only wait on a second thread)")
@@ -138,7 +141,9 @@ def run_family(name: str, args) -> list[dict] | None:
     if name in RATIO_FAMILIES:
         csv_path = args.out / f"{device_name(args.device)}.csv"
         kwargs = {"full": args.full, "skip_backends": args.skip_backends,
-                  "sink": lambda rows: append_csv(rows, csv_path)}
+                  "sink": lambda rows: append_csv(rows, csv_path), "selection": args.problems}
+    elif name == "merge":
+        kwargs = {"skip_backends": args.skip_backends}
     start = time.perf_counter()
     rows = module.run(quick=args.quick, device=args.device, out_dir=args.out, **kwargs)
     print(f"{name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s", flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import providers
-from .bench_linear import clear_grads, measure_all, on_gpu, step_fn
+from .bench_linear import HEADLINE, clear_grads, measure_all, on_gpu, select, step_fn
 from .providers import Problem, Tensors
 
 FAMILY = "layer"
@@ -30,7 +30,7 @@ def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
     if not on_gpu(device):
         return [Problem(2048, 1024, 1024, 16, torch.float32, device, bias=True)]
     if not full:
-        return [Problem(8192, 4096, 4096, 16, torch.bfloat16, device, bias=True)]
+        return [Problem(**HEADLINE, device=device, bias=True)]
     shapes = ((4096, 4096), (4096, 11008), (11008, 4096))
     return [Problem(m, k, n, 16, torch.bfloat16, device, bias=True)
             for m in (4096, 8192, 16384) for k, n in shapes]
@@ -82,9 +82,11 @@ def goal_report(rows: list[dict]) -> str:
 
 
 def run(quick: bool, device: str, out_dir: Path, full: bool = False,
-        skip_backends=(), sink=None) -> list[dict]:
-    """Run the family and return its rows (see ``bench_linear.measure_all``)."""
-    rows = measure_all(FAMILY, problems(quick, device, full), provider_names(quick, device),
+        skip_backends=(), sink=None, selection: str = "all") -> list[dict]:
+    """Run the family and return its rows (see ``bench_linear.measure_all``); ``selection``
+    as in ``bench_linear.run``."""
+    problem_list = select(problems(quick, device, full), selection)
+    rows = measure_all(FAMILY, problem_list, provider_names(quick, device),
                        MODES, quick, skip_backends, step_factory=train_step_fn, sink=sink)
     if not quick and not on_gpu(device):  # the goal is the CPU comparison's
         print(goal_report(rows), flush=True)

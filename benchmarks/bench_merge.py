@@ -51,15 +51,20 @@ def problems(quick: bool, device: str) -> list[tuple[int, int]]:
     return [(256, 16)] if quick else [(1024, 16), (1024, 64)]
 
 
-def our_backends(device: str) -> list[str]:
-    """Our backends timed: the kernels that can run on a GPU, the reference on the CPU."""
+def our_backends(device: str, skip_backends=()) -> list[str]:
+    """Our backends timed: the kernels that can run on a GPU (less ``skip_backends``), the
+    reference on the CPU; each one left out is printed with the reason."""
     if not device.startswith("cuda"):
         return ["torch"]
     usable = []
     for name in ("triton", "cuda"):
+        if name in skip_backends:
+            print(f"skip ours-{name}: --skip-backends {name}", flush=True)
+            continue
         try:
             resolve_backend(name, torch.device(device))
-        except RuntimeError:
+        except RuntimeError as error:
+            print(f"skip ours-{name}: {error}".splitlines()[0], flush=True)
             continue
         usable.append(name)
     return usable
@@ -109,11 +114,17 @@ def merge_functions(tensors: providers.Tensors, backends: list[str]) -> dict:
 
 
 @torch.no_grad()
-def measure(size: int, r: int, device: str, backends: list[str], quick: bool) -> list[dict]:
-    """One row per provider for a bf16 ``size × size`` weight and rank ``r``."""
+def measure(size: int, r: int, device: str, backends: list[str], quick: bool,
+            failures: list[str]) -> list[dict]:
+    """One row per provider for a bf16 ``size × size`` weight and rank ``r``; providers
+    that raise are left out and recorded in ``failures``."""
     problem = providers.Problem(1, size, size, r, torch.bfloat16, device)
     tensors = providers.Tensors.draw(problem)
-    functions = merge_functions(tensors, backends)
+    functions = providers.check_runs(merge_functions(tensors, backends),
+                                     f"merge {size}x{size} r{r}", failures)
+    if "copy" not in functions or "peft" not in functions:
+        print(f"skip merge {size}x{size} r{r}: the copy or PEFT's merge did not run", flush=True)
+        return []
     times = time_all_ms(functions, device, quick)  # also warms up (and tunes) every kernel
     moved_bytes = 2 * tensors.weight.numel() * tensors.weight.element_size()
     copy_GBps = moved_bytes / (times["copy"] * 1e-3) / 1e9
@@ -138,12 +149,18 @@ def measure(size: int, r: int, device: str, backends: list[str], quick: bool) ->
     return rows
 
 
-def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
-    """All problems of :func:`problems`; rows also appended to ``out_dir/merge_<device>.csv``."""
-    backends = our_backends(device)
-    rows = [row for size, r in problems(quick, device)
-            for row in measure(size, r, device, backends, quick)]
-    append_csv(rows, Path(out_dir) / f"merge_{device_name(device)}.csv")
+def run(quick: bool, device: str, out_dir: Path, skip_backends=()) -> list[dict]:
+    """All problems of :func:`problems`; each problem's rows appended to
+    ``out_dir/merge_<device>.csv`` as it ends. Raises
+    :class:`~benchmarks.providers.ProviderFailures` at the end if a provider failed."""
+    backends = our_backends(device, skip_backends)
+    path = Path(out_dir) / f"merge_{device_name(device)}.csv"
+    rows, failures = [], []
+    for size, r in problems(quick, device):
+        problem_rows = measure(size, r, device, backends, quick, failures)
+        append_csv(problem_rows, path)
+        rows += problem_rows
+    providers.raise_failures(failures)
     return rows
 
 

@@ -14,6 +14,11 @@ Providers (see :func:`provider_names`):
 * ``compile``: ``torch.compile`` of the eager LoRA ``F.linear(x, W, b) + s · B(A(x))``.
 * ``ours-<backend>``: :class:`lorasc_kernels.LoRASCLinear` with ``backend`` one of
   ``torch | triton | cuda``; ``ours-<backend>+noise`` adds fused cascade noise.
+
+A provider that cannot run here (its backend unavailable, PEFT not installed) raises
+:class:`ProviderUnavailable` and is skipped with the reason; any other error, or a wrong
+output, is a failure (:func:`build_checked`, :func:`check_runs`): the family's rows are
+still written, then it raises :class:`ProviderFailures` naming every failed provider.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from lorasc_kernels import LoRASCLinear
 from lorasc_kernels.backends import reference, resolve_backend
 
 __all__ = [
+    "ProviderUnavailable",
+    "ProviderFailures",
     "Problem",
     "Tensors",
     "AddmmLoRAFunction",
@@ -43,6 +50,8 @@ __all__ = [
     "tolerance",
     "trainable",
     "build_checked",
+    "check_runs",
+    "raise_failures",
 ]
 
 # Fused-noise rows use the method's default noise: λ · std(W) · U(-½, ½).
@@ -54,8 +63,16 @@ OUR_BACKENDS = ("torch", "triton", "cuda")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Relative Frobenius error against float32 math above which a provider is not timed
-# (DESIGN.md §7 tolerances; fp32 allows tf32 matmuls on GPU).
+# (docs/design.md §7 tolerances; fp32 allows tf32 matmuls on GPU).
 _TOLERANCE = {torch.float32: 5e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+class ProviderUnavailable(RuntimeError):
+    """The provider cannot run on this machine (not a failure): a skip with this reason."""
+
+
+class ProviderFailures(RuntimeError):
+    """Providers that raised or computed a wrong result; the message names each one."""
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -205,7 +222,10 @@ class _OneLayer(nn.Module):
 
 
 def _peft_linear(tensors: Tensors) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise ProviderUnavailable(f"peft is not installed ({error})") from None
 
     r = tensors.lora_A.shape[0]
     config = LoraConfig(r=r, lora_alpha=tensors.scale * r, lora_dropout=0.0,
@@ -223,7 +243,10 @@ def _compiled_eager(tensors: Tensors) -> nn.Module:
 
 
 def _ours(tensors: Tensors, backend: str, noise: bool) -> LoRASCLinear:
-    resolve_backend(backend, tensors.weight.device)  # raises RuntimeError saying what is missing
+    try:
+        resolve_backend(backend, tensors.weight.device)
+    except RuntimeError as error:  # says what is missing
+        raise ProviderUnavailable(str(error)) from None
     r = tensors.lora_A.shape[0]
     layer = LoRASCLinear.from_linear(_frozen_linear(tensors), r=r, lora_alpha=tensors.scale * r,
                                      backend=backend)
@@ -296,27 +319,58 @@ def _report_once(message: str) -> None:
         print(message, flush=True)
 
 
-def build_checked(names: list[str], tensors: Tensors) -> dict[str, nn.Module]:
+def _fail(failures: list[str], name: str, where: str, why: str) -> None:
+    """Print and record that provider ``name`` failed (``where``: the problem)."""
+    message = f"FAILED provider {name} on {where}: {why}".splitlines()[0]
+    print(message, flush=True)
+    failures.append(message)
+
+
+def build_checked(names: list[str], tensors: Tensors, failures: list[str]) -> dict[str, nn.Module]:
     """The providers among ``names`` that run here and compute the right output.
 
-    A provider that cannot be built or run (a backend not available, a missing package) or
-    whose output is off by more than :func:`tolerance` is left out with a printed message,
-    so no table ever times a wrong or absent kernel.
+    Unavailable ones (:class:`ProviderUnavailable`) are left out with a printed reason.
+    One that raises, or whose output is off by more than :func:`tolerance`, is left out
+    and recorded in ``failures``, so no table ever times a wrong or absent kernel and no
+    failure passes for a skip.
     """
     modules = {}
     limit = tolerance(tensors.x.dtype)
+    where = "x".join(str(n) for n in tensors.x.shape) + f" {DTYPE_NAMES[tensors.x.dtype]}"
     for name in names:
         try:
             module = build(name, tensors)
             output = module(tensors.x).detach().float()  # with grad: compiles the training graph
-        except Exception as error:  # any failure means: not timed here, say why
-            _report_once(f"skip {name}: {type(error).__name__}: {error}".splitlines()[0])
+        except ProviderUnavailable as error:
+            _report_once(f"skip {name}: {error}".splitlines()[0])
+            continue
+        except Exception as error:  # a failure: reported by name, the others still run
+            _fail(failures, name, where, f"{type(error).__name__}: {error}")
             continue
         expected = expected_output(name, tensors)
         error = float((output - expected).norm() / expected.norm())
         if not error <= limit:
-            print(f"skip {name}: relative error {error:.2e} > {limit:.0e} on "
-                  f"{tensors.x.shape[0]}x{tensors.x.shape[1]}", flush=True)
+            _fail(failures, name, where, f"relative error {error:.2e} > {limit:.0e}")
             continue
         modules[name] = module
     return modules
+
+
+def check_runs(fns: dict, where: str, failures: list[str]) -> dict:
+    """The callables of ``fns`` (name → callable) that run once without raising; the
+    others are recorded in ``failures``."""
+    running = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+        except Exception as error:  # a failure: reported by name, the others still run
+            _fail(failures, name, where, f"{type(error).__name__}: {error}")
+            continue
+        running[name] = fn
+    return running
+
+
+def raise_failures(failures: list[str]) -> None:
+    """Raise :class:`ProviderFailures` listing ``failures``, if any."""
+    if failures:
+        raise ProviderFailures(f"{len(failures)} provider failure(s):\n" + "\n".join(failures))

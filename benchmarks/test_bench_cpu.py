@@ -30,8 +30,9 @@ def two_threads():
 @pytest.mark.parametrize("name", ["floor", "peft", "addmm", "ours-torch"])
 def test_forward_backward(benchmark, name):
     tensors = Tensors.draw(PROBLEM)
-    modules = providers.build_checked([name], tensors)  # leaves out a wrong output
-    assert list(modules) == [name]
+    failures = []
+    modules = providers.build_checked([name], tensors, failures)  # leaves out a wrong output
+    assert list(modules) == [name], failures
     benchmark.group = f"forward+backward {PROBLEM.label}, 2 threads"
     benchmark.pedantic(step_fn("forward+backward", modules[name], tensors),
                        rounds=10, warmup_rounds=2)

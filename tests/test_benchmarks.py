@@ -97,11 +97,50 @@ def test_providers_compute_the_same_layer(name):
         assert rel_error(actual, expected) < 1e-5
 
 
-def test_build_checked_leaves_out_a_missing_backend(capsys):
+def test_build_checked_skips_a_missing_backend_with_its_reason(capsys):
     tensors = Tensors.draw(Problem(8, 16, 12, 2, torch.float32, "cpu"))
-    modules = providers.build_checked(["floor", "ours-cuda"], tensors)
-    assert list(modules) == ["floor"]
-    assert "skip ours-cuda" in capsys.readouterr().out
+    failures = []
+    modules = providers.build_checked(["floor", "ours-cuda"], tensors, failures)
+    assert list(modules) == ["floor"] and failures == []
+    assert "skip ours-cuda: backend='cuda' is not available on cpu" in capsys.readouterr().out
+
+
+def raising_provider(monkeypatch, name: str, when: str):
+    """Make provider ``name`` raise at build time (``build``) or in its backward."""
+    real = providers._BUILDERS[name]
+
+    def broken(tensors):
+        if when == "build":
+            raise RuntimeError("kernel launch failed")
+        module = real(tensors)
+        module.register_full_backward_hook(lambda *args: (_ for _ in ()).throw(
+            RuntimeError("backward kernel failed")))
+        return module
+
+    monkeypatch.setitem(providers._BUILDERS, name, broken)
+
+
+@pytest.mark.parametrize("when", ["build", "backward"])
+def test_a_failing_provider_fails_its_family_by_name_after_the_others_ran(monkeypatch, when):
+    from benchmarks import bench_linear
+
+    raising_provider(monkeypatch, "addmm", when)
+    written = []
+    with pytest.raises(providers.ProviderFailures, match="FAILED provider addmm on"):
+        bench_linear.run(quick=True, device="cpu", out_dir=None, sink=written.extend)
+    providers_written = {row["provider"] for row in written}
+    assert {"floor", "peft", "ours-torch"} <= providers_written
+    assert ("addmm" in providers_written) == (when == "backward")  # its forward rows stand
+    assert all(row["provider"] != "addmm" for row in written if row["mode"] != "forward")
+
+
+def test_a_wrong_output_is_a_failure_not_a_skip(monkeypatch, capsys):
+    monkeypatch.setattr(providers, "expected_output",
+                        lambda name, tensors: torch.ones(tensors.x.shape[0], 12))
+    tensors = Tensors.draw(Problem(8, 16, 12, 2, torch.float32, "cpu"))
+    failures = []
+    assert providers.build_checked(["floor"], tensors, failures) == {}
+    assert failures and failures[0].startswith("FAILED provider floor on 8x16 fp32: relative")
 
 
 def test_without_backends_drops_plain_and_noise_rows_of_those_backends():
@@ -111,10 +150,10 @@ def test_without_backends_drops_plain_and_noise_rows_of_those_backends():
     assert "ours-triton+noise" in kept and "compile" in kept
 
 
-def gpu_check(out: Path, steps: str, timeout: float, budget: int = 480):
+def gpu_check(out: Path, steps: str, timeout: float, budget: int = 420, **env):
     return run(["bash", "benchmarks/gpu_check.sh", str(out)], timeout=timeout,
                LORASC_GPU_CHECK_ALLOW_CPU="1", LORASC_GPU_CHECK_STEPS=steps,
-               LORASC_GPU_CHECK_BUDGET_S=str(budget), PYTHON=sys.executable)
+               LORASC_GPU_CHECK_BUDGET_S=str(budget), PYTHON=sys.executable, **env)
 
 
 def summary_status(log: str) -> dict:
@@ -124,16 +163,19 @@ def summary_status(log: str) -> dict:
 
 
 def test_gpu_check_cpu_mode_runs_steps_and_skips_gpu_ones(tmp_path):
-    result = gpu_check(tmp_path, "env,ceilings,build_cuda,gpu_tests,bench_layer,report",
+    result = gpu_check(tmp_path, "env,ceilings,build_cuda,gpu_tests,kernels,bench_layer,report",
                        timeout=400)
     assert result.returncode == 0, result.stdout[-3000:]
     status = summary_status(result.stdout)
-    assert status["build_cuda"] == "skipped (needs a GPU)"
-    assert status["gpu_tests"] == "skipped (needs a GPU)"
+    for step in ("build_cuda", "gpu_tests", "kernels"):
+        assert status[step] == "skipped (needs a GPU)"
     assert status["bench_linear"] == "skipped (not selected)"
     for step in ("env", "ceilings", "bench_layer", "report"):
         assert status[step].startswith("ok"), status
     assert "copy_GB_per_s" in result.stdout
+    assert "skip ours-cuda: the build step made no extension" in result.stdout
+    environment = (tmp_path / "environment.txt").read_text()
+    assert "torch " in environment and "peft " in environment and "CUDA toolkit:" in environment
     assert (tmp_path / "gpu_check.log").read_text() == result.stdout
     rows = read_rows(next(tmp_path.glob("*.csv")))
     assert {row["family"] for row in rows} == {"layer"}
@@ -156,3 +198,38 @@ def test_gpu_check_refuses_to_run_on_cpu_unless_allowed(tmp_path):
                  LORASC_GPU_CHECK_ALLOW_CPU="0", PYTHON=sys.executable)
     assert result.returncode == 2
     assert "LORASC_GPU_CHECK_ALLOW_CPU=1" in result.stderr + result.stdout
+
+
+# Makes the addmm provider raise in every Python process of the script that imports it.
+FAILING_ADDMM = """
+import importlib.abc, sys
+
+class _Hook(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "benchmarks.bench_linear":
+            sys.meta_path.remove(self)
+            import benchmarks.providers as providers
+
+            def broken(tensors):
+                raise RuntimeError("the kernel did not launch")
+
+            providers._BUILDERS["addmm"] = broken
+        return None
+
+sys.meta_path.insert(0, _Hook())
+"""
+
+
+def test_gpu_check_names_a_failing_provider_in_its_step_and_the_summary(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAILING_ADDMM)
+    result = gpu_check(tmp_path / "out", "headline,report", timeout=400,
+                       PYTHONPATH=f"{ROOT}{os.pathsep}{hook}")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "FAILED provider addmm on" in result.stdout
+    status = summary_status(result.stdout)
+    assert status["headline"].startswith("FAILED (exit 1), failed providers: addmm"), status
+    assert status["report"].startswith("ok")
+    rows = read_rows(next((tmp_path / "out").glob("*.csv")))
+    assert {"floor", "peft", "ours-torch", "ours-triton"} <= {row["provider"] for row in rows}
