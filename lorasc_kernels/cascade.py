@@ -713,7 +713,7 @@ def _merge_operands(layer: LoRASCLinear) -> tuple:
     """``(weight rows, row_offset, lora_B rows, whole lora_A)`` of this rank (a collective
     for an FSDP2 ``lora_A``)."""
     weight, row_offset = local_row_block(layer.weight.data)
-    lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
+    lora_b = _local(layer.lora_B).to(weight.device)
     lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
     return weight, row_offset, lora_b, lora_a
 
