@@ -115,14 +115,18 @@ class CascadeSettings:
     warmup_steps: int = 0
 
     def __post_init__(self):
+        def keep(name: str, value) -> None:  # the checked value: numpy scalars become Python's
+            object.__setattr__(self, name, value)
+
         if self.steps_per_cascade is not None:
-            checks.check_int("steps_per_cascade", self.steps_per_cascade, 1)
-        slow_rate = checks.check_float("slow_rate", self.slow_rate)
-        if not 0.0 < slow_rate <= 1.0:
-            raise ValueError(f"slow_rate must be in (0, 1], got {slow_rate}")
-        checks.check_float("noise_lambda", self.noise_lambda, minimum=0.0)
+            keep("steps_per_cascade", checks.check_int("steps_per_cascade",
+                                                       self.steps_per_cascade, 1))
+        keep("slow_rate", checks.check_float("slow_rate", self.slow_rate))
+        if not 0.0 < self.slow_rate <= 1.0:
+            raise ValueError(f"slow_rate must be in (0, 1], got {self.slow_rate}")
+        keep("noise_lambda", checks.check_float("noise_lambda", self.noise_lambda, minimum=0.0))
         checks.check_choice("noise_mode", self.noise_mode, NOISE_MODES)
-        checks.check_seed("seed", self.seed)
+        keep("seed", checks.check_seed("seed", self.seed))
         if not isinstance(self.keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {type(self.keep_history).__name__}")
         checks.check_choice("rounding", self.rounding, ROUNDING_MODES)
@@ -130,7 +134,8 @@ class CascadeSettings:
             raise TypeError(
                 f"slow_other_params must be a bool, got {type(self.slow_other_params).__name__}"
             )
-        checks.check_int("warmup_steps", self.warmup_steps, 0, self.steps_per_cascade)
+        keep("warmup_steps", checks.check_int("warmup_steps", self.warmup_steps, 0,
+                                              self.steps_per_cascade))
 
     @property
     def applied_noise_mode(self) -> str:

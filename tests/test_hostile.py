@@ -7,6 +7,7 @@ that would destroy weights, (4) PEFT export for any module names, (5) what PEFT 
 ``nn.Linear`` accept, we accept; the rest is refused with a ``TypeError`` naming it.
 """
 
+import io
 import json
 
 import numpy as np
@@ -607,6 +608,10 @@ def test_numpy_scalars_work_where_python_numbers_do():
     cascade = Cascade(model, optimizer, steps_per_cascade=np.int64(2), slow_rate=np.float32(0.5))
     trained(model, optimizer, 2, cascade)
     assert cascade.cascade_index == 1
+    buffer = io.BytesIO()  # the settings are Python numbers: a checkpoint loads weights-only
+    torch.save(cascade.state_dict(), buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["settings"]["steps_per_cascade"] == 2
 
 
 @pytest.mark.parametrize("noise, dropout", [(False, 0.0), (True, 0.0), (False, 0.25)],
