@@ -84,8 +84,18 @@ def write_peft_adapter(
     }
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    # Both files are written aside and moved in place at the end: a failed write (a full
+    # disk) leaves no adapter half-written, nor half-replaced.
+    staged = {name: folder / f".{name}.partial" for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    try:
+        staged[CONFIG_NAME].write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(staged[WEIGHTS_NAME]), metadata={"format": "pt"})
+    except BaseException:
+        for partial in staged.values():
+            partial.unlink(missing_ok=True)
+        raise
+    for name, partial in staged.items():
+        partial.replace(folder / name)
     return folder
 
 

@@ -765,3 +765,17 @@ def test_under_fsdp2_every_rank_refuses_when_one_rank_holds_the_bad_rows(tmp_pat
     assert "another rank refused this merge" in results[0]["message"]
     assert "layer '' (the model itself): the merge would overflow" in results[1]["message"]
     assert all(result["unchanged"] for result in results)
+
+
+def test_a_failed_adapter_write_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    updates = {"a": [(torch.ones(OUT, RANK), torch.ones(RANK, IN))]}
+    folder = write_peft_adapter(tmp_path / "adapter", updates)
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    other = {"a": [(2 * torch.ones(OUT, RANK), torch.ones(RANK, IN))]}
+    refused(OSError, "No space left", lambda: write_peft_adapter(folder, other), updates)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == files
