@@ -115,18 +115,26 @@ build_cuda_extension() {
 describe_kernels() {
     echo "== tuned configs (Triton autotuner)"
     grep -a "best config selected" "$LOG" | sort | uniq -c || echo "none in the log"
-    local cuobjdump
-    cuobjdump="$(command -v cuobjdump || echo "$("$PYTHON" -m lorasc_kernels._build \
-        --cuda-home 2>/dev/null)/bin/cuobjdump")"
+    local cuobjdump candidate
+    for candidate in "$(command -v cuobjdump)" \
+        "$("$PYTHON" -m lorasc_kernels._build --cuda-home 2>/dev/null)/bin/cuobjdump" \
+        "$("$PYTHON" -c 'import pathlib, triton
+print(pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")')"; do
+        [ -x "$candidate" ] && cuobjdump=$candidate && break
+    done
+    [ -n "${cuobjdump:-}" ] || { echo "cuobjdump: not found"; return 1; }
     echo "== SASS instruction counts ($cuobjdump)"
-    printf '%-8s %-8s %-8s %s\n' HGMMA HMMA FFMA kernel
-    local file sass
+    printf '%-6s %-6s %-6s %-24s %s\n' HGMMA HMMA FFMA "warps stages shared" file
+    local file sass launch
     for file in $(find "$TRITON_CACHE_DIR" -name '*fused_lowrank*.cubin' 2>/dev/null) \
                 $(cat "$WORK/extension_path" 2>/dev/null); do
         sass="$("$cuobjdump" -sass "$file" 2>&1)" || { echo "cuobjdump failed on $file"; return 1; }
-        printf '%-8s %-8s %-8s %s\n' "$(grep -c HGMMA <<<"$sass")" "$(grep -c HMMA <<<"$sass")" \
-            "$(grep -c FFMA <<<"$sass")" "$file"
-        grep -h '"num_warps"\|"shared"' "${file%.cubin}.json" 2>/dev/null | head -c 300
+        launch="$("$PYTHON" -c 'import json, sys
+m = json.load(open(sys.argv[1]))
+print(m["num_warps"], m["num_stages"], m["shared"])' "${file%.cubin}.json" 2>/dev/null \
+            || echo "(CUDA extension)")"
+        printf '%-6s %-6s %-6s %-24s %s\n' "$(grep -c HGMMA <<<"$sass")" \
+            "$(grep -c HMMA <<<"$sass")" "$(grep -c FFMA <<<"$sass")" "$launch" "$file"
     done
 }
 
