@@ -3,12 +3,14 @@
 A frozen linear layer ``W0`` (d×d, d=64, ``nn.Linear``'s init) must learn a target change
 ``ΔW`` of known rank (32 > r): orthonormal factors, all singular values equal, ``‖ΔW‖ =
 0.5‖W0‖``. Inputs ``x ~ N(0, I)``, targets ``(W0 + ΔW) x``, a fresh batch of 128 per step,
-squared error, Adam (lr 1e-2), the same steps for every method:
+squared error, Adam (lr 1e-2, cosine decay to 0 over the run), the same steps for every
+method:
 
 * ``lora-r``: LoRA of rank r = 4, no cascade;
 * ``lora-rT``: LoRA of rank r·T = 64;
 * ``lorasc``: LoRA of rank r over T = 16 cascades (``Cascade`` with its defaults,
-  ``steps_per_cascade`` = steps / T), then ``finalize()``;
+  ``steps_per_cascade`` = steps / T; the cosine through ``cascade.lr_lambda``), then
+  ``finalize()``;
 * ``full``: ``W`` itself trained.
 
 Columns: ``rel_loss`` = held-out loss / the untouched model's (4096 held-out inputs;
@@ -24,6 +26,7 @@ Usage: ``python -m benchmarks.bench_expressiveness [--quick] [--device cuda]``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +126,15 @@ def train(method: str, task: Task, seed: int, device: str = "cpu", **cascade_set
     torch.manual_seed(seed)  # the fast LoRA's first A
     model = build(method, weight, task).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=task.lr)
-    cascade = None
+    def cosine(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * step / task.steps))
+
+    cascade, schedule = None, cosine
     if method == "lorasc":
         cascade = Cascade(model, optimizer, steps_per_cascade=task.steps_per_cascade,
                           seed=seed, **cascade_settings)
+        schedule = cascade.lr_lambda(cosine)  # times the per-cascade warm-up, if any
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     def rel_loss() -> float:
         with torch.no_grad():
@@ -143,6 +151,7 @@ def train(method: str, task: Task, seed: int, device: str = "cpu", **cascade_set
             state_bytes = optimizer_bytes(optimizer)
         if cascade is not None:
             cascade.step()
+        scheduler.step()
         if (step + 1) % task.steps_per_cascade == 0:
             curve.append(rel_loss())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,17 +1,29 @@
 """LoRA vs LoRASC vs full fine-tuning on handwritten digits, clean and corrupted.
 
 A small vision transformer (16 tokens of 2×2 pixels) is pretrained on digits 0–4 of
-scikit-learn's bundled 8×8 digits (cached under ``--cache``), then fine-tuned on digits
-5–9 from a few labelled examples per class, three ways:
+scikit-learn's bundled 8×8 digits (cached under ``--cache``), then adapted to digits 5–9
+three ways:
 
 * ``lora``:   ``inject_lorasc`` into every block's linear layers, no cascade (plain LoRA);
 * ``lorasc``: the same plus a ``Cascade`` (noisy backbone, slow-fast merges, fresh LoRAs);
 * ``full``:   every weight trained, as a reference.
 
-The classification head is new (5 classes) and trained in all three. Each run is evaluated
-on the clean test split of 5–9 and on corrupted copies of it (Gaussian noise, rotations,
-shifts, blur), the out-of-distribution (OOD) set. Prints a table (mean ± std over seeds)
-and writes ``results.md``, ``results.json`` and ``results.png`` to ``--out``.
+Two comparisons, on the same seeds:
+
+* ``fewshot`` (LoRA not rank-limited): a few labelled examples per class, rank 4. LoRA
+  fits them and does not overfit here, so a tie is what to expect;
+* ``distill`` (rank-limited): a fully fine-tuned teacher (every weight trained on the
+  whole training half of 5–9) is distilled into rank-1 adapters on the same images (cross
+  entropy against the teacher's probabilities). The students start from the pretrained
+  linear weights and the teacher's other parameters (embedding, norms, head; frozen), so
+  what they must learn is the teacher's change of the 12 linear weights: full rank, which
+  a rank-1 LoRA cannot reach and LoRASC's cascades add up to one rank per cascade.
+
+In the few-shot comparison the classification head is new (5 classes) and trained. Each
+run is evaluated on the clean test split of 5–9 and on corrupted copies of it (Gaussian
+noise, rotations, shifts, blur), the out-of-distribution (OOD) set. Prints a table per
+comparison (mean ± std over seeds) and writes ``results.md``, ``results.json``,
+``fewshot.png`` and ``distill.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -37,12 +49,14 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
+from lorasc_kernels.cascade import CascadeSettings
 
 HERE = Path(__file__).resolve().parent
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
 FINETUNE_CLASSES = (5, 6, 7, 8, 9)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 METHODS = ("lora", "lorasc", "full")
+COMPARISONS = ("fewshot", "distill")
 CORRUPTIONS = ("noise", "rotate", "shift", "blur")
 
 
@@ -51,7 +65,8 @@ CORRUPTIONS = ("noise", "rotate", "shift", "blur")
 
 @dataclass
 class Split:
-    """Images (n, 8, 8) in [0, 1] as float32 and labels (n,) counted from 0."""
+    """Images (n, 8, 8) in [0, 1] as float32 and labels: classes (n,) counted from 0, or a
+    teacher's probabilities (n, classes) as float32."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -231,7 +246,8 @@ def pretrain(settings: PretrainSettings, cache: Path, device: torch.device) -> d
 
 @dataclass(frozen=True)
 class FinetuneSettings:
-    """Fine-tuning on digits 5–9, shared by the three methods."""
+    """Fine-tuning on digits 5–9, shared by the three methods (``shots``: examples per class
+    of the few-shot comparison; the distillation uses the whole training half)."""
 
     epochs: int = 40
     shots: int = 16
@@ -240,10 +256,21 @@ class FinetuneSettings:
     lora_alpha: float = 8
     lora_lr: float = 5e-3
     full_lr: float = 1e-3
-    slow_rate: float = 0.5
-    noise_lambda: float = 0.15
+    slow_rate: float = CascadeSettings.slow_rate
+    noise_lambda: float = CascadeSettings.noise_lambda
+    slow_other_params: bool = CascadeSettings.slow_other_params
+    warmup_steps: int = CascadeSettings.warmup_steps
     epochs_per_cascade: int = 10
+    train_head: bool = True
     backend: str = "auto"
+
+
+FEWSHOT = FinetuneSettings()
+# Rank-1 students of a full-rank teacher; 12 cascades of 5 epochs over the 448 images.
+DISTILL = FinetuneSettings(epochs=60, batch_size=64, rank=1, lora_alpha=2, epochs_per_cascade=5,
+                           train_head=False)
+# The teacher: every weight trained on the labels of the whole training half.
+TEACHER = FinetuneSettings(epochs=30, batch_size=64)
 
 
 @dataclass
@@ -262,37 +289,47 @@ class RunResult:
     curve: list[float]
 
 
-def build_model(method: str, pretrained: dict, settings: FinetuneSettings,
+def without_head(state: dict) -> dict:
+    """``state`` without the classification head: a backbone to give a new head."""
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def build_model(method: str, start: dict, settings: FinetuneSettings,
                 shape: ModelShape, device: torch.device) -> nn.Module:
-    """The pretrained backbone with a new 5-class head, prepared for ``method``."""
+    """A 5-class model holding ``start`` (without head entries: a new head), prepared for
+    ``method``; LoRA methods also train the head when ``settings.train_head``."""
     model = DigitsTransformer(shape, len(FINETUNE_CLASSES))
-    backbone = {k: v for k, v in pretrained.items() if not k.startswith("head.")}
-    model.load_state_dict(backbone, strict=False)
+    model.load_state_dict(start, strict=False)
     model.to(device)
     if method != "full":
         inject_lorasc(model, LoRASCConfig(r=settings.rank, lora_alpha=settings.lora_alpha,
                                           target_modules=TARGET_MODULES,
                                           backend=settings.backend))
-        model.head.requires_grad_(True)
+        model.head.requires_grad_(settings.train_head)
     return model
 
 
-def finetune(method: str, seed: int, pretrained: dict, train: Split, sets: dict,
-             settings: FinetuneSettings, shape: ModelShape, device: torch.device) -> RunResult:
-    """Fine-tune one way on ``train``; evaluate on ``sets`` (see :func:`evaluation_sets`)."""
+def finetune(method: str, seed: int, start: dict, train: Split, sets: dict,
+             settings: FinetuneSettings, shape: ModelShape,
+             device: torch.device) -> tuple[RunResult, nn.Module]:
+    """Fine-tune one way from ``start`` (see :func:`build_model`) on ``train`` (cross
+    entropy against its labels or probabilities); evaluate on ``sets`` (see
+    :func:`evaluation_sets`). Returns the result and the model."""
     torch.manual_seed(seed)
-    model = build_model(method, pretrained, settings, shape, device)
+    model = build_model(method, start, settings, shape, device)
     lr = settings.full_lr if method == "full" else settings.lora_lr
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                   weight_decay=0.0)
     images, labels = as_tensors(train, device)
     steps_per_epoch = math.ceil(len(labels) / settings.batch_size)
-    cascade = None
+    cascade = scheduler = None
     if method == "lorasc":
         cascade = Cascade(model, optimizer,
                           steps_per_cascade=settings.epochs_per_cascade * steps_per_epoch,
                           slow_rate=settings.slow_rate, noise_lambda=settings.noise_lambda,
-                          seed=seed)
+                          slow_other_params=settings.slow_other_params,
+                          warmup_steps=settings.warmup_steps, seed=seed)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cascade.lr_lambda())
     timer, meter = StepTimer(device), MemoryMeter(device)
     generator = torch.Generator().manual_seed(seed)
     losses, curve = [], []
@@ -311,6 +348,7 @@ def finetune(method: str, seed: int, pretrained: dict, train: Split, sets: dict,
                 optimizer.step()
                 if cascade is not None:
                     cascade.step()
+                    scheduler.step()
             if first:
                 meter.count_state(model, optimizer)
             epoch_loss += loss.item() * len(index) / len(labels)
@@ -325,9 +363,29 @@ def finetune(method: str, seed: int, pretrained: dict, train: Split, sets: dict,
         model = cascade.finalize()
     clean = accuracy(model, *sets["test"])
     ood_by_kind = {kind: accuracy(model, *sets[kind]) for kind in CORRUPTIONS}
-    return RunResult(method, seed, clean, float(np.mean(list(ood_by_kind.values()))),
-                     ood_by_kind, timer.ms_per_step(), meter.peak_bytes() / 2**20, trainable,
-                     losses, curve)
+    result = RunResult(method, seed, clean, float(np.mean(list(ood_by_kind.values()))),
+                       ood_by_kind, timer.ms_per_step(), meter.peak_bytes() / 2**20, trainable,
+                       losses, curve)
+    return result, model
+
+
+def distillation(pretrained: dict, train: Split, sets: dict, settings: FinetuneSettings,
+                 shape: ModelShape, device: torch.device) -> tuple[Split, dict]:
+    """Train a teacher fully on ``train`` from the pretrained backbone (seed 0). Returns
+    ``train``'s images labelled with its probabilities, and the students' start: the
+    pretrained weights of the LoRA targets, the teacher's values of everything else."""
+    result, teacher = finetune("full", 0, without_head(pretrained), train, sets, settings,
+                               shape, device)
+    print(f"teacher (full fine-tuning on {len(train.labels)} images): clean {result.clean:.3f}"
+          f"  OOD {result.ood:.3f}")
+    images = torch.from_numpy(train.images).to(device)
+    teacher.eval()
+    with torch.no_grad():
+        probabilities = F.softmax(teacher(images), dim=-1).cpu().numpy()
+    targets = tuple(f".{name}." for name in TARGET_MODULES)
+    start = {name: (pretrained[name] if any(t in name for t in targets) else value.cpu())
+             for name, value in teacher.state_dict().items()}
+    return Split(train.images, probabilities.astype(np.float32)), start
 
 
 # -- report ------------------------------------------------------------------------------
@@ -414,29 +472,41 @@ def plot(results: list[RunResult], path: Path, title: str, epochs_per_cascade: i
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", type=int, default=3,
                         help="number of seeds (0..N-1): shots, head, LoRA and noise (default 3)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help=f"fine-tuning epochs over the shots (default {defaults.epochs})")
-    parser.add_argument("--shots", type=int, default=defaults.shots,
-                        help=f"labelled examples per class of 5-9 (default {defaults.shots})")
-    parser.add_argument("--rank", type=int, default=defaults.rank,
-                        help=f"LoRA rank r (default {defaults.rank}; "
-                             f"lora_alpha = 2r)")
-    parser.add_argument("--slow-rate", type=float, default=defaults.slow_rate,
+    parser.add_argument("--only", choices=COMPARISONS,
+                        help="run one comparison (default: both)")
+    parser.add_argument("--epochs", type=int, default=FEWSHOT.epochs,
+                        help="few-shot: fine-tuning epochs over the shots "
+                             f"(default {FEWSHOT.epochs})")
+    parser.add_argument("--shots", type=int, default=FEWSHOT.shots,
+                        help="few-shot: labelled examples per class of 5-9 "
+                             f"(default {FEWSHOT.shots})")
+    parser.add_argument("--rank", type=int, default=FEWSHOT.rank,
+                        help=f"few-shot: LoRA rank r (default {FEWSHOT.rank}; lora_alpha = 2r)")
+    parser.add_argument("--epochs-per-cascade", type=int, default=FEWSHOT.epochs_per_cascade,
+                        help="few-shot: LoRASC cascade length in epochs "
+                             f"(default {FEWSHOT.epochs_per_cascade})")
+    parser.add_argument("--distill-rank", type=int, default=DISTILL.rank,
+                        help="distillation: rank of the students' adapters "
+                             f"(default {DISTILL.rank})")
+    parser.add_argument("--slow-rate", type=float, default=FEWSHOT.slow_rate,
                         help="LoRASC: portion of each fast LoRA merged into the weights "
-                             f"(default {defaults.slow_rate})")
-    parser.add_argument("--noise-lambda", type=float, default=defaults.noise_lambda,
+                             f"(default {FEWSHOT.slow_rate}, the library's)")
+    parser.add_argument("--noise-lambda", type=float, default=FEWSHOT.noise_lambda,
                         help="LoRASC: noise scale relative to each weight's std "
-                             f"(default {defaults.noise_lambda})")
-    parser.add_argument("--epochs-per-cascade", type=int, default=defaults.epochs_per_cascade,
-                        help="LoRASC: cascade length in epochs "
-                             f"(default {defaults.epochs_per_cascade})")
-    parser.add_argument("--backend", default=defaults.backend,
+                             f"(default {FEWSHOT.noise_lambda}, the library's)")
+    parser.add_argument("--slow-other-params", action=argparse.BooleanOptionalAction,
+                        default=FEWSHOT.slow_other_params,
+                        help="LoRASC: slow update of the head too (default: the library's, "
+                             f"{FEWSHOT.slow_other_params})")
+    parser.add_argument("--warmup-steps", type=int, default=FEWSHOT.warmup_steps,
+                        help="LoRASC: learning-rate warm-up steps at the start of each cascade "
+                             f"(default {FEWSHOT.warmup_steps})")
+    parser.add_argument("--backend", default=FEWSHOT.backend,
                         choices=("auto", "torch", "triton", "cuda"),
                         help="kernel backend of the LoRASC layers (default auto: Triton or "
                              "CUDA on a GPU, the torch reference on the CPU)")
@@ -446,7 +516,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPU threads for torch (default 1: this model's ops are too "
                              "small to gain from more, and busy cores make threads spin)")
     parser.add_argument("--out", type=Path, default=HERE / "out",
-                        help="folder for results.md, results.json, results.png "
+                        help="folder for results.md, results.json, fewshot.png, distill.png "
                              "(default examples/out)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache",
                         help="folder of the pretrained backbone, keyed by its settings "
@@ -457,53 +527,112 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> list[RunResult]:
+@dataclass
+class Comparison:
+    """One comparison's settings, the training split it builds from, and its runs."""
+
+    name: str
+    title: str
+    settings: FinetuneSettings
+    runs: list[RunResult] = dataclasses.field(default_factory=list)
+
+    def header(self, seeds: int, device_name: str) -> str:
+        s = self.settings
+        return (f"{self.title}: {s.epochs} epochs, {seeds} seed(s), rank {s.rank}, "
+                f"slow_rate {s.slow_rate}, noise_lambda {s.noise_lambda}, slow_other_params "
+                f"{s.slow_other_params}, warmup_steps {s.warmup_steps}, "
+                f"{s.epochs_per_cascade} epoch(s)/cascade, device {device_name}")
+
+
+def paired_difference(runs: list[RunResult]) -> str:
+    """``lorasc − lora`` per seed (same shots), clean and OOD, as mean ± std."""
+    by_seed = {(r.method, r.seed): r for r in runs}
+    seeds = sorted({r.seed for r in runs if ("lora", r.seed) in by_seed
+                    and ("lorasc", r.seed) in by_seed})
+    parts = []
+    for field in ("clean", "ood"):
+        gaps = [getattr(by_seed["lorasc", s], field) - getattr(by_seed["lora", s], field)
+                for s in seeds]
+        parts.append(f"{field} {np.mean(gaps):+.3f} ± {np.std(gaps):.3f}")
+    return f"lorasc − lora, paired by seed ({len(seeds)} seeds): " + ", ".join(parts)
+
+
+def comparisons(args: argparse.Namespace) -> list[Comparison]:
+    """The comparisons the command line asks for, with its settings."""
+    lorasc = {"slow_rate": args.slow_rate, "noise_lambda": args.noise_lambda,
+              "slow_other_params": args.slow_other_params, "warmup_steps": args.warmup_steps,
+              "backend": args.backend}
+    fewshot = dataclasses.replace(
+        FEWSHOT, epochs=args.epochs, shots=args.shots, rank=args.rank,
+        lora_alpha=2 * args.rank, epochs_per_cascade=args.epochs_per_cascade, **lorasc)
+    distill = dataclasses.replace(DISTILL, rank=args.distill_rank,
+                                  lora_alpha=2 * args.distill_rank, **lorasc)
+    if args.quick:
+        fewshot = dataclasses.replace(fewshot, epochs=2, shots=4, epochs_per_cascade=1)
+        distill = dataclasses.replace(distill, epochs=2, epochs_per_cascade=1)
+    chosen = [
+        Comparison("fewshot", f"few-shot, not rank-limited ({fewshot.shots} shots/class; "
+                              "a tie is expected)", fewshot),
+        Comparison("distill", "distillation, rank-limited (a full fine-tuning teacher's "
+                              f"change of the linear weights into rank-{distill.rank} "
+                              "adapters, 448 images)", distill),
+    ]
+    return [c for c in chosen if args.only in (None, c.name)]
+
+
+def main(argv=None) -> dict[str, list[RunResult]]:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
     pretrain_settings = PretrainSettings()
-    settings = FinetuneSettings(
-        epochs=args.epochs, shots=args.shots, rank=args.rank, lora_alpha=2 * args.rank,
-        slow_rate=args.slow_rate, noise_lambda=args.noise_lambda,
-        epochs_per_cascade=args.epochs_per_cascade, backend=args.backend,
-    )
     seeds = args.seeds
+    teacher_settings = TEACHER
     if args.quick:
         pretrain_settings = dataclasses.replace(pretrain_settings, epochs=2)
-        settings = dataclasses.replace(settings, epochs=2, shots=4, epochs_per_cascade=1)
+        teacher_settings = dataclasses.replace(TEACHER, epochs=2)
         seeds = 1
     started = time.perf_counter()
+    shape = pretrain_settings.shape
     pretrained = pretrain(pretrain_settings, args.cache, device)
     train_pool, test = load_split(FINETUNE_CLASSES)
     sets = evaluation_sets(test, device)
-    results = []
-    for seed in range(seeds):
-        shots = few_shots(train_pool, settings.shots, seed)
-        for method in METHODS:
-            result = finetune(method, seed, pretrained, shots, sets, settings,
-                              pretrain_settings.shape, device)
-            print(f"{method:6s} seed {seed}: clean {result.clean:.3f}  OOD {result.ood:.3f}  "
-                  f"{result.ms_per_step:.2f} ms/step")
-            results.append(result)
-
-    memory_what = MemoryMeter(device).what
-    table = results_table(results, memory_what)
+    chosen = comparisons(args)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (f"digits 5-9, {settings.shots} shots/class, {settings.epochs} epochs, "
-              f"{seeds} seed(s), rank {settings.rank}, slow_rate {settings.slow_rate}, "
-              f"noise_lambda {settings.noise_lambda}, {settings.epochs_per_cascade} "
-              f"epoch(s)/cascade, device {device_name}")
-    print(f"\n{header}\n\n{table}\n")
+    memory_what = MemoryMeter(device).what
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(f"{header}\n\n{table}\n")
+    report = []
+    for comparison in chosen:
+        start = without_head(pretrained)
+        if comparison.name == "distill":
+            train, start = distillation(pretrained, train_pool, sets, teacher_settings, shape,
+                                        device)
+        for seed in range(seeds):
+            if comparison.name == "fewshot":
+                train = few_shots(train_pool, comparison.settings.shots, seed)
+            for method in METHODS:
+                result, _ = finetune(method, seed, start, train, sets,
+                                     comparison.settings, shape, device)
+                print(f"{comparison.name} {method:6s} seed {seed}: clean {result.clean:.3f}  "
+                      f"OOD {result.ood:.3f}  {result.ms_per_step:.2f} ms/step")
+                comparison.runs.append(result)
+        header = comparison.header(seeds, device_name)
+        text = (f"{header}\n\n{results_table(comparison.runs, memory_what)}\n\n"
+                f"{paired_difference(comparison.runs)}\n")
+        print(f"\n{text}")
+        report.append(text)
+        plot(comparison.runs, args.out / f"{comparison.name}.png", header,
+             comparison.settings.epochs_per_cascade)
+
+    (args.out / "results.md").write_text("\n".join(report))
     (args.out / "results.json").write_text(json.dumps({
-        "settings": dataclasses.asdict(settings), "seeds": seeds, "device": device_name,
-        "memory_measures": memory_what, "runs": [dataclasses.asdict(r) for r in results],
+        "seeds": seeds, "device": device_name, "memory_measures": memory_what,
+        **{c.name: {"settings": dataclasses.asdict(c.settings),
+                    "runs": [dataclasses.asdict(r) for r in c.runs]} for c in chosen},
     }, indent=1))
-    plot(results, args.out / "results.png", header, settings.epochs_per_cascade)
-    print(f"wrote {args.out}/results.md, results.json, results.png "
+    names = ", ".join(f"{c.name}.png" for c in chosen)
+    print(f"wrote {args.out}/results.md, results.json, {names} "
           f"in {time.perf_counter() - started:.0f} s")
-    return results
+    return {c.name: c.runs for c in chosen}
 
 
 if __name__ == "__main__":

@@ -40,27 +40,56 @@ def digits():
     return finetune_digits
 
 
-def test_digits_quick_run_writes_table_json_and_plot(tmp_path):
+def test_digits_quick_run_writes_both_comparisons(tmp_path):
     out = tmp_path / "out"
-    run_example("finetune_digits.py", "--quick", "--out", str(out),
-                "--cache", str(tmp_path / "cache"))
+    printed = run_example("finetune_digits.py", "--quick", "--out", str(out),
+                          "--cache", str(tmp_path / "cache")).stdout
     table = (out / "results.md").read_text()
+    assert "not rank-limited" in table and "rank-limited" in table
+    assert table.count("lorasc − lora, paired by seed") == 2
     for method in ("lora", "lorasc", "full"):
-        assert f"| {method} |" in table
-    runs = json.loads((out / "results.json").read_text())["runs"]
-    assert sorted(run["method"] for run in runs) == ["full", "lora", "lorasc"]
-    for run in runs:
-        assert 0.0 <= run["clean"] <= 1.0 and 0.0 <= run["ood"] <= 1.0
-        assert run["ms_per_step"] > 0 and run["memory_mib"] > 0
-    trainable = {run["method"]: run["trainable"] for run in runs}
-    assert trainable["lora"] == trainable["lorasc"] < trainable["full"]
-    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert table.count(f"| {method} |") == 2
+    report = json.loads((out / "results.json").read_text())
+    for comparison in ("fewshot", "distill"):
+        runs = report[comparison]["runs"]
+        assert sorted(run["method"] for run in runs) == ["full", "lora", "lorasc"]
+        for run in runs:
+            assert 0.0 <= run["clean"] <= 1.0 and 0.0 <= run["ood"] <= 1.0
+            assert run["ms_per_step"] > 0 and run["memory_mib"] > 0
+        trainable = {run["method"]: run["trainable"] for run in runs}
+        assert trainable["lora"] == trainable["lorasc"] < trainable["full"]
+        assert (out / f"{comparison}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["distill"]["settings"]["rank"] == 1
+    assert not report["distill"]["settings"]["train_head"]
+    assert "teacher (full fine-tuning" in printed
+
+
+def test_distillation_students_start_from_the_teacher_except_the_lora_targets(digits, tmp_path):
+    device = torch.device("cpu")
+    pretrain = digits.PretrainSettings(epochs=1)
+    pretrained = digits.pretrain(pretrain, tmp_path, device)
+    train, test = digits.load_split(digits.FINETUNE_CLASSES)
+    train = digits.Split(train.images[:40], train.labels[:40])
+    sets = digits.evaluation_sets(digits.Split(test.images[:20], test.labels[:20]), device)
+    teacher = dataclasses.replace(digits.TEACHER, epochs=1)
+    soft, start = digits.distillation(pretrained, train, sets, teacher, pretrain.shape, device)
+    assert soft.labels.shape == (40, 5) and np.allclose(soft.labels.sum(1), 1.0, atol=1e-5)
+    targets = [name for name in start if any(f".{t}." in name for t in digits.TARGET_MODULES)]
+    assert len(targets) == 2 * 6 * pretrain.shape.depth  # weight and bias of 6 linears a block
+    for name in targets:
+        assert torch.equal(start[name], pretrained[name]), name
+    assert start["head.weight"].shape == (5, pretrain.shape.dim)
+    assert not torch.equal(start["embed.weight"], pretrained["embed.weight"])  # the teacher's
+    model = digits.build_model("lora", start, digits.DISTILL, pretrain.shape, device)
+    assert not model.head.weight.requires_grad and torch.equal(model.head.weight,
+                                                               start["head.weight"])
 
 
 def test_digits_help_names_every_option():
     text = run_example("finetune_digits.py", "--help", timeout=120).stdout
     for option in ("--seeds", "--epochs", "--rank", "--slow-rate", "--noise-lambda",
-                   "--backend", "--out", "--shots", "--quick"):
+                   "--backend", "--out", "--shots", "--quick", "--only", "--distill-rank",
+                   "--slow-other-params", "--warmup-steps"):
         assert option in text
 
 
