@@ -61,7 +61,7 @@ def test_quick_run_shows_lorasc_past_the_rank_limit(quick_run):
         if row["method"] == "lora-r":
             assert rank <= task.rank + 1e-3 and loss > task.rank_floor - 0.02
         if row["method"] == "lorasc":
-            assert rank > task.rank + 2 and loss < 0.6 * task.rank_floor
+            assert rank > task.rank + 2 and loss < 0.8 * task.rank_floor
 
 
 def test_effective_rank_of_flat_and_single_spectra():
