@@ -1,6 +1,7 @@
-// Python bindings of the CUDA ops: pybind11 functions, and the same ops registered with
-// torch.library as lorasc_cuda::* (CUDA kernels here; fake kernels in backends/cuda.py)
-// so torch.compile and torch.library.opcheck see them.
+// Registers the CUDA ops with torch.library as lorasc_cuda::* (one registration: Python
+// calls them as torch.ops.lorasc_cuda.*; fake kernels are in backends/cuda.py). The CPU
+// registration runs the same entry points, whose first check names the argument that is
+// not a CUDA tensor. The Python module itself only carries the library when imported.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -24,19 +25,12 @@ TORCH_LIBRARY_IMPL(lorasc_cuda, CUDA, m) {
   m.impl("merge_lowrank_", &lorasc::merge_lowrank_);
 }
 
+TORCH_LIBRARY_IMPL(lorasc_cuda, CPU, m) {
+  m.impl("lowrank_gemm", &lorasc::lowrank_gemm);
+  m.impl("dropout", &lorasc::dropout);
+  m.impl("merge_lowrank_", &lorasc::merge_lowrank_);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  namespace py = pybind11;
-  m.doc() = "LoRASC CUDA kernels: fused low-rank GEMM, dropout, in-place merge";
-  m.def("lowrank_gemm", &lorasc::lowrank_gemm,
-        "out = p·qᵀ (+ bias) + scale·u·vᵀ with optional noise/dropout on p and q loads",
-        py::arg("p"), py::arg("q"), py::arg("bias"), py::arg("u"), py::arg("v"), py::arg("scale"),
-        py::arg("p_kind"), py::arg("p_key"), py::arg("p_threshold"), py::arg("p_value"),
-        py::arg("p_swap"), py::arg("q_kind"), py::arg("q_key"), py::arg("q_threshold"),
-        py::arg("q_value"), py::arg("q_swap"));
-  m.def("dropout", &lorasc::dropout, "LoRA-branch dropout of a 2-D tensor", py::arg("x"),
-        py::arg("key"), py::arg("threshold"), py::arg("inv_keep"));
-  m.def("merge_lowrank_", &lorasc::merge_lowrank_, "in-place merge with noise swap and rounding",
-        py::arg("weight"), py::arg("lora_B"), py::arg("lora_A"), py::arg("coeff"),
-        py::arg("stochastic"), py::arg("rounding_key"), py::arg("remove_key"),
-        py::arg("remove_scale"), py::arg("add_key"), py::arg("add_scale"), py::arg("row_offset"));
+  m.doc() = "LoRASC CUDA kernels, registered as torch.ops.lorasc_cuda.*";
 }

@@ -33,9 +33,8 @@ def extension():
 
 
 @needs_toolchain
-def test_every_op_is_bound_and_registered(extension):
+def test_every_op_is_registered(extension):
     for name in OPS:
-        assert callable(getattr(extension, name))
         schema = getattr(torch.ops.lorasc_cuda, name).default._schema
         assert schema.name == f"lorasc_cuda::{name}"
     merge = torch.ops.lorasc_cuda.merge_lowrank_.default._schema
@@ -71,7 +70,7 @@ def test_fake_kernels_give_shapes(extension):
 )
 def test_ops_name_the_bad_argument(extension, call, message):
     with pytest.raises(RuntimeError, match=message):
-        call(extension, torch.randn)
+        call(torch.ops.lorasc_cuda, torch.randn)
 
 
 def load_setup_py():
