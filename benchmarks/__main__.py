@@ -118,7 +118,10 @@ def summarize(paths: list[Path]) -> None:
             dates = sorted(row["date_utc"] for row in rows)
             png = plot_ratios(rows, path.with_suffix(".png"),
                               f"{path.stem}, {dates[0]} to {dates[-1]} UTC")
-            print(f"{path} (plot: {png})\n{ratio_pivot(rows)}\n")
+            modes = [mode for mode in ("forward", SUMMARY_MODE)
+                     if any(row["mode"] == mode for row in rows)]
+            pivots = "\n".join(ratio_pivot(rows, mode) for mode in modes)
+            print(f"{path} (plot: {png})\n{pivots}\n")
         else:
             print(f"{path}\n{format_table(rows, list(rows[0]))}\n")
 
