@@ -11,6 +11,7 @@ method:
 * ``lorasc``: LoRA of rank r over T = 16 cascades (``Cascade`` with its defaults,
   ``steps_per_cascade`` = steps / T; the cosine through ``cascade.lr_lambda``), then
   ``finalize()``;
+* ``lorasc-paper``: the same with the paper's settings, ``slow_rate=0.5, noise_lambda=0.15``;
 * ``full``: ``W`` itself trained.
 
 Columns: ``rel_loss`` = held-out loss / the untouched model's (4096 held-out inputs;
@@ -37,7 +38,8 @@ from torch import nn
 from benchmarks.common import append_csv, device_name, family_main, significant
 from lorasc_kernels import Cascade, LoRASCLinear
 
-METHODS = ("lora-r", "lora-rT", "lorasc", "full")
+METHODS = ("lora-r", "lora-rT", "lorasc", "lorasc-paper", "full")
+PAPER_SETTINGS = {"slow_rate": 0.5, "noise_lambda": 0.15}
 SEEDS = (0, 1, 2)
 
 
@@ -130,9 +132,10 @@ def train(method: str, task: Task, seed: int, device: str = "cpu", **cascade_set
         return 0.5 * (1.0 + math.cos(math.pi * step / task.steps))
 
     cascade, schedule = None, cosine
-    if method == "lorasc":
+    if method.startswith("lorasc"):
+        settings = PAPER_SETTINGS if method == "lorasc-paper" else cascade_settings
         cascade = Cascade(model, optimizer, steps_per_cascade=task.steps_per_cascade,
-                          seed=seed, **cascade_settings)
+                          seed=seed, **settings)
         schedule = cascade.lr_lambda(cosine)  # times the per-cascade warm-up, if any
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -196,7 +199,7 @@ def plot(rows: list[dict], task: Task, path: Path, title: str) -> Path | None:
 
     figure, (curves, spectra) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [task.steps_per_cascade * (i + 1) for i in range(task.cascades)]
-    for color, method in zip(("C0", "C3", "C1", "C2"), METHODS, strict=True):
+    for color, method in zip(("C0", "C3", "C1", "C4", "C2"), METHODS, strict=True):
         runs = [row for row in rows if row["method"] == method]
         values = torch.tensor([row["curve"] for row in runs])
         curves.plot(steps, values.mean(0), color=color, label=method)

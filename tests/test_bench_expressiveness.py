@@ -42,7 +42,8 @@ def test_quick_run_writes_one_row_per_method_and_seed(quick_run):
     trainable = {row["method"]: int(row["trainable"]) for row in rows}
     assert trainable == {"lora-r": 2 * task.rank * task.dim,
                          "lora-rT": 2 * task.rank * task.cascades * task.dim,
-                         "lorasc": 2 * task.rank * task.dim, "full": task.dim**2}
+                         "lorasc": 2 * task.rank * task.dim,
+                         "lorasc-paper": 2 * task.rank * task.dim, "full": task.dim**2}
     for method in expressiveness.METHODS:
         assert f"\n{method} " in printed
     if importlib.util.find_spec("matplotlib") is not None:
