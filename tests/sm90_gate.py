@@ -9,8 +9,8 @@
    backend's primitives) and its ``merge_`` run on small CPU tensors over
    :func:`exercise`'s choices (dtypes, fp32 matmul precision, rank, rows, bias, noise,
    dropout, rounding) with every kernel replaced by a recorder, so each launch's argument
-   types, constexprs and options are the launchers' own. Autotuned kernels get the GPU configs (``TRITON_INTERPRET=0``), pruned
-   by their own ``early_config_prune``.
+   types, constexprs and options are the launchers' own. Autotuned kernels get the GPU
+   configs (``TRITON_INTERPRET=0``), pruned by their own ``early_config_prune``.
 3. **Representative subset** (:func:`plan`), per kernel and argument types: (a) every
    autotune config with the heaviest launch (most flags on, widest rank block); for
    :data:`HOT_OPERAND` operands also (b) every config with the lightest launch (the plain
