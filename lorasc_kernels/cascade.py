@@ -185,10 +185,12 @@ class Cascade:
     layers (a new classification head, a norm, a bias) keeps its value ``p_start`` at the
     start of each cascade; at the boundary ``p ← p_start + slow_rate · (p − p_start)``,
     in place (``torch.lerp``: elementwise, so an FSDP2 rank updates its own rows and DDP
-    ranks stay identical). Without it, a head adapted to the whole fast LoRA keeps its full
-    step while ``1 − slow_rate`` of the LoRA's vanishes, and the training loss jumps at every
-    boundary. Their optimizer state is kept (as Lookahead keeps its inner optimizer's):
-    they are the same parameters, moved part of the way back. The anchors ``p_start``
+    ranks stay identical). It is Lookahead's rule on every trained weight, not only on the
+    LoRA layers: with ``slow_rate=0.5`` it gained 0.1 to 0.9 accuracy points at the end,
+    while the training loss still jumps at each boundary (more, since the head is pulled
+    back too). Their optimizer state is kept (as Lookahead keeps its inner optimizer's; a
+    reset measured 0.1 to 1.2 points lower): they are the same parameters, moved part of
+    the way back. The anchors ``p_start``
     cost one copy of those parameters and are part of :meth:`state_dict`. With
     ``slow_rate=1`` the update is the identity and no anchor is kept.
 
