@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -449,8 +450,8 @@ def plot(results: list[RunResult], path: Path, title: str, epochs_per_cascade: i
             axis.axvline(boundary, color="C1", linestyle=":", linewidth=1)
     loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
     curve_axis.set(xlabel="epoch", ylabel="accuracy",
-                   title="clean test accuracy during training\n(LoRASC: noisy backbone; "
-                         "dotted: cascade boundaries)")
+                   title="clean test accuracy during training\n(dotted: LoRASC's cascade "
+                         "boundaries)")
     width = 0.38
     positions = np.arange(len(methods))
     for offset, field, label in ((-width / 2, "clean", "clean"), (width / 2, "ood", "OOD")):
@@ -462,7 +463,7 @@ def plot(results: list[RunResult], path: Path, title: str, epochs_per_cascade: i
     for axis in (loss_axis, curve_axis, bar_axis):
         axis.legend()
         axis.grid(alpha=0.3)
-    figure.suptitle(title)
+    figure.suptitle("\n".join(textwrap.wrap(title, 150)))
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
