@@ -5,7 +5,8 @@ scikit-learn's bundled 8×8 digits (cached under ``--cache``), then adapted to d
 three ways:
 
 * ``lora``:   ``inject_lorasc`` into every block's linear layers, no cascade (plain LoRA);
-* ``lorasc``: the same plus a ``Cascade`` (noisy backbone, slow-fast merges, fresh LoRAs);
+* ``lorasc``: the same plus a ``Cascade`` with the library's defaults (cascades of fresh
+  fast LoRAs, each merged into the weights at its end);
 * ``full``:   every weight trained, as a reference.
 
 Two comparisons, on the same seeds:
