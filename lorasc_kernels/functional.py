@@ -13,7 +13,7 @@ import torch
 
 from . import _checks as checks
 from . import ops
-from .backends import BACKENDS, backend_module
+from .backends import BACKENDS, backend_module, resolve_backend_name
 from .dtypes import dtype_names
 from .rounding import ROUNDING_MODES
 from .specs import LinearSpec, MergeSpec, NoiseSpec
@@ -131,7 +131,7 @@ def lorasc_linear(
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
 
-    backend = ops.backend_name(backend, x.device)  # a constant under torch.compile
+    backend = resolve_backend_name(backend, x.device)  # a constant under torch.compile
     _check_backend_dtype(backend, x=x, lora_A=lora_A, lora_B=lora_B)
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
@@ -218,7 +218,7 @@ def prepare_merge(
             "and cannot be merged in place; pass a tensor that owns its elements"
         )
     checks.check_choice("backend", backend, BACKENDS)
-    backend = ops.backend_name(backend, weight.device)
+    backend = resolve_backend_name(backend, weight.device)
     _check_backend_dtype(backend, weight=weight, lora_A=lora_A, lora_B=lora_B)
     checks.check_writable("weight", weight)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):

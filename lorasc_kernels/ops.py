@@ -32,10 +32,10 @@ from collections.abc import Sequence
 import torch
 
 from . import composition
-from .backends import backend_module, resolve_backend_name
+from .backends import backend_module
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
-__all__ = ["seed_to_int64", "seed_from_int64", "backend_name", "LinearFunction", "linear",
+__all__ = ["seed_to_int64", "seed_from_int64", "LinearFunction", "linear",
            "merge_"]
 
 _SEED_SPAN = 2**64
@@ -180,18 +180,12 @@ def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, 
     return None
 
 
-@torch.compiler.assume_constant_result
-def backend_name(backend: str, device: torch.device) -> str:
-    """The registry name (``"torch" | "triton" | "cuda"``) that ``backend`` resolves to on
-    ``device``; a constant of the graph under ``torch.compile`` (resolution imports modules)."""
-    return resolve_backend_name(backend, device)
-
-
 def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str) -> torch.Tensor:
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
-    ``backend`` is a name from :func:`backend_name`; it runs through the custom ops under
-    ``torch.compile`` and through :class:`LinearFunction` in eager mode.
+    ``backend`` is a registered name (from
+    :func:`~lorasc_kernels.backends.resolve_backend_name`); it runs through the custom ops
+    under ``torch.compile`` and through :class:`LinearFunction` in eager mode.
     """
     if not torch.compiler.is_compiling():
         return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend)
@@ -203,7 +197,7 @@ def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str) -> t
 def merge_(backend: str, weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op.
 
-    ``backend`` is a name from :func:`backend_name`.
+    ``backend`` is a registered name (:func:`~lorasc_kernels.backends.resolve_backend_name`).
     """
     def noise_args(noise: NoiseSpec | None) -> tuple[int | None, float]:
         return (None, 0.0) if noise is None else (seed_to_int64(noise.seed), noise.scale)

@@ -55,12 +55,14 @@ def _unavailable_reason(name: str, device: torch.device) -> str | None:
     return module.unavailable_reason(device)
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend_name(name: str, device: torch.device) -> str:
     """The backend (``"torch" | "triton" | "cuda"``) that ``name`` means on ``device``.
 
     ``"auto"`` picks the first usable of Triton then CUDA for CUDA tensors and the torch
     reference otherwise. An explicit name that cannot run raises ``RuntimeError`` saying
-    what is missing.
+    what is missing. A constant of the graph under ``torch.compile`` (resolving imports
+    modules).
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
