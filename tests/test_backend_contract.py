@@ -4,7 +4,7 @@ Each backend implements the :class:`Backend` Protocol with the Protocol's signat
 declares dtypes of the registry; its primitives reproduce the reference's noise and
 dropout bits. The op tests run on every backend too, through the same ``backend`` fixture
 (tests/backends.py): the merge in tests/test_merge.py, the linear's forward and backward
-in tests/test_triton_linear.py. Without a GPU the CUDA backend runs through the host
+in tests/test_linear.py. Without a GPU the CUDA backend runs through the host
 build of its kernels' data paths; its compiled kernels are checked by the ``gpu`` tests.
 """
 
