@@ -9,8 +9,10 @@
    backend's primitives) and its ``merge_`` run on small CPU tensors over
    :func:`exercise`'s choices (dtypes, fp32 matmul precision, rank, rows, bias, noise,
    dropout, rounding) with every kernel replaced by a recorder, so each launch's argument
-   types, constexprs and options are the launchers' own. Autotuned kernels get the GPU
-   configs (``TRITON_INTERPRET=0``), pruned by their own ``early_config_prune``.
+   types, constexprs and options are the launchers' own, specialized as Triton's launcher
+   does (an int equal to 1 becomes a constant, one divisible by 16 and a 16-byte aligned
+   pointer get the divisibility hint that lets loads vectorize). Autotuned kernels get
+   the GPU configs (``TRITON_INTERPRET=0``), pruned by their own ``early_config_prune``.
 3. **Representative subset** (:func:`plan`), per kernel and argument types: (a) every
    autotune config with the heaviest launch (most flags on, widest rank block); for
    :data:`HOT_OPERAND` operands also (b) every config with the lightest launch (the plain
@@ -43,27 +45,31 @@ TARGET = ("cuda", 90, 32)
 SHARED_LIMIT_BYTES = 227 * 1024
 # The operand type of the GPU problems (bf16 weights): its every flag combination is compiled.
 HOT_OPERAND = "bf16"
-DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32",
-               "int64": "i64", "uint8": "u8", "bool": "i1"}
 
 
 @dataclass
 class Launch:
-    """One distinct launch: kernel ``module:name``, argument types, constexprs, options."""
+    """One distinct launch: kernel ``module:name``, argument types, the kernel's constexprs
+    (its flags), the arguments Triton specializes (equal to 1: a constant; divisible by 16:
+    an alignment hint), and options."""
 
     kernel: str
     signature: dict
     constexprs: dict
+    specialized: dict
+    divisible: list
     options: dict
     named_args: dict = field(repr=False, default_factory=dict)
 
     def key(self) -> str:
-        return json.dumps([self.kernel, self.signature, self.constexprs, self.options],
-                          sort_keys=True, default=str)
+        return json.dumps([self.kernel, self.signature, self.constexprs, self.specialized,
+                           self.divisible, self.options], sort_keys=True, default=str)
 
 
 def kernels() -> dict[str, object]:
-    """``"module:attribute"`` → Triton kernel object, for every kernel of :data:`PACKAGE`."""
+    """``"module:attribute"`` → Triton kernel object, for every kernel of :data:`PACKAGE`:
+    every ``triton.autotune`` object and every ``triton.jit`` function that no other one
+    calls (those are device helpers, compiled inside the kernels that call them)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -72,17 +78,13 @@ def kernels() -> dict[str, object]:
     for info in pkgutil.walk_packages(package.__path__, f"{PACKAGE}."):
         module = importlib.import_module(info.name)
         for name, value in vars(module).items():
-            if isinstance(value, Autotuner | JITFunction) and value_is_kernel(value):
+            if isinstance(value, Autotuner | JITFunction):
                 if all(value is not other for other in found.values()):
                     found[f"{info.name}:{name}"] = value
-    return found
-
-
-def value_is_kernel(value) -> bool:
-    """A kernel (launched with a grid), not a ``@triton.jit`` device helper: kernels are
-    the JIT functions that take a pointer argument named ``*_ptr``."""
-    fn = jit_function(value)
-    return any(name.endswith("_ptr") for name in fn.arg_names)
+    sources = [jit_function(value).src for value in found.values()]
+    return {name: value for name, value in found.items() if isinstance(value, Autotuner)
+            or not any(re.search(rf"\b{value.fn.__name__}\(", source) for source in sources
+                       if source is not value.src)}
 
 
 def jit_function(kernel):
@@ -92,19 +94,15 @@ def jit_function(kernel):
     return kernel.fn if isinstance(kernel, Autotuner) else kernel
 
 
-def argument_type(value) -> str:
-    """Triton signature type of a launch argument."""
-    import torch
+def specialization(param, value) -> tuple[str, object]:
+    """``(type, attribute)`` that Triton's launcher gives ``value`` for kernel parameter
+    ``param``: ``("constexpr", 1)`` for an int equal to 1, ``(type, "D")`` for an int or a
+    pointer divisible by 16, unless the kernel opts the parameter out."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
 
-    if isinstance(value, torch.Tensor):
-        return "*" + DTYPE_NAMES[str(value.dtype).removeprefix("torch.")]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for {type(value).__name__} argument {value!r}")
+    return native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                  not param.do_not_specialize_on_alignment)[:2]
 
 
 class Recorder:
@@ -121,12 +119,25 @@ class Recorder:
         values = dict(zip(fn.arg_names, args, strict=False))
         options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
         values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-        constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+        params = {p.name: p for p in fn.params}
+        signature, specialized, divisible = {}, {}, []
+        for name, value in values.items():
+            if params[name].is_constexpr:
+                signature[name] = "constexpr"
+                continue
+            kind, attribute = specialization(params[name], value)
+            signature[name] = kind
+            if kind == "constexpr":
+                specialized[name] = attribute
+            elif attribute == "D":
+                divisible.append(name)
         launch = Launch(
             kernel=self.name,
-            signature={name: "constexpr" if name in constexpr_names else argument_type(value)
-                       for name, value in values.items()},
-            constexprs={name: values[name] for name in constexpr_names if name in values},
+            signature=signature,
+            constexprs={name: values[name] for name in params
+                        if params[name].is_constexpr and name in values},
+            specialized=specialized,
+            divisible=divisible,
             options=options,
             named_args=values,
         )
@@ -138,11 +149,13 @@ def exercise(backend) -> None:
     import torch
 
     from lorasc_kernels import composition
+    from lorasc_kernels.dtypes import KERNEL_DTYPES
     from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
 
     generator = torch.Generator().manual_seed(0)
-    choices = [(torch.float32, "highest"), (torch.float32, "high"),
-               (torch.float16, "highest"), (torch.bfloat16, "highest")]
+    # fp32 matmul precision changes fp32 launches only (3×tf32 or tf32 dots).
+    choices = [(dtype, precision) for dtype in KERNEL_DTYPES
+               for precision in (("highest", "high") if dtype == torch.float32 else ("highest",))]
     K, N = 64, 48
     for (dtype, precision), rank, rows in itertools.product(choices, (5, 17, 64), (64, 2048)):
         torch.set_float32_matmul_precision(precision)
@@ -157,8 +170,7 @@ def exercise(backend) -> None:
             composition.linear_backward(backend, torch.ones_like(y), x, xa, weight, lora_A,
                                         lora_B, spec, (True,) * 5)
     torch.set_float32_matmul_precision("highest")
-    for weight_dtype, lora_dtype in itertools.product((torch.float32, torch.float16,
-                                                       torch.bfloat16), repeat=2):
+    for weight_dtype, lora_dtype in itertools.product(KERNEL_DTYPES, repeat=2):
         weight = torch.randn(64, 96, generator=generator).to(weight_dtype)
         lora_B = torch.randn(64, 16, generator=generator).to(lora_dtype)
         lora_A = torch.randn(16, 96, generator=generator).to(lora_dtype)
@@ -166,6 +178,30 @@ def exercise(backend) -> None:
                                                        (None, (3, 0.01)), (None, (4, 0.01))):
             backend.merge_(weight, lora_B, lora_A, MergeSpec(
                 0.5, rounding, 5, remove and NoiseSpec(*remove), add and NoiseSpec(*add)))
+    exercise_fp8(backend, generator)
+
+
+def exercise_fp8(backend, generator) -> None:
+    """fp8 e4m3 weights with per-row scales: the linear over bf16 inputs (the format's use)
+    and the scaled merge."""
+    import torch
+
+    from lorasc_kernels import composition
+    from lorasc_kernels.quantize import quantize
+    from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
+
+    x = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
+    q, scale = quantize(torch.randn(48, 64, generator=generator))
+    lora_A = torch.randn(16, 64, generator=generator).to(torch.bfloat16)
+    lora_B = torch.randn(48, 16, generator=generator).to(torch.bfloat16)
+    for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (0.0, 0.1)):
+        spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
+        y, xa = composition.linear_forward(backend, x, q, bias, lora_A, lora_B, spec, scale)
+        composition.linear_backward(backend, torch.ones_like(y), x, xa, q, lora_A, lora_B, spec,
+                                    (True, False, True, True, True), scale)
+    for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
+        noise = noise and NoiseSpec(*noise)
+        backend.merge_(q, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise), scale)
 
 
 def record_launches(found: dict) -> list[Launch]:
@@ -213,7 +249,7 @@ def _tile(config) -> int:
 
 
 def _job(launch: Launch, config, reason: str) -> dict:
-    constexprs = dict(launch.constexprs)
+    constexprs = {**launch.constexprs, **launch.specialized}
     options = dict(launch.options)
     signature = dict(launch.signature)
     config_text = "fixed"
@@ -225,8 +261,8 @@ def _job(launch: Launch, config, reason: str) -> dict:
         config_text += f", warps={config.num_warps}, stages={config.num_stages}"
     flags = {k: v for k, v in launch.constexprs.items()}
     return {"kernel": launch.kernel, "signature": signature, "constexprs": constexprs,
-            "options": options, "config": config_text, "flags": flags, "reason": reason,
-            "operand": operand_type(launch)}
+            "divisible": launch.divisible, "options": options, "config": config_text,
+            "flags": flags, "reason": reason, "operand": operand_type(launch)}
 
 
 def operand_type(launch: Launch) -> str:
@@ -240,8 +276,8 @@ def plan(found: dict, launches: list[Launch]) -> list[dict]:
 
     def add(launch, config, reason):
         job = _job(launch, config, reason)
-        key = json.dumps([job["kernel"], job["signature"], job["constexprs"], job["options"]],
-                         sort_keys=True, default=str)
+        key = json.dumps([job["kernel"], job["signature"], job["constexprs"], job["divisible"],
+                          job["options"]], sort_keys=True, default=str)
         jobs.setdefault(key, job)
 
     groups: dict[tuple, list[Launch]] = {}
@@ -307,7 +343,11 @@ def compile_job(job: dict) -> dict:
 
     module_name, attribute = job["kernel"].split(":")
     fn = jit_function(getattr(importlib.import_module(module_name), attribute))
-    source = ASTSource(fn, job["signature"], job["constexprs"])
+    from triton.backends.compiler import BaseBackend
+
+    attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr("D")
+             for name in job["divisible"]}
+    source = ASTSource(fn, job["signature"], job["constexprs"], attrs)
     start = time.perf_counter()
     try:
         compiled = triton.compile(source, target=GPUTarget(*TARGET), options=job["options"])
@@ -326,7 +366,8 @@ def main() -> int:
     launches = record_launches(found)
     launched = {launch.kernel for launch in launches}
     for name in sorted(set(found) - launched):
-        print(json.dumps({"kernel": name, "error": "never launched by the entry points"}))
+        print(json.dumps({"kernel": name, "error": "never launched by exercise() in "
+                          "tests/sm90_gate.py: add the choices that launch it there"}))
     jobs = plan(found, launches)
     workers = int(os.environ.get("LORASC_GATE_JOBS", min(2, os.cpu_count() or 1)))
     with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -76,8 +76,6 @@ def spill_table(rows: list[dict]) -> str:
     return "\n".join(f"{row['spill_bytes']:6d} B  {describe(row)}" for row in rows)
 
 
-@pytest.mark.xfail(strict=True, reason="the fused linear kernel spills registers in 16-bit "
-                   "configs on sm_90, the plain forward at r=16 included (docs/benchmarks.md)")
 def test_no_register_spills_in_16_bit_configs(compiled):
     spilled = [row for row in compiled if row["spill_bytes"] and row["operand"] != "fp32"]
     fp32 = [row for row in compiled if row["spill_bytes"] and row["operand"] == "fp32"]
