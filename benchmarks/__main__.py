@@ -193,7 +193,7 @@ def main(argv=None) -> int:
         png = plot_ratios(ratio_rows, args.out / f"{device}.png",
                           f"{device}, torch {torch.__version__}, {ratio_rows[0]['date_utc']} UTC")
         print(format_table(ratio_rows, TABLE_COLUMNS))
-        print(f"\nwrote {args.out / f'{device}.csv'} and {png}\n")
+        print(f"\nwrote {args.out / f'{device}.csv'}" + (f" and {png}" if png else "") + "\n")
         print(ratio_pivot(ratio_rows), flush=True)
     if failed:
         print(f"failed families: {', '.join(failed)}", file=sys.stderr)
