@@ -348,6 +348,7 @@ def main(argv=None) -> int:
         print(home.path)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.pop(PREBUILT_ENV, None)  # this is the build that such a file comes from
     start = time.perf_counter()
     device = torch.device("cuda") if torch.cuda.is_available() else None
     try:

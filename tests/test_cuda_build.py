@@ -195,6 +195,8 @@ def test_build_step_resolves_the_real_toolkit_behind_a_wrapper_nvcc(extension, t
                    if key not in ("CUDA_HOME", "CUDA_PATH")}
     environment["PATH"] = f"{wrapper.parent}{os.pathsep}{environment['PATH']}"
     environment["PYTHONPATH"] = str(ROOT)
+    # As in the GPU check, whose later steps load the file this step builds.
+    environment["LORASC_CUDA_EXTENSION"] = str(tmp_path / "not_built_yet.so")
     result = subprocess.run([sys.executable, "-m", "lorasc_kernels._build", "--build"],
                             cwd=ROOT, env=environment, capture_output=True, text=True,
                             timeout=1200)
