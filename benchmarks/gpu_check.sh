@@ -114,7 +114,9 @@ build_cuda_extension() {
 # warp-level MMA of earlier GPUs; FFMA: fp32 fused multiply-add on CUDA cores.
 describe_kernels() {
     echo "== tuned configs (Triton autotuner)"
-    grep -a "best config selected" "$LOG" | sort | uniq -c || echo "none in the log"
+    awk '/^Triton autotuning for function/ { n = 4; line = "" }
+         n > 0 { line = line $0 " "; if (--n == 0) { print line; found = 1 } }
+         END { if (!found) print "none in the log" }' "$LOG"
     local cuobjdump candidate
     for candidate in "$(command -v cuobjdump)" \
         "$("$PYTHON" -m lorasc_kernels._build --cuda-home 2>/dev/null)/bin/cuobjdump" \
