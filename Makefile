@@ -1,4 +1,5 @@
-# The README's two commands: `make run` (the main job) and `make test` (the test suite).
+# The README's two commands: `make run` (the main job: the digits comparisons, then the
+# expressiveness benchmark's rank-limited task) and `make test` (the test suite).
 # Each creates .venv and installs what it needs on a fresh machine.
 PYTHON ?= python3
 VENV := .venv
@@ -27,6 +28,7 @@ install-test: venv
 
 run: install-run
 	$(PY) examples/finetune_digits.py
+	$(PY) -m benchmarks --only expressiveness --threads 1 --out examples/out
 
 test: install-test
 	CUDA_HOME="$(CUDA_HOME)" MAX_JOBS="$${MAX_JOBS:-2}" $(PY) -m pytest -q tests
