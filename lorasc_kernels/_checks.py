@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .dtypes import REFERENCE_DTYPES, dtype_names
+from .dtypes import REFERENCE_DTYPES, SCALED_DTYPES, dtype_names
 
 
 def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
@@ -23,6 +23,47 @@ def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
     if dims is not None and value.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(value.shape)}")
     return value
+
+
+def check_weight(weight, weight_scale) -> bool:
+    """``weight`` (N, K) in a float dtype, or in a scaled format (fp8) with ``weight_scale``
+    (N,) float32, its per-row scales; returns whether it is scaled."""
+    if not (isinstance(weight, torch.Tensor) and weight.dtype in SCALED_DTYPES):
+        check_tensor("weight", weight, dims=2)
+        if weight_scale is not None:
+            raise TypeError(
+                f"weight_scale is given but weight has dtype {weight.dtype}, not a scaled format "
+                f"{dtype_names(SCALED_DTYPES)} (model.to(dtype) converts fp8 weights too: "
+                "keep layers with weight_format set out of it)"
+            )
+        return False
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    if weight_scale is None:
+        raise TypeError(f"weight has the scaled dtype {weight.dtype}: pass its per-row float32 "
+                        "scales as weight_scale")
+    if not isinstance(weight_scale, torch.Tensor) or weight_scale.dtype != torch.float32:
+        raise TypeError(f"weight_scale must be a float32 tensor, got "
+                        f"{getattr(weight_scale, 'dtype', type(weight_scale).__name__)}")
+    check_shape("weight_scale", weight_scale, (weight.shape[0],), "one per row of weight")
+    return True
+
+
+def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``max_j |weight_scale[i] · weight[i, j]|`` per row (float64), in blocks of rows;
+    refuses scales that are not positive and finite."""
+    bad = ~(torch.isfinite(weight_scale) & (weight_scale > 0))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"weight_scale must be positive and finite, got "
+                         f"{float(weight_scale[row])} at row {row}; weight was left untouched")
+    rows, cols = weight.shape
+    if rows == 0 or cols == 0:
+        return weight_scale.new_zeros(rows, dtype=torch.float64)
+    block = max(1, _EXACT_BLOCK_ELEMENTS // cols)
+    peak = torch.cat([weight[start:start + block].to(torch.float32).abs().amax(dim=1)
+                      for start in range(0, rows, block)])
+    return peak.double() * weight_scale.double()
 
 
 def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meaning: str):
@@ -142,7 +183,7 @@ _EXACT_BLOCK_ELEMENTS = 1 << 20
 
 def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
                          coeff: float, noise_scales: tuple[float, float], row_offset: int,
-                         exact_rows) -> None:
+                         exact_rows, row_max: torch.Tensor | None = None) -> None:
     """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range.
 
     ``weight`` (rows, K) with finite values only, ``noise_scales`` the two noise scales (0
@@ -156,12 +197,17 @@ def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: tor
     float32 for float64 ``W``: the merge computes in float32). Any other row is merged
     exactly by ``exact_rows`` and refused only if that yields an inf, so no merge that fits
     is refused. One read of ``W`` (a row-wise max), no write.
+
+    A scaled ``W`` (fp8) passes ``row_max``, the row maxima of its dequantized values, and
+    ``exact_rows=None``: its rows are rescaled to fit the format (never out of its range), so
+    only float32's range bounds the merge, and a row over the bound is refused on the bound.
     """
-    dtype_max = torch.finfo(weight.dtype).max
+    dtype_max = torch.finfo(torch.float32 if row_max is not None else weight.dtype).max
     limit = min(dtype_max, torch.finfo(torch.float32).max) * _BOUND_MARGIN
     if weight.shape[0] == 0:
         return
-    row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
+    if row_max is None:
+        row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
     finite = torch.isfinite(row_max)
     if not bool(finite.all()):
         row = row_offset + int((~finite).nonzero()[0, 0])
@@ -171,6 +217,11 @@ def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: tor
     suspect = ((bound > limit) | (lowrank > limit)).nonzero().flatten()
     if suspect.numel() == 0:
         return
+    if exact_rows is None:
+        raise ValueError(
+            f"the merge could overflow float32 at row {row_offset + int(suspect[0])}: "
+            f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was left untouched"
+        )
     start, stop = int(suspect[0]), int(suspect[-1]) + 1
     block = max(1, _EXACT_BLOCK_ELEMENTS // weight.shape[1])
     for first in range(start, stop, block):

@@ -27,22 +27,29 @@ __all__ = ["linear_forward", "linear_backward"]
 
 def linear_forward(backend: Backend, x: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   spec: LinearSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward."""
+                   spec: LinearSpec, weight_scale: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward.
+
+    ``weight_scale`` (N,) float32: ``weight`` is scaled (fp8), ``W = weight_scale[row] · weight``.
+    """
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if spec.dropout is None:
         xa = x @ A.t()
     else:
         xa = backend.dropout_lowrank(x, A, spec.dropout)
-    y = backend.lowrank_gemm(x, weight, bias, xa, B, spec.scale, noise=spec.noise)
+    y = backend.lowrank_gemm(x, weight, bias, xa, B, spec.scale, noise=spec.noise,
+                             q_scale=weight_scale)
     return y, xa
 
 
 def linear_backward(backend: Backend, dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor,
                     weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    spec: LinearSpec, needs) -> tuple:
+                    spec: LinearSpec, needs, weight_scale: torch.Tensor | None = None
+                    ) -> tuple:
     """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
-    bools, in that order) is False; each in its input's dtype (``dbias`` in ``x``'s)."""
+    bools, in that order) is False; each in its input's dtype (``dbias`` in ``x``'s).
+    A scaled ``weight`` (``weight_scale``) is frozen: ``needs`` asks no ``dweight``."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     dy = dy.to(x.dtype)
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
@@ -52,7 +59,7 @@ def linear_backward(backend: Backend, dy: torch.Tensor, x: torch.Tensor, xa: tor
     if need_x:
         dx = backend.lowrank_gemm(dy, weight.t(), None, dy_b, A.t(), spec.scale,
                                   noise=spec.noise, q_transposed=True,
-                                  rank_dropout=spec.dropout)
+                                  rank_dropout=spec.dropout, q_scale=weight_scale)
     if need_a:
         if spec.dropout is None:
             d_a = dy_b.t() @ x

@@ -8,8 +8,13 @@ stochastic rounding replaces the ``23 - mantissa_bits`` low float32 mantissa bit
 random carry, and a dtype with float32's 8 exponent bits rounds to nearest on the bits.
 The C++ side keeps the same list in ``csrc/lorasc/weight_types.h``.
 
-Adding a weight format (for example fp8 e4m3 with per-row scales) starts here: one entry,
-then the C++ header, then whatever the entry's new fields ask of the backends.
+Scaled formats (:data:`SCALED_WEIGHT_DTYPES`) store weights as narrow values ``q`` with one
+float32 scale per output row, ``W = scale[row] · q``: fp8 e4m3 (``torch.float8_e4m3fn``).
+Inputs, LoRA factors and outputs stay in a kernel dtype; the format's rounding is
+:func:`lorasc_kernels.rounding.round_to_scaled` and its rules are in ``docs/fp8.md``.
+
+Adding a weight format starts here: one entry, then the C++ header, then whatever the
+entry's new fields ask of the backends.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ import torch
 __all__ = [
     "WeightDtype",
     "WEIGHT_DTYPES",
+    "ScaledWeightDtype",
+    "SCALED_WEIGHT_DTYPES",
+    "WEIGHT_FORMATS",
+    "SCALED_DTYPES",
+    "scaled_weight_dtype",
     "KERNEL_DTYPES",
     "REFERENCE_DTYPES",
     "dtype_names",
@@ -59,7 +69,44 @@ WEIGHT_DTYPES: dict[torch.dtype, WeightDtype] = {
         WeightDtype(torch.bfloat16, mantissa_bits=7, exponent_bits=8),
     )
 }
+
+
+@dataclass(frozen=True)
+class ScaledWeightDtype(WeightDtype):
+    """A narrow float format stored with one float32 scale per row: ``W = scale[row] · q``.
+
+    Values are sign, ``exponent_bits`` biased by ``exponent_bias`` and ``mantissa_bits``, with
+    subnormals below ``2**min_exponent``; ``max_value`` is the largest finite value (there is
+    no infinity). ``name`` is what the user-facing ``weight_format`` options call it.
+    """
+
+    name: str = ""
+    exponent_bias: int = 0
+    max_value: float = 0.0
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal value (``1 - exponent_bias``)."""
+        return 1 - self.exponent_bias
+
+    @property
+    def step_bits(self) -> int:
+        """Bits of a float32 mantissa below the format's last bit: 20 random bits per step."""
+        return _FLOAT32_MANTISSA_BITS - self.mantissa_bits
+
+
+SCALED_WEIGHT_DTYPES: dict[torch.dtype, ScaledWeightDtype] = {
+    entry.dtype: entry
+    for entry in (
+        ScaledWeightDtype(torch.float8_e4m3fn, mantissa_bits=3, exponent_bits=4,
+                          name="fp8_e4m3", exponent_bias=7, max_value=448.0),
+    )
+}
+# weight_format names of the user-facing options → their dtype.
+WEIGHT_FORMATS: dict[str, torch.dtype] = {entry.name: dtype
+                                          for dtype, entry in SCALED_WEIGHT_DTYPES.items()}
 KERNEL_DTYPES: tuple[torch.dtype, ...] = tuple(WEIGHT_DTYPES)
+SCALED_DTYPES: tuple[torch.dtype, ...] = tuple(SCALED_WEIGHT_DTYPES)
 # float64 is the torch backend's only: gradcheck and float64 oracles.
 REFERENCE_DTYPES: tuple[torch.dtype, ...] = KERNEL_DTYPES + (torch.float64,)
 
@@ -77,6 +124,14 @@ def weight_dtype(dtype: torch.dtype) -> WeightDtype:
         raise TypeError(f"weights must have a dtype in {dtype_names(REFERENCE_DTYPES)}, "
                         f"got {dtype}")
     return WEIGHT_DTYPES[dtype]
+
+
+def scaled_weight_dtype(dtype: torch.dtype) -> ScaledWeightDtype:
+    """The registry entry of the scaled format ``dtype``."""
+    if dtype not in SCALED_WEIGHT_DTYPES:
+        raise TypeError(f"scaled weights must have a dtype in "
+                        f"{dtype_names(SCALED_WEIGHT_DTYPES)}, got {dtype}")
+    return SCALED_WEIGHT_DTYPES[dtype]
 
 
 def float32_scalar(value: float) -> float:

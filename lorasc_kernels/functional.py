@@ -59,6 +59,17 @@ def _check_backend_dtype(backend: str, **tensors):
             )
 
 
+def _check_backend_scaled(backend: str, weight: torch.Tensor) -> None:
+    """The backend takes the scaled format of ``weight``."""
+    supported = backend_module(backend).SCALED_WEIGHT_DTYPES
+    if weight.dtype not in supported:
+        raise TypeError(
+            f"weight has the scaled dtype {weight.dtype}, which backend {backend!r} does not "
+            f"take (its scaled formats: {dtype_names(supported)}); use backend='triton' or "
+            "'torch'"
+        )
+
+
 def lorasc_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -71,6 +82,7 @@ def lorasc_linear(
     noise_scale: float = 0.0,
     backend: str = "auto",
     dropout_seed: int | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ``, with ``W`` perturbed by fused noise.
 
@@ -85,12 +97,16 @@ def lorasc_linear(
             ``round(W + noise_scale · noise(noise_seed))`` (see :mod:`lorasc_kernels.noise`).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
         dropout_seed: seed of the dropout mask; drawn from torch's generator if None.
+        weight_scale: (N,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3,
+            ``W = weight_scale[row] · weight``, see ``docs/fp8.md``); None for a float weight.
+            A scaled weight is frozen, takes no fused noise, and ``x`` keeps its dtype.
 
-    Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype.
+    Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
+    (a scaled ``weight`` is not: its tiles are converted as the kernels load them).
     Returns (..., N) in ``x``'s (or autocast's) dtype.
     """
     checks.check_tensor("x", x)
-    checks.check_tensor("weight", weight, dims=2)
+    scaled = checks.check_weight(weight, weight_scale)
     if bias is not None:
         checks.check_tensor("bias", bias, dims=1)
     if x.dim() < 1:
@@ -104,7 +120,11 @@ def lorasc_linear(
     if bias is not None:
         checks.check_shape("bias", bias, (out_features,), "out_features")
     _check_lowrank(weight, lora_A, lora_B)
-    checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    checks.check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias,
+                             lora_A=lora_A, lora_B=lora_B)
+    if scaled and weight.requires_grad:
+        raise ValueError(f"weight has the scaled dtype {weight.dtype} and requires grad: "
+                         "scaled weights are frozen (requires_grad_(False))")
     scale = checks.check_float("scale", scale)
     dropout_p = checks.check_probability("dropout_p", dropout_p)
     noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)
@@ -112,6 +132,9 @@ def lorasc_linear(
         noise_seed = checks.check_seed("noise_seed", noise_seed)
     elif noise_scale != 0.0:
         raise ValueError("noise_scale is nonzero but noise_seed is None: pass both or neither")
+    if scaled and noise_seed is not None:
+        raise ValueError(f"noise_seed: fused noise is not supported on {weight.dtype} weights "
+                         "(docs/fp8.md); use noise_mode='inplace' or 'off'")
     if dropout_seed is not None:
         dropout_seed = checks.check_seed("dropout_seed", dropout_seed)
     elif dropout_p > 0.0:
@@ -121,23 +144,29 @@ def lorasc_linear(
     autocast = torch.amp.is_autocast_available(device_type)  # not on "meta"
     if autocast and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)  # float64 stays, as autocast leaves it
-        x, weight = x.to(dtype), weight.to(dtype)
+        x = x.to(dtype)
+        weight = weight if scaled else weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    if x.dtype != weight.dtype:
+    if scaled:
+        if bias is not None and bias.dtype != x.dtype:
+            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
+    elif x.dtype != weight.dtype:
         raise TypeError(
             f"x has dtype {x.dtype} but weight has {weight.dtype}: they must match "
             "outside torch.autocast"
         )
-    if bias is not None and bias.dtype != weight.dtype:
+    elif bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
 
     backend = resolve_backend_name(backend, x.device)  # a constant under torch.compile
     _check_backend_dtype(backend, x=x, lora_A=lora_A, lora_B=lora_B)
+    if scaled:
+        _check_backend_scaled(backend, weight)
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
         y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
-                       backend)
+                       backend, weight_scale)
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
@@ -153,11 +182,13 @@ def merge_lowrank_(
     noise_add: tuple[int, float] | None = None,
     row_offset: int = 0,
     backend: str = "auto",
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place; returns ``weight``.
 
     Args:
-        weight: (rows, K) fp32/fp16/bf16 weight, or a block of rows of a larger one.
+        weight: (rows, K) fp32/fp16/bf16 weight, or a block of rows of a larger one; or fp8
+            e4m3 values with ``weight_scale``.
         lora_B: (rows, r), the rows of B matching ``weight``'s rows.
         lora_A: (r, K).
         coeff: finite multiplier of ``B A`` (the cascade uses ``slow_rate · scale``).
@@ -168,6 +199,9 @@ def merge_lowrank_(
         row_offset: global index of ``weight``'s first row; noise and rounding bits are
             indexed by global row, so merging shards one by one equals merging the whole.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
+        weight_scale: (rows,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3),
+            updated in place with it: a row whose values would exceed the format's range
+            gets a scale larger by a power of two (``docs/fp8.md``), never a clamp.
 
     The exact float32 order of operations is that of
     :func:`lorasc_kernels.backends.reference.merge_`. Everything is checked first
@@ -175,7 +209,7 @@ def merge_lowrank_(
     any bad argument raises and leaves ``weight`` untouched.
     """
     return prepare_merge(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
-                         noise_add, row_offset, backend)()
+                         noise_add, row_offset, backend, weight_scale)()
 
 
 def prepare_merge(
@@ -189,17 +223,20 @@ def prepare_merge(
     noise_add: tuple[int, float] | None = None,
     row_offset: int = 0,
     backend: str = "auto",
+    weight_scale: torch.Tensor | None = None,
 ) -> Callable[[], torch.Tensor]:
     """Check every argument of :func:`merge_lowrank_` and return the call that merges.
 
     Nothing is written here, so a caller merging many weights (the Cascade) checks them all
     before the first write. Beyond the argument checks: ``weight`` must hold values (not
     meta, not an inference tensor outside inference mode), be finite, and the merge must
-    keep it finite in its dtype (:func:`lorasc_kernels._checks.check_merge_in_range`).
+    keep it finite in its dtype (:func:`lorasc_kernels._checks.check_merge_in_range`); a
+    scaled ``weight`` needs positive finite scales and a merge within float32's range.
     """
-    checks.check_tensor("weight", weight, dims=2)
+    scaled = checks.check_weight(weight, weight_scale)
     _check_lowrank(weight, lora_A, lora_B, row_block=True)
-    checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
+    checks.check_same_device(weight=weight, weight_scale=weight_scale, lora_B=lora_B,
+                             lora_A=lora_A)
     coeff = checks.check_float("coeff", coeff)
     rounding = checks.check_choice("rounding", rounding, ROUNDING_MODES)
     seed = checks.check_seed("seed", seed)
@@ -219,7 +256,11 @@ def prepare_merge(
         )
     checks.check_choice("backend", backend, BACKENDS)
     backend = resolve_backend_name(backend, weight.device)
-    _check_backend_dtype(backend, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if scaled:
+        _check_backend_scaled(backend, weight)
+        checks.check_writable("weight_scale", weight_scale)
+    _check_backend_dtype(backend, weight=None if scaled else weight, lora_A=lora_A,
+                         lora_B=lora_B)
     checks.check_writable("weight", weight)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not bool(torch.isfinite(tensor).all()):
@@ -227,16 +268,21 @@ def prepare_merge(
     remove = None if noise_remove is None else NoiseSpec(*noise_remove)
     add = None if noise_add is None else NoiseSpec(*noise_add)
 
-    def merge_rows(target: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    def merge_rows(target: torch.Tensor, start: int, stop: int,
+                   target_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Merge rows ``start:stop`` of the update into ``target`` (those rows of W)."""
         spec = MergeSpec(coeff, rounding, seed, remove, add, row_offset + start)
         with torch.no_grad():
-            ops.merge_(backend, target, lora_B[start:stop], lora_A, spec)
+            ops.merge_(backend, target, lora_B[start:stop], lora_A, spec, target_scale)
         return target
 
+    noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
+    if scaled:
+        checks.check_merge_in_range(weight, lora_B, lora_A, coeff, noise_scales, row_offset,
+                                    None, row_max=checks.scaled_row_max(weight, weight_scale))
+        return lambda: merge_rows(weight, 0, weight.shape[0], weight_scale)
     checks.check_merge_in_range(
-        weight, lora_B, lora_A, coeff, (scalars["noise_remove[1] (scale)"],
-                                        scalars["noise_add[1] (scale)"]), row_offset,
+        weight, lora_B, lora_A, coeff, noise_scales, row_offset,
         lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
     )
     return lambda: merge_rows(weight, 0, weight.shape[0])

@@ -73,16 +73,17 @@ def _linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
     lora_B: torch.Tensor, scale: float, dropout_p: float, dropout_seed: int | None,
     noise_seed: int | None, noise_scale: float, backend: str,
+    weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
     spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
     return composition.linear_forward(backend_module(backend), x, weight, bias, lora_A, lora_B,
-                                      spec)
+                                      spec, weight_scale)
 
 
 @_linear_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
-      noise_scale, backend):
+      noise_scale, backend, weight_scale=None):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -91,18 +92,18 @@ def _linear_backward(
     dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
     lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float,
     dropout_seed: int | None, noise_seed: int | None, noise_scale: float,
-    needs: Sequence[bool], backend: str,
+    needs: Sequence[bool], backend: str, weight_scale: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
     spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
     grads = composition.linear_backward(backend_module(backend), dy, x, xa, weight, lora_A,
-                                        lora_B, spec, needs)
+                                        lora_B, spec, needs, weight_scale)
     return [grad for grad, need in zip(grads, needs, strict=True) if need]
 
 
 @_linear_backward.register_fake
 def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
-      noise_scale, needs, backend):
+      noise_scale, needs, backend, weight_scale=None):
     shapes = ((x.shape, x.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), x.dtype),
               (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype))
     return [x.new_empty(shape, dtype=dtype)  # contiguous, as every backend returns them
@@ -110,8 +111,8 @@ def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_s
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, lora_A, lora_B, *hyper, backend = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B)
+    x, weight, _, lora_A, lora_B, *hyper, backend, weight_scale = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, weight_scale)
     ctx.mark_non_differentiable(output[1])
     ctx.hyper = hyper
     ctx.backend = backend
@@ -120,10 +121,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _):
     needs = list(ctx.needs_input_grad[:5])
     if not any(needs):
-        return (None,) * 11
-    grads = iter(torch.ops.lorasc.linear_backward(dy, *ctx.saved_tensors, *ctx.hyper, needs,
-                                                  ctx.backend))
-    return (*(next(grads) if need else None for need in needs),) + (None,) * 6
+        return (None,) * 12
+    *tensors, weight_scale = ctx.saved_tensors
+    grads = iter(torch.ops.lorasc.linear_backward(dy, *tensors, *ctx.hyper, needs, ctx.backend,
+                                                  weight_scale))
+    return (*(next(grads) if need else None for need in needs),) + (None,) * 7
 
 
 _linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -140,62 +142,70 @@ class LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str,
+                weight_scale=None):
         ctx.backend = backend_module(backend)
         ctx.spec = spec
-        y, xa = composition.linear_forward(ctx.backend, x, weight, bias, lora_A, lora_B, spec)
-        ctx.save_for_backward(x, xa, weight, lora_A, lora_B)
+        y, xa = composition.linear_forward(ctx.backend, x, weight, bias, lora_A, lora_B, spec,
+                                           weight_scale)
+        ctx.save_for_backward(x, xa, weight, lora_A, lora_B, weight_scale)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, weight, lora_A, lora_B = ctx.saved_tensors
+        x, xa, weight, lora_A, lora_B, weight_scale = ctx.saved_tensors
         backend = ctx.backend
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
             backend = backend_module("torch")
             _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B,
-                                               ctx.spec)
+                                               ctx.spec, weight_scale)
         grads = composition.linear_backward(backend, dy, x, xa, weight, lora_A, lora_B,
-                                            ctx.spec, ctx.needs_input_grad[:5])
-        return (*grads, None, None)
+                                            ctx.spec, ctx.needs_input_grad[:5], weight_scale)
+        return (*grads, None, None, None)
 
 
-@torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight",))
+@torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight", "weight_scale"))
 def _merge_lowrank(
     weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coeff: float,
     rounding: str, seed: int, remove_seed: int | None, remove_scale: float,
     add_seed: int | None, add_scale: float, row_offset: int, backend: str,
+    weight_scale: torch.Tensor | None = None,
 ) -> None:
     """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``."""
     remove = None if remove_seed is None else NoiseSpec(seed_from_int64(remove_seed),
                                                           remove_scale)
     add = None if add_seed is None else NoiseSpec(seed_from_int64(add_seed), add_scale)
     spec = MergeSpec(coeff, rounding, seed_from_int64(seed), remove, add, row_offset)
-    backend_module(backend).merge_(weight, lora_B, lora_A, spec)
+    backend_module(backend).merge_(weight, lora_B, lora_A, spec, weight_scale)
 
 
 @_merge_lowrank.register_fake
 def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, add_seed,
-      add_scale, row_offset, backend):
+      add_scale, row_offset, backend, weight_scale=None):
     return None
 
 
-def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str) -> torch.Tensor:
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
+def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str,
+           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N); ``weight_scale``
+    (N,) float32 for a scaled (fp8) ``weight``.
 
     ``backend`` is a registered name (from
     :func:`~lorasc_kernels.backends.resolve_backend_name`); it runs through the custom ops
     under ``torch.compile`` and through :class:`LinearFunction` in eager mode.
     """
     if not torch.compiler.is_compiling():
-        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend)
+        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend,
+                                    weight_scale)
     y, _ = torch.ops.lorasc.linear_forward(x, weight, bias, lora_A, lora_B,
-                                           *_linear_op_args(spec), backend)
+                                           *_linear_op_args(spec), backend, weight_scale)
     return y
 
 
-def merge_(backend: str, weight, lora_B, lora_A, spec: MergeSpec) -> None:
-    """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op.
+def merge_(backend: str, weight, lora_B, lora_A, spec: MergeSpec,
+           weight_scale: torch.Tensor | None = None) -> None:
+    """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op (``weight_scale``:
+    the per-row scales of a scaled ``weight``, updated with it).
 
     ``backend`` is a registered name (:func:`~lorasc_kernels.backends.resolve_backend_name`).
     """
@@ -205,4 +215,5 @@ def merge_(backend: str, weight, lora_B, lora_A, spec: MergeSpec) -> None:
     torch.ops.lorasc.merge_lowrank_(
         weight, lora_B, lora_A, spec.coeff, spec.rounding, seed_to_int64(spec.seed),
         *noise_args(spec.remove), *noise_args(spec.add), spec.row_offset, backend,
+        weight_scale,
     )

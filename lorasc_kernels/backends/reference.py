@@ -15,12 +15,13 @@ from __future__ import annotations
 import torch
 
 from .. import noise as noise_lib
-from ..dtypes import REFERENCE_DTYPES, float32_scalar
-from ..rounding import round_from_fp32
+from ..dtypes import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar, scaled_weight_dtype
+from ..rounding import rescale_rows, round_from_fp32, round_to_scaled
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = [
     "WEIGHT_DTYPES",
+    "SCALED_WEIGHT_DTYPES",
     "dropout_keep_mask",
     "apply_dropout",
     "noisy_weight",
@@ -30,9 +31,11 @@ __all__ = [
     "dropout_lowrank_grad",
     "lowrank_delta_fp32",
     "merge_",
+    "merge_scaled_",
 ]
 
 WEIGHT_DTYPES = REFERENCE_DTYPES
+SCALED_WEIGHT_DTYPES = SCALED_DTYPES
 
 # Elements of W processed at a time by the merge: bounds its temporaries (float32 values and
 # int64 hash bits, ~56 bytes per element: 3.5 MiB in all), which also keeps them in cache.
@@ -74,8 +77,20 @@ def unavailable_reason(device: torch.device) -> None:
 
 
 def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None):
-    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract."""
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
+                 q_scale: torch.Tensor | None = None):
+    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract.
+
+    A scaled ``Q`` (``q_scale`` given: ``W = q_scale[W row] · q``) is dequantized in float32
+    and the whole sum computed in float32, rounded once to ``p``'s dtype.
+    """
+    if q_scale is not None:
+        weight_scale = q_scale[None, :] if q_transposed else q_scale[:, None]
+        out = lowrank_gemm(p.float(), q.float() * weight_scale, None if bias is None else
+                           bias.float(), None if u is None else u.float(),
+                           None if v is None else v.float(), scale,
+                           q_transposed=q_transposed, rank_dropout=rank_dropout)
+        return out.to(p.dtype)
     if noise is not None:
         if q_transposed:
             q = noisy_weight(q.t(), noise.seed, noise.scale).t()
@@ -113,8 +128,29 @@ def lowrank_delta_fp32(lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tens
     return delta
 
 
+def _merged_rows(value, lora_B, lora_A, spec: MergeSpec, global_start: int):
+    """``value − remove + coeff · B A + add`` in float32 for rows from ``global_start``."""
+    rows, cols = value.shape
+    if spec.remove is not None:
+        u = noise_lib.noise(spec.remove.seed, rows, cols, global_start, value.device)
+        value = value - spec.remove.scale32 * u
+    value = value + float32_scalar(spec.coeff) * lowrank_delta_fp32(lora_B, lora_A)
+    if spec.add is not None:
+        u = noise_lib.noise(spec.add.seed, rows, cols, global_start, value.device)
+        value = value + spec.add.scale32 * u
+    return value
+
+
+def _rounding_bits(spec: MergeSpec, rows: int, cols: int, global_start: int, device):
+    """The stochastic-rounding bits of rows from ``global_start``, or None for nearest."""
+    if not spec.stochastic:
+        return None
+    return noise_lib.hash_bits(spec.rounding_key, rows, cols, global_start, device=device)
+
+
 @torch.no_grad()
-def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
+def merge_(weight, lora_B, lora_A, spec: MergeSpec,
+           weight_scale: torch.Tensor | None = None) -> None:
     """``W ← round(W − remove + coeff · B A + add)`` in place, by row blocks.
 
     Per element, in float32, in this order (``u_*`` from :func:`noise.noise`)::
@@ -127,24 +163,48 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
 
     Scalars are rounded to float32 first. Rows are global rows ``row_offset + i``. A float64
     ``W`` (torch backend only) goes through the same float32 arithmetic, like every kernel.
+    A scaled ``W`` (``weight_scale`` given) goes through :func:`merge_scaled_`.
     Arguments are validated by :func:`lorasc_kernels.functional.merge_lowrank_`.
     """
+    if weight_scale is not None:
+        merge_scaled_(weight, weight_scale, lora_B, lora_A, spec)
+        return
     rows, cols = weight.shape
     block = max(1, MERGE_BLOCK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         global_start = spec.row_offset + start
-        value = weight[start:stop].to(torch.float32)
-        if spec.remove is not None:
-            u = noise_lib.noise(spec.remove.seed, stop - start, cols, global_start, weight.device)
-            value = value - spec.remove.scale32 * u
-        value = value + float32_scalar(spec.coeff) * lowrank_delta_fp32(lora_B[start:stop],
-                                                                        lora_A)
-        if spec.add is not None:
-            u = noise_lib.noise(spec.add.seed, stop - start, cols, global_start, weight.device)
-            value = value + spec.add.scale32 * u
-        bits = None
-        if spec.stochastic:
-            bits = noise_lib.hash_bits(spec.rounding_key, stop - start, cols, global_start,
-                                       device=weight.device)
+        value = _merged_rows(weight[start:stop].to(torch.float32), lora_B[start:stop], lora_A,
+                             spec, global_start)
+        bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device)
         weight[start:stop] = round_from_fp32(value, weight.dtype, spec.rounding, bits)
+
+
+@torch.no_grad()
+def merge_scaled_(weight, weight_scale, lora_B, lora_A, spec: MergeSpec) -> None:
+    """The merge into a scaled ``W = weight_scale[row] · weight`` (fp8 e4m3), in place.
+
+    Per row, in float32, in this order::
+
+        v = weight_scale[i] * float32(weight[i])        # dequantized row
+        v = (remove, coeff · B A, add as in merge_)      # _merged_rows
+        y = v / weight_scale[i]                          # IEEE division
+        y, weight_scale[i] = rescale_rows(y, weight_scale[i], max_value)   # if max|y| > max
+        weight[i] = round_to_scaled(y, weight.dtype, rounding, bits(seed, STREAM_ROUNDING))
+
+    A row whose values would exceed the format's range gets a scale larger by the smallest
+    power of two that fits them (never a clamp); the other rows keep their scale.
+    """
+    max_value = scaled_weight_dtype(weight.dtype).max_value
+    rows, cols = weight.shape
+    block = max(1, MERGE_BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        global_start = spec.row_offset + start
+        scale = weight_scale[start:stop]
+        value = weight[start:stop].to(torch.float32) * scale[:, None]
+        value = _merged_rows(value, lora_B[start:stop], lora_A, spec, global_start)
+        value, scale = rescale_rows(value / scale[:, None], scale, max_value)
+        bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device)
+        weight[start:stop] = round_to_scaled(value, weight.dtype, spec.rounding, bits)
+        weight_scale[start:stop] = scale

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from ...dtypes import KERNEL_DTYPES
+from ...dtypes import KERNEL_DTYPES, SCALED_DTYPES
 
 try:
     import triton  # noqa: F401
@@ -29,10 +29,12 @@ try:
 except ImportError as error:  # Triton is optional
     _IMPORT_ERROR = str(error)
 
-__all__ = ["WEIGHT_DTYPES", "interpreting", "on_tensor_device", "unavailable_reason",
+__all__ = ["WEIGHT_DTYPES", "SCALED_WEIGHT_DTYPES", "interpreting",
+           "on_tensor_device", "unavailable_reason",
            "lowrank_gemm", "dropout_lowrank", "dropout_lowrank_grad", "merge_"]
 
 WEIGHT_DTYPES = KERNEL_DTYPES
+SCALED_WEIGHT_DTYPES = SCALED_DTYPES
 
 # Primitive of the backend contract → the kernel module defining it.
 _PRIMITIVES = {"lowrank_gemm": "fused_linear", "dropout_lowrank": "thin",

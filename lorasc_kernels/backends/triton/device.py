@@ -42,3 +42,21 @@ def dropout_tile(tile, rows, cols, key, threshold, keep_scale, INTERPRETING: tl.
     bits = element_bits(row_hash(key, rows)[:, None], cols[None, :])
     kept = tl.where((bits >> 8) >= threshold, tile.to(tl.float32) * keep_scale, 0.0)
     return round_to(kept, tile.dtype, INTERPRETING)
+
+
+@triton.jit
+def decode_scaled(code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr):
+    """float32 value of the 8-bit codes ``code`` (uint8) of a scaled format (fp8 e4m3fn),
+    exactly, on integers: normals by their bits, subnormals as ``m · 2**(1 - bias - mb)``,
+    the all-ones code as NaN. Needs no fp8 support (the interpreter has none)."""
+    code = code.to(tl.uint32)
+    magnitude = code & 0x7F
+    exponent = magnitude >> MANTISSA_BITS
+    fraction = magnitude & ((1 << MANTISSA_BITS) - 1)
+    normal = ((code >> 7) << 31) | ((exponent + (127 - EXPONENT_BIAS)) << 23) \
+        | (fraction << (23 - MANTISSA_BITS))
+    subnormal_unit: tl.constexpr = 2.0 ** (1 - EXPONENT_BIAS - MANTISSA_BITS)
+    subnormal = fraction.to(tl.float32) * subnormal_unit
+    subnormal = tl.where((code >> 7) != 0, -subnormal, subnormal)
+    value = tl.where(exponent == 0, subnormal, normal.to(tl.float32, bitcast=True))
+    return tl.where(magnitude == 0x7F, float("nan"), value)

@@ -33,7 +33,7 @@ from ...dtypes import float32_scalar
 from ...specs import DropoutSpec, NoiseSpec
 from . import interpreting, on_tensor_device
 from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
-from .device import dropout_tile, mma, round_to
+from .device import decode_scaled, dropout_tile, mma, round_to
 from .random import element_bits, row_hash, uniform_centered
 
 __all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "lowrank_gemm"]
@@ -62,13 +62,23 @@ def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.const
     return round_to(noisy, q_t.dtype, INTERPRETING)
 
 
+@triton.jit
+def _decode_tile(codes, dtype: tl.constexpr, INTERPRETING: tl.constexpr):
+    """A tile of fp8 e4m3 codes (uint8) in ``dtype``, exactly: by the hardware conversion on a
+    GPU, on integers in the interpreter (which has no fp8)."""
+    if INTERPRETING:
+        return decode_scaled(codes, 3, 7).to(dtype)
+    return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
+
+
 @triton.autotune(configs=fused_linear_configs(),
-                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"],
+                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_SCALED"],
                  prune_configs_by={"early_config_prune": prune_by_operand_size})
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
 def _fused_lowrank_kernel(
     # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
     out_ptr, p_ptr, q_ptr, bias_ptr, u_ptr, v_ptr,
+    q_scale_ptr,  # Q_SCALED: Q holds fp8 e4m3 codes (uint8), W = q_scale[W row] · codes
     M, N, K, R,
     M_BUCKET,  # autotuning key: M rounded up to a power of two (token counts vary per batch)
     stride_om, stride_on, stride_pm, stride_pk, stride_qn, stride_qk,
@@ -77,7 +87,8 @@ def _fused_lowrank_kernel(
     noise_key, noise_scale,  # FUSED_NOISE: each Q tile += noise_scale · noise(W row, W col)
     dropout_key, dropout_threshold, keep_scale,  # LORA_DROPOUT: mask of the rank term's (m, n)
     HAS_BIAS: tl.constexpr, FUSED_NOISE: tl.constexpr, W_TRANSPOSED: tl.constexpr,
-    LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Q_SCALED: tl.constexpr, LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     INTERPRETING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -98,7 +109,10 @@ def _fused_lowrank_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # Rank-r term first, so the main loop accumulates on top of it.
+    # Rank-r term first, so the main loop accumulates on top of it. With a scaled W in the
+    # forward, W's row scale is the output's column scale, applied to the accumulator at the
+    # end: the rank term is divided by it first (one accumulator, no spills; scales > 0).
+    SCALE_OUT: tl.constexpr = Q_SCALED and not W_TRANSPOSED
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in tl.range(0, R, R_BLOCK, num_stages=1):  # one pass, no multi-buffering
         offs_r = r0 + tl.arange(0, R_BLOCK)
@@ -112,6 +126,9 @@ def _fused_lowrank_kernel(
         acc = dropout_tile(acc, offs_m, offs_n, dropout_key, dropout_threshold, keep_scale,
                            INTERPRETING)
     acc = acc * scale
+    if SCALE_OUT:
+        column_scale = tl.load(q_scale_ptr + cols, mask=mask_n, other=1.0)
+        acc = acc / column_scale[None, :]
 
     offs_k = tl.arange(0, BLOCK_K)
     p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_k[None, :].to(tl.int64) * stride_pk
@@ -122,6 +139,11 @@ def _fused_lowrank_kernel(
         mask_k = offs_k < K - k0
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q_t = tl.load(q_ptrs, mask=mask_n[None, :] & mask_k[:, None], other=0.0)
+        if Q_SCALED:  # 8-bit codes, converted in registers; dX: W's row scale on load
+            q_t = _decode_tile(q_t, p.dtype, INTERPRETING)
+            if W_TRANSPOSED:
+                k_scale = tl.load(q_scale_ptr + (k0 + offs_k), mask=mask_k, other=0.0)
+                q_t = round_to(q_t.to(tl.float32) * k_scale[:, None], p.dtype, INTERPRETING)
         if FUSED_NOISE:
             q_t = add_noise_tile(q_t, k0 + offs_k, offs_n, noise_key, noise_scale, W_TRANSPOSED,
                                  INTERPRETING)
@@ -129,6 +151,8 @@ def _fused_lowrank_kernel(
         p_ptrs += p_step
         q_ptrs += q_step
 
+    if SCALE_OUT:
+        acc = acc * column_scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -178,14 +202,16 @@ def noisy_weight_pass(weight: torch.Tensor, noise: NoiseSpec, transposed: bool =
 
 @on_tensor_device
 def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
-                 ) -> torch.Tensor:
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
+                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype.
 
     The contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`): ``q`` is
     ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
     :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
-    by one pass that writes the noisy ``W``.
+    by one pass that writes the noisy ``W``. A scaled ``Q`` (fp8 e4m3 with ``q_scale`` per
+    ``W`` row) is read as 8-bit codes and converted in registers; its scale multiplies the
+    output's columns (forward) or the loaded tile's rows (``q_transposed``, the dX GEMM).
     """
     (M, K), N = p.shape, q.shape[0]
     if noise is not None and M > NOISE_IN_GEMM_MAX_ROWS:
@@ -201,7 +227,8 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fused_lowrank_kernel[grid](
-        out, p, q, out if bias is None else bias, u, v,
+        out, p, q if q_scale is None else q.view(torch.uint8), out if bias is None else bias,
+        u, v, out if q_scale is None else q_scale,
         M, N, K, r, triton.next_power_of_2(M),
         out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
@@ -210,7 +237,8 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
         *((0, 0, 1.0) if rank_dropout is None else
           (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)),
         HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
-        LORA_DROPOUT=rank_dropout is not None, R_BLOCK=rank_block(max(r, 1)),
+        Q_SCALED=q_scale is not None, LORA_DROPOUT=rank_dropout is not None,
+        R_BLOCK=rank_block(max(r, 1)),
         DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )

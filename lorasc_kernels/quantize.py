@@ -1,0 +1,54 @@
+"""Per-row-scaled weight formats (fp8 e4m3): quantize a weight once, dequantize it.
+
+A scaled weight is ``q`` (N, K) in a format of :data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`
+and ``scale`` (N,) float32, one per output row: ``W = scale[row] · q``. Quantization uses
+per-row absmax scales (``max_j |W_ij| = max_value · scale_i``, up to float32 rounding) and
+rounds to nearest; an all-zero row gets scale 1. Merges keep the format with stochastic
+rounding and the rescale rule of :func:`lorasc_kernels.rounding.rescale_rows`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dtypes import WEIGHT_FORMATS, scaled_weight_dtype
+from .rounding import round_to_scaled
+
+__all__ = ["format_dtype", "quantize", "dequantize"]
+
+
+def format_dtype(weight_format: str) -> torch.dtype:
+    """The storage dtype of ``weight_format``, a name of
+    :data:`~lorasc_kernels.dtypes.WEIGHT_FORMATS`."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format must be None or one of {sorted(WEIGHT_FORMATS)}, "
+                         f"got {weight_format!r}")
+    return WEIGHT_FORMATS[weight_format]
+
+
+@torch.no_grad()
+def quantize(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q (N, K) in dtype, scale (N,) float32)`` of a finite float ``weight`` (N, K).
+
+    ``scale = max_j |W_ij| / max_value``, raised by one float32 ulp where float32 rounding
+    would put ``max |W / scale|`` above ``max_value``; ``q = round_nearest(W / scale)``.
+    """
+    entry = scaled_weight_dtype(dtype)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor, got shape {tuple(weight.shape)} "
+                         f"and dtype {weight.dtype}")
+    values = weight.detach().to(torch.float32)
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("weight has non-finite values: it cannot be quantized")
+    peak = values.abs().amax(dim=1) if values.shape[1] else values.new_zeros(values.shape[0])
+    scale = torch.where(peak > 0, peak / entry.max_value, 1.0)
+    scale = torch.where(peak / scale > entry.max_value,
+                        scale.nextafter(torch.tensor(float("inf"))), scale)
+    q = round_to_scaled(values / scale[:, None], dtype, "nearest")
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale[row] · q`` (N, K) computed in float32, returned in ``dtype``."""
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
