@@ -275,6 +275,8 @@ class Cascade:
         self.other_params = self._slow_params(optimizer)
         # p_start of each other parameter (an FSDP2 rank's own rows), in optimizer order.
         self.anchors = [_local(p).clone() for p in self.other_params]
+        # Whether lr_lambda() was handed out: the warm-up acts only through it.
+        self.warmup_wired = False
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -316,6 +318,7 @@ class Cascade:
 
         def multiplier(step: int) -> float:
             return (1.0 if schedule is None else schedule(step)) * self.lr_factor()
+        self.warmup_wired = True
         return multiplier
 
     def finalize(self) -> nn.Module:
@@ -568,6 +571,9 @@ class Cascade:
         started = time.perf_counter()
         t = self.cascade_index
         mode = self.settings.applied_noise_mode
+        if t == 0 and self.settings.warmup_steps and not self.warmup_wired:
+            logger.warning("Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
+                           "to torch.optim.lr_scheduler.LambdaLR", self.settings.warmup_steps)
         self._check_finite_lora()
         plans = self._prepare_boundary(last)
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.

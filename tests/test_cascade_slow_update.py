@@ -1,6 +1,7 @@
 """Cascade: the slow update of the other trained parameters, and the per-cascade warm-up."""
 
 import io
+import logging
 
 import pytest
 import torch
@@ -126,6 +127,23 @@ def test_lr_lambda_without_schedule_counts_steps_of_a_per_epoch_cascade():
     assert factor(1) == 1.0
     cascade.end_epoch()
     assert factor(2) == 0.5
+
+
+def test_warmup_without_lr_lambda_is_reported_at_the_first_boundary(caplog):
+    model = model_with_head()
+    cascade = Cascade(model, adam(model), steps_per_cascade=2, warmup_steps=1)
+    with caplog.at_level(logging.WARNING, logger="lorasc_kernels"):
+        cascade.step()
+        cascade.step()
+    assert "warmup_steps=1) has no effect" in caplog.text
+    wired = model_with_head()
+    wired_cascade = Cascade(wired, adam(wired), steps_per_cascade=2, warmup_steps=1)
+    wired_cascade.lr_lambda()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lorasc_kernels"):
+        wired_cascade.step()
+        wired_cascade.step()
+    assert "no effect" not in caplog.text
 
 
 def build_run():
