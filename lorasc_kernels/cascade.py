@@ -67,6 +67,7 @@ from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
+from .quantize import dequantize
 from .rounding import ROUNDING_MODES
 
 __all__ = ["NOISE_MODES", "CascadeSettings", "Cascade", "cascade_seed"]
@@ -496,6 +497,12 @@ class Cascade:
     def _measure_noise_scale(self, layer: LoRASCLinear) -> float:
         if self.settings.applied_noise_mode == "off":
             return 0.0
+        if layer.weight_format is not None:  # fp8: noise in W only, merged like an update
+            if self.settings.applied_noise_mode == "fused":
+                raise ValueError(f"noise_mode='fused' is not supported on {layer.weight_format} "
+                                 "weights (docs/fp8.md): use 'inplace' or noise_lambda=0")
+            return self.settings.noise_lambda * float(
+                dequantize(layer.weight, layer.weight_scale, torch.float32).std())
         std = global_std(layer.weight)
         if not math.isfinite(std):
             raise ValueError(f"weight has non-finite values (std {std}); no layer was changed")
@@ -531,7 +538,8 @@ class Cascade:
         operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
         merges, failure = [], None
         for (index, name, layer, merge_index, coeff, noise_remove, noise_add), (
-                weight, row_offset, lora_b, lora_a) in zip(requests, operands, strict=True):
+                weight, row_offset, lora_b, lora_a, weight_scale) in zip(requests, operands,
+                                                                         strict=True):
             if weight.shape[0] == 0:  # a rank holding no rows of this weight
                 merges.append(lambda: None)
                 continue
@@ -542,7 +550,7 @@ class Cascade:
                         seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index,
                                           index),
                         noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
-                        backend=layer.backend,
+                        backend=layer.backend, weight_scale=weight_scale,
                     ))
             except (TypeError, ValueError) as error:
                 failure = error
@@ -723,12 +731,15 @@ def _written(noise: tuple[int, float] | None) -> tuple[int, float] | None:
 
 
 def _merge_operands(layer: LoRASCLinear) -> tuple:
-    """``(weight rows, row_offset, lora_B rows, whole lora_A)`` of this rank (a collective
-    for an FSDP2 ``lora_A``)."""
+    """``(weight rows, row_offset, lora_B rows, whole lora_A, weight_scale rows or None)`` of
+    this rank (a collective for an FSDP2 ``lora_A``)."""
     weight, row_offset = local_row_block(layer.weight.data)
     lora_b = _local(layer.lora_B).to(weight.device)
     lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
-    return weight, row_offset, lora_b, lora_a
+    scale = layer.weight_scale  # fp8 weights: the per-row scales (a whole buffer)
+    if scale is not None:
+        scale = scale[row_offset:row_offset + weight.shape[0]]
+    return weight, row_offset, lora_b, lora_a, scale
 
 
 def _raise_on_every_rank(failure: Exception | None, layers) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from . import _checks as checks
 from .backends import BACKENDS
 from .modules import LoRASCLinear
+from .quantize import format_dtype
 
 __all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
 
@@ -34,6 +35,7 @@ class LoRASCConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ALL_LINEAR)
     backend: str = "auto"
     lora_dtype: torch.dtype | None = None
+    weight_format: str | None = None  # "fp8_e4m3": quantize the targeted weights (docs/fp8.md)
 
     def __post_init__(self):
         self.r = checks.check_int("r", self.r, 1)
@@ -41,6 +43,8 @@ class LoRASCConfig:
         self.lora_dropout = checks.check_probability("lora_dropout", self.lora_dropout)
         checks.check_choice("backend", self.backend, BACKENDS)
         checks.check_layer_dtype("lora_dtype", self.lora_dtype)
+        if self.weight_format is not None:
+            format_dtype(self.weight_format)
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -145,6 +149,7 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
         layer = LoRASCLinear.from_linear(
             linear, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             backend=config.backend, lora_dtype=config.lora_dtype,
+            weight_format=config.weight_format,
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)

@@ -10,6 +10,7 @@ from torch import nn
 from . import _checks as checks
 from .backends import BACKENDS
 from .functional import lorasc_linear
+from .quantize import dequantize, format_dtype, quantize
 
 __all__ = ["LoRASCLinear"]
 
@@ -26,6 +27,12 @@ class LoRASCLinear(nn.Linear):
     without writing ``W``. ``weight_noise`` is the ``(seed, scale)`` of the noise a Cascade
     in ``"inplace"`` mode wrote into ``W`` (None while ``W`` is clean): a second Cascade
     refuses such a layer.
+
+    ``weight_format="fp8_e4m3"`` stores ``W`` as fp8 e4m3 values (``weight``) and one float32
+    scale per output row (the buffer ``weight_scale``, a state_dict key), quantized with
+    per-row absmax scales; inputs, bias and LoRA keep ``dtype``, and merges keep the format
+    (``docs/fp8.md``). Such a layer runs on the torch and Triton backends, takes no fused
+    noise, and must stay out of ``model.to(dtype)`` (which would cast its fp8 weight).
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class LoRASCLinear(nn.Linear):
         device=None,
         dtype=None,
         lora_dtype: torch.dtype | None = None,
+        weight_format: str | None = None,
     ):
         in_features = checks.check_int("in_features", in_features, 1)
         out_features = checks.check_int("out_features", out_features, 1)
@@ -49,7 +57,13 @@ class LoRASCLinear(nn.Linear):
         checks.check_choice("backend", backend, BACKENDS)
         checks.check_layer_dtype("dtype", dtype)
         checks.check_layer_dtype("lora_dtype", lora_dtype)
+        if weight_format is not None:
+            format_dtype(weight_format)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight_format = weight_format
+        # The dtype to_linear() dequantizes an fp8 weight to by default: the layer's own.
+        self.dequantize_dtype = self.weight.dtype
+        self.register_buffer("weight_scale", None)  # a state_dict key of fp8 layers only
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -65,6 +79,20 @@ class LoRASCLinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        if weight_format is not None:
+            self._quantize_weight(weight_format)
+
+    def _quantize_weight(self, weight_format: str) -> None:
+        """Replace ``weight`` by its ``weight_format`` values and per-row scales (frozen)."""
+        weight = self.weight.detach()
+        if weight.is_meta:
+            q = torch.empty_like(weight, dtype=format_dtype(weight_format))
+            scale = torch.ones(weight.shape[0], device="meta")
+        else:
+            q, scale = quantize(weight, format_dtype(weight_format))
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.weight_scale = scale
+        self.weight_format = weight_format
 
     @property
     def scaling(self) -> float:
@@ -80,12 +108,17 @@ class LoRASCLinear(nn.Linear):
         lora_dropout: float = 0.0,
         backend: str = "auto",
         lora_dtype: torch.dtype | None = None,
+        weight_format: str | None = None,
     ) -> LoRASCLinear:
         """A LoRASC layer sharing ``linear``'s weight and bias Parameters (same storage).
 
         Freezes them (``requires_grad=False``). Refuses a ``LoRASCLinear`` (its trained LoRA
         would be lost: finalize or ``merge_lowrank_`` it first) and non-float weights.
+        With ``weight_format="fp8_e4m3"`` the weight is quantized once into new storage
+        (per-row absmax scales, round to nearest); the bias is still shared.
         """
+        if weight_format is not None:
+            format_dtype(weight_format)
         cls.check_linear(linear)
         weight = linear.weight
         layer = cls(
@@ -102,6 +135,8 @@ class LoRASCLinear(nn.Linear):
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
+        if weight_format is not None:
+            layer._quantize_weight(weight_format)
         return layer
 
     @staticmethod
@@ -134,13 +169,26 @@ class LoRASCLinear(nn.Linear):
         self.noise_scale = checks.check_float("scale", scale, 0.0)
         self.noise_seed = seed
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` sharing this layer's weight and bias storage (LoRA dropped)."""
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain ``nn.Linear`` sharing this layer's weight and bias storage (LoRA dropped).
+
+        An fp8 layer's weight is dequantized (``weight_scale[row] · weight`` in float32) into
+        ``dtype``, by default :attr:`dequantize_dtype` (the dtype it was built from). For a
+        float layer a ``dtype`` other than the weight's gives a converted copy (the bias
+        too).
+        """
+        checks.check_layer_dtype("dtype", dtype)
+        if self.weight_format is not None:
+            weight = dequantize(self.weight.detach(), self.weight_scale,
+                                dtype or self.dequantize_dtype)
+        else:
+            weight = self.weight.data if dtype is None else self.weight.data.to(dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta", dtype=self.weight.dtype)
-        linear.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+                           device="meta", dtype=weight.dtype)
+        linear.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+            linear.bias = nn.Parameter(self.bias.data.to(weight.dtype),
+                                       requires_grad=self.bias.requires_grad)
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,11 +197,14 @@ class LoRASCLinear(nn.Linear):
             x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=dropout_p, noise_seed=self.noise_seed, noise_scale=self.noise_scale,
             backend=self.backend,  # a dropout seed is drawn per call from torch's generator
+            weight_scale=self.weight_scale,
         )
 
     def extra_repr(self) -> str:
         text = (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"lora_dropout={self.lora_dropout}, backend={self.backend!r}")
+        if self.weight_format is not None:
+            text += f", weight_format={self.weight_format!r}"
         if self.noise_seed is not None:
             text += f", noise_scale={self.noise_scale:.3g}"
         return text
