@@ -657,14 +657,20 @@ class Cascade:
         return _other_trainable_params(optimizer, self.layers)
 
     def _check_finite_lora(self) -> None:
-        """Refuse a boundary, before any merge, if a fast LoRA diverged (inf or NaN)."""
-        for name, layer in self.layers.items():
-            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                if not bool(torch.isfinite(parameter.detach()).all()):
-                    raise ValueError(
-                        f"{name or 'model'}.{kind} has non-finite values: no layer was "
-                        "merged and the cascade is unchanged"
-                    )
+        """Refuse a boundary, before any merge, if a fast LoRA or a slow-updated parameter
+        diverged (inf or NaN)."""
+        trained = [(f"{name or 'model'}.{kind}", parameter)
+                   for name, layer in self.layers.items()
+                   for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))]
+        if self.other_params:
+            names = {id(p): name for name, p in _unwrap(self.model).named_parameters()}
+            trained += [(names.get(id(p), "a trained parameter"), p) for p in self.other_params]
+        for label, parameter in trained:
+            if not bool(torch.isfinite(parameter.detach()).all()):
+                raise ValueError(
+                    f"{label} has non-finite values: no layer was merged and the cascade "
+                    "is unchanged"
+                )
 
     def _slow_update_other_params(self) -> None:
         """``p ← p_start + slow_rate · (p − p_start)`` in place; the result is the next anchor."""

@@ -148,6 +148,15 @@ def test_diverged_lora_stops_end_epoch_and_finalize(method):
             model, optimizer, cascade)
 
 
+def test_a_diverged_slow_updated_head_stops_the_boundary_naming_it():
+    model, optimizer = with_head()
+    cascade = Cascade(model, optimizer, slow_rate=0.5, noise_lambda=0.15)
+    trained(model, optimizer, 2, cascade)
+    with torch.no_grad():
+        model[1].bias[1] = float("nan")
+    refused(ValueError, r"^1\.bias has non-finite", cascade.end_epoch, model, optimizer, cascade)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("noise_mode", ["inplace", "fused"])
 def test_a_later_layer_with_a_non_finite_weight_stops_the_cascade_before_any_noise(bad,
