@@ -265,6 +265,7 @@ class FinetuneSettings:
     epochs_per_cascade: int = 10
     train_head: bool = True
     backend: str = "auto"
+    weight_format: str | None = None  # "fp8_e4m3": the LoRA methods on an fp8 base weight
 
 
 FEWSHOT = FinetuneSettings()
@@ -306,7 +307,8 @@ def build_model(method: str, start: dict, settings: FinetuneSettings,
     if method != "full":
         inject_lorasc(model, LoRASCConfig(r=settings.rank, lora_alpha=settings.lora_alpha,
                                           target_modules=TARGET_MODULES,
-                                          backend=settings.backend))
+                                          backend=settings.backend,
+                                          weight_format=settings.weight_format))
         model.head.requires_grad_(settings.train_head)
     return model
 
@@ -514,6 +516,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         choices=("auto", "torch", "triton", "cuda"),
                         help="kernel backend of the LoRASC layers (default auto: Triton or "
                              "CUDA on a GPU, the torch reference on the CPU)")
+    parser.add_argument("--weight-format", default=None, choices=("fp8_e4m3",),
+                        help="store the adapted linear weights of lora and lorasc in this "
+                             "format (fp8 e4m3 with per-row scales, docs/fp8.md); full "
+                             "fine-tuning keeps float32 weights")
     parser.add_argument("--device", default="auto",
                         help="torch device (default auto: cuda when available)")
     parser.add_argument("--threads", type=int, default=1,
@@ -545,7 +551,8 @@ class Comparison:
         return (f"{self.title}: {s.epochs} epochs, {seeds} seed(s), rank {s.rank}, "
                 f"slow_rate {s.slow_rate}, noise_lambda {s.noise_lambda}, slow_other_params "
                 f"{s.slow_other_params}, warmup_steps {s.warmup_steps}, "
-                f"{s.epochs_per_cascade} epoch(s)/cascade, device {device_name}")
+                f"{s.epochs_per_cascade} epoch(s)/cascade, device {device_name}"
+                + (f", lora/lorasc base weights {s.weight_format}" if s.weight_format else ""))
 
 
 def paired_difference(runs: list[RunResult]) -> str:
@@ -567,7 +574,7 @@ def comparisons(args: argparse.Namespace) -> list[Comparison]:
     """The comparisons the command line asks for, with its settings."""
     lorasc = {"slow_rate": args.slow_rate, "noise_lambda": args.noise_lambda,
               "slow_other_params": args.slow_other_params, "warmup_steps": args.warmup_steps,
-              "backend": args.backend}
+              "backend": args.backend, "weight_format": args.weight_format}
     fewshot = dataclasses.replace(
         FEWSHOT, epochs=args.epochs, shots=args.shots, rank=args.rank,
         lora_alpha=2 * args.rank, epochs_per_cascade=args.epochs_per_cascade, **lorasc)
