@@ -19,7 +19,8 @@
    forward at the narrowest rank block) and (c) every combination of flags (rank block at
    its widest) with the config of the smallest tile.
 4. **Compile** for ``GPUTarget("cuda", 90, 32)``: shared memory from the metadata, register
-   spills from ``ptxas -v``, ``fma`` count in the PTX.
+   spills from ``ptxas -v``, ``fma`` count in the PTX, matrix-multiply instructions in the
+   SASS (``cuobjdump -sass``).
 """
 
 from __future__ import annotations
@@ -202,30 +203,6 @@ def exercise_fp8(backend, generator) -> None:
     for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
         noise = noise and NoiseSpec(*noise)
         backend.merge_(q, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise), scale)
-    exercise_fp8(backend, generator)
-
-
-def exercise_fp8(backend, generator) -> None:
-    """fp8 e4m3 weights with per-row scales: the linear over bf16 inputs (the format's use)
-    and the scaled merge."""
-    import torch
-
-    from lorasc_kernels import composition
-    from lorasc_kernels.quantize import quantize
-    from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
-
-    x = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
-    q, scale = quantize(torch.randn(48, 64, generator=generator))
-    lora_A = torch.randn(16, 64, generator=generator).to(torch.bfloat16)
-    lora_B = torch.randn(48, 16, generator=generator).to(torch.bfloat16)
-    for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (0.0, 0.1)):
-        spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
-        y, xa = composition.linear_forward(backend, x, q, bias, lora_A, lora_B, spec, scale)
-        composition.linear_backward(backend, torch.ones_like(y), x, xa, q, lora_A, lora_B, spec,
-                                    (True, False, True, True, True), scale)
-    for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
-        noise = noise and NoiseSpec(*noise)
-        backend.merge_(q, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise), scale)
 
 
 def record_launches(found: dict) -> list[Launch]:
@@ -358,17 +335,30 @@ def spill_bytes(compiled) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr))
 
 
+# Matrix-multiply instructions counted in the SASS: Hopper's warpgroup MMA (wgmma), the
+# warp-level MMA of earlier GPUs, and fp32 fused multiply-adds on the CUDA cores.
+SASS_OPCODES = ("HGMMA", "HMMA", "FFMA")
+
+
+def sass_counts(compiled) -> dict[str, int]:
+    """How many of each of :data:`SASS_OPCODES` the compiled kernel's SASS holds."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder, "kernel.cubin")
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    return {opcode: len(re.findall(rf"\b{opcode}\b", sass)) for opcode in SASS_OPCODES}
+
+
 def compile_job(job: dict) -> dict:
-    """Compile one job for sm_90; the job with ``shared``, ``spill_bytes``, ``fma`` added
-    (or ``error``)."""
+    """Compile one job for sm_90; the job with ``shared``, ``spill_bytes``, ``fma`` (in the
+    PTX) and ``sass`` (:func:`sass_counts`) added, or ``error``."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     module_name, attribute = job["kernel"].split(":")
     fn = jit_function(getattr(importlib.import_module(module_name), attribute))
-    from triton.backends.compiler import BaseBackend
-
     attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr("D")
              for name in job["divisible"]}
     source = ASTSource(fn, job["signature"], job["constexprs"], attrs)
@@ -379,7 +369,7 @@ def compile_job(job: dict) -> dict:
         return {**job, "error": f"{type(error).__name__}: {error}"[:2000]}
     return {**job, "shared": compiled.metadata.shared, "spill_bytes": spill_bytes(compiled),
             "fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
-            "seconds": round(time.perf_counter() - start, 1)}
+            "sass": sass_counts(compiled), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def main() -> int:

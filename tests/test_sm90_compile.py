@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 @pytest.fixture(scope="module")
 def compiled() -> list[dict]:
-    """One result per compile (kernel, config, flags, shared, spill_bytes, fma, or error)."""
+    """One result per compile (kernel, config, flags, shared, spill_bytes, fma, sass, or
+    error)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_gate.py")],
                             env=environment, capture_output=True, text=True, timeout=900)
@@ -43,7 +44,8 @@ def test_every_kernel_is_launched_and_compiles_for_sm90(compiled):
     failures = [f"{describe(row)}: {row['error']}" for row in compiled if "error" in row]
     assert not failures, "\n".join(failures)
     kernels = {row["kernel"] for row in compiled}
-    assert any("fused" in name for name in kernels) and any("merge" in name for name in kernels)
+    names = {name.split(":")[1] for name in kernels}
+    assert any("fused" in name for name in names) and any("merge" in name for name in names)
     reasons = {row["reason"] for row in compiled}
     assert any(reason.startswith("every config") for reason in reasons)
 
@@ -82,3 +84,13 @@ def test_no_register_spills_in_16_bit_configs(compiled):
     if fp32:
         warnings.warn(f"fp32 configs that spill on sm_90:\n{spill_table(fp32)}", stacklevel=1)
     assert not spilled, f"16-bit configs that spill on sm_90:\n{spill_table(spilled)}"
+
+
+def test_fused_linear_runs_on_hopper_warpgroup_mma(compiled):
+    """Every compile of the fused linear kernel uses wgmma (``HGMMA`` in the SASS), never
+    the warp-level ``HMMA`` of earlier GPUs."""
+    rows = [row for row in compiled if "fused" in row["kernel"].split(":")[1]]
+    assert rows
+    off_path = [f"{describe(row)}: {row['sass']}" for row in rows
+                if not row["sass"]["HGMMA"] or row["sass"]["HMMA"]]
+    assert not off_path, "\n".join(off_path)
