@@ -37,6 +37,14 @@ Tiling. One fixed tile, not autotuned: autotuning an in-place kernel must run it
 times on ``W`` and restore ``W`` from a copy, a temporary of ``W``'s size that a merge must
 never allocate. 64 × 128 elements per program with 8 warps (32 elements per thread) keeps
 every SM busy on the weight sizes of real models; under the interpreter a small tile.
+
+Scaled weights (fp8 e4m3 with one float32 scale per row, ``docs/fp8.md``):
+``_merge_scaled_kernel`` reproduces :func:`lorasc_kernels.backends.reference.merge_scaled_`
+bit for bit. A row may need a new scale (the rescale rule), which depends on the whole row,
+so one program owns ``16`` whole rows and sweeps them twice: the first sweep finds each
+row's largest ``|v / scale|`` without writing, the second recomputes the tile, rounds it on
+integers (no fp8 instruction, so the interpreter runs the same code) and writes codes and
+scales. The update ``v`` comes from the same device function as above.
 """
 
 from __future__ import annotations
