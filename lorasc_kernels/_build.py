@@ -162,6 +162,21 @@ def _pip_toolkits() -> list[Path]:
             if (folder := root / "nvidia" / name).is_dir()]
 
 
+def _candidates():
+    """``(where it came from, toolkit folder)`` of each place a toolkit may be, in order;
+    lazily, so that a valid ``CUDA_HOME`` asks no ``nvcc``."""
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(name):
+            yield f"{name}={os.environ[name]}", Path(os.environ[name])
+    for nvcc in _nvccs_on_path():
+        real = real_nvcc(nvcc)
+        via = f" (runs {real})" if real != nvcc else ""
+        yield f"nvcc on PATH {nvcc}{via}", real.parent.parent
+    yield "/usr/local/cuda", Path("/usr/local/cuda")
+    for folder in _pip_toolkits():
+        yield f"pip package toolkit {folder}", folder
+
+
 def find_cuda_home() -> CudaHome:
     """The CUDA toolkit to build with: the first valid of ``CUDA_HOME`` (or ``CUDA_PATH``),
     each ``nvcc`` on ``PATH`` followed to its real binary (links and wrappers: a wrapper
@@ -171,18 +186,8 @@ def find_cuda_home() -> CudaHome:
     Valid means :func:`toolkit_problem` finds nothing. The path is the real one (links
     resolved), so every route to one toolkit gives the same build commands.
     """
-    candidates: list[tuple[str, Path]] = []
-    for name in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(name):
-            candidates.append((f"{name}={os.environ[name]}", Path(os.environ[name])))
     rejected = []
-    for nvcc in _nvccs_on_path():
-        real = real_nvcc(nvcc)
-        via = f" (runs {real})" if real != nvcc else ""
-        candidates.append((f"nvcc on PATH {nvcc}{via}", real.parent.parent))
-    candidates.append(("/usr/local/cuda", Path("/usr/local/cuda")))
-    candidates += [(f"pip package toolkit {folder}", folder) for folder in _pip_toolkits()]
-    for source, root in candidates:
+    for source, root in _candidates():
         problem = toolkit_problem(root)
         if problem is None:
             return CudaHome(Path(os.path.realpath(root)), source, tuple(rejected))
