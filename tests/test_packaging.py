@@ -20,7 +20,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-ENVIRONMENT = {**os.environ, "LORASC_SKIP_CUDA_BUILD": "1", "PIP_NO_INDEX": "1",
+# No PYTHONPATH: a checkout on it would shadow the installed package.
+ENVIRONMENT = {**{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+               "LORASC_SKIP_CUDA_BUILD": "1", "PIP_NO_INDEX": "1",
                "PIP_DISABLE_PIP_VERSION_CHECK": "1", "TRITON_INTERPRET": "0"}
 
 # Run in the fresh environment: the installed package, not the checkout, runs a layer.
