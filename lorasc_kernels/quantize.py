@@ -14,7 +14,7 @@ import torch
 from .dtypes import WEIGHT_FORMATS, scaled_weight_dtype
 from .rounding import round_to_scaled
 
-__all__ = ["format_dtype", "quantize", "dequantize"]
+__all__ = ["format_dtype", "quantize", "row_scales", "dequantize"]
 
 
 def format_dtype(weight_format: str) -> torch.dtype:
@@ -41,12 +41,19 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
     values = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(values).all()):
         raise ValueError("weight has non-finite values: it cannot be quantized")
-    peak = values.abs().amax(dim=1) if values.shape[1] else values.new_zeros(values.shape[0])
-    scale = torch.where(peak > 0, peak / entry.max_value, 1.0)
-    scale = torch.where(peak / scale > entry.max_value,
-                        scale.nextafter(torch.tensor(float("inf"))), scale)
+    scale = row_scales(values, entry.max_value)
     q = round_to_scaled(values / scale[:, None], dtype, "nearest")
     return q, scale
+
+
+def row_scales(values: torch.Tensor, max_value: float) -> torch.Tensor:
+    """Per-row absmax scales (rows,) of float32 ``values`` (rows, cols), finite: ``max_j
+    |v_ij| / max_value``, one float32 ulp larger where float32 rounding would put ``max
+    |v / scale|`` above ``max_value``; 1 for an all-zero row."""
+    peak = values.abs().amax(dim=1) if values.shape[1] else values.new_zeros(values.shape[0])
+    scale = torch.where(peak > 0, peak / max_value, 1.0)
+    return torch.where(peak / scale > max_value,
+                       scale.nextafter(torch.tensor(float("inf"), device=scale.device)), scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
