@@ -71,10 +71,11 @@ STEPS=(
     "headline|100|any|\$PYTHON -m benchmarks --only linear --problems headline --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
     "kernels|20|gpu|describe_kernels >\$OUT_DIR/kernels.txt; rc=\$?; cat \$OUT_DIR/kernels.txt; exit \$rc"
     "bench_merge|30|any|\$PYTHON -m benchmarks --only merge --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
+    "bench_fp8|60|any|\$PYTHON -m benchmarks.bench_fp8 --out-dir \$OUT_DIR \$BENCH_ARGS"
     "ceilings|15|any|\$PYTHON -m benchmarks --ceilings \$BENCH_ARGS"
     "bench_linear|90|any|\$PYTHON -m benchmarks --only linear --problems rest --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
     "bench_layer|40|any|\$PYTHON -m benchmarks --only layer --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
-    "bench_precision|30|any|\$PYTHON -m benchmarks --only precision --out \$OUT_DIR \$BENCH_ARGS"
+    "bench_precision|45|any|\$PYTHON -m benchmarks --only precision --out \$OUT_DIR \$BENCH_ARGS"
     "distributed|60|gpu|\$PYTHON -m torch.distributed.run --standalone --nproc-per-node gpu examples/torchrun_ddp.py --steps 20 --steps-per-cascade 5"
     "report|30|any|\$PYTHON -m benchmarks --summary \$OUT_DIR >\$WORK/report.txt; rc=\$?; cat \$WORK/report.txt; exit \$rc"
 )
