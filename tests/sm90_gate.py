@@ -7,12 +7,13 @@
    :data:`PACKAGE`.
 2. **Launches**: the linear's forward and backward (``lorasc_kernels.composition`` over the
    backend's primitives) and its ``merge_`` run on small CPU tensors over
-   :func:`exercise`'s choices (dtypes, fp32 matmul precision, rank, rows, bias, noise,
-   dropout, rounding) with every kernel replaced by a recorder, so each launch's argument
-   types, constexprs and options are the launchers' own, specialized as Triton's launcher
-   does (an int equal to 1 becomes a constant, one divisible by 16 and a 16-byte aligned
-   pointer get the divisibility hint that lets loads vectorize). Autotuned kernels get
-   the GPU configs (``TRITON_INTERPRET=0``), pruned by their own ``early_config_prune``.
+   :func:`exercise`'s choices (fused GEMM variant, dtypes, fp32 matmul precision, rank,
+   rows, bias, noise, dropout, rounding) with every kernel replaced by a recorder, so each
+   launch's argument types, constexprs and options are the launchers' own, specialized as
+   Triton's launcher does (an int equal to 1 becomes a constant, one divisible by 16 and a
+   16-byte aligned pointer get the divisibility hint that lets loads vectorize). Autotuned
+   kernels get the GPU configs (``TRITON_INTERPRET=0``), pruned by their own
+   ``early_config_prune``.
 3. **Representative subset** (:func:`plan`), per kernel and argument types: (a) every
    autotune config with the heaviest launch (most flags on, widest rank block); for
    :data:`HOT_OPERAND` operands also (b) every config with the lightest launch (the plain
@@ -46,6 +47,9 @@ TARGET = ("cuda", 90, 32)
 SHARED_LIMIT_BYTES = 227 * 1024
 # The operand type of the GPU problems (bf16 weights): its every flag combination is compiled.
 HOT_OPERAND = "bf16"
+# The fused GEMM variants with a Triton kernel, each forced in turn through the dispatch's
+# switch (the third variant, addmm, is cuBLAS).
+FUSED_VARIANTS = ("tiled", "persistent")
 
 
 @dataclass
@@ -150,6 +154,7 @@ def exercise(backend) -> None:
     import torch
 
     from lorasc_kernels import composition
+    from lorasc_kernels.backends.triton import gemm_dispatch
     from lorasc_kernels.dtypes import KERNEL_DTYPES
     from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
 
@@ -158,7 +163,9 @@ def exercise(backend) -> None:
     choices = [(dtype, precision) for dtype in KERNEL_DTYPES
                for precision in (("highest", "high") if dtype == torch.float32 else ("highest",))]
     K, N = 64, 48
-    for (dtype, precision), rank, rows in itertools.product(choices, (5, 17, 64), (64, 2048)):
+    for variant, (dtype, precision), rank, rows in itertools.product(
+            FUSED_VARIANTS, choices, (5, 17, 64), (64, 2048)):
+        os.environ[gemm_dispatch.SWITCH] = variant  # where it applies, else the tiled kernel
         torch.set_float32_matmul_precision(precision)
         x = torch.randn(rows, K, generator=generator).to(dtype)
         weight = torch.randn(N, K, generator=generator).to(dtype)
@@ -170,6 +177,7 @@ def exercise(backend) -> None:
             y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
             composition.linear_backward(backend, torch.ones_like(y), x, xa, weight, lora_A,
                                         lora_B, spec, (True,) * 5)
+    os.environ.pop(gemm_dispatch.SWITCH)
     torch.set_float32_matmul_precision("highest")
     for weight_dtype, lora_dtype in itertools.product(KERNEL_DTYPES, repeat=2):
         weight = torch.randn(64, 96, generator=generator).to(weight_dtype)
@@ -335,9 +343,9 @@ def spill_bytes(compiled) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr))
 
 
-# Matrix-multiply instructions counted in the SASS: Hopper's warpgroup MMA (wgmma), the
-# warp-level MMA of earlier GPUs, and fp32 fused multiply-adds on the CUDA cores.
-SASS_OPCODES = ("HGMMA", "HMMA", "FFMA")
+# Instructions counted in the SASS: Hopper's warpgroup MMA (wgmma), the warp-level MMA of
+# earlier GPUs, fp32 fused multiply-adds on the CUDA cores, and TMA tile loads.
+SASS_OPCODES = ("HGMMA", "HMMA", "FFMA", "UTMALDG")
 
 
 def sass_counts(compiled) -> dict[str, int]:

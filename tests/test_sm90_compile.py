@@ -94,3 +94,13 @@ def test_fused_linear_runs_on_hopper_warpgroup_mma(compiled):
     off_path = [f"{describe(row)}: {row['sass']}" for row in rows
                 if not row["sass"]["HGMMA"] or row["sass"]["HMMA"]]
     assert not off_path, "\n".join(off_path)
+
+
+def test_persistent_linear_loads_its_tiles_through_tma(compiled):
+    """Every compile of the persistent variant (backends/triton/fused_linear_tma.py) loads
+    its operand tiles with TMA (``UTMALDG`` in the SASS) into warpgroup MMA (``HGMMA``)."""
+    rows = [row for row in compiled if "persistent" in row["kernel"]]
+    assert rows
+    off_path = [f"{describe(row)}: {row['sass']}" for row in rows
+                if not row["sass"]["UTMALDG"] or not row["sass"]["HGMMA"]]
+    assert not off_path, "\n".join(off_path)

@@ -1,7 +1,9 @@
 """Triton backend: the primitives of :class:`~lorasc_kernels.backends.contract.Backend` as
 Triton kernels. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1``.
 
-* ``fused_linear.py``: ``lowrank_gemm``, the fused low-rank GEMM with its load-time noise;
+* ``gemm_dispatch.py``: ``lowrank_gemm``, the fused low-rank GEMM, by the variant measured
+  fastest per problem: ``fused_linear.py`` (tiled, with its load-time noise),
+  ``fused_linear_tma.py`` (persistent, TMA-fed, Hopper) or two cuBLAS ``addmm`` calls;
 * ``thin.py``: ``dropout_lowrank`` / ``dropout_lowrank_grad``, the thin products with the
   dropout mask regenerated on load;
 * ``merge.py``: ``merge_``, the in-place merge;
@@ -37,7 +39,7 @@ WEIGHT_DTYPES = KERNEL_DTYPES
 SCALED_WEIGHT_DTYPES = SCALED_DTYPES
 
 # Primitive of the backend contract → the kernel module defining it.
-_PRIMITIVES = {"lowrank_gemm": "fused_linear", "dropout_lowrank": "thin",
+_PRIMITIVES = {"lowrank_gemm": "gemm_dispatch", "dropout_lowrank": "thin",
                "dropout_lowrank_grad": "thin", "merge_": "merge"}
 
 

@@ -15,8 +15,8 @@ import triton
 
 from . import interpreting
 
-__all__ = ["fused_linear_configs", "prune_by_operand_size", "thin_configs", "rank_block",
-           "dot_precision"]
+__all__ = ["fused_linear_configs", "persistent_configs", "prune_by_operand_size",
+           "prune_noisy_tiles", "thin_configs", "rank_block", "dot_precision"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
 _FUSED_HOPPER = (
@@ -86,3 +86,43 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the persistent TMA variant (16-bit
+# operands only, so 128-byte K steps): the tutorial's 128-row tiles with 3-4 stages, and
+# narrower ones for problems with few tiles. Compiled for sm_90, none spills (128×128 tiles
+# over 4 warps did, with r = 64 or a bias).
+_PERSISTENT_HOPPER = (
+    (128, 256, 64, 3, 8),
+    (128, 128, 64, 4, 8),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+)
+
+
+def persistent_configs() -> list[triton.Config]:
+    """Configs of the persistent TMA variant: ``BLOCK_M × BLOCK_N`` output tiles, ``GROUP_M``
+    swizzle, as :func:`fused_linear_configs`."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+                              num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_stages=stages, num_warps=warps)
+        for bm, bn, bk, stages, warps in _PERSISTENT_HOPPER
+    ]
+
+
+# Output-tile elements per thread up to which the persistent variant hashes the noise of its
+# Q tiles without spilling on sm_90 (128×128 tiles over 8 warps; 128×256 over 8 spill).
+_NOISY_TILE_ELEMENTS_PER_THREAD = 64
+
+
+def prune_noisy_tiles(configs, named_args, **kwargs) -> list[triton.Config]:
+    """With ``FUSED_NOISE`` (at most 256 rows), the persistent configs whose accumulator
+    leaves registers for the hash; all configs otherwise."""
+    if not {**named_args, **kwargs}["FUSED_NOISE"]:  # the autotuner passes constexprs apart
+        return configs
+    return [config for config in configs
+            if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+            <= _NOISY_TILE_ELEMENTS_PER_THREAD * 32 * config.num_warps]

@@ -1,11 +1,12 @@
-"""Device functions shared by the Triton kernels: rounding to a storage dtype, the fp32
-dot product, and the dropout mask on a tile. The counter-based hash is in :mod:`.random`.
+"""Device functions shared by the Triton kernels: rounding to a storage dtype, the noise of
+a weight tile, the fp32 dot product, the dropout mask on a tile, and the fused GEMMs' tile
+order and rank term. The counter-based hash is in :mod:`.random`.
 """
 
 import triton
 import triton.language as tl
 
-from .random import element_bits, row_hash
+from .random import element_bits, row_hash, uniform_centered
 
 
 @triton.jit
@@ -19,6 +20,22 @@ def round_to(value, dtype: tl.constexpr, INTERPRETING: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return value.to(dtype)
+
+
+@triton.jit
+def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.constexpr,
+                   INTERPRETING: tl.constexpr):
+    """``round(q_t + noise_scale · noise(W row, W col))`` for a [BLOCK_K, BLOCK_N] tile of ``Qᵀ``.
+
+    ``offs_k``/``offs_n`` are the tile's global indices in ``Q`` (N, K). ``Q = W``: W row
+    ``offs_n``, col ``offs_k``; ``Q = Wᵀ`` (``W_TRANSPOSED``): W row ``offs_k``, col ``offs_n``.
+    """
+    if W_TRANSPOSED:
+        bits = element_bits(row_hash(key, offs_k)[:, None], offs_n[None, :])
+    else:
+        bits = element_bits(row_hash(key, offs_n)[None, :], offs_k[:, None])
+    noisy = q_t.to(tl.float32) + noise_scale * uniform_centered(bits)
+    return round_to(noisy, q_t.dtype, INTERPRETING)
 
 
 @triton.jit
@@ -60,3 +77,42 @@ def decode_scaled(code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr
     subnormal = tl.where((code >> 7) != 0, -subnormal, subnormal)
     value = tl.where(exponent == 0, subnormal, normal.to(tl.float32, bitcast=True))
     return tl.where(magnitude == 0x7F, float("nan"), value)
+
+
+@triton.jit
+def grouped_tile(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """``(tile row, tile column)`` of output tile ``tile_id``, row tiles grouped by
+    ``GROUP_M`` so that consecutive tiles share the same ``Q`` tiles (L2 reuse)."""
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * tiles_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return (first_m + (tile_id % tiles_per_group) % group_m,
+            (tile_id % tiles_per_group) // group_m)
+
+
+@triton.jit
+def rank_term(u_ptr, v_ptr, offs_m, offs_n, M, N, R,
+              stride_um, stride_ur, stride_vn, stride_vr,
+              scale, dropout_key, dropout_threshold, keep_scale,
+              LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              INTERPRETING: tl.constexpr):
+    """``scale · drop(U Vᵀ)`` on the output tile ``offs_m × offs_n``, fp32: ``U`` (M, R),
+    ``V`` (N, R), the rank dimension in blocks of ``R_BLOCK`` (masked); ``drop`` is
+    :func:`dropout_tile` at the tile's ``(m, n)`` when ``LORA_DROPOUT``."""
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    acc = tl.zeros((offs_m.shape[0], offs_n.shape[0]), dtype=tl.float32)
+    for r0 in tl.range(0, R, R_BLOCK, num_stages=1):  # one pass, no multi-buffering
+        offs_r = r0 + tl.arange(0, R_BLOCK)
+        ranks = offs_r.to(tl.int64)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
+                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
+        v_t = tl.load(v_ptr + cols[None, :] * stride_vn + ranks[:, None] * stride_vr,
+                      mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        acc = mma(u, v_t, acc, DOT_PRECISION, INTERPRETING)
+    if LORA_DROPOUT:
+        acc = dropout_tile(acc, offs_m, offs_n, dropout_key, dropout_threshold, keep_scale,
+                           INTERPRETING)
+    return acc * scale

@@ -1,5 +1,7 @@
 """Fused low-rank GEMM in Triton: ``out = P Qᵀ (+ bias) + s · drop(U Vᵀ)`` in one pass over
-``out``, the backend's ``lowrank_gemm`` primitive.
+``out``, the tiled variant of the backend's ``lowrank_gemm`` primitive (one program per
+output tile; :mod:`.fused_linear_tma` is the persistent TMA variant, :mod:`.gemm_dispatch`
+chooses).
 
 Shapes: ``p`` (M, K), ``q`` (N, K), ``bias`` (N,), ``u`` (M, r), ``v`` (N, r). The linear's
 forward uses it as ``y = x Wᵀ + b + s · xa Bᵀ``; its backward as ``dX = dY W + s ·
@@ -31,12 +33,11 @@ import triton.language as tl
 
 from ...dtypes import float32_scalar
 from ...specs import DropoutSpec, NoiseSpec
-from . import interpreting, on_tensor_device
+from . import interpreting
 from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
-from .device import decode_scaled, dropout_tile, mma, round_to
-from .random import element_bits, row_hash, uniform_centered
+from .device import add_noise_tile, decode_scaled, grouped_tile, mma, rank_term, round_to
 
-__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "lowrank_gemm"]
+__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "gemm_operands", "tiled_lowrank_gemm"]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -44,22 +45,6 @@ NOISE_IN_GEMM_MAX_ROWS = 256
 
 # Tile of the stand-alone noisy-weight pass.
 _NOISE_BLOCK = 64
-
-
-@triton.jit
-def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.constexpr,
-                   INTERPRETING: tl.constexpr):
-    """``round(q_t + noise_scale · noise(W row, W col))`` for a [BLOCK_K, BLOCK_N] tile of ``Qᵀ``.
-
-    ``offs_k``/``offs_n`` are the tile's global indices in ``Q`` (N, K). ``Q = W``: W row
-    ``offs_n``, col ``offs_k``; ``Q = Wᵀ`` (``W_TRANSPOSED``): W row ``offs_k``, col ``offs_n``.
-    """
-    if W_TRANSPOSED:
-        bits = element_bits(row_hash(key, offs_k)[:, None], offs_n[None, :])
-    else:
-        bits = element_bits(row_hash(key, offs_n)[None, :], offs_k[:, None])
-    noisy = q_t.to(tl.float32) + noise_scale * uniform_centered(bits)
-    return round_to(noisy, q_t.dtype, INTERPRETING)
 
 
 @triton.jit
@@ -93,14 +78,7 @@ def _fused_lowrank_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One program: one ``BLOCK_M × BLOCK_N`` tile of ``out``, row tiles grouped by ``GROUP_M``."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_m
-    pid_n = (pid % tiles_per_group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,19 +91,9 @@ def _fused_lowrank_kernel(
     # forward, W's row scale is the output's column scale, applied to the accumulator at the
     # end: the rank term is divided by it first (one accumulator, no spills; scales > 0).
     SCALE_OUT: tl.constexpr = Q_SCALED and not W_TRANSPOSED
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in tl.range(0, R, R_BLOCK, num_stages=1):  # one pass, no multi-buffering
-        offs_r = r0 + tl.arange(0, R_BLOCK)
-        ranks = offs_r.to(tl.int64)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
-                    mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0)
-        v_t = tl.load(v_ptr + cols[None, :] * stride_vn + ranks[:, None] * stride_vr,
-                      mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)
-        acc = mma(u, v_t, acc, DOT_PRECISION, INTERPRETING)
-    if LORA_DROPOUT:
-        acc = dropout_tile(acc, offs_m, offs_n, dropout_key, dropout_threshold, keep_scale,
-                           INTERPRETING)
-    acc = acc * scale
+    acc = rank_term(u_ptr, v_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_vn,
+                    stride_vr, scale, dropout_key, dropout_threshold, keep_scale, LORA_DROPOUT,
+                    R_BLOCK, DOT_PRECISION, INTERPRETING)
     if SCALE_OUT:
         column_scale = tl.load(q_scale_ptr + cols, mask=mask_n, other=1.0)
         acc = acc / column_scale[None, :]
@@ -200,28 +168,36 @@ def noisy_weight_pass(weight: torch.Tensor, noise: NoiseSpec, transposed: bool =
     return out.t() if transposed else out
 
 
-@on_tensor_device
-def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
-                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype.
+def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool):
+    """``(out, q, bias, u, v, r, noise)`` as the GEMM kernels take them: ``out`` (M, N) empty
+    in ``P``'s dtype; above :data:`NOISE_IN_GEMM_MAX_ROWS` rows ``q`` is the noisy weight of
+    one :func:`noisy_weight_pass` and ``noise`` None; without a rank term ``u = v = out``
+    (never read: ``r = 0``); ``bias`` contiguous (read with stride 1)."""
+    if noise is not None and p.shape[0] > NOISE_IN_GEMM_MAX_ROWS:
+        q = noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
+        noise = None
+    out = torch.empty(p.shape[0], q.shape[0], device=p.device, dtype=p.dtype)
+    r = 0 if u is None else u.shape[1]
+    if u is None:
+        u = v = out
+    bias = None if bias is None else bias.contiguous()
+    return out, q, bias, u, v, r, noise
 
-    The contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`): ``q`` is
-    ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
+
+def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
+                       q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
+                       q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, by the
+    tiled kernel: one program per output tile, any dtype, layout and weight format.
+
+    ``q`` is ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
     :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
     by one pass that writes the noisy ``W``. A scaled ``Q`` (fp8 e4m3 with ``q_scale`` per
     ``W`` row) is read as 8-bit codes and converted in registers; its scale multiplies the
     output's columns (forward) or the loaded tile's rows (``q_transposed``, the dX GEMM).
     """
     (M, K), N = p.shape, q.shape[0]
-    if noise is not None and M > NOISE_IN_GEMM_MAX_ROWS:
-        q = noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
-        noise = None
-    out = torch.empty(M, N, device=p.device, dtype=p.dtype)
-    r = 0 if u is None else u.shape[1]
-    if u is None:
-        u = v = out  # not read: the rank loop runs R = 0 times
-    bias = None if bias is None else bias.contiguous()  # the kernel reads it with stride 1
+    out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -1,0 +1,161 @@
+"""The Triton backend's ``lowrank_gemm`` primitive: per problem, the fastest of three ways to
+compute ``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N).
+
+Variants (:data:`VARIANTS`):
+
+* ``"tiled"``: :func:`.fused_linear.tiled_lowrank_gemm`, one program per output tile; takes
+  everything (any dtype, layout, fp8 weights). The fallback of the others.
+* ``"persistent"``: :func:`.fused_linear_tma.persistent_lowrank_gemm`, persistent and fed
+  by TMA; where :func:`.fused_linear_tma.unsupported_reason` is None (16-bit, aligned).
+* ``"addmm"``: :func:`addmm_lowrank_gemm`, cuBLAS ``addmm`` for ``P Qᵀ + b`` then
+  ``out.addmm_(U, Vᵀ, alpha=scale)`` (the benchmarks' ``addmm`` provider); for 16-bit
+  operands of one dtype, unscaled weights and no rank-term dropout. The noise, if any, is
+  one :func:`.fused_linear.noisy_weight_pass` first.
+
+The switch ``LORASC_GEMM_VARIANT`` (:data:`SWITCH`, read at each call):
+
+* ``measure`` (the default for CUDA tensors): the first call of a problem times each
+  candidate variant (after its autotuning) and keeps the fastest for the process, keyed by
+  (device, M rounded up to a power of two, N, K, r, dtype, forward or dX, noise, dropout,
+  bias, candidates): like ``torch.backends.cudnn.benchmark``, but on by default, so the
+  layer is never slower than the ``addmm`` composition measured on the same problem.
+* ``tiled``, ``persistent`` or ``addmm``: that variant wherever it applies, else ``tiled``
+  (the default for CPU tensors under ``TRITON_INTERPRET=1``: nothing to measure there).
+
+Cost of ``measure``: once per key, each candidate runs its autotuning (as it would alone),
+then is timed by :attr:`Dispatch.timer` (``triton.testing.do_bench``: about 30 ms each, so
+0.1 s per key for three). While a CUDA graph is captured nothing is measured: the key's
+earlier choice, else ``tiled``. Variants round differently (``addmm`` rounds ``P Qᵀ + b``
+to ``P``'s dtype before adding the rank term); the noise and the dropout mask are the same
+bits in all three. Set the switch to a variant for run-to-run identical outputs across
+processes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import triton
+
+from ...specs import DropoutSpec, NoiseSpec
+from . import on_tensor_device
+from .fused_linear import noisy_weight_pass, tiled_lowrank_gemm
+from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
+
+__all__ = ["SWITCH", "VARIANTS", "ProblemKey", "Dispatch", "DISPATCH", "candidates",
+           "addmm_lowrank_gemm", "lowrank_gemm"]
+
+SWITCH = "LORASC_GEMM_VARIANT"
+VARIANTS = ("tiled", "persistent", "addmm")
+_MEASURE = "measure"
+
+
+class ProblemKey(NamedTuple):
+    """What a measured choice is kept for: one problem of one device."""
+
+    device: str
+    m_bucket: int  # M rounded up to a power of two, as the autotuners key it
+    n: int
+    k: int
+    r: int
+    dtype: torch.dtype
+    q_transposed: bool  # the dX GEMM
+    noise: bool
+    rank_dropout: bool
+    bias: bool
+    candidates: tuple[str, ...]
+
+    def __str__(self) -> str:
+        flags = [name for name in ("noise", "rank_dropout", "bias") if getattr(self, name)]
+        return (f"{'dX' if self.q_transposed else 'forward'} M<={self.m_bucket} N={self.n} "
+                f"K={self.k} r={self.r} {str(self.dtype).removeprefix('torch.')}"
+                f"{''.join(' +' + flag for flag in flags)} on {self.device}, "
+                f"of {'/'.join(self.candidates)}")
+
+
+def _gpu_seconds(run: Callable[[], object]) -> float:
+    """Median seconds of ``run()`` on the current CUDA stream (``triton.testing.do_bench``)."""
+    return triton.testing.do_bench(run, warmup=5, rep=25) * 1e-3
+
+
+class Dispatch:
+    """The per-process choice of variant, per problem key (a :class:`ProblemKey` from
+    :func:`lowrank_gemm`). ``timer(run) -> seconds`` times a variant (replaceable: the tests
+    give a fake one); :attr:`chosen` maps each measured key to its variant."""
+
+    def __init__(self, timer: Callable[[Callable[[], object]], float] = _gpu_seconds):
+        self.timer = timer
+        self.chosen: dict = {}
+
+    def choose(self, device: torch.device, key, options: tuple[str, ...],
+               run: Callable[[str], object]) -> str:
+        """The variant among ``options`` (``"tiled"`` first) for ``key``, as :data:`SWITCH`
+        says; measuring runs ``run(variant)`` under :attr:`timer`."""
+        mode = os.environ.get(SWITCH) or (_MEASURE if device.type == "cuda" else "tiled")
+        if mode not in (_MEASURE, *VARIANTS):
+            raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
+        if mode != _MEASURE:
+            return mode if mode in options else "tiled"
+        if key not in self.chosen:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return "tiled"
+            seconds = {variant: self.timer(lambda variant=variant: run(variant))
+                       for variant in options}
+            self.chosen[key] = min(options, key=seconds.__getitem__)
+        return self.chosen[key]
+
+
+DISPATCH = Dispatch()
+
+
+def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None,
+               q_scale: torch.Tensor | None) -> tuple[str, ...]:
+    """The variants that compute this call (module docstring), ``"tiled"`` first."""
+    found = ["tiled"]
+    if unsupported_reason(p, q, q_scale) is None:
+        found.append("persistent")
+    operands = [q] + [t for t in (bias, u, v) if t is not None]
+    if (p.dtype in TMA_DTYPES and q_scale is None and rank_dropout is None
+            and all(t.dtype == p.dtype for t in operands)):
+        found.append("addmm")
+    return tuple(found)
+
+
+def addmm_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
+                       q_transposed: bool = False) -> torch.Tensor:
+    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · U Vᵀ`` by two ``addmm`` calls (cuBLAS on a
+    GPU): ``P Qᵀ + b`` rounded to ``P``'s dtype, then the rank term added in place."""
+    if noise is not None:
+        q = noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
+    out = p @ q.t() if bias is None else torch.addmm(bias, p, q.t())
+    if u is not None:
+        out.addmm_(u, v.t(), alpha=scale)
+    return out
+
+
+@on_tensor_device
+def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
+                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, the
+    contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`), by the
+    variant :data:`DISPATCH` chooses."""
+
+    def run(variant: str) -> torch.Tensor:
+        if variant == "persistent":
+            return persistent_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed,
+                                           rank_dropout)
+        if variant == "addmm":
+            return addmm_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed)
+        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout,
+                                  q_scale)
+
+    options = candidates(p, q, bias, u, v, rank_dropout, q_scale)
+    (M, K), N = p.shape, q.shape[0]
+    key = ProblemKey(str(p.device), triton.next_power_of_2(M), N, K,
+                     0 if u is None else u.shape[1], p.dtype, q_transposed, noise is not None,
+                     rank_dropout is not None, bias is not None, options)
+    return run(DISPATCH.choose(p.device, key, options, run))

@@ -1,0 +1,138 @@
+"""The Triton backend's choice of GEMM variant (backends/triton/gemm_dispatch.py): the
+switch, the candidates of a call, the choice by measurement with a fake timing source,
+its per-process cache, and the ``addmm`` composition against float64."""
+
+import pytest
+import torch
+
+from lorasc_kernels.backends import reference
+from lorasc_kernels.backends.triton import fused_linear, gemm_dispatch
+from lorasc_kernels.quantize import quantize
+from lorasc_kernels.specs import DropoutSpec, NoiseSpec
+from tests.backends import DEVICE
+from tests.helpers import KERNEL_TOLERANCE, rel_error
+
+CPU = torch.device("cpu")
+ALL = gemm_dispatch.VARIANTS
+
+
+class FakeTimer:
+    """Times a variant as ``seconds[variant]``: runs it, reads which one ran from ``ran``."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds, self.ran, self.calls = seconds, [], 0
+
+    def __call__(self, run) -> float:
+        self.calls += 1
+        run()
+        return self.seconds[self.ran[-1]]
+
+
+def _choose(dispatch, key, options=ALL, device=CPU):
+    return dispatch.choose(device, key, options, dispatch.timer.ran.append)
+
+
+def test_measure_keeps_the_fastest_per_key_for_the_process(monkeypatch):
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    timer = FakeTimer({"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
+    dispatch = gemm_dispatch.Dispatch(timer)
+    assert _choose(dispatch, "a") == "persistent"
+    assert timer.ran == list(ALL) and timer.calls == 3
+    timer.seconds["addmm"] = 0.5  # a later change of speed is not seen: cached per key
+    assert _choose(dispatch, "a") == "persistent" and timer.calls == 3
+    assert _choose(dispatch, "b") == "addmm" and timer.calls == 6
+    assert _choose(dispatch, "c", options=("tiled", "persistent")) == "persistent"
+    assert dispatch.chosen == {"a": "persistent", "b": "addmm", "c": "persistent"}
+
+
+def test_forced_variant_where_it_applies_else_tiled(monkeypatch):
+    timer = FakeTimer({})
+    dispatch = gemm_dispatch.Dispatch(timer)
+    for variant in ALL:
+        monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
+        assert _choose(dispatch, "k") == variant
+        assert _choose(dispatch, "k", options=("tiled",)) == "tiled"
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "fastest")
+    with pytest.raises(ValueError, match=gemm_dispatch.SWITCH):
+        _choose(dispatch, "k")
+    assert timer.calls == 0 and not dispatch.chosen
+
+
+def test_default_measures_on_cuda_only(monkeypatch):
+    monkeypatch.delenv(gemm_dispatch.SWITCH, raising=False)
+    timer = FakeTimer({"tiled": 2.0, "persistent": 1.0, "addmm": 3.0})
+    dispatch = gemm_dispatch.Dispatch(timer)
+    assert _choose(dispatch, "k", device=CPU) == "tiled" and timer.calls == 0
+    if DEVICE == "cuda":
+        assert _choose(dispatch, "k", device=torch.device("cuda")) == "persistent"
+
+
+def test_candidates_of_a_call():
+    p = torch.randn(16, 64, device=DEVICE).to(torch.bfloat16)
+    weight = torch.randn(32, 64, device=DEVICE).to(torch.bfloat16)
+    u = torch.randn(16, 4, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(32, 4, device=DEVICE).to(torch.bfloat16)
+    codes, scale = quantize(weight.float())
+
+    def of(*args):
+        return gemm_dispatch.candidates(*args)
+
+    old_gpu = DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0)
+    tma = () if old_gpu else ("persistent",)
+    assert of(p, weight, None, u, v, None, None) == ("tiled", *tma, "addmm")
+    assert of(p, weight, None, u, v, DropoutSpec(1, 0.1), None) == ("tiled", *tma)  # mask
+    assert of(p, weight, u[0].float(), u, v, None, None) == ("tiled", *tma)  # fp32 bias
+    assert of(p, codes, None, u, v, None, scale) == ("tiled",)  # fp8 weights
+    assert of(p.float(), weight.float(), None, None, None, None, None) == ("tiled",)
+
+
+@pytest.mark.parametrize("q_transposed", [False, True], ids=["W", "W_t"])
+def test_addmm_composition_matches_float64_with_the_references_noise(q_transposed):
+    p = torch.randn(20, 32, device=DEVICE).to(torch.float16)
+    weight = (torch.randn(24, 32, device=DEVICE) / 6).to(torch.float16)
+    if q_transposed:  # the dX GEMM: P (20, 24), Q = Wᵀ (32, 24)
+        p = p[:, :24].contiguous()
+    q = weight.t() if q_transposed else weight
+    u = torch.randn(20, 3, device=DEVICE).half()
+    v = torch.randn(q.shape[0], 3, device=DEVICE).half()
+    bias = torch.randn(q.shape[0], device=DEVICE).half()
+    noise = NoiseSpec(77, 0.05)
+    got = gemm_dispatch.addmm_lowrank_gemm(p, q, bias, u, v, 1.5, noise, q_transposed)
+    noisy = reference.noisy_weight(weight, noise.seed, noise.scale).double()
+    expected = p.double() @ (noisy if q_transposed else noisy.t()) + bias.double() \
+        + 1.5 * u.double() @ v.double().t()
+    assert got.dtype == torch.float16
+    assert rel_error(got, expected) < KERNEL_TOLERANCE[torch.float16]
+
+
+def test_primitive_returns_the_measured_variants_result(monkeypatch):
+    """Through the primitive: every candidate is timed once, the fastest one's output is
+    returned, and the next call of the same problem measures nothing."""
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    timer = FakeTimer({"tiled": 2.0, "persistent": 3.0, "addmm": 1.0})
+    monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch(timer))
+    for variant in ALL:
+        launcher = f"{variant}_lowrank_gemm"
+        real = getattr(gemm_dispatch, launcher)
+
+        def record(*args, _variant=variant, _real=real, **kwargs):
+            timer.ran.append(_variant)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(gemm_dispatch, launcher, record)
+    p = torch.randn(16, 32, device=DEVICE).to(torch.bfloat16)
+    q = torch.randn(16, 32, device=DEVICE).to(torch.bfloat16)
+    u = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
+    options = gemm_dispatch.candidates(p, q, None, u, v, None, None)
+    got = gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
+    assert timer.ran == [*options, "addmm"]
+    assert torch.equal(got, gemm_dispatch.addmm_lowrank_gemm(p, q, None, u, v, 0.5))
+    gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
+    assert timer.calls == len(options) and timer.ran[-1] == "addmm"
+    [key] = gemm_dispatch.DISPATCH.chosen
+    assert str(key) == f"forward M<=16 N=16 K=32 r=2 bfloat16 on cpu, of {'/'.join(options)}"
+    tiled = fused_linear.tiled_lowrank_gemm(p, q, None, u, v, 0.5)
+    assert rel_error(got, tiled) < KERNEL_TOLERANCE[torch.bfloat16]
+
+
