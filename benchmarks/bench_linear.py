@@ -75,7 +75,7 @@ def provider_names(quick: bool, device: str, full: bool = False) -> list[str]:
         print("skip compile in the linear family on CPU: 20 s+ to build per shape", flush=True)
         return providers.provider_names(("torch", "triton") if quick else ("torch",),
                                         compile_=False)
-    return providers.provider_names(("triton", "cuda"), compile_=full)
+    return providers.provider_names(("triton", "cuda"), compile_=full, triton_variants=True)
 
 
 def clear_grads(tensors: list[torch.Tensor]) -> None:
@@ -137,6 +137,8 @@ def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
     print(f"{family} {problem.label}: " + ", ".join(
         f"{row['provider']} {row['ratio_to_floor']}x" for row in rows
         if row["mode"] == modes[-1]), flush=True)
+    for line in providers.dispatch_choices():
+        print(line, flush=True)
     if sink is not None:
         sink(rows)
     return rows

@@ -68,7 +68,7 @@ STEPS=(
     "env|30|any|print_environment 2>&1 | tee \$OUT_DIR/environment.txt"
     "build_cuda|150|gpu|build_cuda_extension"
     "gpu_tests|100|gpu|\$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml=\$OUT_DIR/gpu_tests.xml tests"
-    "headline|100|any|\$PYTHON -m benchmarks --only linear --problems headline --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
+    "headline|120|any|\$PYTHON -m benchmarks --only linear --problems headline --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
     "kernels|20|gpu|describe_kernels >\$OUT_DIR/kernels.txt; rc=\$?; cat \$OUT_DIR/kernels.txt; exit \$rc"
     "bench_merge|30|any|\$PYTHON -m benchmarks --only merge --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
     "bench_fp8|60|any|\$PYTHON -m benchmarks.bench_fp8 --out-dir \$OUT_DIR \$BENCH_ARGS"
@@ -109,15 +109,21 @@ build_cuda_extension() {
     "$PYTHON" -m lorasc_kernels._build --build >"$WORK/extension_path"
 }
 
-# The tuned configs (TRITON_PRINT_AUTOTUNING lines of the log so far), and the count of
-# tensor-core and FMA instructions in the SASS of every fused linear kernel compiled so far:
-# Triton's (its cache) and the CUDA extension's. HGMMA: Hopper's warpgroup MMA; HMMA: the
-# warp-level MMA of earlier GPUs; FFMA: fp32 fused multiply-add on CUDA cores.
+# The tuned configs (TRITON_PRINT_AUTOTUNING lines of the log so far), what the GEMM
+# dispatch chose ("gemm dispatch:" lines), and the count of tensor-core, FMA and TMA-load
+# instructions in the SASS of every fused linear kernel compiled so far: Triton's two
+# variants (its cache) and the CUDA extension's. HGMMA: Hopper's warpgroup MMA; HMMA: the
+# warp-level MMA of earlier GPUs; FFMA: fp32 fused multiply-add on CUDA cores; UTMALDG: a
+# TMA tile load (the persistent variant).
 describe_kernels() {
     echo "== tuned configs (Triton autotuner)"
     awk '/^Triton autotuning for function/ { n = 4; line = "" }
          n > 0 { line = line $0 " "; if (--n == 0) { print line; found = 1 } }
          END { if (!found) print "none in the log" }' "$LOG"
+    echo "== GEMM variants chosen by the dispatch (ours-triton)"
+    local chosen
+    chosen="$(grep -a '^gemm dispatch:' "$LOG" | sort -u)"
+    echo "${chosen:-none in the log}"
     local cuobjdump candidate
     for candidate in "$(command -v cuobjdump)" \
         "$("$PYTHON" -m lorasc_kernels._build --cuda-home 2>/dev/null)/bin/cuobjdump" \
@@ -127,17 +133,19 @@ print(pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump")')"
     done
     [ -n "${cuobjdump:-}" ] || { echo "cuobjdump: not found"; return 1; }
     echo "== SASS instruction counts ($cuobjdump)"
-    printf '%-6s %-6s %-6s %-24s %s\n' HGMMA HMMA FFMA "warps stages shared" file
+    printf '%-6s %-6s %-6s %-7s %-24s %s\n' HGMMA HMMA FFMA UTMALDG "warps stages shared" file
     local file sass launch
-    for file in $(find "$TRITON_CACHE_DIR" -name '*fused_lowrank*.cubin' 2>/dev/null) \
+    for file in $(find "$TRITON_CACHE_DIR" \( -name '*fused_lowrank*.cubin' \
+                    -o -name '*persistent_lowrank*.cubin' \) 2>/dev/null) \
                 $(cat "$WORK/extension_path" 2>/dev/null); do
         sass="$("$cuobjdump" -sass "$file" 2>&1)" || { echo "cuobjdump failed on $file"; return 1; }
         launch="$("$PYTHON" -c 'import json, sys
 m = json.load(open(sys.argv[1]))
 print(m["num_warps"], m["num_stages"], m["shared"])' "${file%.cubin}.json" 2>/dev/null \
             || echo "(CUDA extension)")"
-        printf '%-6s %-6s %-6s %-24s %s\n' "$(grep -c HGMMA <<<"$sass")" \
-            "$(grep -c HMMA <<<"$sass")" "$(grep -c FFMA <<<"$sass")" "$launch" "$file"
+        printf '%-6s %-6s %-6s %-7s %-24s %s\n' "$(grep -c HGMMA <<<"$sass")" \
+            "$(grep -c HMMA <<<"$sass")" "$(grep -c FFMA <<<"$sass")" \
+            "$(grep -c UTMALDG <<<"$sass")" "$launch" "$file"
     done
 }
 

@@ -13,7 +13,9 @@ Providers (see :func:`provider_names`):
 * ``addmm``: a hand-written autograd Function with ``addmm``/``addmm_`` (no fused kernel).
 * ``compile``: ``torch.compile`` of the eager LoRA ``F.linear(x, W, b) + s · B(A(x))``.
 * ``ours-<backend>``: :class:`lorasc_kernels.LoRASCLinear` with ``backend`` one of
-  ``torch | triton | cuda``; ``ours-<backend>+noise`` adds fused cascade noise.
+  ``torch | triton | cuda``; ``ours-<backend>+noise`` adds fused cascade noise. On Triton
+  the GEMM variant is the dispatch's measured pick (docs/hopper.md);
+  ``ours-triton@<variant>`` forces one of :data:`TRITON_VARIANTS`.
 
 A provider that cannot run here (its backend unavailable, PEFT not installed) raises
 :class:`ProviderUnavailable` and is skipped with the reason; any other error, or a wrong
@@ -23,6 +25,8 @@ still written, then it raises :class:`ProviderFailures` naming every failed prov
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +47,7 @@ __all__ = [
     "EagerLoRALinear",
     "NOISE_LAMBDA",
     "NOISE_SEED",
+    "TRITON_VARIANTS",
     "provider_names",
     "without_backends",
     "build",
@@ -242,7 +247,24 @@ def _compiled_eager(tensors: Tensors) -> nn.Module:
     return torch.compile(EagerLoRALinear(tensors))
 
 
-def _ours(tensors: Tensors, backend: str, noise: bool) -> LoRASCLinear:
+def _pin_gemm_variant(layer: nn.Module, variant: str | None) -> None:
+    """Run ``layer``'s forward and backward with the Triton GEMM ``variant`` forced, or with
+    None the dispatch's default: hooks set the switch before each, so providers timed in
+    turns (or forwards made before their timed backwards) never use another's."""
+    from lorasc_kernels.backends.triton.gemm_dispatch import SWITCH
+
+    def pin(*_):
+        if variant is None:
+            os.environ.pop(SWITCH, None)
+        else:
+            os.environ[SWITCH] = variant
+
+    layer.register_forward_pre_hook(pin)
+    layer.register_full_backward_pre_hook(pin)
+
+
+def _ours(tensors: Tensors, backend: str, noise: bool, variant: str | None = None
+          ) -> LoRASCLinear:
     try:
         resolve_backend(backend, tensors.weight.device)
     except RuntimeError as error:  # says what is missing
@@ -255,6 +277,8 @@ def _ours(tensors: Tensors, backend: str, noise: bool) -> LoRASCLinear:
         layer.lora_B.copy_(tensors.lora_B)
     if noise:
         layer.set_noise(NOISE_SEED, tensors.noise_scale)
+    if backend == "triton":
+        _pin_gemm_variant(layer, variant)
     return layer
 
 
@@ -267,22 +291,45 @@ _BUILDERS: dict[str, Callable[[Tensors], nn.Module]] = {
 for _backend in OUR_BACKENDS:
     _BUILDERS[f"ours-{_backend}"] = lambda t, b=_backend: _ours(t, b, noise=False)
     _BUILDERS[f"ours-{_backend}+noise"] = lambda t, b=_backend: _ours(t, b, noise=True)
+# The Triton GEMM variants that the dispatch chooses from, forced (the third is ``addmm``).
+TRITON_VARIANTS = ("tiled", "persistent")
+for _variant in TRITON_VARIANTS:
+    _BUILDERS[f"ours-triton@{_variant}"] = lambda t, v=_variant: _ours(t, "triton", False, v)
 
 
-def provider_names(backends=OUR_BACKENDS, compile_: bool = True, noise: bool = True) -> list[str]:
-    """Provider names in table order: floor, baselines, then ours per backend."""
+def provider_names(backends=OUR_BACKENDS, compile_: bool = True, noise: bool = True,
+                   triton_variants: bool = False) -> list[str]:
+    """Provider names in table order: floor, baselines, then ours per backend (with
+    ``triton_variants``, Triton's forced GEMM variants after its dispatched one)."""
     names = ["floor", "peft", "addmm"] + (["compile"] if compile_ else [])
     for backend in backends:
         names.append(f"ours-{backend}")
         if noise:
             names.append(f"ours-{backend}+noise")
+        if backend == "triton" and triton_variants:
+            names += [f"ours-triton@{variant}" for variant in TRITON_VARIANTS]
     return names
+
+
+def dispatch_choices() -> list[str]:
+    """What the Triton GEMM dispatch has measured and chosen in this process so far, one
+    line per problem, each line once."""
+    dispatch = sys.modules.get("lorasc_kernels.backends.triton.gemm_dispatch")
+    chosen = {} if dispatch is None else dispatch.DISPATCH.chosen
+    lines = [f"gemm dispatch: {key}: {variant}" for key, variant in chosen.items()
+             if key not in _REPORTED_CHOICES]
+    _REPORTED_CHOICES.update(chosen)
+    return lines
+
+
+_REPORTED_CHOICES: set = set()
 
 
 def without_backends(names: list[str], backends) -> list[str]:
     """``names`` less our providers on any of ``backends`` (e.g. a CUDA build that failed)."""
     return [name for name in names
-            if not any(name.split("+")[0] == f"ours-{backend}" for backend in backends)]
+            if not any(name.split("+")[0].split("@")[0] == f"ours-{backend}"
+                       for backend in backends)]
 
 
 def build(name: str, tensors: Tensors) -> nn.Module:

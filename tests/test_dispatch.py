@@ -136,3 +136,28 @@ def test_primitive_returns_the_measured_variants_result(monkeypatch):
     assert rel_error(got, tiled) < KERNEL_TOLERANCE[torch.bfloat16]
 
 
+
+def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypatch):
+    """``ours-triton@<variant>`` runs its variant in the forward and in the backward's dX
+    GEMM, even with another provider's forward in between (as backward-only timings do)."""
+    from benchmarks import providers
+
+    ran = []
+    for variant in providers.TRITON_VARIANTS:
+        launcher = f"{variant}_lowrank_gemm"
+        real = getattr(gemm_dispatch, launcher)
+
+        def record(*args, _variant=variant, _real=real, **kwargs):
+            ran.append(_variant)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(gemm_dispatch, launcher, record)
+    monkeypatch.delenv(gemm_dispatch.SWITCH, raising=False)
+    tensors = providers.Tensors.draw(providers.Problem(16, 32, 16, 2, torch.bfloat16, DEVICE))
+    persistent = providers.build("ours-triton@persistent", tensors)
+    tiled = providers.build("ours-triton@tiled", tensors)
+    y = persistent(tensors.x)
+    tiled(tensors.x)
+    assert ran == ["persistent", "tiled"]
+    y.backward(tensors.grad_out)
+    assert ran[2:] == ["persistent"]
