@@ -162,3 +162,28 @@ def test_forced_persistent_falls_back_to_tiled_where_tma_does_not_apply(monkeypa
     assert gemm_dispatch.candidates(p, q, None, None, None, None, None) == ("tiled", "addmm")
     got = gemm_dispatch.lowrank_gemm(p, q, None, None, None, 1.0)
     assert torch.equal(got, fused_linear.tiled_lowrank_gemm(p, q, None, None, None, 1.0))
+
+
+@pytest.mark.gpu
+def test_gpu_persistent_and_measured_layer_at_the_headline_specialization(monkeypatch):
+    """On the GPU, the layer's y and grads with the persistent variant forced, then with the
+    measured choice, against float64. bf16, no bias, no dropout, sizes divisible by 16: the
+    kernels the headline benchmark compiles next (shared Triton cache), at M = 1024."""
+    x, weight, _, lora_A, lora_B = lowrank_inputs(1024, 4096, 4096, 16, torch.bfloat16, "cuda",
+                                                  bias=False)
+    dy = torch.randn(1024, 4096, device="cuda").to(torch.bfloat16)
+    leaves64 = [t.double().requires_grad_(True) for t in (x, lora_A, lora_B)]
+    y64 = leaves64[0] @ weight.double().t() + 2.0 * (leaves64[0] @ leaves64[1].t()) \
+        @ leaves64[2].t()
+    y64.backward(dy.double())
+    for variant in ("persistent", "measure"):
+        monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
+        leaves = [t.detach().requires_grad_(True) for t in (x, lora_A, lora_B)]
+        y = lorasc_linear(leaves[0], weight, None, *leaves[1:], 2.0, backend="triton")
+        y.backward(dy)
+        assert rel_error(y, y64.detach()) < KERNEL_TOLERANCE[torch.bfloat16], variant
+        for leaf, leaf64 in zip(leaves, leaves64, strict=True):
+            assert rel_error(leaf.grad, leaf64.grad) < KERNEL_TOLERANCE[torch.bfloat16], variant
+    measured = [key for key in gemm_dispatch.DISPATCH.chosen
+                if key.n == 4096 and key.k == 4096 and key.m_bucket == 1024]
+    assert len(measured) == 2  # forward and dX

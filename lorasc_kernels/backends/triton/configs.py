@@ -43,16 +43,22 @@ _THIN_HOPPER = (
 )
 
 
-def fused_linear_configs() -> list[triton.Config]:
-    """Configs of the fused kernel: ``BLOCK_M × BLOCK_N`` output tiles, ``GROUP_M`` swizzle."""
+def _gemm_configs(tilings) -> list[triton.Config]:
+    """``BLOCK_M × BLOCK_N`` output tiles with ``GROUP_M`` swizzle, one per
+    ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` of ``tilings``."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
                               num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                       num_stages=stages, num_warps=warps)
-        for bm, bn, bk, stages, warps in _FUSED_HOPPER
+        for bm, bn, bk, stages, warps in tilings
     ]
+
+
+def fused_linear_configs() -> list[triton.Config]:
+    """Configs of the tiled fused kernel: :data:`_FUSED_HOPPER`."""
+    return _gemm_configs(_FUSED_HOPPER)
 
 
 def prune_by_operand_size(configs, named_args, **kwargs) -> list[triton.Config]:
@@ -101,16 +107,8 @@ _PERSISTENT_HOPPER = (
 
 
 def persistent_configs() -> list[triton.Config]:
-    """Configs of the persistent TMA variant: ``BLOCK_M × BLOCK_N`` output tiles, ``GROUP_M``
-    swizzle, as :func:`fused_linear_configs`."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
-                              num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                      num_stages=stages, num_warps=warps)
-        for bm, bn, bk, stages, warps in _PERSISTENT_HOPPER
-    ]
+    """Configs of the persistent TMA variant: :data:`_PERSISTENT_HOPPER`."""
+    return _gemm_configs(_PERSISTENT_HOPPER)
 
 
 # Output-tile elements per thread up to which the persistent variant hashes the noise of its
