@@ -45,6 +45,22 @@ def test_measure_keeps_the_fastest_per_key_for_the_process(monkeypatch):
     assert dispatch.chosen == {"a": "persistent", "b": "addmm", "c": "persistent"}
 
 
+def test_a_variant_that_fails_while_measured_is_left_out_with_a_warning(monkeypatch):
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+
+    def run(variant):
+        if variant != "tiled":
+            raise RuntimeError(f"{variant} does not compile here")
+
+    dispatch = gemm_dispatch.Dispatch(lambda fn: fn() or 1.0)
+    with pytest.warns(UserWarning, match="'persistent' failed on k.*does not compile here"):
+        assert dispatch.choose(CPU, "k", ("tiled", "persistent"), run) == "tiled"
+    dispatch = gemm_dispatch.Dispatch(lambda fn: fn() or 1.0)
+    with pytest.raises(RuntimeError, match="does not compile"):  # the fallback's error
+        dispatch.choose(CPU, "k", ("tiled", "addmm"), lambda variant: run("persistent"))
+    assert not dispatch.chosen
+
+
 def test_forced_variant_where_it_applies_else_tiled(monkeypatch):
     timer = FakeTimer({})
     dispatch = gemm_dispatch.Dispatch(timer)

@@ -15,7 +15,8 @@ Variants (:data:`VARIANTS`):
 The switch ``LORASC_GEMM_VARIANT`` (:data:`SWITCH`, read at each call):
 
 * ``measure`` (the default for CUDA tensors): the first call of a problem times each
-  candidate variant (after its autotuning) and keeps the fastest for the process, keyed by
+  candidate variant (after its autotuning; one that raises is left out with a warning,
+  except ``tiled``) and keeps the fastest for the process, keyed by
   (device, M rounded up to a power of two, N, K, r, dtype, forward or dX, noise, dropout,
   bias, candidates): like ``torch.backends.cudnn.benchmark``, but on by default, so the
   layer is never slower than the ``addmm`` composition measured on the same problem.
@@ -34,6 +35,7 @@ processes.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -102,9 +104,16 @@ class Dispatch:
         if key not in self.chosen:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return "tiled"
-            seconds = {variant: self.timer(lambda variant=variant: run(variant))
-                       for variant in options}
-            self.chosen[key] = min(options, key=seconds.__getitem__)
+            seconds = {}
+            for variant in options:
+                try:
+                    seconds[variant] = self.timer(lambda variant=variant: run(variant))
+                except Exception as error:  # the tiled kernel is the fallback: never dropped
+                    if variant == "tiled":
+                        raise
+                    warnings.warn(f"GEMM variant {variant!r} failed on {key}, left out for "
+                                  f"the process: {type(error).__name__}: {error}", stacklevel=3)
+            self.chosen[key] = min(seconds, key=seconds.__getitem__)
         return self.chosen[key]
 
 
