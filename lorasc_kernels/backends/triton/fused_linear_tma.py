@@ -52,7 +52,7 @@ def _store_tile(out_desc, acc, row, col, BLOCK_N: tl.constexpr, INTERPRETING: tl
 
 
 @triton.autotune(configs=persistent_configs(),
-                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"],
+                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_N_CONTIGUOUS"],
                  prune_configs_by={"early_config_prune": prune_noisy_tiles})
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
 def _persistent_lowrank_kernel(
