@@ -89,7 +89,7 @@ def test_digits_help_names_every_option():
     text = run_example("finetune_digits.py", "--help", timeout=120).stdout
     for option in ("--seeds", "--epochs", "--rank", "--slow-rate", "--noise-lambda",
                    "--backend", "--out", "--shots", "--quick", "--only", "--distill-rank",
-                   "--slow-other-params", "--warmup-steps"):
+                   "--slow-other-params", "--warmup-steps", "--weight-format"):
         assert option in text
 
 
