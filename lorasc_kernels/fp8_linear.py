@@ -55,9 +55,9 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features)
-        x_scale = row_scales(rows.float(), SCALED_WEIGHT_DTYPES[_E4M3].max_value)
-        x_q = (rows.float() / x_scale[:, None]).to(_E4M3)
+        rows = x.reshape(-1, self.in_features).float()
+        x_scale = row_scales(rows, SCALED_WEIGHT_DTYPES[_E4M3].max_value)
+        x_q = (rows / x_scale[:, None]).to(_E4M3)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale[:, None],
                              scale_b=self.weight_scale[None, :], bias=bias, out_dtype=x.dtype)

@@ -53,7 +53,7 @@ def row_scales(values: torch.Tensor, max_value: float) -> torch.Tensor:
     peak = values.abs().amax(dim=1) if values.shape[1] else values.new_zeros(values.shape[0])
     scale = torch.where(peak > 0, peak / max_value, 1.0)
     return torch.where(peak / scale > max_value,
-                       scale.nextafter(torch.tensor(float("inf"), device=scale.device)), scale)
+                       scale.nextafter(scale.new_full((), float("inf"))), scale)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
