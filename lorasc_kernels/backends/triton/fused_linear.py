@@ -37,7 +37,8 @@ from . import interpreting
 from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
 from .device import add_noise_tile, decode_scaled, grouped_tile, mma, rank_term, round_to
 
-__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "gemm_operands", "tiled_lowrank_gemm"]
+__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "noisy_operand", "gemm_operands",
+           "tiled_lowrank_gemm"]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -168,14 +169,19 @@ def noisy_weight_pass(weight: torch.Tensor, noise: NoiseSpec, transposed: bool =
     return out.t() if transposed else out
 
 
+def noisy_operand(q, noise: NoiseSpec, q_transposed: bool) -> torch.Tensor:
+    """``Q ⊕ noise`` by one :func:`noisy_weight_pass`: ``q`` is ``W`` or, with
+    ``q_transposed``, ``Wᵀ``, and so is the result."""
+    return noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
+
+
 def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool):
     """``(out, q, bias, u, v, r, noise)`` as the GEMM kernels take them: ``out`` (M, N) empty
     in ``P``'s dtype; above :data:`NOISE_IN_GEMM_MAX_ROWS` rows ``q`` is the noisy weight of
-    one :func:`noisy_weight_pass` and ``noise`` None; without a rank term ``u = v = out``
+    :func:`noisy_operand` and ``noise`` None; without a rank term ``u = v = out``
     (never read: ``r = 0``); ``bias`` contiguous (read with stride 1)."""
     if noise is not None and p.shape[0] > NOISE_IN_GEMM_MAX_ROWS:
-        q = noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
-        noise = None
+        q, noise = noisy_operand(q, noise, q_transposed), None
     out = torch.empty(p.shape[0], q.shape[0], device=p.device, dtype=p.dtype)
     r = 0 if u is None else u.shape[1]
     if u is None:

@@ -44,7 +44,7 @@ import triton
 
 from ...specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
-from .fused_linear import noisy_weight_pass, tiled_lowrank_gemm
+from .fused_linear import noisy_operand, tiled_lowrank_gemm
 from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
 
 __all__ = ["SWITCH", "VARIANTS", "ProblemKey", "Dispatch", "DISPATCH", "candidates",
@@ -138,7 +138,7 @@ def addmm_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · U Vᵀ`` by two ``addmm`` calls (cuBLAS on a
     GPU): ``P Qᵀ + b`` rounded to ``P``'s dtype, then the rank term added in place."""
     if noise is not None:
-        q = noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
+        q = noisy_operand(q, noise, q_transposed)
     out = p @ q.t() if bias is None else torch.addmm(bias, p, q.t())
     if u is not None:
         out.addmm_(u, v.t(), alpha=scale)
