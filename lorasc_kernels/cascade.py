@@ -644,7 +644,7 @@ class Cascade:
         held = sum(len(group["params"]) for group in optimizer.param_groups)
         if self._unrelated_optimizers.get(optimizer) == held:  # seen, and no group added since
             return
-        fast = {id(p) for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)}
+        fast = _fast_param_ids(self.layers)
         if any(id(p) in fast for group in optimizer.param_groups for p in group["params"]):
             self._other_optimizers.add(optimizer)
         else:
@@ -720,9 +720,14 @@ def _local(parameter: torch.Tensor) -> torch.Tensor:
     return local_row_block(parameter.detach())[0]
 
 
+def _fast_param_ids(layers: dict[str, LoRASCLinear]) -> set[int]:
+    """``id`` of every fast LoRA parameter (``lora_A``, ``lora_B``) of ``layers``."""
+    return {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+
+
 def _other_trainable_params(optimizer, layers: dict[str, LoRASCLinear]) -> list[nn.Parameter]:
     """The trainable parameters ``optimizer`` holds besides the fast LoRAs, each once."""
-    fast = {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
+    fast = _fast_param_ids(layers)
     others = {}
     for group in optimizer.param_groups:
         for parameter in group["params"]:
