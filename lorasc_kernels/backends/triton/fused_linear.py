@@ -38,7 +38,7 @@ from .configs import dot_precision, fused_linear_configs, prune_by_operand_size,
 from .device import add_noise_tile, decode_scaled, grouped_tile, mma, rank_term, round_to
 
 __all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "noisy_operand", "gemm_operands",
-           "tiled_lowrank_gemm"]
+           "spec_arguments", "tiled_lowrank_gemm"]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -190,6 +190,14 @@ def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool)
     return out, q, bias, u, v, r, noise
 
 
+def spec_arguments(noise: NoiseSpec | None, rank_dropout: DropoutSpec | None) -> tuple:
+    """``(noise_key, noise_scale, dropout_key, dropout_threshold, keep_scale)`` as the GEMM
+    kernels take them; ``(0, 0.0)`` without noise, ``(0, 0, 1.0)`` without dropout."""
+    return ((0, 0.0) if noise is None else (noise.key, noise.scale32)) + (
+        (0, 0, 1.0) if rank_dropout is None else
+        (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale))
+
+
 def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
                        q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
                        q_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,9 +223,7 @@ def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
         out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         float32_scalar(scale),
-        0 if noise is None else noise.key, 0.0 if noise is None else noise.scale32,
-        *((0, 0, 1.0) if rank_dropout is None else
-          (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)),
+        *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
         Q_SCALED=q_scale is not None, LORA_DROPOUT=rank_dropout is not None,
         R_BLOCK=rank_block(max(r, 1)),

@@ -30,7 +30,7 @@ from ...specs import DropoutSpec, NoiseSpec
 from . import interpreting
 from .configs import dot_precision, persistent_configs, prune_noisy_tiles, rank_block
 from .device import add_noise_tile, grouped_tile, mma, rank_term, round_to
-from .fused_linear import gemm_operands
+from .fused_linear import gemm_operands, spec_arguments
 
 __all__ = ["TMA_DTYPES", "unsupported_reason", "persistent_lowrank_gemm"]
 
@@ -165,9 +165,7 @@ def persistent_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = N
         out.stride(0), p.stride(0), q.stride(1) if q_n_contiguous else q.stride(0),
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         float32_scalar(scale),
-        0 if noise is None else noise.key, 0.0 if noise is None else noise.scale32,
-        *((0, 0, 1.0) if rank_dropout is None else
-          (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)),
+        *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
         Q_N_CONTIGUOUS=q_n_contiguous, LORA_DROPOUT=rank_dropout is not None,
         R_BLOCK=rank_block(max(r, 1)),
