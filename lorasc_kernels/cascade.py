@@ -257,8 +257,8 @@ class Cascade:
         if not self.layers:
             raise ValueError("model has no LoRASCLinear layer: call inject_lorasc first")
         for name, layer in self.layers.items():
-            driver = _DRIVERS.get(layer)
-            if driver is not None and driver() is not None and not driver().finalized:
+            driver = _DRIVERS[layer]() if layer in _DRIVERS else None
+            if driver is not None and not driver.finalized:
                 raise ValueError(
                     f"layer {checks.layer_label(name)} is driven by another Cascade already: "
                     "finalize it first (one Cascade per model)"
