@@ -226,7 +226,7 @@ def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
         Q_SCALED=q_scale is not None, LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(max(r, 1)),
+        R_BLOCK=rank_block(r),
         DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )

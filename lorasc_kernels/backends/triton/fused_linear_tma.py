@@ -168,7 +168,7 @@ def persistent_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = N
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
         Q_N_CONTIGUOUS=q_n_contiguous, LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(max(r, 1)),
+        R_BLOCK=rank_block(r),
         DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )
