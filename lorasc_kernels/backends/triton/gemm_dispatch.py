@@ -14,9 +14,9 @@ Variants (:data:`VARIANTS`):
 
 The switch ``LORASC_GEMM_VARIANT`` (:data:`SWITCH`, read at each call):
 
-* ``measure`` (the default for CUDA tensors): the first call of a problem times each
-  candidate variant (after its autotuning; one that raises is left out with a warning,
-  except ``tiled``) and keeps the fastest for the process, keyed by
+* ``measure`` (the default for CUDA tensors): the first call of a problem with two or
+  more candidate variants times each (after its autotuning; one that raises is left out
+  with a warning, except ``tiled``) and keeps the fastest for the process, keyed by
   (device, M rounded up to a power of two, N, K, r, dtype, forward or dX, noise, dropout,
   bias, candidates): like ``torch.backends.cudnn.benchmark``, but on by default, so the
   layer is never slower than the ``addmm`` composition measured on the same problem.
@@ -101,6 +101,8 @@ class Dispatch:
             raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
         if mode != _MEASURE:
             return mode if mode in options else "tiled"
+        if len(options) == 1:  # nothing to choose between: nothing timed
+            return options[0]
         if key not in self.chosen:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return "tiled"
