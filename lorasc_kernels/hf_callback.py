@@ -12,7 +12,8 @@ schedule (``steps_per_cascade`` or one cascade per epoch) decides which one ends
     model = callback.cascade.finalize()
 
 Checkpoints: ``on_save`` writes the Cascade's state as ``lorasc_cascade.pt`` into the
-checkpoint folder, and when ``trainer.train(resume_from_checkpoint=...)`` resumes from
+checkpoint folder (``lorasc_cascade.rank<i>.pt`` from each process of a distributed
+run), and when ``trainer.train(resume_from_checkpoint=...)`` resumes from
 ``<output_dir>/checkpoint-<step>``, ``on_train_begin`` continues the run from that file
 with :meth:`Cascade.from_state_dict` (the loaded weights already carry the noise).
 """
@@ -40,8 +41,12 @@ CHECKPOINT_FILE = "lorasc_cascade.pt"
 
 
 def _checkpoint_file(args, state) -> Path:
-    """Where the Trainer's checkpoint of the current global step keeps the Cascade's state."""
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / CHECKPOINT_FILE
+    """Where the Trainer's checkpoint of the current global step keeps the Cascade's state:
+    one file per process when there are several (under FSDP2 the anchors of the slow update
+    are each rank's own rows), ``lorasc_cascade.rank<i>.pt``."""
+    name = (CHECKPOINT_FILE if args.world_size <= 1
+            else CHECKPOINT_FILE.replace(".pt", f".rank{args.process_index}.pt"))
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / name
 
 
 class LoRASCCallback(TrainerCallback):
@@ -117,8 +122,10 @@ class LoRASCCallback(TrainerCallback):
         return Cascade.from_state_dict(model, optimizer, saved)
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            torch.save(self.cascade.state_dict(), _checkpoint_file(args, state))
+        if args.world_size > 1 or state.is_world_process_zero:
+            path = _checkpoint_file(args, state)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.cascade.state_dict(), path)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.cascade.step()

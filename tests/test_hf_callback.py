@@ -102,3 +102,17 @@ def test_callback_checks_settings_at_once():
         lorasc_kernels.LoRASCCallback(slow_rate=2.0)
     with pytest.raises(TypeError, match="unexpected keyword"):
         lorasc_kernels.LoRASCCallback(steps=3)
+
+
+def test_each_process_of_a_distributed_run_keeps_its_own_cascade_file():
+    from types import SimpleNamespace
+
+    from lorasc_kernels.hf_callback import _checkpoint_file
+
+    state = SimpleNamespace(global_step=7)
+    single = _checkpoint_file(SimpleNamespace(output_dir="out", world_size=1, process_index=0),
+                              state)
+    ranks = {_checkpoint_file(SimpleNamespace(output_dir="out", world_size=2, process_index=i),
+                              state) for i in (0, 1)}
+    assert single.name == CHECKPOINT_FILE and single.parent.name == "checkpoint-7"
+    assert {path.name for path in ranks} == {"lorasc_cascade.rank0.pt", "lorasc_cascade.rank1.pt"}
