@@ -122,10 +122,11 @@ class LoRASCCallback(TrainerCallback):
         return Cascade.from_state_dict(model, optimizer, saved)
 
     def on_save(self, args, state, control, **kwargs):
+        cascade = self.cascade  # refuses before training began
         if args.world_size > 1 or state.is_world_process_zero:
             path = _checkpoint_file(args, state)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.cascade.state_dict(), path)
+            torch.save(cascade.state_dict(), path)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.cascade.step()

@@ -670,7 +670,7 @@ def callback_and_run(tmp_path, global_step=0, **settings):
 
     hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
     model, optimizer = two_layers()
-    args = SimpleNamespace(output_dir=str(tmp_path))
+    args = SimpleNamespace(output_dir=str(tmp_path), world_size=1, process_index=0)
     state = SimpleNamespace(global_step=global_step, is_world_process_zero=True)
     return hf_callback, hf_callback.LoRASCCallback(**settings), model, optimizer, args, state
 
