@@ -38,7 +38,7 @@ TAIL_PID=$!
 exec >>"$LOG" 2>&1
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/lorasc_gpu_check.XXXXXX")"
 trap 'sleep 1; kill $TAIL_PID; rm -rf "$WORK"' EXIT
-export OUT_DIR WORK PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export LOG OUT_DIR WORK PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PYTHON="${PYTHON:-python3}"
 # One build per run, in its own folder; later steps load its file and never build.
 export LORASC_BUILD_DIR="$WORK/build" TRITON_CACHE_DIR="$WORK/triton_cache"

@@ -190,9 +190,14 @@ def _merge_lowrank(
     weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coeff: float,
     rounding: str, seed: int, remove_seed: int | None, remove_scale: float,
     add_seed: int | None, add_scale: float, row_offset: int, backend: str,
-    weight_scale: torch.Tensor | None = None,
+    weight_scale: torch.Tensor | None,
 ) -> None:
-    """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``."""
+    """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``.
+
+    No mutated argument has a default: the dispatcher leaves a trailing argument that equals
+    its default out of the boxed call, and torch < 2.14's in-place version counter then
+    indexes past the arguments it got (``IndexError`` on every merge; seen with torch 2.11).
+    """
     remove = None if remove_seed is None else NoiseSpec(seed_from_int64(remove_seed),
                                                           remove_scale)
     add = None if add_seed is None else NoiseSpec(seed_from_int64(add_seed), add_scale)
@@ -202,7 +207,7 @@ def _merge_lowrank(
 
 @_merge_lowrank.register_fake
 def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, add_seed,
-      add_scale, row_offset, backend, weight_scale=None):
+      add_scale, row_offset, backend, weight_scale):
     return None
 
 

@@ -70,8 +70,23 @@ def test_opcheck_merge(noise, rounding):
     add = (5, 0.02) if noise else (None, 0.0)
     torch.library.opcheck(
         torch.ops.lorasc.merge_lowrank_.default,
-        (weight, lora_B, lora_A, 0.5, rounding, 3, *remove, *add, 2, "torch"),
+        (weight, lora_B, lora_A, 0.5, rounding, 3, *remove, *add, 2, "torch", None),
     )
+
+
+@pytest.mark.parametrize("name", ["merge_lowrank_", "linear_forward", "linear_backward"])
+def test_no_mutated_argument_has_a_default(name):
+    """The dispatcher drops a trailing argument equal to its default from the boxed call; a
+    mutated one so dropped made torch 2.11's version-counter step raise IndexError on every
+    merge (found on an H200). Mutated arguments must therefore be required."""
+    schema = getattr(torch.ops.lorasc, name).default._schema
+    defaulted = [arg.name for arg in schema.arguments
+                 if arg.alias_info is not None and arg.alias_info.is_write
+                 and arg.has_default_value()]
+    assert defaulted == []
+    mutated = {arg.name for arg in schema.arguments
+               if arg.alias_info is not None and arg.alias_info.is_write}
+    assert mutated == ({"weight", "weight_scale"} if name == "merge_lowrank_" else set())
 
 
 def test_opcheck_triton_backend():
