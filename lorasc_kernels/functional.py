@@ -21,8 +21,25 @@ from .specs import LinearSpec, MergeSpec, NoiseSpec
 __all__ = ["lorasc_linear", "merge_lowrank_", "prepare_merge", "draw_seed"]
 
 
+_DRAW_SEED_UNDER_COMPILE = (
+    "dropout_p > 0 (a layer's lora_dropout) without a dropout_seed draws a fresh seed on the "
+    "host at every call, which torch.compile(fullgraph=True) cannot trace: compile without "
+    "fullgraph (one graph break per layer), set lora_dropout=0, or pass dropout_seed"
+)
+
+try:  # torch >= 2.8 puts the reason in fullgraph's error
+    _never_traced = torch.compiler.disable(reason=_DRAW_SEED_UNDER_COMPILE)
+except TypeError:
+    _never_traced = torch.compiler.disable
+
+
+@_never_traced
 def draw_seed() -> int:
-    """A fresh 62-bit seed from torch's default CPU generator (follows ``torch.manual_seed``)."""
+    """A fresh 62-bit seed from torch's default CPU generator (follows ``torch.manual_seed``).
+
+    Never traced: under ``torch.compile`` it is a graph break, and under ``fullgraph=True``
+    Dynamo's error carries :data:`_DRAW_SEED_UNDER_COMPILE`.
+    """
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 

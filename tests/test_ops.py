@@ -178,3 +178,55 @@ def test_compile_fullgraph_matches_eager(noise):
     assert torch.equal(y_compiled, y_eager)
     for compiled_grad, eager_grad in zip(grads_compiled, grads_eager, strict=True):
         assert torch.equal(compiled_grad, eager_grad)
+
+
+# Compiled before any eager call, in a process of its own: the backend modules are not yet
+# imported when Dynamo traces the first forward.
+_COLD_COMPILE = """
+import torch
+from torch import nn
+from lorasc_kernels import LoRASCLinear
+
+torch.manual_seed(0)
+model = nn.Sequential(LoRASCLinear(12, 20, r=4), nn.GELU(), LoRASCLinear(20, 6, r=3))
+with torch.no_grad():
+    for layer in (model[0], model[2]):
+        layer.lora_B.normal_()
+x = torch.randn(2, 5, 12)
+compiled = torch.compile(model, fullgraph=True)
+y = compiled(x)
+y.square().sum().backward()
+grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+model.zero_grad()
+y_eager = model(x)
+y_eager.square().sum().backward()
+close = lambda a, b: torch.testing.assert_close(  # Inductor reorders sums
+    a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+close(y, y_eager)
+for grad, p in zip(grads, [p for p in model.parameters() if p.requires_grad], strict=True):
+    close(grad, p.grad)
+print("compiled first:", tuple(y.shape), len(grads), "gradients")
+"""
+
+
+def test_compile_fullgraph_as_a_fresh_process_first_call():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", _COLD_COMPILE], capture_output=True,
+                            text=True, cwd=Path(__file__).parents[1], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled first: (2, 5, 6) 4 gradients" in result.stdout
+
+
+def test_compile_fullgraph_with_lora_dropout_names_it():
+    model = nn.Sequential(LoRASCLinear(12, 6, r=2, lora_dropout=0.1, backend="torch"))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="lora_dropout"):
+        compiled(torch.randn(3, 12))
+    torch._dynamo.reset()
+    graph_broken = torch.compile(model, backend="aot_eager")  # one graph break per layer
+    y = graph_broken(torch.randn(3, 12))
+    y.sum().backward()
+    assert model[0].lora_A.grad is not None

@@ -61,19 +61,20 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
 
     ``"auto"`` picks the first usable of Triton then CUDA for CUDA tensors and the torch
     reference otherwise. An explicit name that cannot run raises ``RuntimeError`` saying
-    what is missing. A constant of the graph under ``torch.compile`` (resolving imports
-    modules).
+    what is missing. A constant of the graph under ``torch.compile``: Dynamo runs it
+    eagerly, so it also imports the resolved backend's module here, and
+    :func:`backend_module` in the traced code that follows is a dict lookup (importing
+    there would break the graph, and fail under ``fullgraph=True``).
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
+        name = "torch"
         if device.type == "cuda":
-            for candidate in _AUTO_ORDER:
-                if _unavailable_reason(candidate, device) is None:
-                    return candidate
-        return "torch"
+            name = next((candidate for candidate in _AUTO_ORDER
+                         if _unavailable_reason(candidate, device) is None), name)
     reason = _unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available on {device}: {reason}")
