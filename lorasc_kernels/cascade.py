@@ -49,7 +49,6 @@ one Cascade drives a model at a time (see docs/reliability.md).
 from __future__ import annotations
 
 import logging
-import math
 import time
 import weakref
 from collections.abc import Iterator
@@ -75,6 +74,8 @@ __all__ = ["NOISE_MODES", "CascadeSettings", "Cascade", "cascade_seed"]
 logger = logging.getLogger("lorasc_kernels")
 
 NOISE_MODES = ("inplace", "fused", "off")
+# Larger in-place noise swamps W: each removal rounds W at the noise's magnitude.
+MAX_INPLACE_NOISE_LAMBDA = 1.0
 
 # The entries of Cascade.state_dict().
 STATE_KEYS = ("settings", "layer_names", "cascade_index", "steps_in_cascade", "finalized",
@@ -127,6 +128,13 @@ class CascadeSettings:
             raise ValueError(f"slow_rate must be in (0, 1], got {self.slow_rate}")
         keep("noise_lambda", checks.check_float("noise_lambda", self.noise_lambda, minimum=0.0))
         checks.check_choice("noise_mode", self.noise_mode, NOISE_MODES)
+        if self.noise_mode == "inplace" and self.noise_lambda > MAX_INPLACE_NOISE_LAMBDA:
+            raise ValueError(
+                f"noise_lambda={self.noise_lambda:g} with noise_mode='inplace' writes noise "
+                f"{self.noise_lambda:.3g}× the weights' std into W, and removing it rounds W "
+                f"away; at most {MAX_INPLACE_NOISE_LAMBDA} (the paper's is 0.15), or use "
+                "noise_mode='fused', which leaves W clean"
+            )
         keep("seed", checks.check_seed("seed", self.seed))
         if not isinstance(self.keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {type(self.keep_history).__name__}")
@@ -265,6 +273,11 @@ class Cascade:
                 )
             with checks.naming_layer(name):
                 checks.check_writable("weight", layer.weight.detach())
+                if layer.weight_format is not None and settings.applied_noise_mode == "fused":
+                    raise ValueError(
+                        f"noise_mode='fused' is not supported on {layer.weight_format} "
+                        "weights (docs/fp8.md): use 'inplace' or noise_lambda=0")
+        _check_weight_values(self.layers)
         self.optimizer = optimizer
         _check_optimizer(optimizer, self.layers)
         self.cascade_index = 0
@@ -369,7 +382,7 @@ class Cascade:
         if optimizer is self.optimizer:
             return
         _check_optimizer(optimizer, self.layers)
-        if list(map(id, self._slow_params(optimizer))) != list(map(id, self.other_params)):
+        if set(map(id, self._slow_params(optimizer))) != set(map(id, self.other_params)):
             raise ValueError(
                 "optimizer holds other trainable parameters besides the fast LoRAs than the "
                 "Cascade's optimizer (the slow update keeps an anchor for each): build it over "
@@ -467,6 +480,8 @@ class Cascade:
                         for x, shape in zip(pair, shapes, strict=True))):
                     raise ValueError(f"{where}[{t}] must be a pair of tensors of shapes "
                                      f"{shapes} (c·B, A)")
+                for part, saved in zip(("c·B", "A"), pair, strict=True):
+                    _check_saved_values(f"{where}[{t}] ({part})", saved)
 
     def export_peft_adapter(self, path: str | Path) -> Path:
         """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
@@ -498,15 +513,9 @@ class Cascade:
         if self.settings.applied_noise_mode == "off":
             return 0.0
         if layer.weight_format is not None:  # fp8: noise in W only, merged like an update
-            if self.settings.applied_noise_mode == "fused":
-                raise ValueError(f"noise_mode='fused' is not supported on {layer.weight_format} "
-                                 "weights (docs/fp8.md): use 'inplace' or noise_lambda=0")
             return self.settings.noise_lambda * float(
                 dequantize(layer.weight, layer.weight_scale, torch.float32).std())
-        std = global_std(layer.weight)
-        if not math.isfinite(std):
-            raise ValueError(f"weight has non-finite values (std {std}); no layer was changed")
-        return self.settings.noise_lambda * std
+        return self.settings.noise_lambda * global_std(layer.weight)
 
     def _noise(self, cascade_index: int, layer_index: int) -> tuple[int, float]:
         """``(seed, scale)`` of the noise layer ``layer_index`` carries in a cascade."""
@@ -583,6 +592,7 @@ class Cascade:
             logger.warning("Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
                            "to torch.optim.lr_scheduler.LambdaLR", self.settings.warmup_steps)
         self._check_finite_lora()
+        anchors = self._anchors_like_params()
         plans = self._prepare_boundary(last)
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
         record = self.settings.keep_history and any(
@@ -601,7 +611,7 @@ class Cascade:
             self._drop_optimizer_state(layer)
             if not last:
                 reset_lora(layer, self._init_generator(layer, t + 1, index))
-        self._slow_update_other_params()
+        self._slow_update_other_params(anchors)
         self.cascade_index = t + 1
         self.steps_in_cascade = 0
         devices = {layer.weight.device for layer in self.layers.values()}
@@ -672,12 +682,30 @@ class Cascade:
                     "is unchanged"
                 )
 
-    def _slow_update_other_params(self) -> None:
-        """``p ← p_start + slow_rate · (p − p_start)`` in place; the result is the next anchor."""
+    def _anchors_like_params(self) -> list[torch.Tensor]:
+        """The anchors, each moved to its parameter's current dtype and device (a model cast
+        between boundaries); checked before a boundary writes anything."""
+        anchors = []
         for parameter, anchor in zip(self.other_params, self.anchors, strict=True):
+            local = _local(parameter)
+            if local.shape != anchor.shape:
+                names = {id(p): name for name, p in _unwrap(self.model).named_parameters()}
+                raise ValueError(
+                    f"{names.get(id(parameter), 'a slow-updated parameter')} changed shape "
+                    f"from {tuple(anchor.shape)} to {tuple(local.shape)} since the cascade "
+                    "began: no layer was merged"
+                )
+            anchors.append(anchor.to(local.device, local.dtype))
+        return anchors
+
+    def _slow_update_other_params(self, anchors: list[torch.Tensor]) -> None:
+        """``p ← p_start + slow_rate · (p − p_start)`` in place, from ``anchors`` (those of
+        :meth:`_anchors_like_params`); the results are the next anchors."""
+        for parameter, anchor in zip(self.other_params, anchors, strict=True):
             local = _local(parameter)
             anchor.lerp_(local, self.settings.slow_rate)
             local.copy_(anchor)
+        self.anchors = anchors
 
     def _check_anchors(self, anchors) -> None:
         """``state['anchors']``: one tensor like each anchor of this Cascade."""
@@ -694,6 +722,7 @@ class Cascade:
                     f"state['anchors'][{index}] must be a tensor of shape "
                     f"{tuple(anchor.shape)} and dtype {anchor.dtype}, got {saved!r:.80}"
                 )
+            _check_saved_values(f"state['anchors'][{index}]", saved)
 
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
         generator = torch.Generator(device=layer.lora_A.device)
@@ -751,6 +780,37 @@ def _merge_operands(layer: LoRASCLinear) -> tuple:
     if scale is not None:
         scale = scale[row_offset:row_offset + weight.shape[0]]
     return weight, row_offset, lora_b, lora_a, scale
+
+
+def _check_weight_values(layers: dict[str, LoRASCLinear]) -> None:
+    """Every layer's weight (this rank's rows) finite, and an fp8 layer's scales positive and
+    finite; under FSDP2 every rank raises when one refuses."""
+    failure = None
+    for name, layer in layers.items():
+        weight, row_offset = local_row_block(layer.weight.detach())
+        if weight.is_meta:
+            continue
+        try:
+            with checks.naming_layer(name):
+                scale = layer.weight_scale
+                values = weight  # or, for fp8, the row maxima (NaN codes make them NaN)
+                if scale is not None:  # scaled_row_max refuses bad scales
+                    values = checks.scaled_row_max(
+                        weight, scale[row_offset:row_offset + weight.shape[0]])
+                if not bool(torch.isfinite(values).all()):
+                    raise ValueError("weight has non-finite values; no layer was changed")
+        except ValueError as error:
+            failure = error
+            break
+    _raise_on_every_rank(failure, layers.values())
+
+
+def _check_saved_values(where: str, saved: torch.Tensor) -> None:
+    """A saved tensor holds values (not meta) and they are finite."""
+    if saved.is_meta:
+        raise ValueError(f"{where} is on the meta device: it holds no values")
+    if not bool(torch.isfinite(saved).all()):
+        raise ValueError(f"{where} has non-finite values")
 
 
 def _raise_on_every_rank(failure: Exception | None, layers) -> None:

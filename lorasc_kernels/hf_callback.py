@@ -112,7 +112,11 @@ class LoRASCCallback(TrainerCallback):
                 f"resuming at step {state.global_step} needs the Cascade's state in {path}; "
                 "resume from a checkpoint of output_dir saved with LoRASCCallback"
             )
-        saved = torch.load(path, weights_only=True)
+        try:
+            saved = torch.load(path, weights_only=True)
+        except Exception as error:  # torch raises UnpicklingError, EOFError, RuntimeError...
+            raise ValueError(f"the Cascade's state in {path} cannot be read "
+                             f"({type(error).__name__}: {error})") from error
         settings = saved.get("settings") if isinstance(saved, dict) else None
         if settings != asdict(self.settings):
             raise ValueError(

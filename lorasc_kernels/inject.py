@@ -136,7 +136,7 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
         )
     for name, module in chosen.items():
         with checks.naming_layer(name):
-            LoRASCLinear.check_linear(module)
+            LoRASCLinear.check_linear(module, config.weight_format)
         if config.r > min(module.in_features, module.out_features):
             raise ValueError(
                 f"r={config.r} exceeds min(in, out)="

@@ -10,6 +10,7 @@ from torch import nn
 from . import _checks as checks
 from .backends import BACKENDS
 from .functional import lorasc_linear
+from .dtypes import SCALED_DTYPES
 from .quantize import dequantize, format_dtype, quantize
 
 __all__ = ["LoRASCLinear"]
@@ -117,10 +118,8 @@ class LoRASCLinear(nn.Linear):
         With ``weight_format="fp8_e4m3"`` the weight is quantized once into new storage
         (per-row absmax scales, round to nearest); the bias is still shared.
         """
-        if weight_format is not None:
-            format_dtype(weight_format)
-        cls.check_linear(linear)
-        weight = linear.weight
+        cls.check_linear(linear, weight_format)  # nothing below refuses: linear stays as it
+        weight = linear.weight                   # was when this raises
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None, r=r,
             lora_alpha=lora_alpha, lora_dropout=lora_dropout, backend=backend,
@@ -140,8 +139,11 @@ class LoRASCLinear(nn.Linear):
         return layer
 
     @staticmethod
-    def check_linear(linear) -> None:
-        """``linear`` can become a ``LoRASCLinear``: a plain ``nn.Linear`` with float weights."""
+    def check_linear(linear, weight_format: str | None = None) -> None:
+        """``linear`` can become a ``LoRASCLinear``: a plain ``nn.Linear`` with float weights,
+        finite where ``weight_format`` will quantize them."""
+        if weight_format is not None:
+            format_dtype(weight_format)
         if isinstance(linear, LoRASCLinear):
             raise TypeError(
                 "linear is a LoRASCLinear already: wrapping it again would drop its trained "
@@ -150,6 +152,47 @@ class LoRASCLinear(nn.Linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         checks.check_layer_dtype("linear.weight's dtype", linear.weight.dtype)
+        weight = linear.weight.detach()
+        if weight_format is not None and not weight.is_meta and not bool(
+                torch.isfinite(weight).all()):
+            raise ValueError(f"linear.weight has non-finite values: it cannot be quantized to "
+                             f"weight_format={weight_format!r}")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Refuse, before this layer copies anything, a state of another weight format: codes
+        into a float weight, float values into an fp8 one, or codes without their scales."""
+        weight = state_dict.get(prefix + "weight")
+        scale = state_dict.get(prefix + "weight_scale")
+        if self.weight_format is None:
+            if scale is not None or (weight is not None and weight.dtype in SCALED_DTYPES):
+                raise ValueError(
+                    f"{prefix}weight: the state holds a scaled weight "
+                    f"({None if weight is None else weight.dtype} with weight_scale) but this "
+                    f"layer is float ({self.weight.dtype}); build it with the state's "
+                    "weight_format, or load a float state"
+                )
+        elif weight is not None or scale is not None:
+            self._check_scaled_state(prefix, weight, scale)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _check_scaled_state(self, prefix: str, weight, scale) -> None:
+        """A state for this fp8 layer: codes of its dtype with their (out_features,) scales."""
+        expected = f"{self.weight.dtype} codes with weight_scale ({self.out_features},)"
+        if weight is None or scale is None:
+            raise ValueError(f"{prefix}weight and {prefix}weight_scale load together (codes "
+                             f"and their scales); the state holds only one of them")
+        if weight.dtype != self.weight.dtype:
+            raise ValueError(
+                f"{prefix}weight: this layer has weight_format={self.weight_format!r} and "
+                f"takes {expected}, the state's weight is {weight.dtype}"
+            )
+        if tuple(scale.shape) != (self.out_features,) or not scale.is_floating_point():
+            raise ValueError(f"{prefix}weight_scale must be a float tensor of shape "
+                             f"({self.out_features},), got {scale.dtype} {tuple(scale.shape)}")
+        if not scale.is_meta and not bool(((scale > 0) & torch.isfinite(scale)).all()):
+            raise ValueError(f"{prefix}weight_scale has zero, negative or non-finite scales")
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """A fresh fast LoRA as PEFT initialises it: ``A`` Kaiming-uniform(a=√5), ``B = 0``.

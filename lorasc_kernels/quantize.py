@@ -20,7 +20,7 @@ __all__ = ["format_dtype", "quantize", "row_scales", "dequantize"]
 def format_dtype(weight_format: str) -> torch.dtype:
     """The storage dtype of ``weight_format``, a name of
     :data:`~lorasc_kernels.dtypes.WEIGHT_FORMATS`."""
-    if weight_format not in WEIGHT_FORMATS:
+    if not isinstance(weight_format, str) or weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be None or one of {sorted(WEIGHT_FORMATS)}, "
                          f"got {weight_format!r}")
     return WEIGHT_FORMATS[weight_format]

@@ -184,8 +184,10 @@ def test_a_later_layer_with_a_non_finite_weight_stops_the_first_boundary():
 def test_noise_that_would_overflow_fp16_is_refused_before_any_layer_changes(noise_mode):
     model, optimizer = two_layers(torch.float16)
     with torch.no_grad():
-        model[2].weight.mul_(1000.0)  # std ~ 200: noise scale 2e5 > 65504 in layer '2' only
-    refused(ValueError, r"layer '2'", lambda: Cascade(model, optimizer, noise_lambda=1000.0,
+        weight = model[2].weight  # ±6e4, std 6e4: W + noise > 65504 in layer '2' only
+        weight.copy_(torch.where(torch.arange(weight.numel()).reshape(weight.shape) % 2 == 0,
+                                 6e4, -6e4))
+    refused(ValueError, r"layer '2'", lambda: Cascade(model, optimizer, noise_lambda=1.0,
                                                       noise_mode=noise_mode), model, optimizer)
 
 
