@@ -62,12 +62,12 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks as checks
-from .distributed import full_tensor, global_std, is_dtensor, local_row_block, reset_lora
+from .distributed import (full_tensor, global_std, is_dtensor, local_row_block, reset_lora,
+                          to_linear, with_synced_scales)
 from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
-from .quantize import dequantize
 from .rounding import ROUNDING_MODES
 
 __all__ = ["NOISE_MODES", "CascadeSettings", "Cascade", "cascade_seed"]
@@ -338,7 +338,7 @@ class Cascade:
         self._boundary(last=True)
         self._stop_noting()
         for name, layer in self.layers.items():
-            linear = layer.to_linear()
+            linear = to_linear(layer)
             if not name:
                 self.model = linear
                 continue
@@ -501,9 +501,7 @@ class Cascade:
             if self.settings.applied_noise_mode == "fused":
                 raise ValueError(f"noise_mode='fused' is not supported on {layer.weight_format} "
                                  "weights (docs/fp8.md): use 'inplace' or noise_lambda=0")
-            return self.settings.noise_lambda * float(
-                dequantize(layer.weight, layer.weight_scale, torch.float32).std())
-        std = global_std(layer.weight)
+        std = global_std(layer.weight, layer.weight_scale)  # fp8: of the dequantized W
         if not math.isfinite(std):
             raise ValueError(f"weight has non-finite values (std {std}); no layer was changed")
         return self.settings.noise_lambda * std
@@ -533,7 +531,8 @@ class Cascade:
 
         Under FSDP2 a rank checks the rows it holds: the operands are gathered first (the
         same collectives in the same order on every rank), then every rank raises when one
-        refuses, so that all ranks run the boundary or none does.
+        refuses, so that all ranks run the boundary or none does. The merge of a sharded fp8
+        layer then gathers its new per-row scales (:func:`with_synced_scales`).
         """
         operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
         merges, failure = [], None
@@ -556,7 +555,8 @@ class Cascade:
                 failure = error
                 break
         _raise_on_every_rank(failure, self.layers.values())
-        return merges
+        return [with_synced_scales(merge, layer)
+                for merge, (_, _, layer, *_) in zip(merges, requests, strict=True)]
 
     def _prepare_boundary(self, last: bool) -> list:
         """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""
