@@ -62,8 +62,15 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks as checks
-from .distributed import (full_tensor, global_std, is_dtensor, local_row_block, reset_lora,
-                          to_linear, with_synced_scales)
+from .distributed import (
+    full_tensor,
+    global_std,
+    is_dtensor,
+    local_row_block,
+    reset_lora,
+    to_linear,
+    with_synced_scales,
+)
 from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
