@@ -28,6 +28,7 @@ from lorasc_kernels.distributed import (
     tensor_checksum,
     weight_checksums,
 )
+from lorasc_kernels.quantize import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_workers" / "cascade_worker.py"
@@ -284,6 +285,15 @@ def test_fsdp_fp8_finalize_dequantizes_each_rank_rows_into_a_sharded_weight(fp8_
                 ("DTensor", "(Shard(dim=0),)", ((3, 2)[rank], 11), torch.float32)]
 
 
+def test_fsdp_fp8_rank_holding_no_rows_gets_the_rescaled_scale(fp8_runs):
+    assert [run["edge"]["local_rows"] for run in fp8_runs] == [1, 0]
+    for run in fp8_runs:
+        before, after, unsharded = run["edge"]["scales"]
+        assert bool(after > before) and torch.equal(after, unsharded)
+        final, unsharded_final = run["edge"]["final"]
+        assert torch.equal(final, unsharded_final)
+
+
 # -- the example ----------------------------------------------------------------------------
 
 def test_torchrun_ddp_example_runs_on_two_cpu_processes(tmp_path):
@@ -331,6 +341,15 @@ def test_row_moments_of_shards_and_global_std():
     by_shard = torch.cat([_row_moments(weight[o:o + n], cols) for o, n in row_blocks(23, 3)])
     assert torch.equal(by_shard, whole)
     assert global_std(weight) == pytest.approx(float(weight.double().std()), rel=1e-12)
+
+
+def test_global_std_of_a_scaled_weight_is_that_of_its_dequantized_rows():
+    q, scale = quantize(torch.randn(23, 19) * 0.1 + 0.3)
+    exact = q.double() * scale.double()[:, None]  # exact: 4 + 24 significant bits
+    by_shard = torch.cat([_row_moments(q[o:o + n], 19, scale[o:o + n])
+                          for o, n in row_blocks(23, 3)])
+    assert torch.equal(by_shard, _row_moments(exact, 19))
+    assert global_std(q, scale) == pytest.approx(float(exact.std()), rel=1e-12)
 
 
 def test_checksum_is_exact_and_additive_over_row_blocks():

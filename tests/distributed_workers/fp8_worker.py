@@ -7,7 +7,8 @@ reference. Before each merge (two boundaries, then ``finalize()``) the fast ``B`
 reference is handed the same fast LoRA. Two scenarios: the default settings, and the
 paper's (noise written into ``W``, ``slow_rate=0.5``). After each merge every rank records
 its output on a fixed probe, its ``weight_scale`` buffers and the gathered parameters, and
-the reference's; it saves them to ``<out_dir>/rank<RANK>.pt`` for the test to compare.
+the reference's. ``edge``: a one-row fp8 weight, whose rows rank 1 does not hold, rescaled
+by a boundary. Each rank saves to ``<out_dir>/rank<RANK>.pt`` for the test to compare.
 """
 
 import copy
@@ -125,12 +126,33 @@ def fp8_scenario(rank, world, settings):
     }
 
 
+def edge_scenario():
+    """One boundary on a one-row fp8 weight: rank 0 merges and rescales the row, every rank
+    must hold its new scale; then finalize()."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(IN, 1, r=1, lora_alpha=2, weight_format="fp8_e4m3")
+    reference = copy.deepcopy(layer)
+    fully_shard(layer)
+    optimizer = torch.optim.SGD(trainable(layer), lr=0.5)
+    settings = {"steps_per_cascade": 1, "seed": 5, **PAPER}
+    cascade = Cascade(layer, optimizer, **settings)
+    ref_cascade = Cascade(reference, torch.optim.SGD(trainable(reference)), **settings)
+    layer(torch.randn(4, IN)).pow(2).mean().backward()
+    optimizer.step()
+    enlarge_and_hand_over(layer, reference)
+    before = layer.weight_scale.clone()
+    assert cascade.step() and ref_cascade.step()
+    return {"local_rows": layer.weight.to_local().shape[0],
+            "scales": (before, layer.weight_scale.clone(), reference.weight_scale.clone()),
+            "final": (gathered(cascade.finalize().weight), ref_cascade.finalize().weight)}
+
+
 def main(out_dir):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         results = {"default": fp8_scenario(rank, world, {}),
-                   "paper": fp8_scenario(rank, world, PAPER)}
+                   "paper": fp8_scenario(rank, world, PAPER), "edge": edge_scenario()}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
