@@ -61,12 +61,19 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks as checks
-from .distributed import full_tensor, global_std, is_dtensor, local_row_block, reset_lora
+from .distributed import (
+    full_tensor,
+    global_std,
+    is_dtensor,
+    local_row_block,
+    reset_lora,
+    to_linear,
+    with_synced_scales,
+)
 from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
-from .quantize import dequantize
 from .rounding import ROUNDING_MODES
 
 __all__ = ["NOISE_MODES", "CascadeSettings", "Cascade", "cascade_seed"]
@@ -351,7 +358,7 @@ class Cascade:
         self._boundary(last=True)
         self._stop_noting()
         for name, layer in self.layers.items():
-            linear = layer.to_linear()
+            linear = to_linear(layer)
             if not name:
                 self.model = linear
                 continue
@@ -512,10 +519,8 @@ class Cascade:
     def _measure_noise_scale(self, layer: LoRASCLinear) -> float:
         if self.settings.applied_noise_mode == "off":
             return 0.0
-        if layer.weight_format is not None:  # fp8: noise in W only, merged like an update
-            return self.settings.noise_lambda * float(
-                dequantize(layer.weight, layer.weight_scale, torch.float32).std())
-        return self.settings.noise_lambda * global_std(layer.weight)
+        # fp8: of the dequantized W (the noise goes into W only, merged like an update)
+        return self.settings.noise_lambda * global_std(layer.weight, layer.weight_scale)
 
     def _noise(self, cascade_index: int, layer_index: int) -> tuple[int, float]:
         """``(seed, scale)`` of the noise layer ``layer_index`` carries in a cascade."""
@@ -542,7 +547,8 @@ class Cascade:
 
         Under FSDP2 a rank checks the rows it holds: the operands are gathered first (the
         same collectives in the same order on every rank), then every rank raises when one
-        refuses, so that all ranks run the boundary or none does.
+        refuses, so that all ranks run the boundary or none does. The merge of a sharded fp8
+        layer then gathers its new per-row scales (:func:`with_synced_scales`).
         """
         operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
         merges, failure = [], None
@@ -565,7 +571,8 @@ class Cascade:
                 failure = error
                 break
         _raise_on_every_rank(failure, self.layers.values())
-        return merges
+        return [with_synced_scales(merge, layer)
+                for merge, (_, _, layer, *_) in zip(merges, requests, strict=True)]
 
     def _prepare_boundary(self, last: bool) -> list:
         """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""

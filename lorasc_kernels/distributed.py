@@ -12,7 +12,12 @@ rank, the last ranks shorter or empty). The cascade then works on each rank's ow
 * :func:`global_std` is ``std(W)`` of the whole matrix from per-row moments (``N`` numbers
   gathered, not ``N × K``), the same float on every rank and in an unsharded run;
 * :func:`reset_lora` draws the whole fresh ``A`` from the seeded generator and keeps the
-  local rows, so every rank holds its part of the unsharded run's ``A``.
+  local rows, so every rank holds its part of the unsharded run's ``A``;
+* an fp8 layer's per-row scales ``weight_scale`` (N,) stay a replicated buffer (FSDP2 shards
+  parameters only, and the forward needs all of them next to the gathered ``W``): each rank
+  merges and rescales the scales of its own rows, then :func:`with_synced_scales` gathers
+  every rank's rows into every rank's buffer (``N`` floats), and :func:`to_linear`
+  dequantizes each rank's rows with their own scales.
 
 Debug helpers: :func:`tensor_checksum` hashes the exact bits of a tensor (a sharded one
 hashed by global position, so it equals the checksum of the gathered tensor);
@@ -23,6 +28,7 @@ compares them across ranks with an ``all_gather``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
@@ -37,6 +43,8 @@ __all__ = [
     "full_tensor",
     "global_std",
     "reset_lora",
+    "with_synced_scales",
+    "to_linear",
     "tensor_checksum",
     "weight_checksums",
     "assert_weights_equal_across_ranks",
@@ -99,21 +107,37 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
-def _row_moments(block: torch.Tensor, cols: int) -> torch.Tensor:
-    """``(rows, 2)`` float64: each row's mean and sum of squared deviations from it."""
+def _row_sharded(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``rows``, this rank's block of a tensor with ``like.shape[0]`` rows, as a DTensor
+    sharded as ``like`` (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    shape = (like.shape[0], *rows.shape[1:])
+    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False,
+                              shape=shape, stride=torch.empty(shape, device="meta").stride())
+
+
+def _row_moments(block: torch.Tensor, cols: int,
+                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(rows, 2)`` float64: each row's mean and sum of squared deviations from it, of
+    ``row_scale[row] · block[row]`` when ``row_scale`` (rows,) is given."""
     rows = block.shape[0]
     step = max(1, _BLOCK_ELEMENTS // cols)
     moments = torch.empty(rows, 2, dtype=torch.float64, device=block.device)
     for start in range(0, rows, step):
         values = block[start:start + step].reshape(-1, cols).to(torch.float64)
+        if row_scale is not None:  # exact in float64: fp8 and float32 significands
+            values = values * row_scale[start:start + step, None].to(torch.float64)
         means = values.mean(dim=1)
         moments[start:start + step, 0] = means
         moments[start:start + step, 1] = (values - means[:, None]).square().sum(dim=1)
     return moments
 
 
-def global_std(tensor: torch.Tensor) -> float:
-    """``std`` (unbiased) of the whole of ``tensor``, in float64, identical on every rank.
+def global_std(tensor: torch.Tensor, row_scale: torch.Tensor | None = None) -> float:
+    """``std`` (unbiased) of the whole of ``tensor``, in float64, identical on every rank;
+    of the dequantized ``row_scale[row] · tensor[row]`` when the per-row scales ``row_scale``
+    (N,) of a scaled (fp8) weight are given (a whole tensor, replicated on every rank).
 
     Each rank computes the moments of its own rows (:func:`local_row_block`); the ``N × 2``
     moments are gathered and combined in row order on every rank. A row's moments do not
@@ -124,15 +148,12 @@ def global_std(tensor: torch.Tensor) -> float:
     if tensor.dim() == 0 or tensor.numel() < 2:
         raise ValueError(f"std needs at least 2 elements, got shape {tuple(tensor.shape)}")
     cols = tensor.numel() // tensor.shape[0]
-    local, _ = local_row_block(tensor.detach())
-    moments = _row_moments(local, cols)
+    local, row_offset = local_row_block(tensor.detach())
+    if row_scale is not None:
+        row_scale = row_scale[row_offset:row_offset + local.shape[0]]
+    moments = _row_moments(local, cols, row_scale)
     if _is_row_sharded(tensor):
-        from torch.distributed.tensor import DTensor
-
-        moments = DTensor.from_local(
-            moments, tensor.device_mesh, tensor.placements, run_check=False,
-            shape=(tensor.shape[0], 2), stride=(2, 1),
-        ).full_tensor()
+        moments = _row_sharded(moments, tensor).full_tensor()
     means, squares = moments.unbind(dim=1)
     mean = means.mean()
     total = (squares + cols * (means - mean).square()).sum()
@@ -155,6 +176,56 @@ def reset_lora(layer, generator: torch.Generator | None = None) -> None:
     type(layer).reset_lora(SimpleNamespace(lora_A=whole_a, lora_B=layer.lora_B), generator)
     with torch.no_grad():
         local_a.copy_(whole_a[row_offset:row_offset + local_a.shape[0]])
+
+
+def _local_scale_rows(layer) -> torch.Tensor:
+    """The entries of ``layer.weight_scale`` (N,) for this rank's rows of ``layer.weight``
+    (a view of the buffer)."""
+    local, row_offset = local_row_block(layer.weight.detach())
+    return layer.weight_scale[row_offset:row_offset + local.shape[0]]
+
+
+def with_synced_scales(merge: Callable[[], object], layer) -> Callable[[], object]:
+    """``merge`` (of this rank's rows of ``layer``, maybe none), then, for an fp8 layer whose
+    weight is row-sharded, ``layer.weight_scale`` made the same on every rank again.
+
+    The scales (N,) are a replicated buffer, but a rank's merge writes (and may rescale)
+    the entries of its own rows only: the returned call then all-gathers every rank's
+    entries into every rank's buffer (``N`` float32, a collective). Every rank must run it,
+    in the same order. ``merge`` itself for any other layer.
+    """
+    if layer.weight_scale is None or not _is_row_sharded(layer.weight):
+        return merge
+
+    def merge_and_sync():
+        merge()
+        whole = _row_sharded(_local_scale_rows(layer), layer.weight).full_tensor()
+        layer.weight_scale.copy_(whole)
+
+    return merge_and_sync
+
+
+class _WithScale:
+    """``layer`` seen with another ``weight_scale``: a stand-in for its own methods."""
+
+    def __init__(self, layer, weight_scale: torch.Tensor):
+        self._layer, self.weight_scale = layer, weight_scale
+
+    def __getattr__(self, name: str):
+        return getattr(self._layer, name)
+
+
+def to_linear(layer, dtype: torch.dtype | None = None) -> nn.Linear:
+    """``layer.to_linear(dtype)``, also for an fp8 layer whose weight is an FSDP2 shard.
+
+    Each rank dequantizes its own rows with their scales (the layer's method, given its
+    scales as a DTensor sharded as the weight), so the new weight is a DTensor sharded as
+    ``layer.weight``; nothing is gathered.
+    """
+    if layer.weight_scale is None or not _is_row_sharded(layer.weight):
+        return layer.to_linear(dtype)
+    scale = _row_sharded(_local_scale_rows(layer), layer.weight)
+    return type(layer).to_linear(_WithScale(layer, scale), dtype)
 
 
 def _block_checksum(block: torch.Tensor, row_offset: int) -> int:

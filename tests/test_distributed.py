@@ -1,9 +1,10 @@
 """Distributed training: DDP and FSDP2 runs on 2 CPU processes (gloo), shard-wise merges,
 sharded statistics and checksums.
 
-The process tests launch ``tests/distributed_workers/cascade_worker.py`` and
-``examples/torchrun_ddp.py`` once per rank with the environment ``torchrun`` would set
-(localhost, a free port), bounded in time; every rank is killed when one fails.
+The process tests launch ``tests/distributed_workers/cascade_worker.py``, ``fp8_worker.py``
+and ``examples/torchrun_ddp.py`` once per rank with the environment ``torchrun`` would set
+(localhost, a free port, this checkout first on ``PYTHONPATH``), bounded in time; every rank
+is killed when one fails.
 """
 
 import os
@@ -27,9 +28,11 @@ from lorasc_kernels.distributed import (
     tensor_checksum,
     weight_checksums,
 )
+from lorasc_kernels.quantize import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_workers" / "cascade_worker.py"
+FP8_WORKER = ROOT / "tests" / "distributed_workers" / "fp8_worker.py"
 EXAMPLE = ROOT / "examples" / "torchrun_ddp.py"
 RANKS = 2
 TIMEOUT_S = 150
@@ -54,7 +57,9 @@ def launch(script: Path, args: list[str], log_dir: Path) -> list[str]:
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
                    "WORLD_SIZE": str(RANKS), "LOCAL_WORLD_SIZE": str(RANKS),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+                   "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                   "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT),
+                                                              os.environ.get("PYTHONPATH"))))}
             logs.append(log_dir / f"{script.stem}.rank{rank}.log")
             with open(logs[-1], "w") as log:
                 processes.append(subprocess.Popen(
@@ -78,12 +83,22 @@ def launch(script: Path, args: list[str], log_dir: Path) -> list[str]:
     return outputs
 
 
+def launch_and_load(script: Path, out_dir: Path) -> list[dict]:
+    """Run a worker ``script`` on ``RANKS`` processes; what each rank saved."""
+    launch(script, [str(out_dir)], out_dir)
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """What each rank of the DDP and FSDP2 scenarios measured (one 2-process run)."""
-    out_dir = tmp_path_factory.mktemp("distributed")
-    launch(WORKER, [str(out_dir)], out_dir)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(RANKS)]
+    return launch_and_load(WORKER, tmp_path_factory.mktemp("distributed"))
+
+
+@pytest.fixture(scope="module")
+def fp8_runs(tmp_path_factory):
+    """What each rank of the fp8 FSDP2 scenarios measured (one 2-process run)."""
+    return launch_and_load(FP8_WORKER, tmp_path_factory.mktemp("distributed_fp8"))
 
 
 # -- DDP ------------------------------------------------------------------------------------
@@ -203,6 +218,82 @@ def test_fsdp_gradients_match_single_process_within_bf16_tolerance(runs):
         assert len(errors) == 5 and max(errors) < 2e-2, errors
 
 
+# -- FSDP2 on fp8 weights ------------------------------------------------------------------
+
+FP8_SCENARIOS = ("default", "paper")
+FP8_ROW_BLOCKS = {"0": ((0, 6), (6, 11)), "2": ((0, 3), (3, 5))}  # each rank's rows
+
+
+def merges(run):
+    """Each merge's snapshot of a scenario: the boundaries, then finalize()."""
+    return [*run["boundaries"], run["final"]]
+
+
+def max_difference(first, second):
+    return float((first.double() - second.double()).abs().max())
+
+
+def test_fsdp_fp8_merges_rescale_rows_held_by_each_rank(fp8_runs):
+    """The updates are large enough that every boundary rescales rows of both ranks."""
+    for scenario in FP8_SCENARIOS:
+        run = fp8_runs[0][scenario]
+        before = run["initial_scales"]
+        assert len(run["boundaries"]) == 2
+        for boundary in run["boundaries"]:
+            for name, blocks in FP8_ROW_BLOCKS.items():
+                rescaled = boundary["ref_scales"][name] > before[name]
+                assert all(rescaled[start:stop].any() for start, stop in blocks), (scenario, name)
+            before = boundary["ref_scales"]
+
+
+def test_fsdp_fp8_ranks_agree_after_each_boundary_and_finalize(fp8_runs):
+    """Every rank holds the same weight_scale buffers, computes the same output and, after
+    finalize(), the same dequantized weights, bit for bit."""
+    for scenario in FP8_SCENARIOS:
+        per_rank = [merges(run[scenario]) for run in fp8_runs]
+        for index, (first, second) in enumerate(zip(*per_rank, strict=True)):
+            where = (scenario, index)
+            difference = max_difference(first["output"], second["output"])
+            assert difference == 0, f"{where}: outputs differ by up to {difference}"
+            for name in first.get("scales", {}):
+                assert torch.equal(first["scales"][name], second["scales"][name]), (where, name)
+            for name, value in first["state"].items():
+                assert torch.equal(value, second["state"][name]), (where, name)
+
+
+def test_fsdp_fp8_merges_equal_the_unsharded_run_bit_for_bit(fp8_runs):
+    for run in fp8_runs:
+        for scenario in FP8_SCENARIOS:
+            sharded_noise, unsharded_noise = run[scenario]["noise_scales"]
+            assert sharded_noise == unsharded_noise
+            assert all(scale > 0 for scale in sharded_noise) == (scenario == "paper")
+            for index, merge in enumerate(merges(run[scenario])):
+                where = (scenario, index)
+                assert torch.equal(merge["output"], merge["ref_output"]), where
+                for name, scale in merge.get("scales", {}).items():
+                    assert torch.equal(scale, merge["ref_scales"][name]), (where, name)
+                assert merge["state"].keys() == merge["ref_state"].keys()
+                for name, value in merge["state"].items():
+                    assert torch.equal(value, merge["ref_state"][name]), (where, name)
+
+
+def test_fsdp_fp8_finalize_dequantizes_each_rank_rows_into_a_sharded_weight(fp8_runs):
+    for rank, run in enumerate(fp8_runs):
+        for scenario in FP8_SCENARIOS:
+            assert run[scenario]["final"]["weights"] == [
+                ("DTensor", "(Shard(dim=0),)", ((6, 5)[rank], 13), torch.float32),
+                ("DTensor", "(Shard(dim=0),)", ((3, 2)[rank], 11), torch.float32)]
+
+
+def test_fsdp_fp8_rank_holding_no_rows_gets_the_rescaled_scale(fp8_runs):
+    assert [run["edge"]["local_rows"] for run in fp8_runs] == [1, 0]
+    for run in fp8_runs:
+        before, after, unsharded = run["edge"]["scales"]
+        assert bool(after > before) and torch.equal(after, unsharded)
+        final, unsharded_final = run["edge"]["final"]
+        assert torch.equal(final, unsharded_final)
+
+
 # -- the example ----------------------------------------------------------------------------
 
 def test_torchrun_ddp_example_runs_on_two_cpu_processes(tmp_path):
@@ -250,6 +341,15 @@ def test_row_moments_of_shards_and_global_std():
     by_shard = torch.cat([_row_moments(weight[o:o + n], cols) for o, n in row_blocks(23, 3)])
     assert torch.equal(by_shard, whole)
     assert global_std(weight) == pytest.approx(float(weight.double().std()), rel=1e-12)
+
+
+def test_global_std_of_a_scaled_weight_is_that_of_its_dequantized_rows():
+    q, scale = quantize(torch.randn(23, 19) * 0.1 + 0.3)
+    exact = q.double() * scale.double()[:, None]  # exact: 4 + 24 significant bits
+    by_shard = torch.cat([_row_moments(q[o:o + n], 19, scale[o:o + n])
+                          for o, n in row_blocks(23, 3)])
+    assert torch.equal(by_shard, _row_moments(exact, 19))
+    assert global_std(q, scale) == pytest.approx(float(exact.std()), rel=1e-12)
 
 
 def test_checksum_is_exact_and_additive_over_row_blocks():
