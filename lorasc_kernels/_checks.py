@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .dtypes import REFERENCE_DTYPES, SCALED_DTYPES, dtype_names
+from .dtypes import REFERENCE_DTYPES, SCALED_DTYPES, dtype_names, scaled_weight_dtype
 
 
 def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
@@ -49,14 +49,26 @@ def check_weight(weight, weight_scale) -> bool:
     return True
 
 
+def check_scale_values(weight_scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """Every scale of ``weight_scale`` (rows,) is finite and at least the ``min_scale`` of the
+    scaled format ``dtype``: one reduction (``aminmax``) and one read of its result."""
+    if weight_scale.numel() == 0 or weight_scale.is_meta:  # no values to check
+        return
+    smallest = scaled_weight_dtype(dtype).min_scale
+    low, high = torch.aminmax(weight_scale)
+    if bool((low >= smallest) & (high <= torch.finfo(torch.float32).max)):
+        return
+    bad = ~(torch.isfinite(weight_scale) & (weight_scale >= smallest))
+    row = int(bad.nonzero()[0, 0])
+    raise ValueError(f"weight_scale must be positive and finite, at least "
+                     f"2**{math.log2(smallest):.0f} (the smallest scale of {dtype}), got "
+                     f"{float(weight_scale[row])} at row {row}")
+
+
 def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``max_j |weight_scale[i] · weight[i, j]|`` per row (float64), in blocks of rows;
-    refuses scales that are not positive and finite."""
-    bad = ~(torch.isfinite(weight_scale) & (weight_scale > 0))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"weight_scale must be positive and finite, got "
-                         f"{float(weight_scale[row])} at row {row}; weight was left untouched")
+    refuses scales that are not finite and at least the format's ``min_scale``."""
+    check_scale_values(weight_scale, weight.dtype)
     rows, cols = weight.shape
     if rows == 0 or cols == 0:
         return weight_scale.new_zeros(rows, dtype=torch.float64)
@@ -64,6 +76,22 @@ def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Te
     peak = torch.cat([weight[start:start + block].to(torch.float32).abs().amax(dim=1)
                       for start in range(0, rows, block)])
     return peak.double() * weight_scale.double()
+
+
+def check_no_overlap(name: str, tensor: torch.Tensor) -> None:
+    """No two elements of ``tensor`` share memory, as an in-place write needs: its dims of
+    size > 1, by increasing stride, each stride past the span of the dims before it (a
+    zero stride or an ``as_strided`` view over shared elements is refused)."""
+    span = 1  # 1 + the largest offset reached by the dims so far
+    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape,
+                                                     strict=True) if n > 1):
+        if stride < span:
+            raise ValueError(
+                f"{name} has overlapping elements (shape {tuple(tensor.shape)}, strides "
+                f"{tensor.stride()}) and cannot be updated in place; pass a tensor that owns "
+                "its elements"
+            )
+        span += stride * (size - 1)
 
 
 def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meaning: str):
@@ -183,7 +211,7 @@ _EXACT_BLOCK_ELEMENTS = 1 << 20
 
 def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
                          coeff: float, noise_scales: tuple[float, float], row_offset: int,
-                         exact_rows, row_max: torch.Tensor | None = None) -> None:
+                         exact_rows, weight_scale: torch.Tensor | None = None) -> None:
     """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range.
 
     ``weight`` (rows, K) with finite values only, ``noise_scales`` the two noise scales (0
@@ -193,20 +221,25 @@ def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: tor
         bound_i = max_j |W_ij| + (|s_remove| + |s_add|) / 2 + |coeff| · Σ_k |B_ik| max_j |A_kj|
 
     bounds every value of the row. A row passes when ``bound_i`` and ``Σ_k |B_ik| max_j
-    |A_kj|`` are below ``(1 - 2**-10)`` times the largest finite value of W's dtype (of
-    float32 for float64 ``W``: the merge computes in float32). Any other row is merged
+    |A_kj|`` are below ``(1 - 2**-10)`` times the largest finite value of W's dtype (a
+    float64 ``W`` merges in float64). Any other row is merged
     exactly by ``exact_rows`` and refused only if that yields an inf, so no merge that fits
     is refused. One read of ``W`` (a row-wise max), no write.
 
-    A scaled ``W`` (fp8) passes ``row_max``, the row maxima of its dequantized values, and
-    ``exact_rows=None``: its rows are rescaled to fit the format (never out of its range), so
-    only float32's range bounds the merge, and a row over the bound is refused on the bound.
+    A scaled ``W`` (fp8) passes its ``weight_scale`` and ``exact_rows=None``: ``row_max`` is
+    then the row maxima of its dequantized values, its rows are rescaled to fit the format
+    (never out of its range), so only float32's range bounds the merge: a row passes when
+    ``bound_i`` and ``bound_i / weight_scale[i]`` (the merge's ``v / scale``) are within the
+    limit, and is refused on the bound otherwise.
     """
-    dtype_max = torch.finfo(torch.float32 if row_max is not None else weight.dtype).max
-    limit = min(dtype_max, torch.finfo(torch.float32).max) * _BOUND_MARGIN
+    scaled = weight_scale is not None
+    dtype_max = torch.finfo(torch.float32 if scaled else weight.dtype).max
+    limit = dtype_max * _BOUND_MARGIN
     if weight.shape[0] == 0:
         return
-    if row_max is None:
+    if scaled:
+        row_max = scaled_row_max(weight, weight_scale)
+    else:
         row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
     finite = torch.isfinite(row_max)
     if not bool(finite.all()):
@@ -214,10 +247,13 @@ def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: tor
         raise ValueError(f"weight has non-finite values (row {row}); it was left untouched")
     lowrank = lora_B.detach().abs().double() @ lora_A.detach().abs().amax(dim=1).double()
     bound = row_max + sum(abs(s) for s in noise_scales) / 2 + abs(coeff) * lowrank
-    suspect = ((bound > limit) | (lowrank > limit)).nonzero().flatten()
+    outside = (bound > limit) | (lowrank > limit)
+    if scaled:
+        outside |= bound / weight_scale.double() > limit
+    suspect = outside.nonzero().flatten()
     if suspect.numel() == 0:
         return
-    if exact_rows is None:
+    if scaled:
         raise ValueError(
             f"the merge could overflow float32 at row {row_offset + int(suspect[0])}: "
             f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was left untouched"

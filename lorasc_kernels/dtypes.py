@@ -78,11 +78,15 @@ class ScaledWeightDtype(WeightDtype):
     Values are sign, ``exponent_bits`` biased by ``exponent_bias`` and ``mantissa_bits``, with
     subnormals below ``2**min_exponent``; ``max_value`` is the largest finite value (there is
     no infinity). ``name`` is what the user-facing ``weight_format`` options call it.
+    ``min_scale`` is the smallest row scale: every code times it is a float32 normal, and
+    dividing by it (the merge's ``v / scale``, the fused GEMM's rank term) stays finite for
+    values below ``2**64``.
     """
 
     name: str = ""
     exponent_bias: int = 0
     max_value: float = 0.0
+    min_scale: float = 2.0**-64
 
     @property
     def min_exponent(self) -> int:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dtypes import SCALED_WEIGHT_DTYPES
+from . import _checks as checks
+from .dtypes import KERNEL_DTYPES, dtype_names
+from .modules import LoRASCLinear
 from .quantize import quantize, row_scales
 
 __all__ = ["Fp8Linear"]
@@ -26,7 +28,9 @@ _E4M3 = torch.float8_e4m3fn
 
 class Fp8Linear(nn.Module):
     """Frozen fp8 e4m3 linear for inference; ``weight`` (N, K), ``weight_scale`` (N,) and
-    ``bias`` (N,) are its state_dict keys, as in an fp8 ``LoRASCLinear``."""
+    ``bias`` (N,) are its state_dict keys, as in an fp8 ``LoRASCLinear``. The scales must be
+    finite and at least the format's ``min_scale``, the bias a float (N,) tensor on the
+    weight's device; ``x`` (..., K) float32, float16 or bfloat16."""
 
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None = None):
@@ -37,6 +41,11 @@ class Fp8Linear(nn.Module):
         if weight_scale.dtype != torch.float32 or weight_scale.shape != weight.shape[:1]:
             raise ValueError(f"weight_scale must be float32 of shape {tuple(weight.shape[:1])}, "
                              f"got {weight_scale.dtype} of shape {tuple(weight_scale.shape)}")
+        checks.check_scale_values(weight_scale, _E4M3)
+        if bias is not None:
+            checks.check_tensor("bias", bias, dims=1)
+            checks.check_shape("bias", bias, tuple(weight.shape[:1]), "out_features")
+        checks.check_same_device(weight=weight, weight_scale=weight_scale, bias=bias)
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale", weight_scale)
@@ -45,8 +54,17 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
         """Quantize a float ``nn.Linear`` (per-row absmax scales, round to nearest), or share
-        the fp8 weight and scales of a ``LoRASCLinear`` built with ``weight_format`` (its
-        LoRA is left out: merge it first, as ``Cascade`` does at each boundary)."""
+        the fp8 weight and scales of a ``LoRASCLinear`` built with ``weight_format``. Refuses
+        a ``LoRASCLinear`` whose LoRA is trained (nonzero ``lora_B``) or whose weight carries
+        a Cascade's in-place noise: serving would drop the LoRA or keep the noise; finalize
+        its Cascade (or ``merge_lowrank_`` its LoRA) first."""
+        if isinstance(linear, LoRASCLinear) and (bool(linear.lora_B.detach().any())
+                                                 or linear.weight_noise is not None):
+            raise TypeError(
+                "linear is a LoRASCLinear with a trained LoRA (nonzero lora_B) or in-place "
+                "noise: serving its weight alone would drop the LoRA unmerged; finalize its "
+                "Cascade (or merge_lowrank_ its LoRA) first"
+            )
         weight_scale = getattr(linear, "weight_scale", None)
         if weight_scale is not None:
             return cls(linear.weight.detach(), weight_scale, linear.bias)
@@ -54,9 +72,15 @@ class Fp8Linear(nn.Module):
         return cls(q, scale, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"x must be a tensor with a dtype in {dtype_names(KERNEL_DTYPES)}, "
+                            f"got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have in_features={self.in_features} as its last dim, "
+                             f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).float()
-        x_scale = row_scales(rows, SCALED_WEIGHT_DTYPES[_E4M3].max_value)
+        x_scale = row_scales(rows, _E4M3)
         x_q = (rows / x_scale[:, None]).to(_E4M3)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale[:, None],

@@ -115,7 +115,9 @@ def lorasc_linear(
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
         dropout_seed: seed of the dropout mask; drawn from torch's generator if None.
         weight_scale: (N,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3,
-            ``W = weight_scale[row] · weight``, see ``docs/fp8.md``); None for a float weight.
+            ``W = weight_scale[row] · weight``, see ``docs/fp8.md``), finite and at least the
+            format's ``min_scale`` (checked in eager mode), any strides; None for a float
+            weight.
             A scaled weight is frozen, takes no fused noise, and ``x`` keeps its dtype.
 
     Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
@@ -142,6 +144,8 @@ def lorasc_linear(
     if scaled and weight.requires_grad:
         raise ValueError(f"weight has the scaled dtype {weight.dtype} and requires grad: "
                          "scaled weights are frozen (requires_grad_(False))")
+    if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        checks.check_scale_values(weight_scale, weight.dtype)
     scale = checks.check_float("scale", scale)
     dropout_p = checks.check_probability("dropout_p", dropout_p)
     noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)
@@ -183,7 +187,7 @@ def lorasc_linear(
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
         y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
-                       backend, weight_scale)
+                       backend, None if weight_scale is None else weight_scale.contiguous())
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
@@ -216,9 +220,10 @@ def merge_lowrank_(
         row_offset: global index of ``weight``'s first row; noise and rounding bits are
             indexed by global row, so merging shards one by one equals merging the whole.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
-        weight_scale: (rows,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3),
-            updated in place with it: a row whose values would exceed the format's range
-            gets a scale larger by a power of two (``docs/fp8.md``), never a clamp.
+        weight_scale: (rows,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3), any
+            strides without overlap, updated in place with it: a row whose values would
+            exceed the format's range gets a scale larger by a power of two
+            (``docs/fp8.md``), never a clamp.
 
     The exact float32 order of operations is that of
     :func:`lorasc_kernels.backends.reference.merge_`. Everything is checked first
@@ -248,7 +253,8 @@ def prepare_merge(
     before the first write. Beyond the argument checks: ``weight`` must hold values (not
     meta, not an inference tensor outside inference mode), be finite, and the merge must
     keep it finite in its dtype (:func:`lorasc_kernels._checks.check_merge_in_range`); a
-    scaled ``weight`` needs positive finite scales and a merge within float32's range.
+    scaled ``weight`` needs finite scales of at least the format's ``min_scale`` and a merge
+    whose values, and their quotients by the row scale, stay within float32's range.
     """
     scaled = checks.check_weight(weight, weight_scale)
     _check_lowrank(weight, lora_A, lora_B, row_block=True)
@@ -261,16 +267,13 @@ def prepare_merge(
     noise_add = checks.check_noise_pair("noise_add", noise_add)
     scalars = {"coeff": coeff, "noise_remove[1] (scale)": (noise_remove or (0, 0.0))[1],
                "noise_add[1] (scale)": (noise_add or (0, 0.0))[1]}
-    for name, value in scalars.items():  # the merge computes in float32: inf would spread
-        if abs(value) > torch.finfo(torch.float32).max:
+    for name, value in scalars.items():  # merges compute in float32 (float64 W: in float64)
+        if weight.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max:
             raise ValueError(f"{name} must be within float32's range, got {value}")
     row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
-    if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape,
-                                                            strict=True)):
-        raise ValueError(
-            f"weight has a zero stride (strides {weight.stride()}): its elements overlap "
-            "and cannot be merged in place; pass a tensor that owns its elements"
-        )
+    checks.check_no_overlap("weight", weight)
+    if scaled:
+        checks.check_no_overlap("weight_scale", weight_scale)
     checks.check_choice("backend", backend, BACKENDS)
     backend = resolve_backend_name(backend, weight.device)
     if scaled:
@@ -296,7 +299,7 @@ def prepare_merge(
     noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
     if scaled:
         checks.check_merge_in_range(weight, lora_B, lora_A, coeff, noise_scales, row_offset,
-                                    None, row_max=checks.scaled_row_max(weight, weight_scale))
+                                    None, weight_scale)
         return lambda: merge_rows(weight, 0, weight.shape[0], weight_scale)
     checks.check_merge_in_range(
         weight, lora_B, lora_A, coeff, noise_scales, row_offset,

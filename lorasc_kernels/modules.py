@@ -191,8 +191,10 @@ class LoRASCLinear(nn.Linear):
         if tuple(scale.shape) != (self.out_features,) or not scale.is_floating_point():
             raise ValueError(f"{prefix}weight_scale must be a float tensor of shape "
                              f"({self.out_features},), got {scale.dtype} {tuple(scale.shape)}")
-        if not scale.is_meta and not bool(((scale > 0) & torch.isfinite(scale)).all()):
-            raise ValueError(f"{prefix}weight_scale has zero, negative or non-finite scales")
+        try:
+            checks.check_scale_values(scale.detach(), self.weight.dtype)
+        except ValueError as error:
+            raise ValueError(f"{prefix}{error}") from None
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """A fresh fast LoRA as PEFT initialises it: ``A`` Kaiming-uniform(a=√5), ``B = 0``.

@@ -2,9 +2,10 @@
 
 A scaled weight is ``q`` (N, K) in a format of :data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`
 and ``scale`` (N,) float32, one per output row: ``W = scale[row] · q``. Quantization uses
-per-row absmax scales (``max_j |W_ij| = max_value · scale_i``, up to float32 rounding) and
-rounds to nearest; an all-zero row gets scale 1. Merges keep the format with stochastic
-rounding and the rescale rule of :func:`lorasc_kernels.rounding.rescale_rows`.
+per-row absmax scales (``max_j |W_ij| = max_value · scale_i``, up to float32 rounding, and
+at least the format's ``min_scale``) and rounds to nearest; an all-zero row gets scale 1.
+Merges keep the format with stochastic rounding and the rescale rule of
+:func:`lorasc_kernels.rounding.rescale_rows`.
 """
 
 from __future__ import annotations
@@ -31,28 +32,29 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q (N, K) in dtype, scale (N,) float32)`` of a finite float ``weight`` (N, K).
 
-    ``scale = max_j |W_ij| / max_value``, raised by one float32 ulp where float32 rounding
-    would put ``max |W / scale|`` above ``max_value``; ``q = round_nearest(W / scale)``.
+    ``scale = max_j |W_ij| / max_value`` (:func:`row_scales`); ``q = round_nearest(W / scale)``.
     """
-    entry = scaled_weight_dtype(dtype)
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D float tensor, got shape {tuple(weight.shape)} "
                          f"and dtype {weight.dtype}")
     values = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(values).all()):
         raise ValueError("weight has non-finite values: it cannot be quantized")
-    scale = row_scales(values, entry.max_value)
+    scale = row_scales(values, dtype)
     q = round_to_scaled(values / scale[:, None], dtype, "nearest")
     return q, scale
 
 
-def row_scales(values: torch.Tensor, max_value: float) -> torch.Tensor:
-    """Per-row absmax scales (rows,) of float32 ``values`` (rows, cols), finite: ``max_j
-    |v_ij| / max_value``, one float32 ulp larger where float32 rounding would put ``max
-    |v / scale|`` above ``max_value``; 1 for an all-zero row."""
+def row_scales(values: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """Per-row absmax scales (rows,) of float32 ``values`` (rows, cols), finite, for the scaled
+    format ``dtype``: ``max_j |v_ij| / max_value``, one float32 ulp larger where float32
+    rounding would put ``max |v / scale|`` above ``max_value``, and at least ``min_scale``
+    (a row of tiny values keeps them down to ``min_scale`` times the smallest code, and its
+    merges divide by a normal scale); 1 for an all-zero row."""
+    entry = scaled_weight_dtype(dtype)
     peak = values.abs().amax(dim=1) if values.shape[1] else values.new_zeros(values.shape[0])
-    scale = torch.where(peak > 0, peak / max_value, 1.0)
-    return torch.where(peak / scale > max_value,
+    scale = torch.where(peak > 0, (peak / entry.max_value).clamp(min=entry.min_scale), 1.0)
+    return torch.where(peak / scale > entry.max_value,
                        scale.nextafter(scale.new_full((), float("inf"))), scale)
 
 

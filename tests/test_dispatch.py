@@ -2,6 +2,8 @@
 switch, the candidates of a call, the choice by measurement with a fake timing source,
 its per-process cache, and the ``addmm`` composition against float64."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -81,6 +83,22 @@ def test_default_measures_on_cuda_only(monkeypatch):
     assert _choose(dispatch, "k", device=CPU) == "tiled" and timer.calls == 0
     if DEVICE == "cuda":
         assert _choose(dispatch, "k", device=torch.device("cuda")) == "persistent"
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors run in the interpreter only")
+def test_measure_asked_for_on_cpu_tensors_runs_tiled_and_says_so_once(monkeypatch):
+    """The GPU timer cannot time the interpreter: ``measure`` falls back to ``tiled``."""
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch())
+    p, q, u, v = (torch.randn(*shape).to(torch.bfloat16) for shape in
+                  ((16, 32), (16, 32), (16, 2), (16, 2)))
+    with pytest.warns(UserWarning, match="measure times GPU kernels; on cpu tensors"):
+        got = gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
+    assert torch.equal(got, fused_linear.tiled_lowrank_gemm(p, q, None, u, v, 0.5))
+    assert not gemm_dispatch.DISPATCH.chosen
 
 
 def test_candidates_of_a_call():

@@ -96,7 +96,7 @@ def test_output_is_not_a_view():
 
 def test_merge_refuses_a_weight_with_overlapping_elements():
     weight = torch.zeros(1, K).expand(4, K)
-    with pytest.raises(ValueError, match="zero stride"):
+    with pytest.raises(ValueError, match="weight has overlapping elements"):
         merge_lowrank_(weight, torch.randn(4, 2), torch.randn(2, K), 0.5, backend="torch")
 
 

@@ -198,8 +198,9 @@ def test_a_float_state_into_an_fp8_layer_is_refused_before_any_copy(strict):
 @pytest.mark.parametrize("scale, match", [
     (torch.ones(OUT + 1), r"weight_scale must be a float tensor of shape \(5,\)"),
     (torch.ones(OUT, 1), r"weight_scale must be a float tensor of shape \(5,\)"),
-    (torch.full((OUT,), -1.0), "weight_scale has zero, negative or non-finite"),
-], ids=["long", "2-D", "negative"])
+    (torch.full((OUT,), -1.0), "weight_scale must be positive and finite"),
+    (torch.full((OUT,), 1e-30), "weight_scale must be positive and finite, at least 2"),
+], ids=["long", "2-D", "negative", "below-the-floor"])
 def test_an_fp8_state_with_bad_scales_is_refused_before_any_copy(scale, match):
     layer = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8)
     state = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8).state_dict()

@@ -114,30 +114,35 @@ def dropout_lowrank_grad(grad, x, dropout: DropoutSpec):
     return grad.t() @ apply_dropout(x, dropout.p, dropout.seed)
 
 
-def lowrank_delta_fp32(lora_B: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+def lowrank_delta_fp32(lora_B: torch.Tensor, lora_A: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``B A`` in float32, summed over the rank in order: ``d = 0; d = d + B[:, k] A[k, :]``.
 
     This exact order (separate multiply and add, no fused multiply-add) is what the
-    merge kernels reproduce, so every backend gets the same bits.
+    merge kernels reproduce, so every backend gets the same bits. ``dtype=torch.float64``:
+    the same sum in float64 (the merge of a float64 ``W``).
     """
-    b = lora_B.to(torch.float32)
-    a = lora_A.to(torch.float32)
-    delta = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float32, device=b.device)
+    b = lora_B.to(dtype)
+    a = lora_A.to(dtype)
+    delta = torch.zeros(b.shape[0], a.shape[1], dtype=dtype, device=b.device)
     for k in range(a.shape[0]):
         delta = delta + b[:, k : k + 1] * a[k : k + 1, :]
     return delta
 
 
 def _merged_rows(value, lora_B, lora_A, spec: MergeSpec, global_start: int):
-    """``value − remove + coeff · B A + add`` in float32 for rows from ``global_start``."""
+    """``value − remove + coeff · B A + add`` for rows from ``global_start``, in ``value``'s
+    dtype: float32 (scalars rounded to float32), or float64 (a float64 ``W``, unrounded)."""
     rows, cols = value.shape
+    dtype = value.dtype
+    scalar = float if dtype == torch.float64 else float32_scalar
     if spec.remove is not None:
         u = noise_lib.noise(spec.remove.seed, rows, cols, global_start, value.device)
-        value = value - spec.remove.scale32 * u
-    value = value + float32_scalar(spec.coeff) * lowrank_delta_fp32(lora_B, lora_A)
+        value = value - scalar(spec.remove.scale) * u.to(dtype)
+    value = value + scalar(spec.coeff) * lowrank_delta_fp32(lora_B, lora_A, dtype)
     if spec.add is not None:
         u = noise_lib.noise(spec.add.seed, rows, cols, global_start, value.device)
-        value = value + spec.add.scale32 * u
+        value = value + scalar(spec.add.scale) * u.to(dtype)
     return value
 
 
@@ -162,7 +167,8 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec,
         W = round_from_fp32(v, W.dtype, rounding, bits(seed, STREAM_ROUNDING))
 
     Scalars are rounded to float32 first. Rows are global rows ``row_offset + i``. A float64
-    ``W`` (torch backend only) goes through the same float32 arithmetic, like every kernel.
+    ``W`` (torch backend only; the kernels refuse it) is merged in float64 instead, scalars
+    unrounded, so it loses nothing to float32.
     A scaled ``W`` (``weight_scale`` given) goes through :func:`merge_scaled_`.
     Arguments are validated by :func:`lorasc_kernels.functional.merge_lowrank_`.
     """
@@ -170,11 +176,12 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec,
         merge_scaled_(weight, weight_scale, lora_B, lora_A, spec)
         return
     rows, cols = weight.shape
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     block = max(1, MERGE_BLOCK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         global_start = spec.row_offset + start
-        value = _merged_rows(weight[start:stop].to(torch.float32), lora_B[start:stop], lora_A,
+        value = _merged_rows(weight[start:stop].to(compute), lora_B[start:stop], lora_A,
                              spec, global_start)
         bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device)
         weight[start:stop] = round_from_fp32(value, weight.dtype, spec.rounding, bits)

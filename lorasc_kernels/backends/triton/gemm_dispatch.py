@@ -21,7 +21,8 @@ The switch ``LORASC_GEMM_VARIANT`` (:data:`SWITCH`, read at each call):
   bias, candidates): like ``torch.backends.cudnn.benchmark``, but on by default, so the
   layer is never slower than the ``addmm`` composition measured on the same problem.
 * ``tiled``, ``persistent`` or ``addmm``: that variant wherever it applies, else ``tiled``
-  (the default for CPU tensors under ``TRITON_INTERPRET=1``: nothing to measure there).
+  (the default for CPU tensors under ``TRITON_INTERPRET=1``: nothing to measure there;
+  ``measure`` asked for on CPU tensors runs ``tiled`` too, with one warning per process).
 
 Cost of ``measure``: once per key, each candidate runs its autotuning (as it would alone),
 then is timed by :attr:`Dispatch.timer` (``triton.testing.do_bench``: about 30 ms each, so
@@ -91,6 +92,7 @@ class Dispatch:
     def __init__(self, timer: Callable[[Callable[[], object]], float] = _gpu_seconds):
         self.timer = timer
         self.chosen: dict = {}
+        self.told_no_timer = False  # measure was asked for on CPU tensors (warned once)
 
     def choose(self, device: torch.device, key, options: tuple[str, ...],
                run: Callable[[str], object]) -> str:
@@ -99,6 +101,12 @@ class Dispatch:
         mode = os.environ.get(SWITCH) or (_MEASURE if device.type == "cuda" else "tiled")
         if mode not in (_MEASURE, *VARIANTS):
             raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
+        if mode == _MEASURE and device.type != "cuda" and self.timer is _gpu_seconds:
+            if not self.told_no_timer:  # the GPU timer cannot time the interpreter
+                warnings.warn(f"{SWITCH}=measure times GPU kernels; on {device} tensors (the "
+                              "Triton interpreter) the tiled variant runs", stacklevel=3)
+                self.told_no_timer = True
+            return "tiled"
         if mode != _MEASURE:
             return mode if mode in options else "tiled"
         if len(options) == 1:  # nothing to choose between: nothing timed

@@ -291,8 +291,8 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec,
            weight_scale: torch.Tensor | None = None) -> None:
     """In-place merge on validated arguments; same bits as the reference (module docstring).
 
-    ``weight`` (rows, cols) may have any strides but no overlapping elements (a zero
-    stride is refused by :func:`lorasc_kernels.functional.merge_lowrank_`). With
+    ``weight`` (rows, cols) and ``weight_scale`` may have any strides but no overlapping
+    elements (refused by :func:`lorasc_kernels.functional.merge_lowrank_`). With
     ``weight_scale`` the scaled merge (whole rows per program, module docstring).
     """
     if weight_scale is not None:
