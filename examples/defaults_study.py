@@ -88,7 +88,7 @@ class DropOtherState:
 
         def update_and_drop(cascade):
             self.original(cascade)
-            for parameter in cascade.other_params:
+            for parameter in cascade.slow_update.params:
                 cascade.optimizer.state.pop(parameter, None)
         Cascade._slow_update_other_params = update_and_drop
         return self

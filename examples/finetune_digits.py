@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
-from lorasc_kernels.cascade import CascadeSettings
+from lorasc_kernels import CascadeSettings
 
 HERE = Path(__file__).resolve().parent
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)

@@ -1,6 +1,7 @@
 """lorasc_kernels: fused kernels and a drop-in ``nn.Linear`` for LoRASC (arXiv 2407.01491)."""
 
 from .cascade import Cascade
+from .cascade_settings import CascadeSettings
 from .functional import lorasc_linear, merge_lowrank_
 from .inject import LoRASCConfig, inject_lorasc
 from .modules import LoRASCLinear
@@ -10,6 +11,7 @@ __all__ = [
     "LoRASCConfig",
     "inject_lorasc",
     "Cascade",
+    "CascadeSettings",
     "lorasc_linear",
     "merge_lowrank_",
 ]

@@ -44,6 +44,11 @@ the Cascade with :meth:`Cascade.from_state_dict` instead, which injects nothing.
 Failures: every public method checks everything (every layer's merge included) before it
 writes, so one that raises leaves the weights, the optimizer and the counters as they were;
 one Cascade drives a model at a time (see docs/reliability.md).
+
+Around it: :mod:`.cascade_settings` (the settings, checked once), :mod:`.cascade_state`
+(the saved state, its version and checks), :mod:`.optimizer_tracking` (which optimizers'
+fast-LoRA state each boundary drops) and :mod:`.slow_update` (the other parameters' slow
+update). Why the defaults are what they are: docs/method.md.
 """
 
 from __future__ import annotations
@@ -52,15 +57,16 @@ import logging
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import _checks as checks
+from .cascade_settings import CascadeSettings
+from .cascade_state import STATE_VERSION, check_state, upgraded
 from .distributed import (
     full_tensor,
     global_std,
@@ -74,19 +80,12 @@ from .functional import prepare_merge
 from .inject import lorasc_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
-from .rounding import ROUNDING_MODES
+from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
+from .slow_update import SlowUpdate
 
-__all__ = ["NOISE_MODES", "CascadeSettings", "Cascade", "cascade_seed"]
+__all__ = ["Cascade", "cascade_seed"]
 
 logger = logging.getLogger("lorasc_kernels")
-
-NOISE_MODES = ("inplace", "fused", "off")
-# Larger in-place noise swamps W: each removal rounds W at the noise's magnitude.
-MAX_INPLACE_NOISE_LAMBDA = 1.0
-
-# The entries of Cascade.state_dict().
-STATE_KEYS = ("settings", "layer_names", "cascade_index", "steps_in_cascade", "finalized",
-              "noise_scales", "history", "anchors")
 
 # What a derived seed is for (an input of the hash, not a noise stream).
 PURPOSE_NOISE = 0
@@ -109,56 +108,6 @@ def cascade_seed(seed: int, purpose: int, index: int, layer_index: int) -> int:
     return stream_key((purpose_key << 32) | index, layer_index)
 
 
-@dataclass(frozen=True)
-class CascadeSettings:
-    """The settings of a :class:`Cascade`, checked on creation (see ``Cascade``)."""
-
-    steps_per_cascade: int | None = None
-    slow_rate: float = 1.0
-    noise_lambda: float = 0.0
-    noise_mode: str = "inplace"
-    seed: int = 0
-    keep_history: bool = False
-    rounding: str = "stochastic"
-    slow_other_params: bool = True
-    warmup_steps: int = 0
-
-    def __post_init__(self):
-        def keep(name: str, value) -> None:  # the checked value: numpy scalars become Python's
-            object.__setattr__(self, name, value)
-
-        if self.steps_per_cascade is not None:
-            keep("steps_per_cascade", checks.check_int("steps_per_cascade",
-                                                       self.steps_per_cascade, 1))
-        keep("slow_rate", checks.check_float("slow_rate", self.slow_rate))
-        if not 0.0 < self.slow_rate <= 1.0:
-            raise ValueError(f"slow_rate must be in (0, 1], got {self.slow_rate}")
-        keep("noise_lambda", checks.check_float("noise_lambda", self.noise_lambda, minimum=0.0))
-        checks.check_choice("noise_mode", self.noise_mode, NOISE_MODES)
-        if self.noise_mode == "inplace" and self.noise_lambda > MAX_INPLACE_NOISE_LAMBDA:
-            raise ValueError(
-                f"noise_lambda={self.noise_lambda:g} with noise_mode='inplace' writes noise "
-                f"{self.noise_lambda:.3g}× the weights' std into W, and removing it rounds W "
-                f"away; at most {MAX_INPLACE_NOISE_LAMBDA} (the paper's is 0.15), or use "
-                "noise_mode='fused', which leaves W clean"
-            )
-        keep("seed", checks.check_seed("seed", self.seed))
-        if not isinstance(self.keep_history, bool):
-            raise TypeError(f"keep_history must be a bool, got {type(self.keep_history).__name__}")
-        checks.check_choice("rounding", self.rounding, ROUNDING_MODES)
-        if not isinstance(self.slow_other_params, bool):
-            raise TypeError(
-                f"slow_other_params must be a bool, got {type(self.slow_other_params).__name__}"
-            )
-        keep("warmup_steps", checks.check_int("warmup_steps", self.warmup_steps, 0,
-                                              self.steps_per_cascade))
-
-    @property
-    def applied_noise_mode(self) -> str:
-        """``noise_mode``, or ``"off"`` when ``noise_lambda`` is 0 (no noise, no noise work)."""
-        return "off" if self.noise_lambda == 0.0 else self.noise_mode
-
-
 class Cascade:
     """Runs the LoRASC schedule on every ``LoRASCLinear`` of ``model``.
 
@@ -167,66 +116,20 @@ class Cascade:
             wrapped in ``DistributedDataParallel`` (layers are named as inside it).
         optimizer: the optimizer of their ``lora_A``/``lora_B``; anything with ``state``
             and ``param_groups`` like ``torch.optim.Optimizer``.
-        steps_per_cascade: cascade length in ``step()`` calls; None: one cascade per epoch,
-            ended by ``end_epoch()``.
-        slow_rate: the portion α in (0, 1] of each fast LoRA folded into ``W`` (the paper's
-            slow-fast update: 0.5; default 1.0, see below).
-        noise_lambda: noise scale relative to each matrix's std (NoisyTune's λ; the paper's
-            cascading noisy tuning: 0.15; default 0.0, no noise, see below).
-        noise_mode: ``"inplace"`` (noise written into ``W``), ``"fused"`` (added by the
-            kernels, ``W`` untouched) or ``"off"``; with ``noise_lambda=0`` it is ``"off"``.
-        seed: root of every seed the schedule derives.
-        keep_history: keep each merged ``(slow_rate·s·B_t, A_t)`` on the CPU in float32,
-            for :meth:`export_peft_adapter`.
-        rounding: rounding of the merges into ``W``'s dtype, ``"stochastic"`` or ``"nearest"``.
-        slow_other_params: give the other trainable parameters the optimizer holds (a new
-            head, norms, biases) the same slow update at each boundary, see below.
-        warmup_steps: length of the linear learning-rate warm-up at the start of every
-            cascade (0: none), applied through :meth:`lr_lambda`.
+        settings: a :class:`CascadeSettings` (its defaults if None), each value documented
+            there; ``overrides`` replace some of them by name, e.g.
+            ``Cascade(model, optimizer, steps_per_cascade=500, slow_rate=0.5)``.
 
-    **Defaults, chosen by measurement** (``docs/method.md``: three tasks, 4-5 seeds each,
-    compared seed by seed). ``slow_rate=1.0``: the paper's 0.5 lost on every task, by 0.09
-    of the untouched model's loss on a rank-limited regression (0.093 against 0.0002) and
-    by 1.2 to 2.4 accuracy points on the two digits tasks; a merge of α < 1 discards 1 − α
-    of each cascade's learning, the last cascade's included. ``noise_lambda=0.0``: the
-    noise made no difference beyond the seed spread on the digits tasks (at most 0.6
-    points) and cost where the target is exact (0.0072 against 0.0002 at α = 1): each fast
-    LoRA partly fits its cascade's noise. Both paper components stay available:
-    ``slow_rate=0.5, noise_lambda=0.15``. The slow update of the other parameters is on
-    (the identity at α = 1; at α = 0.5 it gained 0.1 to 0.9 points); the per-cascade warm-up
-    is off (10% of each cascade: +0.7 clean / +2.5 OOD points on the few-shot task, −0.4
-    / −0.4 on the distillation, no change on the regression).
-
-    **The slow update of the other parameters.** A parameter trained next to the LoRASC
-    layers (a new classification head, a norm, a bias) keeps its value ``p_start`` at the
-    start of each cascade; at the boundary ``p ← p_start + slow_rate · (p − p_start)``,
-    in place (``torch.lerp``: elementwise, so an FSDP2 rank updates its own rows and DDP
-    ranks stay identical). It is Lookahead's rule on every trained weight, not only on the
-    LoRA layers: with ``slow_rate=0.5`` it gained 0.1 to 0.9 accuracy points at the end,
-    while the training loss still jumps at each boundary (more, since the head is pulled
-    back too). Their optimizer state is kept (as Lookahead keeps its inner optimizer's; a
-    reset measured 0.1 to 1.2 points lower): they are the same parameters, moved part of
-    the way back. The anchors ``p_start``
-    cost one copy of those parameters and are part of :meth:`state_dict`. With
-    ``slow_rate=1`` the update is the identity and no anchor is kept.
-
-    **Per-cascade warm-up.** Every boundary hands the optimizer a fresh fast LoRA with
-    empty moments; ReLoRA found a short warm-up after each such reset necessary ("jagged"
-    schedule). ``lr_lambda(schedule)`` returns ``step ↦ schedule(step) · lr_factor()`` for
-    ``torch.optim.lr_scheduler.LambdaLR``, where ``lr_factor() = min(1, (k + 1) /
-    warmup_steps)`` for the ``k``-th step of the current cascade: the user's schedule
-    (``schedule``, e.g. a cosine decay of the global step) times the jagged warm-up.
-    Call ``scheduler.step()`` after ``cascade.step()``.
+    With ``warmup_steps``, ``lr_lambda(schedule)`` returns ``step ↦ schedule(step) ·
+    lr_factor()`` for ``torch.optim.lr_scheduler.LambdaLR``, where ``lr_factor() = min(1,
+    (k + 1) / warmup_steps)`` for the ``k``-th step of the current cascade; call
+    ``scheduler.step()`` after ``cascade.step()``. The measured reasons for the defaults,
+    the slow update and the warm-up: ``docs/method.md``.
     """
 
-    def __init__(self, model: nn.Module, optimizer, steps_per_cascade: int | None = None,
-                 slow_rate: float = 1.0, noise_lambda: float = 0.0,
-                 noise_mode: str = "inplace", seed: int = 0, keep_history: bool = False,
-                 rounding: str = "stochastic", slow_other_params: bool = True,
-                 warmup_steps: int = 0):
-        self._attach(model, optimizer, CascadeSettings(
-            steps_per_cascade, slow_rate, noise_lambda, noise_mode, seed, keep_history, rounding,
-            slow_other_params, warmup_steps))
+    def __init__(self, model: nn.Module, optimizer, *, settings: CascadeSettings | None = None,
+                 **overrides):
+        self._attach(model, optimizer, CascadeSettings.of(settings, **overrides))
         for name, layer in self.layers.items():
             if layer.weight_noise is not None:
                 raise ValueError(
@@ -249,11 +152,9 @@ class Cascade:
         first noise) and then loading, leaves ``W`` alone: for weights loaded first, as a
         Hugging Face ``Trainer`` does when it resumes from a checkpoint.
         """
-        settings = state.get("settings") if isinstance(state, dict) else None
-        if not isinstance(settings, dict):
-            raise ValueError("state must be a dict from Cascade.state_dict() with its 'settings'")
+        state = upgraded(state)
         try:
-            settings = CascadeSettings(**settings)
+            settings = CascadeSettings(**state["settings"])
         except TypeError as error:
             raise TypeError(f"state['settings']: {error}") from None
         cascade = cls.__new__(cls)
@@ -285,17 +186,17 @@ class Cascade:
                         f"noise_mode='fused' is not supported on {layer.weight_format} "
                         "weights (docs/fp8.md): use 'inplace' or noise_lambda=0")
         _check_weight_values(self.layers)
-        self.optimizer = optimizer
-        _check_optimizer(optimizer, self.layers)
+        self.tracker = OptimizerTracker(optimizer, self.layers)
         self.cascade_index = 0
         self.steps_in_cascade = 0
         self.finalized = False
         self.history: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
             name: [] for name in self.layers
         }
-        self.other_params = self._slow_params(optimizer)
-        # p_start of each other parameter (an FSDP2 rank's own rows), in optimizer order.
-        self.anchors = [_local(p).clone() for p in self.other_params]
+        params = self._slow_params(optimizer)
+        names = {id(p): name for name, p in _unwrap(model).named_parameters()}
+        self.slow_update = SlowUpdate(
+            params, [names.get(id(p), "a trained parameter") for p in params], settings.slow_rate)
         # Whether lr_lambda() was handed out: the warm-up acts only through it.
         self.warmup_wired = False
 
@@ -356,7 +257,7 @@ class Cascade:
                 f"paths {list(self.layers)}: put them back before finalize()"
             )
         self._boundary(last=True)
-        self._stop_noting()
+        self.tracker.stop()
         for name, layer in self.layers.items():
             linear = to_linear(layer)
             if not name:
@@ -368,6 +269,11 @@ class Cascade:
         return self.model
 
     # -- the model and optimizer ----------------------------------------------------------
+
+    @property
+    def optimizer(self):
+        """The optimizer the Cascade was built with, or the one :meth:`use_optimizer` took."""
+        return self.tracker.optimizer
 
     def runs_on(self, model: nn.Module) -> bool:
         """Whether ``model`` (maybe wrapped in DDP) holds exactly this Cascade's layers."""
@@ -388,21 +294,23 @@ class Cascade:
         self._check_active("use_optimizer")
         if optimizer is self.optimizer:
             return
-        _check_optimizer(optimizer, self.layers)
-        if set(map(id, self._slow_params(optimizer))) != set(map(id, self.other_params)):
+        check_optimizer(optimizer, self.layers)
+        if set(map(id, self._slow_params(optimizer))) != set(map(id, self.slow_update.params)):
             raise ValueError(
                 "optimizer holds other trainable parameters besides the fast LoRAs than the "
                 "Cascade's optimizer (the slow update keeps an anchor for each): build it over "
                 "the same parameters"
             )
-        self.optimizer = optimizer
+        self.tracker.optimizer = optimizer
 
     # -- state ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Counters, noise scales, settings, the anchors of the other parameters' slow
-        update (copies) and (with ``keep_history``) the merged updates."""
+        update (copies) and (with ``keep_history``) the merged updates; the keys of
+        :data:`~lorasc_kernels.cascade_state.STATE_KEYS`."""
         return {
+            "version": STATE_VERSION,
             "settings": asdict(self.settings),
             "layer_names": list(self.layers),
             "cascade_index": self.cascade_index,
@@ -410,85 +318,29 @@ class Cascade:
             "finalized": self.finalized,
             "noise_scales": list(self.noise_scales),
             "history": {name: list(pairs) for name, pairs in self.history.items()},
-            "anchors": [anchor.clone() for anchor in self.anchors],
+            "anchors": [anchor.clone() for anchor in self.slow_update.anchors],
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue a saved run; see the module docstring for the order of loading.
 
         Every entry of ``state`` is checked before any is taken: a bad one raises naming it
-        and leaves the Cascade as it was.
+        and leaves the Cascade as it was. Older states load (:mod:`.cascade_state`).
         """
         self._check_active("load_state_dict")
-        self._check_state(state)
+        state = upgraded(state)
+        check_state(state, self.settings, self.layers, self.slow_update.anchors)
         self.cascade_index = int(state["cascade_index"])
         self.steps_in_cascade = int(state["steps_in_cascade"])
         self.noise_scales = [float(scale) for scale in state["noise_scales"]]
         self.history = {name: list(pairs) for name, pairs in state["history"].items()}
-        for anchor, saved in zip(self.anchors, state["anchors"], strict=True):
-            anchor.copy_(saved)
+        self.slow_update.load(state["anchors"])
         for index, _, layer in self._indexed_layers():
             noise = self._noise(self.cascade_index, index)
             if self.settings.applied_noise_mode == "fused":
                 layer.set_noise(*noise)
             elif self.settings.applied_noise_mode == "inplace":
                 layer.weight_noise = _written(noise)  # the loaded weights carry it
-
-    def _check_state(self, state) -> None:
-        """``state`` is a :meth:`state_dict` of a run of this Cascade's settings and layers."""
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict from Cascade.state_dict(), "
-                            f"got {type(state).__name__}")
-        missing = [key for key in STATE_KEYS if key not in state]
-        if missing:
-            raise ValueError(f"state lacks {missing}: pass a dict from Cascade.state_dict()")
-        if state["settings"] != asdict(self.settings):
-            raise ValueError(
-                f"state['settings'] {state['settings']} differ from this Cascade's "
-                f"{asdict(self.settings)}"
-            )
-        if state["layer_names"] != list(self.layers):
-            raise ValueError(
-                f"state['layer_names'] {state['layer_names']} are not this model's "
-                f"LoRASCLinear layers {list(self.layers)}"
-            )
-        if state["finalized"] is not False:
-            raise ValueError("state['finalized'] is not False: a finalized run cannot resume")
-        checks.check_int("state['cascade_index']", state["cascade_index"], 0)
-        steps = self.settings.steps_per_cascade
-        checks.check_int("state['steps_in_cascade']", state["steps_in_cascade"], 0,
-                         None if steps is None else steps - 1)
-        scales = state["noise_scales"]
-        if not isinstance(scales, (list, tuple)) or len(scales) != len(self.layers):
-            raise ValueError(f"state['noise_scales'] must be a list of {len(self.layers)} "
-                             f"scales, one per layer, got {scales!r}")
-        for index, scale in enumerate(scales):
-            checks.check_float(f"state['noise_scales'][{index}]", scale, minimum=0.0)
-        self._check_history(state["history"])
-        self._check_anchors(state["anchors"])
-
-    def _check_history(self, history) -> None:
-        """``state['history']``: per layer, ``(c·B (out, r), A (r, in))`` pairs (none unless
-        ``keep_history``)."""
-        if not isinstance(history, dict) or list(history) != list(self.layers):
-            raise ValueError("state['history'] must be a dict with one list per layer, "
-                             f"keyed {list(self.layers)}")
-        for name, layer in self.layers.items():
-            pairs = history[name]
-            where = f"state['history'][{name!r}]"
-            if not isinstance(pairs, (list, tuple)):
-                raise TypeError(f"{where} must be a list, got {type(pairs).__name__}")
-            if pairs and not self.settings.keep_history:
-                raise ValueError(f"{where} holds updates but keep_history is False")
-            for t, pair in enumerate(pairs):
-                shapes = ((layer.out_features, layer.r), (layer.r, layer.in_features))
-                if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
-                        isinstance(x, torch.Tensor) and tuple(x.shape) == shape
-                        for x, shape in zip(pair, shapes, strict=True))):
-                    raise ValueError(f"{where}[{t}] must be a pair of tensors of shapes "
-                                     f"{shapes} (c·B, A)")
-                for part, saved in zip(("c·B", "A"), pair, strict=True):
-                    _check_saved_values(f"{where}[{t}] ({part})", saved)
 
     def export_peft_adapter(self, path: str | Path) -> Path:
         """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
@@ -599,7 +451,7 @@ class Cascade:
             logger.warning("Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
                            "to torch.optim.lr_scheduler.LambdaLR", self.settings.warmup_steps)
         self._check_finite_lora()
-        anchors = self._anchors_like_params()
+        anchors = self.slow_update.prepared_anchors()
         plans = self._prepare_boundary(last)
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
         record = self.settings.keep_history and any(
@@ -615,10 +467,10 @@ class Cascade:
             if mode == "fused":
                 seed, scale = following or (None, 0.0)
                 layer.set_noise(seed, scale)
-            self._drop_optimizer_state(layer)
+            self.tracker.drop_state(layer)
             if not last:
                 reset_lora(layer, self._init_generator(layer, t + 1, index))
-        self._slow_update_other_params(anchors)
+        self.slow_update.apply(anchors)
         self.cascade_index = t + 1
         self.steps_in_cascade = 0
         devices = {layer.weight.device for layer in self.layers.values()}
@@ -637,139 +489,34 @@ class Cascade:
         construction (the hook lives until :meth:`finalize` or the Cascade is gone)."""
         for layer in self.layers.values():
             _DRIVERS[layer] = weakref.ref(self)
-        self._other_optimizers = weakref.WeakSet()
-        # Optimizers holding no fast LoRA parameter, with how many parameters they held.
-        self._unrelated_optimizers = weakref.WeakKeyDictionary()
-        cascade = weakref.ref(self)  # the hook must not keep the Cascade alive
-
-        def note_optimizer(optimizer, *_):
-            if cascade() is not None:
-                cascade()._note_optimizer(optimizer)
-
-        handle = register_optimizer_step_post_hook(note_optimizer)
-        self._stop_noting = weakref.finalize(self, handle.remove)
-
-    def _note_optimizer(self, optimizer) -> None:
-        """Keep an optimizer other than the Cascade's that steps a fast LoRA parameter."""
-        own = self.optimizer
-        while own is not None:  # the Cascade's optimizer, or the one a wrapper holds
-            if own is optimizer:
-                return
-            own = getattr(own, "optimizer", None)
-        if optimizer in self._other_optimizers:
-            return
-        held = sum(len(group["params"]) for group in optimizer.param_groups)
-        if self._unrelated_optimizers.get(optimizer) == held:  # seen, and no group added since
-            return
-        fast = _fast_param_ids(self.layers)
-        if any(id(p) in fast for group in optimizer.param_groups for p in group["params"]):
-            self._other_optimizers.add(optimizer)
-        else:
-            self._unrelated_optimizers[optimizer] = held
+        self.tracker.start()
 
     def _slow_params(self, optimizer) -> list[nn.Parameter]:
         """The parameters the slow update anchors: none if it is off or is the identity."""
         if not self.settings.slow_other_params or self.settings.slow_rate == 1.0:
             return []
-        return _other_trainable_params(optimizer, self.layers)
+        return other_trainable_params(optimizer, self.layers)
 
     def _check_finite_lora(self) -> None:
         """Refuse a boundary, before any merge, if a fast LoRA or a slow-updated parameter
         diverged (inf or NaN)."""
-        trained = [(f"{name or 'model'}.{kind}", parameter)
-                   for name, layer in self.layers.items()
-                   for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))]
-        if self.other_params:
-            names = {id(p): name for name, p in _unwrap(self.model).named_parameters()}
-            trained += [(names.get(id(p), "a trained parameter"), p) for p in self.other_params]
-        for label, parameter in trained:
-            if not bool(torch.isfinite(parameter.detach()).all()):
-                raise ValueError(
-                    f"{label} has non-finite values: no layer was merged and the cascade "
-                    "is unchanged"
-                )
-
-    def _anchors_like_params(self) -> list[torch.Tensor]:
-        """The anchors, each moved to its parameter's current dtype and device (a model cast
-        between boundaries); checked before a boundary writes anything."""
-        anchors = []
-        for parameter, anchor in zip(self.other_params, self.anchors, strict=True):
-            local = _local(parameter)
-            if local.shape != anchor.shape:
-                names = {id(p): name for name, p in _unwrap(self.model).named_parameters()}
-                raise ValueError(
-                    f"{names.get(id(parameter), 'a slow-updated parameter')} changed shape "
-                    f"from {tuple(anchor.shape)} to {tuple(local.shape)} since the cascade "
-                    "began: no layer was merged"
-                )
-            anchors.append(anchor.to(local.device, local.dtype))
-        return anchors
-
-    def _slow_update_other_params(self, anchors: list[torch.Tensor]) -> None:
-        """``p ← p_start + slow_rate · (p − p_start)`` in place, from ``anchors`` (those of
-        :meth:`_anchors_like_params`); the results are the next anchors."""
-        for parameter, anchor in zip(self.other_params, anchors, strict=True):
-            local = _local(parameter)
-            anchor.lerp_(local, self.settings.slow_rate)
-            local.copy_(anchor)
-        self.anchors = anchors
-
-    def _check_anchors(self, anchors) -> None:
-        """``state['anchors']``: one tensor like each anchor of this Cascade."""
-        if not isinstance(anchors, (list, tuple)) or len(anchors) != len(self.anchors):
-            count = len(anchors) if isinstance(anchors, (list, tuple)) else anchors
-            raise ValueError(
-                f"state has {count} anchors, this Cascade slow-updates "
-                f"{len(self.anchors)} other parameters"
-            )
-        for index, (anchor, saved) in enumerate(zip(self.anchors, anchors, strict=True)):
-            if (not isinstance(saved, torch.Tensor) or saved.shape != anchor.shape
-                    or saved.dtype != anchor.dtype):
-                raise ValueError(
-                    f"state['anchors'][{index}] must be a tensor of shape "
-                    f"{tuple(anchor.shape)} and dtype {anchor.dtype}, got {saved!r:.80}"
-                )
-            _check_saved_values(f"state['anchors'][{index}]", saved)
+        for name, layer in self.layers.items():
+            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                if not bool(torch.isfinite(parameter.detach()).all()):
+                    raise ValueError(f"{name or 'model'}.{kind} has non-finite values: no "
+                                     "layer was merged and the cascade is unchanged")
+        self.slow_update.check_finite()
 
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
         generator = torch.Generator(device=layer.lora_A.device)
         generator.manual_seed(cascade_seed(self.settings.seed, PURPOSE_INIT, cascade_index, index))
         return generator
 
-    def _drop_optimizer_state(self, layer: LoRASCLinear) -> None:
-        """Drop the fast LoRA's state from the Cascade's optimizer and any other that
-        stepped it (one built after the Cascade): the fresh LoRA starts without moments."""
-        for optimizer in (self.optimizer, *self._other_optimizers):
-            for parameter in (layer.lora_A, layer.lora_B):
-                optimizer.state.pop(parameter, None)
-
-
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside a (Distributed)DataParallel wrapper: layer names as the user's model has."""
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         return model.module
     return model
-
-
-def _local(parameter: torch.Tensor) -> torch.Tensor:
-    """The rows of ``parameter`` this rank holds (all of a plain tensor), sharing storage."""
-    return local_row_block(parameter.detach())[0]
-
-
-def _fast_param_ids(layers: dict[str, LoRASCLinear]) -> set[int]:
-    """``id`` of every fast LoRA parameter (``lora_A``, ``lora_B``) of ``layers``."""
-    return {id(p) for layer in layers.values() for p in (layer.lora_A, layer.lora_B)}
-
-
-def _other_trainable_params(optimizer, layers: dict[str, LoRASCLinear]) -> list[nn.Parameter]:
-    """The trainable parameters ``optimizer`` holds besides the fast LoRAs, each once."""
-    fast = _fast_param_ids(layers)
-    others = {}
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            if parameter.requires_grad and id(parameter) not in fast:
-                others.setdefault(id(parameter), parameter)
-    return list(others.values())
 
 
 def _written(noise: tuple[int, float] | None) -> tuple[int, float] | None:
@@ -781,7 +528,7 @@ def _merge_operands(layer: LoRASCLinear) -> tuple:
     """``(weight rows, row_offset, lora_B rows, whole lora_A, weight_scale rows or None)`` of
     this rank (a collective for an FSDP2 ``lora_A``)."""
     weight, row_offset = local_row_block(layer.weight.data)
-    lora_b = _local(layer.lora_B).to(weight.device)
+    lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
     lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
     scale = layer.weight_scale  # fp8 weights: the per-row scales (a whole buffer)
     if scale is not None:
@@ -812,14 +559,6 @@ def _check_weight_values(layers: dict[str, LoRASCLinear]) -> None:
     _raise_on_every_rank(failure, layers.values())
 
 
-def _check_saved_values(where: str, saved: torch.Tensor) -> None:
-    """A saved tensor holds values (not meta) and they are finite."""
-    if saved.is_meta:
-        raise ValueError(f"{where} is on the meta device: it holds no values")
-    if not bool(torch.isfinite(saved).all()):
-        raise ValueError(f"{where} has non-finite values")
-
-
 def _raise_on_every_rank(failure: Exception | None, layers) -> None:
     """Raise ``failure`` (None: this rank found none); with row-sharded weights, every rank
     of their mesh raises when one has a failure."""
@@ -843,19 +582,3 @@ def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, tor
     lora_a = full_tensor(layer.lora_A.detach()).to("cpu", torch.float32, copy=True)
     return lora_b, lora_a
 
-
-def _check_optimizer(optimizer, layers: dict[str, LoRASCLinear]) -> None:
-    """``optimizer`` must look like a torch optimizer and hold every fast LoRA parameter."""
-    if not hasattr(optimizer, "state") or not hasattr(optimizer, "param_groups"):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer (with state and param_groups), "
-            f"got {type(optimizer).__name__}"
-        )
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for name, layer in layers.items():
-        for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-            if id(parameter) not in held:
-                raise ValueError(
-                    f"optimizer does not hold {name or 'model'}.{kind}: build the optimizer "
-                    "after inject_lorasc, over the model's trainable parameters"
-                )

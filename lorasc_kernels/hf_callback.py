@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .cascade import Cascade, CascadeSettings
+from .cascade import Cascade
+from .cascade_settings import CascadeSettings
+from .cascade_state import upgraded
 
 try:
     from transformers import TrainerCallback
@@ -85,7 +87,7 @@ class LoRASCCallback(TrainerCallback):
             self._check_continues(model, optimizer)
             return
         if state.global_step == 0:
-            self._cascade = Cascade(model, optimizer, **asdict(self.settings))
+            self._cascade = Cascade(model, optimizer, settings=self.settings)
         else:
             self._cascade = self._resumed_cascade(args, state, model, optimizer)
 
@@ -117,7 +119,11 @@ class LoRASCCallback(TrainerCallback):
         except Exception as error:  # torch raises UnpicklingError, EOFError, RuntimeError...
             raise ValueError(f"the Cascade's state in {path} cannot be read "
                              f"({type(error).__name__}: {error})") from error
-        settings = saved.get("settings") if isinstance(saved, dict) else None
+        try:
+            saved = upgraded(saved)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the Cascade's state in {path}: {error}") from error
+        settings = saved["settings"]
         if settings != asdict(self.settings):
             raise ValueError(
                 f"the checkpoint's Cascade ran with {settings} ({path}), this callback has "

@@ -42,11 +42,11 @@ def others(model):
 def test_other_parameters_are_found_in_optimizer_order():
     model = model_with_head()
     cascade = Cascade(model, adam(model), steps_per_cascade=2, slow_rate=0.5)
-    assert [p.shape for p in cascade.other_params] == [
+    assert [p.shape for p in cascade.slow_update.params] == [
         p.shape for p in others(model).values()]
-    assert all(p is q for p, q in zip(cascade.other_params, others(model).values(), strict=True))
+    assert all(p is q for p, q in zip(cascade.slow_update.params, others(model).values(), strict=True))
     assert all(torch.equal(a, p) and a.data_ptr() != p.data_ptr()
-               for a, p in zip(cascade.anchors, cascade.other_params, strict=True))
+               for a, p in zip(cascade.slow_update.anchors, cascade.slow_update.params, strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -64,7 +64,7 @@ def test_boundary_moves_other_parameters_slow_rate_of_the_way(dtype):
         for name, p in others(model).items():
             assert not torch.equal(fast[name], start[name]), name
             assert torch.equal(p, torch.lerp(start[name], fast[name], 0.3)), name
-        for anchor, p in zip(cascade.anchors, cascade.other_params, strict=True):
+        for anchor, p in zip(cascade.slow_update.anchors, cascade.slow_update.params, strict=True):
             assert torch.equal(anchor, p)
         for p in others(model).values():  # their Adam moments go on
             assert optimizer.state[p]["step"] == 2 * (cascade.cascade_index)
@@ -91,7 +91,7 @@ def test_other_parameters_keep_their_value_when_off_or_at_slow_rate_one(settings
     model, x = model_with_head(), torch.randn(6, IN)
     optimizer = adam(model)
     cascade = Cascade(model, optimizer, steps_per_cascade=1, **settings)
-    assert cascade.other_params == [] and cascade.anchors == []
+    assert cascade.slow_update.params == [] and cascade.slow_update.anchors == []
     train_step(model, optimizer, x)
     fast = {name: p.detach().clone() for name, p in others(model).items()}
     assert cascade.step()
@@ -188,7 +188,7 @@ def test_resume_mid_cascade_with_anchors_and_warmup_is_bit_exact():
     expected = uninterrupted[0].state_dict()
     for key, value in resumed[0].state_dict().items():
         assert torch.equal(value, expected[key]), key
-    for anchor, reference in zip(resumed[3].anchors, uninterrupted[3].anchors, strict=True):
+    for anchor, reference in zip(resumed[3].slow_update.anchors, uninterrupted[3].slow_update.anchors, strict=True):
         assert torch.equal(anchor, reference)
     assert resumed[1].param_groups[0]["lr"] == uninterrupted[1].param_groups[0]["lr"]
 

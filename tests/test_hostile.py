@@ -23,7 +23,7 @@ from lorasc_kernels import (
     lorasc_linear,
     merge_lowrank_,
 )
-from lorasc_kernels.cascade import STATE_KEYS
+from lorasc_kernels.cascade_state import STATE_KEYS
 from lorasc_kernels.distributed import is_dtensor
 from lorasc_kernels.peft_export import write_peft_adapter
 
@@ -276,7 +276,7 @@ def test_a_wrongly_shaped_kept_update_is_refused():
 
 
 @pytest.mark.parametrize("state, error, match", [
-    ([1, 2], ValueError, "state must be a dict"),
+    ([1, 2], TypeError, "state must be a dict"),
     ({"cascade_index": 0}, ValueError, "'settings'"),
     ({"settings": {"steps": 3}}, TypeError, r"state\['settings'\]"),
 ], ids=["not-a-dict", "no-settings", "unknown-setting"])
@@ -719,7 +719,8 @@ def test_callback_resume_without_or_with_a_malformed_checkpoint_is_refused(tmp_p
     folder = tmp_path / "checkpoint-6"
     folder.mkdir()
     torch.save({"cascade_index": 1}, folder / hf_callback.CHECKPOINT_FILE)
-    refused(ValueError, "checkpoint's Cascade ran with None", begin, model, optimizer)
+    refused(ValueError, r"checkpoint-6/lorasc_cascade.pt: state must be a dict .* its 'settings'",
+            begin, model, optimizer)
     assert not callback.started
 
 

@@ -130,11 +130,11 @@ def test_a_model_cast_between_boundaries_runs_the_next_boundary_in_the_new_dtype
     trained(model, optimizer, 1, cascade)
     model.to(torch.bfloat16)
     head = model[1].weight
-    anchor = cascade.anchors[0].to(torch.bfloat16)
+    anchor = cascade.slow_update.anchors[0].to(torch.bfloat16)
     expected = anchor.lerp(head.detach(), 0.5)
     assert cascade.step()  # the boundary, in bfloat16
     assert torch.equal(head.detach(), expected)
-    assert all(a.dtype == torch.bfloat16 for a in cascade.anchors)
+    assert all(a.dtype == torch.bfloat16 for a in cascade.slow_update.anchors)
 
 
 def test_a_slow_updated_parameter_that_changed_shape_stops_the_boundary_before_any_merge():

@@ -244,7 +244,7 @@ def fsdp_scenario(rank, world):
         "weight_shapes": [tuple(layer.weight.shape) for layer in lorasc_layers(model).values()],
         "grad_errors": grad_errors,
         "slow_updates": slow_updates,
-        "local_anchor_shapes": [tuple(anchor.shape) for anchor in cascade.anchors],
+        "local_anchor_shapes": [tuple(anchor.shape) for anchor in cascade.slow_update.anchors],
         "resumed_anchors_equal": anchors_reload(cascade),
     }
 
@@ -252,11 +252,11 @@ def fsdp_scenario(rank, world):
 def anchors_reload(cascade):
     """Whether the anchors (each rank's own rows) come back from the Cascade's state dict."""
     saved = cascade.state_dict()
-    expected = [anchor.clone() for anchor in cascade.anchors]
-    for anchor in cascade.anchors:
+    expected = [anchor.clone() for anchor in cascade.slow_update.anchors]
+    for anchor in cascade.slow_update.anchors:
         anchor.zero_()
     cascade.load_state_dict(saved)
-    return all(torch.equal(a, b) for a, b in zip(cascade.anchors, expected, strict=True))
+    return all(torch.equal(a, b) for a, b in zip(cascade.slow_update.anchors, expected, strict=True))
 
 
 def edge_scenario():

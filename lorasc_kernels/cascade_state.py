@@ -1,0 +1,126 @@
+"""A Cascade's saved state: its entries, its version, older states upgraded, and the checks
+that run before any entry is taken.
+
+``state_dict()`` writes every key of :data:`STATE_KEYS`; ``version`` is
+:data:`STATE_VERSION`. A state written before states had a version (version 0, with every
+other key) loads as it is. A setting added since a state was written takes its default, so
+a new setting never makes an older checkpoint unloadable; a state of a newer version is
+refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import _checks as checks
+from .cascade_settings import CascadeSettings
+
+__all__ = ["STATE_VERSION", "STATE_KEYS", "upgraded", "check_state"]
+
+STATE_VERSION = 1
+STATE_KEYS = ("version", "settings", "layer_names", "cascade_index", "steps_in_cascade",
+              "finalized", "noise_scales", "history", "anchors")
+
+
+def upgraded(state) -> dict:
+    """``state`` as :data:`STATE_VERSION` writes it (a new dict; tensors shared): its
+    ``version`` set, and the settings it lacks at their defaults. Refuses what is not a
+    state dict of this or an older version."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict from Cascade.state_dict(), "
+                        f"got {type(state).__name__}")
+    version = state.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"state['version'] must be an int >= 0, got {version!r}")
+    if version > STATE_VERSION:
+        raise ValueError(f"state['version'] is {version}: written by a newer lorasc_kernels "
+                         f"(this one reads versions up to {STATE_VERSION})")
+    settings = state.get("settings")
+    if not isinstance(settings, dict):
+        raise ValueError("state must be a dict from Cascade.state_dict() with its 'settings'")
+    defaults = dataclasses.asdict(CascadeSettings())
+    return {**state, "version": STATE_VERSION,
+            "settings": {**{k: v for k, v in defaults.items() if k not in settings},
+                         **settings}}
+
+
+def check_state(state: dict, settings: CascadeSettings, layers: dict, anchors: list) -> None:
+    """``state`` (from :func:`upgraded`) is a state of a run of these ``settings``,
+    ``layers`` (by name) and slow-update ``anchors``; raises naming the first bad entry."""
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"state lacks {missing}: pass a dict from Cascade.state_dict()")
+    if state["settings"] != dataclasses.asdict(settings):
+        raise ValueError(
+            f"state['settings'] {state['settings']} differ from this Cascade's "
+            f"{dataclasses.asdict(settings)}"
+        )
+    if state["layer_names"] != list(layers):
+        raise ValueError(
+            f"state['layer_names'] {state['layer_names']} are not this model's "
+            f"LoRASCLinear layers {list(layers)}"
+        )
+    if state["finalized"] is not False:
+        raise ValueError("state['finalized'] is not False: a finalized run cannot resume")
+    checks.check_int("state['cascade_index']", state["cascade_index"], 0)
+    steps = settings.steps_per_cascade
+    checks.check_int("state['steps_in_cascade']", state["steps_in_cascade"], 0,
+                     None if steps is None else steps - 1)
+    scales = state["noise_scales"]
+    if not isinstance(scales, (list, tuple)) or len(scales) != len(layers):
+        raise ValueError(f"state['noise_scales'] must be a list of {len(layers)} "
+                         f"scales, one per layer, got {scales!r}")
+    for index, scale in enumerate(scales):
+        checks.check_float(f"state['noise_scales'][{index}]", scale, minimum=0.0)
+    _check_history(state["history"], layers, settings.keep_history)
+    _check_anchors(state["anchors"], anchors)
+
+
+def _check_history(history, layers: dict, keep_history: bool) -> None:
+    """``state['history']``: per layer, finite ``(c·B (out, r), A (r, in))`` pairs (none
+    unless ``keep_history``)."""
+    if not isinstance(history, dict) or list(history) != list(layers):
+        raise ValueError("state['history'] must be a dict with one list per layer, "
+                         f"keyed {list(layers)}")
+    for name, layer in layers.items():
+        pairs = history[name]
+        where = f"state['history'][{name!r}]"
+        if not isinstance(pairs, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {type(pairs).__name__}")
+        if pairs and not keep_history:
+            raise ValueError(f"{where} holds updates but keep_history is False")
+        shapes = ((layer.out_features, layer.r), (layer.r, layer.in_features))
+        for t, pair in enumerate(pairs):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                    isinstance(x, torch.Tensor) and tuple(x.shape) == shape
+                    for x, shape in zip(pair, shapes, strict=True))):
+                raise ValueError(f"{where}[{t}] must be a pair of tensors of shapes "
+                                 f"{shapes} (c·B, A)")
+            for part, saved in zip(("c·B", "A"), pair, strict=True):
+                _check_values(f"{where}[{t}] ({part})", saved)
+
+
+def _check_anchors(saved_anchors, anchors: list) -> None:
+    """``state['anchors']``: one finite tensor like each of ``anchors``."""
+    if not isinstance(saved_anchors, (list, tuple)) or len(saved_anchors) != len(anchors):
+        count = len(saved_anchors) if isinstance(saved_anchors, (list, tuple)) else saved_anchors
+        raise ValueError(f"state has {count} anchors, this Cascade slow-updates "
+                         f"{len(anchors)} other parameters")
+    for index, (anchor, saved) in enumerate(zip(anchors, saved_anchors, strict=True)):
+        if (not isinstance(saved, torch.Tensor) or saved.shape != anchor.shape
+                or saved.dtype != anchor.dtype):
+            raise ValueError(
+                f"state['anchors'][{index}] must be a tensor of shape "
+                f"{tuple(anchor.shape)} and dtype {anchor.dtype}, got {saved!r:.80}"
+            )
+        _check_values(f"state['anchors'][{index}]", saved)
+
+
+def _check_values(where: str, saved: torch.Tensor) -> None:
+    """A saved tensor holds values (not meta) and they are finite."""
+    if saved.is_meta:
+        raise ValueError(f"{where} is on the meta device: it holds no values")
+    if not bool(torch.isfinite(saved).all()):
+        raise ValueError(f"{where} has non-finite values")
