@@ -50,8 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
-from lorasc_kernels import CascadeSettings
+from lorasc_kernels import Cascade, CascadeSettings, LoRASCConfig, inject_lorasc
 
 HERE = Path(__file__).resolve().parent
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)

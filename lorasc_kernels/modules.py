@@ -9,8 +9,8 @@ from torch import nn
 
 from . import _checks as checks
 from .backends import BACKENDS
-from .functional import lorasc_linear
 from .dtypes import SCALED_DTYPES
+from .functional import lorasc_linear
 from .quantize import dequantize, format_dtype, quantize
 
 __all__ = ["LoRASCLinear"]

@@ -42,11 +42,11 @@ def others(model):
 def test_other_parameters_are_found_in_optimizer_order():
     model = model_with_head()
     cascade = Cascade(model, adam(model), steps_per_cascade=2, slow_rate=0.5)
-    assert [p.shape for p in cascade.slow_update.params] == [
-        p.shape for p in others(model).values()]
-    assert all(p is q for p, q in zip(cascade.slow_update.params, others(model).values(), strict=True))
+    update = cascade.slow_update
+    assert [p.shape for p in update.params] == [p.shape for p in others(model).values()]
+    assert all(p is q for p, q in zip(update.params, others(model).values(), strict=True))
     assert all(torch.equal(a, p) and a.data_ptr() != p.data_ptr()
-               for a, p in zip(cascade.slow_update.anchors, cascade.slow_update.params, strict=True))
+               for a, p in zip(update.anchors, update.params, strict=True))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -188,7 +188,8 @@ def test_resume_mid_cascade_with_anchors_and_warmup_is_bit_exact():
     expected = uninterrupted[0].state_dict()
     for key, value in resumed[0].state_dict().items():
         assert torch.equal(value, expected[key]), key
-    for anchor, reference in zip(resumed[3].slow_update.anchors, uninterrupted[3].slow_update.anchors, strict=True):
+    for anchor, reference in zip(resumed[3].slow_update.anchors,
+                                 uninterrupted[3].slow_update.anchors, strict=True):
         assert torch.equal(anchor, reference)
     assert resumed[1].param_groups[0]["lr"] == uninterrupted[1].param_groups[0]["lr"]
 

@@ -176,12 +176,12 @@ def test_an_unhashable_or_non_str_weight_format_is_refused_by_name(weight_format
 
 # -- LoRASCLinear.load_state_dict across weight formats --------------------------------------
 
-def test_an_fp8_state_into_a_float_layer_is_refused_before_any_copy():
+@pytest.mark.parametrize("strict", [True, False])
+def test_an_fp8_state_into_a_float_layer_is_refused_before_any_copy(strict):
     state = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8).state_dict()
     layer = LoRASCLinear(IN, OUT, r=RANK)
-    for strict in (True, False):
-        refused(ValueError, r"weight: the state holds a scaled weight",
-                lambda: layer.load_state_dict(state, strict=strict), layer)
+    refused(ValueError, r"weight: the state holds a scaled weight",
+            lambda: layer.load_state_dict(state, strict=strict), layer)
 
 
 @pytest.mark.parametrize("strict", [True, False])

@@ -256,7 +256,8 @@ def anchors_reload(cascade):
     for anchor in cascade.slow_update.anchors:
         anchor.zero_()
     cascade.load_state_dict(saved)
-    return all(torch.equal(a, b) for a, b in zip(cascade.slow_update.anchors, expected, strict=True))
+    anchors = cascade.slow_update.anchors
+    return all(torch.equal(a, b) for a, b in zip(anchors, expected, strict=True))
 
 
 def edge_scenario():
