@@ -78,6 +78,7 @@ from .distributed import (
 )
 from .functional import prepare_merge
 from .inject import lorasc_layers
+from .integrations.peft import peft_lora_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
 from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
@@ -169,9 +170,10 @@ class Cascade:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.settings = settings
         self.model = model
-        self.layers = lorasc_layers(_unwrap(model))
+        self.layers = _driven_layers(_unwrap(model))
         if not self.layers:
-            raise ValueError("model has no LoRASCLinear layer: call inject_lorasc first")
+            raise ValueError("model has no LoRASCLinear layer: call inject_lorasc first (or "
+                             "peft.get_peft_model: PEFT LoRA layers are driven as they are)")
         for name, layer in self.layers.items():
             driver = _DRIVERS[layer]() if layer in _DRIVERS else None
             if driver is not None and not driver.finalized:
@@ -181,10 +183,12 @@ class Cascade:
                 )
             with checks.naming_layer(name):
                 checks.check_writable("weight", layer.weight.detach())
-                if layer.weight_format is not None and settings.applied_noise_mode == "fused":
+                if settings.applied_noise_mode == "fused" and (
+                        not isinstance(layer, LoRASCLinear) or layer.weight_format is not None):
                     raise ValueError(
-                        f"noise_mode='fused' is not supported on {layer.weight_format} "
-                        "weights (docs/fp8.md): use 'inplace' or noise_lambda=0")
+                        "noise_mode='fused' is not supported on "
+                        f"{layer.weight_format or 'PEFT'} layers (the fused kernels of "
+                        "LoRASCLinear add the noise): use 'inplace' or noise_lambda=0")
         _check_weight_values(self.layers)
         self.tracker = OptimizerTracker(optimizer, self.layers)
         self.cascade_index = 0
@@ -279,7 +283,10 @@ class Cascade:
         """Whether ``model`` (maybe wrapped in DDP) holds exactly this Cascade's layers."""
         if not isinstance(model, nn.Module):
             return False
-        layers = lorasc_layers(_unwrap(model))
+        try:
+            layers = _driven_layers(_unwrap(model))
+        except ValueError:
+            return False
         return list(map(id, layers.values())) == list(map(id, self.layers.values()))
 
     def use_optimizer(self, optimizer) -> None:
@@ -352,6 +359,10 @@ class Cascade:
 
         if not self.settings.keep_history:
             raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")
+        if not all(isinstance(layer, LoRASCLinear) for layer in self.layers.values()):
+            raise RuntimeError("export_peft_adapter writes the updates of LoRASCLinear layers; "
+                               "a PEFT model's base weights hold every merge: finalize() and "
+                               "save the model")
         if not any(self.history.values()):
             raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
         config = getattr(_unwrap(self.model), "config", None)
@@ -511,6 +522,17 @@ class Cascade:
         generator = torch.Generator(device=layer.lora_A.device)
         generator.manual_seed(cascade_seed(self.settings.seed, PURPOSE_INIT, cascade_index, index))
         return generator
+
+def _driven_layers(model: nn.Module) -> dict:
+    """The layers a Cascade drives, by module path: ``model``'s ``LoRASCLinear`` layers, or
+    its PEFT LoRA layers (:class:`~lorasc_kernels.integrations.peft.PeftLoraLayer`)."""
+    layers = lorasc_layers(model)
+    peft = peft_lora_layers(model)
+    if layers and peft:
+        raise ValueError("model has both LoRASCLinear and PEFT LoRA layers: a Cascade drives "
+                         "one kind (inject_lorasc refuses PEFT models for this reason)")
+    return layers or peft
+
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside a (Distributed)DataParallel wrapper: layer names as the user's model has."""

@@ -28,6 +28,7 @@ import torch
 from .cascade import Cascade
 from .cascade_settings import CascadeSettings
 from .cascade_state import upgraded
+from .integrations.peft import PeftLoraLayer, base_weights, load_base_weights, peft_lora_layers
 
 try:
     from transformers import TrainerCallback
@@ -40,6 +41,8 @@ except ImportError as error:
 __all__ = ["CHECKPOINT_FILE", "LoRASCCallback"]
 
 CHECKPOINT_FILE = "lorasc_cascade.pt"
+# Beside it, for a PEFT model: the merged base weights (the Trainer saves the adapters only).
+PEFT_BASE_SUFFIX = ".peft_base.pt"
 
 
 def _checkpoint_file(args, state) -> Path:
@@ -129,6 +132,13 @@ class LoRASCCallback(TrainerCallback):
                 f"the checkpoint's Cascade ran with {settings} ({path}), this callback has "
                 f"{asdict(self.settings)}"
             )
+        layers = peft_lora_layers(model)
+        if layers:  # the PEFT route: the Trainer saved the adapters, not the merged weights
+            weights = path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX))
+            if not weights.is_file():
+                raise RuntimeError(f"resuming a PEFT model's run needs its merged base weights "
+                                   f"in {weights}, saved by LoRASCCallback beside {path.name}")
+            load_base_weights(layers, torch.load(weights, weights_only=True), str(weights))
         return Cascade.from_state_dict(model, optimizer, saved)
 
     def on_save(self, args, state, control, **kwargs):
@@ -137,6 +147,9 @@ class LoRASCCallback(TrainerCallback):
             path = _checkpoint_file(args, state)
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(cascade.state_dict(), path)
+            if all(isinstance(layer, PeftLoraLayer) for layer in cascade.layers.values()):
+                torch.save(base_weights(cascade.layers),
+                           path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX)))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.cascade.step()

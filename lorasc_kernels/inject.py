@@ -16,6 +16,7 @@ from .quantize import format_dtype
 __all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
 
 ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
 
 
 @dataclass
@@ -27,6 +28,11 @@ class LoRASCConfig:
     string matched against the full name, or ``"all-linear"`` (every ``nn.Linear`` except
     the output layer ``model.get_output_embeddings()``, as in PEFT: it is often tied to the
     input embeddings, which a merge must not change).
+
+    ``trainable`` names modules (matched as a ``target_modules`` list) whose parameters stay
+    trainable, as PEFT's ``modules_to_save`` (trained in place, not copied); ``bias``
+    (PEFT's): ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (the adapted
+    layers' biases train). :meth:`from_peft` builds one from a ``peft.LoraConfig``.
     """
 
     r: int = 8
@@ -36,6 +42,17 @@ class LoRASCConfig:
     backend: str = "auto"
     lora_dtype: torch.dtype | None = None
     weight_format: str | None = None  # "fp8_e4m3": quantize the targeted weights (docs/fp8.md)
+    trainable: list[str] = field(default_factory=list)
+    bias: str = "none"
+
+    @classmethod
+    def from_peft(cls, lora_config, **kwargs) -> LoRASCConfig:
+        """The config of ``lora_config`` (a ``peft.LoraConfig``)'s adapters; ``kwargs`` set
+        the fields PEFT has no word for (``backend``, ``lora_dtype``, ``weight_format``).
+        See :func:`lorasc_kernels.integrations.peft.lorasc_config_kwargs`."""
+        from .integrations.peft import lorasc_config_kwargs
+
+        return cls(**lorasc_config_kwargs(lora_config), **kwargs)
 
     def __post_init__(self):
         self.r = checks.check_int("r", self.r, 1)
@@ -45,6 +62,10 @@ class LoRASCConfig:
         checks.check_layer_dtype("lora_dtype", self.lora_dtype)
         if self.weight_format is not None:
             format_dtype(self.weight_format)
+        checks.check_choice("bias", self.bias, BIAS_MODES)
+        if not isinstance(self.trainable, (list, tuple, set)) or not all(
+                isinstance(name, str) and name for name in self.trainable):
+            raise TypeError(f"trainable must be a list of module names, got {self.trainable!r}")
         targets = self.target_modules
         if isinstance(targets, str):
             if not targets:
@@ -73,7 +94,12 @@ class LoRASCConfig:
             return True
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
+        return _ends_with_one_of(name, targets)
+
+
+def _ends_with_one_of(name: str, names) -> bool:
+    """Whether the dotted path ``name`` is one of ``names`` or ends with ``.`` and one."""
+    return any(name == t or name.endswith("." + t) for t in names)
 
 
 def _module_paths(model: nn.Module, kind: type) -> dict[str, nn.Module]:
@@ -105,18 +131,25 @@ def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
     return paths
 
 
-def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLinear]:
+def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     """Replace the targeted ``nn.Linear`` modules of ``model`` in place; freeze the rest.
 
-    Each new layer shares its linear's weight and bias storage. Every parameter except
-    ``lora_A``/``lora_B`` gets ``requires_grad=False``. Returns the new layers by name;
-    raises ``ValueError`` (listing the linear layers found) when nothing matches. Every
-    targeted layer is checked before the model changes: a failure leaves it as it was.
+    ``config`` is a :class:`LoRASCConfig` or a ``peft.LoraConfig`` (read by
+    :meth:`LoRASCConfig.from_peft`). Each new layer shares its linear's weight and bias
+    storage. Every parameter except ``lora_A``/``lora_B`` (and those ``config.trainable``
+    and ``config.bias`` keep trainable) gets ``requires_grad=False``. Returns the new
+    layers by name; raises ``ValueError`` (listing the linear layers found) when nothing
+    matches. Every targeted layer is checked before the model changes: a failure leaves it
+    as it was. A model with PEFT LoRA layers is refused: drive it with ``Cascade`` as it is.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(config).__name__ == "LoraConfig" and type(config).__module__.startswith("peft"):
+        config = LoRASCConfig.from_peft(config)
     if not isinstance(config, LoRASCConfig):
-        raise TypeError(f"config must be a LoRASCConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be a LoRASCConfig or a peft.LoraConfig, "
+                        f"got {type(config).__name__}")
+    _refuse_peft_layers(model)
     output_layer = None
     if config.target_modules == ALL_LINEAR and hasattr(model, "get_output_embeddings"):
         output_layer = model.get_output_embeddings()
@@ -142,8 +175,19 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
                 f"r={config.r} exceeds min(in, out)="
                 f"{min(module.in_features, module.out_features)} of layer {name!r}"
             )
+    trainable = {name: module for name, module in model.named_modules()
+                 if name and _ends_with_one_of(name, config.trainable)}
+    missing = [t for t in config.trainable if not any(_ends_with_one_of(n, [t]) for n in trainable)]
+    if missing:
+        raise ValueError(f"trainable names {missing} match no module of the model")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    for module in trainable.values():
+        module.requires_grad_(True)
+    if config.bias == "all":
+        for name, parameter in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                parameter.requires_grad_(True)
     layers = {}
     for name, linear in chosen.items():
         layer = LoRASCLinear.from_linear(
@@ -153,5 +197,22 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
         )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
+        if config.bias == "lora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
         layers[name] = layer
     return layers
+
+
+def _refuse_peft_layers(model: nn.Module) -> None:
+    """A model with PEFT LoRA layers would get LoRA on LoRA: say which route to take."""
+    from .integrations.peft import peft_lora_modules
+
+    names = list(peft_lora_modules(model))
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ValueError(
+            f"model has PEFT LoRA layers ({shown}): "
+            "inject_lorasc would stack LoRA on LoRA. Drive the PEFT model as it is with "
+            "Cascade(model, optimizer) or LoRASCCallback (the PEFT route), or inject into the "
+            "base model instead of calling get_peft_model"
+        )

@@ -1,0 +1,1 @@
+"""Bridges to other training stacks: :mod:`.peft` (PEFT's LoRA configs, models and layers)."""

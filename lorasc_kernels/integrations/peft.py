@@ -1,0 +1,242 @@
+"""PEFT's LoRA under LoRASC: its configs for :func:`~lorasc_kernels.inject_lorasc`, its
+models under a :class:`~lorasc_kernels.Cascade`, and its layers on the fused kernel.
+
+Three ways in for a PEFT/TRL pipeline:
+
+* ``LoRASCConfig.from_peft(lora_config)`` (or ``inject_lorasc(model, lora_config)``):
+  the same adapters as ``LoRASCLinear`` layers (:func:`lorasc_config_kwargs`);
+* ``Cascade(peft_model, optimizer)`` / ``LoRASCCallback`` on a ``get_peft_model`` model
+  (``SFTTrainer(peft_config=...)`` makes one): each PEFT ``lora.Linear`` is driven through
+  :class:`PeftLoraLayer`; at each boundary its adapter is merged into ``base_layer.weight``
+  with this package's merge (stochastic rounding), ``lora_A``/``lora_B`` are drawn again as
+  PEFT initialises them and their optimizer state is dropped;
+* :func:`use_fused_kernels` (in the spirit of Liger's ``apply_liger_kernel_to_*``): the
+  forward of every PEFT ``lora.Linear`` runs :func:`~lorasc_kernels.lorasc_linear`, the
+  fused kernel of ``LoRASCLinear``.
+
+Only what LoRASC can honour is taken; anything else is refused by name (DoRA, bias
+adapters, other initialisations, several or merged adapters, non-``nn.Linear`` bases).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..distributed import local_row_block
+from ..functional import lorasc_linear
+
+__all__ = ["PeftLoraLayer", "lorasc_config_kwargs", "peft_lora_layers", "peft_lora_modules",
+           "use_fused_kernels", "base_weights", "load_base_weights"]
+
+# LoraConfig fields taken as they are, and the values of the others that change nothing.
+_TAKEN = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias",
+          "use_rslora", "task_type", "peft_type", "base_model_name_or_path", "revision",
+          "inference_mode", "init_lora_weights")
+_INITS = (True, "gaussian")
+_BIASES = ("none", "all", "lora_only")
+
+
+def lorasc_config_kwargs(lora_config) -> dict:
+    """The ``LoRASCConfig`` arguments that give ``lora_config`` (a ``peft.LoraConfig``)'s
+    adapters: ``r``, ``lora_alpha`` (times ``√r`` under ``use_rslora``, so the scale is
+    PEFT's ``alpha/√r``), ``lora_dropout``, ``target_modules``, ``modules_to_save`` as
+    ``trainable`` and ``bias``. A field set to anything LoRASC cannot honour raises
+    ``ValueError`` naming it."""
+    from peft import LoraConfig
+
+    if not isinstance(lora_config, LoraConfig):
+        raise TypeError(f"lora_config must be a peft.LoraConfig, got {type(lora_config).__name__}")
+    defaults = LoraConfig()
+    for name, value in vars(lora_config).items():
+        if name in _TAKEN or name.startswith("_") or value == getattr(defaults, name, value):
+            continue
+        raise ValueError(f"LoraConfig.{name}={value!r} has no LoRASC counterpart: leave it at "
+                         f"its default ({getattr(defaults, name)!r})")
+    if lora_config.init_lora_weights not in _INITS:
+        raise ValueError(f"LoraConfig.init_lora_weights={lora_config.init_lora_weights!r}: "
+                         f"LoRASC draws each fast LoRA afresh as {_INITS} do")
+    if lora_config.bias not in _BIASES:
+        raise ValueError(f"LoraConfig.bias must be one of {_BIASES}, got {lora_config.bias!r}")
+    targets = lora_config.target_modules
+    if targets is None:
+        raise ValueError("LoraConfig.target_modules is None (PEFT then guesses by model "
+                         "type): name the modules, or 'all-linear'")
+    scale_alpha = math.sqrt(lora_config.r) if lora_config.use_rslora else 1.0
+    return {
+        "r": lora_config.r,
+        "lora_alpha": lora_config.lora_alpha * scale_alpha,
+        "lora_dropout": lora_config.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "trainable": sorted(lora_config.modules_to_save or ()),
+        "bias": lora_config.bias,
+    }
+
+
+class PeftLoraLayer:
+    """One PEFT ``lora.Linear`` (its one active adapter) as the layer a ``Cascade`` drives:
+    ``weight``/``bias`` are its base layer's, ``lora_A`` (r, in) and ``lora_B`` (out, r) its
+    adapter's weights, ``scaling`` PEFT's. Get it with :func:`peft_lora_layers`."""
+
+    weight_format = None
+    weight_scale = None
+    backend = "auto"
+
+    def __init__(self, module: nn.Module, adapter: str, init_lora_weights: bool | str = True):
+        self.module = module
+        self.adapter = adapter
+        self.init_lora_weights = init_lora_weights
+        # (seed, scale) of the noise a Cascade in "inplace" mode wrote into W, else None.
+        self.weight_noise: tuple[int, float] | None = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.base_layer.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.module.base_layer.bias
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.module.lora_A[self.adapter].weight
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.module.lora_B[self.adapter].weight
+
+    @property
+    def r(self) -> int:
+        return self.module.r[self.adapter]
+
+    @property
+    def in_features(self) -> int:
+        return self.module.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.module.base_layer.out_features
+
+    @property
+    def scaling(self) -> float:
+        return float(self.module.scaling[self.adapter])
+
+    @property
+    def dropout_p(self) -> float:
+        dropout = self.module.lora_dropout[self.adapter]
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
+    def reset_lora(self, generator: torch.Generator | None = None) -> None:
+        """A fresh adapter as PEFT initialises it (``init_lora_weights`` True or
+        ``"gaussian"``), ``A`` drawn by ``generator``; ``B = 0``."""
+        with torch.no_grad():
+            if self.init_lora_weights == "gaussian":
+                self.lora_A.normal_(std=1 / self.r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+            self.lora_B.zero_()
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """The base ``nn.Linear`` (it holds every merge), what ``finalize`` puts back."""
+        if dtype is not None:
+            raise ValueError("a PEFT layer finalizes to its own base layer, in its dtype")
+        return self.module.base_layer
+
+
+def _check_peft_layer(name: str, module: nn.Module) -> str:
+    """The one active adapter of the PEFT ``lora.Linear`` ``module``, which LoRASC can drive."""
+    adapters = list(module.active_adapters)
+    where = f"PEFT layer {name!r}"
+    if len(adapters) != 1:
+        raise ValueError(f"{where} has {len(adapters)} active adapters {adapters}: LoRASC "
+                         "drives exactly one")
+    adapter = adapters[0]
+    if type(module.base_layer) is not nn.Linear:
+        raise ValueError(f"{where}: its base layer is a {type(module.base_layer).__name__}, "
+                         "LoRASC merges into nn.Linear base layers only")
+    if module.merged:
+        raise ValueError(f"{where} has its adapter merged (merge_adapter): unmerge it first")
+    if module.use_dora.get(adapter, False) or module.lora_bias.get(adapter, False):
+        raise ValueError(f"{where} uses DoRA or a LoRA bias, which LoRASC cannot merge")
+    return adapter
+
+
+def peft_lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every PEFT LoRA layer of ``model`` by its dotted name (none without PEFT)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer)}
+
+
+def peft_lora_layers(model: nn.Module) -> dict[str, PeftLoraLayer]:
+    """Every PEFT ``lora.Linear`` of ``model`` by its dotted name, each as the same
+    :class:`PeftLoraLayer` on every call (kept on the module); one LoRASC cannot drive
+    raises ``ValueError`` naming it."""
+    configs = getattr(model, "peft_config", {})
+    layers = {}
+    for name, module in peft_lora_modules(model).items():
+        adapter = _check_peft_layer(name, module)
+        init = getattr(configs.get(adapter), "init_lora_weights", True)
+        if init not in _INITS:
+            raise ValueError(f"PEFT layer {name!r}: init_lora_weights={init!r}; LoRASC draws "
+                             f"each fast LoRA afresh as {_INITS} do")
+        view = module.__dict__.get("_lorasc_layer")
+        if view is None or (view.adapter, view.init_lora_weights) != (adapter, init):
+            view = PeftLoraLayer(module, adapter, init)
+            module.__dict__["_lorasc_layer"] = view  # a plain attribute, not a submodule
+        layers[name] = view
+    return layers
+
+
+def _fused_forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """``module``'s forward through the fused kernel, or PEFT's own where its adapter is
+    off (``disable_adapters``, merged, or another adapter active)."""
+    view = module.__dict__["_lorasc_layer"]
+    if (module.disable_adapters or module.merged or args or kwargs
+            or list(module.active_adapters) != [view.adapter]):
+        return type(module).forward(module, x, *args, **kwargs)
+    base = module.base_layer
+    return lorasc_linear(x, base.weight, base.bias, view.lora_A, view.lora_B, view.scaling,
+                         dropout_p=view.dropout_p if module.training else 0.0,
+                         backend=view.backend)
+
+
+def use_fused_kernels(model: nn.Module) -> dict[str, PeftLoraLayer]:
+    """Route every PEFT ``lora.Linear`` forward of ``model`` through the fused kernel
+    (``y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ`` as ``LoRASCLinear`` computes it, dropout
+    included). Returns the layers; calling it again changes nothing."""
+    layers = peft_lora_layers(model)
+    if not layers:
+        raise ValueError("model has no PEFT LoRA layer (peft.get_peft_model makes them)")
+    for layer in layers.values():
+        module = layer.module
+        module.forward = _fused_forward.__get__(module)
+    return layers
+
+
+def base_weights(layers: dict[str, PeftLoraLayer]) -> dict[str, torch.Tensor]:
+    """Copies of the base weights (this rank's rows) of PEFT layers: they hold every merge,
+    and a PEFT checkpoint (``save_pretrained``, the Trainer's) keeps the adapter only."""
+    return {name: local_row_block(layer.weight.detach())[0].clone()
+            for name, layer in layers.items()}
+
+
+def load_base_weights(layers: dict[str, PeftLoraLayer], saved, where: str) -> None:
+    """Put :func:`base_weights` ``saved`` (read from ``where``) back, each checked first."""
+    if not isinstance(saved, dict) or list(saved) != list(layers):
+        raise ValueError(f"{where} must hold the base weights of the PEFT layers {list(layers)}")
+    for name, layer in layers.items():
+        local = local_row_block(layer.weight.detach())[0]
+        value = saved[name]
+        if (not isinstance(value, torch.Tensor) or value.shape != local.shape
+                or value.dtype != local.dtype):
+            raise ValueError(f"{where}[{name!r}] must be a {local.dtype} tensor of shape "
+                             f"{tuple(local.shape)}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            local_row_block(layer.weight.detach())[0].copy_(saved[name])

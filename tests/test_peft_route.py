@@ -1,0 +1,284 @@
+"""PEFT's way in: LoraConfig to LoRASCConfig, PEFT models driven by a Cascade, PEFT layers on
+the fused kernel, and TRL's SFTTrainer with LoRASCCallback."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc, lorasc_linear
+from lorasc_kernels.integrations.peft import PeftLoraLayer, peft_lora_layers, use_fused_kernels
+
+peft = pytest.importorskip("peft")
+IN, HIDDEN, OUT = 12, 10, 4
+
+
+def base_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN),
+                         nn.Tanh(), nn.Linear(HIDDEN, OUT))
+
+
+def lora_config(**kwargs):
+    return peft.LoraConfig(**{"r": 2, "lora_alpha": 4, "target_modules": ["0", "2"], **kwargs})
+
+
+def adam(model):
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+
+
+def train(model, optimizer, cascade, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, IN, generator=generator)
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cascade.step()
+
+
+# -- LoraConfig → LoRASCConfig ---------------------------------------------------------------
+
+def test_from_peft_takes_what_lora_config_says():
+    config = LoRASCConfig.from_peft(lora_config(
+        lora_dropout=0.1, modules_to_save=["4"], bias="lora_only", use_rslora=True,
+        task_type="CAUSAL_LM"))
+    assert (config.r, config.lora_dropout, config.target_modules) == (2, 0.1, ["0", "2"])
+    assert config.lora_alpha == pytest.approx(4 * 2 ** 0.5)  # scale alpha/√r, as rsLoRA's
+    assert (config.trainable, config.bias) == (["4"], "lora_only")
+    assert LoRASCConfig.from_peft(lora_config(target_modules="all-linear")).target_modules \
+        == "all-linear"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"use_dora": True}, "LoraConfig.use_dora=True has no LoRASC counterpart"),
+    ({"rank_pattern": {"0": 4}}, "LoraConfig.rank_pattern"),
+    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+    ({"target_modules": None}, "target_modules is None"),
+    ({"layers_to_transform": [0]}, "LoraConfig.layers_to_transform"),
+], ids=["dora", "rank-pattern", "pissa", "no-targets", "layers"])
+def test_from_peft_refuses_what_it_cannot_honour_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoRASCConfig.from_peft(lora_config(**kwargs))
+
+
+def test_inject_takes_a_lora_config_with_modules_to_save_and_bias():
+    model = base_model()
+    layers = inject_lorasc(model, lora_config(modules_to_save=["4"], bias="lora_only"))
+    assert list(layers) == ["0", "2"] and all(isinstance(m, LoRASCLinear) for m in layers.values())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.lora_A", "0.lora_B", "0.bias", "2.lora_A", "2.lora_B", "2.bias",
+                         "4.weight", "4.bias"}
+
+
+def test_inject_refuses_a_trainable_name_that_matches_nothing():
+    model = base_model()
+    with pytest.raises(ValueError, match=r"trainable names \['head'\] match no module"):
+        inject_lorasc(model, LoRASCConfig(r=2, target_modules=["0"], trainable=["head"]))
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
+
+
+def test_inject_refuses_a_peft_model_naming_the_route():
+    model = peft.get_peft_model(base_model(), lora_config())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"PEFT LoRA layers .*Cascade\(model, optimizer\)"):
+        inject_lorasc(model, LoRASCConfig(r=2))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- a PEFT model under a Cascade ------------------------------------------------------------
+
+def test_a_cascade_on_a_peft_model_equals_the_native_route_bit_for_bit():
+    """Same start (the PEFT adapters' A copied into the LoRASC layers), same data: with the
+    fused kernels both routes compute the same bits, boundaries included."""
+    peft_model = peft.get_peft_model(base_model(), lora_config())
+    use_fused_kernels(peft_model)
+    native = base_model()
+    inject_lorasc(native, LoRASCConfig.from_peft(lora_config()))
+    views = peft_lora_layers(peft_model)
+    with torch.no_grad():
+        for view, name in zip(views.values(), ["0", "2"], strict=True):
+            native.get_submodule(name).lora_A.copy_(view.lora_A)
+    cascades = []
+    for model in (peft_model, native):
+        optimizer = adam(model)
+        cascade = Cascade(model, optimizer, steps_per_cascade=3, seed=5)
+        train(model, optimizer, cascade, 7)
+        cascades.append(cascade)
+    assert cascades[0].cascade_index == cascades[1].cascade_index == 2
+    for view, name in zip(views.values(), ["0", "2"], strict=True):
+        layer = native.get_submodule(name)
+        assert torch.equal(view.weight, layer.weight)
+        assert torch.equal(view.lora_A, layer.lora_A) and torch.equal(view.lora_B, layer.lora_B)
+    x = torch.randn(5, IN)
+    assert torch.equal(peft_model(x), native(x))
+
+
+def test_a_boundary_merges_into_the_base_weight_and_resets_the_adapter_as_peft_does():
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, seed=2)
+    view = peft_lora_layers(model)["base_model.model.0"]
+    w0 = view.weight.detach().clone()
+    train(model, optimizer, cascade, 1)
+    model(torch.randn(8, IN)).pow(2).mean().backward()
+    optimizer.step()
+    update = view.scaling * (view.lora_B @ view.lora_A).detach()
+    assert update.abs().max() > 0
+    cascade.step()  # the boundary
+    assert cascade.cascade_index == 1
+    torch.testing.assert_close(view.weight.detach() - w0, update, rtol=1e-5, atol=1e-7)
+    assert torch.equal(view.lora_B, torch.zeros_like(view.lora_B))  # PEFT's B = 0
+    assert view.lora_A not in optimizer.state and view.lora_B not in optimizer.state
+
+
+def test_finalize_puts_the_base_linears_back_with_every_merge():
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2)
+    train(model, optimizer, cascade, 3)
+    x = torch.randn(6, IN)
+    running = model(x).detach()
+    final = cascade.finalize()
+    assert type(final.base_model.model[0]) is nn.Linear
+    assert not peft_lora_layers(final)
+    torch.testing.assert_close(final(x), running, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["fused"])
+def test_fused_noise_on_a_peft_model_is_refused(mode):
+    model = peft.get_peft_model(base_model(), lora_config())
+    with pytest.raises(ValueError, match="noise_mode='fused' is not supported on PEFT layers"):
+        Cascade(model, adam(model), noise_lambda=0.1, noise_mode=mode)
+
+
+def test_peft_layers_lorasc_cannot_drive_are_refused_by_name():
+    model = peft.get_peft_model(base_model(), lora_config())
+    model.base_model.model[2].merge()
+    with pytest.raises(ValueError, match=r"PEFT layer 'base_model.model.2' has its adapter merged"):
+        Cascade(model, adam(model))
+    dora = peft.get_peft_model(base_model(), lora_config(use_dora=True))
+    with pytest.raises(ValueError, match="uses DoRA"):
+        Cascade(dora, adam(dora))
+
+
+def test_export_of_a_peft_route_run_says_to_save_the_model(tmp_path):
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=1, keep_history=True)
+    train(model, optimizer, cascade, 1)
+    with pytest.raises(RuntimeError, match="finalize\\(\\) and save the model"):
+        cascade.export_peft_adapter(tmp_path)
+
+
+# -- PEFT layers on the fused kernel ---------------------------------------------------------
+
+def test_fused_peft_layers_equal_a_lorasc_layer_bit_for_bit():
+    model = peft.get_peft_model(base_model(), lora_config(lora_dropout=0.25))
+    view = use_fused_kernels(model)["base_model.model.0"]
+    assert isinstance(view, PeftLoraLayer)
+    with torch.no_grad():
+        view.lora_B.normal_()
+    x = torch.randn(7, IN, requires_grad=True)
+    torch.manual_seed(9)  # the dropout seed is drawn from torch's generator, as LoRASCLinear's
+    y = view.module(x)
+    y.square().sum().backward()
+    grads = (x.grad.clone(), view.lora_A.grad.clone(), view.lora_B.grad.clone())
+    x.grad = None
+    base = view.module.base_layer
+    lora_A = view.lora_A.detach().clone().requires_grad_(True)
+    lora_B = view.lora_B.detach().clone().requires_grad_(True)
+    torch.manual_seed(9)
+    expected = lorasc_linear(x, base.weight, base.bias, lora_A, lora_B, view.scaling,
+                             dropout_p=0.25)
+    expected.square().sum().backward()
+    assert torch.equal(y, expected)
+    for got, want in zip(grads, (x.grad, lora_A.grad, lora_B.grad), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_fused_peft_layers_follow_disabled_adapters():
+    model = peft.get_peft_model(base_model(), lora_config())
+    use_fused_kernels(model)
+    with torch.no_grad():
+        for view in peft_lora_layers(model).values():
+            view.lora_B.normal_()
+    x = torch.randn(3, IN)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x), model.base_model.model(x))
+        assert torch.equal(model(x), base_model()(x))
+    assert not torch.equal(model(x), base_model()(x))
+
+
+# -- TRL -------------------------------------------------------------------------------------
+
+def tiny_llama():
+    """A one-layer Llama, 16 tokenized sequences and a word-level tokenizer, all offline."""
+    transformers = pytest.importorskip("transformers")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    data = datasets.Dataset.from_list(
+        [{"input_ids": torch.randint(0, 64, (12,)).tolist()} for _ in range(16)])
+    vocabulary = {f"t{i}": i for i in range(64)}
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, "t0")),
+        pad_token="t0", eos_token="t1")
+    return model, data, tokenizer
+
+
+def test_sft_trainer_with_a_peft_config_trains_with_cascades(tmp_path):
+    trl = pytest.importorskip("trl")
+    from lorasc_kernels import LoRASCCallback
+
+    model, data, tokenizer = tiny_llama()
+    callback = LoRASCCallback(steps_per_cascade=2, seed=1)
+    trainer = trl.SFTTrainer(
+        model=model, train_dataset=data, callbacks=[callback], processing_class=tokenizer,
+        peft_config=peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                    task_type="CAUSAL_LM"),
+        args=trl.SFTConfig(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
+                           learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                           disable_tqdm=True, bf16=False),
+    )
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    w0 = q_proj.base_layer.weight.detach().clone()
+    trainer.train()
+    cascade = callback.cascade
+    assert (cascade.cascade_index, cascade.steps_in_cascade) == (2, 1)
+    assert all(isinstance(layer, PeftLoraLayer) for layer in cascade.layers.values())
+    assert not torch.equal(q_proj.base_layer.weight, w0)  # merges landed in the base weight
+
+
+def test_sft_trainer_resumes_a_peft_run_bit_exactly(tmp_path):
+    """The Trainer's checkpoint of a PEFT model holds the adapters only; the callback saves
+    the merged base weights beside the Cascade's state and puts them back on resume."""
+    trl = pytest.importorskip("trl")
+    from lorasc_kernels import LoRASCCallback
+
+    def run(output_dir, resume=None):
+        model, data, tokenizer = tiny_llama()
+        callback = LoRASCCallback(steps_per_cascade=2, seed=1, noise_lambda=0.1)
+        trainer = trl.SFTTrainer(
+            model=model, train_dataset=data, callbacks=[callback], processing_class=tokenizer,
+            peft_config=peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                        task_type="CAUSAL_LM"),
+            args=trl.SFTConfig(output_dir=str(output_dir), max_steps=6, save_steps=3,
+                               per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                               use_cpu=True, disable_tqdm=True, bf16=False, seed=0,
+                               data_seed=0),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.model.state_dict()
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert set(whole) == set(resumed)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
