@@ -17,6 +17,17 @@ from .modules import LoRASCLinear
 
 __all__ = ["OptimizerTracker", "check_optimizer", "other_trainable_params"]
 
+# The started trackers. One step hook, registered by the first start() and never removed,
+# notes every step for all of them: removing a hook from a tracker's finalizer could run
+# inside torch's loop over the hooks (a garbage collection there) and break that loop.
+_TRACKERS: weakref.WeakSet = weakref.WeakSet()
+_HOOK = []
+
+
+def _note_step(optimizer, *_) -> None:
+    for tracker in list(_TRACKERS):
+        tracker._note(optimizer)
+
 
 def fast_param_ids(layers: dict[str, LoRASCLinear]) -> set[int]:
     """``id`` of every fast LoRA parameter (``lora_A``, ``lora_B``) of ``layers``."""
@@ -62,22 +73,15 @@ class OptimizerTracker:
         self._others = weakref.WeakSet()
         # Optimizers holding no fast LoRA parameter, with how many parameters they held.
         self._unrelated = weakref.WeakKeyDictionary()
-        self._stop = None
 
     def start(self) -> None:
         """Note every optimizer step from now on, until :meth:`stop` or the tracker is gone."""
-        tracker = weakref.ref(self)  # the hook must not keep the tracker alive
-
-        def note_optimizer(optimizer, *_):
-            if tracker() is not None:
-                tracker()._note(optimizer)
-
-        handle = register_optimizer_step_post_hook(note_optimizer)
-        self._stop = weakref.finalize(self, handle.remove)
+        if not _HOOK:
+            _HOOK.append(register_optimizer_step_post_hook(_note_step))
+        _TRACKERS.add(self)
 
     def stop(self) -> None:
-        if self._stop is not None:
-            self._stop()
+        _TRACKERS.discard(self)
 
     def drop_state(self, layer: LoRASCLinear) -> None:
         """Drop ``layer``'s fast LoRA state from every tracked optimizer."""
