@@ -114,7 +114,8 @@ def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_s
 # Both the custom op's autograd (traced by torch.compile) and the eager LinearFunction save
 # the same tensors with _save and produce gradients with _gradients; they differ only in how
 # the backward runs: through the ``lorasc::linear_backward`` op, or by calling
-# :func:`composition.linear_backward` directly (no op dispatch: ~0.3 ms less per step).
+# :func:`composition.linear_backward` directly (no op dispatch: 0.16 ms less per step on the
+# CPU, benchmarks/bench_autograd_paths.py).
 
 def _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale) -> None:
     """What backward needs: ``x``, ``xa = drop(x) Aᵀ`` and the parameters, never a mask."""
