@@ -1,10 +1,12 @@
 """Building the CUDA extension in ``csrc/``: one list of sources and flags for both paths.
 
-* ``setup.py`` builds ``lorasc_kernels._C`` from :func:`extension_kwargs` when torch is a
-  CUDA build and nvcc is found (``LORASC_SKIP_CUDA_BUILD=1`` skips it,
+* ``setup.py`` builds ``lorasc_kernels._C`` from :func:`extension_kwargs` when torch is
+  importable in the build environment (``pip install --no-build-isolation``) and a CUDA
+  build, and nvcc is found (``LORASC_SKIP_CUDA_BUILD=1`` skips it,
   ``LORASC_FORCE_CUDA_BUILD=1`` makes a missing toolchain an error).
-* Otherwise :func:`load_extension` compiles the same sources with
-  ``torch.utils.cpp_extension.load`` (ninja) at first use, into a cache folder
+* Otherwise (``pip install .`` builds without torch, so without the extension)
+  :func:`load_extension` compiles the same sources with ``torch.utils.cpp_extension.load``
+  (ninja) at first use, saying so in a warning, into a cache folder
   (``LORASC_BUILD_DIR``, default ``~/.cache/lorasc_kernels``), for ``TORCH_CUDA_ARCH_LIST``
   or, if unset, the capability of the given device or :data:`DEFAULT_ARCH_LIST`.
 * :func:`load_host_check` compiles the shared element-wise headers with the host C++
@@ -61,6 +63,8 @@ DEFAULT_ARCH_LIST = "8.0;9.0"
 CXX_FLAGS = ["-O3", "-ffp-contract=off"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
+# The module name of the extension compiled at first use (its file: JIT_NAME.so).
+JIT_NAME = "lorasc_kernels_cuda"
 # The prebuilt extension file that load_extension loads instead of compiling.
 PREBUILT_ENV = "LORASC_CUDA_EXTENSION"
 # torch < 2.14 waits for a `lock` file in the build folder to disappear; a killed build
@@ -299,13 +303,16 @@ def _compile(arch_list: str, verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
     build_dir = _build_dir(f"cu{torch.version.cuda}-sm{arch_list}")
+    if not (build_dir / f"{JIT_NAME}.so").is_file():
+        logger.warning("lorasc_kernels: compiling the CUDA extension at its first use, for "
+                       "TORCH_CUDA_ARCH_LIST=%s into %s (minutes, once)", arch_list, build_dir)
     if not hasattr(cpp_extension, "FileLock"):
         clear_stale_lock(build_dir)
     previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
     os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     try:
         return cpp_extension.load(
-            name="lorasc_kernels_cuda",
+            name=JIT_NAME,
             sources=[str(CSRC / name) for name in CUDA_SOURCES],
             extra_include_paths=[str(CSRC)],
             extra_cflags=CXX_FLAGS,

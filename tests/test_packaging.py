@@ -1,11 +1,14 @@
 """The package a user installs: ``python -m build`` makes an sdist that holds ``csrc/`` and,
 from it, a wheel; the wheel installs into a fresh virtual environment and runs a LoRASC
-layer there; the sdist installs with ``LORASC_SKIP_CUDA_BUILD=1``.
+layer there; the sdist installs with ``LORASC_SKIP_CUDA_BUILD=1``, and without torch in the
+build environment (as in pip's isolated build) says that the CUDA extension compiles at first
+use.
 
 The fresh environments get no package index: torch (and the build backend, setuptools)
 come from the running environment through a path file, as a user's own torch would.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,9 +52,9 @@ LAYER_SCRIPT = textwrap.dedent(
 )
 
 
-def _run(command, **kwargs):
-    result = subprocess.run([str(part) for part in command], env=ENVIRONMENT, cwd=kwargs.pop(
-        "cwd", ROOT), capture_output=True, text=True, timeout=600, **kwargs)
+def _run(command, cwd=ROOT, env=ENVIRONMENT):
+    result = subprocess.run([str(part) for part in command], env=env, cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result
 
@@ -65,15 +68,40 @@ def dist(tmp_path_factory) -> Path:
     return out
 
 
+def _site_packages(python: Path) -> Path:
+    return Path(subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True).stdout.strip())
+
+
+def _borrow_packages(python: Path):
+    """Let ``python``'s environment see this environment's packages (torch, setuptools) as a
+    fallback."""
+    borrowed = {sysconfig.get_path("purelib"), str(Path(torch.__file__).parent.parent)}
+    (_site_packages(python) / "borrowed_packages.pth").write_text("\n".join(sorted(borrowed))
+                                                                  + "\n")
+
+
 def _fresh_environment(path: Path) -> Path:
     """A new virtual environment that sees this environment's packages only as a fallback
     (torch, setuptools); returns its python."""
     venv.create(path, with_pip=False)
     python = path / "bin" / "python"
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    borrowed = {sysconfig.get_path("purelib"), str(Path(torch.__file__).parent.parent)}
-    (Path(site) / "borrowed_packages.pth").write_text("\n".join(sorted(borrowed)) + "\n")
+    _borrow_packages(python)
+    return python
+
+
+def _environment_without_torch(path: Path) -> Path:
+    """A new virtual environment with only the build backend (setuptools, linked from this
+    environment), like the one pip builds in by default; returns its python."""
+    venv.create(path, with_pip=False)
+    python = path / "bin" / "python"
+    source = Path(importlib.util.find_spec("setuptools").origin).parent.parent
+    for pattern in ("setuptools", "setuptools-*.dist-info", "_distutils_hack",
+                    "distutils-precedence.pth"):
+        for found in source.glob(pattern):
+            (_site_packages(python) / found.name).symlink_to(found)
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
     return python
 
 
@@ -111,4 +139,21 @@ def test_sdist_installs_without_the_cuda_build(dist, tmp_path):
     python = _fresh_environment(tmp_path / "venv")
     (sdist,) = dist.glob("*.tar.gz")
     _install(python, sdist)
+    assert "layer ok" in _run([python, "-c", LAYER_SCRIPT], cwd=tmp_path).stdout
+
+
+def test_install_without_torch_in_the_build_environment_says_so(dist, tmp_path):
+    """``pip install .`` builds where torch is absent: no extension, and the build's line
+    (``pip -v`` shows it) says that the CUDA backend compiles it at first use."""
+    python = _environment_without_torch(tmp_path / "venv")
+    (sdist,) = dist.glob("*.tar.gz")
+    environment = {k: v for k, v in ENVIRONMENT.items() if k != "LORASC_SKIP_CUDA_BUILD"}
+    result = _run([sys.executable, "-m", "pip", "--python", python, "install", "-v",
+                   "--no-deps", "--no-build-isolation", sdist], env=environment)
+    assert ("lorasc_kernels: CUDA extension not built (torch not importable in the build "
+            "environment; pip builds in an isolated one unless given --no-build-isolation); "
+            "the CUDA backend compiles it at first use") in result.stdout + result.stderr
+    package = _site_packages(python) / "lorasc_kernels"
+    assert (package / "_build.py").is_file() and not list(package.glob("_C*"))
+    _borrow_packages(python)  # the user's torch, installed after the package
     assert "layer ok" in _run([python, "-c", LAYER_SCRIPT], cwd=tmp_path).stdout
