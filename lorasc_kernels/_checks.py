@@ -129,7 +129,9 @@ def check_float(name: str, value, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # x − x is 0 exactly for finite x (NaN for ±inf and NaN); unlike math.isfinite it also
+    # holds symbolically for a float that torch.compile traces as an input (a SymFloat).
+    if not value - value == 0.0:
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

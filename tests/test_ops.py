@@ -220,7 +220,20 @@ def test_compile_fullgraph_as_a_fresh_process_first_call():
     assert "compiled first: (2, 5, 6) 4 gradients" in result.stdout
 
 
+def test_compile_fullgraph_follows_a_float_that_changes_between_calls():
+    """A second value of a float (here the LoRA scale) makes Dynamo trace it as an input
+    (a SymFloat): the argument checks must hold for it symbolically, not break the graph."""
+    torch._dynamo.reset()
+    model = _model(noise=False)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 12)
+    for alpha in (2.0, 3.0, 5.0):
+        model[0].lora_alpha = alpha
+        assert torch.equal(compiled(x), model(x))
+
+
 def test_compile_fullgraph_with_lora_dropout_names_it():
+    torch._dynamo.reset()
     model = nn.Sequential(LoRASCLinear(12, 6, r=2, lora_dropout=0.1, backend="torch"))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with pytest.raises(torch._dynamo.exc.Unsupported, match="lora_dropout"):
