@@ -4,6 +4,7 @@ from .cascade import Cascade
 from .functional import lorasc_linear, merge_lowrank_
 from .inject import LoRASCConfig, inject_lorasc
 from .modules import LoRASCLinear
+from .scaled_weight import ScaledWeight
 
 __all__ = [
     "LoRASCLinear",
@@ -12,6 +13,7 @@ __all__ = [
     "Cascade",
     "lorasc_linear",
     "merge_lowrank_",
+    "ScaledWeight",
 ]
 
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ class LoRASCConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ALL_LINEAR)
     backend: str = "auto"
     lora_dtype: torch.dtype | None = None
-    weight_format: str | None = None  # "fp8_e4m3": quantize the targeted weights (docs/fp8.md)
+    weight_format: str | None = None  # "fp8_e4m3" or "fp8_e5m2": quantized targets (docs/fp8.md)
 
     def __post_init__(self):
         self.r = checks.check_int("r", self.r, 1)
