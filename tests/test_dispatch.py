@@ -158,7 +158,7 @@ def test_primitive_returns_the_measured_variants_result(monkeypatch):
     q = torch.randn(16, 32, device=DEVICE).to(torch.bfloat16)
     u = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
     v = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
-    options = gemm_dispatch.candidates(p, q, None, u, v, None, None)
+    options = gemm_dispatch.candidates(p, q, None, u, v, None)
     got = gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
     assert timer.ran == [*options, "addmm"]
     assert torch.equal(got, gemm_dispatch.addmm_lowrank_gemm(p, q, None, u, v, 0.5))

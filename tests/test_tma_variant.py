@@ -159,7 +159,7 @@ def test_forced_persistent_falls_back_to_tiled_where_tma_does_not_apply(monkeypa
     p = torch.randn(16, 45, device=DEVICE).to(torch.bfloat16)  # 90-byte rows
     q = torch.randn(24, 45, device=DEVICE).to(torch.bfloat16)
     assert "aligned" in fused_linear_tma.unsupported_reason(p, q)
-    assert gemm_dispatch.candidates(p, q, None, None, None, None, None) == ("tiled", "addmm")
+    assert gemm_dispatch.candidates(p, q, None, None, None, None) == ("tiled", "addmm")
     got = gemm_dispatch.lowrank_gemm(p, q, None, None, None, 1.0)
     assert torch.equal(got, fused_linear.tiled_lowrank_gemm(p, q, None, None, None, 1.0))
 
