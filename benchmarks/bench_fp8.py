@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import append_csv, device_name, family_main, significant, time_all_ms
 from lorasc_kernels import LoRASCLinear, merge_lowrank_
-from lorasc_kernels.quantize import quantize
+from lorasc_kernels.quantize import format_dtype, quantize
 
 RANK = 16
 
@@ -75,18 +75,17 @@ def measure_merge(size: int, device: str, quick: bool) -> list[dict]:
     torch.manual_seed(0)
     weight = 0.02 * torch.randn(size, size, device=device)
     bf16 = weight.to(torch.bfloat16)
-    fp8, scale = quantize(weight)
+    fp8 = quantize(weight, format_dtype("fp8_e4m3"))
     lora_B = 1e-3 * torch.randn(size, RANK, device=device)
     lora_A = torch.randn(RANK, size, device=device)
     destination = torch.empty_like(bf16)
     functions = {
         "copy-bf16": lambda: destination.copy_(bf16),
         "ours-bf16": lambda: merge_lowrank_(bf16, lora_B, lora_A, 1.0, seed=1),
-        "ours-fp8": lambda: merge_lowrank_(fp8, lora_B, lora_A, 1.0, seed=1,
-                                           weight_scale=scale),
+        "ours-fp8": lambda: merge_lowrank_(fp8, lora_B, lora_A, 1.0, seed=1),
     }
     moved = {"copy-bf16": 2 * bf16.numel() * 2, "ours-bf16": 2 * bf16.numel() * 2,
-             "ours-fp8": 2 * (fp8.numel() + scale.numel() * 4)}
+             "ours-fp8": 2 * (fp8.codes.numel() + fp8.scale.numel() * 4)}
     times = time_all_ms(functions, device, quick)
     return [{"device": device_name(device), "op": "merge", "mode": "stochastic",
              "shape": f"{size}x{size} r={RANK}", "provider": name,

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import append_csv, device_name, family_main, significant
-from lorasc_kernels import merge_lowrank_
-from lorasc_kernels.quantize import dequantize, quantize
+from lorasc_kernels import ScaledWeight, merge_lowrank_
+from lorasc_kernels.quantize import format_dtype, quantize
 
 RANK = 16
 # Mean |c·B A| relative to mean |W0|: about a tenth of the format's step.
@@ -41,30 +41,31 @@ class _Weight:
     """A bf16 weight, or an fp8 e4m3 one with its per-row scales, merged in place."""
 
     def __init__(self, start: torch.Tensor, weight_format: str):
-        if weight_format == "fp8_e4m3":
-            self.values, self.scale = quantize(start)
+        if weight_format == "bfloat16":
+            self.weight = start.to(torch.bfloat16)
         else:
-            self.values, self.scale = start.to(torch.bfloat16), None
+            self.weight = quantize(start, format_dtype(weight_format))
         self.rescales = 0
 
     def clone(self) -> _Weight:
         copy = _Weight.__new__(_Weight)
-        copy.values = self.values.clone()
-        copy.scale = None if self.scale is None else self.scale.clone()
+        weight = self.weight
+        copy.weight = (ScaledWeight(weight.codes.clone(), weight.scale.clone())
+                       if isinstance(weight, ScaledWeight) else weight.clone())
         copy.rescales = 0
         return copy
 
     def float64(self) -> torch.Tensor:
-        if self.scale is None:
-            return self.values.double()
-        return dequantize(self.values, self.scale, torch.float64)
+        if isinstance(self.weight, ScaledWeight):
+            return self.weight.dequantize(torch.float64)
+        return self.weight.double()
 
     def merge(self, lora_B, lora_A, coeff: float, rounding: str, seed: int) -> None:
-        before = None if self.scale is None else self.scale.clone()
-        merge_lowrank_(self.values, lora_B, lora_A, coeff, rounding, seed=seed,
-                       weight_scale=self.scale)
-        if before is not None:
-            self.rescales += int((self.scale != before).sum())
+        scaled = isinstance(self.weight, ScaledWeight)
+        before = self.weight.scale.clone() if scaled else None
+        merge_lowrank_(self.weight, lora_B, lora_A, coeff, rounding, seed=seed)
+        if scaled:
+            self.rescales += int((self.weight.scale != before).sum())
 
 
 def _lowrank(generator: torch.Generator, rows: int, cols: int, device: str):

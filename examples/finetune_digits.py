@@ -51,6 +51,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lorasc_kernels import Cascade, CascadeSettings, LoRASCConfig, inject_lorasc
+from lorasc_kernels.dtypes import WEIGHT_FORMATS
 
 HERE = Path(__file__).resolve().parent
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)
@@ -264,7 +265,7 @@ class FinetuneSettings:
     epochs_per_cascade: int = 10
     train_head: bool = True
     backend: str = "auto"
-    weight_format: str | None = None  # "fp8_e4m3": the LoRA methods on an fp8 base weight
+    weight_format: str | None = None  # "fp8_e4m3", "fp8_e5m2": LoRA on an fp8 base weight
 
 
 FEWSHOT = FinetuneSettings()
@@ -515,9 +516,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         choices=("auto", "torch", "triton", "cuda"),
                         help="kernel backend of the LoRASC layers (default auto: Triton or "
                              "CUDA on a GPU, the torch reference on the CPU)")
-    parser.add_argument("--weight-format", default=None, choices=("fp8_e4m3",),
+    parser.add_argument("--weight-format", default=None, choices=tuple(WEIGHT_FORMATS),
                         help="store the adapted linear weights of lora and lorasc in this "
-                             "format (fp8 e4m3 with per-row scales, docs/fp8.md); full "
+                             "format (fp8 with per-row scales, docs/fp8.md); full "
                              "fine-tuning keeps float32 weights")
     parser.add_argument("--device", default="auto",
                         help="torch device (default auto: cuda when available)")

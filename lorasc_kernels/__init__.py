@@ -5,6 +5,7 @@ from .cascade_settings import CascadeSettings
 from .functional import lorasc_linear, merge_lowrank_
 from .inject import LoRASCConfig, inject_lorasc
 from .modules import LoRASCLinear
+from .scaled_weight import ScaledWeight
 
 __all__ = [
     "LoRASCLinear",
@@ -14,6 +15,7 @@ __all__ = [
     "CascadeSettings",
     "lorasc_linear",
     "merge_lowrank_",
+    "ScaledWeight",
 ]
 
 __version__ = "0.1.0"

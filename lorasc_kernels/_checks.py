@@ -25,50 +25,48 @@ def check_tensor(name: str, value, dims: int | None = None) -> torch.Tensor:
     return value
 
 
-def check_weight(weight, weight_scale) -> bool:
-    """``weight`` (N, K) in a float dtype, or in a scaled format (fp8) with ``weight_scale``
-    (N,) float32, its per-row scales; returns whether it is scaled."""
-    if not (isinstance(weight, torch.Tensor) and weight.dtype in SCALED_DTYPES):
-        check_tensor("weight", weight, dims=2)
-        if weight_scale is not None:
-            raise TypeError(
-                f"weight_scale is given but weight has dtype {weight.dtype}, not a scaled format "
-                f"{dtype_names(SCALED_DTYPES)} (model.to(dtype) converts fp8 weights too: "
-                "keep layers with weight_format set out of it)"
-            )
-        return False
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
-    if weight_scale is None:
-        raise TypeError(f"weight has the scaled dtype {weight.dtype}: pass its per-row float32 "
-                        "scales as weight_scale")
-    if not isinstance(weight_scale, torch.Tensor) or weight_scale.dtype != torch.float32:
-        raise TypeError(f"weight_scale must be a float32 tensor, got "
-                        f"{getattr(weight_scale, 'dtype', type(weight_scale).__name__)}")
-    check_shape("weight_scale", weight_scale, (weight.shape[0],), "one per row of weight")
-    return True
+def check_scaled_pair(codes, scale) -> None:
+    """``codes`` (N, K) in a scaled format and ``scale`` (N,) float32 on its device: the
+    parts of a :class:`~lorasc_kernels.scaled_weight.ScaledWeight`."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in SCALED_DTYPES:
+        raise TypeError(
+            f"ScaledWeight codes must be a tensor with a scaled dtype in "
+            f"{dtype_names(SCALED_DTYPES)}, got {getattr(codes, 'dtype', type(codes).__name__)}"
+            " (model.to(dtype) converts fp8 weights too: keep layers with weight_format set "
+            "out of it)"
+        )
+    if codes.dim() != 2:
+        raise ValueError(f"ScaledWeight codes must be 2-D, got shape {tuple(codes.shape)}")
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise TypeError(f"ScaledWeight scale must be a float32 tensor, got "
+                        f"{getattr(scale, 'dtype', type(scale).__name__)}")
+    check_shape("ScaledWeight scale", scale, (codes.shape[0],), "one per row of codes")
+    check_same_device(codes=codes, scale=scale)
 
 
-def check_scale_values(weight_scale: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every scale of ``weight_scale`` (rows,) is finite and at least the ``min_scale`` of the
-    scaled format ``dtype``: one reduction (``aminmax``) and one read of its result."""
-    if weight_scale.numel() == 0 or weight_scale.is_meta:  # no values to check
+def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """Every entry of the row scales ``scale`` (rows,) is finite and at least the
+    ``min_scale`` of the scaled format ``dtype``: one reduction (``aminmax``) and one read of
+    its result. Errors call it ``name``."""
+    if scale.numel() == 0 or scale.is_meta:  # no values to check
         return
     smallest = scaled_weight_dtype(dtype).min_scale
-    low, high = torch.aminmax(weight_scale)
+    low, high = torch.aminmax(scale)
     if bool((low >= smallest) & (high <= torch.finfo(torch.float32).max)):
         return
-    bad = ~(torch.isfinite(weight_scale) & (weight_scale >= smallest))
+    bad = ~(torch.isfinite(scale) & (scale >= smallest))
     row = int(bad.nonzero()[0, 0])
-    raise ValueError(f"weight_scale must be positive and finite, at least "
+    raise ValueError(f"{name} must be positive and finite, at least "
                      f"2**{math.log2(smallest):.0f} (the smallest scale of {dtype}), got "
-                     f"{float(weight_scale[row])} at row {row}")
+                     f"{float(scale[row])} at row {row}")
 
 
-def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor,
+                   name: str = "weight_scale") -> torch.Tensor:
     """``max_j |weight_scale[i] · weight[i, j]|`` per row (float64), in blocks of rows;
-    refuses scales that are not finite and at least the format's ``min_scale``."""
-    check_scale_values(weight_scale, weight.dtype)
+    refuses scales that are not finite and at least the format's ``min_scale`` (calling
+    them ``name``)."""
+    check_scale_values(name, weight_scale, weight.dtype)
     rows, cols = weight.shape
     if rows == 0 or cols == 0:
         return weight_scale.new_zeros(rows, dtype=torch.float64)
@@ -213,7 +211,7 @@ _EXACT_BLOCK_ELEMENTS = 1 << 20
 
 def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
                          coeff: float, noise_scales: tuple[float, float], row_offset: int,
-                         exact_rows, weight_scale: torch.Tensor | None = None) -> None:
+                         exact_rows, row_scale: torch.Tensor | None = None) -> None:
     """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range.
 
     ``weight`` (rows, K) with finite values only, ``noise_scales`` the two noise scales (0
@@ -228,19 +226,20 @@ def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: tor
     exactly by ``exact_rows`` and refused only if that yields an inf, so no merge that fits
     is refused. One read of ``W`` (a row-wise max), no write.
 
-    A scaled ``W`` (fp8) passes its ``weight_scale`` and ``exact_rows=None``: ``row_max`` is
-    then the row maxima of its dequantized values, its rows are rescaled to fit the format
-    (never out of its range), so only float32's range bounds the merge: a row passes when
-    ``bound_i`` and ``bound_i / weight_scale[i]`` (the merge's ``v / scale``) are within the
+    A scaled ``W`` passes its codes as ``weight``, its ``row_scale`` and ``exact_rows=None``
+    (bad scales are refused as ``weight.scale``): ``row_max`` is then the row maxima of its
+    dequantized values, its rows are rescaled to fit the format (never out of its range),
+    so only float32's range bounds the merge: a row passes when
+    ``bound_i`` and ``bound_i / row_scale[i]`` (the merge's ``v / scale``) are within the
     limit, and is refused on the bound otherwise.
     """
-    scaled = weight_scale is not None
+    scaled = row_scale is not None
     dtype_max = torch.finfo(torch.float32 if scaled else weight.dtype).max
     limit = dtype_max * _BOUND_MARGIN
     if weight.shape[0] == 0:
         return
     if scaled:
-        row_max = scaled_row_max(weight, weight_scale)
+        row_max = scaled_row_max(weight, row_scale, "weight.scale")
     else:
         row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
     finite = torch.isfinite(row_max)
@@ -251,7 +250,7 @@ def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: tor
     bound = row_max + sum(abs(s) for s in noise_scales) / 2 + abs(coeff) * lowrank
     outside = (bound > limit) | (lowrank > limit)
     if scaled:
-        outside |= bound / weight_scale.double() > limit
+        outside |= bound / row_scale.double() > limit
     suspect = outside.nonzero().flatten()
     if suspect.numel() == 0:
         return

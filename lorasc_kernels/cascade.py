@@ -82,6 +82,7 @@ from .integrations.peft import peft_lora_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
 from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
+from .scaled_weight import ScaledWeight
 from .slow_update import SlowUpdate
 
 __all__ = ["Cascade", "cascade_seed"]
@@ -416,8 +417,7 @@ class Cascade:
         operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
         merges, failure = [], None
         for (index, name, layer, merge_index, coeff, noise_remove, noise_add), (
-                weight, row_offset, lora_b, lora_a, weight_scale) in zip(requests, operands,
-                                                                         strict=True):
+                weight, row_offset, lora_b, lora_a) in zip(requests, operands, strict=True):
             if weight.shape[0] == 0:  # a rank holding no rows of this weight
                 merges.append(lambda: None)
                 continue
@@ -428,7 +428,7 @@ class Cascade:
                         seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index,
                                           index),
                         noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
-                        backend=layer.backend, weight_scale=weight_scale,
+                        backend=layer.backend,
                     ))
             except (TypeError, ValueError) as error:
                 failure = error
@@ -547,15 +547,15 @@ def _written(noise: tuple[int, float] | None) -> tuple[int, float] | None:
 
 
 def _merge_operands(layer: LoRASCLinear) -> tuple:
-    """``(weight rows, row_offset, lora_B rows, whole lora_A, weight_scale rows or None)`` of
-    this rank (a collective for an FSDP2 ``lora_A``)."""
+    """``(weight rows, row_offset, lora_B rows, whole lora_A)`` of this rank (a collective for
+    an FSDP2 ``lora_A``); an fp8 layer's rows are a ScaledWeight with their scales."""
     weight, row_offset = local_row_block(layer.weight.data)
     lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
     lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
     scale = layer.weight_scale  # fp8 weights: the per-row scales (a whole buffer)
     if scale is not None:
-        scale = scale[row_offset:row_offset + weight.shape[0]]
-    return weight, row_offset, lora_b, lora_a, scale
+        weight = ScaledWeight(weight, scale[row_offset:row_offset + weight.shape[0]])
+    return weight, row_offset, lora_b, lora_a
 
 
 def _check_weight_values(layers: dict[str, LoRASCLinear]) -> None:

@@ -1,8 +1,9 @@
 """The LoRASC linear's forward and backward, written once over a backend's primitives.
 
-Shapes: ``x`` (M, K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K), ``lora_B`` (N, r),
-``dy`` (M, N). With ``s = spec.scale``, ``drop`` the LoRA-branch dropout and ``W ⊕ n`` the
-weight with the call's fused noise:
+Shapes: ``x`` (M, K), ``weight`` (N, K) (a float tensor or a
+:class:`~lorasc_kernels.scaled_weight.ScaledWeight`), ``bias`` (N,), ``lora_A`` (r, K),
+``lora_B`` (N, r), ``dy`` (M, N). With ``s = spec.scale``, ``drop`` the LoRA-branch dropout
+and ``W ⊕ n`` the weight with the call's fused noise:
 
 * forward: ``xa = drop(x) Aᵀ`` (M, r), ``y = x (W ⊕ n)ᵀ + b + s · xa Bᵀ``; saves ``x``, ``xa``;
 * backward: ``dY_B = dY B`` (M, r), ``dX = dY (W ⊕ n) + s · drop(dY_B A)``,
@@ -20,46 +21,41 @@ from __future__ import annotations
 import torch
 
 from .backends.contract import Backend
+from .scaled_weight import ScaledWeight
 from .specs import LinearSpec
 
 __all__ = ["linear_forward", "linear_backward"]
 
 
-def linear_forward(backend: Backend, x: torch.Tensor, weight: torch.Tensor,
+def linear_forward(backend: Backend, x: torch.Tensor, weight: torch.Tensor | ScaledWeight,
                    bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   spec: LinearSpec, weight_scale: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward.
-
-    ``weight_scale`` (N,) float32: ``weight`` is scaled (fp8), ``W = weight_scale[row] · weight``.
-    """
+                   spec: LinearSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward."""
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if spec.dropout is None:
         xa = x @ A.t()
     else:
         xa = backend.dropout_lowrank(x, A, spec.dropout)
-    y = backend.lowrank_gemm(x, weight, bias, xa, B, spec.scale, noise=spec.noise,
-                             q_scale=weight_scale)
+    y = backend.lowrank_gemm(x, weight, bias, xa, B, spec.scale, noise=spec.noise)
     return y, xa
 
 
 def linear_backward(backend: Backend, dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor,
-                    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    spec: LinearSpec, needs, weight_scale: torch.Tensor | None = None
-                    ) -> tuple:
+                    weight: torch.Tensor | ScaledWeight, lora_A: torch.Tensor,
+                    lora_B: torch.Tensor, spec: LinearSpec, needs) -> tuple:
     """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
     bools, in that order) is False; each in its input's dtype (``dbias`` in ``x``'s).
-    A scaled ``weight`` (``weight_scale``) is frozen: ``needs`` asks no ``dweight``."""
+    A :class:`ScaledWeight` is frozen: ``needs`` asks no ``dweight``."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     dy = dy.to(x.dtype)
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     dx = d_a = None
     if need_x or need_a:
         dy_b = dy @ B
-    if need_x:
-        dx = backend.lowrank_gemm(dy, weight.t(), None, dy_b, A.t(), spec.scale,
-                                  noise=spec.noise, q_transposed=True,
-                                  rank_dropout=spec.dropout, q_scale=weight_scale)
+    if need_x:  # Q = Wᵀ: a view of a float W; a ScaledWeight is passed as W (the contract)
+        q = weight if isinstance(weight, ScaledWeight) else weight.t()
+        dx = backend.lowrank_gemm(dy, q, None, dy_b, A.t(), spec.scale, noise=spec.noise,
+                                  q_transposed=True, rank_dropout=spec.dropout)
     if need_a:
         if spec.dropout is None:
             d_a = dy_b.t() @ x

@@ -8,13 +8,15 @@ stochastic rounding replaces the ``23 - mantissa_bits`` low float32 mantissa bit
 random carry, and a dtype with float32's 8 exponent bits rounds to nearest on the bits.
 The C++ side keeps the same list in ``csrc/lorasc/weight_types.h``.
 
-Scaled formats (:data:`SCALED_WEIGHT_DTYPES`) store weights as narrow values ``q`` with one
-float32 scale per output row, ``W = scale[row] · q``: fp8 e4m3 (``torch.float8_e4m3fn``).
-Inputs, LoRA factors and outputs stay in a kernel dtype; the format's rounding is
-:func:`lorasc_kernels.rounding.round_to_scaled` and its rules are in ``docs/fp8.md``.
+Scaled formats (:data:`SCALED_WEIGHT_DTYPES`) store weights as 8-bit codes ``q`` with one
+float32 scale per output row, ``W = scale[row] · q`` (a
+:class:`~lorasc_kernels.scaled_weight.ScaledWeight`): fp8 e4m3 (``torch.float8_e4m3fn``)
+and fp8 e5m2 (``torch.float8_e5m2``). Inputs, LoRA factors and outputs stay in a kernel
+dtype; the format's rounding is :func:`lorasc_kernels.rounding.round_to_scaled`, the Triton
+kernels get its fields as constexprs, and its rules are in ``docs/fp8.md``.
 
 Adding a weight format starts here: one entry, then the C++ header, then whatever the
-entry's new fields ask of the backends.
+entry's new fields ask of the backends (``docs/contributing.md``).
 """
 
 from __future__ import annotations
@@ -75,9 +77,12 @@ WEIGHT_DTYPES: dict[torch.dtype, WeightDtype] = {
 class ScaledWeightDtype(WeightDtype):
     """A narrow float format stored with one float32 scale per row: ``W = scale[row] · q``.
 
-    Values are sign, ``exponent_bits`` biased by ``exponent_bias`` and ``mantissa_bits``, with
-    subnormals below ``2**min_exponent``; ``max_value`` is the largest finite value (there is
-    no infinity). ``name`` is what the user-facing ``weight_format`` options call it.
+    Codes are 8 bits: sign, ``exponent_bits`` biased by ``exponent_bias`` and
+    ``mantissa_bits``, with subnormals below ``2**min_exponent``; ``max_value`` is the largest
+    finite value. ``has_infinity``: the all-ones exponent field holds ±inf (fraction 0) and
+    NaN (IEEE-style, e5m2); else (the "fn" formats, e4m3fn) there is no infinity and only the
+    all-ones magnitude is NaN. ``name`` is what the user-facing ``weight_format`` options
+    call it.
     ``min_scale`` is the smallest row scale: every code times it is a float32 normal, and
     dividing by it (the merge's ``v / scale``, the fused GEMM's rank term) stays finite for
     values below ``2**64``.
@@ -86,6 +91,7 @@ class ScaledWeightDtype(WeightDtype):
     name: str = ""
     exponent_bias: int = 0
     max_value: float = 0.0
+    has_infinity: bool = False
     min_scale: float = 2.0**-64
 
     @property
@@ -95,7 +101,8 @@ class ScaledWeightDtype(WeightDtype):
 
     @property
     def step_bits(self) -> int:
-        """Bits of a float32 mantissa below the format's last bit: 20 random bits per step."""
+        """Bits of a float32 mantissa below the format's last bit: the random bits of a step
+        (20 for e4m3, 21 for e5m2)."""
         return _FLOAT32_MANTISSA_BITS - self.mantissa_bits
 
 
@@ -104,6 +111,9 @@ SCALED_WEIGHT_DTYPES: dict[torch.dtype, ScaledWeightDtype] = {
     for entry in (
         ScaledWeightDtype(torch.float8_e4m3fn, mantissa_bits=3, exponent_bits=4,
                           name="fp8_e4m3", exponent_bias=7, max_value=448.0),
+        ScaledWeightDtype(torch.float8_e5m2, mantissa_bits=2, exponent_bits=5,
+                          name="fp8_e5m2", exponent_bias=15, max_value=57344.0,
+                          has_infinity=True),
     )
 }
 # weight_format names of the user-facing options → their dtype.

@@ -1,14 +1,15 @@
-"""``Fp8Linear``: an inference ``nn.Linear`` on fp8 e4m3 weights with per-row scales, through
+"""``Fp8Linear``: an inference ``nn.Linear`` on an fp8 weight with per-row scales (a
+:class:`~lorasc_kernels.scaled_weight.ScaledWeight` of any registered format), through
 ``torch._scaled_mm``.
 
-``y = (s_x[m] · q_x[m, :]) · (s_w[n] · q_w[n, :])ᵀ + b`` for ``x`` (..., K), weight
-``q_w`` (N, K) in ``torch.float8_e4m3fn`` with ``weight_scale`` ``s_w`` (N,) float32 (the
-format of :mod:`lorasc_kernels.quantize`) and ``x`` quantized per row on each call
-(``s_x = max |x[m, :]| / 448``, round to nearest): both operands are fp8, the product
-accumulates in float32 with the scales applied to the result (``torch._scaled_mm`` with
-row-wise scales: fp8 tensor cores on Hopper, torch's own kernel on the CPU). Quantizing the
-input costs precision (e4m3 keeps 4 significant bits): for training, and for outputs
-closer to the weights' own values, use ``LoRASCLinear`` or the dequantized ``nn.Linear``.
+``y = (s_x[m] · q_x[m, :]) · (s_w[n] · q_w[n, :])ᵀ + b`` for ``x`` (..., K), weight codes
+``q_w`` (N, K) with ``weight_scale`` ``s_w`` (N,) float32 (:mod:`lorasc_kernels.quantize`)
+and ``x`` quantized per row on each call into :data:`INPUT_FORMAT` (``s_x = max |x[m, :]| /
+max_value``, round to nearest): both operands are fp8, the product accumulates in float32
+with the scales applied to the result (``torch._scaled_mm`` with row-wise scales: fp8 tensor
+cores on Hopper, torch's own kernel on the CPU). Quantizing the input costs precision (e4m3
+keeps 4 significant bits): for training, and for outputs closer to the weights' own values,
+use ``LoRASCLinear`` or the dequantized ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -17,47 +18,48 @@ import torch
 from torch import nn
 
 from . import _checks as checks
-from .dtypes import KERNEL_DTYPES, dtype_names
+from .dtypes import KERNEL_DTYPES, WEIGHT_FORMATS, dtype_names
 from .modules import LoRASCLinear
-from .quantize import quantize, row_scales
+from .quantize import format_dtype, quantize, row_scales
+from .scaled_weight import ScaledWeight
 
-__all__ = ["Fp8Linear"]
+__all__ = ["INPUT_FORMAT", "Fp8Linear"]
 
-_E4M3 = torch.float8_e4m3fn
+# The format inputs are quantized to, whatever the weight's: e4m3 keeps the most precision,
+# and cuBLAS's fp8 GEMM takes it with every weight format (two e5m2 operands it refuses).
+INPUT_FORMAT = "fp8_e4m3"
 
 
 class Fp8Linear(nn.Module):
-    """Frozen fp8 e4m3 linear for inference; ``weight`` (N, K), ``weight_scale`` (N,) and
-    ``bias`` (N,) are its state_dict keys, as in an fp8 ``LoRASCLinear``. The scales must be
-    finite and at least the format's ``min_scale``, the bias a float (N,) tensor on the
-    weight's device; ``x`` (..., K) float32, float16 or bfloat16."""
+    """Frozen fp8 linear for inference on a :class:`ScaledWeight` ``weight`` (N, K); its
+    codes ``weight`` (N, K), scales ``weight_scale`` (N,) and ``bias`` (N,) are its state_dict
+    keys, as in an fp8 ``LoRASCLinear``. The scales must be finite and at least the format's
+    ``min_scale``, the bias a float (N,) tensor on the weight's device; ``x`` (..., K)
+    float32, float16 or bfloat16."""
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor,
-                 bias: torch.Tensor | None = None):
+    def __init__(self, weight: ScaledWeight, bias: torch.Tensor | None = None):
         super().__init__()
-        if weight.dtype != _E4M3 or weight.dim() != 2:
-            raise TypeError(f"weight must be a 2-D {_E4M3} tensor, got {weight.dtype} with "
-                            f"shape {tuple(weight.shape)}")
-        if weight_scale.dtype != torch.float32 or weight_scale.shape != weight.shape[:1]:
-            raise ValueError(f"weight_scale must be float32 of shape {tuple(weight.shape[:1])}, "
-                             f"got {weight_scale.dtype} of shape {tuple(weight_scale.shape)}")
-        checks.check_scale_values(weight_scale, _E4M3)
+        if not isinstance(weight, ScaledWeight):
+            raise TypeError(f"weight must be a ScaledWeight (fp8 codes with per-row scales), "
+                            f"got {type(weight).__name__}")
+        checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
         if bias is not None:
             checks.check_tensor("bias", bias, dims=1)
             checks.check_shape("bias", bias, tuple(weight.shape[:1]), "out_features")
-        checks.check_same_device(weight=weight, weight_scale=weight_scale, bias=bias)
+        checks.check_same_device(weight=weight, bias=bias)
         self.out_features, self.in_features = weight.shape
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.register_buffer("weight_scale", weight_scale)
+        self.weight = nn.Parameter(weight.codes, requires_grad=False)
+        self.register_buffer("weight_scale", weight.scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        """Quantize a float ``nn.Linear`` (per-row absmax scales, round to nearest), or share
-        the fp8 weight and scales of a ``LoRASCLinear`` built with ``weight_format``. Refuses
-        a ``LoRASCLinear`` whose LoRA is trained (nonzero ``lora_B``) or whose weight carries
-        a Cascade's in-place noise: serving would drop the LoRA or keep the noise; finalize
-        its Cascade (or ``merge_lowrank_`` its LoRA) first."""
+    def from_linear(cls, linear: nn.Linear, weight_format: str = "fp8_e4m3") -> Fp8Linear:
+        """Quantize a float ``nn.Linear`` into ``weight_format`` (per-row absmax scales, round
+        to nearest), or share the fp8 weight and scales of a ``LoRASCLinear`` built with a
+        ``weight_format`` (its own format). Refuses a ``LoRASCLinear`` whose LoRA is trained
+        (nonzero ``lora_B``) or whose weight carries a Cascade's in-place noise: serving
+        would drop the LoRA or keep the noise; finalize its Cascade (or ``merge_lowrank_``
+        its LoRA) first."""
         if isinstance(linear, LoRASCLinear) and (bool(linear.lora_B.detach().any())
                                                  or linear.weight_noise is not None):
             raise TypeError(
@@ -67,9 +69,8 @@ class Fp8Linear(nn.Module):
             )
         weight_scale = getattr(linear, "weight_scale", None)
         if weight_scale is not None:
-            return cls(linear.weight.detach(), weight_scale, linear.bias)
-        q, scale = quantize(linear.weight.detach(), _E4M3)
-        return cls(q, scale, linear.bias)
+            return cls(ScaledWeight(linear.weight.detach(), weight_scale), linear.bias)
+        return cls(quantize(linear.weight.detach(), format_dtype(weight_format)), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype not in KERNEL_DTYPES:
@@ -80,8 +81,9 @@ class Fp8Linear(nn.Module):
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).float()
-        x_scale = row_scales(rows, _E4M3)
-        x_q = (rows / x_scale[:, None]).to(_E4M3)
+        x_dtype = WEIGHT_FORMATS[INPUT_FORMAT]
+        x_scale = row_scales(rows, x_dtype)
+        x_q = (rows / x_scale[:, None]).to(x_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale[:, None],
                              scale_b=self.weight_scale[None, :], bias=bias, out_dtype=x.dtype)

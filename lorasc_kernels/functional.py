@@ -2,6 +2,8 @@
 
 Shapes: ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K),
 ``lora_B`` (N, r); for a merge, ``weight`` may be a block of rows of a larger matrix.
+``weight`` is a float tensor or a :class:`~lorasc_kernels.scaled_weight.ScaledWeight` (fp8
+codes with per-row scales, ``docs/fp8.md``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 from . import _checks as checks
 from . import ops
 from .backends import BACKENDS, backend_module, resolve_backend_name
-from .dtypes import dtype_names
+from .dtypes import SCALED_DTYPES, dtype_names
 from .rounding import ROUNDING_MODES
+from .scaled_weight import ScaledWeight
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
 __all__ = ["lorasc_linear", "merge_lowrank_", "prepare_merge", "draw_seed"]
@@ -65,6 +68,18 @@ def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
     return r
 
 
+def _check_weight(weight) -> bool:
+    """``weight`` is a 2-D float tensor or a :class:`ScaledWeight`; returns whether it is
+    scaled. A tensor of a scaled dtype is refused: its scales travel with it."""
+    if isinstance(weight, ScaledWeight):
+        return True
+    if isinstance(weight, torch.Tensor) and weight.dtype in SCALED_DTYPES:
+        raise TypeError(f"weight has the scaled dtype {weight.dtype}: pass it with its per-row "
+                        "float32 scales as ScaledWeight(codes, scale)")
+    checks.check_tensor("weight", weight, dims=2)
+    return False
+
+
 def _check_backend_dtype(backend: str, **tensors):
     """Each tensor's dtype is one the backend declares (float64: the torch backend only)."""
     supported = backend_module(backend).WEIGHT_DTYPES
@@ -76,7 +91,7 @@ def _check_backend_dtype(backend: str, **tensors):
             )
 
 
-def _check_backend_scaled(backend: str, weight: torch.Tensor) -> None:
+def _check_backend_scaled(backend: str, weight: ScaledWeight) -> None:
     """The backend takes the scaled format of ``weight``."""
     supported = backend_module(backend).SCALED_WEIGHT_DTYPES
     if weight.dtype not in supported:
@@ -89,7 +104,7 @@ def _check_backend_scaled(backend: str, weight: torch.Tensor) -> None:
 
 def lorasc_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | ScaledWeight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -99,13 +114,16 @@ def lorasc_linear(
     noise_scale: float = 0.0,
     backend: str = "auto",
     dropout_seed: int | None = None,
-    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ``, with ``W`` perturbed by fused noise.
 
     Args:
         x: (..., K) input, any number of leading dims, any strides.
-        weight: (N, K) frozen weight, never modified; gets a gradient only if it requires one.
+        weight: (N, K) frozen weight, never modified; a float tensor gets a gradient only if
+            it requires one. A :class:`ScaledWeight` (``W = scale[row] · codes``, see
+            ``docs/fp8.md``) needs scales finite and at least the format's ``min_scale``
+            (checked in eager mode), any strides; it is frozen, takes no fused noise, and
+            ``x`` keeps its dtype.
         bias: (N,) or None.
         lora_A, lora_B: (r, K) and (N, r); may have another float dtype than ``x``.
         scale: the LoRA scaling ``lora_alpha / r``.
@@ -114,18 +132,13 @@ def lorasc_linear(
             ``round(W + noise_scale · noise(noise_seed))`` (see :mod:`lorasc_kernels.noise`).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
         dropout_seed: seed of the dropout mask; drawn from torch's generator if None.
-        weight_scale: (N,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3,
-            ``W = weight_scale[row] · weight``, see ``docs/fp8.md``), finite and at least the
-            format's ``min_scale`` (checked in eager mode), any strides; None for a float
-            weight.
-            A scaled weight is frozen, takes no fused noise, and ``x`` keeps its dtype.
 
     Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
-    (a scaled ``weight`` is not: its tiles are converted as the kernels load them).
+    (a :class:`ScaledWeight` is not: its tiles are converted as the kernels load them).
     Returns (..., N) in ``x``'s (or autocast's) dtype.
     """
     checks.check_tensor("x", x)
-    scaled = checks.check_weight(weight, weight_scale)
+    scaled = _check_weight(weight)
     if bias is not None:
         checks.check_tensor("bias", bias, dims=1)
     if x.dim() < 1:
@@ -139,13 +152,12 @@ def lorasc_linear(
     if bias is not None:
         checks.check_shape("bias", bias, (out_features,), "out_features")
     _check_lowrank(weight, lora_A, lora_B)
-    checks.check_same_device(x=x, weight=weight, weight_scale=weight_scale, bias=bias,
-                             lora_A=lora_A, lora_B=lora_B)
-    if scaled and weight.requires_grad:
-        raise ValueError(f"weight has the scaled dtype {weight.dtype} and requires grad: "
-                         "scaled weights are frozen (requires_grad_(False))")
+    checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    if scaled and weight.codes.requires_grad:
+        raise ValueError(f"weight.codes ({weight.dtype}) requires grad: scaled weights are "
+                         "frozen (requires_grad_(False))")
     if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
-        checks.check_scale_values(weight_scale, weight.dtype)
+        checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
     scale = checks.check_float("scale", scale)
     dropout_p = checks.check_probability("dropout_p", dropout_p)
     noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)
@@ -187,13 +199,13 @@ def lorasc_linear(
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
         y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
-                       backend, None if weight_scale is None else weight_scale.contiguous())
+                       backend)
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
 
 def merge_lowrank_(
-    weight: torch.Tensor,
+    weight: torch.Tensor | ScaledWeight,
     lora_B: torch.Tensor,
     lora_A: torch.Tensor,
     coeff: float,
@@ -203,13 +215,15 @@ def merge_lowrank_(
     noise_add: tuple[int, float] | None = None,
     row_offset: int = 0,
     backend: str = "auto",
-    weight_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | ScaledWeight:
     """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place; returns ``weight``.
 
     Args:
-        weight: (rows, K) fp32/fp16/bf16 weight, or a block of rows of a larger one; or fp8
-            e4m3 values with ``weight_scale``.
+        weight: (rows, K) fp32/fp16/bf16 weight, or a block of rows of a larger one; or a
+            :class:`ScaledWeight` of such rows, whose ``codes`` and ``scale`` (any strides
+            without overlap) are both updated in place: a row whose values would exceed the
+            format's range gets a scale larger by a power of two (``docs/fp8.md``), never a
+            clamp.
         lora_B: (rows, r), the rows of B matching ``weight``'s rows.
         lora_A: (r, K).
         coeff: finite multiplier of ``B A`` (the cascade uses ``slow_rate · scale``).
@@ -220,10 +234,6 @@ def merge_lowrank_(
         row_offset: global index of ``weight``'s first row; noise and rounding bits are
             indexed by global row, so merging shards one by one equals merging the whole.
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
-        weight_scale: (rows,) float32 per-row scales of a scaled ``weight`` (fp8 e4m3), any
-            strides without overlap, updated in place with it: a row whose values would
-            exceed the format's range gets a scale larger by a power of two
-            (``docs/fp8.md``), never a clamp.
 
     The exact float32 order of operations is that of
     :func:`lorasc_kernels.backends.reference.merge_`. Everything is checked first
@@ -231,11 +241,11 @@ def merge_lowrank_(
     any bad argument raises and leaves ``weight`` untouched.
     """
     return prepare_merge(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
-                         noise_add, row_offset, backend, weight_scale)()
+                         noise_add, row_offset, backend)()
 
 
 def prepare_merge(
-    weight: torch.Tensor,
+    weight: torch.Tensor | ScaledWeight,
     lora_B: torch.Tensor,
     lora_A: torch.Tensor,
     coeff: float,
@@ -245,21 +255,22 @@ def prepare_merge(
     noise_add: tuple[int, float] | None = None,
     row_offset: int = 0,
     backend: str = "auto",
-    weight_scale: torch.Tensor | None = None,
-) -> Callable[[], torch.Tensor]:
+) -> Callable[[], torch.Tensor | ScaledWeight]:
     """Check every argument of :func:`merge_lowrank_` and return the call that merges.
 
     Nothing is written here, so a caller merging many weights (the Cascade) checks them all
     before the first write. Beyond the argument checks: ``weight`` must hold values (not
     meta, not an inference tensor outside inference mode), be finite, and the merge must
     keep it finite in its dtype (:func:`lorasc_kernels._checks.check_merge_in_range`); a
-    scaled ``weight`` needs finite scales of at least the format's ``min_scale`` and a merge
+    :class:`ScaledWeight` needs finite scales of at least the format's ``min_scale`` and a merge
     whose values, and their quotients by the row scale, stay within float32's range.
     """
-    scaled = checks.check_weight(weight, weight_scale)
+    scaled = _check_weight(weight)
     _check_lowrank(weight, lora_A, lora_B, row_block=True)
-    checks.check_same_device(weight=weight, weight_scale=weight_scale, lora_B=lora_B,
-                             lora_A=lora_A)
+    checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
+    # The tensors written in place, by the names errors give them.
+    written = ({"weight.codes": weight.codes, "weight.scale": weight.scale} if scaled
+               else {"weight": weight})
     coeff = checks.check_float("coeff", coeff)
     rounding = checks.check_choice("rounding", rounding, ROUNDING_MODES)
     seed = checks.check_seed("seed", seed)
@@ -271,36 +282,34 @@ def prepare_merge(
         if weight.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max:
             raise ValueError(f"{name} must be within float32's range, got {value}")
     row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
-    checks.check_no_overlap("weight", weight)
-    if scaled:
-        checks.check_no_overlap("weight_scale", weight_scale)
+    for name, tensor in written.items():
+        checks.check_no_overlap(name, tensor)
     checks.check_choice("backend", backend, BACKENDS)
     backend = resolve_backend_name(backend, weight.device)
     if scaled:
         _check_backend_scaled(backend, weight)
-        checks.check_writable("weight_scale", weight_scale)
     _check_backend_dtype(backend, weight=None if scaled else weight, lora_A=lora_A,
                          lora_B=lora_B)
-    checks.check_writable("weight", weight)
+    for name, tensor in written.items():
+        checks.check_writable(name, tensor)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} has non-finite values; weight was left untouched")
     remove = None if noise_remove is None else NoiseSpec(*noise_remove)
     add = None if noise_add is None else NoiseSpec(*noise_add)
 
-    def merge_rows(target: torch.Tensor, start: int, stop: int,
-                   target_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def merge_rows(target, start: int, stop: int):
         """Merge rows ``start:stop`` of the update into ``target`` (those rows of W)."""
         spec = MergeSpec(coeff, rounding, seed, remove, add, row_offset + start)
         with torch.no_grad():
-            ops.merge_(backend, target, lora_B[start:stop], lora_A, spec, target_scale)
+            ops.merge_(backend, target, lora_B[start:stop], lora_A, spec)
         return target
 
     noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
     if scaled:
-        checks.check_merge_in_range(weight, lora_B, lora_A, coeff, noise_scales, row_offset,
-                                    None, weight_scale)
-        return lambda: merge_rows(weight, 0, weight.shape[0], weight_scale)
+        checks.check_merge_in_range(weight.codes, lora_B, lora_A, coeff, noise_scales,
+                                    row_offset, None, weight.scale)
+        return lambda: merge_rows(weight, 0, weight.shape[0])
     checks.check_merge_in_range(
         weight, lora_B, lora_A, coeff, noise_scales, row_offset,
         lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),

@@ -41,7 +41,7 @@ class LoRASCConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ALL_LINEAR)
     backend: str = "auto"
     lora_dtype: torch.dtype | None = None
-    weight_format: str | None = None  # "fp8_e4m3": quantize the targeted weights (docs/fp8.md)
+    weight_format: str | None = None  # "fp8_e4m3" or "fp8_e5m2": quantized targets (docs/fp8.md)
     trainable: list[str] = field(default_factory=list)
     bias: str = "none"
 

@@ -11,7 +11,8 @@ from . import _checks as checks
 from .backends import BACKENDS
 from .dtypes import SCALED_DTYPES
 from .functional import lorasc_linear
-from .quantize import dequantize, format_dtype, quantize
+from .quantize import format_dtype, quantize
+from .scaled_weight import ScaledWeight
 
 __all__ = ["LoRASCLinear"]
 
@@ -29,11 +30,14 @@ class LoRASCLinear(nn.Linear):
     in ``"inplace"`` mode wrote into ``W`` (None while ``W`` is clean): a second Cascade
     refuses such a layer.
 
-    ``weight_format="fp8_e4m3"`` stores ``W`` as fp8 e4m3 values (``weight``) and one float32
-    scale per output row (the buffer ``weight_scale``, a state_dict key), quantized with
-    per-row absmax scales; inputs, bias and LoRA keep ``dtype``, and merges keep the format
-    (``docs/fp8.md``). Such a layer runs on the torch and Triton backends, takes no fused
-    noise, and must stay out of ``model.to(dtype)`` (which would cast its fp8 weight).
+    ``weight_format`` (``"fp8_e4m3"``, ``"fp8_e5m2"``: a name of
+    :data:`~lorasc_kernels.dtypes.WEIGHT_FORMATS`) stores ``W`` as fp8 codes (``weight``)
+    and one float32 scale per output row (the buffer ``weight_scale``, a state_dict key),
+    quantized with per-row absmax scales; the calls get them as one
+    :class:`~lorasc_kernels.scaled_weight.ScaledWeight`. Inputs, bias and LoRA keep
+    ``dtype``, and merges keep the format (``docs/fp8.md``). Such a layer runs on the torch
+    and Triton backends, takes no fused noise, and must stay out of ``model.to(dtype)``
+    (which would cast its fp8 weight).
     """
 
     def __init__(
@@ -87,12 +91,12 @@ class LoRASCLinear(nn.Linear):
         """Replace ``weight`` by its ``weight_format`` values and per-row scales (frozen)."""
         weight = self.weight.detach()
         if weight.is_meta:
-            q = torch.empty_like(weight, dtype=format_dtype(weight_format))
-            scale = torch.ones(weight.shape[0], device="meta")
+            scaled = ScaledWeight(torch.empty_like(weight, dtype=format_dtype(weight_format)),
+                                  torch.ones(weight.shape[0], device="meta"))
         else:
-            q, scale = quantize(weight, format_dtype(weight_format))
-        self.weight = nn.Parameter(q, requires_grad=False)
-        self.weight_scale = scale
+            scaled = quantize(weight, format_dtype(weight_format))
+        self.weight = nn.Parameter(scaled.codes, requires_grad=False)
+        self.weight_scale = scaled.scale
         self.weight_format = weight_format
 
     @property
@@ -115,7 +119,7 @@ class LoRASCLinear(nn.Linear):
 
         Freezes them (``requires_grad=False``). Refuses a ``LoRASCLinear`` (its trained LoRA
         would be lost: finalize or ``merge_lowrank_`` it first) and non-float weights.
-        With ``weight_format="fp8_e4m3"`` the weight is quantized once into new storage
+        With a ``weight_format`` the weight is quantized once into new storage
         (per-row absmax scales, round to nearest); the bias is still shared.
         """
         cls.check_linear(linear, weight_format)  # nothing below refuses: linear stays as it
@@ -192,7 +196,7 @@ class LoRASCLinear(nn.Linear):
             raise ValueError(f"{prefix}weight_scale must be a float tensor of shape "
                              f"({self.out_features},), got {scale.dtype} {tuple(scale.shape)}")
         try:
-            checks.check_scale_values(scale.detach(), self.weight.dtype)
+            checks.check_scale_values("weight_scale", scale.detach(), self.weight.dtype)
         except ValueError as error:
             raise ValueError(f"{prefix}{error}") from None
 
@@ -224,8 +228,8 @@ class LoRASCLinear(nn.Linear):
         """
         checks.check_layer_dtype("dtype", dtype)
         if self.weight_format is not None:
-            weight = dequantize(self.weight.detach(), self.weight_scale,
-                                dtype or self.dequantize_dtype)
+            weight = ScaledWeight(self.weight.detach(), self.weight_scale).dequantize(
+                dtype or self.dequantize_dtype)
         else:
             weight = self.weight.data if dtype is None else self.weight.data.to(dtype)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -238,11 +242,13 @@ class LoRASCLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dropout_p = self.lora_dropout if self.training else 0.0
+        weight = self.weight
+        if self.weight_scale is not None:
+            weight = ScaledWeight(weight, self.weight_scale)
         return lorasc_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=dropout_p, noise_seed=self.noise_seed, noise_scale=self.noise_scale,
             backend=self.backend,  # a dropout seed is drawn per call from torch's generator
-            weight_scale=self.weight_scale,
         )
 
     def extra_repr(self) -> str:

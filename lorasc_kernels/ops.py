@@ -5,7 +5,12 @@ Ops (namespace ``lorasc``), each with a fake kernel giving output shapes and dty
 * ``linear_forward(x, weight, bias, lora_A, lora_B, ...) -> (y, xa)``;
 * ``linear_backward(dy, x, xa, weight, lora_A, lora_B, ..., needs) -> [grads]``: only the
   gradients ``needs`` asks for, in the order ``(x, weight, bias, lora_A, lora_B)``;
-* ``merge_lowrank_(weight, ...)``: mutates ``weight``.
+* ``merge_lowrank_(weight, ..., weight_scale)``: mutates ``weight`` (and ``weight_scale``).
+
+A :class:`~lorasc_kernels.scaled_weight.ScaledWeight` crosses the schemas as two tensors,
+its codes as ``weight`` and its scales as ``weight_scale`` (None for a float weight):
+:func:`linear` and :func:`merge_` unpack it, and the ops' implementations re-pack it before
+calling :mod:`lorasc_kernels.composition` or the backend, which take the container.
 
 The forward op's autograd formula (``torch.library.register_autograd``) saves ``x``, ``xa``
 and the parameters and calls the backward op, so a model of ``LoRASCLinear`` layers
@@ -33,6 +38,7 @@ import torch
 
 from . import composition
 from .backends import backend_module
+from .scaled_weight import ScaledWeight
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
 __all__ = ["seed_to_int64", "seed_from_int64", "LinearFunction", "linear",
@@ -68,6 +74,20 @@ def _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale) -> Lin
                          seed_from_int64(noise_seed), noise_scale)
 
 
+def _unpack(weight: torch.Tensor | ScaledWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, weight_scale)`` as the schemas take a weight: a :class:`ScaledWeight`'s
+    ``(codes, scale)``, or a float weight and None."""
+    if isinstance(weight, ScaledWeight):
+        return weight.codes, weight.scale
+    return weight, None
+
+
+def _pack(weight: torch.Tensor, weight_scale: torch.Tensor | None
+          ) -> torch.Tensor | ScaledWeight:
+    """Inverse of :func:`_unpack`."""
+    return weight if weight_scale is None else ScaledWeight(weight, weight_scale)
+
+
 @torch.library.custom_op("lorasc::linear_forward", mutates_args=())
 def _linear_forward(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
@@ -77,8 +97,8 @@ def _linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
     spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-    return composition.linear_forward(backend_module(backend), x, weight, bias, lora_A, lora_B,
-                                      spec, weight_scale)
+    return composition.linear_forward(backend_module(backend), x, _pack(weight, weight_scale),
+                                      bias, lora_A, lora_B, spec)
 
 
 @_linear_forward.register_fake
@@ -96,8 +116,8 @@ def _linear_backward(
 ) -> list[torch.Tensor]:
     """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
     spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-    grads = composition.linear_backward(backend_module(backend), dy, x, xa, weight, lora_A,
-                                        lora_B, spec, needs, weight_scale)
+    grads = composition.linear_backward(backend_module(backend), dy, x, xa,
+                                        _pack(weight, weight_scale), lora_A, lora_B, spec, needs)
     return [grad for grad, need in zip(grads, needs, strict=True) if need]
 
 
@@ -167,8 +187,8 @@ class LinearFunction(torch.autograd.Function):
                 weight_scale=None):
         ctx.backend = backend_module(backend)
         ctx.spec = spec
-        y, xa = composition.linear_forward(ctx.backend, x, weight, bias, lora_A, lora_B, spec,
-                                           weight_scale)
+        y, xa = composition.linear_forward(ctx.backend, x, _pack(weight, weight_scale), bias,
+                                           lora_A, lora_B, spec)
         _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale)
         return y
 
@@ -176,12 +196,13 @@ class LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         def directly(dy, x, xa, weight, lora_A, lora_B, weight_scale, needs):
             backend = ctx.backend
+            weight = _pack(weight, weight_scale)
             if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
                 backend = backend_module("torch")
                 _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B,
-                                                   ctx.spec, weight_scale)
+                                                   ctx.spec)
             return composition.linear_backward(backend, dy, x, xa, weight, lora_A, lora_B,
-                                               ctx.spec, needs, weight_scale)
+                                               ctx.spec, needs)
 
         return _gradients(ctx, dy, directly) + (None, None, None)
 
@@ -203,7 +224,7 @@ def _merge_lowrank(
                                                           remove_scale)
     add = None if add_seed is None else NoiseSpec(seed_from_int64(add_seed), add_scale)
     spec = MergeSpec(coeff, rounding, seed_from_int64(seed), remove, add, row_offset)
-    backend_module(backend).merge_(weight, lora_B, lora_A, spec, weight_scale)
+    backend_module(backend).merge_(_pack(weight, weight_scale), lora_B, lora_A, spec)
 
 
 @_merge_lowrank.register_fake
@@ -212,15 +233,15 @@ def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, 
     return None
 
 
-def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str,
-           weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N); ``weight_scale``
-    (N,) float32 for a scaled (fp8) ``weight``.
+def linear(x, weight: torch.Tensor | ScaledWeight, bias, lora_A, lora_B, spec: LinearSpec,
+           backend: str) -> torch.Tensor:
+    """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
     ``backend`` is a registered name (from
     :func:`~lorasc_kernels.backends.resolve_backend_name`); it runs through the custom ops
     under ``torch.compile`` and through :class:`LinearFunction` in eager mode.
     """
+    weight, weight_scale = _unpack(weight)
     if not torch.compiler.is_compiling():
         return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend,
                                     weight_scale)
@@ -229,16 +250,17 @@ def linear(x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str,
     return y
 
 
-def merge_(backend: str, weight, lora_B, lora_A, spec: MergeSpec,
-           weight_scale: torch.Tensor | None = None) -> None:
-    """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op (``weight_scale``:
-    the per-row scales of a scaled ``weight``, updated with it).
+def merge_(backend: str, weight: torch.Tensor | ScaledWeight, lora_B, lora_A,
+           spec: MergeSpec) -> None:
+    """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op (a
+    :class:`ScaledWeight`'s codes and scales are both updated).
 
     ``backend`` is a registered name (:func:`~lorasc_kernels.backends.resolve_backend_name`).
     """
     def noise_args(noise: NoiseSpec | None) -> tuple[int | None, float]:
         return (None, 0.0) if noise is None else (seed_to_int64(noise.seed), noise.scale)
 
+    weight, weight_scale = _unpack(weight)
     torch.ops.lorasc.merge_lowrank_(
         weight, lora_B, lora_A, spec.coeff, spec.rounding, seed_to_int64(spec.seed),
         *noise_args(spec.remove), *noise_args(spec.add), spec.row_offset, backend,

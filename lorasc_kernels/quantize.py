@@ -1,11 +1,13 @@
-"""Per-row-scaled weight formats (fp8 e4m3): quantize a weight once, dequantize it.
+"""Per-row-scaled weight formats: quantize a weight once into a
+:class:`~lorasc_kernels.scaled_weight.ScaledWeight`.
 
-A scaled weight is ``q`` (N, K) in a format of :data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`
-and ``scale`` (N,) float32, one per output row: ``W = scale[row] · q``. Quantization uses
-per-row absmax scales (``max_j |W_ij| = max_value · scale_i``, up to float32 rounding, and
-at least the format's ``min_scale``) and rounds to nearest; an all-zero row gets scale 1.
-Merges keep the format with stochastic rounding and the rescale rule of
-:func:`lorasc_kernels.rounding.rescale_rows`.
+A scaled weight is ``codes`` (N, K) in a format of
+:data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES` and ``scale`` (N,) float32, one per
+output row: ``W = scale[row] · codes`` (:meth:`ScaledWeight.dequantize` gives ``W`` back).
+Quantization uses per-row absmax scales (``max_j |W_ij| = max_value · scale_i``, up to
+float32 rounding, and at least the format's ``min_scale``) and rounds to nearest; an
+all-zero row gets scale 1. Merges keep the format with stochastic rounding and the rescale
+rule of :func:`lorasc_kernels.rounding.rescale_rows`.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import torch
 
 from .dtypes import WEIGHT_FORMATS, scaled_weight_dtype
 from .rounding import round_to_scaled
+from .scaled_weight import ScaledWeight
 
-__all__ = ["format_dtype", "quantize", "row_scales", "dequantize"]
+__all__ = ["format_dtype", "quantize", "row_scales"]
 
 
 def format_dtype(weight_format: str) -> torch.dtype:
@@ -28,12 +31,9 @@ def format_dtype(weight_format: str) -> torch.dtype:
 
 
 @torch.no_grad()
-def quantize(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q (N, K) in dtype, scale (N,) float32)`` of a finite float ``weight`` (N, K).
-
-    ``scale = max_j |W_ij| / max_value`` (:func:`row_scales`); ``q = round_nearest(W / scale)``.
-    """
+def quantize(weight: torch.Tensor, dtype: torch.dtype) -> ScaledWeight:
+    """A finite float ``weight`` (N, K) in the scaled format ``dtype``: ``scale`` (N,) from
+    :func:`row_scales`, ``codes = round_nearest(W / scale)``."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D float tensor, got shape {tuple(weight.shape)} "
                          f"and dtype {weight.dtype}")
@@ -41,11 +41,10 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
     if not bool(torch.isfinite(values).all()):
         raise ValueError("weight has non-finite values: it cannot be quantized")
     scale = row_scales(values, dtype)
-    q = round_to_scaled(values / scale[:, None], dtype, "nearest")
-    return q, scale
+    return ScaledWeight(round_to_scaled(values / scale[:, None], dtype, "nearest"), scale)
 
 
-def row_scales(values: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+def row_scales(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Per-row absmax scales (rows,) of float32 ``values`` (rows, cols), finite, for the scaled
     format ``dtype``: ``max_j |v_ij| / max_value``, one float32 ulp larger where float32
     rounding would put ``max |v / scale|`` above ``max_value``, and at least ``min_scale``
@@ -56,8 +55,3 @@ def row_scales(values: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -
     scale = torch.where(peak > 0, (peak / entry.max_value).clamp(min=entry.min_scale), 1.0)
     return torch.where(peak / scale > entry.max_value,
                        scale.nextafter(scale.new_full((), float("inf"))), scale)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale[row] · q`` (N, K) computed in float32, returned in ``dtype``."""
-    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)

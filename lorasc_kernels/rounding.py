@@ -16,16 +16,18 @@ drops comes from its entry in :data:`lorasc_kernels.dtypes.WEIGHT_DTYPES`:
 
 Non-finite values pass through unchanged (no random bits are added to inf or NaN).
 
-Scaled formats (fp8 e4m3, :data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`) round
-``y = v / scale`` on integers (:func:`round_to_scaled`), the same way in every range:
-the float32 significand is aligned to the format's step (``2**(e - 3)`` for e4m3 normals,
-``2**-9`` below ``2**-6``, its subnormals) with ``step_bits = 20`` bits below the step, then
-stochastic rounding adds the top 20 bits of ``bits`` and truncates, and round-to-nearest
-adds half a step (ties to even, a sticky bit keeps what the alignment shifted out). In the
-normal range nothing is shifted out, so stochastic rounding is exactly unbiased; in the
-subnormal range bits finer than ``2**-20`` of a step are truncated first (a bias below
-``2**-20`` of a step). A row whose ``max |y|`` exceeds the format's largest value is
-rescaled first (:func:`rescale_rows`); values are never clamped.
+Scaled formats (fp8 e4m3 and e5m2, :data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`)
+round ``y = v / scale`` on integers (:func:`round_to_scaled`), the same way in every range
+and for every format, from its registry entry: the float32 significand is aligned to the
+format's step (``2**(e - mantissa_bits)`` for normals, ``2**(min_exponent -
+mantissa_bits)`` below ``2**min_exponent``, its subnormals) with ``step_bits = 23 -
+mantissa_bits`` bits below the step (20 for e4m3, 21 for e5m2), then stochastic rounding
+adds the top ``step_bits`` of ``bits`` and truncates, and round-to-nearest adds half a step
+(ties to even, a sticky bit keeps what the alignment shifted out). In the normal range
+nothing is shifted out, so stochastic rounding is exactly unbiased; in the subnormal range
+bits finer than ``2**-step_bits`` of a step are truncated first (a bias below that). A row
+whose ``max |y|`` exceeds the format's largest value is rescaled first
+(:func:`rescale_rows`); values are never clamped, so no code is ever inf or NaN.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""Every registered backend as a test parameter, so each op's tests run on each backend.
+"""Every registered backend, and every scaled weight format, as a test parameter, so each
+op's tests run on each backend (and the fp8 tests on each format).
 
 tests/conftest.py loads this module as a plugin; a test that takes a ``backend`` argument
-runs once per registered backend, with the backend's name.
+runs once per registered backend, with the backend's name, and one that takes
+``scaled_dtype`` once per format of ``dtypes.SCALED_WEIGHT_DTYPES``.
 Without a GPU, Triton runs in its interpreter (``TRITON_INTERPRET=1``, tests/conftest.py)
 and CUDA through the host build of its kernels' data paths (``csrc/host_check.cpp``):
 :class:`HostOps` stands in for ``torch.ops.lorasc_cuda`` on CPU tensors, so the CUDA
@@ -17,6 +19,7 @@ import torch
 
 from lorasc_kernels import _build
 from lorasc_kernels.backends import BACKENDS, cuda, resolve_backend_name
+from lorasc_kernels.dtypes import SCALED_WEIGHT_DTYPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REGISTERED = tuple(name for name in BACKENDS if name != "auto")
@@ -62,3 +65,10 @@ def backend(request, monkeypatch) -> str:
         return resolve_backend_name(name, torch.device(DEVICE))
     except RuntimeError as error:
         pytest.skip(str(error))
+
+
+@pytest.fixture(params=tuple(SCALED_WEIGHT_DTYPES),
+                ids=[entry.name for entry in SCALED_WEIGHT_DTYPES.values()])
+def scaled_dtype(request) -> torch.dtype:
+    """The storage dtype of a scaled weight format of the registry."""
+    return request.param

@@ -1,6 +1,10 @@
 """Shared test helpers: tolerances of docs/design.md §7, float64 oracles, input factories."""
 
+import pytest
 import torch
+
+from lorasc_kernels.backends import backend_module
+from lorasc_kernels.dtypes import scaled_weight_dtype
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative Frobenius error against float64.
@@ -35,3 +39,19 @@ def reference_float64(x, weight, bias, lora_A, lora_B, scale, keep=None, p=0.0, 
     xd = x64 if keep is None else torch.where(keep, x64 / (1 - p), torch.zeros_like(x64))
     y = x64 @ w64.t() + scale * (xd @ lora_A.double().t()) @ lora_B.double().t()
     return y if bias is None else y + bias.double()
+
+
+def scaled_backend(backend: str, dtype: torch.dtype) -> str:
+    """``backend`` if it declares the scaled format ``dtype``, else skip the test."""
+    if dtype not in backend_module(backend).SCALED_WEIGHT_DTYPES:
+        pytest.skip(f"backend {backend!r} declares no {dtype} weights")
+    return backend
+
+
+def scaled_step(dtype: torch.dtype, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An upper bound of the format's step (its spacing) at float64 ``values`` (rows, cols) of
+    rows scaled by ``scale`` (rows,): ``|v| · 2**-mantissa_bits``, at least the subnormal step
+    ``scale · 2**(min_exponent - mantissa_bits)``."""
+    entry = scaled_weight_dtype(dtype)
+    subnormal = scale.double()[:, None] * 2.0 ** (entry.min_exponent - entry.mantissa_bits)
+    return torch.maximum(values.abs() * 2.0**-entry.mantissa_bits, subnormal)

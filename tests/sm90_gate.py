@@ -191,26 +191,28 @@ def exercise(backend) -> None:
 
 
 def exercise_fp8(backend, generator) -> None:
-    """fp8 e4m3 weights with per-row scales: the linear over bf16 inputs (the format's use)
-    and the scaled merge."""
+    """Scaled weights of every registered format (fp8 with per-row scales): the linear over
+    bf16 inputs (the formats' use) and the scaled merge."""
     import torch
 
     from lorasc_kernels import composition
+    from lorasc_kernels.dtypes import SCALED_DTYPES
     from lorasc_kernels.quantize import quantize
     from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
 
     x = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
-    q, scale = quantize(torch.randn(48, 64, generator=generator))
     lora_A = torch.randn(16, 64, generator=generator).to(torch.bfloat16)
     lora_B = torch.randn(48, 16, generator=generator).to(torch.bfloat16)
-    for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (0.0, 0.1)):
-        spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
-        y, xa = composition.linear_forward(backend, x, q, bias, lora_A, lora_B, spec, scale)
-        composition.linear_backward(backend, torch.ones_like(y), x, xa, q, lora_A, lora_B, spec,
-                                    (True, False, True, True, True), scale)
-    for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
-        noise = noise and NoiseSpec(*noise)
-        backend.merge_(q, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise), scale)
+    for dtype in SCALED_DTYPES:
+        weight = quantize(torch.randn(48, 64, generator=generator), dtype)
+        for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (0.0, 0.1)):
+            spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
+            y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
+            composition.linear_backward(backend, torch.ones_like(y), x, xa, weight, lora_A,
+                                        lora_B, spec, (True, False, True, True, True))
+        for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
+            noise = noise and NoiseSpec(*noise)
+            backend.merge_(weight, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise))
 
 
 def record_launches(found: dict) -> list[Launch]:

@@ -106,18 +106,18 @@ def test_candidates_of_a_call():
     weight = torch.randn(32, 64, device=DEVICE).to(torch.bfloat16)
     u = torch.randn(16, 4, device=DEVICE).to(torch.bfloat16)
     v = torch.randn(32, 4, device=DEVICE).to(torch.bfloat16)
-    codes, scale = quantize(weight.float())
+    scaled = quantize(weight.float(), torch.float8_e4m3fn)
 
     def of(*args):
         return gemm_dispatch.candidates(*args)
 
     old_gpu = DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0)
     tma = () if old_gpu else ("persistent",)
-    assert of(p, weight, None, u, v, None, None) == ("tiled", *tma, "addmm")
-    assert of(p, weight, None, u, v, DropoutSpec(1, 0.1), None) == ("tiled", *tma)  # mask
-    assert of(p, weight, u[0].float(), u, v, None, None) == ("tiled", *tma)  # fp32 bias
-    assert of(p, codes, None, u, v, None, scale) == ("tiled",)  # fp8 weights
-    assert of(p.float(), weight.float(), None, None, None, None, None) == ("tiled",)
+    assert of(p, weight, None, u, v, None) == ("tiled", *tma, "addmm")
+    assert of(p, weight, None, u, v, DropoutSpec(1, 0.1)) == ("tiled", *tma)  # mask
+    assert of(p, weight, u[0].float(), u, v, None) == ("tiled", *tma)  # fp32 bias
+    assert of(p, scaled, None, u, v, None) == ("tiled",)  # fp8 weights
+    assert of(p.float(), weight.float(), None, None, None, None) == ("tiled",)
 
 
 @pytest.mark.parametrize("q_transposed", [False, True], ids=["W", "W_t"])
@@ -158,7 +158,7 @@ def test_primitive_returns_the_measured_variants_result(monkeypatch):
     q = torch.randn(16, 32, device=DEVICE).to(torch.bfloat16)
     u = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
     v = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
-    options = gemm_dispatch.candidates(p, q, None, u, v, None, None)
+    options = gemm_dispatch.candidates(p, q, None, u, v, None)
     got = gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
     assert timer.ran == [*options, "addmm"]
     assert torch.equal(got, gemm_dispatch.addmm_lowrank_gemm(p, q, None, u, v, 0.5))

@@ -344,7 +344,8 @@ def test_row_moments_of_shards_and_global_std():
 
 
 def test_global_std_of_a_scaled_weight_is_that_of_its_dequantized_rows():
-    q, scale = quantize(torch.randn(23, 19) * 0.1 + 0.3)
+    scaled = quantize(torch.randn(23, 19) * 0.1 + 0.3, torch.float8_e4m3fn)
+    q, scale = scaled.codes, scaled.scale
     exact = q.double() * scale.double()[:, None]  # exact: 4 + 24 significant bits
     by_shard = torch.cat([_row_moments(q[o:o + n], 19, scale[o:o + n])
                           for o, n in row_blocks(23, 3)])

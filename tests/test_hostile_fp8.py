@@ -1,31 +1,25 @@
-"""Hostile use of the fp8 paths and the merge's layouts: tiny row scales, strided and
-zero-stride scales, bad scale values, overlapping and float64 weights, and ``Fp8Linear``'s
-arguments. Every refusal names the argument and leaves weights and scales bit-identical
-(:func:`test_hostile.refused`); every accepted call gives the same values on every backend
-that takes it (docs/reliability.md, docs/fp8.md)."""
+"""Hostile use of the fp8 paths (each scaled format of the registry) and the merge's
+layouts: tiny row scales, strided and zero-stride scales, bad scale values, infinite and NaN
+codes, overlapping and float64 weights, and ``Fp8Linear``'s arguments. Every refusal names
+the argument and leaves weights and scales bit-identical (:func:`test_hostile.refused`);
+every accepted call gives the same values on every backend that takes it
+(docs/reliability.md, docs/fp8.md)."""
 
 import pytest
 import torch
 from backends import DEVICE
+from helpers import scaled_backend, scaled_step
 from test_hostile import refused
 from torch import nn
 
-from lorasc_kernels import Cascade, LoRASCLinear, lorasc_linear, merge_lowrank_
-from lorasc_kernels.backends import backend_module
-from lorasc_kernels.dtypes import SCALED_WEIGHT_DTYPES
+from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, lorasc_linear, merge_lowrank_
+from lorasc_kernels.dtypes import scaled_weight_dtype
 from lorasc_kernels.fp8_linear import Fp8Linear
-from lorasc_kernels.quantize import dequantize, quantize
+from lorasc_kernels.quantize import quantize
 
-E4M3 = torch.float8_e4m3fn
-MIN_SCALE = 2.0**-64  # the format's smallest row scale
+MIN_SCALE = 2.0**-64  # every format's smallest row scale
 ROWS, COLS, RANK = 19, 12, 2  # more rows than one program of the Triton scaled merge
 TINY_ROW = 3
-
-
-def _fp8_backend(backend):
-    if E4M3 not in backend_module(backend).SCALED_WEIGHT_DTYPES:
-        pytest.skip(f"backend {backend!r} declares no fp8 weights")
-    return backend
 
 
 def _tiny_row_weight(seed=0):
@@ -35,13 +29,15 @@ def _tiny_row_weight(seed=0):
     return weight
 
 
-def _scaled(weight=None, update=1.0, seed=0):
+def _scaled(dtype, weight=None, update=1.0, seed=0):
+    """``(codes, scale, lora_B, lora_A)``: the parts, so tests can pass them in odd layouts."""
     generator = torch.Generator().manual_seed(seed + 1)
-    q, scale = quantize(torch.randn(ROWS, COLS, generator=generator) if weight is None
-                        else weight)
+    scaled = quantize(torch.randn(ROWS, COLS, generator=generator) if weight is None
+                      else weight, dtype)
     lora_B = torch.randn(ROWS, RANK, generator=generator) * update
     lora_A = torch.randn(RANK, COLS, generator=generator)
-    return q.to(DEVICE), scale.to(DEVICE), lora_B.to(DEVICE), lora_A.to(DEVICE)
+    return (scaled.codes.to(DEVICE), scaled.scale.to(DEVICE), lora_B.to(DEVICE),
+            lora_A.to(DEVICE))
 
 
 def _same(got: tuple, expected: tuple):
@@ -51,123 +47,145 @@ def _same(got: tuple, expected: tuple):
 
 
 def _within_one_step(q, scale, expected):
-    """The dequantized ``(q, scale)`` is within one e4m3 step of float64 ``expected``."""
-    error = (dequantize(q, scale, torch.float64) - expected).abs()
-    step = torch.maximum(expected.abs() * 2.0**-3, scale.double()[:, None] * 2.0**-9)
+    """The dequantized ``(q, scale)`` is within one step of its format of float64
+    ``expected``."""
+    error = (ScaledWeight(q, scale).dequantize(torch.float64) - expected).abs()
+    step = scaled_step(q.dtype, expected, scale)
     return bool((error <= step * (1 + 1e-6)).all())
 
 
 # -- 1. tiny row scales ----------------------------------------------------------------------
 
-def test_quantize_gives_a_row_of_tiny_values_the_smallest_scale():
-    q, scale = quantize(_tiny_row_weight())
-    assert float(scale[TINY_ROW]) == MIN_SCALE == SCALED_WEIGHT_DTYPES[E4M3].min_scale
-    assert bool((scale >= MIN_SCALE).all())
-    assert torch.equal(q[TINY_ROW].float(), torch.zeros(COLS))  # 1e-39 is below 2**-73
+def test_quantize_gives_a_row_of_tiny_values_the_smallest_scale(scaled_dtype):
+    scaled = quantize(_tiny_row_weight(), scaled_dtype)
+    assert float(scaled.scale[TINY_ROW]) == MIN_SCALE == scaled.format.min_scale
+    assert bool((scaled.scale >= MIN_SCALE).all())
+    # 1e-39 is below the smallest code times the floor (2**-73 for e4m3, 2**-80 for e5m2)
+    assert torch.equal(scaled.codes[TINY_ROW].float(), torch.zeros(COLS))
 
 
-def test_a_merge_into_a_row_of_tiny_values_is_exact_on_every_backend(backend):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled(_tiny_row_weight())
-    expected = dequantize(q, scale, torch.float64) + 0.5 * lora_B.double() @ lora_A.double()
+def test_a_merge_into_a_row_of_tiny_values_is_exact_on_every_backend(backend, scaled_dtype):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype, _tiny_row_weight())
+    expected = (ScaledWeight(q, scale).dequantize(torch.float64)
+                + 0.5 * lora_B.double() @ lora_A.double())
     got = q.clone(), scale.clone()
-    merge_lowrank_(*got[:1], lora_B, lora_A, 0.5, backend=backend, weight_scale=got[1])
+    merge_lowrank_(ScaledWeight(*got), lora_B, lora_A, 0.5, backend=backend)
     assert _within_one_step(*got, expected)
     reference = q.clone(), scale.clone()
-    merge_lowrank_(*reference[:1], lora_B, lora_A, 0.5, backend="torch",
-                   weight_scale=reference[1])
+    merge_lowrank_(ScaledWeight(*reference), lora_B, lora_A, 0.5, backend="torch")
     _same(got, reference)
 
 
-def test_finalize_of_an_fp8_layer_with_a_row_of_tiny_values_writes_the_update():
+def test_finalize_of_an_fp8_layer_with_a_row_of_tiny_values_writes_the_update(scaled_dtype):
     linear = nn.Linear(COLS, ROWS, bias=False)
     with torch.no_grad():
         linear.weight.copy_(_tiny_row_weight())
-    model = nn.Sequential(LoRASCLinear.from_linear(linear, r=RANK, weight_format="fp8_e4m3"))
+    model = nn.Sequential(LoRASCLinear.from_linear(
+        linear, r=RANK, weight_format=scaled_weight_dtype(scaled_dtype).name))
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(ROWS, RANK))
-    expected = (dequantize(layer.weight, layer.weight_scale, torch.float64)
+    expected = (ScaledWeight(layer.weight, layer.weight_scale).dequantize(torch.float64)
                 + layer.scaling * layer.lora_B.double() @ layer.lora_A.double())
     optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.0)
     finalized = Cascade(model, optimizer, steps_per_cascade=2).finalize()
     assert _within_one_step(layer.weight, layer.weight_scale, expected)
-    assert torch.equal(finalized[0].weight,
-                       dequantize(layer.weight, layer.weight_scale, torch.float32))
+    assert torch.equal(finalized[0].weight, ScaledWeight(layer.weight, layer.weight_scale)
+                       .dequantize(torch.float32))
 
 
-def test_a_scale_below_the_smallest_is_refused_by_the_merge_and_the_linear(backend):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled()
+def test_a_scale_below_the_smallest_is_refused_by_the_merge_and_the_linear(backend,
+                                                                           scaled_dtype):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     scale[TINY_ROW] = 1e-30
-    refused(ValueError, rf"weight_scale must be positive and finite, at least 2\*\*-64.*row "
-            f"{TINY_ROW}", lambda: merge_lowrank_(q, lora_B, lora_A, 0.5, backend=backend,
-                                                  weight_scale=scale), q, scale)
+    refused(ValueError, rf"weight.scale must be positive and finite, at least 2\*\*-64.*row "
+            f"{TINY_ROW}", lambda: merge_lowrank_(ScaledWeight(q, scale), lora_B, lora_A, 0.5,
+                                                  backend=backend), q, scale)
     x = torch.randn(3, COLS, device=DEVICE)
-    refused(ValueError, "weight_scale must be positive and finite",
-            lambda: lorasc_linear(x, q, None, lora_A, lora_B, 1.0, backend=backend,
-                                  weight_scale=scale), q, scale)
+    refused(ValueError, "weight.scale must be positive and finite",
+            lambda: lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0,
+                                  backend=backend), q, scale)
 
 
-def test_a_merge_whose_values_over_the_scale_overflow_float32_is_refused(backend):
-    """``v / scale`` of a row with scale ~ 5e-3 and values ~ 1e37 exceeds float32's range,
-    though the values themselves fit: refused before any write, not rescaled from an inf."""
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled()
+def test_a_merge_whose_values_over_the_scale_overflow_float32_is_refused(backend,
+                                                                         scaled_dtype):
+    """``v / scale`` of a row with a scale ~ 5e-3 (e4m3) and values ~ 1e37 exceeds float32's
+    range, though the values themselves fit: refused before any write, not rescaled from an
+    inf."""
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     refused(ValueError, "could overflow float32 at row 0",
-            lambda: merge_lowrank_(q, lora_B, lora_A, 1e37, backend=backend,
-                                   weight_scale=scale), q, scale)
+            lambda: merge_lowrank_(ScaledWeight(q, scale), lora_B, lora_A, 1e37,
+                                   backend=backend), q, scale)
 
 
 # -- 2. strided and zero-stride scales -------------------------------------------------------
 
-def test_a_scale_with_a_zero_stride_is_refused_by_the_merge(backend):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled()
-    refused(ValueError, r"weight_scale has overlapping elements.*strides \(0,\)",
-            lambda: merge_lowrank_(q, lora_B, lora_A, 0.5, backend=backend,
-                                   weight_scale=scale[:1].expand(ROWS)), q, scale)
+def test_a_scale_with_a_zero_stride_is_refused_by_the_merge(backend, scaled_dtype):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
+    refused(ValueError, r"weight.scale has overlapping elements.*strides \(0,\)",
+            lambda: merge_lowrank_(ScaledWeight(q, scale[:1].expand(ROWS)), lora_B, lora_A,
+                                   0.5, backend=backend), q, scale)
 
 
-def test_a_strided_scale_merges_as_its_contiguous_copy(backend):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled(update=30.0)  # some rows rescaled
+def test_a_strided_scale_merges_as_its_contiguous_copy(backend, scaled_dtype):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype, update=30.0)  # some rows rescaled
     big = torch.stack([scale, torch.full_like(scale, 7.0)], dim=1).reshape(-1)
     got = q.clone(), big[::2]
-    merge_lowrank_(got[0], lora_B, lora_A, 0.5, backend=backend, weight_scale=got[1])
+    merge_lowrank_(ScaledWeight(*got), lora_B, lora_A, 0.5, backend=backend)
     expected = q.clone(), scale.clone()
-    merge_lowrank_(expected[0], lora_B, lora_A, 0.5, backend="torch", weight_scale=expected[1])
+    merge_lowrank_(ScaledWeight(*expected), lora_B, lora_A, 0.5, backend="torch")
     _same(got, expected)
     assert torch.equal(big[1::2], torch.full_like(scale, 7.0))  # the other elements kept
 
 
 @pytest.mark.parametrize("layout", ["every_other", "expanded"])
-def test_the_linear_reads_a_strided_or_expanded_scale_as_its_contiguous_copy(backend, layout):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled()
+def test_the_linear_reads_a_strided_or_expanded_scale_as_its_contiguous_copy(
+        backend, scaled_dtype, layout):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     if layout == "expanded":
         scale = torch.full_like(scale, float(scale[0]))
         strided = scale[:1].expand(ROWS)
     else:
         strided = torch.stack([scale, -scale], dim=1).reshape(-1)[::2]
     x = torch.randn(5, COLS, device=DEVICE)
-    got = lorasc_linear(x, q, None, lora_A, lora_B, 1.0, backend=backend, weight_scale=strided)
-    expected = lorasc_linear(x, q, None, lora_A, lora_B, 1.0, backend=backend,
-                             weight_scale=scale)
+    got = lorasc_linear(x, ScaledWeight(q, strided), None, lora_A, lora_B, 1.0,
+                        backend=backend)
+    expected = lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0,
+                             backend=backend)
     assert torch.equal(got, expected)
 
 
 # -- 3. scale values of the linear ------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
-def test_the_linear_refuses_scales_that_are_not_positive_and_finite(backend, bad):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled()
+def test_the_linear_refuses_scales_that_are_not_positive_and_finite(backend, scaled_dtype,
+                                                                    bad):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     scale[5] = bad
     x = torch.randn(3, COLS, device=DEVICE)
-    refused(ValueError, "weight_scale must be positive and finite.*at row 5",
-            lambda: lorasc_linear(x, q, None, lora_A, lora_B, 1.0, backend=backend,
-                                  weight_scale=scale), q, scale)
+    refused(ValueError, "weight.scale must be positive and finite.*at row 5",
+            lambda: lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0,
+                                  backend=backend), q, scale)
+
+
+def test_infinite_and_nan_codes_are_refused_by_the_merge(backend, scaled_dtype):
+    """e5m2 has ±inf codes, both formats NaN codes: the merge refuses such a weight."""
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
+    every = torch.arange(256, dtype=torch.uint8)
+    for code in every[~torch.isfinite(every.view(scaled_dtype).float())]:
+        codes = q.clone()
+        codes.view(torch.uint8)[2, 3] = code
+        refused(ValueError, "weight has non-finite values",
+                lambda codes=codes: merge_lowrank_(ScaledWeight(codes, scale), lora_B, lora_A,
+                                                   0.5, backend=backend), codes, scale)
 
 
 # -- 4. overlapping weights ------------------------------------------------------------------
@@ -181,14 +199,13 @@ def test_an_overlapping_weight_is_refused_by_every_backend(backend):
             buffer)
 
 
-def test_an_overlapping_scaled_weight_is_refused(backend):
-    backend = _fp8_backend(backend)
-    q, scale, lora_B, lora_A = _scaled()
+def test_an_overlapping_scaled_weight_is_refused(backend, scaled_dtype):
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     codes = q.reshape(-1)[:ROWS + COLS].clone()
-    weight = torch.as_strided(codes, (ROWS, COLS), (1, 1))
-    refused(ValueError, "weight has overlapping elements",
-            lambda: merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend,
-                                   weight_scale=scale), codes, scale)
+    weight = ScaledWeight(torch.as_strided(codes, (ROWS, COLS), (1, 1)), scale)
+    refused(ValueError, "weight.codes has overlapping elements",
+            lambda: merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend), codes, scale)
 
 
 # -- 5. float64 weights ----------------------------------------------------------------------
@@ -223,23 +240,24 @@ def test_fp8_linear_refuses_an_input_of_the_wrong_width_or_dtype():
             lambda: layer(torch.ones(3, COLS, dtype=torch.int64)), layer)
 
 
-def test_fp8_linear_refuses_a_bias_of_the_wrong_shape_or_dtype_at_construction():
-    q, scale = quantize(torch.randn(ROWS, COLS))
+def test_fp8_linear_refuses_a_bias_of_the_wrong_shape_or_dtype_at_construction(scaled_dtype):
+    weight = quantize(torch.randn(ROWS, COLS), scaled_dtype)
     with pytest.raises(ValueError, match=rf"bias must have shape \({ROWS},\)"):
-        Fp8Linear(q, scale, torch.zeros(ROWS + 1))
+        Fp8Linear(weight, torch.zeros(ROWS + 1))
     with pytest.raises(TypeError, match="bias must have a floating dtype"):
-        Fp8Linear(q, scale, torch.zeros(ROWS, dtype=torch.int64))
+        Fp8Linear(weight, torch.zeros(ROWS, dtype=torch.int64))
 
 
-def test_fp8_linear_refuses_bad_scale_values_at_construction():
-    q, scale = quantize(torch.randn(ROWS, COLS))
-    scale[2] = 0.0
-    with pytest.raises(ValueError, match="weight_scale must be positive and finite.*row 2"):
-        Fp8Linear(q, scale)
+def test_fp8_linear_refuses_bad_scale_values_at_construction(scaled_dtype):
+    weight = quantize(torch.randn(ROWS, COLS), scaled_dtype)
+    weight.scale[2] = 0.0
+    with pytest.raises(ValueError, match="weight.scale must be positive and finite.*row 2"):
+        Fp8Linear(weight)
 
 
-def test_fp8_linear_from_a_layer_with_a_trained_lora_is_refused():
-    layer = LoRASCLinear.from_linear(nn.Linear(COLS, ROWS), r=RANK, weight_format="fp8_e4m3")
+def test_fp8_linear_from_a_layer_with_a_trained_lora_is_refused(scaled_dtype):
+    layer = LoRASCLinear.from_linear(nn.Linear(COLS, ROWS), r=RANK,
+                                     weight_format=scaled_weight_dtype(scaled_dtype).name)
     assert Fp8Linear.from_linear(layer).weight.data_ptr() == layer.weight.data_ptr()  # B = 0
     with torch.no_grad():
         layer.lora_B[1, 0] = 0.5

@@ -138,14 +138,14 @@ def test_fallback_rule():
     tiled kernel."""
     bf16 = torch.randn(16, 64, device=DEVICE).to(torch.bfloat16)
     weight = torch.randn(24, 64, device=DEVICE).to(torch.bfloat16)
-    codes, scale = quantize(weight.float())
+    codes = quantize(weight.float(), torch.float8_e4m3fn).codes
     reason = fused_linear_tma.unsupported_reason
     assert reason(bf16, weight) is None
     assert reason(bf16, weight.t().contiguous().t()) is None  # Wᵀ read as stored
     assert reason(bf16.half(), weight.half()) is None
     assert "bf16/fp16" in reason(bf16.float(), weight.float())
     assert "bf16/fp16" in reason(bf16, weight.half())
-    assert "bf16/fp16" in reason(bf16, codes, scale)
+    assert "bf16/fp16" in reason(bf16, codes)
     assert "unit stride" in reason(bf16[:, ::2], weight[:, ::2])
     assert "aligned" in reason(bf16[:, 1:], weight[:, 1:])  # base pointer 2 bytes off
     assert reason(bf16[:, :60], weight[:, :60]) is None  # strides stay 128 bytes
@@ -159,7 +159,7 @@ def test_forced_persistent_falls_back_to_tiled_where_tma_does_not_apply(monkeypa
     p = torch.randn(16, 45, device=DEVICE).to(torch.bfloat16)  # 90-byte rows
     q = torch.randn(24, 45, device=DEVICE).to(torch.bfloat16)
     assert "aligned" in fused_linear_tma.unsupported_reason(p, q)
-    assert gemm_dispatch.candidates(p, q, None, None, None, None, None) == ("tiled", "addmm")
+    assert gemm_dispatch.candidates(p, q, None, None, None, None) == ("tiled", "addmm")
     got = gemm_dispatch.lowrank_gemm(p, q, None, None, None, 1.0)
     assert torch.equal(got, fused_linear.tiled_lowrank_gemm(p, q, None, None, None, 1.0))
 

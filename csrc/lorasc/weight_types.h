@@ -2,8 +2,9 @@
 // argument checks and the rounding (host and device code alike). It mirrors
 // lorasc_kernels/dtypes.py (WEIGHT_DTYPES); adding a weight type is one X(...) line here
 // and one entry there, then whatever loads and conversions the kernels need for it.
-// The scaled formats of dtypes.py (SCALED_WEIGHT_DTYPES: fp8 e4m3 with per-row scales) are
-// not listed: the CUDA kernels do not take them yet (docs/fp8.md says what is missing).
+// The scaled formats of dtypes.py (SCALED_WEIGHT_DTYPES: fp8 e4m3 and e5m2 with per-row
+// scales, a ScaledWeight) are not listed: the CUDA kernels do not take them yet
+// (docs/fp8.md says what is missing).
 #pragma once
 
 #include <c10/core/ScalarType.h>

@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from ..scaled_weight import ScaledWeight
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = ["Backend", "PRIMITIVES"]
@@ -35,24 +36,25 @@ class Backend(Protocol):
 
     SCALED_WEIGHT_DTYPES: tuple[torch.dtype, ...]
     """The scaled weight formats (:data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`) its
-    ``lowrank_gemm`` and ``merge_`` take with a per-row scale; empty if none."""
+    ``lowrank_gemm`` and ``merge_`` take as a :class:`ScaledWeight`; empty if none."""
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when the backend can run on ``device``; else why not, in words."""
 
-    def lowrank_gemm(self, p: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None,
-                     u: torch.Tensor | None, v: torch.Tensor | None, scale: float,
-                     noise: NoiseSpec | None = None, q_transposed: bool = False,
-                     rank_dropout: DropoutSpec | None = None,
-                     q_scale: torch.Tensor | None = None) -> torch.Tensor:
+    def lowrank_gemm(self, p: torch.Tensor, q: torch.Tensor | ScaledWeight,
+                     bias: torch.Tensor | None, u: torch.Tensor | None,
+                     v: torch.Tensor | None, scale: float, noise: NoiseSpec | None = None,
+                     q_transposed: bool = False,
+                     rank_dropout: DropoutSpec | None = None) -> torch.Tensor:
         """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``p``'s dtype.
 
         ``q`` is a weight ``W`` (N, K), or with ``q_transposed`` a view ``Wᵀ``: ``noise``
         is keyed by ``W``'s (row, col), and ``Q ⊕ noise`` is
         :func:`~lorasc_kernels.backends.reference.noisy_weight` of ``W``. ``rank_dropout``
         masks the rank term's ``(m, n)`` entries (``m < M``, ``n < N``). ``u``/``v`` None:
-        no rank term. Any strides. ``q_scale`` (float32, one per ``W`` row): ``W`` is scaled,
-        ``W = q_scale[row] · q`` with ``q`` in :attr:`SCALED_WEIGHT_DTYPES` (no noise then).
+        no rank term. Any strides. A scaled ``W`` (format in :attr:`SCALED_WEIGHT_DTYPES`,
+        no noise) is a :class:`ScaledWeight` of ``W`` itself in either orientation: with
+        ``q_transposed`` the GEMM reads it as ``Wᵀ`` (its scale then runs along ``K``).
         """
 
     def dropout_lowrank(self, x: torch.Tensor, lora_A: torch.Tensor,
@@ -63,9 +65,9 @@ class Backend(Protocol):
                              dropout: DropoutSpec) -> torch.Tensor:
         """``Gᵀ drop(x)`` (r, K) for ``G = grad`` (M, r), in float32 or ``x``'s dtype."""
 
-    def merge_(self, weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
-               spec: MergeSpec, weight_scale: torch.Tensor | None = None) -> None:
+    def merge_(self, weight: torch.Tensor | ScaledWeight, lora_B: torch.Tensor,
+               lora_A: torch.Tensor, spec: MergeSpec) -> None:
         """``W ← round(W − remove + coeff · B A + add)`` in place, bit-identical to the
         reference; ``weight`` (rows, K) is a block of rows from ``spec.row_offset`` on.
-        With ``weight_scale`` (rows,) float32, ``W = weight_scale[row] · weight`` is scaled
-        and both are updated (:func:`~lorasc_kernels.backends.reference.merge_scaled_`)."""
+        A :class:`ScaledWeight` has its codes and scales both updated
+        (:func:`~lorasc_kernels.backends.reference.merge_scaled_`)."""

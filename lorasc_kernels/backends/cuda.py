@@ -25,6 +25,7 @@ import torch
 
 from .._build import load_extension
 from ..dtypes import KERNEL_DTYPES
+from ..scaled_weight import ScaledWeight
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = ["WEIGHT_DTYPES", "SCALED_WEIGHT_DTYPES",
@@ -33,7 +34,8 @@ __all__ = ["WEIGHT_DTYPES", "SCALED_WEIGHT_DTYPES",
            "dropout_lowrank_grad", "merge_"]
 
 WEIGHT_DTYPES = KERNEL_DTYPES
-# No scaled weight formats (fp8): functional.py refuses them before a primitive is called.
+# No scaled weight formats (fp8, csrc/lorasc/weight_types.h): functional.py refuses a
+# ScaledWeight before a primitive is called, and the primitives refuse one too.
 SCALED_WEIGHT_DTYPES: tuple[torch.dtype, ...] = ()
 
 # Transform kinds of lowrank_gemm (csrc/lorasc/gemm_tile.cuh: TransformKind).
@@ -116,10 +118,10 @@ def _gemm(p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM,
 
 
 def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
-                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
+                 ) -> torch.Tensor:
     """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract."""
-    _refuse_scaled(q_scale)
+    _refuse_scaled(q)
     noise_transform = _noise_transform(noise, q_transposed)
     bias = None if bias is None else bias.contiguous()
     if rank_dropout is None:
@@ -148,21 +150,20 @@ def _noise_key(noise: NoiseSpec | None) -> tuple[int, float]:
     return (_NO_NOISE_KEY, 0.0) if noise is None else (noise.key, noise.scale)
 
 
-def _refuse_scaled(weight_scale: torch.Tensor | None) -> None:
+def _refuse_scaled(weight) -> None:
     """The CUDA kernels have no scaled weight format (:data:`SCALED_WEIGHT_DTYPES` is empty)."""
-    if weight_scale is not None:
+    if isinstance(weight, ScaledWeight):
         raise TypeError("the CUDA backend does not take scaled (fp8) weights; use "
                         "backend='triton' or 'torch'")
 
 
 @torch.no_grad()
-def merge_(weight, lora_B, lora_A, spec: MergeSpec,
-           weight_scale: torch.Tensor | None = None) -> None:
+def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """``W ← round(W − remove + coeff · B A + add)`` in place, in one pass.
 
     Bit-identical to :func:`lorasc_kernels.backends.reference.merge_`.
     """
-    _refuse_scaled(weight_scale)
+    _refuse_scaled(weight)
     if lora_A.dtype != lora_B.dtype:  # exact: the kernel upcasts both to float32 anyway
         lora_A, lora_B = lora_A.float(), lora_B.float()
     extension_ops(weight.device).merge_lowrank_(

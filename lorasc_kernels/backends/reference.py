@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 
 from .. import noise as noise_lib
-from ..dtypes import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar, scaled_weight_dtype
+from ..dtypes import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar
 from ..rounding import rescale_rows, round_from_fp32, round_to_scaled
+from ..scaled_weight import ScaledWeight
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = [
@@ -77,19 +78,18 @@ def unavailable_reason(device: torch.device) -> None:
 
 
 def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
-                 q_scale: torch.Tensor | None = None):
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None):
     """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract.
 
-    A scaled ``Q`` (``q_scale`` given: ``W = q_scale[W row] · q``) is dequantized in float32
-    and the whole sum computed in float32, rounded once to ``p``'s dtype.
+    A :class:`ScaledWeight` ``q`` is dequantized in float32 and the whole sum computed in
+    float32, rounded once to ``p``'s dtype.
     """
-    if q_scale is not None:
-        weight_scale = q_scale[None, :] if q_transposed else q_scale[:, None]
-        out = lowrank_gemm(p.float(), q.float() * weight_scale, None if bias is None else
-                           bias.float(), None if u is None else u.float(),
-                           None if v is None else v.float(), scale,
-                           q_transposed=q_transposed, rank_dropout=rank_dropout)
+    if isinstance(q, ScaledWeight):
+        weight = q.dequantize(torch.float32)
+        out = lowrank_gemm(p.float(), weight.t() if q_transposed else weight,
+                           None if bias is None else bias.float(),
+                           None if u is None else u.float(), None if v is None else v.float(),
+                           scale, q_transposed=q_transposed, rank_dropout=rank_dropout)
         return out.to(p.dtype)
     if noise is not None:
         if q_transposed:
@@ -154,8 +154,7 @@ def _rounding_bits(spec: MergeSpec, rows: int, cols: int, global_start: int, dev
 
 
 @torch.no_grad()
-def merge_(weight, lora_B, lora_A, spec: MergeSpec,
-           weight_scale: torch.Tensor | None = None) -> None:
+def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """``W ← round(W − remove + coeff · B A + add)`` in place, by row blocks.
 
     Per element, in float32, in this order (``u_*`` from :func:`noise.noise`)::
@@ -169,11 +168,11 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec,
     Scalars are rounded to float32 first. Rows are global rows ``row_offset + i``. A float64
     ``W`` (torch backend only; the kernels refuse it) is merged in float64 instead, scalars
     unrounded, so it loses nothing to float32.
-    A scaled ``W`` (``weight_scale`` given) goes through :func:`merge_scaled_`.
+    A :class:`ScaledWeight` goes through :func:`merge_scaled_`.
     Arguments are validated by :func:`lorasc_kernels.functional.merge_lowrank_`.
     """
-    if weight_scale is not None:
-        merge_scaled_(weight, weight_scale, lora_B, lora_A, spec)
+    if isinstance(weight, ScaledWeight):
+        merge_scaled_(weight, lora_B, lora_A, spec)
         return
     rows, cols = weight.shape
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -188,30 +187,31 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec,
 
 
 @torch.no_grad()
-def merge_scaled_(weight, weight_scale, lora_B, lora_A, spec: MergeSpec) -> None:
-    """The merge into a scaled ``W = weight_scale[row] · weight`` (fp8 e4m3), in place.
+def merge_scaled_(weight: ScaledWeight, lora_B, lora_A, spec: MergeSpec) -> None:
+    """The merge into a scaled ``W = scale[row] · codes``, codes and scales in place.
 
     Per row, in float32, in this order::
 
-        v = weight_scale[i] * float32(weight[i])        # dequantized row
+        v = scale[i] * float32(codes[i])                 # dequantized row
         v = (remove, coeff · B A, add as in merge_)      # _merged_rows
-        y = v / weight_scale[i]                          # IEEE division
-        y, weight_scale[i] = rescale_rows(y, weight_scale[i], max_value)   # if max|y| > max
-        weight[i] = round_to_scaled(y, weight.dtype, rounding, bits(seed, STREAM_ROUNDING))
+        y = v / scale[i]                                 # IEEE division
+        y, scale[i] = rescale_rows(y, scale[i], max_value)     # if max|y| > max_value
+        codes[i] = round_to_scaled(y, codes.dtype, rounding, bits(seed, STREAM_ROUNDING))
 
     A row whose values would exceed the format's range gets a scale larger by the smallest
     power of two that fits them (never a clamp); the other rows keep their scale.
     """
-    max_value = scaled_weight_dtype(weight.dtype).max_value
+    codes, row_scale = weight.codes, weight.scale
+    max_value = weight.format.max_value
     rows, cols = weight.shape
     block = max(1, MERGE_BLOCK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         global_start = spec.row_offset + start
-        scale = weight_scale[start:stop]
-        value = weight[start:stop].to(torch.float32) * scale[:, None]
+        scale = row_scale[start:stop]
+        value = codes[start:stop].to(torch.float32) * scale[:, None]
         value = _merged_rows(value, lora_B[start:stop], lora_A, spec, global_start)
         value, scale = rescale_rows(value / scale[:, None], scale, max_value)
         bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device)
-        weight[start:stop] = round_to_scaled(value, weight.dtype, spec.rounding, bits)
-        weight_scale[start:stop] = scale
+        codes[start:stop] = round_to_scaled(value, codes.dtype, spec.rounding, bits)
+        row_scale[start:stop] = scale

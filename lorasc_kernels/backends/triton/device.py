@@ -62,20 +62,28 @@ def dropout_tile(tile, rows, cols, key, threshold, keep_scale, INTERPRETING: tl.
 
 
 @triton.jit
-def decode_scaled(code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr):
-    """float32 value of the 8-bit codes ``code`` (uint8) of a scaled format (fp8 e4m3fn),
-    exactly, on integers: normals by their bits, subnormals as ``m · 2**(1 - bias - mb)``,
-    the all-ones code as NaN. Needs no fp8 support (the interpreter has none)."""
+def decode_scaled(code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr,
+                  HAS_INFINITY: tl.constexpr):
+    """float32 value of the 8-bit codes ``code`` (uint8) of a scaled format
+    (:class:`~lorasc_kernels.dtypes.ScaledWeightDtype`'s fields), exactly, on integers:
+    normals by their bits, subnormals as ``m · 2**(1 - bias - mb)``; with ``HAS_INFINITY``
+    the all-ones exponent field as float32's (±inf, NaN), else the all-ones magnitude as NaN.
+    Needs no fp8 support (the interpreter has none)."""
     code = code.to(tl.uint32)
     magnitude = code & 0x7F
     exponent = magnitude >> MANTISSA_BITS
     fraction = magnitude & ((1 << MANTISSA_BITS) - 1)
-    normal = ((code >> 7) << 31) | ((exponent + (127 - EXPONENT_BIAS)) << 23) \
-        | (fraction << (23 - MANTISSA_BITS))
+    TOP: tl.constexpr = 0x7F >> MANTISSA_BITS  # the all-ones exponent field
+    field = exponent + (127 - EXPONENT_BIAS)
+    if HAS_INFINITY:
+        field = tl.where(exponent == TOP, 0xFF, field)
+    normal = ((code >> 7) << 31) | (field << 23) | (fraction << (23 - MANTISSA_BITS))
     subnormal_unit: tl.constexpr = 2.0 ** (1 - EXPONENT_BIAS - MANTISSA_BITS)
     subnormal = fraction.to(tl.float32) * subnormal_unit
     subnormal = tl.where((code >> 7) != 0, -subnormal, subnormal)
     value = tl.where(exponent == 0, subnormal, normal.to(tl.float32, bitcast=True))
+    if HAS_INFINITY:
+        return value
     return tl.where(magnitude == 0x7F, float("nan"), value)
 
 

@@ -32,13 +32,14 @@ import triton
 import triton.language as tl
 
 from ...dtypes import float32_scalar
+from ...scaled_weight import ScaledWeight
 from ...specs import DropoutSpec, NoiseSpec
 from . import interpreting
 from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
 from .device import add_noise_tile, decode_scaled, grouped_tile, mma, rank_term, round_to
 
 __all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "noisy_operand", "gemm_operands",
-           "spec_arguments", "tiled_lowrank_gemm"]
+           "format_fields", "spec_arguments", "tiled_lowrank_gemm"]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -49,12 +50,16 @@ _NOISE_BLOCK = 64
 
 
 @triton.jit
-def _decode_tile(codes, dtype: tl.constexpr, INTERPRETING: tl.constexpr):
-    """A tile of fp8 e4m3 codes (uint8) in ``dtype``, exactly: by the hardware conversion on a
-    GPU, on integers in the interpreter (which has no fp8)."""
+def _decode_tile(codes, dtype: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                 EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr,
+                 INTERPRETING: tl.constexpr):
+    """A tile of fp8 codes (loaded in their format's Triton type) in ``dtype``, exactly: by
+    the hardware conversion on a GPU, on integers in the interpreter (which has no fp8
+    arithmetic), from the format's fields."""
     if INTERPRETING:
-        return decode_scaled(codes, 3, 7).to(dtype)
-    return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
+        return decode_scaled(codes.to(tl.uint8, bitcast=True), MANTISSA_BITS, EXPONENT_BIAS,
+                             HAS_INFINITY).to(dtype)
+    return codes.to(dtype)
 
 
 @triton.autotune(configs=fused_linear_configs(),
@@ -64,7 +69,7 @@ def _decode_tile(codes, dtype: tl.constexpr, INTERPRETING: tl.constexpr):
 def _fused_lowrank_kernel(
     # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
     out_ptr, p_ptr, q_ptr, bias_ptr, u_ptr, v_ptr,
-    q_scale_ptr,  # Q_SCALED: Q holds fp8 e4m3 codes (uint8), W = q_scale[W row] · codes
+    q_scale_ptr,  # Q_SCALED: Q holds fp8 codes, W = q_scale[W row] · codes
     M, N, K, R,
     M_BUCKET,  # autotuning key: M rounded up to a power of two (token counts vary per batch)
     stride_om, stride_on, stride_pm, stride_pk, stride_qn, stride_qk,
@@ -75,6 +80,8 @@ def _fused_lowrank_kernel(
     HAS_BIAS: tl.constexpr, FUSED_NOISE: tl.constexpr, W_TRANSPOSED: tl.constexpr,
     Q_SCALED: tl.constexpr, LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    # Q_SCALED: the format's fields (dtypes.ScaledWeightDtype), for the interpreter's decode
+    MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr,
     INTERPRETING: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -109,7 +116,8 @@ def _fused_lowrank_kernel(
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q_t = tl.load(q_ptrs, mask=mask_n[None, :] & mask_k[:, None], other=0.0)
         if Q_SCALED:  # 8-bit codes, converted in registers; dX: W's row scale on load
-            q_t = _decode_tile(q_t, p.dtype, INTERPRETING)
+            q_t = _decode_tile(q_t, p.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY,
+                               INTERPRETING)
             if W_TRANSPOSED:
                 k_scale = tl.load(q_scale_ptr + (k0 + offs_k), mask=mask_k, other=0.0)
                 q_t = round_to(q_t.to(tl.float32) * k_scale[:, None], p.dtype, INTERPRETING)
@@ -190,6 +198,16 @@ def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool)
     return out, q, bias, u, v, r, noise
 
 
+def format_fields(weight: ScaledWeight | None) -> dict:
+    """The constexprs of a scaled weight's format (its registry entry's fields) as the kernels
+    take them; zeros for a float weight (None)."""
+    if weight is None:
+        return {"MANTISSA_BITS": 0, "EXPONENT_BIAS": 0, "HAS_INFINITY": False}
+    entry = weight.format
+    return {"MANTISSA_BITS": entry.mantissa_bits, "EXPONENT_BIAS": entry.exponent_bias,
+            "HAS_INFINITY": entry.has_infinity}
+
+
 def spec_arguments(noise: NoiseSpec | None, rank_dropout: DropoutSpec | None) -> tuple:
     """``(noise_key, noise_scale, dropout_key, dropout_threshold, keep_scale)`` as the GEMM
     kernels take them; ``(0, 0.0)`` without noise, ``(0, 0, 1.0)`` without dropout."""
@@ -199,17 +217,21 @@ def spec_arguments(noise: NoiseSpec | None, rank_dropout: DropoutSpec | None) ->
 
 
 def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                       q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
-                       q_scale: torch.Tensor | None = None) -> torch.Tensor:
+                       q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
+                       ) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, by the
     tiled kernel: one program per output tile, any dtype, layout and weight format.
 
     ``q`` is ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
     :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
-    by one pass that writes the noisy ``W``. A scaled ``Q`` (fp8 e4m3 with ``q_scale`` per
-    ``W`` row) is read as 8-bit codes and converted in registers; its scale multiplies the
-    output's columns (forward) or the loaded tile's rows (``q_transposed``, the dX GEMM).
+    by one pass that writes the noisy ``W``. A :class:`ScaledWeight` ``q`` (``W`` itself in
+    either orientation, as the contract says) is read as 8-bit codes and converted in
+    registers, its format's fields passed as constexprs; its scale multiplies the output's
+    columns (forward) or the loaded tile's rows (``q_transposed``, the dX GEMM).
     """
+    scaled = q if isinstance(q, ScaledWeight) else None
+    if scaled is not None:  # Q's codes in the orientation the kernel reads
+        q = scaled.codes.t() if q_transposed else scaled.codes
     (M, K), N = p.shape, q.shape[0]
     out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
 
@@ -217,17 +239,17 @@ def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fused_lowrank_kernel[grid](
-        out, p, q if q_scale is None else q.view(torch.uint8), out if bias is None else bias,
-        u, v, out if q_scale is None else q_scale,
+        out, p, q, out if bias is None else bias, u, v,
+        out if scaled is None else scaled.scale.contiguous(),  # read with stride 1
         M, N, K, r, triton.next_power_of_2(M),
         out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
         u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         float32_scalar(scale),
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
-        Q_SCALED=q_scale is not None, LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
+        Q_SCALED=scaled is not None, LORA_DROPOUT=rank_dropout is not None,
+        R_BLOCK=rank_block(r), DOT_PRECISION=dot_precision(p.dtype),
+        **format_fields(scaled), INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )
     return out

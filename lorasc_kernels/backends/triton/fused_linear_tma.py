@@ -109,11 +109,11 @@ def _aligned(tensor: torch.Tensor, stride: int) -> bool:
             and stride * tensor.element_size() % _TMA_ALIGN_BYTES == 0)
 
 
-def unsupported_reason(p, q, q_scale=None) -> str | None:
+def unsupported_reason(p, q) -> str | None:
     """``None`` if :func:`persistent_lowrank_gemm` takes these operands, else why not (the
     tiled kernel takes them): TMA reads 16-bit tiles of non-empty 2-D tensors with a unit
     stride, 16-byte aligned base pointers and other strides."""
-    if p.dtype not in TMA_DTYPES or q.dtype != p.dtype or q_scale is not None:
+    if p.dtype not in TMA_DTYPES or q.dtype != p.dtype:
         return f"the TMA variant takes bf16/fp16 P and Q of one dtype, got {p.dtype}/{q.dtype}"
     if p.numel() == 0 or q.numel() == 0:
         return "empty operands"

@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from ...scaled_weight import ScaledWeight
 from ...specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
 from .fused_linear import noisy_operand, tiled_lowrank_gemm
@@ -130,14 +131,16 @@ class Dispatch:
 DISPATCH = Dispatch()
 
 
-def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None,
-               q_scale: torch.Tensor | None) -> tuple[str, ...]:
-    """The variants that compute this call (module docstring), ``"tiled"`` first."""
+def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str, ...]:
+    """The variants that compute this call (module docstring), ``"tiled"`` first: only it
+    takes a :class:`ScaledWeight` ``q``."""
+    if isinstance(q, ScaledWeight):
+        return ("tiled",)
     found = ["tiled"]
-    if unsupported_reason(p, q, q_scale) is None:
+    if unsupported_reason(p, q) is None:
         found.append("persistent")
     operands = [q] + [t for t in (bias, u, v) if t is not None]
-    if (p.dtype in TMA_DTYPES and q_scale is None and rank_dropout is None
+    if (p.dtype in TMA_DTYPES and rank_dropout is None
             and all(t.dtype == p.dtype for t in operands)):
         found.append("addmm")
     return tuple(found)
@@ -157,8 +160,8 @@ def addmm_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
 
 @on_tensor_device
 def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None,
-                 q_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
+                 ) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, the
     contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`), by the
     variant :data:`DISPATCH` chooses."""
@@ -169,11 +172,12 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
                                            rank_dropout)
         if variant == "addmm":
             return addmm_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed)
-        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout,
-                                  q_scale)
+        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
 
-    options = candidates(p, q, bias, u, v, rank_dropout, q_scale)
+    options = candidates(p, q, bias, u, v, rank_dropout)
     (M, K), N = p.shape, q.shape[0]
+    if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
+        N = q.shape[1]
     key = ProblemKey(str(p.device), triton.next_power_of_2(M), N, K,
                      0 if u is None else u.shape[1], p.dtype, q_transposed, noise is not None,
                      rank_dropout is not None, bias is not None, options)

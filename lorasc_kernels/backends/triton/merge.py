@@ -38,7 +38,8 @@ times on ``W`` and restore ``W`` from a copy, a temporary of ``W``'s size that a
 never allocate. 64 × 128 elements per program with 8 warps (32 elements per thread) keeps
 every SM busy on the weight sizes of real models; under the interpreter a small tile.
 
-Scaled weights (fp8 e4m3 with one float32 scale per row, ``docs/fp8.md``):
+Scaled weights (:class:`~lorasc_kernels.scaled_weight.ScaledWeight`: fp8 codes with one
+float32 scale per row, ``docs/fp8.md``; the format's fields are constexprs):
 ``_merge_scaled_kernel`` reproduces :func:`lorasc_kernels.backends.reference.merge_scaled_`
 bit for bit. A row may need a new scale (the rescale rule), which depends on the whole row,
 so one program owns ``16`` whole rows and sweeps them twice: the first sweep finds each
@@ -53,10 +54,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dtypes import float32_scalar, scaled_weight_dtype, weight_dtype
+from ...dtypes import float32_scalar, weight_dtype
+from ...scaled_weight import ScaledWeight
 from ...specs import MergeSpec, NoiseSpec
 from . import interpreting, on_tensor_device
 from .device import decode_scaled
+from .fused_linear import format_fields
 from .random import element_bits, row_hash, uniform_centered
 
 __all__ = ["merge_tile", "scaled_merge_tile", "merge_"]
@@ -187,13 +190,14 @@ def _scaled_tile(code_ptr, scale, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_
                  stride_a_rank, stride_a_col, coeff, remove_scale, add_scale, remove_key,
                  add_key, HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr,
                  MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr,
-                 BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                 HAS_INFINITY: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                 BLOCK_COLS: tl.constexpr):
     """``(y, code pointers, mask)`` of a tile: ``y = updated(scale · q) / scale`` in float32
     (IEEE division), as ``reference.merge_scaled_`` computes it."""
     mask = row_mask[:, None] & col_mask[None, :]
     ptrs = code_ptr + row_ids[:, None] * stride_w_row + col_ids[None, :] * stride_w_col
     value = scale[:, None] * decode_scaled(tl.load(ptrs, mask=mask, other=0), MANTISSA_BITS,
-                                           EXPONENT_BIAS)
+                                           EXPONENT_BIAS, HAS_INFINITY)
     value = _updated(value, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_mask, col_mask,
                      global_rows, rank, stride_b_row, stride_b_rank, stride_a_rank,
                      stride_a_col, coeff, remove_scale, add_scale, remove_key, add_key,
@@ -212,8 +216,8 @@ def _merge_scaled_kernel(
     remove_key, add_key, rounding_key, row_offset,
     HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr, STOCHASTIC: tl.constexpr,
     # the format (dtypes.ScaledWeightDtype) and its largest value as float32 fields
-    MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, MAX_VALUE: tl.constexpr,
-    MAX_FIELD: tl.constexpr, MAX_FRACTION: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr,
+    MAX_VALUE: tl.constexpr, MAX_FIELD: tl.constexpr, MAX_FRACTION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):
     """One program owns ``BLOCK_ROWS`` whole rows: a first sweep finds each row's
@@ -240,7 +244,7 @@ def _merge_scaled_kernel(
                 col_ids < cols, global_rows, rank, stride_w_row, stride_w_col, stride_b_row,
                 stride_b_rank, stride_a_rank, stride_a_col, coeff, remove_scale, add_scale,
                 remove_key, add_key, HAS_REMOVE, HAS_ADD, MANTISSA_BITS, EXPONENT_BIAS,
-                BLOCK_ROWS, BLOCK_COLS)
+                HAS_INFINITY, BLOCK_ROWS, BLOCK_COLS)
             if sweep == 0:
                 peak = tl.maximum(peak, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
             else:
@@ -263,23 +267,22 @@ def scaled_merge_tile() -> tuple[int, int, int]:
     return (8, 32, 1) if interpreting() else (16, 256, 8)
 
 
-def _merge_scaled(weight, weight_scale, lora_B, lora_A, spec: MergeSpec) -> None:
-    """The merge into a scaled ``W = weight_scale[row] · weight`` (fp8), in place."""
+def _merge_scaled(weight: ScaledWeight, lora_B, lora_A, spec: MergeSpec) -> None:
+    """The merge into a scaled ``W = scale[row] · codes``, codes and scales in place."""
     rows, cols = weight.shape
     remove_key, remove_scale = _noise_arguments(spec.remove)
     add_key, add_scale = _noise_arguments(spec.add)
-    entry = scaled_weight_dtype(weight.dtype)
-    max_bits = int(torch.tensor(entry.max_value, dtype=torch.float32).view(torch.int32))
+    max_value = weight.format.max_value
+    max_bits = int(torch.tensor(max_value, dtype=torch.float32).view(torch.int32))
     block_rows, block_cols, num_warps = scaled_merge_tile()
     _merge_scaled_kernel[(triton.cdiv(rows, block_rows),)](
-        weight.view(torch.uint8), weight_scale, lora_B, lora_A,
+        weight.codes.view(torch.uint8), weight.scale, lora_B, lora_A,
         rows, cols, lora_A.shape[0],
-        *weight.stride(), weight_scale.stride(0), *lora_B.stride(), *lora_A.stride(),
+        *weight.codes.stride(), weight.scale.stride(0), *lora_B.stride(), *lora_A.stride(),
         float32_scalar(spec.coeff), remove_scale, add_scale,
         remove_key, add_key, spec.rounding_key, spec.row_offset,
         HAS_REMOVE=spec.remove is not None, HAS_ADD=spec.add is not None,
-        STOCHASTIC=spec.stochastic, MANTISSA_BITS=entry.mantissa_bits,
-        EXPONENT_BIAS=entry.exponent_bias, MAX_VALUE=entry.max_value,
+        STOCHASTIC=spec.stochastic, **format_fields(weight), MAX_VALUE=max_value,
         MAX_FIELD=max_bits >> 23, MAX_FRACTION=max_bits & 0x7FFFFF,
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
         enable_fp_fusion=False,
@@ -287,16 +290,16 @@ def _merge_scaled(weight, weight_scale, lora_B, lora_A, spec: MergeSpec) -> None
 
 
 @on_tensor_device
-def merge_(weight, lora_B, lora_A, spec: MergeSpec,
-           weight_scale: torch.Tensor | None = None) -> None:
+def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     """In-place merge on validated arguments; same bits as the reference (module docstring).
 
-    ``weight`` (rows, cols) and ``weight_scale`` may have any strides but no overlapping
-    elements (refused by :func:`lorasc_kernels.functional.merge_lowrank_`). With
-    ``weight_scale`` the scaled merge (whole rows per program, module docstring).
+    ``weight`` (rows, cols), or a :class:`ScaledWeight`'s codes and scales, may have any
+    strides but no overlapping elements (refused by
+    :func:`lorasc_kernels.functional.merge_lowrank_`). A :class:`ScaledWeight` takes the
+    scaled merge (whole rows per program, module docstring).
     """
-    if weight_scale is not None:
-        _merge_scaled(weight, weight_scale, lora_B, lora_A, spec)
+    if isinstance(weight, ScaledWeight):
+        _merge_scaled(weight, lora_B, lora_A, spec)
         return
     rows, cols = weight.shape
     remove_key, remove_scale = _noise_arguments(spec.remove)
