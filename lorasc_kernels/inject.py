@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ from .quantize import format_dtype
 __all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
 
 ALL_LINEAR = "all-linear"
+
+logger = logging.getLogger("lorasc_kernels")
 
 
 @dataclass
@@ -73,7 +76,19 @@ class LoRASCConfig:
             return True
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
-        return any(name == t or name.endswith("." + t) for t in targets)
+        return any(_ends_with(name, t) for t in targets)
+
+    def unmatched(self, names) -> list[str]:
+        """The entries of a ``target_modules`` list that match none of ``names`` (none for a
+        regex or ``"all-linear"``)."""
+        if isinstance(self.target_modules, str):
+            return []
+        return [t for t in self.target_modules if not any(_ends_with(n, t) for n in names)]
+
+
+def _ends_with(name: str, target: str) -> bool:
+    """PEFT's suffix rule: ``name`` is ``target`` or ends with ``"." + target``."""
+    return name == target or name.endswith("." + target)
 
 
 def _module_paths(model: nn.Module, kind: type) -> dict[str, nn.Module]:
@@ -98,6 +113,11 @@ def _check_registered_once(paths: dict[str, nn.Module], names) -> None:
             )
 
 
+def _some(names) -> str:
+    """The first ten of ``names``, comma-separated ("none" if empty)."""
+    return ", ".join(list(names)[:10]) or "none"
+
+
 def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
     """Every ``LoRASCLinear`` in ``model`` by its dotted name; ``ValueError`` if one has two."""
     paths = _module_paths(model, LoRASCLinear)
@@ -108,10 +128,14 @@ def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
 def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLinear]:
     """Replace the targeted ``nn.Linear`` modules of ``model`` in place; freeze the rest.
 
-    Each new layer shares its linear's weight and bias storage. Every parameter except
-    ``lora_A``/``lora_B`` gets ``requires_grad=False``. Returns the new layers by name;
-    raises ``ValueError`` (listing the linear layers found) when nothing matches. Every
-    targeted layer is checked before the model changes: a failure leaves it as it was.
+    Each new layer shares its linear's weight and bias storage. Every parameter except the
+    ``lora_A``/``lora_B`` of every ``LoRASCLinear`` (new or already there) gets
+    ``requires_grad=False``. Returns the new layers by name; raises ``ValueError`` (listing
+    the linear layers found) when nothing matches, saying so when the targets are
+    ``LoRASCLinear`` already. Warns on the ``lorasc_kernels`` logger about a
+    ``target_modules`` list entry that matches no linear layer, and about targeted layers
+    that are ``LoRASCLinear`` already (left as they are). Every targeted layer is checked
+    before the model changes: a failure leaves it as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -128,12 +152,25 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
     }
     chosen = {name: module for name, module in linears.items() if config.matches(name)}
     _check_registered_once(paths, chosen)
+    already = [name for name, module in paths.items()
+               if isinstance(module, LoRASCLinear) and config.matches(name)]
+    if not chosen and already:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched only layers that are "
+            f"LoRASCLinear already (inject_lorasc ran on this model): {_some(already)}; "
+            "target other layers, or finalize the Cascade to get nn.Linear layers back"
+        )
     if not chosen:
-        some = ", ".join(list(linears)[:10]) or "none"
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no nn.Linear; "
-            f"linear layers in the model: {some}"
+            f"linear layers in the model: {_some(linears)}"
         )
+    for target in config.unmatched([*linears, *already]):
+        logger.warning("target_modules entry %r matched no nn.Linear of the model; linear "
+                       "layers: %s", target, _some(linears))
+    if already:
+        logger.warning("inject_lorasc: %d targeted layers are LoRASCLinear already and stay "
+                       "as they are: %s", len(already), _some(already))
     for name, module in chosen.items():
         with checks.naming_layer(name):
             LoRASCLinear.check_linear(module, config.weight_format)
@@ -142,8 +179,11 @@ def inject_lorasc(model: nn.Module, config: LoRASCConfig) -> dict[str, LoRASCLin
                 f"r={config.r} exceeds min(in, out)="
                 f"{min(module.in_features, module.out_features)} of layer {name!r}"
             )
+    fast = {id(p) for layer in paths.values() if isinstance(layer, LoRASCLinear)
+            for p in (layer.lora_A, layer.lora_B)}
     for parameter in model.parameters():
-        parameter.requires_grad_(False)
+        if id(parameter) not in fast:
+            parameter.requires_grad_(False)
     layers = {}
     for name, linear in chosen.items():
         layer = LoRASCLinear.from_linear(
