@@ -125,38 +125,46 @@ class LoRASCCallback(TrainerCallback):
         if self._cascade is not None:
             self._check_continues(model, optimizer)
             return
+        scheduler = kwargs.get("lr_scheduler")
+        warmed = self._warmup_scheduler(scheduler)  # refused before the Cascade is built
         if state.global_step == 0:
             cascade = Cascade(model, optimizer, settings=self.settings)
         else:
             cascade = self._resumed_cascade(args, state, model, optimizer)
         cascade.track_metrics(self.metrics_every, self.metrics_layer)
         self._cascade = cascade
-        self._wire_warmup(kwargs.get("lr_scheduler"))
+        if warmed is not None:
+            self._wire_warmup(warmed)
+            self._warmed_scheduler = scheduler
         reporters = [name for name in args.report_to or [] if name != "none"]
         if reporters and not self._first:
             logger.warning("report_to=%s: the Trainer calls those callbacks before "
                            "LoRASCCallback, so they log the cascade figures only after "
                            "callback.first_in(trainer)", reporters)
 
-    def _wire_warmup(self, scheduler) -> None:
-        """With ``warmup_steps``, wrap the Trainer's ``LambdaLR`` multipliers with
-        :meth:`Cascade.lr_lambda` and set the learning rates they give now."""
+    def _warmup_scheduler(self, scheduler):
+        """The ``LambdaLR`` (inside accelerate's wrapper) the warm-up must wrap, or None when
+        there is no warm-up or it is wrapped already; refuses another kind of scheduler."""
         if self.settings.warmup_steps == 0 or scheduler is self._warmed_scheduler:
-            return
-        inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper
+            return None
+        inner = getattr(scheduler, "scheduler", scheduler)
         if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
             raise ValueError(
                 f"warmup_steps={self.settings.warmup_steps} needs the Trainer's LR scheduler to "
                 f"be a LambdaLR, got {type(inner).__name__}: use an lr_scheduler_type other "
                 "than reduce_lr_on_plateau, or pass optimizers=(optimizer, LambdaLR(...))"
             )
-        inner.lr_lambdas = [self.cascade.lr_lambda(f) for f in inner.lr_lambdas]
-        groups = inner.optimizer.param_groups
-        for group, base, multiplier in zip(groups, inner.base_lrs, inner.lr_lambdas,
+        return inner
+
+    def _wire_warmup(self, scheduler) -> None:
+        """Wrap ``scheduler``'s multipliers with :meth:`Cascade.lr_lambda` and set the
+        learning rates they give now (the Trainer computed the first without the warm-up)."""
+        scheduler.lr_lambdas = [self.cascade.lr_lambda(f) for f in scheduler.lr_lambdas]
+        groups = scheduler.optimizer.param_groups
+        for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas,
                                            strict=True):
-            group["lr"] = base * multiplier(inner.last_epoch)
-        inner._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
-        self._warmed_scheduler = scheduler
+            group["lr"] = base * multiplier(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     def _check_continues(self, model, optimizer) -> None:
         """A later ``train()`` continues the running Cascade: same layers, and the

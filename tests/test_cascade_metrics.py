@@ -82,7 +82,8 @@ def test_last_boundary_reports_the_merged_update_against_float64(keep_history):
         train(model, optimizer, cascade, 2, x)
         optimizer_step(model, optimizer, x)
         w_before = layer.weight.detach().double().clone()
-        delta = 0.5 * layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+        delta = (0.5 * layer.scaling * layer.lora_B.detach().double()
+                 @ layer.lora_A.detach().double())
         accumulated += delta
         assert cascade.step()
         figures = cascade.last_boundary
