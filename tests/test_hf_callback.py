@@ -81,8 +81,10 @@ def test_callback_per_epoch_schedule(tmp_path):
     assert not trainer.optimizer.optimizer.state
 
 
-def test_callback_resumes_from_a_trainer_checkpoint_bit_exactly(tmp_path):
-    settings = {"steps_per_cascade": 2, "seed": 4, "noise_lambda": 0.2}
+@pytest.mark.parametrize("warmup_steps", [0, 2])
+def test_callback_resumes_from_a_trainer_checkpoint_bit_exactly(tmp_path, warmup_steps):
+    settings = {"steps_per_cascade": 2, "seed": 4, "noise_lambda": 0.2,
+                "warmup_steps": warmup_steps}
     dataset = tiny_dataset()
     uninterrupted = tiny_bert()
     train(uninterrupted, lorasc_kernels.LoRASCCallback(**settings), tmp_path, dataset,
