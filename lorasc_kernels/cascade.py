@@ -65,6 +65,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _checks as checks
+from .cascade_metrics import BoundaryMetrics
 from .cascade_settings import CascadeSettings
 from .cascade_state import STATE_VERSION, check_state, upgraded
 from .distributed import (
@@ -76,7 +77,7 @@ from .distributed import (
     to_linear,
     with_synced_scales,
 )
-from .functional import prepare_merge
+from .functional import merge_lowrank_, prepare_merge
 from .inject import lorasc_layers
 from .integrations.peft import peft_lora_layers
 from .modules import LoRASCLinear
@@ -204,6 +205,9 @@ class Cascade:
             params, [names.get(id(p), "a trained parameter") for p in params], settings.slow_rate)
         # Whether lr_lambda() was handed out: the warm-up acts only through it.
         self.warmup_wired = False
+        self.metrics = BoundaryMetrics(list(self.layers))
+        # Per layer, the relative error of the last export_peft_adapter(max_rank=k).
+        self.export_errors: dict[str, float] = {}
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -272,6 +276,73 @@ class Cascade:
             setattr(_unwrap(self.model).get_submodule(parent_name), child, linear)
         self.finalized = True
         return self.model
+
+    # -- what the boundaries did ----------------------------------------------------------
+
+    @property
+    def last_boundary(self) -> dict[str, float]:
+        """The figures of the last boundary, keyed as logged (``{}`` before the first):
+        ``lorasc/cascade`` (index of the cascade it ended), ``lorasc/merge_ms`` and, on a
+        measured boundary, ``lorasc/update_ratio``, ``lorasc/cascade_effective_rank`` and
+        (with ``keep_history``) ``lorasc/effective_rank``; see :mod:`.cascade_metrics`."""
+        return dict(self.metrics.last)
+
+    def track_metrics(self, every: int = 1, layer: str | None = None) -> None:
+        """Measure every ``every``-th boundary (0: none; default 1) on the layer named
+        ``layer`` (default: the first) for :attr:`last_boundary`."""
+        self.metrics.configure(every, layer)
+
+    def merged_state_dict(self, device: torch.device | str | None = None) -> dict:
+        """The state dict of the model :meth:`finalize` would return now, leaving the model
+        and the Cascade as they are.
+
+        Keys as after ``finalize()`` (each driven layer a plain linear: its ``weight`` and
+        ``bias``, no ``lora_A``/``lora_B``/``weight_scale``, nor a PEFT layer's); each layer's
+        ``weight`` is ``W − N_t + slow_rate·s·B A`` merged as ``finalize()`` merges it (same
+        float32 math, rounding and bits; fp8 dequantized to the layer's float dtype), the other
+        slow-updated parameters get their slow update. Every other tensor is the model's own
+        (shared), or a copy on ``device`` when it is given. Costs one new weight per layer.
+        Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
+        """
+        self._check_active("merged_state_dict")
+        model = _unwrap(self.model)
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise ValueError("merged_state_dict does not gather FSDP2 shards: finalize() and "
+                             "save with torch.distributed.checkpoint instead")
+        self._check_finite_lora()
+        state = model.state_dict()
+        mode = self.settings.applied_noise_mode
+        linears = {}  # each driven layer's prefix → the state of the linear finalize makes
+        for index, name, layer in self._indexed_layers():
+            prefix = f"{name}." if name else ""
+            weight = layer.weight.detach().clone()
+            if layer.weight_scale is not None:
+                weight = ScaledWeight(weight, layer.weight_scale.clone())
+            with checks.naming_layer(name):
+                merge_lowrank_(
+                    weight, layer.lora_B.detach(), layer.lora_A.detach(),
+                    self.settings.slow_rate * layer.scaling, rounding=self.settings.rounding,
+                    seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING,
+                                      self.cascade_index + 1, index),
+                    noise_remove=self._noise(self.cascade_index, index)
+                    if mode == "inplace" else None,
+                    backend=layer.backend)
+            if isinstance(weight, ScaledWeight):
+                weight = weight.dequantize(layer.dequantize_dtype)
+            linears[prefix] = {prefix + "weight": weight}
+            if layer.bias is not None:
+                linears[prefix][prefix + "bias"] = layer.bias.detach().to(weight.dtype)
+        state = _with_linears(state, linears)
+        names = {}
+        for key, parameter in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(parameter), []).append(key)
+        anchors = self.slow_update.prepared_anchors()
+        for parameter, anchor in zip(self.slow_update.params, anchors, strict=True):
+            for key in names[id(parameter)]:
+                state[key] = anchor.lerp(parameter.detach(), self.slow_update.rate)
+        if device is not None:
+            state = {key: value.to(device, copy=True) for key, value in state.items()}
+        return state
 
     # -- the model and optimizer ----------------------------------------------------------
 
@@ -350,13 +421,16 @@ class Cascade:
             elif self.settings.applied_noise_mode == "inplace":
                 layer.weight_noise = _written(noise)  # the loaded weights carry it
 
-    def export_peft_adapter(self, path: str | Path) -> Path:
+    def export_peft_adapter(self, path: str | Path, max_rank: int | None = None) -> Path:
         """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
 
         Holds every merge done so far, so after :meth:`finalize` the whole run; the noise
-        is not part of it. Needs ``keep_history=True``.
+        is not part of it. Needs ``keep_history=True``. ``max_rank=None``: the exact
+        rank-``r·T`` adapter; ``max_rank=k``: each layer's sum truncated to rank ``k``
+        (:func:`~lorasc_kernels.peft_export.compress_updates`), its relative Frobenius
+        error logged at INFO per layer and kept in :attr:`export_errors`.
         """
-        from .peft_export import write_peft_adapter
+        from .peft_export import compress_updates, write_peft_adapter
 
         if not self.settings.keep_history:
             raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")
@@ -366,9 +440,17 @@ class Cascade:
                                "save the model")
         if not any(self.history.values()):
             raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
+        updates, errors = self.history, {}
+        if max_rank is not None:
+            updates, errors = compress_updates(self.history, max_rank)
+            for name, error in errors.items():
+                logger.info("PEFT export: layer %s truncated to rank %d, relative Frobenius "
+                            "error %.3g", checks.layer_label(name), max_rank, error)
         config = getattr(_unwrap(self.model), "config", None)
         base_name = getattr(config, "_name_or_path", None) or None  # Hugging Face models
-        return write_peft_adapter(path, self.history, base_name)
+        folder = write_peft_adapter(path, updates, base_name)
+        self.export_errors = errors
+        return folder
 
     # -- internals ------------------------------------------------------------------------
 
@@ -464,12 +546,19 @@ class Cascade:
         self._check_finite_lora()
         anchors = self.slow_update.prepared_anchors()
         plans = self._prepare_boundary(last)
+        trained = any(bool(layer.lora_B.detach().any()) for layer in self.layers.values())
+        if not trained and not last:
+            logger.warning(
+                "LoRASC cascade %d ends with every fast LoRA as it was drawn (lora_B = 0): no "
+                "optimizer step reached them since the last boundary; call optimizer.step() "
+                "before cascade.step()", t)
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
-        record = self.settings.keep_history and any(
-            bool(layer.lora_B.detach().any()) for layer in self.layers.values()
-        )
+        record = self.settings.keep_history and trained
+        sample = None
         for (index, name, layer), (coeff, following, merge) in zip(
                 self._indexed_layers(), plans, strict=True):
+            if name == self.metrics.layer:
+                sample = self.metrics.sample(t, layer, coeff)
             merge()
             if mode == "inplace":
                 layer.weight_noise = _written(following)
@@ -488,10 +577,11 @@ class Cascade:
         for device in devices:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        self.metrics.record(t, seconds, sample, self.history[self.metrics.layer])
         logger.info(
             "LoRASC cascade %d %s: merged %d layers in %.1f ms, mean noise scale %.3g",
-            t, "finalized" if last else "ended", len(self.layers),
-            1e3 * (time.perf_counter() - started),
+            t, "finalized" if last else "ended", len(self.layers), 1e3 * seconds,
             sum(self.noise_scales) / len(self.noise_scales),
         )
 
@@ -532,6 +622,21 @@ def _driven_layers(model: nn.Module) -> dict:
         raise ValueError("model has both LoRASCLinear and PEFT LoRA layers: a Cascade drives "
                          "one kind (inject_lorasc refuses PEFT models for this reason)")
     return layers or peft
+
+
+def _with_linears(state: dict, linears: dict[str, dict]) -> dict:
+    """``state`` with every entry under a prefix of ``linears`` replaced by that prefix's
+    entries, placed where the layer's first entry was (the order of the finalized model)."""
+    prefixes = sorted(linears, key=len, reverse=True)
+    merged, placed = {}, set()
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            merged[key] = value
+        elif prefix not in placed:
+            merged.update(linears[prefix])
+            placed.add(prefix)
+    return merged
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

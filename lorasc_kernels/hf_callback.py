@@ -2,24 +2,42 @@
 
 The ``Trainer`` builds its optimizer only when training starts, so the callback takes the
 Cascade's settings and builds the Cascade in ``on_train_begin`` from the model and the
-optimizer the Trainer hands its callbacks. Then ``on_step_end`` (after each optimizer
-step) calls ``cascade.step()`` and ``on_epoch_end`` calls ``cascade.end_epoch()``; the
-schedule (``steps_per_cascade`` or one cascade per epoch) decides which one ends a cascade::
+optimizer the Trainer hands its callbacks. Then ``on_optimizer_step`` (after each optimizer
+step, so once per ``gradient_accumulation_steps`` micro-batches, and before the Trainer
+steps its LR scheduler) calls ``cascade.step()`` and ``on_epoch_end`` calls
+``cascade.end_epoch()``; the schedule (``steps_per_cascade`` or one cascade per epoch)
+decides which one ends a cascade::
 
     callback = LoRASCCallback(steps_per_cascade=500, slow_rate=0.5)
     trainer = Trainer(model, args, train_dataset=data, callbacks=[callback])
+    callback.first_in(trainer)       # optional: W&B / TensorBoard get the cascade figures
     trainer.train()
     model = callback.cascade.finalize()
 
+Logs: after each boundary the callback asks the Trainer to log and adds
+``cascade.last_boundary`` (``lorasc/cascade``, ``lorasc/merge_ms``, ...) to the next log
+in ``on_log`` (and to ``state.log_history``). The Trainer calls ``on_log`` on the reporting
+callbacks of ``report_to`` before the user's callbacks, so those see the figures only
+when this callback comes first: :meth:`LoRASCCallback.first_in`.
+
+Warm-up: with ``warmup_steps > 0`` the callback wraps the Trainer's scheduler (a
+``LambdaLR``: every ``lr_scheduler_type`` but ``reduce_lr_on_plateau``, or the one passed
+in ``optimizers=``) with :meth:`Cascade.lr_lambda`, so the learning rate is
+``schedule(step) · lr_factor()``.
+
 Checkpoints: ``on_save`` writes the Cascade's state as ``lorasc_cascade.pt`` into the
 checkpoint folder (``lorasc_cascade.rank<i>.pt`` from each process of a distributed
-run), and when ``trainer.train(resume_from_checkpoint=...)`` resumes from
-``<output_dir>/checkpoint-<step>``, ``on_train_begin`` continues the run from that file
-with :meth:`Cascade.from_state_dict` (the loaded weights already carry the noise).
+run). The Trainer does not tell its callbacks which checkpoint it resumes from, so
+``on_train_begin`` looks in ``args.resume_from_checkpoint`` when it is set (pass
+``TrainingArguments(resume_from_checkpoint=path)`` for a checkpoint outside
+``output_dir``), else in ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``
+and checkpoints of ``output_dir``), and continues the run from that file with
+:meth:`Cascade.from_state_dict` (the loaded weights already carry the noise).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -40,32 +58,53 @@ except ImportError as error:
 
 __all__ = ["CHECKPOINT_FILE", "LoRASCCallback"]
 
+logger = logging.getLogger("lorasc_kernels")
+
 CHECKPOINT_FILE = "lorasc_cascade.pt"
 # Beside it, for a PEFT model: the merged base weights (the Trainer saves the adapters only).
 PEFT_BASE_SUFFIX = ".peft_base.pt"
 
 
-def _checkpoint_file(args, state) -> Path:
-    """Where the Trainer's checkpoint of the current global step keeps the Cascade's state:
-    one file per process when there are several (under FSDP2 the anchors of the slow update
-    are each rank's own rows), ``lorasc_cascade.rank<i>.pt``."""
+def _checkpoint_file(args, state, folder=None) -> Path:
+    """Where a checkpoint keeps the Cascade's state: in ``folder``, by default the Trainer's
+    checkpoint of the current global step; one file per process when there are several
+    (under FSDP2 the anchors of the slow update are each rank's own rows),
+    ``lorasc_cascade.rank<i>.pt``."""
     name = (CHECKPOINT_FILE if args.world_size <= 1
             else CHECKPOINT_FILE.replace(".pt", f".rank{args.process_index}.pt"))
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / name
+    if folder is None:
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    return Path(folder) / name
 
 
 class LoRASCCallback(TrainerCallback):
     """A ``TrainerCallback`` running the LoRASC schedule; takes :class:`Cascade`'s settings.
 
     ``cascade`` is the running :class:`Cascade` once training has begun (``started``);
-    before that, reading it (or a Trainer event other than ``on_train_begin``) raises
-    ``RuntimeError``. A second ``trainer.train()`` continues the same Cascade on the same
-    model (with the Trainer's optimizer); another model, or a finalized Cascade, is refused.
+    before that, reading it (or an event that drives it: ``on_optimizer_step``,
+    ``on_epoch_end``, ``on_save``) raises ``RuntimeError``. A second ``trainer.train()``
+    continues the same Cascade on the same model (with the Trainer's optimizer); another
+    model, or a finalized Cascade, is refused.
+    ``metrics_every`` and ``metrics_layer`` go to :meth:`Cascade.track_metrics`.
     """
 
-    def __init__(self, **settings):
+    def __init__(self, *, metrics_every: int = 1, metrics_layer: str | None = None,
+                 **settings):
         self.settings = CascadeSettings(**settings)
+        self.metrics_every, self.metrics_layer = metrics_every, metrics_layer
         self._cascade: Cascade | None = None
+        self._pending: dict[str, float] = {}  # the last boundary's figures, not logged yet
+        self._first = False  # whether first_in() put this callback ahead of the reporters
+        self._warmed_scheduler = None  # the LambdaLR wrapped with the warm-up
+
+    def first_in(self, trainer) -> None:
+        """Put this callback first in ``trainer``'s callbacks (adding it if absent), so that
+        the reporting callbacks (W&B, TensorBoard) log the cascade figures it adds."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._first = True
 
     @property
     def started(self) -> bool:
@@ -89,10 +128,46 @@ class LoRASCCallback(TrainerCallback):
         if self._cascade is not None:
             self._check_continues(model, optimizer)
             return
+        scheduler = kwargs.get("lr_scheduler")
+        warmed = self._warmup_scheduler(scheduler)  # refused before the Cascade is built
         if state.global_step == 0:
-            self._cascade = Cascade(model, optimizer, settings=self.settings)
+            cascade = Cascade(model, optimizer, settings=self.settings)
         else:
-            self._cascade = self._resumed_cascade(args, state, model, optimizer)
+            cascade = self._resumed_cascade(args, state, model, optimizer)
+        cascade.track_metrics(self.metrics_every, self.metrics_layer)
+        self._cascade = cascade
+        if warmed is not None:
+            self._wire_warmup(warmed)
+            self._warmed_scheduler = scheduler
+        reporters = [name for name in args.report_to or [] if name != "none"]
+        if reporters and not self._first:
+            logger.warning("report_to=%s: the Trainer calls those callbacks before "
+                           "LoRASCCallback, so they log the cascade figures only after "
+                           "callback.first_in(trainer)", reporters)
+
+    def _warmup_scheduler(self, scheduler):
+        """The ``LambdaLR`` (inside accelerate's wrapper) the warm-up must wrap, or None when
+        there is no warm-up or it is wrapped already; refuses another kind of scheduler."""
+        if self.settings.warmup_steps == 0 or scheduler is self._warmed_scheduler:
+            return None
+        inner = getattr(scheduler, "scheduler", scheduler)
+        if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+            raise ValueError(
+                f"warmup_steps={self.settings.warmup_steps} needs the Trainer's LR scheduler to "
+                f"be a LambdaLR, got {type(inner).__name__}: use an lr_scheduler_type other "
+                "than reduce_lr_on_plateau, or pass optimizers=(optimizer, LambdaLR(...))"
+            )
+        return inner
+
+    def _wire_warmup(self, scheduler) -> None:
+        """Wrap ``scheduler``'s multipliers with :meth:`Cascade.lr_lambda` and set the
+        learning rates they give now (the Trainer computed the first without the warm-up)."""
+        scheduler.lr_lambdas = [self.cascade.lr_lambda(f) for f in scheduler.lr_lambdas]
+        groups = scheduler.optimizer.param_groups
+        for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                           strict=True):
+            group["lr"] = base * multiplier(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
     def _check_continues(self, model, optimizer) -> None:
         """A later ``train()`` continues the running Cascade: same layers, and the
@@ -110,12 +185,18 @@ class LoRASCCallback(TrainerCallback):
         cascade.use_optimizer(optimizer)
 
     def _resumed_cascade(self, args, state, model, optimizer) -> Cascade:
-        """The Cascade saved with the checkpoint the Trainer resumed from."""
-        path = _checkpoint_file(args, state)
+        """The Cascade saved with the checkpoint the Trainer resumed from: in
+        ``args.resume_from_checkpoint`` if set, else in ``output_dir``'s checkpoint of this
+        step; a step schedule's state must be at the Trainer's step."""
+        hint = args.resume_from_checkpoint
+        path = _checkpoint_file(args, state, hint if isinstance(hint, (str, Path)) else None)
         if not path.is_file():
             raise RuntimeError(
-                f"resuming at step {state.global_step} needs the Cascade's state in {path}; "
-                "resume from a checkpoint of output_dir saved with LoRASCCallback"
+                f"resuming at step {state.global_step} needs the Cascade's state in {path}, "
+                "which does not exist. The Trainer does not tell callbacks which checkpoint it "
+                "resumes from: for a checkpoint outside output_dir, also set "
+                "TrainingArguments(resume_from_checkpoint=<the same path>); the checkpoint "
+                "must have been saved with LoRASCCallback"
             )
         try:
             saved = torch.load(path, weights_only=True)
@@ -132,6 +213,17 @@ class LoRASCCallback(TrainerCallback):
                 f"the checkpoint's Cascade ran with {settings} ({path}), this callback has "
                 f"{asdict(self.settings)}"
             )
+        steps = self.settings.steps_per_cascade
+        if steps is not None and isinstance(saved.get("cascade_index"), int) and isinstance(
+                saved.get("steps_in_cascade"), int):
+            at = saved["cascade_index"] * steps + saved["steps_in_cascade"]
+            if at != state.global_step:
+                raise ValueError(
+                    f"the Cascade's state in {path} is at optimizer step {at}, the Trainer "
+                    f"resumes at step {state.global_step}: point "
+                    "TrainingArguments.resume_from_checkpoint at the checkpoint passed to "
+                    "train()"
+                )
         layers = peft_lora_layers(model)
         if layers:  # the PEFT route: the Trainer saved the adapters, not the merged weights
             weights = path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX))
@@ -151,8 +243,23 @@ class LoRASCCallback(TrainerCallback):
                 torch.save(base_weights(cascade.layers),
                            path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX)))
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.cascade.step():
+            self._pending = self.cascade.last_boundary
+
     def on_step_end(self, args, state, control, **kwargs):
-        self.cascade.step()
+        if self._pending:
+            control.should_log = True  # the Trainer logs this step, with the figures
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.cascade.end_epoch()
+        if self.cascade.end_epoch():
+            self._pending = self.cascade.last_boundary
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending or logs is None:
+            return
+        logs.update(self._pending)
+        if state.log_history:  # the Trainer recorded this log before calling on_log
+            state.log_history[-1].update(self._pending)
+        self._pending = {}

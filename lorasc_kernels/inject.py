@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ __all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
+
+logger = logging.getLogger("lorasc_kernels")
 
 
 @dataclass
@@ -94,12 +97,19 @@ class LoRASCConfig:
             return True
         if isinstance(targets, str):
             return re.fullmatch(targets, name) is not None
-        return _ends_with_one_of(name, targets)
+        return any(_ends_with(name, t) for t in targets)
+
+    def unmatched(self, names) -> list[str]:
+        """The entries of a ``target_modules`` list that match none of ``names`` (none for a
+        regex or ``"all-linear"``)."""
+        if isinstance(self.target_modules, str):
+            return []
+        return [t for t in self.target_modules if not any(_ends_with(n, t) for n in names)]
 
 
-def _ends_with_one_of(name: str, names) -> bool:
-    """Whether the dotted path ``name`` is one of ``names`` or ends with ``.`` and one."""
-    return any(name == t or name.endswith("." + t) for t in names)
+def _ends_with(name: str, target: str) -> bool:
+    """PEFT's suffix rule: ``name`` is ``target`` or ends with ``"." + target``."""
+    return name == target or name.endswith("." + target)
 
 
 def _module_paths(model: nn.Module, kind: type) -> dict[str, nn.Module]:
@@ -124,6 +134,11 @@ def _check_registered_once(paths: dict[str, nn.Module], names) -> None:
             )
 
 
+def _some(names) -> str:
+    """The first ten of ``names``, comma-separated ("none" if empty)."""
+    return ", ".join(list(names)[:10]) or "none"
+
+
 def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
     """Every ``LoRASCLinear`` in ``model`` by its dotted name; ``ValueError`` if one has two."""
     paths = _module_paths(model, LoRASCLinear)
@@ -136,11 +151,15 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
 
     ``config`` is a :class:`LoRASCConfig` or a ``peft.LoraConfig`` (read by
     :meth:`LoRASCConfig.from_peft`). Each new layer shares its linear's weight and bias
-    storage. Every parameter except ``lora_A``/``lora_B`` (and those ``config.trainable``
-    and ``config.bias`` keep trainable) gets ``requires_grad=False``. Returns the new
-    layers by name; raises ``ValueError`` (listing the linear layers found) when nothing
-    matches. Every targeted layer is checked before the model changes: a failure leaves it
-    as it was. A model with PEFT LoRA layers is refused: drive it with ``Cascade`` as it is.
+    storage. Every parameter except the ``lora_A``/``lora_B`` of every ``LoRASCLinear``
+    (new or already there), and those ``config.trainable`` and ``config.bias`` keep
+    trainable, gets ``requires_grad=False``. Returns the new layers by name; raises
+    ``ValueError`` (listing the linear layers found) when nothing matches, saying so when
+    the targets are ``LoRASCLinear`` already. Warns on the ``lorasc_kernels`` logger about
+    a ``target_modules`` list entry that matches no linear layer, and about targeted layers
+    that are ``LoRASCLinear`` already (left as they are). Every targeted layer is checked
+    before the model changes: a failure leaves it as it was. A model with PEFT LoRA layers
+    is refused: drive it with ``Cascade`` as it is.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -161,12 +180,25 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     }
     chosen = {name: module for name, module in linears.items() if config.matches(name)}
     _check_registered_once(paths, chosen)
+    already = [name for name, module in paths.items()
+               if isinstance(module, LoRASCLinear) and config.matches(name)]
+    if not chosen and already:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched only layers that are "
+            f"LoRASCLinear already (inject_lorasc ran on this model): {_some(already)}; "
+            "target other layers, or finalize the Cascade to get nn.Linear layers back"
+        )
     if not chosen:
-        some = ", ".join(list(linears)[:10]) or "none"
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no nn.Linear; "
-            f"linear layers in the model: {some}"
+            f"linear layers in the model: {_some(linears)}"
         )
+    for target in config.unmatched([*linears, *already]):
+        logger.warning("target_modules entry %r matched no nn.Linear of the model; linear "
+                       "layers: %s", target, _some(linears))
+    if already:
+        logger.warning("inject_lorasc: %d targeted layers are LoRASCLinear already and stay "
+                       "as they are: %s", len(already), _some(already))
     for name, module in chosen.items():
         with checks.naming_layer(name):
             LoRASCLinear.check_linear(module, config.weight_format)
@@ -176,12 +208,15 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
                 f"{min(module.in_features, module.out_features)} of layer {name!r}"
             )
     trainable = {name: module for name, module in model.named_modules()
-                 if name and _ends_with_one_of(name, config.trainable)}
-    missing = [t for t in config.trainable if not any(_ends_with_one_of(n, [t]) for n in trainable)]
+                 if name and any(_ends_with(name, t) for t in config.trainable)}
+    missing = [t for t in config.trainable if not any(_ends_with(n, t) for n in trainable)]
     if missing:
         raise ValueError(f"trainable names {missing} match no module of the model")
+    fast = {id(p) for layer in paths.values() if isinstance(layer, LoRASCLinear)
+            for p in (layer.lora_A, layer.lora_B)}
     for parameter in model.parameters():
-        parameter.requires_grad_(False)
+        if id(parameter) not in fast:
+            parameter.requires_grad_(False)
     for module in trainable.values():
         module.requires_grad_(True)
     if config.bias == "all":

@@ -16,6 +16,11 @@ is itself one ``LoRASCLinear`` (module path ``""``) is refused: wrap it in a con
 In ``"inplace"`` noise mode the finalized weights differ from ``W₀ + ΣcBA`` by the
 rounding of adding and removing the noise (one rounding in W's dtype per merge); the
 adapter holds the updates only.
+
+A rank-``r·T`` adapter grows with the run; :func:`compress_updates` replaces each module's
+updates by the best rank-``k`` approximation of their sum (truncated SVD through
+:mod:`~lorasc_kernels.lowrank`: QR of the stacked factors, SVD of the small core, no
+N × K matrix formed) and gives its relative Frobenius error ``‖ΔW − ΔW_k‖ / ‖ΔW‖``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "write_peft_adapter"]
+from . import _checks as checks
+from .lowrank import stacked, truncated
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "compress_updates", "write_peft_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -97,6 +105,21 @@ def write_peft_adapter(
     for name, partial in staged.items():
         partial.replace(folder / name)
     return folder
+
+
+def compress_updates(
+    updates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], max_rank: int,
+) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], dict[str, float]]:
+    """Each module's ``Σ_t c·B_t A_t`` as one pair of rank ``min(max_rank, r·T, N, K)``,
+    and per module the relative Frobenius error of that approximation (0 when the rank is
+    not cut); ``updates`` as :func:`write_peft_adapter` takes them."""
+    max_rank = checks.check_int("max_rank", max_rank, 1)
+    compressed, errors = {}, {}
+    for name, pairs in updates.items():
+        _check_module_updates(name, pairs)
+        lora_b, lora_a, error = truncated(*stacked(pairs), max_rank)
+        compressed[name], errors[name] = [(lora_b, lora_a)], error
+    return compressed, errors
 
 
 def _check_module_updates(name, pairs) -> None:

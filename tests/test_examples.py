@@ -132,3 +132,10 @@ def test_minilm_example_finalize_check_passes(options, runs, checked):
     assert "finalize check passed" in output and f"finalize check ({checked})" in output
     assert [line.split("|")[1].strip() for line in output.splitlines()
             if line.startswith("| ") and not line.startswith("| run")] == list(runs)
+
+
+def test_peft_rank_study_prints_its_table(tmp_path):
+    pytest.importorskip("peft")
+    done = run_example("peft_rank_study.py", "--cascades", "3", "--steps-per-cascade", "2",
+                       "--ranks", "2", "64", "--pretrain-epochs", "1", "--cache", str(tmp_path))
+    assert "| 2 |" in done.stdout and "| 64 | 0.0000 | 0.0000 |" in done.stdout

@@ -672,12 +672,13 @@ def callback_and_run(tmp_path, global_step=0, **settings):
 
     hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
     model, optimizer = two_layers()
-    args = SimpleNamespace(output_dir=str(tmp_path), world_size=1, process_index=0)
+    args = SimpleNamespace(output_dir=str(tmp_path), world_size=1, process_index=0,
+                           resume_from_checkpoint=None, report_to=[])
     state = SimpleNamespace(global_step=global_step, is_world_process_zero=True)
     return hf_callback, hf_callback.LoRASCCallback(**settings), model, optimizer, args, state
 
 
-@pytest.mark.parametrize("event", ["on_step_end", "on_epoch_end", "on_save"])
+@pytest.mark.parametrize("event", ["on_optimizer_step", "on_epoch_end", "on_save"])
 def test_callback_events_before_training_say_so(tmp_path, event):
     _, callback, model, optimizer, args, state = callback_and_run(tmp_path)
     refused(RuntimeError, "LoRASCCallback has no Cascade yet",

@@ -170,3 +170,53 @@ def test_a_bare_layer_model_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="wrap it"):
         cascade.export_peft_adapter(tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_rank_k_export_is_the_best_rank_k_adapter_and_reports_its_error(tmp_path, caplog):
+    model = base_model(torch.float32)
+    original = copy.deepcopy(model)
+    inject_lorasc(model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["0", "4"]))
+    cascade = train_and_finalize(model, "nearest", cascades=4)  # rank 2·5 = 10 per layer
+    with caplog.at_level("INFO", logger="lorasc_kernels"):
+        folder = cascade.export_peft_adapter(tmp_path / "adapter", max_rank=3)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 3
+    tensors = safetensors_torch.load_file(folder / "adapter_model.safetensors")
+    assert tensors["base_model.model.0.lora_A.weight"].shape == (3, IN)
+    assert tensors["base_model.model.4.lora_B.weight"].shape == (OUT, 3)
+    errors = cascade.export_errors
+    assert set(errors) == {"0", "4"}
+    for name, pairs in cascade.history.items():
+        delta = sum(b.double() @ a.double() for b, a in pairs)
+        s = torch.linalg.svdvals(delta)
+        assert errors[name] == pytest.approx(float(s[3:].norm() / s.norm()), rel=1e-9)
+        assert f"layer '{name}' truncated to rank 3" in caplog.text
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(original), folder).eval()
+    exact = cascade.export_peft_adapter(tmp_path / "exact")  # max_rank=None: as before
+    assert json.loads((exact / "adapter_config.json").read_text())["r"] == 10
+    x = torch.randn(9, IN)
+    with torch.no_grad():
+        hidden_served = served.base_model.model[0](x)
+        hidden_exact = model[0](x)
+        delta = sum(b @ a for b, a in cascade.history["0"])
+        hidden_best = x @ (original[0].weight + _best_rank(delta, 3)).T + original[0].bias
+    assert rel_error(hidden_served, hidden_best) < 1e-5
+    assert rel_error(hidden_served, hidden_exact) > 1e-4  # rank 3 < 10: something is cut
+
+
+def _best_rank(matrix, k):
+    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return (u[:, :k] * s[:k] @ vh[:k]).float()
+
+
+def test_a_rank_above_the_history_is_exact_and_refuses_bad_ranks(tmp_path):
+    model = base_model(torch.float32)
+    inject_lorasc(model, LoRASCConfig(r=2, target_modules=["2"]))
+    cascade = train_and_finalize(model, "nearest", cascades=1)
+    cascade.export_peft_adapter(tmp_path / "adapter", max_rank=50)
+    assert cascade.export_errors == {"2": 0.0}
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4  # the rank of the history (2 merges of rank 2)
+    with pytest.raises(ValueError, match="max_rank"):
+        cascade.export_peft_adapter(tmp_path / "bad", max_rank=0)
+    assert not (tmp_path / "bad").exists()

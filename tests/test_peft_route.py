@@ -282,3 +282,14 @@ def test_sft_trainer_resumes_a_peft_run_bit_exactly(tmp_path):
     assert set(whole) == set(resumed)
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_merged_state_dict_of_a_peft_run_is_the_finalized_model():
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2)
+    train(model, optimizer, cascade, 3)
+    merged = cascade.merged_state_dict()
+    final = cascade.finalize()
+    assert list(merged) == list(final.state_dict())
+    assert all(torch.equal(merged[k], v) for k, v in final.state_dict().items())
