@@ -106,9 +106,9 @@ def merge_functions(tensors: providers.Tensors, backends: list[str]) -> dict:
     functions = {"copy": lambda: destination.copy_(weight)}
     for backend in backends:
         functions[f"ours-{backend}"] = lambda b=backend: merge_lowrank_(
-            weight, lora_B, lora_A, coeff, "stochastic", seed=1, backend=b)
+            weight, lora_B, lora_A, coeff, rounding="stochastic", seed=1, backend=b)
         functions[f"ours-{backend}+noise"] = lambda b=backend: merge_lowrank_(
-            weight, lora_B, lora_A, coeff, "stochastic", seed=1, backend=b, **noise)
+            weight, lora_B, lora_A, coeff, rounding="stochastic", seed=1, backend=b, **noise)
     functions["peft"] = peft_merge
     return functions
 

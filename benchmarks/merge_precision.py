@@ -63,7 +63,7 @@ class _Weight:
     def merge(self, lora_B, lora_A, coeff: float, rounding: str, seed: int) -> None:
         scaled = isinstance(self.weight, ScaledWeight)
         before = self.weight.scale.clone() if scaled else None
-        merge_lowrank_(self.weight, lora_B, lora_A, coeff, rounding, seed=seed)
+        merge_lowrank_(self.weight, lora_B, lora_A, coeff, rounding=rounding, seed=seed)
         if scaled:
             self.rescales += int((self.weight.scale != before).sum())
 

@@ -109,6 +109,7 @@ def lorasc_linear(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scale: float,
+    *,
     dropout_p: float = 0.0,
     noise_seed: int | None = None,
     noise_scale: float = 0.0,
@@ -209,6 +210,7 @@ def merge_lowrank_(
     lora_B: torch.Tensor,
     lora_A: torch.Tensor,
     coeff: float,
+    *,
     rounding: str = "stochastic",
     seed: int = 0,
     noise_remove: tuple[int, float] | None = None,
@@ -240,8 +242,9 @@ def merge_lowrank_(
     (:func:`prepare_merge`), including that the result stays finite in ``weight``'s dtype:
     any bad argument raises and leaves ``weight`` untouched.
     """
-    return prepare_merge(weight, lora_B, lora_A, coeff, rounding, seed, noise_remove,
-                         noise_add, row_offset, backend)()
+    return prepare_merge(weight, lora_B, lora_A, coeff, rounding=rounding, seed=seed,
+                         noise_remove=noise_remove, noise_add=noise_add,
+                         row_offset=row_offset, backend=backend)()
 
 
 def prepare_merge(
@@ -249,6 +252,7 @@ def prepare_merge(
     lora_B: torch.Tensor,
     lora_A: torch.Tensor,
     coeff: float,
+    *,
     rounding: str = "stochastic",
     seed: int = 0,
     noise_remove: tuple[int, float] | None = None,

@@ -143,12 +143,16 @@ def _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale) -> None:
 
 
 def _gradients(ctx, dy, run_backward) -> tuple:
-    """``(dx, dweight, dbias, dA, dB)``, None where autograd needs none; ``run_backward(dy,
-    *saved, needs)`` returns the five with None where ``needs`` (five bools) is False."""
+    """One gradient per input of the forward: ``(dx, dweight, dbias, dA, dB)``, None where
+    autograd needs none, then None for each other input (as many as the op's schema or the
+    Function's signature has: ``ctx.needs_input_grad`` holds one flag per input).
+    ``run_backward(dy, *saved, needs)`` returns the five with None where ``needs`` (five
+    bools) is False."""
     needs = tuple(ctx.needs_input_grad[:5])
+    rest = (None,) * (len(ctx.needs_input_grad) - len(needs))
     if not any(needs):
-        return (None,) * 5
-    return tuple(run_backward(dy, *ctx.saved_tensors, needs))
+        return (None,) * len(needs) + rest
+    return tuple(run_backward(dy, *ctx.saved_tensors, needs)) + rest
 
 
 def _setup_context(ctx, inputs, output):
@@ -166,7 +170,7 @@ def _backward(ctx, dy, _):
                                                       weight_scale))
         return (next(grads) if need else None for need in needs)
 
-    return _gradients(ctx, dy, through_op) + (None,) * 7
+    return _gradients(ctx, dy, through_op)
 
 
 _linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -204,7 +208,7 @@ class LinearFunction(torch.autograd.Function):
             return composition.linear_backward(backend, dy, x, xa, weight, lora_A, lora_B,
                                                ctx.spec, needs)
 
-        return _gradients(ctx, dy, directly) + (None, None, None)
+        return _gradients(ctx, dy, directly)
 
 
 @torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight", "weight_scale"))

@@ -79,7 +79,7 @@ def test_nearest_rounds_ties_to_even(backend, dtype):
     lora_B = torch.ones(1, 1, device=DEVICE)
     lora_A = torch.tensor([[1.0, 1.0, -1.0, -1.0]], device=DEVICE)
     weight = start.to(dtype)
-    merge_lowrank_(weight, lora_B, lora_A, ulp / 2, "nearest", backend=backend)
+    merge_lowrank_(weight, lora_B, lora_A, ulp / 2, rounding="nearest", backend=backend)
     expected = torch.tensor([[1.0, 1.0 + 2 * ulp, -1.0, -1.0 - 2 * ulp]], device=DEVICE)
     assert torch.equal(weight, expected.to(dtype))
 
@@ -144,7 +144,8 @@ def test_stochastic_rounding_keeps_sub_ulp_updates_nearest_loses_them(backend):
     for rounding in ("nearest", "stochastic"):
         weight = start.clone()
         for step in range(merges):
-            merge_lowrank_(weight, lora_B, lora_A, coeff, rounding, seed=step, backend=backend)
+            merge_lowrank_(weight, lora_B, lora_A, coeff, rounding=rounding, seed=step,
+                           backend=backend)
         results[rounding] = float((weight.double() - start.double()).mean())
     assert results["nearest"] == 0.0  # every update is below half an ulp: all lost
     # Each merge rounds each element with an error of std <= ulp/2, independently.
