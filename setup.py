@@ -20,8 +20,10 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 FIRST_USE = "the CUDA backend compiles it at first use (lorasc_kernels/_build.py)"
-NO_TORCH = ("torch not importable in the build environment; pip builds in an isolated one "
-            "unless given --no-build-isolation")
+NO_TORCH = (
+    "torch not importable in the build environment; pip builds in an isolated one "
+    "unless given --no-build-isolation"
+)
 
 
 def _build_module():
@@ -59,9 +61,11 @@ def cuda_extensions():
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_ARCH_LIST)
     extension = CUDAExtension("lorasc_kernels._C", **build.extension_kwargs())
-    note = (f"lorasc_kernels: building the CUDA extension lorasc_kernels._C against torch "
-            f"{build.torch.__version__}, TORCH_CUDA_ARCH_LIST="
-            f"{os.environ['TORCH_CUDA_ARCH_LIST']} (minutes)")
+    note = (
+        f"lorasc_kernels: building the CUDA extension lorasc_kernels._C against torch "
+        f"{build.torch.__version__}, TORCH_CUDA_ARCH_LIST="
+        f"{os.environ['TORCH_CUDA_ARCH_LIST']} (minutes)"
+    )
     return [extension], {"build_ext": BuildExtension}, note
 
 

@@ -38,36 +38,77 @@ FAMILIES = {
 }
 # Families whose rows share the linear family's columns (one CSV, one plot).
 RATIO_FAMILIES = ("linear", "layer")
-TABLE_COLUMNS = ["family", "mode", "M", "K", "N", "r", "dtype", "provider", "median_ms",
-                 "tflop_per_s", "ratio_to_floor", "peak_mem_MiB"]
+TABLE_COLUMNS = [
+    "family",
+    "mode",
+    "M",
+    "K",
+    "N",
+    "r",
+    "dtype",
+    "provider",
+    "median_ms",
+    "tflop_per_s",
+    "ratio_to_floor",
+    "peak_mem_MiB",
+]
 SUMMARY_MODE = "forward+backward"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny sizes, end to end in seconds")
-    size.add_argument("--full", action="store_true",
-                      help="the whole GPU matrix (default: the reduced one of gpu_check.sh)")
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole GPU matrix (default: the reduced one of gpu_check.sh)",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     parser.add_argument("--out", type=Path, help="folder of the CSV and PNG files")
-    parser.add_argument("--only", default=",".join(FAMILIES),
-                        help=f"comma-separated families among {','.join(FAMILIES)}")
-    parser.add_argument("--skip-backends", default="", metavar="NAMES",
-                        help="comma-separated backends of ours not to run (e.g. cuda)")
-    parser.add_argument("--problems", choices=("all", "headline", "rest"), default="all",
-                        help="linear and layer families: all problems, only the headline "
-                             "one (bf16 M=8192 K=N=4096 r=16 on a GPU), or all but it")
-    parser.add_argument("--threads", type=int,
-                        help="CPU threads of CPU runs (default 2; 1 with --quick, whose "
-                             "tiny products only wait on a second thread)")
-    parser.add_argument("--summary", type=Path, nargs="+", metavar="PATH",
-                        help="print the short tables of these CSV files (or of the CSV files "
-                             "in these folders), re-plot the ratio ones, and exit")
-    parser.add_argument("--ceilings", action="store_true",
-                        help="measure the device's copy bandwidth and matmul rate, and exit")
+    parser.add_argument(
+        "--only",
+        default=",".join(FAMILIES),
+        help=f"comma-separated families among {','.join(FAMILIES)}",
+    )
+    parser.add_argument(
+        "--skip-backends",
+        default="",
+        metavar="NAMES",
+        help="comma-separated backends of ours not to run (e.g. cuda)",
+    )
+    parser.add_argument(
+        "--problems",
+        choices=("all", "headline", "rest"),
+        default="all",
+        help="linear and layer families: all problems, only the headline "
+        "one (bf16 M=8192 K=N=4096 r=16 on a GPU), or all but it",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of CPU runs (default 2; 1 with --quick, whose "
+        "tiny products only wait on a second thread)",
+    )
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        nargs="+",
+        metavar="PATH",
+        help="print the short tables of these CSV files (or of the CSV files "
+        "in these folders), re-plot the ratio ones, and exit",
+    )
+    parser.add_argument(
+        "--ceilings",
+        action="store_true",
+        help="measure the device's copy bandwidth and matmul rate, and exit",
+    )
     args = parser.parse_args(argv)
     args.families = [name.strip() for name in args.only.split(",") if name.strip()]
     args.skip_backends = [name.strip() for name in args.skip_backends.split(",") if name.strip()]
@@ -84,8 +125,7 @@ def ratio_pivot(rows: list[dict], mode: str = SUMMARY_MODE) -> str:
     lines = {}
     for row in rows:
         key = (row["family"], f"{row['M']}x{row['K']}x{row['N']}", row["r"], row["dtype"])
-        line = lines.setdefault(key, dict(zip(("family", "MxKxN", "r", "dtype"), key,
-                                              strict=True)))
+        line = lines.setdefault(key, dict(zip(("family", "MxKxN", "r", "dtype"), key, strict=True)))
         line[row["provider"]] = row["ratio_to_floor"]
         if row["provider"] == "floor":
             line["floor_ms"] = row["median_ms"]
@@ -116,10 +156,14 @@ def summarize(paths: list[Path]) -> None:
         if is_ratio_table(rows):
             rows = latest_rows(rows)
             dates = sorted(row["date_utc"] for row in rows)
-            png = plot_ratios(rows, path.with_suffix(".png"),
-                              f"{path.stem}, {dates[0]} to {dates[-1]} UTC")
-            modes = [mode for mode in ("forward", SUMMARY_MODE)
-                     if any(row["mode"] == mode for row in rows)]
+            png = plot_ratios(
+                rows, path.with_suffix(".png"), f"{path.stem}, {dates[0]} to {dates[-1]} UTC"
+            )
+            modes = [
+                mode
+                for mode in ("forward", SUMMARY_MODE)
+                if any(row["mode"] == mode for row in rows)
+            ]
             pivots = "\n".join(ratio_pivot(rows, mode) for mode in modes)
             print(f"{path} (plot: {png})\n{pivots}\n")
         else:
@@ -143,8 +187,12 @@ def run_family(name: str, args) -> list[dict] | None:
     kwargs = {}
     if name in RATIO_FAMILIES:
         csv_path = args.out / f"{device_name(args.device)}.csv"
-        kwargs = {"full": args.full, "skip_backends": args.skip_backends,
-                  "sink": lambda rows: append_csv(rows, csv_path), "selection": args.problems}
+        kwargs = {
+            "full": args.full,
+            "skip_backends": args.skip_backends,
+            "sink": lambda rows: append_csv(rows, csv_path),
+            "selection": args.problems,
+        }
     elif name == "merge":
         kwargs = {"skip_backends": args.skip_backends}
     start = time.perf_counter()
@@ -169,8 +217,11 @@ def main(argv=None) -> int:
         ceilings = device_ceilings(args.device, args.quick)
         print(format_table([ceilings], list(ceilings)))
         return 0
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"results in {args.out}", flush=True)
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"results in {args.out}",
+        flush=True,
+    )
 
     ratio_rows, failed = [], []
     for name in args.families:
@@ -190,8 +241,11 @@ def main(argv=None) -> int:
     if ratio_rows:
         from .plot import plot_ratios
 
-        png = plot_ratios(ratio_rows, args.out / f"{device}.png",
-                          f"{device}, torch {torch.__version__}, {ratio_rows[0]['date_utc']} UTC")
+        png = plot_ratios(
+            ratio_rows,
+            args.out / f"{device}.png",
+            f"{device}, torch {torch.__version__}, {ratio_rows[0]['date_utc']} UTC",
+        )
         print(format_table(ratio_rows, TABLE_COLUMNS))
         print(f"\nwrote {args.out / f'{device}.csv'}" + (f" and {png}" if png else "") + "\n")
         print(ratio_pivot(ratio_rows), flush=True)

@@ -34,8 +34,9 @@ def _paths(m: int, k: int, n: int, r: int):
         ops.LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, "torch").sum().backward()
 
     def through_ops():
-        y, _ = torch.ops.lorasc.linear_forward(x, weight, bias, lora_A, lora_B,
-                                               *ops._linear_op_args(spec), "torch", None)
+        y, _ = torch.ops.lorasc.linear_forward(
+            x, weight, bias, lora_A, lora_B, *ops._linear_op_args(spec), "torch", None
+        )
         y.sum().backward()
 
     return eager, through_ops
@@ -64,8 +65,10 @@ def measure(rounds: int, m: int = 64, k: int = 256, n: int = 256, r: int = 8) ->
     quartiles = statistics.quantiles(diffs, n=4)
     return {
         "problem": f"M={m} K={k} N={n} r={r} float32, torch backend",
-        "eager_ms": statistics.median(eager_ms), "op_ms": statistics.median(op_ms),
-        "diff_ms": statistics.median(diffs), "diff_iqr_ms": (quartiles[0], quartiles[2]),
+        "eager_ms": statistics.median(eager_ms),
+        "op_ms": statistics.median(op_ms),
+        "diff_ms": statistics.median(diffs),
+        "diff_iqr_ms": (quartiles[0], quartiles[2]),
         "ratio": statistics.median(ratios),
     }
 
@@ -77,9 +80,11 @@ def main() -> None:
     result = measure(args.rounds)
     low, high = result["diff_iqr_ms"]
     print(f"{result['problem']}, {torch.get_num_threads()} threads, {args.rounds} rounds:")
-    print(f"eager {result['eager_ms']:.3f} ms, custom op {result['op_ms']:.3f} ms per "
-          f"forward+backward; op - eager: median {result['diff_ms']:.3f} ms "
-          f"(IQR {low:.3f} to {high:.3f}), ratio {result['ratio']:.3f}")
+    print(
+        f"eager {result['eager_ms']:.3f} ms, custom op {result['op_ms']:.3f} ms per "
+        f"forward+backward; op - eager: median {result['diff_ms']:.3f} ms "
+        f"(IQR {low:.3f} to {high:.3f}), ratio {result['ratio']:.3f}"
+    )
 
 
 if __name__ == "__main__":

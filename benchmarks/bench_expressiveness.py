@@ -108,8 +108,12 @@ def effective_weight(model: nn.Module) -> torch.Tensor:
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for state in optimizer.state.values()
-               for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
 
 
 def train(method: str, task: Task, seed: int, device: str = "cpu", **cascade_settings) -> dict:
@@ -128,14 +132,16 @@ def train(method: str, task: Task, seed: int, device: str = "cpu", **cascade_set
     torch.manual_seed(seed)  # the fast LoRA's first A
     model = build(method, weight, task).to(device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=task.lr)
+
     def cosine(step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * step / task.steps))
 
     cascade, schedule = None, cosine
     if method.startswith("lorasc"):
         settings = PAPER_SETTINGS if method == "lorasc-paper" else cascade_settings
-        cascade = Cascade(model, optimizer, steps_per_cascade=task.steps_per_cascade,
-                          seed=seed, **settings)
+        cascade = Cascade(
+            model, optimizer, steps_per_cascade=task.steps_per_cascade, seed=seed, **settings
+        )
         schedule = cascade.lr_lambda(cosine)  # times the per-cascade warm-up, if any
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -161,11 +167,20 @@ def train(method: str, task: Task, seed: int, device: str = "cpu", **cascade_set
     if cascade is not None:
         model = cascade.finalize()  # the noise removed; the last merge done at the boundary
     delta = effective_weight(model).cpu() - weight.cpu()
-    return {"method": method, "seed": seed, "rel_loss": rel_loss(),
-            "rank_floor": task.rank_floor, "eff_rank": effective_rank(delta),
-            "steps": task.steps, "trainable": trainable, "optim_KiB": state_bytes / 1024,
-            "seconds": time.perf_counter() - started, "curve": curve, "delta": delta,
-            "target_delta": (target - weight).cpu()}
+    return {
+        "method": method,
+        "seed": seed,
+        "rel_loss": rel_loss(),
+        "rank_floor": task.rank_floor,
+        "eff_rank": effective_rank(delta),
+        "steps": task.steps,
+        "trainable": trainable,
+        "optim_KiB": state_bytes / 1024,
+        "seconds": time.perf_counter() - started,
+        "curve": curve,
+        "delta": delta,
+        "target_delta": (target - weight).cpu(),
+    }
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -175,14 +190,18 @@ def summarize(rows: list[dict]) -> list[dict]:
         runs = [row for row in rows if row["method"] == method]
         losses = torch.tensor([row["rel_loss"] for row in runs], dtype=torch.float64)
         ranks = torch.tensor([row["eff_rank"] for row in runs], dtype=torch.float64)
-        summary.append({
-            "method": method, "seeds": len(runs),
-            "rel_loss": f"{losses.mean():.4f} ± {losses.std(unbiased=False):.4f}",
-            "rank_floor": significant(runs[0]["rank_floor"], 3),
-            "eff_rank": f"{ranks.mean():.1f} ± {ranks.std(unbiased=False):.1f}",
-            "steps": runs[0]["steps"], "trainable": runs[0]["trainable"],
-            "optim_KiB": significant(runs[0]["optim_KiB"], 3),
-        })
+        summary.append(
+            {
+                "method": method,
+                "seeds": len(runs),
+                "rel_loss": f"{losses.mean():.4f} ± {losses.std(unbiased=False):.4f}",
+                "rank_floor": significant(runs[0]["rank_floor"], 3),
+                "eff_rank": f"{ranks.mean():.1f} ± {ranks.std(unbiased=False):.1f}",
+                "steps": runs[0]["steps"],
+                "trainable": runs[0]["trainable"],
+                "optim_KiB": significant(runs[0]["optim_KiB"], 3),
+            }
+        )
     return summary
 
 
@@ -203,15 +222,25 @@ def plot(rows: list[dict], task: Task, path: Path, title: str) -> Path | None:
         runs = [row for row in rows if row["method"] == method]
         values = torch.tensor([row["curve"] for row in runs])
         curves.plot(steps, values.mean(0), color=color, label=method)
-        curves.fill_between(steps, values.min(0).values, values.max(0).values, color=color,
-                            alpha=0.15)
+        curves.fill_between(
+            steps, values.min(0).values, values.max(0).values, color=color, alpha=0.15
+        )
         spectra.plot(torch.linalg.svdvals(runs[0]["delta"]), color=color, label=method)
     curves.axhline(task.rank_floor, color="C0", linestyle=":", label="rank-r floor")
     spectra.plot(torch.linalg.svdvals(rows[0]["target_delta"]), "k--", label="target")
-    curves.set(xlabel="step (points: cascade boundaries)", ylabel="held-out loss / untouched",
-               yscale="log", title="held-out loss (mean, min-max over seeds)")
-    spectra.set(xlabel="index", ylabel="singular value", yscale="log", ylim=(1e-4, None),
-                title="singular values of the learned update (seed 0)")
+    curves.set(
+        xlabel="step (points: cascade boundaries)",
+        ylabel="held-out loss / untouched",
+        yscale="log",
+        title="held-out loss (mean, min-max over seeds)",
+    )
+    spectra.set(
+        xlabel="index",
+        ylabel="singular value",
+        yscale="log",
+        ylim=(1e-4, None),
+        title="singular values of the learned update (seed 0)",
+    )
     for axis in (curves, spectra):
         axis.legend()
         axis.grid(alpha=0.3)
@@ -228,12 +257,25 @@ def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
     rows = [train(method, task, seed, device) for seed in SEEDS for method in METHODS]
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     name = device_name(device)
-    append_csv([{"date_utc": stamp, "device": name,
-                 **{k: (significant(v) if isinstance(v, float) else v) for k, v in row.items()
-                    if k not in ("curve", "delta", "target_delta")}} for row in rows],
-               Path(out_dir) / f"expressiveness_{name}.csv")
-    title = (f"target rank {task.target_rank}, d={task.dim}, r={task.rank}, "
-             f"T={task.cascades} cascades of {task.steps_per_cascade} steps; {name}, {stamp} UTC")
+    append_csv(
+        [
+            {
+                "date_utc": stamp,
+                "device": name,
+                **{
+                    k: (significant(v) if isinstance(v, float) else v)
+                    for k, v in row.items()
+                    if k not in ("curve", "delta", "target_delta")
+                },
+            }
+            for row in rows
+        ],
+        Path(out_dir) / f"expressiveness_{name}.csv",
+    )
+    title = (
+        f"target rank {task.target_rank}, d={task.dim}, r={task.rank}, "
+        f"T={task.cascades} cascades of {task.steps_per_cascade} steps; {name}, {stamp} UTC"
+    )
     png = plot(rows, task, Path(out_dir) / f"expressiveness_{name}.png", title)
     if png:
         print(f"expressiveness plot: {png}")

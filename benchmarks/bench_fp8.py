@@ -58,14 +58,24 @@ def measure_linear(M: int, K: int, N: int, device: str, quick: bool) -> list[dic
 
     rows = []
     for mode, step in (("forward", forward), ("forward+backward", forward_backward)):
-        times = time_all_ms({name: (lambda s=step, layer=layer: s(layer))
-                             for name, layer in layers.items()}, device, quick)
+        times = time_all_ms(
+            {name: (lambda s=step, layer=layer: s(layer)) for name, layer in layers.items()},
+            device,
+            quick,
+        )
         for name, ms in times.items():
-            rows.append({"device": device_name(device), "op": "linear", "mode": mode,
-                         "shape": f"M={M} K={K} N={N} r={RANK}", "provider": name,
-                         "time_ms": significant(ms),
-                         "vs_frozen_bf16": significant(ms / times["frozen-bf16"], 3),
-                         "bandwidth_GBps": None})
+            rows.append(
+                {
+                    "device": device_name(device),
+                    "op": "linear",
+                    "mode": mode,
+                    "shape": f"M={M} K={K} N={N} r={RANK}",
+                    "provider": name,
+                    "time_ms": significant(ms),
+                    "vs_frozen_bf16": significant(ms / times["frozen-bf16"], 3),
+                    "bandwidth_GBps": None,
+                }
+            )
     return rows
 
 
@@ -84,14 +94,25 @@ def measure_merge(size: int, device: str, quick: bool) -> list[dict]:
         "ours-bf16": lambda: merge_lowrank_(bf16, lora_B, lora_A, 1.0, seed=1),
         "ours-fp8": lambda: merge_lowrank_(fp8, lora_B, lora_A, 1.0, seed=1),
     }
-    moved = {"copy-bf16": 2 * bf16.numel() * 2, "ours-bf16": 2 * bf16.numel() * 2,
-             "ours-fp8": 2 * (fp8.codes.numel() + fp8.scale.numel() * 4)}
+    moved = {
+        "copy-bf16": 2 * bf16.numel() * 2,
+        "ours-bf16": 2 * bf16.numel() * 2,
+        "ours-fp8": 2 * (fp8.codes.numel() + fp8.scale.numel() * 4),
+    }
     times = time_all_ms(functions, device, quick)
-    return [{"device": device_name(device), "op": "merge", "mode": "stochastic",
-             "shape": f"{size}x{size} r={RANK}", "provider": name,
-             "time_ms": significant(ms), "vs_frozen_bf16": None,
-             "bandwidth_GBps": significant(moved[name] / (ms * 1e-3) / 1e9)}
-            for name, ms in times.items()]
+    return [
+        {
+            "device": device_name(device),
+            "op": "merge",
+            "mode": "stochastic",
+            "shape": f"{size}x{size} r={RANK}",
+            "provider": name,
+            "time_ms": significant(ms),
+            "vs_frozen_bf16": None,
+            "bandwidth_GBps": significant(moved[name] / (ms * 1e-3) / 1e9),
+        }
+        for name, ms in times.items()
+    ]
 
 
 def run(quick: bool, device: str, out_dir: Path) -> list[dict]:

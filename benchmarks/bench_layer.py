@@ -32,8 +32,11 @@ def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
     if not full:
         return [Problem(**HEADLINE, device=device, bias=True)]
     shapes = ((4096, 4096), (4096, 11008), (11008, 4096))
-    return [Problem(m, k, n, 16, torch.bfloat16, device, bias=True)
-            for m in (4096, 8192, 16384) for k, n in shapes]
+    return [
+        Problem(m, k, n, 16, torch.bfloat16, device, bias=True)
+        for m in (4096, 8192, 16384)
+        for k, n in shapes
+    ]
 
 
 def provider_names(quick: bool, device: str) -> list[str]:
@@ -69,25 +72,44 @@ def goal_report(rows: list[dict]) -> str:
     lines = []
     fwd_bwd = [row for row in rows if row["mode"] == "forward+backward"]
     for label in dict.fromkeys((row["M"], row["K"], row["N"], row["r"]) for row in fwd_bwd):
-        ratios = {row["provider"]: row["ratio_to_floor"] for row in fwd_bwd
-                  if (row["M"], row["K"], row["N"], row["r"]) == label}
+        ratios = {
+            row["provider"]: row["ratio_to_floor"]
+            for row in fwd_bwd
+            if (row["M"], row["K"], row["N"], row["r"]) == label
+        }
         for ours in (name for name in ratios if name.startswith("ours-")):
             met = ratios[ours] <= GOAL_RATIO and ratios[ours] < ratios.get("peft", float("inf"))
             lines.append(
                 f"M={label[0]} K={label[1]} N={label[2]} r={label[3]}: {ours} "
                 f"{ratios[ours]}x the floor (goal <= {GOAL_RATIO}x), peft "
                 f"{ratios.get('peft')}x, addmm {ratios.get('addmm')}x: "
-                f"{'goal met' if met else 'goal MISSED'}")
+                f"{'goal met' if met else 'goal MISSED'}"
+            )
     return "\n".join(lines)
 
 
-def run(quick: bool, device: str, out_dir: Path, full: bool = False,
-        skip_backends=(), sink=None, selection: str = "all") -> list[dict]:
+def run(
+    quick: bool,
+    device: str,
+    out_dir: Path,
+    full: bool = False,
+    skip_backends=(),
+    sink=None,
+    selection: str = "all",
+) -> list[dict]:
     """Run the family and return its rows (see ``bench_linear.measure_all``); ``selection``
     as in ``bench_linear.run``."""
     problem_list = select(problems(quick, device, full), selection)
-    rows = measure_all(FAMILY, problem_list, provider_names(quick, device),
-                       MODES, quick, skip_backends, step_factory=train_step_fn, sink=sink)
+    rows = measure_all(
+        FAMILY,
+        problem_list,
+        provider_names(quick, device),
+        MODES,
+        quick,
+        skip_backends,
+        step_factory=train_step_fn,
+        sink=sink,
+    )
     if not quick and not on_gpu(device):  # the goal is the CPU comparison's
         print(goal_report(rows), flush=True)
     return rows

@@ -39,8 +39,7 @@ def select(problem_list: list[Problem], selection: str) -> list[Problem]:
     others (``rest``)."""
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    return {"all": problem_list, "headline": problem_list[:1],
-            "rest": problem_list[1:]}[selection]
+    return {"all": problem_list, "headline": problem_list[:1], "rest": problem_list[1:]}[selection]
 
 
 def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
@@ -51,19 +50,32 @@ def problems(quick: bool, device: str, full: bool = False) -> list[Problem]:
         return [Problem(37, 45, 29, 3, dtype, device)]
     if not on_gpu(device):
         # Llama-like shapes a quarter wide, in fp32 (this CPU has no native bf16 matmul).
-        shapes = ((1024, 1024, 16), (1024, 2752, 16), (2752, 1024, 16), (1024, 1024, 8),
-                  (1024, 1024, 64))
+        shapes = (
+            (1024, 1024, 16),
+            (1024, 2752, 16),
+            (2752, 1024, 16),
+            (1024, 1024, 8),
+            (1024, 1024, 64),
+        )
         return [Problem(2048, k, n, r, torch.float32, device) for k, n, r in shapes]
     headline = Problem(**HEADLINE, device=device)
     if full:
-        matrix = [Problem(m, k, n, r, dtype, device) for (k, n), m, r, dtype
-                  in itertools.product(MODEL_SHAPES, GPU_TOKENS, GPU_RANKS, GPU_DTYPES)]
+        matrix = [
+            Problem(m, k, n, r, dtype, device)
+            for (k, n), m, r, dtype in itertools.product(
+                MODEL_SHAPES, GPU_TOKENS, GPU_RANKS, GPU_DTYPES
+            )
+        ]
         return [headline] + [problem for problem in matrix if problem != headline]
     bf16 = torch.bfloat16
-    return [headline] + [Problem(8192, k, n, 16, bf16, device) for k, n in MODEL_SHAPES[1:]] + [
-        Problem(8192, 4096, 4096, 64, bf16, device),
-        Problem(4096, 4096, 4096, 16, torch.float16, device),
-    ]
+    return (
+        [headline]
+        + [Problem(8192, k, n, 16, bf16, device) for k, n in MODEL_SHAPES[1:]]
+        + [
+            Problem(8192, 4096, 4096, 64, bf16, device),
+            Problem(4096, 4096, 4096, 16, torch.float16, device),
+        ]
+    )
 
 
 def provider_names(quick: bool, device: str, full: bool = False) -> list[str]:
@@ -73,8 +85,9 @@ def provider_names(quick: bool, device: str, full: bool = False) -> list[str]:
     and the CPU layer family have it)."""
     if not on_gpu(device):
         print("skip compile in the linear family on CPU: 20 s+ to build per shape", flush=True)
-        return providers.provider_names(("torch", "triton") if quick else ("torch",),
-                                        compile_=False)
+        return providers.provider_names(
+            ("torch", "triton") if quick else ("torch",), compile_=False
+        )
     return providers.provider_names(("triton", "cuda"), compile_=full, triton_variants=True)
 
 
@@ -109,8 +122,16 @@ def step_fn(mode: str, module: torch.nn.Module, tensors: Tensors):
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
-def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
-            failures: list[str], step_factory=step_fn, sink=None) -> list[dict]:
+def measure(
+    family: str,
+    problem: Problem,
+    names: list[str],
+    modes,
+    quick: bool,
+    failures: list[str],
+    step_factory=step_fn,
+    sink=None,
+) -> list[dict]:
     """Rows of ``names`` on ``problem`` for each mode (plus peak memory on GPU), also
     handed to ``sink``; ``step_factory(mode, module, tensors)`` makes the timed callables.
     Providers that fail are left out and recorded in ``failures``."""
@@ -131,12 +152,27 @@ def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
             peak = None
             if mode == "forward+backward":
                 peak = peak_memory_mib(fns[name], problem.device)
-            rows.append(result_row(family, problem, name, mode, ms,
-                                   problem.flops(mode, lora=name != "floor"),
-                                   times["floor"], peak))
-    print(f"{family} {problem.label}: " + ", ".join(
-        f"{row['provider']} {row['ratio_to_floor']}x" for row in rows
-        if row["mode"] == modes[-1]), flush=True)
+            rows.append(
+                result_row(
+                    family,
+                    problem,
+                    name,
+                    mode,
+                    ms,
+                    problem.flops(mode, lora=name != "floor"),
+                    times["floor"],
+                    peak,
+                )
+            )
+    print(
+        f"{family} {problem.label}: "
+        + ", ".join(
+            f"{row['provider']} {row['ratio_to_floor']}x"
+            for row in rows
+            if row["mode"] == modes[-1]
+        ),
+        flush=True,
+    )
     for line in providers.dispatch_choices():
         print(line, flush=True)
     if sink is not None:
@@ -144,8 +180,16 @@ def measure(family: str, problem: Problem, names: list[str], modes, quick: bool,
     return rows
 
 
-def measure_all(family: str, problem_list: list[Problem], names: list[str], modes,
-                quick: bool, skip_backends=(), step_factory=step_fn, sink=None) -> list[dict]:
+def measure_all(
+    family: str,
+    problem_list: list[Problem],
+    names: list[str],
+    modes,
+    quick: bool,
+    skip_backends=(),
+    step_factory=step_fn,
+    sink=None,
+) -> list[dict]:
     """:func:`measure` over ``problem_list``; each problem's rows go to ``sink`` as they come
     (``python -m benchmarks`` appends them to the CSV: a timeout keeps what ran). Raises
     :class:`~benchmarks.providers.ProviderFailures` at the end if any provider failed."""
@@ -153,17 +197,33 @@ def measure_all(family: str, problem_list: list[Problem], names: list[str], mode
         print(f"skip ours-{backend}: --skip-backends {backend}", flush=True)
     names = providers.without_backends(names, skip_backends)
     failures: list[str] = []
-    rows = [row for problem in problem_list
-            for row in measure(family, problem, names, modes, quick, failures, step_factory,
-                               sink)]
+    rows = [
+        row
+        for problem in problem_list
+        for row in measure(family, problem, names, modes, quick, failures, step_factory, sink)
+    ]
     providers.raise_failures(failures)
     return rows
 
 
-def run(quick: bool, device: str, out_dir: Path, full: bool = False,
-        skip_backends=(), sink=None, selection: str = "all") -> list[dict]:
+def run(
+    quick: bool,
+    device: str,
+    out_dir: Path,
+    full: bool = False,
+    skip_backends=(),
+    sink=None,
+    selection: str = "all",
+) -> list[dict]:
     """Run the family and return its rows (see :func:`measure_all`); ``selection``: all
     problems, the headline one, or the rest."""
     problem_list = select(problems(quick, device, full), selection)
-    return measure_all(FAMILY, problem_list, provider_names(quick, device, full),
-                       MODES, quick, skip_backends, sink=sink)
+    return measure_all(
+        FAMILY,
+        problem_list,
+        provider_names(quick, device, full),
+        MODES,
+        quick,
+        skip_backends,
+        sink=sink,
+    )

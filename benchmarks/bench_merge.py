@@ -95,8 +95,10 @@ def merge_functions(tensors: providers.Tensors, backends: list[str]) -> dict:
     """Provider name → a no-argument call that merges into (or copies) ``tensors.weight``."""
     weight, lora_B, lora_A = tensors.weight, tensors.lora_B, tensors.lora_A
     coeff = SLOW_RATE * tensors.scale
-    noise = {"noise_remove": (NOISE_SEEDS[0], tensors.noise_scale),
-             "noise_add": (NOISE_SEEDS[1], tensors.noise_scale)}
+    noise = {
+        "noise_remove": (NOISE_SEEDS[0], tensors.noise_scale),
+        "noise_add": (NOISE_SEEDS[1], tensors.noise_scale),
+    }
     destination = torch.empty_like(weight)
     peft_layer = providers.build("peft", tensors)  # shares weight's storage
 
@@ -106,22 +108,26 @@ def merge_functions(tensors: providers.Tensors, backends: list[str]) -> dict:
     functions = {"copy": lambda: destination.copy_(weight)}
     for backend in backends:
         functions[f"ours-{backend}"] = lambda b=backend: merge_lowrank_(
-            weight, lora_B, lora_A, coeff, rounding="stochastic", seed=1, backend=b)
+            weight, lora_B, lora_A, coeff, rounding="stochastic", seed=1, backend=b
+        )
         functions[f"ours-{backend}+noise"] = lambda b=backend: merge_lowrank_(
-            weight, lora_B, lora_A, coeff, rounding="stochastic", seed=1, backend=b, **noise)
+            weight, lora_B, lora_A, coeff, rounding="stochastic", seed=1, backend=b, **noise
+        )
     functions["peft"] = peft_merge
     return functions
 
 
 @torch.no_grad()
-def measure(size: int, r: int, device: str, backends: list[str], quick: bool,
-            failures: list[str]) -> list[dict]:
+def measure(
+    size: int, r: int, device: str, backends: list[str], quick: bool, failures: list[str]
+) -> list[dict]:
     """One row per provider for a bf16 ``size × size`` weight and rank ``r``; providers
     that raise are left out and recorded in ``failures``."""
     problem = providers.Problem(1, size, size, r, torch.bfloat16, device)
     tensors = providers.Tensors.draw(problem)
-    functions = providers.check_runs(merge_functions(tensors, backends),
-                                     f"merge {size}x{size} r{r}", failures)
+    functions = providers.check_runs(
+        merge_functions(tensors, backends), f"merge {size}x{size} r{r}", failures
+    )
     if "copy" not in functions or "peft" not in functions:
         print(f"skip merge {size}x{size} r{r}: the copy or PEFT's merge did not run", flush=True)
         return []
@@ -132,20 +138,22 @@ def measure(size: int, r: int, device: str, backends: list[str], quick: bool,
     for name, fn in functions.items():
         peak = peak_memory_mib(fn, device) if device.startswith("cuda") else cpu_peak_mib(fn)
         bandwidth = moved_bytes / (times[name] * 1e-3) / 1e9
-        rows.append({
-            "device": device_name(device),
-            "size": size,
-            "r": r,
-            "dtype": "bf16",
-            "provider": name,
-            "time_ms": significant(times[name]),
-            "bandwidth_GBps": significant(bandwidth),
-            "bandwidth_vs_copy": significant(bandwidth / copy_GBps, 3),
-            "speedup_vs_peft": significant(times["peft"] / times[name], 3),
-            "peak_extra_MiB": significant(peak),
-            "weight_MiB": significant(moved_bytes / 2 / 2**20),
-            "threads": torch.get_num_threads(),
-        })
+        rows.append(
+            {
+                "device": device_name(device),
+                "size": size,
+                "r": r,
+                "dtype": "bf16",
+                "provider": name,
+                "time_ms": significant(times[name]),
+                "bandwidth_GBps": significant(bandwidth),
+                "bandwidth_vs_copy": significant(bandwidth / copy_GBps, 3),
+                "speedup_vs_peft": significant(times["peft"] / times[name], 3),
+                "peak_extra_MiB": significant(peak),
+                "weight_MiB": significant(moved_bytes / 2 / 2**20),
+                "threads": torch.get_num_threads(),
+            }
+        )
     return rows
 
 

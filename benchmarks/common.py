@@ -128,8 +128,16 @@ def _package_version(name: str) -> str:
         return "none"
 
 
-def result_row(family: str, problem, provider: str, mode: str, ms: float, flops: float,
-               floor_ms: float | None, peak_mib: float | None = None) -> dict:
+def result_row(
+    family: str,
+    problem,
+    provider: str,
+    mode: str,
+    ms: float,
+    flops: float,
+    floor_ms: float | None,
+    peak_mib: float | None = None,
+) -> dict:
     """One CSV row of the linear or layer family; units are in the column names."""
     return {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),

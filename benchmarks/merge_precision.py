@@ -50,8 +50,11 @@ class _Weight:
     def clone(self) -> _Weight:
         copy = _Weight.__new__(_Weight)
         weight = self.weight
-        copy.weight = (ScaledWeight(weight.codes.clone(), weight.scale.clone())
-                       if isinstance(weight, ScaledWeight) else weight.clone())
+        copy.weight = (
+            ScaledWeight(weight.codes.clone(), weight.scale.clone())
+            if isinstance(weight, ScaledWeight)
+            else weight.clone()
+        )
         copy.rescales = 0
         return copy
 
@@ -75,13 +78,15 @@ def _lowrank(generator: torch.Generator, rows: int, cols: int, device: str):
     return lora_B, lora_A
 
 
-def measure(size: int, merges: int, device: str, seed: int = 0,
-            weight_format: str = "bfloat16") -> list[dict]:
+def measure(
+    size: int, merges: int, device: str, seed: int = 0, weight_format: str = "bfloat16"
+) -> list[dict]:
     """Run ``merges`` merges on one weight (``"bfloat16"`` or ``"fp8_e4m3"``) per rounding
     mode; one result row each."""
     generator = torch.Generator(device).manual_seed(seed)
-    initial = _Weight(0.02 * torch.randn(size, size, generator=generator, device=device),
-                      weight_format)
+    initial = _Weight(
+        0.02 * torch.randn(size, size, generator=generator, device=device), weight_format
+    )
     weights = [initial.clone() for _ in ROUNDINGS]
     start = initial.float64()
     accumulated = start.clone()
@@ -91,8 +96,9 @@ def measure(size: int, merges: int, device: str, seed: int = 0,
         lora_B, lora_A = _lowrank(generator, size, size, device)
         update = lora_B.double() @ lora_A.double()
         if coeff is None:  # fixed from the first update, as a cascade's slow_rate · scale
-            coeff = (UPDATE_SIZE[weight_format] * float(start.abs().mean())
-                     / float(update.abs().mean()))
+            coeff = (
+                UPDATE_SIZE[weight_format] * float(start.abs().mean()) / float(update.abs().mean())
+            )
         accumulated += coeff * update
         for weight, rounding in zip(weights, ROUNDINGS, strict=True):
             weight.merge(lora_B, lora_A, coeff, rounding, seed=step)
@@ -101,21 +107,23 @@ def measure(size: int, merges: int, device: str, seed: int = 0,
     rows = []
     for weight, rounding in zip(weights, ROUNDINGS, strict=True):
         error = weight.float64() - accumulated
-        rows.append({
-            "device": device_name(device),
-            "weight_dtype": weight_format,
-            "rounding": rounding,
-            "size": size,
-            "rank": RANK,
-            "merges": merges,
-            "update_size_rel": UPDATE_SIZE[weight_format],
-            "rel_error": significant(float(error.norm() / total.norm())),
-            "mean_bias": significant(float(error.mean() / total.abs().mean())),
-            "max_abs_error": significant(float(error.abs().max())),
-            "update_max_abs": significant(float(total.abs().max())),
-            "rescales": weight.rescales,
-            "run_time_s": round(seconds, 1),
-        })
+        rows.append(
+            {
+                "device": device_name(device),
+                "weight_dtype": weight_format,
+                "rounding": rounding,
+                "size": size,
+                "rank": RANK,
+                "merges": merges,
+                "update_size_rel": UPDATE_SIZE[weight_format],
+                "rel_error": significant(float(error.norm() / total.norm())),
+                "mean_bias": significant(float(error.mean() / total.abs().mean())),
+                "max_abs_error": significant(float(error.abs().max())),
+                "update_max_abs": significant(float(total.abs().max())),
+                "rescales": weight.rescales,
+                "run_time_s": round(seconds, 1),
+            }
+        )
     return rows
 
 
@@ -123,9 +131,16 @@ def run(quick: bool, device: str, out_dir: Path) -> list[dict]:
     """1000 merges at 4096² on a GPU, 1024² on the CPU, into bf16 then fp8; ``quick``: 100
     merges, a quarter side."""
     size = 4096 if device.startswith("cuda") else 1024
-    rows = [row for weight_format in UPDATE_SIZE
-            for row in measure(size // 4 if quick else size, 100 if quick else 1000, device,
-                               weight_format=weight_format)]
+    rows = [
+        row
+        for weight_format in UPDATE_SIZE
+        for row in measure(
+            size // 4 if quick else size,
+            100 if quick else 1000,
+            device,
+            weight_format=weight_format,
+        )
+    ]
     append_csv(rows, Path(out_dir) / f"merge_precision_{device_name(device)}.csv")
     return rows
 

@@ -25,8 +25,10 @@ def plot_ratios(rows: list[dict], path: Path, title: str) -> Path | None:
     panels = list(dict.fromkeys((row["family"], row["mode"]) for row in rows))
     if not panels:
         return None
-    colors = {name: f"C{index % 10}" for index, name
-              in enumerate(dict.fromkeys(row["provider"] for row in rows))}
+    colors = {
+        name: f"C{index % 10}"
+        for index, name in enumerate(dict.fromkeys(row["provider"] for row in rows))
+    }
     figure, axes = plt.subplots(len(panels), 1, figsize=(11, 3.4 * len(panels)), squeeze=False)
     for axis, (family, mode) in zip(axes[:, 0], panels, strict=True):
         panel = [row for row in rows if (row["family"], row["mode"]) == (family, mode)]
@@ -34,12 +36,23 @@ def plot_ratios(rows: list[dict], path: Path, title: str) -> Path | None:
         names = list(dict.fromkeys(row["provider"] for row in panel))
         width = 0.8 / len(names)
         for index, name in enumerate(names):
-            ratio = {_problem_label(row): float(row["ratio_to_floor"]) for row in panel
-                     if row["provider"] == name}
-            positions = [i + (index - (len(names) - 1) / 2) * width
-                         for i, label in enumerate(labels) if label in ratio]
-            axis.bar(positions, [ratio[label] for label in labels if label in ratio],
-                     width, label=name, color=colors[name])
+            ratio = {
+                _problem_label(row): float(row["ratio_to_floor"])
+                for row in panel
+                if row["provider"] == name
+            }
+            positions = [
+                i + (index - (len(names) - 1) / 2) * width
+                for i, label in enumerate(labels)
+                if label in ratio
+            ]
+            axis.bar(
+                positions,
+                [ratio[label] for label in labels if label in ratio],
+                width,
+                label=name,
+                color=colors[name],
+            )
         axis.axhline(1.0, color="black", linewidth=0.8)
         if max(float(row["ratio_to_floor"]) for row in panel) > 10:
             axis.set_yscale("log")  # interpreted Triton on CPU runs 1000x the floor

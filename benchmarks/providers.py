@@ -116,8 +116,12 @@ class Problem:
         frozen = 2.0 * self.M * self.N * self.K
         lowrank = 2.0 * self.M * self.r * (self.K + self.N) if lora else 0.0
         forward, backward = frozen + lowrank, frozen + 2.0 * lowrank
-        return {"forward": forward, "backward": backward, "forward+backward": forward + backward,
-                "train step": forward + backward}[mode]
+        return {
+            "forward": forward,
+            "backward": backward,
+            "forward+backward": forward + backward,
+            "train step": forward + backward,
+        }[mode]
 
 
 @dataclass
@@ -182,8 +186,13 @@ class AddmmLoRAFunction(torch.autograd.Function):
 def _frozen_linear(tensors: Tensors) -> nn.Linear:
     """An ``nn.Linear`` sharing ``tensors``' weight and bias storage, frozen."""
     out_features, in_features = tensors.weight.shape
-    linear = nn.Linear(in_features, out_features, bias=tensors.bias is not None,
-                       device="meta", dtype=tensors.weight.dtype)
+    linear = nn.Linear(
+        in_features,
+        out_features,
+        bias=tensors.bias is not None,
+        device="meta",
+        dtype=tensors.weight.dtype,
+    )
     linear.weight = nn.Parameter(tensors.weight, requires_grad=False)
     if tensors.bias is not None:
         linear.bias = nn.Parameter(tensors.bias, requires_grad=False)
@@ -205,8 +214,14 @@ class AddmmLoRALinear(_LoRAModule):
     """LoRA linear through :class:`AddmmLoRAFunction`."""
 
     def forward(self, x):
-        y = AddmmLoRAFunction.apply(x.reshape(-1, x.shape[-1]), self.base.weight,
-                                    self.base.bias, self.lora_A, self.lora_B, self.scale)
+        y = AddmmLoRAFunction.apply(
+            x.reshape(-1, x.shape[-1]),
+            self.base.weight,
+            self.base.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scale,
+        )
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -233,8 +248,9 @@ def _peft_linear(tensors: Tensors) -> nn.Module:
         raise ProviderUnavailable(f"peft is not installed ({error})") from None
 
     r = tensors.lora_A.shape[0]
-    config = LoraConfig(r=r, lora_alpha=tensors.scale * r, lora_dropout=0.0,
-                        target_modules=["proj"])
+    config = LoraConfig(
+        r=r, lora_alpha=tensors.scale * r, lora_dropout=0.0, target_modules=["proj"]
+    )
     layer = get_peft_model(_OneLayer(_frozen_linear(tensors)), config).base_model.model.proj
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(tensors.lora_A)
@@ -263,15 +279,15 @@ def _pin_gemm_variant(layer: nn.Module, variant: str | None) -> None:
     layer.register_full_backward_pre_hook(pin)
 
 
-def _ours(tensors: Tensors, backend: str, noise: bool, variant: str | None = None
-          ) -> LoRASCLinear:
+def _ours(tensors: Tensors, backend: str, noise: bool, variant: str | None = None) -> LoRASCLinear:
     try:
         resolve_backend(backend, tensors.weight.device)
     except RuntimeError as error:  # says what is missing
         raise ProviderUnavailable(str(error)) from None
     r = tensors.lora_A.shape[0]
-    layer = LoRASCLinear.from_linear(_frozen_linear(tensors), r=r, lora_alpha=tensors.scale * r,
-                                     backend=backend)
+    layer = LoRASCLinear.from_linear(
+        _frozen_linear(tensors), r=r, lora_alpha=tensors.scale * r, backend=backend
+    )
     with torch.no_grad():
         layer.lora_A.copy_(tensors.lora_A)
         layer.lora_B.copy_(tensors.lora_B)
@@ -297,8 +313,9 @@ for _variant in TRITON_VARIANTS:
     _BUILDERS[f"ours-triton@{_variant}"] = lambda t, v=_variant: _ours(t, "triton", False, v)
 
 
-def provider_names(backends=OUR_BACKENDS, compile_: bool = True, noise: bool = True,
-                   triton_variants: bool = False) -> list[str]:
+def provider_names(
+    backends=OUR_BACKENDS, compile_: bool = True, noise: bool = True, triton_variants: bool = False
+) -> list[str]:
     """Provider names in table order: floor, baselines, then ours per backend (with
     ``triton_variants``, Triton's forced GEMM variants after its dispatched one)."""
     names = ["floor", "peft", "addmm"] + (["compile"] if compile_ else [])
@@ -316,8 +333,11 @@ def dispatch_choices() -> list[str]:
     line per problem, each line once."""
     dispatch = sys.modules.get("lorasc_kernels.backends.triton.gemm_dispatch")
     chosen = {} if dispatch is None else dispatch.DISPATCH.chosen
-    lines = [f"gemm dispatch: {key}: {variant}" for key, variant in chosen.items()
-             if key not in _REPORTED_CHOICES]
+    lines = [
+        f"gemm dispatch: {key}: {variant}"
+        for key, variant in chosen.items()
+        if key not in _REPORTED_CHOICES
+    ]
     _REPORTED_CHOICES.update(chosen)
     return lines
 
@@ -327,9 +347,11 @@ _REPORTED_CHOICES: set = set()
 
 def without_backends(names: list[str], backends) -> list[str]:
     """``names`` less our providers on any of ``backends`` (e.g. a CUDA build that failed)."""
-    return [name for name in names
-            if not any(name.split("+")[0].split("@")[0] == f"ours-{backend}"
-                       for backend in backends)]
+    return [
+        name
+        for name in names
+        if not any(name.split("+")[0].split("@")[0] == f"ours-{backend}" for backend in backends)
+    ]
 
 
 def build(name: str, tensors: Tensors) -> nn.Module:

@@ -34,6 +34,7 @@ def test_forward_backward(benchmark, name):
     modules = providers.build_checked([name], tensors, failures)  # leaves out a wrong output
     assert list(modules) == [name], failures
     benchmark.group = f"forward+backward {PROBLEM.label}, 2 threads"
-    benchmark.pedantic(step_fn("forward+backward", modules[name], tensors),
-                       rounds=10, warmup_rounds=2)
+    benchmark.pedantic(
+        step_fn("forward+backward", modules[name], tensors), rounds=10, warmup_rounds=2
+    )
     assert tensors.x.grad is not None and tensors.x.grad.abs().sum() > 0

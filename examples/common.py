@@ -111,8 +111,9 @@ class MemoryMeter:
             for value in state.values()
             if isinstance(value, torch.Tensor)
         ]
-        state = (_tensor_bytes(parameters) + _tensor_bytes(gradients)
-                 + _tensor_bytes(optimizer_state))
+        state = (
+            _tensor_bytes(parameters) + _tensor_bytes(gradients) + _tensor_bytes(optimizer_state)
+        )
         self.state_bytes = max(self.state_bytes, state)
 
     def peak_bytes(self) -> int:

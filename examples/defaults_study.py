@@ -57,25 +57,24 @@ class Setting:
     warmup_cascade_fraction: float = 0.0
 
     def cascade_kwargs(self, steps_per_cascade: int) -> dict:
-        return {"slow_rate": self.slow_rate, "noise_lambda": self.noise_lambda,
-                "slow_other_params": self.slow_other_params,
-                "warmup_steps": round(self.warmup_cascade_fraction * steps_per_cascade)}
+        return {
+            "slow_rate": self.slow_rate,
+            "noise_lambda": self.noise_lambda,
+            "slow_other_params": self.slow_other_params,
+            "warmup_steps": round(self.warmup_cascade_fraction * steps_per_cascade),
+        }
 
 
 def grid() -> list[Setting]:
     settings = [Setting("lora", method="lora")]
     for slow in (0.5, 0.8, 1.0):
         for noise in (0.0, 0.15):
-            settings.append(Setting(f"slow{slow}-noise{noise}", slow_rate=slow,
-                                    noise_lambda=noise))
+            settings.append(Setting(f"slow{slow}-noise{noise}", slow_rate=slow, noise_lambda=noise))
     for slow in (0.5, 0.8):
-        settings.append(Setting(f"slow{slow}-others-off", slow_rate=slow,
-                                slow_other_params=False))
-        settings.append(Setting(f"slow{slow}-others-reset", slow_rate=slow,
-                                reset_other_state=True))
+        settings.append(Setting(f"slow{slow}-others-off", slow_rate=slow, slow_other_params=False))
+        settings.append(Setting(f"slow{slow}-others-reset", slow_rate=slow, reset_other_state=True))
     for slow in (0.8, 1.0):
-        settings.append(Setting(f"slow{slow}-warmup", slow_rate=slow,
-                                warmup_cascade_fraction=0.1))
+        settings.append(Setting(f"slow{slow}-warmup", slow_rate=slow, warmup_cascade_fraction=0.1))
     return settings
 
 
@@ -90,6 +89,7 @@ class DropOtherState:
             self.original(cascade)
             for parameter in cascade.slow_update.params:
                 cascade.optimizer.state.pop(parameter, None)
+
         Cascade._slow_update_other_params = update_and_drop
         return self
 
@@ -102,8 +102,9 @@ def run_synthetic(setting: Setting, seed: int) -> dict:
     if setting.method == "lora":
         row = expressiveness.train("lora-r", task, seed)
     else:
-        row = expressiveness.train("lorasc", task, seed,
-                                   **setting.cascade_kwargs(task.steps_per_cascade))
+        row = expressiveness.train(
+            "lorasc", task, seed, **setting.cascade_kwargs(task.steps_per_cascade)
+        )
     return {"rel_loss": row["rel_loss"]}
 
 
@@ -122,9 +123,14 @@ class DigitsTasks:
         if task == "fewshot":
             return digits.few_shots(self.pool, digits.FEWSHOT.shots, seed)
         if self._distill_split is None:
-            self._distill_split, _ = digits.distillation(self.pretrained, self.pool, self.sets,
-                                                         digits.TEACHER, self.pretrain.shape,
-                                                         self.device)
+            self._distill_split, _ = digits.distillation(
+                self.pretrained,
+                self.pool,
+                self.sets,
+                digits.TEACHER,
+                self.pretrain.shape,
+                self.device,
+            )
         return self._distill_split
 
     def run(self, task: str, setting: Setting, seed: int) -> dict:
@@ -134,9 +140,16 @@ class DigitsTasks:
         kwargs = setting.cascade_kwargs(steps_per_cascade)
         settings = dataclasses.replace(base, backend="torch", **kwargs)
         with DropOtherState() if setting.reset_other_state else nullcontext():
-            result, _ = digits.finetune(setting.method, seed,
-                                        digits.without_head(self.pretrained), train,
-                                        self.sets, settings, self.pretrain.shape, self.device)
+            result, _ = digits.finetune(
+                setting.method,
+                seed,
+                digits.without_head(self.pretrained),
+                train,
+                self.sets,
+                settings,
+                self.pretrain.shape,
+                self.device,
+            )
         return {"clean": result.clean, "ood": result.ood}
 
 
@@ -153,19 +166,22 @@ def table(rows: list[dict], task: str) -> str:
         cells = []
         for score in scores:
             values = np.array([by[name, s][score] for s in seeds])
-            gaps = np.array([by[name, s][score] - by[PAPER, s][score] for s in seeds
-                             if (PAPER, s) in by])
+            gaps = np.array(
+                [by[name, s][score] - by[PAPER, s][score] for s in seeds if (PAPER, s) in by]
+            )
             digits_ = 4 if score == "rel_loss" else 3
             cells.append(f"{values.mean():.{digits_}f} ± {values.std():.{digits_}f}")
-            cells.append(f"{gaps.mean():+.{digits_}f} ± {gaps.std():.{digits_}f}"
-                         if len(gaps) else "")
+            cells.append(
+                f"{gaps.mean():+.{digits_}f} ± {gaps.std():.{digits_}f}" if len(gaps) else ""
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return f"**{task}** ({len({row['seed'] for row in rows})} seeds)\n\n" + "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"among {','.join(TASKS)}")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--settings", help="comma-separated setting names (default: all)")
@@ -182,8 +198,9 @@ def main(argv=None) -> None:
     for task in tasks:
         for seed in range(args.seeds):
             for setting in settings:
-                if task == "synthetic" and (not setting.slow_other_params
-                                            or setting.reset_other_state):
+                if task == "synthetic" and (
+                    not setting.slow_other_params or setting.reset_other_state
+                ):
                     continue  # no other trained parameter in the synthetic task
                 if task == "synthetic":
                     scores = run_synthetic(setting, seed)
@@ -197,8 +214,10 @@ def main(argv=None) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    machine = (f"{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}, "
-               f"1 thread, torch backend, {time.perf_counter() - started:.0f} s")
+    machine = (
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}, "
+        f"1 thread, torch backend, {time.perf_counter() - started:.0f} s"
+    )
     text = "\n\n".join(table(rows, task) for task in tasks)
     args.out.with_suffix(".md").write_text(f"{machine}\n\n{text}\n")
     print(f"\n{machine}\n\n{text}")

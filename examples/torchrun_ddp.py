@@ -49,7 +49,8 @@ def make_models(device):
         for layer in (teacher[0], teacher[2]):
             out_features, in_features = layer.weight.shape
             change = torch.randn(out_features, 2, device=device) @ torch.randn(
-                2, in_features, device=device)
+                2, in_features, device=device
+            )
             layer.weight.add_(change / in_features**0.5)
     return model, teacher.requires_grad_(False)
 
@@ -72,13 +73,12 @@ def main():
         wrapped = fully_shard(model)
     else:
         wrapped = DistributedDataParallel(
-            model, device_ids=None if device.index is None else [device.index])
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad],
-                                  lr=args.lr)
+            model, device_ids=None if device.index is None else [device.index]
+        )
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=args.lr)
     # After wrapping (DDP's broadcast of rank 0's weights would undo the first noise), on
     # the inner model: its layer names are the unwrapped model's.
-    cascade = Cascade(model, optimizer, steps_per_cascade=args.steps_per_cascade,
-                      seed=args.seed)
+    cascade = Cascade(model, optimizer, steps_per_cascade=args.steps_per_cascade, seed=args.seed)
     data = torch.Generator(device=device).manual_seed(args.seed + 1 + rank)  # own batches
 
     losses = []
@@ -92,22 +92,29 @@ def main():
         if cascade.step():
             checksums = assert_weights_equal_across_ranks(model)
             if rank == 0:
-                print(f"step {step + 1}: cascade {cascade.cascade_index} ended, loss "
-                      f"{loss.item():.4f}, weights agree on {world} ranks "
-                      f"({len(checksums)} tensors checked)", flush=True)
+                print(
+                    f"step {step + 1}: cascade {cascade.cascade_index} ended, loss "
+                    f"{loss.item():.4f}, weights agree on {world} ranks "
+                    f"({len(checksums)} tensors checked)",
+                    flush=True,
+                )
     boundaries = cascade.cascade_index
     finalized = cascade.finalize()  # plain nn.Linear layers again
     # Under FSDP2 they hold the shards: gather the whole state into an unsharded model.
     trained = mlp(device)
-    trained.load_state_dict({name: full_tensor(value)
-                             for name, value in finalized.state_dict().items()})
+    trained.load_state_dict(
+        {name: full_tensor(value) for name, value in finalized.state_dict().items()}
+    )
     x = torch.randn(256, IN, device=device, generator=data)
     with torch.no_grad():
         final = float((trained(x) - teacher(x)).pow(2).mean())
     if rank == 0:
-        print(f"done: {world} ranks ({backend}, {'FSDP2' if args.fsdp else 'DDP'}), "
-              f"{args.steps} steps, {boundaries} boundaries, "
-              f"loss {losses[0]:.4f} -> {final:.4f} after finalize", flush=True)
+        print(
+            f"done: {world} ranks ({backend}, {'FSDP2' if args.fsdp else 'DDP'}), "
+            f"{args.steps} steps, {boundaries} boundaries, "
+            f"loss {losses[0]:.4f} -> {final:.4f} after finalize",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

@@ -160,10 +160,17 @@ def _nvccs_on_path() -> list[Path]:
 def _pip_toolkits() -> list[Path]:
     """Toolkit folders of the ``nvidia-*`` pip packages (``nvidia/cu13``, ``nvidia/cu12``,
     ``nvidia/cuda_nvcc``) in this interpreter's site-packages."""
-    roots = dict.fromkeys(Path(p) for p in (sysconfig.get_paths()["purelib"],
-                                            sysconfig.get_paths()["platlib"], *sys.path) if p)
-    return [folder for root in roots for name in ("cu13", "cu12", "cuda_nvcc")
-            if (folder := root / "nvidia" / name).is_dir()]
+    roots = dict.fromkeys(
+        Path(p)
+        for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path)
+        if p
+    )
+    return [
+        folder
+        for root in roots
+        for name in ("cu13", "cu12", "cuda_nvcc")
+        if (folder := root / "nvidia" / name).is_dir()
+    ]
 
 
 def _candidates():
@@ -220,8 +227,9 @@ def missing_toolchain() -> str | None:
         return "torch is a CPU-only build (the CUDA backend needs a CUDA build of torch)"
     home = _use_cuda_home()
     if home.path is None:
-        return ("no CUDA toolkit found: install it or set CUDA_HOME; "
-                + "; ".join(f"{c}: {r}" for c, r in home.rejected))
+        return "no CUDA toolkit found: install it or set CUDA_HOME; " + "; ".join(
+            f"{c}: {r}" for c, r in home.rejected
+        )
     if not all((CSRC / name).is_file() for name in CUDA_SOURCES):
         return f"the CUDA sources are missing from {CSRC} (install from a source checkout)"
     return None
@@ -258,8 +266,12 @@ def clear_stale_lock(build_dir: Path, max_age_s: float = STALE_LOCK_S) -> bool:
         return False
     if age <= max_age_s:
         return False
-    logger.warning("removing %s, %.0f s old: a killed build left it (LORASC_STALE_LOCK_S=%g)",
-                   lock, age, max_age_s)
+    logger.warning(
+        "removing %s, %.0f s old: a killed build left it (LORASC_STALE_LOCK_S=%g)",
+        lock,
+        age,
+        max_age_s,
+    )
     lock.unlink(missing_ok=True)
     return True
 
@@ -291,8 +303,10 @@ def load_extension(device: torch.device | None = None, verbose: bool = False) ->
 def _load_prebuilt(path: Path) -> ModuleType:
     """The extension module in the file ``path``, never compiled here."""
     if not path.is_file():
-        raise RuntimeError(f"{PREBUILT_ENV}={path} does not exist (its build failed or did not "
-                           "run); not building the CUDA extension again")
+        raise RuntimeError(
+            f"{PREBUILT_ENV}={path} does not exist (its build failed or did not "
+            "run); not building the CUDA extension again"
+        )
     spec = importlib.util.spec_from_file_location(path.name.split(".")[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -304,8 +318,12 @@ def _compile(arch_list: str, verbose: bool) -> ModuleType:
 
     build_dir = _build_dir(f"cu{torch.version.cuda}-sm{arch_list}")
     if not (build_dir / f"{JIT_NAME}.so").is_file():
-        logger.warning("lorasc_kernels: compiling the CUDA extension at its first use, for "
-                       "TORCH_CUDA_ARCH_LIST=%s into %s (minutes, once)", arch_list, build_dir)
+        logger.warning(
+            "lorasc_kernels: compiling the CUDA extension at its first use, for "
+            "TORCH_CUDA_ARCH_LIST=%s into %s (minutes, once)",
+            arch_list,
+            build_dir,
+        )
     if not hasattr(cpp_extension, "FileLock"):
         clear_stale_lock(build_dir)
     previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -345,8 +363,9 @@ def main(argv=None) -> int:
     """``--cuda-home``: print the toolkit (the reasons on stderr); ``--build``: build the
     extension (for the visible GPU, else ``TORCH_CUDA_ARCH_LIST`` or sm_80 and sm_90) and
     print its file, for ``LORASC_CUDA_EXTENSION``."""
-    parser = argparse.ArgumentParser(prog="python -m lorasc_kernels._build",
-                                     description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m lorasc_kernels._build", description=main.__doc__
+    )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--cuda-home", action="store_true")
     action.add_argument("--build", action="store_true")

@@ -38,8 +38,10 @@ def check_scaled_pair(codes, scale) -> None:
     if codes.dim() != 2:
         raise ValueError(f"ScaledWeight codes must be 2-D, got shape {tuple(codes.shape)}")
     if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-        raise TypeError(f"ScaledWeight scale must be a float32 tensor, got "
-                        f"{getattr(scale, 'dtype', type(scale).__name__)}")
+        raise TypeError(
+            f"ScaledWeight scale must be a float32 tensor, got "
+            f"{getattr(scale, 'dtype', type(scale).__name__)}"
+        )
     check_shape("ScaledWeight scale", scale, (codes.shape[0],), "one per row of codes")
     check_same_device(codes=codes, scale=scale)
 
@@ -56,13 +58,16 @@ def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> No
         return
     bad = ~(torch.isfinite(scale) & (scale >= smallest))
     row = int(bad.nonzero()[0, 0])
-    raise ValueError(f"{name} must be positive and finite, at least "
-                     f"2**{math.log2(smallest):.0f} (the smallest scale of {dtype}), got "
-                     f"{float(scale[row])} at row {row}")
+    raise ValueError(
+        f"{name} must be positive and finite, at least "
+        f"2**{math.log2(smallest):.0f} (the smallest scale of {dtype}), got "
+        f"{float(scale[row])} at row {row}"
+    )
 
 
-def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor,
-                   name: str = "weight_scale") -> torch.Tensor:
+def scaled_row_max(
+    weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight_scale"
+) -> torch.Tensor:
     """``max_j |weight_scale[i] · weight[i, j]|`` per row (float64), in blocks of rows;
     refuses scales that are not finite and at least the format's ``min_scale`` (calling
     them ``name``)."""
@@ -71,8 +76,12 @@ def scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor,
     if rows == 0 or cols == 0:
         return weight_scale.new_zeros(rows, dtype=torch.float64)
     block = max(1, _EXACT_BLOCK_ELEMENTS // cols)
-    peak = torch.cat([weight[start:start + block].to(torch.float32).abs().amax(dim=1)
-                      for start in range(0, rows, block)])
+    peak = torch.cat(
+        [
+            weight[start : start + block].to(torch.float32).abs().amax(dim=1)
+            for start in range(0, rows, block)
+        ]
+    )
     return peak.double() * weight_scale.double()
 
 
@@ -81,8 +90,9 @@ def check_no_overlap(name: str, tensor: torch.Tensor) -> None:
     size > 1, by increasing stride, each stride past the span of the dims before it (a
     zero stride or an ``as_strided`` view over shared elements is refused)."""
     span = 1  # 1 + the largest offset reached by the dims so far
-    for stride, size in sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape,
-                                                     strict=True) if n > 1):
+    for stride, size in sorted(
+        (s, n) for s, n in zip(tensor.stride(), tensor.shape, strict=True) if n > 1
+    ):
         if stride < span:
             raise ValueError(
                 f"{name} has overlapping elements (shape {tuple(tensor.shape)}, strides "
@@ -94,9 +104,7 @@ def check_no_overlap(name: str, tensor: torch.Tensor) -> None:
 
 def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meaning: str):
     if tuple(value.shape) != expected:
-        raise ValueError(
-            f"{name} must have shape {expected} ({meaning}), got {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name} must have shape {expected} ({meaning}), got {tuple(value.shape)}")
 
 
 def check_same_device(**tensors):
@@ -209,9 +217,16 @@ _BOUND_MARGIN = 1.0 - 2.0**-10
 _EXACT_BLOCK_ELEMENTS = 1 << 20
 
 
-def check_merge_in_range(weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor,
-                         coeff: float, noise_scales: tuple[float, float], row_offset: int,
-                         exact_rows, row_scale: torch.Tensor | None = None) -> None:
+def check_merge_in_range(
+    weight: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    coeff: float,
+    noise_scales: tuple[float, float],
+    row_offset: int,
+    exact_rows,
+    row_scale: torch.Tensor | None = None,
+) -> None:
     """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range.
 
     ``weight`` (rows, K) with finite values only, ``noise_scales`` the two noise scales (0

@@ -130,8 +130,9 @@ class Cascade:
     the slow update and the warm-up: ``docs/method.md``.
     """
 
-    def __init__(self, model: nn.Module, optimizer, *, settings: CascadeSettings | None = None,
-                 **overrides):
+    def __init__(
+        self, model: nn.Module, optimizer, *, settings: CascadeSettings | None = None, **overrides
+    ):
         self._attach(model, optimizer, CascadeSettings.of(settings, **overrides))
         for name, layer in self.layers.items():
             if layer.weight_noise is not None:
@@ -174,8 +175,10 @@ class Cascade:
         self.model = model
         self.layers = _driven_layers(_unwrap(model))
         if not self.layers:
-            raise ValueError("model has no LoRASCLinear layer: call inject_lorasc first (or "
-                             "peft.get_peft_model: PEFT LoRA layers are driven as they are)")
+            raise ValueError(
+                "model has no LoRASCLinear layer: call inject_lorasc first (or "
+                "peft.get_peft_model: PEFT LoRA layers are driven as they are)"
+            )
         for name, layer in self.layers.items():
             driver = _DRIVERS[layer]() if layer in _DRIVERS else None
             if driver is not None and not driver.finalized:
@@ -186,11 +189,13 @@ class Cascade:
             with checks.naming_layer(name):
                 checks.check_writable("weight", layer.weight.detach())
                 if settings.applied_noise_mode == "fused" and (
-                        not isinstance(layer, LoRASCLinear) or layer.weight_format is not None):
+                    not isinstance(layer, LoRASCLinear) or layer.weight_format is not None
+                ):
                     raise ValueError(
                         "noise_mode='fused' is not supported on "
                         f"{layer.weight_format or 'PEFT'} layers (the fused kernels of "
-                        "LoRASCLinear add the noise): use 'inplace' or noise_lambda=0")
+                        "LoRASCLinear add the noise): use 'inplace' or noise_lambda=0"
+                    )
         _check_weight_values(self.layers)
         self.tracker = OptimizerTracker(optimizer, self.layers)
         self.cascade_index = 0
@@ -202,7 +207,8 @@ class Cascade:
         params = self._slow_params(optimizer)
         names = {id(p): name for name, p in _unwrap(model).named_parameters()}
         self.slow_update = SlowUpdate(
-            params, [names.get(id(p), "a trained parameter") for p in params], settings.slow_rate)
+            params, [names.get(id(p), "a trained parameter") for p in params], settings.slow_rate
+        )
         # Whether lr_lambda() was handed out: the warm-up acts only through it.
         self.warmup_wired = False
         self.metrics = BoundaryMetrics(list(self.layers))
@@ -244,11 +250,13 @@ class Cascade:
         """``step ↦ schedule(step) · lr_factor()`` for ``LambdaLR`` (``schedule``: the user's
         multiplier of the global step, None for 1); see the class docstring."""
         if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be None or a function of the step, "
-                            f"got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be None or a function of the step, got {type(schedule).__name__}"
+            )
 
         def multiplier(step: int) -> float:
             return (1.0 if schedule is None else schedule(step)) * self.lr_factor()
+
         self.warmup_wired = True
         return multiplier
 
@@ -307,8 +315,10 @@ class Cascade:
         self._check_active("merged_state_dict")
         model = _unwrap(self.model)
         if any(is_dtensor(p) for p in model.parameters()):
-            raise ValueError("merged_state_dict does not gather FSDP2 shards: finalize() and "
-                             "save with torch.distributed.checkpoint instead")
+            raise ValueError(
+                "merged_state_dict does not gather FSDP2 shards: finalize() and "
+                "save with torch.distributed.checkpoint instead"
+            )
         self._check_finite_lora()
         state = model.state_dict()
         mode = self.settings.applied_noise_mode
@@ -320,13 +330,19 @@ class Cascade:
                 weight = ScaledWeight(weight, layer.weight_scale.clone())
             with checks.naming_layer(name):
                 merge_lowrank_(
-                    weight, layer.lora_B.detach(), layer.lora_A.detach(),
-                    self.settings.slow_rate * layer.scaling, rounding=self.settings.rounding,
-                    seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING,
-                                      self.cascade_index + 1, index),
+                    weight,
+                    layer.lora_B.detach(),
+                    layer.lora_A.detach(),
+                    self.settings.slow_rate * layer.scaling,
+                    rounding=self.settings.rounding,
+                    seed=cascade_seed(
+                        self.settings.seed, PURPOSE_ROUNDING, self.cascade_index + 1, index
+                    ),
                     noise_remove=self._noise(self.cascade_index, index)
-                    if mode == "inplace" else None,
-                    backend=layer.backend)
+                    if mode == "inplace"
+                    else None,
+                    backend=layer.backend,
+                )
             if isinstance(weight, ScaledWeight):
                 weight = weight.dequantize(layer.dequantize_dtype)
             linears[prefix] = {prefix + "weight": weight}
@@ -435,17 +451,23 @@ class Cascade:
         if not self.settings.keep_history:
             raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")
         if not all(isinstance(layer, LoRASCLinear) for layer in self.layers.values()):
-            raise RuntimeError("export_peft_adapter writes the updates of LoRASCLinear layers; "
-                               "a PEFT model's base weights hold every merge: finalize() and "
-                               "save the model")
+            raise RuntimeError(
+                "export_peft_adapter writes the updates of LoRASCLinear layers; "
+                "a PEFT model's base weights hold every merge: finalize() and "
+                "save the model"
+            )
         if not any(self.history.values()):
             raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
         updates, errors = self.history, {}
         if max_rank is not None:
             updates, errors = compress_updates(self.history, max_rank)
             for name, error in errors.items():
-                logger.info("PEFT export: layer %s truncated to rank %d, relative Frobenius "
-                            "error %.3g", checks.layer_label(name), max_rank, error)
+                logger.info(
+                    "PEFT export: layer %s truncated to rank %d, relative Frobenius error %.3g",
+                    checks.layer_label(name),
+                    max_rank,
+                    error,
+                )
         config = getattr(_unwrap(self.model), "config", None)
         base_name = getattr(config, "_name_or_path", None) or None  # Hugging Face models
         folder = write_peft_adapter(path, updates, base_name)
@@ -478,8 +500,12 @@ class Cascade:
         mode = self.settings.applied_noise_mode
         if mode == "off":
             return
-        merges = self._prepare_merges([(index, name, layer, 0, 0.0, None, self._noise(0, index))
-                                       for index, name, layer in self._indexed_layers()])
+        merges = self._prepare_merges(
+            [
+                (index, name, layer, 0, 0.0, None, self._noise(0, index))
+                for index, name, layer in self._indexed_layers()
+            ]
+        )
         for (index, _, layer), merge in zip(self._indexed_layers(), merges, strict=True):
             if mode == "fused":  # the merge only checked that W + noise stays finite
                 layer.set_noise(*self._noise(0, index))
@@ -499,25 +525,40 @@ class Cascade:
         operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
         merges, failure = [], None
         for (index, name, layer, merge_index, coeff, noise_remove, noise_add), (
-                weight, row_offset, lora_b, lora_a) in zip(requests, operands, strict=True):
+            weight,
+            row_offset,
+            lora_b,
+            lora_a,
+        ) in zip(requests, operands, strict=True):
             if weight.shape[0] == 0:  # a rank holding no rows of this weight
                 merges.append(lambda: None)
                 continue
             try:
                 with checks.naming_layer(name):
-                    merges.append(prepare_merge(
-                        weight, lora_b, lora_a, coeff, rounding=self.settings.rounding,
-                        seed=cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index,
-                                          index),
-                        noise_remove=noise_remove, noise_add=noise_add, row_offset=row_offset,
-                        backend=layer.backend,
-                    ))
+                    merges.append(
+                        prepare_merge(
+                            weight,
+                            lora_b,
+                            lora_a,
+                            coeff,
+                            rounding=self.settings.rounding,
+                            seed=cascade_seed(
+                                self.settings.seed, PURPOSE_ROUNDING, merge_index, index
+                            ),
+                            noise_remove=noise_remove,
+                            noise_add=noise_add,
+                            row_offset=row_offset,
+                            backend=layer.backend,
+                        )
+                    )
             except (TypeError, ValueError) as error:
                 failure = error
                 break
         _raise_on_every_rank(failure, self.layers.values())
-        return [with_synced_scales(merge, layer)
-                for merge, (_, _, layer, *_) in zip(merges, requests, strict=True)]
+        return [
+            with_synced_scales(merge, layer)
+            for merge, (_, _, layer, *_) in zip(merges, requests, strict=True)
+        ]
 
     def _prepare_boundary(self, last: bool) -> list:
         """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""
@@ -532,7 +573,7 @@ class Cascade:
             if mode == "fused" and following is not None:  # W + the next noise stays finite
                 noise_checks.append((index, name, layer, t + 1, coeff, None, following))
             plans.append((coeff, following))
-        merges = self._prepare_merges(requests + noise_checks)[:len(requests)]
+        merges = self._prepare_merges(requests + noise_checks)[: len(requests)]
         return [(*plan, merge) for plan, merge in zip(plans, merges, strict=True)]
 
     def _boundary(self, last: bool) -> None:
@@ -541,8 +582,11 @@ class Cascade:
         t = self.cascade_index
         mode = self.settings.applied_noise_mode
         if t == 0 and self.settings.warmup_steps and not self.warmup_wired:
-            logger.warning("Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
-                           "to torch.optim.lr_scheduler.LambdaLR", self.settings.warmup_steps)
+            logger.warning(
+                "Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
+                "to torch.optim.lr_scheduler.LambdaLR",
+                self.settings.warmup_steps,
+            )
         self._check_finite_lora()
         anchors = self.slow_update.prepared_anchors()
         plans = self._prepare_boundary(last)
@@ -551,12 +595,15 @@ class Cascade:
             logger.warning(
                 "LoRASC cascade %d ends with every fast LoRA as it was drawn (lora_B = 0): no "
                 "optimizer step reached them since the last boundary; call optimizer.step() "
-                "before cascade.step()", t)
+                "before cascade.step()",
+                t,
+            )
         # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
         record = self.settings.keep_history and trained
         sample = None
         for (index, name, layer), (coeff, following, merge) in zip(
-                self._indexed_layers(), plans, strict=True):
+            self._indexed_layers(), plans, strict=True
+        ):
             if name == self.metrics.layer:
                 sample = self.metrics.sample(t, layer, coeff)
             merge()
@@ -581,7 +628,10 @@ class Cascade:
         self.metrics.record(t, seconds, sample, self.history[self.metrics.layer])
         logger.info(
             "LoRASC cascade %d %s: merged %d layers in %.1f ms, mean noise scale %.3g",
-            t, "finalized" if last else "ended", len(self.layers), 1e3 * seconds,
+            t,
+            "finalized" if last else "ended",
+            len(self.layers),
+            1e3 * seconds,
             sum(self.noise_scales) / len(self.noise_scales),
         )
 
@@ -604,8 +654,10 @@ class Cascade:
         for name, layer in self.layers.items():
             for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
                 if not bool(torch.isfinite(parameter.detach()).all()):
-                    raise ValueError(f"{name or 'model'}.{kind} has non-finite values: no "
-                                     "layer was merged and the cascade is unchanged")
+                    raise ValueError(
+                        f"{name or 'model'}.{kind} has non-finite values: no "
+                        "layer was merged and the cascade is unchanged"
+                    )
         self.slow_update.check_finite()
 
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
@@ -613,14 +665,17 @@ class Cascade:
         generator.manual_seed(cascade_seed(self.settings.seed, PURPOSE_INIT, cascade_index, index))
         return generator
 
+
 def _driven_layers(model: nn.Module) -> dict:
     """The layers a Cascade drives, by module path: ``model``'s ``LoRASCLinear`` layers, or
     its PEFT LoRA layers (:class:`~lorasc_kernels.integrations.peft.PeftLoraLayer`)."""
     layers = lorasc_layers(model)
     peft = peft_lora_layers(model)
     if layers and peft:
-        raise ValueError("model has both LoRASCLinear and PEFT LoRA layers: a Cascade drives "
-                         "one kind (inject_lorasc refuses PEFT models for this reason)")
+        raise ValueError(
+            "model has both LoRASCLinear and PEFT LoRA layers: a Cascade drives "
+            "one kind (inject_lorasc refuses PEFT models for this reason)"
+        )
     return layers or peft
 
 
@@ -659,7 +714,7 @@ def _merge_operands(layer: LoRASCLinear) -> tuple:
     lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
     scale = layer.weight_scale  # fp8 weights: the per-row scales (a whole buffer)
     if scale is not None:
-        weight = ScaledWeight(weight, scale[row_offset:row_offset + weight.shape[0]])
+        weight = ScaledWeight(weight, scale[row_offset : row_offset + weight.shape[0]])
     return weight, row_offset, lora_b, lora_a
 
 
@@ -677,7 +732,8 @@ def _check_weight_values(layers: dict[str, LoRASCLinear]) -> None:
                 values = weight  # or, for fp8, the row maxima (NaN codes make them NaN)
                 if scale is not None:  # scaled_row_max refuses bad scales
                     values = checks.scaled_row_max(
-                        weight, scale[row_offset:row_offset + weight.shape[0]])
+                        weight, scale[row_offset : row_offset + weight.shape[0]]
+                    )
                 if not bool(torch.isfinite(values).all()):
                     raise ValueError("weight has non-finite values; no layer was changed")
         except ValueError as error:
@@ -689,8 +745,9 @@ def _check_weight_values(layers: dict[str, LoRASCLinear]) -> None:
 def _raise_on_every_rank(failure: Exception | None, layers) -> None:
     """Raise ``failure`` (None: this rank found none); with row-sharded weights, every rank
     of their mesh raises when one has a failure."""
-    meshes = {id(layer.weight.device_mesh): layer.weight for layer in layers
-              if is_dtensor(layer.weight)}
+    meshes = {
+        id(layer.weight.device_mesh): layer.weight for layer in layers if is_dtensor(layer.weight)
+    }
     refused_elsewhere = False
     for weight in meshes.values():
         flag = torch.tensor([int(failure is not None)], device=weight.to_local().device)
@@ -699,8 +756,10 @@ def _raise_on_every_rank(failure: Exception | None, layers) -> None:
     if failure is not None:
         raise failure
     if refused_elsewhere:
-        raise ValueError("another rank refused this merge for the rows it holds (its error "
-                         "says why): no layer was changed on any rank")
+        raise ValueError(
+            "another rank refused this merge for the rows it holds (its error "
+            "says why): no layer was changed on any rank"
+        )
 
 
 def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -708,4 +767,3 @@ def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, tor
     lora_b = full_tensor(layer.lora_B.detach()).to("cpu", torch.float32) * coeff
     lora_a = full_tensor(layer.lora_A.detach()).to("cpu", torch.float32, copy=True)
     return lora_b, lora_a
-

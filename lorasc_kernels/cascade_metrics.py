@@ -43,8 +43,10 @@ class BoundaryMetrics:
         """Measure every ``every``-th boundary (0: none) on ``layer`` (None: the first)."""
         every = checks.check_int("every", every, 0)
         if layer is not None and layer not in self.layer_names:
-            raise ValueError(f"layer {layer!r} is not one of the Cascade's LoRASCLinear "
-                             f"layers {self.layer_names}")
+            raise ValueError(
+                f"layer {layer!r} is not one of the Cascade's LoRASCLinear "
+                f"layers {self.layer_names}"
+            )
         self.every = every
         self.layer = self.layer_names[0] if layer is None else layer
 
@@ -65,12 +67,12 @@ class BoundaryMetrics:
             lora_b, lora_a, weight_norm = sample
             singular = lowrank_svd(lora_b, lora_a)[1]
             update_norm = float(singular.square().sum().sqrt())
-            figures["lorasc/update_ratio"] = (update_norm / weight_norm if weight_norm > 0
-                                              else math.inf)
+            figures["lorasc/update_ratio"] = (
+                update_norm / weight_norm if weight_norm > 0 else math.inf
+            )
             figures["lorasc/cascade_effective_rank"] = effective_rank(singular)
             if history:
-                figures["lorasc/effective_rank"] = effective_rank(
-                    lowrank_svd(*stacked(history))[1])
+                figures["lorasc/effective_rank"] = effective_rank(lowrank_svd(*stacked(history))[1])
         self.last = figures
 
 
@@ -80,7 +82,7 @@ def _weight_norm(layer) -> float:
     weight, row_offset = local_row_block(layer.weight.detach())
     squares = weight.to(torch.float32).square().sum(dim=1)
     if layer.weight_scale is not None:
-        scale = layer.weight_scale[row_offset:row_offset + weight.shape[0]]
+        scale = layer.weight_scale[row_offset : row_offset + weight.shape[0]]
         squares = squares * scale.to(torch.float32).square()
     total = squares.to(torch.float64).sum()
     if is_dtensor(layer.weight) and layer.weight.placements[0].is_shard():

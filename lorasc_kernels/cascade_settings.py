@@ -58,8 +58,10 @@ class CascadeSettings:
             object.__setattr__(self, name, value)
 
         if self.steps_per_cascade is not None:
-            keep("steps_per_cascade", checks.check_int("steps_per_cascade",
-                                                       self.steps_per_cascade, 1))
+            keep(
+                "steps_per_cascade",
+                checks.check_int("steps_per_cascade", self.steps_per_cascade, 1),
+            )
         keep("slow_rate", checks.check_float("slow_rate", self.slow_rate))
         if not 0.0 < self.slow_rate <= 1.0:
             raise ValueError(f"slow_rate must be in (0, 1], got {self.slow_rate}")
@@ -80,21 +82,23 @@ class CascadeSettings:
             raise TypeError(
                 f"slow_other_params must be a bool, got {type(self.slow_other_params).__name__}"
             )
-        keep("warmup_steps", checks.check_int("warmup_steps", self.warmup_steps, 0,
-                                              self.steps_per_cascade))
+        keep(
+            "warmup_steps",
+            checks.check_int("warmup_steps", self.warmup_steps, 0, self.steps_per_cascade),
+        )
 
     @classmethod
     def of(cls, settings: CascadeSettings | None = None, **overrides) -> CascadeSettings:
         """``settings`` (the defaults if None) with ``overrides`` replacing some values; an
         unknown name raises ``TypeError`` naming it."""
         if settings is not None and not isinstance(settings, cls):
-            raise TypeError(f"settings must be a CascadeSettings or None, "
-                            f"got {type(settings).__name__}")
+            raise TypeError(
+                f"settings must be a CascadeSettings or None, got {type(settings).__name__}"
+            )
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise TypeError(f"unknown Cascade settings {unknown}; the settings are "
-                            f"{sorted(names)}")
+            raise TypeError(f"unknown Cascade settings {unknown}; the settings are {sorted(names)}")
         return dataclasses.replace(settings or cls(), **overrides)
 
     @property

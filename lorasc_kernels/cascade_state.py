@@ -20,8 +20,17 @@ from .cascade_settings import CascadeSettings
 __all__ = ["STATE_VERSION", "STATE_KEYS", "upgraded", "check_state"]
 
 STATE_VERSION = 1
-STATE_KEYS = ("version", "settings", "layer_names", "cascade_index", "steps_in_cascade",
-              "finalized", "noise_scales", "history", "anchors")
+STATE_KEYS = (
+    "version",
+    "settings",
+    "layer_names",
+    "cascade_index",
+    "steps_in_cascade",
+    "finalized",
+    "noise_scales",
+    "history",
+    "anchors",
+)
 
 
 def upgraded(state) -> dict:
@@ -29,21 +38,26 @@ def upgraded(state) -> dict:
     ``version`` set, and the settings it lacks at their defaults. Refuses what is not a
     state dict of this or an older version."""
     if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict from Cascade.state_dict(), "
-                        f"got {type(state).__name__}")
+        raise TypeError(
+            f"state must be a dict from Cascade.state_dict(), got {type(state).__name__}"
+        )
     version = state.get("version", 0)
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ValueError(f"state['version'] must be an int >= 0, got {version!r}")
     if version > STATE_VERSION:
-        raise ValueError(f"state['version'] is {version}: written by a newer lorasc_kernels "
-                         f"(this one reads versions up to {STATE_VERSION})")
+        raise ValueError(
+            f"state['version'] is {version}: written by a newer lorasc_kernels "
+            f"(this one reads versions up to {STATE_VERSION})"
+        )
     settings = state.get("settings")
     if not isinstance(settings, dict):
         raise ValueError("state must be a dict from Cascade.state_dict() with its 'settings'")
     defaults = dataclasses.asdict(CascadeSettings())
-    return {**state, "version": STATE_VERSION,
-            "settings": {**{k: v for k, v in defaults.items() if k not in settings},
-                         **settings}}
+    return {
+        **state,
+        "version": STATE_VERSION,
+        "settings": {**{k: v for k, v in defaults.items() if k not in settings}, **settings},
+    }
 
 
 def check_state(state: dict, settings: CascadeSettings, layers: dict, anchors: list) -> None:
@@ -66,12 +80,18 @@ def check_state(state: dict, settings: CascadeSettings, layers: dict, anchors: l
         raise ValueError("state['finalized'] is not False: a finalized run cannot resume")
     checks.check_int("state['cascade_index']", state["cascade_index"], 0)
     steps = settings.steps_per_cascade
-    checks.check_int("state['steps_in_cascade']", state["steps_in_cascade"], 0,
-                     None if steps is None else steps - 1)
+    checks.check_int(
+        "state['steps_in_cascade']",
+        state["steps_in_cascade"],
+        0,
+        None if steps is None else steps - 1,
+    )
     scales = state["noise_scales"]
     if not isinstance(scales, (list, tuple)) or len(scales) != len(layers):
-        raise ValueError(f"state['noise_scales'] must be a list of {len(layers)} "
-                         f"scales, one per layer, got {scales!r}")
+        raise ValueError(
+            f"state['noise_scales'] must be a list of {len(layers)} "
+            f"scales, one per layer, got {scales!r}"
+        )
     for index, scale in enumerate(scales):
         checks.check_float(f"state['noise_scales'][{index}]", scale, minimum=0.0)
     _check_history(state["history"], layers, settings.keep_history)
@@ -82,8 +102,9 @@ def _check_history(history, layers: dict, keep_history: bool) -> None:
     """``state['history']``: per layer, finite ``(c·B (out, r), A (r, in))`` pairs (none
     unless ``keep_history``)."""
     if not isinstance(history, dict) or list(history) != list(layers):
-        raise ValueError("state['history'] must be a dict with one list per layer, "
-                         f"keyed {list(layers)}")
+        raise ValueError(
+            f"state['history'] must be a dict with one list per layer, keyed {list(layers)}"
+        )
     for name, layer in layers.items():
         pairs = history[name]
         where = f"state['history'][{name!r}]"
@@ -93,11 +114,17 @@ def _check_history(history, layers: dict, keep_history: bool) -> None:
             raise ValueError(f"{where} holds updates but keep_history is False")
         shapes = ((layer.out_features, layer.r), (layer.r, layer.in_features))
         for t, pair in enumerate(pairs):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+            if not (
+                isinstance(pair, (list, tuple))
+                and len(pair) == 2
+                and all(
                     isinstance(x, torch.Tensor) and tuple(x.shape) == shape
-                    for x, shape in zip(pair, shapes, strict=True))):
-                raise ValueError(f"{where}[{t}] must be a pair of tensors of shapes "
-                                 f"{shapes} (c·B, A)")
+                    for x, shape in zip(pair, shapes, strict=True)
+                )
+            ):
+                raise ValueError(
+                    f"{where}[{t}] must be a pair of tensors of shapes {shapes} (c·B, A)"
+                )
             for part, saved in zip(("c·B", "A"), pair, strict=True):
                 _check_values(f"{where}[{t}] ({part})", saved)
 
@@ -106,11 +133,15 @@ def _check_anchors(saved_anchors, anchors: list) -> None:
     """``state['anchors']``: one finite tensor like each of ``anchors``."""
     if not isinstance(saved_anchors, (list, tuple)) or len(saved_anchors) != len(anchors):
         count = len(saved_anchors) if isinstance(saved_anchors, (list, tuple)) else saved_anchors
-        raise ValueError(f"state has {count} anchors, this Cascade slow-updates "
-                         f"{len(anchors)} other parameters")
+        raise ValueError(
+            f"state has {count} anchors, this Cascade slow-updates {len(anchors)} other parameters"
+        )
     for index, (anchor, saved) in enumerate(zip(anchors, saved_anchors, strict=True)):
-        if (not isinstance(saved, torch.Tensor) or saved.shape != anchor.shape
-                or saved.dtype != anchor.dtype):
+        if (
+            not isinstance(saved, torch.Tensor)
+            or saved.shape != anchor.shape
+            or saved.dtype != anchor.dtype
+        ):
             raise ValueError(
                 f"state['anchors'][{index}] must be a tensor of shape "
                 f"{tuple(anchor.shape)} and dtype {anchor.dtype}, got {saved!r:.80}"

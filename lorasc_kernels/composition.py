@@ -27,9 +27,15 @@ from .specs import LinearSpec
 __all__ = ["linear_forward", "linear_backward"]
 
 
-def linear_forward(backend: Backend, x: torch.Tensor, weight: torch.Tensor | ScaledWeight,
-                   bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                   spec: LinearSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_forward(
+    backend: Backend,
+    x: torch.Tensor,
+    weight: torch.Tensor | ScaledWeight,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    spec: LinearSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward."""
     A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     if spec.dropout is None:
@@ -40,9 +46,17 @@ def linear_forward(backend: Backend, x: torch.Tensor, weight: torch.Tensor | Sca
     return y, xa
 
 
-def linear_backward(backend: Backend, dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor,
-                    weight: torch.Tensor | ScaledWeight, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, spec: LinearSpec, needs) -> tuple:
+def linear_backward(
+    backend: Backend,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor | ScaledWeight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    spec: LinearSpec,
+    needs,
+) -> tuple:
     """Gradients ``(dx, dweight, dbias, dlora_A, dlora_B)``, None where ``needs`` (five
     bools, in that order) is False; each in its input's dtype (``dbias`` in ``x``'s).
     A :class:`ScaledWeight` is frozen: ``needs`` asks no ``dweight``."""
@@ -54,8 +68,17 @@ def linear_backward(backend: Backend, dy: torch.Tensor, x: torch.Tensor, xa: tor
         dy_b = dy @ B
     if need_x:  # Q = Wᵀ: a view of a float W; a ScaledWeight is passed as W (the contract)
         q = weight if isinstance(weight, ScaledWeight) else weight.t()
-        dx = backend.lowrank_gemm(dy, q, None, dy_b, A.t(), spec.scale, noise=spec.noise,
-                                  q_transposed=True, rank_dropout=spec.dropout)
+        dx = backend.lowrank_gemm(
+            dy,
+            q,
+            None,
+            dy_b,
+            A.t(),
+            spec.scale,
+            noise=spec.noise,
+            q_transposed=True,
+            rank_dropout=spec.dropout,
+        )
     if need_a:
         if spec.dropout is None:
             d_a = dy_b.t() @ x

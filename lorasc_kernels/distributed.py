@@ -113,24 +113,31 @@ def _row_sharded(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     shape = (like.shape[0], *rows.shape[1:])
-    return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False,
-                              shape=shape, stride=torch.empty(shape, device="meta").stride())
+    return DTensor.from_local(
+        rows,
+        like.device_mesh,
+        like.placements,
+        run_check=False,
+        shape=shape,
+        stride=torch.empty(shape, device="meta").stride(),
+    )
 
 
-def _row_moments(block: torch.Tensor, cols: int,
-                 row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _row_moments(
+    block: torch.Tensor, cols: int, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """``(rows, 2)`` float64: each row's mean and sum of squared deviations from it, of
     ``row_scale[row] · block[row]`` when ``row_scale`` (rows,) is given."""
     rows = block.shape[0]
     step = max(1, _BLOCK_ELEMENTS // cols)
     moments = torch.empty(rows, 2, dtype=torch.float64, device=block.device)
     for start in range(0, rows, step):
-        values = block[start:start + step].reshape(-1, cols).to(torch.float64)
+        values = block[start : start + step].reshape(-1, cols).to(torch.float64)
         if row_scale is not None:  # exact in float64: fp8 and float32 significands
-            values = values * row_scale[start:start + step, None].to(torch.float64)
+            values = values * row_scale[start : start + step, None].to(torch.float64)
         means = values.mean(dim=1)
-        moments[start:start + step, 0] = means
-        moments[start:start + step, 1] = (values - means[:, None]).square().sum(dim=1)
+        moments[start : start + step, 0] = means
+        moments[start : start + step, 1] = (values - means[:, None]).square().sum(dim=1)
     return moments
 
 
@@ -150,7 +157,7 @@ def global_std(tensor: torch.Tensor, row_scale: torch.Tensor | None = None) -> f
     cols = tensor.numel() // tensor.shape[0]
     local, row_offset = local_row_block(tensor.detach())
     if row_scale is not None:
-        row_scale = row_scale[row_offset:row_offset + local.shape[0]]
+        row_scale = row_scale[row_offset : row_offset + local.shape[0]]
     moments = _row_moments(local, cols, row_scale)
     if _is_row_sharded(tensor):
         moments = _row_sharded(moments, tensor).full_tensor()
@@ -175,14 +182,14 @@ def reset_lora(layer, generator: torch.Generator | None = None) -> None:
     # The layer's reset_lora on a stand-in holding the whole A (and the real, sharded B).
     type(layer).reset_lora(SimpleNamespace(lora_A=whole_a, lora_B=layer.lora_B), generator)
     with torch.no_grad():
-        local_a.copy_(whole_a[row_offset:row_offset + local_a.shape[0]])
+        local_a.copy_(whole_a[row_offset : row_offset + local_a.shape[0]])
 
 
 def _local_scale_rows(layer) -> torch.Tensor:
     """The entries of ``layer.weight_scale`` (N,) for this rank's rows of ``layer.weight``
     (a view of the buffer)."""
     local, row_offset = local_row_block(layer.weight.detach())
-    return layer.weight_scale[row_offset:row_offset + local.shape[0]]
+    return layer.weight_scale[row_offset : row_offset + local.shape[0]]
 
 
 def with_synced_scales(merge: Callable[[], object], layer) -> Callable[[], object]:
@@ -239,11 +246,12 @@ def _block_checksum(block: torch.Tensor, row_offset: int) -> int:
     first = row_offset * (words.numel() // rows if rows else 0)
     total = 0
     for start in range(0, words.numel(), _BLOCK_ELEMENTS):
-        chunk = words[start:start + _BLOCK_ELEMENTS].to(torch.int64)
+        chunk = words[start : start + _BLOCK_ELEMENTS].to(torch.int64)
         if not one_byte:
             chunk &= 0xFFFF
-        index = torch.arange(first + start, first + start + chunk.numel(),
-                             dtype=torch.int64, device=chunk.device)
+        index = torch.arange(
+            first + start, first + start + chunk.numel(), dtype=torch.int64, device=chunk.device
+        )
         key = mix32(mix32(index >> 32) ^ (index & MASK32))
         total += int(mix32(key ^ chunk).sum())
     return total % 2**64
@@ -259,8 +267,9 @@ def tensor_checksum(tensor: torch.Tensor) -> int:
     local, row_offset = local_row_block(tensor)
     checksum = _block_checksum(local, row_offset)
     if _is_row_sharded(tensor):
-        total = torch.tensor(checksum - 2**64 * (checksum >= 2**63), dtype=torch.int64,
-                             device=local.device)
+        total = torch.tensor(
+            checksum - 2**64 * (checksum >= 2**63), dtype=torch.int64, device=local.device
+        )
         dist.all_reduce(total, group=tensor.device_mesh.get_group())
         checksum = int(total) % 2**64
     return checksum
@@ -288,8 +297,9 @@ def assert_weights_equal_across_ranks(model: nn.Module, group=None) -> dict[str,
         return checksums
     gathered: list[dict[str, int] | None] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, checksums, group=group)
-    differing = [name for name in checksums
-                 if any(other.get(name) != checksums[name] for other in gathered)]
+    differing = [
+        name for name in checksums if any(other.get(name) != checksums[name] for other in gathered)
+    ]
     if differing:
         raise AssertionError(
             f"weights differ across ranks on rank {dist.get_rank(group)}: {differing}"

@@ -109,16 +109,29 @@ class ScaledWeightDtype(WeightDtype):
 SCALED_WEIGHT_DTYPES: dict[torch.dtype, ScaledWeightDtype] = {
     entry.dtype: entry
     for entry in (
-        ScaledWeightDtype(torch.float8_e4m3fn, mantissa_bits=3, exponent_bits=4,
-                          name="fp8_e4m3", exponent_bias=7, max_value=448.0),
-        ScaledWeightDtype(torch.float8_e5m2, mantissa_bits=2, exponent_bits=5,
-                          name="fp8_e5m2", exponent_bias=15, max_value=57344.0,
-                          has_infinity=True),
+        ScaledWeightDtype(
+            torch.float8_e4m3fn,
+            mantissa_bits=3,
+            exponent_bits=4,
+            name="fp8_e4m3",
+            exponent_bias=7,
+            max_value=448.0,
+        ),
+        ScaledWeightDtype(
+            torch.float8_e5m2,
+            mantissa_bits=2,
+            exponent_bits=5,
+            name="fp8_e5m2",
+            exponent_bias=15,
+            max_value=57344.0,
+            has_infinity=True,
+        ),
     )
 }
 # weight_format names of the user-facing options → their dtype.
-WEIGHT_FORMATS: dict[str, torch.dtype] = {entry.name: dtype
-                                          for dtype, entry in SCALED_WEIGHT_DTYPES.items()}
+WEIGHT_FORMATS: dict[str, torch.dtype] = {
+    entry.name: dtype for dtype, entry in SCALED_WEIGHT_DTYPES.items()
+}
 KERNEL_DTYPES: tuple[torch.dtype, ...] = tuple(WEIGHT_DTYPES)
 SCALED_DTYPES: tuple[torch.dtype, ...] = tuple(SCALED_WEIGHT_DTYPES)
 # float64 is the torch backend's only: gradcheck and float64 oracles.
@@ -135,16 +148,18 @@ def weight_dtype(dtype: torch.dtype) -> WeightDtype:
     if dtype == torch.float64:
         return WEIGHT_DTYPES[torch.float32]
     if dtype not in WEIGHT_DTYPES:
-        raise TypeError(f"weights must have a dtype in {dtype_names(REFERENCE_DTYPES)}, "
-                        f"got {dtype}")
+        raise TypeError(
+            f"weights must have a dtype in {dtype_names(REFERENCE_DTYPES)}, got {dtype}"
+        )
     return WEIGHT_DTYPES[dtype]
 
 
 def scaled_weight_dtype(dtype: torch.dtype) -> ScaledWeightDtype:
     """The registry entry of the scaled format ``dtype``."""
     if dtype not in SCALED_WEIGHT_DTYPES:
-        raise TypeError(f"scaled weights must have a dtype in "
-                        f"{dtype_names(SCALED_WEIGHT_DTYPES)}, got {dtype}")
+        raise TypeError(
+            f"scaled weights must have a dtype in {dtype_names(SCALED_WEIGHT_DTYPES)}, got {dtype}"
+        )
     return SCALED_WEIGHT_DTYPES[dtype]
 
 

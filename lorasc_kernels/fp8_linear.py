@@ -40,8 +40,10 @@ class Fp8Linear(nn.Module):
     def __init__(self, weight: ScaledWeight, bias: torch.Tensor | None = None):
         super().__init__()
         if not isinstance(weight, ScaledWeight):
-            raise TypeError(f"weight must be a ScaledWeight (fp8 codes with per-row scales), "
-                            f"got {type(weight).__name__}")
+            raise TypeError(
+                f"weight must be a ScaledWeight (fp8 codes with per-row scales), "
+                f"got {type(weight).__name__}"
+            )
         checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
         if bias is not None:
             checks.check_tensor("bias", bias, dims=1)
@@ -60,8 +62,9 @@ class Fp8Linear(nn.Module):
         (nonzero ``lora_B``) or whose weight carries a Cascade's in-place noise: serving
         would drop the LoRA or keep the noise; finalize its Cascade (or ``merge_lowrank_``
         its LoRA) first."""
-        if isinstance(linear, LoRASCLinear) and (bool(linear.lora_B.detach().any())
-                                                 or linear.weight_noise is not None):
+        if isinstance(linear, LoRASCLinear) and (
+            bool(linear.lora_B.detach().any()) or linear.weight_noise is not None
+        ):
             raise TypeError(
                 "linear is a LoRASCLinear with a trained LoRA (nonzero lora_B) or in-place "
                 "noise: serving its weight alone would drop the LoRA unmerged; finalize its "
@@ -74,21 +77,33 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"x must be a tensor with a dtype in {dtype_names(KERNEL_DTYPES)}, "
-                            f"got {getattr(x, 'dtype', type(x).__name__)}")
+            raise TypeError(
+                f"x must be a tensor with a dtype in {dtype_names(KERNEL_DTYPES)}, "
+                f"got {getattr(x, 'dtype', type(x).__name__)}"
+            )
         if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have in_features={self.in_features} as its last dim, "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have in_features={self.in_features} as its last dim, "
+                f"got shape {tuple(x.shape)}"
+            )
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features).float()
         x_dtype = WEIGHT_FORMATS[INPUT_FORMAT]
         x_scale = row_scales(rows, x_dtype)
         x_q = (rows / x_scale[:, None]).to(x_dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = torch._scaled_mm(x_q, self.weight.t(), scale_a=x_scale[:, None],
-                             scale_b=self.weight_scale[None, :], bias=bias, out_dtype=x.dtype)
+        y = torch._scaled_mm(
+            x_q,
+            self.weight.t(),
+            scale_a=x_scale[:, None],
+            scale_b=self.weight_scale[None, :],
+            bias=bias,
+            out_dtype=x.dtype,
+        )
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}"
+        )

@@ -74,8 +74,10 @@ def _check_weight(weight) -> bool:
     if isinstance(weight, ScaledWeight):
         return True
     if isinstance(weight, torch.Tensor) and weight.dtype in SCALED_DTYPES:
-        raise TypeError(f"weight has the scaled dtype {weight.dtype}: pass it with its per-row "
-                        "float32 scales as ScaledWeight(codes, scale)")
+        raise TypeError(
+            f"weight has the scaled dtype {weight.dtype}: pass it with its per-row "
+            "float32 scales as ScaledWeight(codes, scale)"
+        )
     checks.check_tensor("weight", weight, dims=2)
     return False
 
@@ -155,8 +157,10 @@ def lorasc_linear(
     _check_lowrank(weight, lora_A, lora_B)
     checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     if scaled and weight.codes.requires_grad:
-        raise ValueError(f"weight.codes ({weight.dtype}) requires grad: scaled weights are "
-                         "frozen (requires_grad_(False))")
+        raise ValueError(
+            f"weight.codes ({weight.dtype}) requires grad: scaled weights are "
+            "frozen (requires_grad_(False))"
+        )
     if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
         checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
     scale = checks.check_float("scale", scale)
@@ -167,8 +171,10 @@ def lorasc_linear(
     elif noise_scale != 0.0:
         raise ValueError("noise_scale is nonzero but noise_seed is None: pass both or neither")
     if scaled and noise_seed is not None:
-        raise ValueError(f"noise_seed: fused noise is not supported on {weight.dtype} weights "
-                         "(docs/fp8.md); use noise_mode='inplace' or 'off'")
+        raise ValueError(
+            f"noise_seed: fused noise is not supported on {weight.dtype} weights "
+            "(docs/fp8.md); use noise_mode='inplace' or 'off'"
+        )
     if dropout_seed is not None:
         dropout_seed = checks.check_seed("dropout_seed", dropout_seed)
     elif dropout_p > 0.0:
@@ -199,8 +205,7 @@ def lorasc_linear(
     lead = x.shape[:-1]
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec,
-                       backend)
+        y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec, backend)
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
@@ -242,9 +247,18 @@ def merge_lowrank_(
     (:func:`prepare_merge`), including that the result stays finite in ``weight``'s dtype:
     any bad argument raises and leaves ``weight`` untouched.
     """
-    return prepare_merge(weight, lora_B, lora_A, coeff, rounding=rounding, seed=seed,
-                         noise_remove=noise_remove, noise_add=noise_add,
-                         row_offset=row_offset, backend=backend)()
+    return prepare_merge(
+        weight,
+        lora_B,
+        lora_A,
+        coeff,
+        rounding=rounding,
+        seed=seed,
+        noise_remove=noise_remove,
+        noise_add=noise_add,
+        row_offset=row_offset,
+        backend=backend,
+    )()
 
 
 def prepare_merge(
@@ -273,15 +287,21 @@ def prepare_merge(
     _check_lowrank(weight, lora_A, lora_B, row_block=True)
     checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
     # The tensors written in place, by the names errors give them.
-    written = ({"weight.codes": weight.codes, "weight.scale": weight.scale} if scaled
-               else {"weight": weight})
+    written = (
+        {"weight.codes": weight.codes, "weight.scale": weight.scale}
+        if scaled
+        else {"weight": weight}
+    )
     coeff = checks.check_float("coeff", coeff)
     rounding = checks.check_choice("rounding", rounding, ROUNDING_MODES)
     seed = checks.check_seed("seed", seed)
     noise_remove = checks.check_noise_pair("noise_remove", noise_remove)
     noise_add = checks.check_noise_pair("noise_add", noise_add)
-    scalars = {"coeff": coeff, "noise_remove[1] (scale)": (noise_remove or (0, 0.0))[1],
-               "noise_add[1] (scale)": (noise_add or (0, 0.0))[1]}
+    scalars = {
+        "coeff": coeff,
+        "noise_remove[1] (scale)": (noise_remove or (0, 0.0))[1],
+        "noise_add[1] (scale)": (noise_add or (0, 0.0))[1],
+    }
     for name, value in scalars.items():  # merges compute in float32 (float64 W: in float64)
         if weight.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max:
             raise ValueError(f"{name} must be within float32's range, got {value}")
@@ -292,8 +312,7 @@ def prepare_merge(
     backend = resolve_backend_name(backend, weight.device)
     if scaled:
         _check_backend_scaled(backend, weight)
-    _check_backend_dtype(backend, weight=None if scaled else weight, lora_A=lora_A,
-                         lora_B=lora_B)
+    _check_backend_dtype(backend, weight=None if scaled else weight, lora_A=lora_A, lora_B=lora_B)
     for name, tensor in written.items():
         checks.check_writable(name, tensor)
     for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
@@ -311,11 +330,17 @@ def prepare_merge(
 
     noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
     if scaled:
-        checks.check_merge_in_range(weight.codes, lora_B, lora_A, coeff, noise_scales,
-                                    row_offset, None, weight.scale)
+        checks.check_merge_in_range(
+            weight.codes, lora_B, lora_A, coeff, noise_scales, row_offset, None, weight.scale
+        )
         return lambda: merge_rows(weight, 0, weight.shape[0])
     checks.check_merge_in_range(
-        weight, lora_B, lora_A, coeff, noise_scales, row_offset,
+        weight,
+        lora_B,
+        lora_A,
+        coeff,
+        noise_scales,
+        row_offset,
         lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
     )
     return lambda: merge_rows(weight, 0, weight.shape[0])

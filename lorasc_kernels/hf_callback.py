@@ -70,8 +70,11 @@ def _checkpoint_file(args, state, folder=None) -> Path:
     checkpoint of the current global step; one file per process when there are several
     (under FSDP2 the anchors of the slow update are each rank's own rows),
     ``lorasc_cascade.rank<i>.pt``."""
-    name = (CHECKPOINT_FILE if args.world_size <= 1
-            else CHECKPOINT_FILE.replace(".pt", f".rank{args.process_index}.pt"))
+    name = (
+        CHECKPOINT_FILE
+        if args.world_size <= 1
+        else CHECKPOINT_FILE.replace(".pt", f".rank{args.process_index}.pt")
+    )
     if folder is None:
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     return Path(folder) / name
@@ -88,8 +91,7 @@ class LoRASCCallback(TrainerCallback):
     ``metrics_every`` and ``metrics_layer`` go to :meth:`Cascade.track_metrics`.
     """
 
-    def __init__(self, *, metrics_every: int = 1, metrics_layer: str | None = None,
-                 **settings):
+    def __init__(self, *, metrics_every: int = 1, metrics_layer: str | None = None, **settings):
         self.settings = CascadeSettings(**settings)
         self.metrics_every, self.metrics_layer = metrics_every, metrics_layer
         self._cascade: Cascade | None = None
@@ -141,9 +143,12 @@ class LoRASCCallback(TrainerCallback):
             self._warmed_scheduler = scheduler
         reporters = [name for name in args.report_to or [] if name != "none"]
         if reporters and not self._first:
-            logger.warning("report_to=%s: the Trainer calls those callbacks before "
-                           "LoRASCCallback, so they log the cascade figures only after "
-                           "callback.first_in(trainer)", reporters)
+            logger.warning(
+                "report_to=%s: the Trainer calls those callbacks before "
+                "LoRASCCallback, so they log the cascade figures only after "
+                "callback.first_in(trainer)",
+                reporters,
+            )
 
     def _warmup_scheduler(self, scheduler):
         """The ``LambdaLR`` (inside accelerate's wrapper) the warm-up must wrap, or None when
@@ -164,8 +169,9 @@ class LoRASCCallback(TrainerCallback):
         learning rates they give now (the Trainer computed the first without the warm-up)."""
         scheduler.lr_lambdas = [self.cascade.lr_lambda(f) for f in scheduler.lr_lambdas]
         groups = scheduler.optimizer.param_groups
-        for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas,
-                                           strict=True):
+        for group, base, multiplier in zip(
+            groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+        ):
             group["lr"] = base * multiplier(scheduler.last_epoch)
         scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
@@ -201,8 +207,9 @@ class LoRASCCallback(TrainerCallback):
         try:
             saved = torch.load(path, weights_only=True)
         except Exception as error:  # torch raises UnpicklingError, EOFError, RuntimeError...
-            raise ValueError(f"the Cascade's state in {path} cannot be read "
-                             f"({type(error).__name__}: {error})") from error
+            raise ValueError(
+                f"the Cascade's state in {path} cannot be read ({type(error).__name__}: {error})"
+            ) from error
         try:
             saved = upgraded(saved)
         except (TypeError, ValueError) as error:
@@ -214,8 +221,11 @@ class LoRASCCallback(TrainerCallback):
                 f"{asdict(self.settings)}"
             )
         steps = self.settings.steps_per_cascade
-        if steps is not None and isinstance(saved.get("cascade_index"), int) and isinstance(
-                saved.get("steps_in_cascade"), int):
+        if (
+            steps is not None
+            and isinstance(saved.get("cascade_index"), int)
+            and isinstance(saved.get("steps_in_cascade"), int)
+        ):
             at = saved["cascade_index"] * steps + saved["steps_in_cascade"]
             if at != state.global_step:
                 raise ValueError(
@@ -228,8 +238,10 @@ class LoRASCCallback(TrainerCallback):
         if layers:  # the PEFT route: the Trainer saved the adapters, not the merged weights
             weights = path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX))
             if not weights.is_file():
-                raise RuntimeError(f"resuming a PEFT model's run needs its merged base weights "
-                                   f"in {weights}, saved by LoRASCCallback beside {path.name}")
+                raise RuntimeError(
+                    f"resuming a PEFT model's run needs its merged base weights "
+                    f"in {weights}, saved by LoRASCCallback beside {path.name}"
+                )
             load_base_weights(layers, torch.load(weights, weights_only=True), str(weights))
         return Cascade.from_state_dict(model, optimizer, saved)
 
@@ -240,8 +252,10 @@ class LoRASCCallback(TrainerCallback):
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(cascade.state_dict(), path)
             if all(isinstance(layer, PeftLoraLayer) for layer in cascade.layers.values()):
-                torch.save(base_weights(cascade.layers),
-                           path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX)))
+                torch.save(
+                    base_weights(cascade.layers),
+                    path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX)),
+                )
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.cascade.step():

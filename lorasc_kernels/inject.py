@@ -67,7 +67,8 @@ class LoRASCConfig:
             format_dtype(self.weight_format)
         checks.check_choice("bias", self.bias, BIAS_MODES)
         if not isinstance(self.trainable, (list, tuple, set)) or not all(
-                isinstance(name, str) and name for name in self.trainable):
+            isinstance(name, str) and name for name in self.trainable
+        ):
             raise TypeError(f"trainable must be a list of module names, got {self.trainable!r}")
         targets = self.target_modules
         if isinstance(targets, str):
@@ -114,8 +115,11 @@ def _ends_with(name: str, target: str) -> bool:
 
 def _module_paths(model: nn.Module, kind: type) -> dict[str, nn.Module]:
     """Every module of type ``kind`` in ``model`` under each of its dotted paths."""
-    return {name: module for name, module in model.named_modules(remove_duplicate=False)
-            if isinstance(module, kind)}
+    return {
+        name: module
+        for name, module in model.named_modules(remove_duplicate=False)
+        if isinstance(module, kind)
+    }
 
 
 def _check_registered_once(paths: dict[str, nn.Module], names) -> None:
@@ -166,8 +170,9 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     if type(config).__name__ == "LoraConfig" and type(config).__module__.startswith("peft"):
         config = LoRASCConfig.from_peft(config)
     if not isinstance(config, LoRASCConfig):
-        raise TypeError(f"config must be a LoRASCConfig or a peft.LoraConfig, "
-                        f"got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a LoRASCConfig or a peft.LoraConfig, got {type(config).__name__}"
+        )
     _refuse_peft_layers(model)
     output_layer = None
     if config.target_modules == ALL_LINEAR and hasattr(model, "get_output_embeddings"):
@@ -180,8 +185,11 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     }
     chosen = {name: module for name, module in linears.items() if config.matches(name)}
     _check_registered_once(paths, chosen)
-    already = [name for name, module in paths.items()
-               if isinstance(module, LoRASCLinear) and config.matches(name)]
+    already = [
+        name
+        for name, module in paths.items()
+        if isinstance(module, LoRASCLinear) and config.matches(name)
+    ]
     if not chosen and already:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched only layers that are "
@@ -194,11 +202,17 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
             f"linear layers in the model: {_some(linears)}"
         )
     for target in config.unmatched([*linears, *already]):
-        logger.warning("target_modules entry %r matched no nn.Linear of the model; linear "
-                       "layers: %s", target, _some(linears))
+        logger.warning(
+            "target_modules entry %r matched no nn.Linear of the model; linear layers: %s",
+            target,
+            _some(linears),
+        )
     if already:
-        logger.warning("inject_lorasc: %d targeted layers are LoRASCLinear already and stay "
-                       "as they are: %s", len(already), _some(already))
+        logger.warning(
+            "inject_lorasc: %d targeted layers are LoRASCLinear already and stay as they are: %s",
+            len(already),
+            _some(already),
+        )
     for name, module in chosen.items():
         with checks.naming_layer(name):
             LoRASCLinear.check_linear(module, config.weight_format)
@@ -207,13 +221,20 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
                 f"r={config.r} exceeds min(in, out)="
                 f"{min(module.in_features, module.out_features)} of layer {name!r}"
             )
-    trainable = {name: module for name, module in model.named_modules()
-                 if name and any(_ends_with(name, t) for t in config.trainable)}
+    trainable = {
+        name: module
+        for name, module in model.named_modules()
+        if name and any(_ends_with(name, t) for t in config.trainable)
+    }
     missing = [t for t in config.trainable if not any(_ends_with(n, t) for n in trainable)]
     if missing:
         raise ValueError(f"trainable names {missing} match no module of the model")
-    fast = {id(p) for layer in paths.values() if isinstance(layer, LoRASCLinear)
-            for p in (layer.lora_A, layer.lora_B)}
+    fast = {
+        id(p)
+        for layer in paths.values()
+        if isinstance(layer, LoRASCLinear)
+        for p in (layer.lora_A, layer.lora_B)
+    }
     for parameter in model.parameters():
         if id(parameter) not in fast:
             parameter.requires_grad_(False)
@@ -226,8 +247,12 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     layers = {}
     for name, linear in chosen.items():
         layer = LoRASCLinear.from_linear(
-            linear, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            backend=config.backend, lora_dtype=config.lora_dtype,
+            linear,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            backend=config.backend,
+            lora_dtype=config.lora_dtype,
             weight_format=config.weight_format,
         )
         parent_name, _, child = name.rpartition(".")

@@ -91,8 +91,10 @@ class LoRASCLinear(nn.Linear):
         """Replace ``weight`` by its ``weight_format`` values and per-row scales (frozen)."""
         weight = self.weight.detach()
         if weight.is_meta:
-            scaled = ScaledWeight(torch.empty_like(weight, dtype=format_dtype(weight_format)),
-                                  torch.ones(weight.shape[0], device="meta"))
+            scaled = ScaledWeight(
+                torch.empty_like(weight, dtype=format_dtype(weight_format)),
+                torch.ones(weight.shape[0], device="meta"),
+            )
         else:
             scaled = quantize(weight, format_dtype(weight_format))
         self.weight = nn.Parameter(scaled.codes, requires_grad=False)
@@ -123,11 +125,18 @@ class LoRASCLinear(nn.Linear):
         (per-row absmax scales, round to nearest); the bias is still shared.
         """
         cls.check_linear(linear, weight_format)  # nothing below refuses: linear stays as it
-        weight = linear.weight                   # was when this raises
+        weight = linear.weight  # was when this raises
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, r=r,
-            lora_alpha=lora_alpha, lora_dropout=lora_dropout, backend=backend,
-            device="meta", dtype=weight.dtype, lora_dtype=lora_dtype,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            backend=backend,
+            device="meta",
+            dtype=weight.dtype,
+            lora_dtype=lora_dtype,
         )
         layer.weight = weight
         layer.bias = linear.bias
@@ -157,13 +166,19 @@ class LoRASCLinear(nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         checks.check_layer_dtype("linear.weight's dtype", linear.weight.dtype)
         weight = linear.weight.detach()
-        if weight_format is not None and not weight.is_meta and not bool(
-                torch.isfinite(weight).all()):
-            raise ValueError(f"linear.weight has non-finite values: it cannot be quantized to "
-                             f"weight_format={weight_format!r}")
+        if (
+            weight_format is not None
+            and not weight.is_meta
+            and not bool(torch.isfinite(weight).all())
+        ):
+            raise ValueError(
+                f"linear.weight has non-finite values: it cannot be quantized to "
+                f"weight_format={weight_format!r}"
+            )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Refuse, before this layer copies anything, a state of another weight format: codes
         into a float weight, float values into an fp8 one, or codes without their scales."""
         weight = state_dict.get(prefix + "weight")
@@ -178,23 +193,28 @@ class LoRASCLinear(nn.Linear):
                 )
         elif weight is not None or scale is not None:
             self._check_scaled_state(prefix, weight, scale)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def _check_scaled_state(self, prefix: str, weight, scale) -> None:
         """A state for this fp8 layer: codes of its dtype with their (out_features,) scales."""
         expected = f"{self.weight.dtype} codes with weight_scale ({self.out_features},)"
         if weight is None or scale is None:
-            raise ValueError(f"{prefix}weight and {prefix}weight_scale load together (codes "
-                             f"and their scales); the state holds only one of them")
+            raise ValueError(
+                f"{prefix}weight and {prefix}weight_scale load together (codes "
+                f"and their scales); the state holds only one of them"
+            )
         if weight.dtype != self.weight.dtype:
             raise ValueError(
                 f"{prefix}weight: this layer has weight_format={self.weight_format!r} and "
                 f"takes {expected}, the state's weight is {weight.dtype}"
             )
         if tuple(scale.shape) != (self.out_features,) or not scale.is_floating_point():
-            raise ValueError(f"{prefix}weight_scale must be a float tensor of shape "
-                             f"({self.out_features},), got {scale.dtype} {tuple(scale.shape)}")
+            raise ValueError(
+                f"{prefix}weight_scale must be a float tensor of shape "
+                f"({self.out_features},), got {scale.dtype} {tuple(scale.shape)}"
+            )
         try:
             checks.check_scale_values("weight_scale", scale.detach(), self.weight.dtype)
         except ValueError as error:
@@ -229,15 +249,22 @@ class LoRASCLinear(nn.Linear):
         checks.check_layer_dtype("dtype", dtype)
         if self.weight_format is not None:
             weight = ScaledWeight(self.weight.detach(), self.weight_scale).dequantize(
-                dtype or self.dequantize_dtype)
+                dtype or self.dequantize_dtype
+            )
         else:
             weight = self.weight.data if dtype is None else self.weight.data.to(dtype)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device="meta", dtype=weight.dtype)
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=weight.dtype,
+        )
         linear.weight = nn.Parameter(weight, requires_grad=self.weight.requires_grad)
         if self.bias is not None:
-            linear.bias = nn.Parameter(self.bias.data.to(weight.dtype),
-                                       requires_grad=self.bias.requires_grad)
+            linear.bias = nn.Parameter(
+                self.bias.data.to(weight.dtype), requires_grad=self.bias.requires_grad
+            )
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -246,14 +273,23 @@ class LoRASCLinear(nn.Linear):
         if self.weight_scale is not None:
             weight = ScaledWeight(weight, self.weight_scale)
         return lorasc_linear(
-            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-            dropout_p=dropout_p, noise_seed=self.noise_seed, noise_scale=self.noise_scale,
+            x,
+            weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            self.scaling,
+            dropout_p=dropout_p,
+            noise_seed=self.noise_seed,
+            noise_scale=self.noise_scale,
             backend=self.backend,  # a dropout seed is drawn per call from torch's generator
         )
 
     def extra_repr(self) -> str:
-        text = (f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-                f"lora_dropout={self.lora_dropout}, backend={self.backend!r}")
+        text = (
+            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
+            f"lora_dropout={self.lora_dropout}, backend={self.backend!r}"
+        )
         if self.weight_format is not None:
             text += f", weight_format={self.weight_format!r}"
         if self.noise_seed is not None:

@@ -41,8 +41,7 @@ from .backends import backend_module
 from .scaled_weight import ScaledWeight
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
-__all__ = ["seed_to_int64", "seed_from_int64", "LinearFunction", "linear",
-           "merge_"]
+__all__ = ["seed_to_int64", "seed_from_int64", "LinearFunction", "linear", "merge_"]
 
 _SEED_SPAN = 2**64
 
@@ -62,16 +61,20 @@ def seed_from_int64(value: int | None) -> int | None:
 def _linear_op_args(spec: LinearSpec) -> tuple:
     """``(scale, dropout_p, dropout_seed, noise_seed, noise_scale)`` of the ops' schemas."""
     dropout, noise = spec.dropout, spec.noise
-    return (spec.scale, 0.0 if dropout is None else dropout.p,
-            None if dropout is None else seed_to_int64(dropout.seed),
-            None if noise is None else seed_to_int64(noise.seed),
-            0.0 if noise is None else noise.scale)
+    return (
+        spec.scale,
+        0.0 if dropout is None else dropout.p,
+        None if dropout is None else seed_to_int64(dropout.seed),
+        None if noise is None else seed_to_int64(noise.seed),
+        0.0 if noise is None else noise.scale,
+    )
 
 
 def _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale) -> LinearSpec:
     """Inverse of :func:`_linear_op_args`."""
-    return LinearSpec.of(scale, dropout_p, seed_from_int64(dropout_seed),
-                         seed_from_int64(noise_seed), noise_scale)
+    return LinearSpec.of(
+        scale, dropout_p, seed_from_int64(dropout_seed), seed_from_int64(noise_seed), noise_scale
+    )
 
 
 def _unpack(weight: torch.Tensor | ScaledWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -82,52 +85,105 @@ def _unpack(weight: torch.Tensor | ScaledWeight) -> tuple[torch.Tensor, torch.Te
     return weight, None
 
 
-def _pack(weight: torch.Tensor, weight_scale: torch.Tensor | None
-          ) -> torch.Tensor | ScaledWeight:
+def _pack(weight: torch.Tensor, weight_scale: torch.Tensor | None) -> torch.Tensor | ScaledWeight:
     """Inverse of :func:`_unpack`."""
     return weight if weight_scale is None else ScaledWeight(weight, weight_scale)
 
 
 @torch.library.custom_op("lorasc::linear_forward", mutates_args=())
 def _linear_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
-    lora_B: torch.Tensor, scale: float, dropout_p: float, dropout_seed: int | None,
-    noise_seed: int | None, noise_scale: float, backend: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    dropout_seed: int | None,
+    noise_seed: int | None,
+    noise_scale: float,
+    backend: str,
     weight_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
     spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-    return composition.linear_forward(backend_module(backend), x, _pack(weight, weight_scale),
-                                      bias, lora_A, lora_B, spec)
+    return composition.linear_forward(
+        backend_module(backend), x, _pack(weight, weight_scale), bias, lora_A, lora_B, spec
+    )
 
 
 @_linear_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
-      noise_scale, backend, weight_scale=None):
+def _(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scale,
+    dropout_p,
+    dropout_seed,
+    noise_seed,
+    noise_scale,
+    backend,
+    weight_scale=None,
+):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @torch.library.custom_op("lorasc::linear_backward", mutates_args=())
 def _linear_backward(
-    dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
-    lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, dropout_p: float,
-    dropout_seed: int | None, noise_seed: int | None, noise_scale: float,
-    needs: Sequence[bool], backend: str, weight_scale: torch.Tensor | None = None,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    xa: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    dropout_seed: int | None,
+    noise_seed: int | None,
+    noise_scale: float,
+    needs: Sequence[bool],
+    backend: str,
+    weight_scale: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
     spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-    grads = composition.linear_backward(backend_module(backend), dy, x, xa,
-                                        _pack(weight, weight_scale), lora_A, lora_B, spec, needs)
+    grads = composition.linear_backward(
+        backend_module(backend), dy, x, xa, _pack(weight, weight_scale), lora_A, lora_B, spec, needs
+    )
     return [grad for grad, need in zip(grads, needs, strict=True) if need]
 
 
 @_linear_backward.register_fake
-def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_seed,
-      noise_scale, needs, backend, weight_scale=None):
-    shapes = ((x.shape, x.dtype), (weight.shape, weight.dtype), ((weight.shape[0],), x.dtype),
-              (lora_A.shape, lora_A.dtype), (lora_B.shape, lora_B.dtype))
-    return [x.new_empty(shape, dtype=dtype)  # contiguous, as every backend returns them
-            for (shape, dtype), need in zip(shapes, needs, strict=True) if need]
+def _(
+    dy,
+    x,
+    xa,
+    weight,
+    lora_A,
+    lora_B,
+    scale,
+    dropout_p,
+    dropout_seed,
+    noise_seed,
+    noise_scale,
+    needs,
+    backend,
+    weight_scale=None,
+):
+    shapes = (
+        (x.shape, x.dtype),
+        (weight.shape, weight.dtype),
+        ((weight.shape[0],), x.dtype),
+        (lora_A.shape, lora_A.dtype),
+        (lora_B.shape, lora_B.dtype),
+    )
+    return [
+        x.new_empty(shape, dtype=dtype)  # contiguous, as every backend returns them
+        for (shape, dtype), need in zip(shapes, needs, strict=True)
+        if need
+    ]
 
 
 # -- the autograd of the linear: one formula, two ways to reach the backend ---------------
@@ -136,6 +192,7 @@ def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout_p, dropout_seed, noise_s
 # the backward runs: through the ``lorasc::linear_backward`` op, or by calling
 # :func:`composition.linear_backward` directly (no op dispatch: 0.16 ms less per step on the
 # CPU, benchmarks/bench_autograd_paths.py).
+
 
 def _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale) -> None:
     """What backward needs: ``x``, ``xa = drop(x) Aᵀ`` and the parameters, never a mask."""
@@ -165,9 +222,20 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _):
     def through_op(dy, x, xa, weight, lora_A, lora_B, weight_scale, needs):
-        grads = iter(torch.ops.lorasc.linear_backward(dy, x, xa, weight, lora_A, lora_B,
-                                                      *ctx.hyper, list(needs), ctx.backend,
-                                                      weight_scale))
+        grads = iter(
+            torch.ops.lorasc.linear_backward(
+                dy,
+                x,
+                xa,
+                weight,
+                lora_A,
+                lora_B,
+                *ctx.hyper,
+                list(needs),
+                ctx.backend,
+                weight_scale,
+            )
+        )
         return (next(grads) if need else None for need in needs)
 
     return _gradients(ctx, dy, through_op)
@@ -187,12 +255,14 @@ class LinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str,
-                weight_scale=None):
+    def forward(
+        ctx, x, weight, bias, lora_A, lora_B, spec: LinearSpec, backend: str, weight_scale=None
+    ):
         ctx.backend = backend_module(backend)
         ctx.spec = spec
-        y, xa = composition.linear_forward(ctx.backend, x, _pack(weight, weight_scale), bias,
-                                           lora_A, lora_B, spec)
+        y, xa = composition.linear_forward(
+            ctx.backend, x, _pack(weight, weight_scale), bias, lora_A, lora_B, spec
+        )
         _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale)
         return y
 
@@ -203,19 +273,30 @@ class LinearFunction(torch.autograd.Function):
             weight = _pack(weight, weight_scale)
             if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
                 backend = backend_module("torch")
-                _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B,
-                                                   ctx.spec)
-            return composition.linear_backward(backend, dy, x, xa, weight, lora_A, lora_B,
-                                               ctx.spec, needs)
+                _, xa = composition.linear_forward(
+                    backend, x, weight, None, lora_A, lora_B, ctx.spec
+                )
+            return composition.linear_backward(
+                backend, dy, x, xa, weight, lora_A, lora_B, ctx.spec, needs
+            )
 
         return _gradients(ctx, dy, directly)
 
 
 @torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight", "weight_scale"))
 def _merge_lowrank(
-    weight: torch.Tensor, lora_B: torch.Tensor, lora_A: torch.Tensor, coeff: float,
-    rounding: str, seed: int, remove_seed: int | None, remove_scale: float,
-    add_seed: int | None, add_scale: float, row_offset: int, backend: str,
+    weight: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    coeff: float,
+    rounding: str,
+    seed: int,
+    remove_seed: int | None,
+    remove_scale: float,
+    add_seed: int | None,
+    add_scale: float,
+    row_offset: int,
+    backend: str,
     weight_scale: torch.Tensor | None,
 ) -> None:
     """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place, by ``backend``.
@@ -224,21 +305,34 @@ def _merge_lowrank(
     its default out of the boxed call, and torch < 2.14's in-place version counter then
     indexes past the arguments it got (``IndexError`` on every merge; seen with torch 2.11).
     """
-    remove = None if remove_seed is None else NoiseSpec(seed_from_int64(remove_seed),
-                                                          remove_scale)
+    remove = None if remove_seed is None else NoiseSpec(seed_from_int64(remove_seed), remove_scale)
     add = None if add_seed is None else NoiseSpec(seed_from_int64(add_seed), add_scale)
     spec = MergeSpec(coeff, rounding, seed_from_int64(seed), remove, add, row_offset)
     backend_module(backend).merge_(_pack(weight, weight_scale), lora_B, lora_A, spec)
 
 
 @_merge_lowrank.register_fake
-def _(weight, lora_B, lora_A, coeff, rounding, seed, remove_seed, remove_scale, add_seed,
-      add_scale, row_offset, backend, weight_scale):
+def _(
+    weight,
+    lora_B,
+    lora_A,
+    coeff,
+    rounding,
+    seed,
+    remove_seed,
+    remove_scale,
+    add_seed,
+    add_scale,
+    row_offset,
+    backend,
+    weight_scale,
+):
     return None
 
 
-def linear(x, weight: torch.Tensor | ScaledWeight, bias, lora_A, lora_B, spec: LinearSpec,
-           backend: str) -> torch.Tensor:
+def linear(
+    x, weight: torch.Tensor | ScaledWeight, bias, lora_A, lora_B, spec: LinearSpec, backend: str
+) -> torch.Tensor:
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
     ``backend`` is a registered name (from
@@ -247,26 +341,36 @@ def linear(x, weight: torch.Tensor | ScaledWeight, bias, lora_A, lora_B, spec: L
     """
     weight, weight_scale = _unpack(weight)
     if not torch.compiler.is_compiling():
-        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend,
-                                    weight_scale)
-    y, _ = torch.ops.lorasc.linear_forward(x, weight, bias, lora_A, lora_B,
-                                           *_linear_op_args(spec), backend, weight_scale)
+        return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend, weight_scale)
+    y, _ = torch.ops.lorasc.linear_forward(
+        x, weight, bias, lora_A, lora_B, *_linear_op_args(spec), backend, weight_scale
+    )
     return y
 
 
-def merge_(backend: str, weight: torch.Tensor | ScaledWeight, lora_B, lora_A,
-           spec: MergeSpec) -> None:
+def merge_(
+    backend: str, weight: torch.Tensor | ScaledWeight, lora_B, lora_A, spec: MergeSpec
+) -> None:
     """Run ``backend``'s merge through the ``lorasc::merge_lowrank_`` op (a
     :class:`ScaledWeight`'s codes and scales are both updated).
 
     ``backend`` is a registered name (:func:`~lorasc_kernels.backends.resolve_backend_name`).
     """
+
     def noise_args(noise: NoiseSpec | None) -> tuple[int | None, float]:
         return (None, 0.0) if noise is None else (seed_to_int64(noise.seed), noise.scale)
 
     weight, weight_scale = _unpack(weight)
     torch.ops.lorasc.merge_lowrank_(
-        weight, lora_B, lora_A, spec.coeff, spec.rounding, seed_to_int64(spec.seed),
-        *noise_args(spec.remove), *noise_args(spec.add), spec.row_offset, backend,
+        weight,
+        lora_B,
+        lora_A,
+        spec.coeff,
+        spec.rounding,
+        seed_to_int64(spec.seed),
+        *noise_args(spec.remove),
+        *noise_args(spec.add),
+        spec.row_offset,
+        backend,
         weight_scale,
     )

@@ -108,7 +108,8 @@ def write_peft_adapter(
 
 
 def compress_updates(
-    updates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], max_rank: int,
+    updates: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
+    max_rank: int,
 ) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], dict[str, float]]:
     """Each module's ``Σ_t c·B_t A_t`` as one pair of rank ``min(max_rank, r·T, N, K)``,
     and per module the relative Frobenius error of that approximation (0 when the rank is

@@ -25,8 +25,9 @@ def format_dtype(weight_format: str) -> torch.dtype:
     """The storage dtype of ``weight_format``, a name of
     :data:`~lorasc_kernels.dtypes.WEIGHT_FORMATS`."""
     if not isinstance(weight_format, str) or weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight_format must be None or one of {sorted(WEIGHT_FORMATS)}, "
-                         f"got {weight_format!r}")
+        raise ValueError(
+            f"weight_format must be None or one of {sorted(WEIGHT_FORMATS)}, got {weight_format!r}"
+        )
     return WEIGHT_FORMATS[weight_format]
 
 
@@ -35,8 +36,10 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype) -> ScaledWeight:
     """A finite float ``weight`` (N, K) in the scaled format ``dtype``: ``scale`` (N,) from
     :func:`row_scales`, ``codes = round_nearest(W / scale)``."""
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"weight must be a 2-D float tensor, got shape {tuple(weight.shape)} "
-                         f"and dtype {weight.dtype}")
+        raise ValueError(
+            f"weight must be a 2-D float tensor, got shape {tuple(weight.shape)} "
+            f"and dtype {weight.dtype}"
+        )
     values = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(values).all()):
         raise ValueError("weight has non-finite values: it cannot be quantized")
@@ -53,5 +56,6 @@ def row_scales(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     entry = scaled_weight_dtype(dtype)
     peak = values.abs().amax(dim=1) if values.shape[1] else values.new_zeros(values.shape[0])
     scale = torch.where(peak > 0, (peak / entry.max_value).clamp(min=entry.min_scale), 1.0)
-    return torch.where(peak / scale > entry.max_value,
-                       scale.nextafter(scale.new_full((), float("inf"))), scale)
+    return torch.where(
+        peak / scale > entry.max_value, scale.nextafter(scale.new_full((), float("inf"))), scale
+    )

@@ -73,8 +73,9 @@ def _fields(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return pattern >> 31, (pattern >> 23) & 0xFF, pattern & _MANTISSA_MASK
 
 
-def round_to_scaled(value: torch.Tensor, dtype: torch.dtype, rounding: str,
-                    bits: torch.Tensor | None = None) -> torch.Tensor:
+def round_to_scaled(
+    value: torch.Tensor, dtype: torch.dtype, rounding: str, bits: torch.Tensor | None = None
+) -> torch.Tensor:
     """Round float32 ``value`` (finite, ``|value| <= max_value``) into the scaled format
     ``dtype`` (module docstring); ``bits`` (int64 uint32 hash bits, ``value``'s shape) are
     required for ``"stochastic"``. Returns a tensor of ``dtype``.
@@ -95,13 +96,13 @@ def round_to_scaled(value: torch.Tensor, dtype: torch.dtype, rounding: str,
     steps = (aligned + carry) >> drop  # whole steps, up to 2**(mantissa_bits + 1)
     # The format's code: the exponent field above the smallest normal, plus the steps (a
     # carry of the steps into the exponent is what the encoding does by itself).
-    code = (sign << 7) | (((field.clamp(min=min_field) - min_field) << entry.mantissa_bits)
-                          + steps)
+    code = (sign << 7) | (((field.clamp(min=min_field) - min_field) << entry.mantissa_bits) + steps)
     return code.to(torch.uint8).view(dtype)
 
 
-def rescale_rows(value: torch.Tensor, scale: torch.Tensor, max_value: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def rescale_rows(
+    value: torch.Tensor, scale: torch.Tensor, max_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(value · 2**-k, scale · 2**k)`` per row, with the smallest ``k >= 0`` that brings
     the row's ``max |value|`` within ``max_value``: the rescale rule of scaled formats.
 

@@ -36,8 +36,10 @@ class SlowUpdate:
         """Refuse (before a boundary writes anything) a parameter that diverged."""
         for parameter, name in zip(self.params, self.names, strict=True):
             if not bool(torch.isfinite(parameter.detach()).all()):
-                raise ValueError(f"{name} has non-finite values: no layer was merged and the "
-                                 "cascade is unchanged")
+                raise ValueError(
+                    f"{name} has non-finite values: no layer was merged and the "
+                    "cascade is unchanged"
+                )
 
     def prepared_anchors(self) -> list[torch.Tensor]:
         """The anchors, each in its parameter's current dtype and device (a model cast
@@ -66,4 +68,3 @@ class SlowUpdate:
         """Take saved anchors (checked by :func:`~lorasc_kernels.cascade_state.check_state`)."""
         for anchor, saved in zip(self.anchors, saved_anchors, strict=True):
             anchor.copy_(saved)
-

@@ -69,12 +69,21 @@ class LinearSpec:
     noise: NoiseSpec | None = None
 
     @classmethod
-    def of(cls, scale: float, dropout_p: float, dropout_seed: int | None,
-           noise_seed: int | None, noise_scale: float) -> LinearSpec:
+    def of(
+        cls,
+        scale: float,
+        dropout_p: float,
+        dropout_seed: int | None,
+        noise_seed: int | None,
+        noise_scale: float,
+    ) -> LinearSpec:
         """The spec of validated arguments: no dropout at ``p == 0``, no noise at scale 0."""
         dropout = DropoutSpec(dropout_seed, dropout_p) if dropout_p > 0.0 else None
-        noise = (NoiseSpec(noise_seed, noise_scale)
-                 if noise_seed is not None and noise_scale != 0.0 else None)
+        noise = (
+            NoiseSpec(noise_seed, noise_scale)
+            if noise_seed is not None and noise_scale != 0.0
+            else None
+        )
         return cls(scale, dropout, noise)
 
 

@@ -67,8 +67,9 @@ def backend(request, monkeypatch) -> str:
         pytest.skip(str(error))
 
 
-@pytest.fixture(params=tuple(SCALED_WEIGHT_DTYPES),
-                ids=[entry.name for entry in SCALED_WEIGHT_DTYPES.values()])
+@pytest.fixture(
+    params=tuple(SCALED_WEIGHT_DTYPES), ids=[entry.name for entry in SCALED_WEIGHT_DTYPES.values()]
+)
 def scaled_dtype(request) -> torch.dtype:
     """The storage dtype of a scaled weight format of the registry."""
     return request.param

@@ -67,8 +67,18 @@ class Launch:
     named_args: dict = field(repr=False, default_factory=dict)
 
     def key(self) -> str:
-        return json.dumps([self.kernel, self.signature, self.constexprs, self.specialized,
-                           self.divisible, self.options], sort_keys=True, default=str)
+        return json.dumps(
+            [
+                self.kernel,
+                self.signature,
+                self.constexprs,
+                self.specialized,
+                self.divisible,
+                self.options,
+            ],
+            sort_keys=True,
+            default=str,
+        )
 
 
 def kernels() -> dict[str, object]:
@@ -87,9 +97,16 @@ def kernels() -> dict[str, object]:
                 if all(value is not other for other in found.values()):
                     found[f"{info.name}:{name}"] = value
     sources = [jit_function(value).src for value in found.values()]
-    return {name: value for name, value in found.items() if isinstance(value, Autotuner)
-            or not any(re.search(rf"\b{value.fn.__name__}\(", source) for source in sources
-                       if source is not value.src)}
+    return {
+        name: value
+        for name, value in found.items()
+        if isinstance(value, Autotuner)
+        or not any(
+            re.search(rf"\b{value.fn.__name__}\(", source)
+            for source in sources
+            if source is not value.src
+        )
+    }
 
 
 def jit_function(kernel):
@@ -106,8 +123,13 @@ def specialization(param, value) -> tuple[str, object]:
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
-    return native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
-                                  not param.do_not_specialize_on_alignment)[:2]
+    return native_specialize_impl(
+        BaseBackend,
+        value,
+        False,
+        not param.do_not_specialize,
+        not param.do_not_specialize_on_alignment,
+    )[:2]
 
 
 class Recorder:
@@ -139,8 +161,11 @@ class Recorder:
         launch = Launch(
             kernel=self.name,
             signature=signature,
-            constexprs={name: values[name] for name in params
-                        if params[name].is_constexpr and name in values},
+            constexprs={
+                name: values[name]
+                for name in params
+                if params[name].is_constexpr and name in values
+            },
             specialized=specialized,
             divisible=divisible,
             options=options,
@@ -160,33 +185,44 @@ def exercise(backend) -> None:
 
     generator = torch.Generator().manual_seed(0)
     # fp32 matmul precision changes fp32 launches only (3×tf32 or tf32 dots).
-    choices = [(dtype, precision) for dtype in KERNEL_DTYPES
-               for precision in (("highest", "high") if dtype == torch.float32 else ("highest",))]
+    choices = [
+        (dtype, precision)
+        for dtype in KERNEL_DTYPES
+        for precision in (("highest", "high") if dtype == torch.float32 else ("highest",))
+    ]
     K, N = 64, 48
     for variant, (dtype, precision), rank, rows in itertools.product(
-            FUSED_VARIANTS, choices, (5, 17, 64), (64, 2048)):
+        FUSED_VARIANTS, choices, (5, 17, 64), (64, 2048)
+    ):
         os.environ[gemm_dispatch.SWITCH] = variant  # where it applies, else the tiled kernel
         torch.set_float32_matmul_precision(precision)
         x = torch.randn(rows, K, generator=generator).to(dtype)
         weight = torch.randn(N, K, generator=generator).to(dtype)
         lora_A = torch.randn(rank, K, generator=generator).to(dtype)
         lora_B = torch.randn(N, rank, generator=generator).to(dtype)
-        for bias, noise, dropout in itertools.product((None, weight[:, 0].clone()),
-                                                      (None, 11), (0.0, 0.1)):
+        for bias, noise, dropout in itertools.product(
+            (None, weight[:, 0].clone()), (None, 11), (0.0, 0.1)
+        ):
             spec = LinearSpec.of(2.0, dropout, 7, noise, 0.05)
             y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
-            composition.linear_backward(backend, torch.ones_like(y), x, xa, weight, lora_A,
-                                        lora_B, spec, (True,) * 5)
+            composition.linear_backward(
+                backend, torch.ones_like(y), x, xa, weight, lora_A, lora_B, spec, (True,) * 5
+            )
     os.environ.pop(gemm_dispatch.SWITCH)
     torch.set_float32_matmul_precision("highest")
     for weight_dtype, lora_dtype in itertools.product(KERNEL_DTYPES, repeat=2):
         weight = torch.randn(64, 96, generator=generator).to(weight_dtype)
         lora_B = torch.randn(64, 16, generator=generator).to(lora_dtype)
         lora_A = torch.randn(16, 96, generator=generator).to(lora_dtype)
-        for rounding, remove, add in itertools.product(("nearest", "stochastic"),
-                                                       (None, (3, 0.01)), (None, (4, 0.01))):
-            backend.merge_(weight, lora_B, lora_A, MergeSpec(
-                0.5, rounding, 5, remove and NoiseSpec(*remove), add and NoiseSpec(*add)))
+        for rounding, remove, add in itertools.product(
+            ("nearest", "stochastic"), (None, (3, 0.01)), (None, (4, 0.01))
+        ):
+            backend.merge_(
+                weight,
+                lora_B,
+                lora_A,
+                MergeSpec(0.5, rounding, 5, remove and NoiseSpec(*remove), add and NoiseSpec(*add)),
+            )
     exercise_fp8(backend, generator)
 
 
@@ -208,8 +244,17 @@ def exercise_fp8(backend, generator) -> None:
         for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (0.0, 0.1)):
             spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
             y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
-            composition.linear_backward(backend, torch.ones_like(y), x, xa, weight, lora_A,
-                                        lora_B, spec, (True, False, True, True, True))
+            composition.linear_backward(
+                backend,
+                torch.ones_like(y),
+                x,
+                xa,
+                weight,
+                lora_A,
+                lora_B,
+                spec,
+                (True, False, True, True, True),
+            )
         for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
             noise = noise and NoiseSpec(*noise)
             backend.merge_(weight, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise))
@@ -251,8 +296,10 @@ def configs_of(kernel, launch: Launch) -> list:
 def _weight(launch: Launch) -> tuple:
     """How heavy a launch is: flags on, then the sum of its integer constexprs."""
     values = launch.constexprs.values()
-    return (sum(v is True for v in values),
-            sum(v for v in values if isinstance(v, int) and not isinstance(v, bool)))
+    return (
+        sum(v is True for v in values),
+        sum(v for v in values if isinstance(v, int) and not isinstance(v, bool)),
+    )
 
 
 def _tile(config) -> int:
@@ -271,9 +318,17 @@ def _job(launch: Launch, config, reason: str) -> dict:
         config_text = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
         config_text += f", warps={config.num_warps}, stages={config.num_stages}"
     flags = {k: v for k, v in launch.constexprs.items()}
-    return {"kernel": launch.kernel, "signature": signature, "constexprs": constexprs,
-            "divisible": launch.divisible, "options": options, "config": config_text,
-            "flags": flags, "reason": reason, "operand": operand_type(launch)}
+    return {
+        "kernel": launch.kernel,
+        "signature": signature,
+        "constexprs": constexprs,
+        "divisible": launch.divisible,
+        "options": options,
+        "config": config_text,
+        "flags": flags,
+        "reason": reason,
+        "operand": operand_type(launch),
+    }
 
 
 def operand_type(launch: Launch) -> str:
@@ -287,14 +342,16 @@ def plan(found: dict, launches: list[Launch]) -> list[dict]:
 
     def add(launch, config, reason):
         job = _job(launch, config, reason)
-        key = json.dumps([job["kernel"], job["signature"], job["constexprs"], job["divisible"],
-                          job["options"]], sort_keys=True, default=str)
+        key = json.dumps(
+            [job["kernel"], job["signature"], job["constexprs"], job["divisible"], job["options"]],
+            sort_keys=True,
+            default=str,
+        )
         jobs.setdefault(key, job)
 
     groups: dict[tuple, list[Launch]] = {}
     for launch in launches:
-        text_constexprs = sorted((k, v) for k, v in launch.constexprs.items()
-                                 if isinstance(v, str))
+        text_constexprs = sorted((k, v) for k, v in launch.constexprs.items() if isinstance(v, str))
         group = (launch.kernel, json.dumps([sorted(launch.signature.items()), text_constexprs]))
         groups.setdefault(group, []).append(launch)
     for members in groups.values():
@@ -307,15 +364,23 @@ def plan(found: dict, launches: list[Launch]) -> list[dict]:
                 add(lightest, config, f"every config, lightest {HOT_OPERAND} launch")
             widest: dict[str, Launch] = {}
             for launch in members:
-                flags = json.dumps(sorted((k, v) for k, v in launch.constexprs.items()
-                                          if not isinstance(v, int) or isinstance(v, bool)),
-                                   default=str)
+                flags = json.dumps(
+                    sorted(
+                        (k, v)
+                        for k, v in launch.constexprs.items()
+                        if not isinstance(v, int) or isinstance(v, bool)
+                    ),
+                    default=str,
+                )
                 if flags not in widest or _weight(launch) > _weight(widest[flags]):
                     widest[flags] = launch
             for launch in widest.values():
                 configs = configs_of(found[launch.kernel], launch)
-                add(launch, min(configs, key=lambda c: 0 if c is None else _tile(c)),
-                    f"every {HOT_OPERAND} flag combination, smallest tile")
+                add(
+                    launch,
+                    min(configs, key=lambda c: 0 if c is None else _tile(c)),
+                    f"every {HOT_OPERAND} flag combination, smallest tile",
+                )
     return list(jobs.values())
 
 
@@ -333,15 +398,23 @@ def spill_bytes(compiled) -> int:
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder, "kernel.cubin")
         cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", str(cubin)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         if re.search(r"STACK:0\b", usage):
             return 0
         source = Path(folder, "kernel.ptx")
         source.write_text(compiled.asm["ptx"])
         arch = f"-arch=sm_{TARGET[1]}a"
-        result = subprocess.run([_tool("ptxas"), arch, "-v", str(source), "-o", str(cubin)],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            [_tool("ptxas"), arch, "-v", str(source), "-o", str(cubin)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr))
 
 
@@ -355,8 +428,9 @@ def sass_counts(compiled) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder, "kernel.cubin")
         cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
     return {opcode: len(re.findall(rf"\b{opcode}\b", sass)) for opcode in SASS_OPCODES}
 
 
@@ -369,17 +443,21 @@ def compile_job(job: dict) -> dict:
 
     module_name, attribute = job["kernel"].split(":")
     fn = jit_function(getattr(importlib.import_module(module_name), attribute))
-    attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr("D")
-             for name in job["divisible"]}
+    attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr("D") for name in job["divisible"]}
     source = ASTSource(fn, job["signature"], job["constexprs"], attrs)
     start = time.perf_counter()
     try:
         compiled = triton.compile(source, target=GPUTarget(*TARGET), options=job["options"])
     except Exception as error:  # reported, and the gate fails on it
         return {**job, "error": f"{type(error).__name__}: {error}"[:2000]}
-    return {**job, "shared": compiled.metadata.shared, "spill_bytes": spill_bytes(compiled),
-            "fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
-            "sass": sass_counts(compiled), "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        **job,
+        "shared": compiled.metadata.shared,
+        "spill_bytes": spill_bytes(compiled),
+        "fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
+        "sass": sass_counts(compiled),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def main() -> int:
@@ -390,8 +468,15 @@ def main() -> int:
     launches = record_launches(found)
     launched = {launch.kernel for launch in launches}
     for name in sorted(set(found) - launched):
-        print(json.dumps({"kernel": name, "error": "never launched by exercise() in "
-                          "tests/sm90_gate.py: add the choices that launch it there"}))
+        print(
+            json.dumps(
+                {
+                    "kernel": name,
+                    "error": "never launched by exercise() in "
+                    "tests/sm90_gate.py: add the choices that launch it there",
+                }
+            )
+        )
     jobs = plan(found, launches)
     workers = int(os.environ.get("LORASC_GATE_JOBS", min(2, os.cpu_count() or 1)))
     with ProcessPoolExecutor(max_workers=workers) as pool:

@@ -76,8 +76,9 @@ def test_lowrank_gemm_adds_the_references_noise(backend, dtype, q_transposed):
     module = backend_module(backend)
     if q_transposed:  # P (37, 37) · ((Wᵀ) ⊕ n)ᵀ = W ⊕ n
         eye = torch.eye(37, device=DEVICE, dtype=dtype)
-        got = module.lowrank_gemm(eye, weight.t(), None, None, None, 1.0, noise=noise,
-                                  q_transposed=True)
+        got = module.lowrank_gemm(
+            eye, weight.t(), None, None, None, 1.0, noise=noise, q_transposed=True
+        )
     else:  # P (45, 45) · (W ⊕ n)ᵀ = (W ⊕ n)ᵀ
         eye = torch.eye(45, device=DEVICE, dtype=dtype)
         got = module.lowrank_gemm(eye, weight, None, None, None, 1.0, noise=noise).t()
@@ -94,9 +95,20 @@ def test_dropout_primitives_regenerate_the_references_mask(backend, dtype):
     dropout = DropoutSpec(2**64 - 1, 0.4)
     expected = reference.apply_dropout(x, dropout.p, dropout.seed)
     module = backend_module(backend)
-    rank_masked = module.lowrank_gemm(torch.zeros_like(x), torch.zeros_like(eye), None, x, eye,
-                                      1.0, q_transposed=True, rank_dropout=dropout)
-    for got in (module.dropout_lowrank(x, eye, dropout),
-                module.dropout_lowrank_grad(eye, x, dropout).to(dtype), rank_masked):
+    rank_masked = module.lowrank_gemm(
+        torch.zeros_like(x),
+        torch.zeros_like(eye),
+        None,
+        x,
+        eye,
+        1.0,
+        q_transposed=True,
+        rank_dropout=dropout,
+    )
+    for got in (
+        module.dropout_lowrank(x, eye, dropout),
+        module.dropout_lowrank_grad(eye, x, dropout).to(dtype),
+        rank_masked,
+    ):
         _same(got, expected)
     assert 0.2 < float((expected == 0).float().mean()) < 0.6

@@ -21,9 +21,25 @@ def quick_run(tmp_path_factory):
     """The output folder and printed text of one quick CPU run of the family."""
     out = tmp_path_factory.mktemp("expressiveness")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu",
-                           "--only", "expressiveness", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--device",
+            "cpu",
+            "--only",
+            "expressiveness",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return out, done.stdout
 
@@ -34,16 +50,20 @@ def test_quick_run_writes_one_row_per_method_and_seed(quick_run):
     with path.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["method"], int(row["seed"])) for row in rows] == [
-        (method, seed) for seed in expressiveness.SEEDS for method in expressiveness.METHODS]
+        (method, seed) for seed in expressiveness.SEEDS for method in expressiveness.METHODS
+    ]
     task = expressiveness.QUICK
     for row in rows:
         assert int(row["steps"]) == task.steps
         assert float(row["optim_KiB"]) == pytest.approx(2 * 4 * int(row["trainable"]) / 1024)
     trainable = {row["method"]: int(row["trainable"]) for row in rows}
-    assert trainable == {"lora-r": 2 * task.rank * task.dim,
-                         "lora-rT": 2 * task.rank * task.cascades * task.dim,
-                         "lorasc": 2 * task.rank * task.dim,
-                         "lorasc-paper": 2 * task.rank * task.dim, "full": task.dim**2}
+    assert trainable == {
+        "lora-r": 2 * task.rank * task.dim,
+        "lora-rT": 2 * task.rank * task.cascades * task.dim,
+        "lorasc": 2 * task.rank * task.dim,
+        "lorasc-paper": 2 * task.rank * task.dim,
+        "full": task.dim**2,
+    }
     for method in expressiveness.METHODS:
         assert f"\n{method} " in printed
     if importlib.util.find_spec("matplotlib") is not None:
@@ -69,7 +89,8 @@ def test_effective_rank_of_flat_and_single_spectra():
     u = torch.linalg.qr(torch.randn(20, 6))[0]
     assert expressiveness.effective_rank(3.0 * u @ u.T) == pytest.approx(6.0, rel=1e-5)
     assert expressiveness.effective_rank(torch.outer(torch.randn(9), torch.randn(7))) == (
-        pytest.approx(1.0, abs=1e-6))
+        pytest.approx(1.0, abs=1e-6)
+    )
 
 
 def test_target_change_has_the_asked_rank_and_norm():

@@ -17,16 +17,33 @@ from lorasc_kernels.backends.reference import noisy_weight
 from tests.helpers import rel_error
 
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = ["date_utc", "device", "family", "provider", "mode", "M", "K", "N", "r", "dtype",
-           "median_ms", "tflop_per_s", "ratio_to_floor", "peak_mem_MiB", "threads", "torch",
-           "triton"]
+COLUMNS = [
+    "date_utc",
+    "device",
+    "family",
+    "provider",
+    "mode",
+    "M",
+    "K",
+    "N",
+    "r",
+    "dtype",
+    "median_ms",
+    "tflop_per_s",
+    "ratio_to_floor",
+    "peak_mem_MiB",
+    "threads",
+    "torch",
+    "triton",
+]
 # CUDA hidden: the script and the CLI take their CPU paths even on a GPU machine.
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
 
 def run(command, timeout, **env):
-    return subprocess.run(command, cwd=ROOT, env={**CPU_ENV, **env}, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=ROOT, env={**CPU_ENV, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -39,8 +56,21 @@ def quick_out(tmp_path_factory):
     """Output folder of one ``python -m benchmarks --quick`` run of the linear and layer
     families on the CPU."""
     out = tmp_path_factory.mktemp("bench")
-    result = run([sys.executable, "-m", "benchmarks", "--quick", "--device", "cpu",
-                  "--only", "linear,layer", "--out", str(out)], timeout=300)
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--device",
+            "cpu",
+            "--only",
+            "linear,layer",
+            "--out",
+            str(out),
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return out
 
@@ -52,12 +82,14 @@ def test_quick_run_writes_csv_with_units_and_plot(quick_out):
     assert list(rows[0]) == COLUMNS
     assert {row["family"] for row in rows} == {"linear", "layer"}
     assert {"floor", "peft", "addmm", "ours-torch", "ours-torch+noise"} <= {
-        row["provider"] for row in rows}
+        row["provider"] for row in rows
+    }
     for row in rows:
         ms, tflops = float(row["median_ms"]), float(row["tflop_per_s"])
         assert ms > 0
-        problem = Problem(int(row["M"]), int(row["K"]), int(row["N"]), int(row["r"]),
-                          torch.float32, "cpu")
+        problem = Problem(
+            int(row["M"]), int(row["K"]), int(row["N"]), int(row["r"]), torch.float32, "cpu"
+        )
         flops = problem.flops(row["mode"], lora=row["provider"] != "floor")
         assert tflops == pytest.approx(flops / (ms * 1e-3) / 1e12, rel=1e-3)
         if row["provider"] == "floor":
@@ -113,8 +145,9 @@ def raising_provider(monkeypatch, name: str, when: str):
         if when == "build":
             raise RuntimeError("kernel launch failed")
         module = real(tensors)
-        module.register_full_backward_hook(lambda *args: (_ for _ in ()).throw(
-            RuntimeError("backward kernel failed")))
+        module.register_full_backward_hook(
+            lambda *args: (_ for _ in ()).throw(RuntimeError("backward kernel failed"))
+        )
         return module
 
     monkeypatch.setitem(providers._BUILDERS, name, broken)
@@ -135,8 +168,9 @@ def test_a_failing_provider_fails_its_family_by_name_after_the_others_ran(monkey
 
 
 def test_a_wrong_output_is_a_failure_not_a_skip(monkeypatch, capsys):
-    monkeypatch.setattr(providers, "expected_output",
-                        lambda name, tensors: torch.ones(tensors.x.shape[0], 12))
+    monkeypatch.setattr(
+        providers, "expected_output", lambda name, tensors: torch.ones(tensors.x.shape[0], 12)
+    )
     tensors = Tensors.draw(Problem(8, 16, 12, 2, torch.float32, "cpu"))
     failures = []
     assert providers.build_checked(["floor"], tensors, failures) == {}
@@ -151,9 +185,15 @@ def test_without_backends_drops_plain_and_noise_rows_of_those_backends():
 
 
 def gpu_check(out: Path, steps: str, timeout: float, budget: int = 420, **env):
-    return run(["bash", "benchmarks/gpu_check.sh", str(out)], timeout=timeout,
-               LORASC_GPU_CHECK_ALLOW_CPU="1", LORASC_GPU_CHECK_STEPS=steps,
-               LORASC_GPU_CHECK_BUDGET_S=str(budget), PYTHON=sys.executable, **env)
+    return run(
+        ["bash", "benchmarks/gpu_check.sh", str(out)],
+        timeout=timeout,
+        LORASC_GPU_CHECK_ALLOW_CPU="1",
+        LORASC_GPU_CHECK_STEPS=steps,
+        LORASC_GPU_CHECK_BUDGET_S=str(budget),
+        PYTHON=sys.executable,
+        **env,
+    )
 
 
 def summary_status(log: str) -> dict:
@@ -163,8 +203,9 @@ def summary_status(log: str) -> dict:
 
 
 def test_gpu_check_cpu_mode_runs_steps_and_skips_gpu_ones(tmp_path):
-    result = gpu_check(tmp_path, "env,ceilings,build_cuda,gpu_tests,kernels,bench_layer,report",
-                       timeout=400)
+    result = gpu_check(
+        tmp_path, "env,ceilings,build_cuda,gpu_tests,kernels,bench_layer,report", timeout=400
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     status = summary_status(result.stdout)
     for step in ("build_cuda", "gpu_tests", "kernels"):
@@ -194,8 +235,12 @@ def test_gpu_check_time_box_stops_steps_and_still_reports(tmp_path):
 
 
 def test_gpu_check_refuses_to_run_on_cpu_unless_allowed(tmp_path):
-    result = run(["bash", "benchmarks/gpu_check.sh", str(tmp_path)], timeout=120,
-                 LORASC_GPU_CHECK_ALLOW_CPU="0", PYTHON=sys.executable)
+    result = run(
+        ["bash", "benchmarks/gpu_check.sh", str(tmp_path)],
+        timeout=120,
+        LORASC_GPU_CHECK_ALLOW_CPU="0",
+        PYTHON=sys.executable,
+    )
     assert result.returncode == 2
     assert "LORASC_GPU_CHECK_ALLOW_CPU=1" in result.stderr + result.stdout
 
@@ -224,8 +269,9 @@ def test_gpu_check_names_a_failing_provider_in_its_step_and_the_summary(tmp_path
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAILING_ADDMM)
-    result = gpu_check(tmp_path / "out", "headline,report", timeout=400,
-                       PYTHONPATH=f"{ROOT}{os.pathsep}{hook}")
+    result = gpu_check(
+        tmp_path / "out", "headline,report", timeout=400, PYTHONPATH=f"{ROOT}{os.pathsep}{hook}"
+    )
     assert result.returncode == 1, result.stdout[-3000:]
     assert "FAILED provider addmm on" in result.stdout
     status = summary_status(result.stdout)

@@ -46,8 +46,14 @@ def scaled_noise(seed_scale, shape):
 def test_boundary_adds_slow_rate_times_fast_update(noise_mode):
     layer, optimizer = one_layer()
     w0 = layer.weight.detach().clone()
-    cascade = Cascade(layer, optimizer, steps_per_cascade=2, slow_rate=0.4,
-                      noise_mode=noise_mode, rounding="nearest")
+    cascade = Cascade(
+        layer,
+        optimizer,
+        steps_per_cascade=2,
+        slow_rate=0.4,
+        noise_mode=noise_mode,
+        rounding="nearest",
+    )
     scale = cascade.noise_scales[0]
     coeff = fp32_scalar(0.4 * layer.scaling)
     x = torch.randn(7, IN)
@@ -97,8 +103,12 @@ def test_fused_mode_hands_fresh_noise_seeds_to_the_layers():
 def test_noise_present_during_cascade_and_removed_by_finalize(dtype):
     layer, optimizer = one_layer(dtype)
     w0 = layer.weight.detach().clone()
-    cascade = Cascade(layer, optimizer, noise_lambda=0.3,
-                      rounding="nearest" if dtype == torch.float32 else "stochastic")
+    cascade = Cascade(
+        layer,
+        optimizer,
+        noise_lambda=0.3,
+        rounding="nearest" if dtype == torch.float32 else "stochastic",
+    )
     scale = cascade.noise_scales[0]
     assert scale == pytest.approx(0.3 * float(w0.float().std()), rel=1e-6)
     ulp = torch.finfo(dtype).eps * (w0.float().abs() + scale)  # bound of one rounding
@@ -141,15 +151,18 @@ def test_finalize_of_a_bare_layer_returns_a_linear():
     assert linear.weight.data_ptr() == layer.weight.data_ptr()
 
 
-@pytest.mark.parametrize("make_optimizer", [
-    lambda groups: torch.optim.AdamW(groups, lr=1e-2),
-    lambda groups: torch.optim.SGD(groups, lr=1e-2, momentum=0.9),
-], ids=["adamw", "sgd-momentum"])
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        lambda groups: torch.optim.AdamW(groups, lr=1e-2),
+        lambda groups: torch.optim.SGD(groups, lr=1e-2, momentum=0.9),
+    ],
+    ids=["adamw", "sgd-momentum"],
+)
 def test_boundary_drops_only_the_fast_lora_optimizer_state(make_optimizer):
     model = nn.Sequential(LoRASCLinear(IN, OUT, r=2), nn.ReLU(), nn.Linear(OUT, 4))
     lora, head = model[0], model[2]
-    groups = [{"params": [lora.lora_A, lora.lora_B]},
-              {"params": head.parameters(), "lr": 3e-3}]
+    groups = [{"params": [lora.lora_A, lora.lora_B]}, {"params": head.parameters(), "lr": 3e-3}]
     optimizer = make_optimizer(groups)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     cascade = Cascade(model, optimizer, steps_per_cascade=2)
@@ -204,9 +217,12 @@ def test_step_and_epoch_schedules():
 
 
 def test_derived_seeds_are_distinct_and_reproducible():
-    seeds = {cascade_seed(7, purpose, index, layer)
-             for purpose in (PURPOSE_NOISE, PURPOSE_ROUNDING, PURPOSE_INIT)
-             for index in range(6) for layer in range(5)}
+    seeds = {
+        cascade_seed(7, purpose, index, layer)
+        for purpose in (PURPOSE_NOISE, PURPOSE_ROUNDING, PURPOSE_INIT)
+        for index in range(6)
+        for layer in range(5)
+    }
     assert len(seeds) == 3 * 6 * 5
     assert cascade_seed(7, PURPOSE_NOISE, 2, 3) == cascade_seed(7, PURPOSE_NOISE, 2, 3)
     assert cascade_seed(7, PURPOSE_NOISE, 2, 3) != cascade_seed(8, PURPOSE_NOISE, 2, 3)
@@ -268,12 +284,12 @@ def run_steps(run, batches):
 
 def flat_history(cascade):
     """Every kept update of ``cascade``, flattened into one tensor."""
-    return torch.cat([t.flatten() for pairs in cascade.history.values()
-                      for pair in pairs for t in pair])
+    return torch.cat(
+        [t.flatten() for pairs in cascade.history.values() for pair in pairs for t in pair]
+    )
 
 
-@pytest.mark.parametrize("cascade_first", [True, False], ids=["load_state_dict",
-                                                                "from_state_dict"])
+@pytest.mark.parametrize("cascade_first", [True, False], ids=["load_state_dict", "from_state_dict"])
 def test_resume_mid_cascade_is_bit_exact(cascade_first):
     batches = [torch.randn(4, IN).to(torch.bfloat16) for _ in range(8)]
     torch.manual_seed(100)
@@ -285,9 +301,16 @@ def test_resume_mid_cascade_is_bit_exact(cascade_first):
     run_steps(first, batches[:4])  # stops one step into the second cascade
     buffer = io.BytesIO()
     model, optimizer, scheduler, cascade = first
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "cascade": cascade.state_dict(),
-                "rng": torch.get_rng_state()}, buffer)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "cascade": cascade.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buffer,
+    )
     del first, model, optimizer, scheduler, cascade
 
     buffer.seek(0)
@@ -321,17 +344,20 @@ def test_boundary_is_logged(caplog):
     assert f"{cascade.noise_scales[0]:.3g}" in caplog.text
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"slow_rate": 0.0}, ValueError, "slow_rate"),
-    ({"slow_rate": 1.5}, ValueError, "slow_rate"),
-    ({"noise_lambda": -0.1}, ValueError, "noise_lambda"),
-    ({"noise_mode": "sometimes"}, ValueError, "noise_mode"),
-    ({"steps_per_cascade": 0}, ValueError, "steps_per_cascade"),
-    ({"steps_per_cascade": 2.5}, TypeError, "steps_per_cascade"),
-    ({"rounding": "up"}, ValueError, "rounding"),
-    ({"seed": -1}, ValueError, "seed"),
-    ({"keep_history": 1}, TypeError, "keep_history"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"slow_rate": 0.0}, ValueError, "slow_rate"),
+        ({"slow_rate": 1.5}, ValueError, "slow_rate"),
+        ({"noise_lambda": -0.1}, ValueError, "noise_lambda"),
+        ({"noise_mode": "sometimes"}, ValueError, "noise_mode"),
+        ({"steps_per_cascade": 0}, ValueError, "steps_per_cascade"),
+        ({"steps_per_cascade": 2.5}, TypeError, "steps_per_cascade"),
+        ({"rounding": "up"}, ValueError, "rounding"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"keep_history": 1}, TypeError, "keep_history"),
+    ],
+)
 def test_bad_settings_raise(kwargs, error, match):
     layer, optimizer = one_layer()
     weight = layer.weight.detach().clone()

@@ -72,8 +72,15 @@ def train(model, optimizer, cascade, steps, x):
 @pytest.mark.parametrize("keep_history", [False, True])
 def test_last_boundary_reports_the_merged_update_against_float64(keep_history):
     model, optimizer = mlp()
-    cascade = Cascade(model, optimizer, steps_per_cascade=3, slow_rate=0.5, noise_mode="off",
-                      rounding="nearest", keep_history=keep_history)
+    cascade = Cascade(
+        model,
+        optimizer,
+        steps_per_cascade=3,
+        slow_rate=0.5,
+        noise_mode="off",
+        rounding="nearest",
+        keep_history=keep_history,
+    )
     assert cascade.last_boundary == {}
     x = torch.randn(16, IN)
     layer = model[0]
@@ -82,19 +89,19 @@ def test_last_boundary_reports_the_merged_update_against_float64(keep_history):
         train(model, optimizer, cascade, 2, x)
         optimizer_step(model, optimizer, x)
         w_before = layer.weight.detach().double().clone()
-        delta = (0.5 * layer.scaling * layer.lora_B.detach().double()
-                 @ layer.lora_A.detach().double())
+        delta = (
+            0.5 * layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
+        )
         accumulated += delta
         assert cascade.step()
         figures = cascade.last_boundary
         assert figures["lorasc/cascade"] == t and figures["lorasc/merge_ms"] > 0
         assert figures["lorasc/update_ratio"] == pytest.approx(
-            float(delta.norm() / w_before.norm()), rel=1e-6)
-        assert figures["lorasc/cascade_effective_rank"] == pytest.approx(erank64(delta),
-                                                                          rel=1e-9)
+            float(delta.norm() / w_before.norm()), rel=1e-6
+        )
+        assert figures["lorasc/cascade_effective_rank"] == pytest.approx(erank64(delta), rel=1e-9)
         if keep_history:
-            assert figures["lorasc/effective_rank"] == pytest.approx(erank64(accumulated),
-                                                                      rel=1e-6)
+            assert figures["lorasc/effective_rank"] == pytest.approx(erank64(accumulated), rel=1e-6)
         else:
             assert "lorasc/effective_rank" not in figures
     if keep_history:  # the accumulated update outgrows one cascade's rank
@@ -110,13 +117,15 @@ def test_track_metrics_every_k_boundaries_on_a_named_layer():
     for _ in range(4):
         optimizer_step(model, optimizer, x)
         w_before = model[2].weight.detach().double().clone()
-        delta = (model[2].scaling * model[2].lora_B.detach().double()
-                 @ model[2].lora_A.detach().double())
+        delta = (
+            model[2].scaling * model[2].lora_B.detach().double() @ model[2].lora_A.detach().double()
+        )
         assert cascade.step()
         measured.append("lorasc/update_ratio" in cascade.last_boundary)
         if measured[-1]:
             assert cascade.last_boundary["lorasc/update_ratio"] == pytest.approx(
-                float(delta.norm() / w_before.norm()), rel=1e-6)
+                float(delta.norm() / w_before.norm()), rel=1e-6
+            )
     assert measured == [True, False, True, False]
     cascade.track_metrics(every=0)
     train(model, optimizer, cascade, 1, x)
@@ -138,7 +147,8 @@ def test_fp8_layer_ratio_uses_the_dequantized_weight():
     delta = layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()
     cascade.step()
     assert cascade.last_boundary["lorasc/update_ratio"] == pytest.approx(
-        float(delta.norm() / dequantized.norm()), rel=1e-6)
+        float(delta.norm() / dequantized.norm()), rel=1e-6
+    )
 
 
 def test_a_boundary_with_untouched_fast_loras_warns_once(caplog):

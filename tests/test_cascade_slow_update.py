@@ -35,8 +35,9 @@ def train_step(model, optimizer, x):
 
 def others(model):
     """The non-LoRA trainable parameters, by name."""
-    return {name: p for name, p in model.named_parameters()
-            if p.requires_grad and "lora" not in name}
+    return {
+        name: p for name, p in model.named_parameters() if p.requires_grad and "lora" not in name
+    }
 
 
 def test_other_parameters_are_found_in_optimizer_order():
@@ -45,8 +46,10 @@ def test_other_parameters_are_found_in_optimizer_order():
     update = cascade.slow_update
     assert [p.shape for p in update.params] == [p.shape for p in others(model).values()]
     assert all(p is q for p, q in zip(update.params, others(model).values(), strict=True))
-    assert all(torch.equal(a, p) and a.data_ptr() != p.data_ptr()
-               for a, p in zip(update.anchors, update.params, strict=True))
+    assert all(
+        torch.equal(a, p) and a.data_ptr() != p.data_ptr()
+        for a, p in zip(update.anchors, update.params, strict=True)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -84,9 +87,11 @@ def test_finalize_applies_the_slow_update_too():
     assert torch.equal(model[2].weight, torch.lerp(start, fast, 0.5))
 
 
-@pytest.mark.parametrize("settings", [{"slow_rate": 0.5, "slow_other_params": False},
-                                      {"slow_rate": 1.0}, {}],
-                         ids=["off", "slow_rate=1", "defaults"])
+@pytest.mark.parametrize(
+    "settings",
+    [{"slow_rate": 0.5, "slow_other_params": False}, {"slow_rate": 1.0}, {}],
+    ids=["off", "slow_rate=1", "defaults"],
+)
 def test_other_parameters_keep_their_value_when_off_or_at_slow_rate_one(settings):
     model, x = model_with_head(), torch.randn(6, IN)
     optimizer = adam(model)
@@ -104,7 +109,8 @@ def test_lr_lambda_is_the_schedule_times_a_jagged_warmup():
     optimizer = adam(model)
     cascade = Cascade(model, optimizer, steps_per_cascade=4, warmup_steps=3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cascade.lr_lambda(lambda step: 0.5 ** step))
+        optimizer, cascade.lr_lambda(lambda step: 0.5**step)
+    )
     seen = []
     for _ in range(9):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -150,10 +156,18 @@ def build_run():
     """bf16 model with head, AdamW, a warm-up schedule and a Cascade of 3 steps."""
     model = model_with_head(torch.bfloat16)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    cascade = Cascade(model, optimizer, steps_per_cascade=3, seed=4, warmup_steps=2,
-                      slow_rate=0.5, noise_lambda=0.15)
+    cascade = Cascade(
+        model,
+        optimizer,
+        steps_per_cascade=3,
+        seed=4,
+        warmup_steps=2,
+        slow_rate=0.5,
+        noise_lambda=0.15,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cascade.lr_lambda(lambda step: 1.0 / (1 + step)))
+        optimizer, cascade.lr_lambda(lambda step: 1.0 / (1 + step))
+    )
     return model, optimizer, scheduler, cascade
 
 
@@ -175,8 +189,15 @@ def test_resume_mid_cascade_with_anchors_and_warmup_is_bit_exact():
     first = build_run()
     run_steps(first, batches[:4])  # one step into the second cascade
     buffer = io.BytesIO()
-    torch.save({name: part.state_dict() for name, part in
-                zip(("model", "optimizer", "scheduler", "cascade"), first, strict=True)}, buffer)
+    torch.save(
+        {
+            name: part.state_dict()
+            for name, part in zip(
+                ("model", "optimizer", "scheduler", "cascade"), first, strict=True
+            )
+        },
+        buffer,
+    )
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
     torch.manual_seed(1)  # other initial weights: everything must come from the state
@@ -188,8 +209,9 @@ def test_resume_mid_cascade_with_anchors_and_warmup_is_bit_exact():
     expected = uninterrupted[0].state_dict()
     for key, value in resumed[0].state_dict().items():
         assert torch.equal(value, expected[key]), key
-    for anchor, reference in zip(resumed[3].slow_update.anchors,
-                                 uninterrupted[3].slow_update.anchors, strict=True):
+    for anchor, reference in zip(
+        resumed[3].slow_update.anchors, uninterrupted[3].slow_update.anchors, strict=True
+    ):
         assert torch.equal(anchor, reference)
     assert resumed[1].param_groups[0]["lr"] == uninterrupted[1].param_groups[0]["lr"]
 
@@ -209,12 +231,15 @@ def test_load_state_dict_refuses_anchors_of_other_parameters():
         fresh_cascade().load_state_dict(reshaped)
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"steps_per_cascade": 3, "warmup_steps": 4}, ValueError, "warmup_steps"),
-    ({"warmup_steps": -1}, ValueError, "warmup_steps"),
-    ({"warmup_steps": 1.5}, TypeError, "warmup_steps"),
-    ({"slow_other_params": 1}, TypeError, "slow_other_params"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"steps_per_cascade": 3, "warmup_steps": 4}, ValueError, "warmup_steps"),
+        ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+        ({"warmup_steps": 1.5}, TypeError, "warmup_steps"),
+        ({"slow_other_params": 1}, TypeError, "slow_other_params"),
+    ],
+)
 def test_bad_slow_update_and_warmup_settings_raise(kwargs, error, match):
     model = model_with_head()
     with pytest.raises(error, match=match):

@@ -89,11 +89,15 @@ def test_settings_are_given_once_and_overridden_by_name():
     assert settings.seed == 4  # the given settings are not changed
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    ({"speed": 2}, TypeError, r"unknown Cascade settings \['speed'\]"),
-    ({"settings": {"slow_rate": 0.5}}, TypeError, "settings must be a CascadeSettings or None"),
-    ({"slow_rate": 0.0}, ValueError, r"slow_rate must be in \(0, 1\]"),
-], ids=["unknown", "dict", "bad-value"])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"speed": 2}, TypeError, r"unknown Cascade settings \['speed'\]"),
+        ({"settings": {"slow_rate": 0.5}}, TypeError, "settings must be a CascadeSettings or None"),
+        ({"slow_rate": 0.0}, ValueError, r"slow_rate must be in \(0, 1\]"),
+    ],
+    ids=["unknown", "dict", "bad-value"],
+)
 def test_bad_settings_are_refused_by_name(kwargs, error, match):
     model, optimizer, _ = build()
     with pytest.raises(error, match=match):

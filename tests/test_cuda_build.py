@@ -48,8 +48,9 @@ def test_every_op_is_registered(extension):
 def test_fake_kernels_give_shapes(extension):
     p, q = torch.empty(37, 91, device="meta"), torch.empty(53, 91, device="meta")
     u, v = torch.empty(37, 5, device="meta"), torch.empty(53, 5, device="meta")
-    out = torch.ops.lorasc_cuda.lowrank_gemm(p, q, None, u, v, 2.0, 0, 0, 0, 0.0, False,
-                                             1, 7, 0, 0.1, True)
+    out = torch.ops.lorasc_cuda.lowrank_gemm(
+        p, q, None, u, v, 2.0, 0, 0, 0, 0.0, False, 1, 7, 0, 0.1, True
+    )
     assert out.shape == (37, 53) and out.device.type == "meta"
     x = torch.empty(37, 91, device="meta").t()
     assert torch.ops.lorasc_cuda.dropout(x, 7, 100, 1.5).is_contiguous()
@@ -59,13 +60,19 @@ def test_fake_kernels_give_shapes(extension):
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda e, t: e.lowrank_gemm(t(4, 8), t(3, 8), None, None, None, 1.0,
-                                     0, 0, 0, 0.0, False, 0, 0, 0, 0.0, False),
-         "p must be a CUDA tensor"),
+        (
+            lambda e, t: e.lowrank_gemm(
+                t(4, 8), t(3, 8), None, None, None, 1.0, 0, 0, 0, 0.0, False, 0, 0, 0, 0.0, False
+            ),
+            "p must be a CUDA tensor",
+        ),
         (lambda e, t: e.dropout(t(4, 8), 1, 2, 1.0), "x must be a CUDA tensor"),
-        (lambda e, t: e.merge_lowrank_(t(4, 8), t(4, 2), t(2, 8), 1.0, True, 1, -1, 0.0, -1,
-                                       0.0, 0),
-         "weight must be a CUDA tensor"),
+        (
+            lambda e, t: e.merge_lowrank_(
+                t(4, 8), t(4, 2), t(2, 8), 1.0, True, 1, -1, 0.0, -1, 0.0, 0
+            ),
+            "weight must be a CUDA tensor",
+        ),
     ],
 )
 def test_ops_name_the_bad_argument(extension, call, message):
@@ -96,8 +103,12 @@ def test_setup_builds_the_extension_with_a_cuda_toolchain(monkeypatch):
 def test_setup_switches(monkeypatch):
     setup_py = load_setup_py()
     monkeypatch.setenv("LORASC_SKIP_CUDA_BUILD", "1")
-    assert setup_py.cuda_extensions() == ([], {}, "lorasc_kernels: CUDA extension not built "
-                                          "(LORASC_SKIP_CUDA_BUILD=1); " + setup_py.FIRST_USE)
+    assert setup_py.cuda_extensions() == (
+        [],
+        {},
+        "lorasc_kernels: CUDA extension not built "
+        "(LORASC_SKIP_CUDA_BUILD=1); " + setup_py.FIRST_USE,
+    )
     monkeypatch.delenv("LORASC_SKIP_CUDA_BUILD")
     monkeypatch.setattr(torch.version, "cuda", None)  # as with a CPU-only torch
     extensions, cmdclass, note = setup_py.cuda_extensions()
@@ -158,8 +169,10 @@ def test_cuda_home_rejects_broken_candidates_with_reasons(tmp_path, monkeypatch)
     make_wrapper(tmp_path / "first", incomplete / "bin" / "nvcc")
     make_wrapper(tmp_path / "second", toolkit / "bin" / "nvcc")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
-    monkeypatch.setenv("PATH", os.pathsep.join(
-        [str(tmp_path / "first"), str(tmp_path / "second"), os.environ["PATH"]]))
+    monkeypatch.setenv(
+        "PATH",
+        os.pathsep.join([str(tmp_path / "first"), str(tmp_path / "second"), os.environ["PATH"]]),
+    )
     home = _build.find_cuda_home()
     assert home.path == toolkit
     reasons = dict(home.rejected)
@@ -211,15 +224,21 @@ def test_build_step_resolves_the_real_toolkit_behind_a_wrapper_nvcc(extension, t
     (the same as this process's, so the cached build is reused) and loads."""
     real = _build.find_cuda_home().path
     wrapper = make_wrapper(tmp_path / "bin", real / "bin" / "nvcc")
-    environment = {key: value for key, value in os.environ.items()
-                   if key not in ("CUDA_HOME", "CUDA_PATH")}
+    environment = {
+        key: value for key, value in os.environ.items() if key not in ("CUDA_HOME", "CUDA_PATH")
+    }
     environment["PATH"] = f"{wrapper.parent}{os.pathsep}{environment['PATH']}"
     environment["PYTHONPATH"] = str(ROOT)
     # As in the GPU check, whose later steps load the file this step builds.
     environment["LORASC_CUDA_EXTENSION"] = str(tmp_path / "not_built_yet.so")
-    result = subprocess.run([sys.executable, "-m", "lorasc_kernels._build", "--build"],
-                            cwd=ROOT, env=environment, capture_output=True, text=True,
-                            timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-m", "lorasc_kernels._build", "--build"],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"CUDA_HOME={real} (nvcc on PATH {wrapper} (runs {real}/bin/nvcc))" in result.stderr
     built = Path(result.stdout.splitlines()[-1])

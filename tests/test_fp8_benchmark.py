@@ -8,8 +8,11 @@ from benchmarks import bench_fp8
 def test_quick_cpu_run_writes_linear_and_merge_rows(tmp_path):
     rows = bench_fp8.run(True, "cpu", tmp_path)
     linear = {(row["mode"], row["provider"]) for row in rows if row["op"] == "linear"}
-    assert linear == {(mode, provider) for mode in ("forward", "forward+backward")
-                      for provider in ("frozen-bf16", "ours-bf16", "ours-fp8")}
+    assert linear == {
+        (mode, provider)
+        for mode in ("forward", "forward+backward")
+        for provider in ("frozen-bf16", "ours-bf16", "ours-fp8")
+    }
     merge = {row["provider"]: row for row in rows if row["op"] == "merge"}
     assert set(merge) == {"copy-bf16", "ours-bf16", "ours-fp8"}
     assert all(row["time_ms"] > 0 for row in rows)

@@ -44,18 +44,29 @@ def _hard_values(dtype):
     high = math.floor(math.log2(entry.max_value)) + 1
     exponents = torch.randint(low, high, (20000,), generator=generator).float()
     random = (torch.randn(20000, generator=generator) * torch.exp2(exponents)).clamp(
-        -entry.max_value, entry.max_value)
+        -entry.max_value, entry.max_value
+    )
     values = _finite_values(dtype)
     ties = (values[1:] + values[:-1]) / 2
     big = torch.tensor(1e9)
-    return torch.cat([random, values, ties, ties.nextafter(big), ties.nextafter(-big),
-                      torch.tensor([0.0, -0.0, 1e-40, -1e-42])])
+    return torch.cat(
+        [
+            random,
+            values,
+            ties,
+            ties.nextafter(big),
+            ties.nextafter(-big),
+            torch.tensor([0.0, -0.0, 1e-40, -1e-42]),
+        ]
+    )
 
 
 def test_registry_names_the_formats():
     assert WEIGHT_FORMATS == {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-    fields = {entry.name: (entry.max_value, entry.min_exponent, entry.step_bits,
-                           entry.has_infinity) for entry in SCALED_WEIGHT_DTYPES.values()}
+    fields = {
+        entry.name: (entry.max_value, entry.min_exponent, entry.step_bits, entry.has_infinity)
+        for entry in SCALED_WEIGHT_DTYPES.values()
+    }
     assert fields == {"fp8_e4m3": (448.0, -6, 20, False), "fp8_e5m2": (57344.0, -14, 21, True)}
     assert format_dtype("fp8_e5m2") == torch.float8_e5m2
     with pytest.raises(ValueError, match="weight_format"):
@@ -67,7 +78,10 @@ def test_the_entry_agrees_with_torchs_dtype(scaled_dtype):
     info = torch.finfo(scaled_dtype)
     assert info.bits == 1 + entry.exponent_bits + entry.mantissa_bits == 8
     assert (info.max, info.smallest_normal, info.eps) == (
-        entry.max_value, 2.0**entry.min_exponent, 2.0**-entry.mantissa_bits)
+        entry.max_value,
+        2.0**entry.min_exponent,
+        2.0**-entry.mantissa_bits,
+    )
     assert entry.min_exponent == 1 - entry.exponent_bias
     infinity = torch.tensor([float("inf")]).to(scaled_dtype).float()
     assert bool(torch.isinf(infinity).all()) == entry.has_infinity
@@ -75,8 +89,9 @@ def test_the_entry_agrees_with_torchs_dtype(scaled_dtype):
 
 def test_nearest_equals_torchs_conversion_bit_for_bit(scaled_dtype):
     values = _hard_values(scaled_dtype)
-    assert torch.equal(_codes(round_to_scaled(values, scaled_dtype, "nearest")),
-                       _codes(values.to(scaled_dtype)))
+    assert torch.equal(
+        _codes(round_to_scaled(values, scaled_dtype, "nearest")), _codes(values.to(scaled_dtype))
+    )
 
 
 def test_stochastic_rounds_to_a_neighbour_and_keeps_exact_values(scaled_dtype):
@@ -96,10 +111,12 @@ def test_stochastic_rounds_to_a_neighbour_and_keeps_exact_values(scaled_dtype):
 def test_stochastic_rounding_is_unbiased(scaled_dtype, where):
     entry = scaled_weight_dtype(scaled_dtype)
     unit = 2.0 ** (entry.min_exponent - entry.mantissa_bits)  # the subnormal step
-    value = {"subnormal": 0.3 * unit,
-             "subnormals_top": 2.0 ** (entry.min_exponent - 1) + 0.37 * unit,
-             "one": 1.0 + 0.1 * 2.0**-entry.mantissa_bits,
-             "large": -0.45 * entry.max_value}[where]
+    value = {
+        "subnormal": 0.3 * unit,
+        "subnormals_top": 2.0 ** (entry.min_exponent - 1) + 0.37 * unit,
+        "one": 1.0 + 0.1 * 2.0**-entry.mantissa_bits,
+        "large": -0.45 * entry.max_value,
+    }[where]
     count = 1 << 16
     bits = noise_lib.hash_bits(noise_lib.stream_key(11, 1), 1, count)[0]
     rounded = round_to_scaled(torch.full((count,), value), scaled_dtype, "stochastic", bits)
@@ -110,8 +127,13 @@ def test_stochastic_rounding_is_unbiased(scaled_dtype, where):
 
 
 @triton.jit
-def _decode_kernel(code_ptr, out_ptr, MANTISSA_BITS: tl.constexpr,
-                   EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr):
+def _decode_kernel(
+    code_ptr,
+    out_ptr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+):
     offsets = tl.arange(0, 256)
     code = tl.load(code_ptr + offsets)
     tl.store(out_ptr + offsets, decode_scaled(code, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY))
@@ -154,8 +176,16 @@ def test_quantize_refuses_non_finite_and_non_2d(scaled_dtype):
 
 def test_rescale_takes_the_smallest_power_of_two_that_fits(scaled_dtype):
     top = scaled_weight_dtype(scaled_dtype).max_value
-    values = torch.tensor([[top, 1.0], [top * 1.002, -3.0], [-2 * top, 0.5],
-                           [2 * top * 1.001, 0.0], [2.0**100, 1.0], [0.0, 0.0]])
+    values = torch.tensor(
+        [
+            [top, 1.0],
+            [top * 1.002, -3.0],
+            [-2 * top, 0.5],
+            [2 * top * 1.001, 0.0],
+            [2.0**100, 1.0],
+            [0.0, 0.0],
+        ]
+    )
     scale = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 7.0])
     rescaled, new_scale = rescale_rows(values, scale, top)
     powers = torch.tensor([1.0, 2.0, 2.0, 4.0, 2.0 ** (100 - math.floor(math.log2(top))), 1.0])

@@ -34,7 +34,7 @@ def test_matches_float64_of_the_quantized_operands(scaled_dtype, dtype, bias):
     assert float(error) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
     plain = linear(x).detach().double()
     error = float((y.double() - plain).norm() / plain.norm())  # two fp8 operands
-    assert error < 0.8 * 2.0**-scaled_weight_dtype(scaled_dtype).mantissa_bits  # 0.1, 0.2
+    assert error < 0.8 * 2.0 ** -scaled_weight_dtype(scaled_dtype).mantissa_bits  # 0.1, 0.2
 
 
 def test_shares_an_fp8_lorasc_layers_weight_and_scales(scaled_dtype):

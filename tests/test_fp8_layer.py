@@ -37,15 +37,18 @@ def test_from_linear_quantizes_the_weight_and_shares_the_bias(scaled_dtype):
 
 def test_forward_is_the_linear_of_the_dequantized_weight(scaled_dtype):
     linear = _linear()
-    layer = LoRASCLinear.from_linear(linear, r=4, backend="torch",
-                                     weight_format=scaled_weight_dtype(scaled_dtype).name)
+    layer = LoRASCLinear.from_linear(
+        linear, r=4, backend="torch", weight_format=scaled_weight_dtype(scaled_dtype).name
+    )
     nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 21).to(torch.bfloat16)
     weight = _weight(layer).dequantize(torch.float64)
     with torch.no_grad():
-        expected = (x.double() @ weight.t() + linear.bias.double()
-                    + layer.scaling * (x.double() @ layer.lora_A.double().t())
-                    @ layer.lora_B.double().t())
+        expected = (
+            x.double() @ weight.t()
+            + linear.bias.double()
+            + layer.scaling * (x.double() @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+        )
     y = layer(x)
     assert float((y.detach().double() - expected).norm() / expected.norm()) < 2e-2
     y.float().sum().backward()
@@ -63,8 +66,9 @@ def test_state_dict_round_trip_into_a_new_layer(scaled_dtype):
 
 def test_to_linear_dequantizes_into_the_dtype_asked(scaled_dtype):
     linear = _linear()
-    layer = LoRASCLinear.from_linear(linear, r=4,
-                                     weight_format=scaled_weight_dtype(scaled_dtype).name)
+    layer = LoRASCLinear.from_linear(
+        linear, r=4, weight_format=scaled_weight_dtype(scaled_dtype).name
+    )
     default = layer.to_linear()
     assert default.weight.dtype == torch.bfloat16
     assert torch.equal(default.weight, _weight(layer).dequantize(torch.bfloat16))
@@ -82,8 +86,9 @@ def test_unknown_formats_are_refused_by_name():
 
 
 def test_cuda_backend_refuses_an_fp8_layer_by_name(scaled_dtype):
-    layer = LoRASCLinear.from_linear(_linear(), r=4, backend="cuda",
-                                     weight_format=scaled_weight_dtype(scaled_dtype).name)
+    layer = LoRASCLinear.from_linear(
+        _linear(), r=4, backend="cuda", weight_format=scaled_weight_dtype(scaled_dtype).name
+    )
     with pytest.raises((TypeError, RuntimeError), match="cuda"):
         layer(torch.randn(2, 21).to(torch.bfloat16))
 
@@ -91,8 +96,15 @@ def test_cuda_backend_refuses_an_fp8_layer_by_name(scaled_dtype):
 def _model(scaled_dtype):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).to(torch.bfloat16)
-    inject_lorasc(model, LoRASCConfig(r=2, target_modules=["0"], backend="torch",
-                                      weight_format=scaled_weight_dtype(scaled_dtype).name))
+    inject_lorasc(
+        model,
+        LoRASCConfig(
+            r=2,
+            target_modules=["0"],
+            backend="torch",
+            weight_format=scaled_weight_dtype(scaled_dtype).name,
+        ),
+    )
     return model
 
 
@@ -100,8 +112,7 @@ def test_inject_and_a_cascade_merge_into_fp8_and_finalize_to_dequantized_linears
     model = _model(scaled_dtype)
     assert model[0].weight.dtype == scaled_dtype and isinstance(model[2], nn.Linear)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    cascade = Cascade(model, optimizer, steps_per_cascade=2, noise_lambda=0.1,
-                      noise_mode="inplace")
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, noise_lambda=0.1, noise_mode="inplace")
     start = _weight(model[0]).dequantize(torch.float32)
     for _ in range(5):
         model(torch.randn(8, 16).to(torch.bfloat16)).float().pow(2).mean().backward()

@@ -16,8 +16,7 @@ from lorasc_kernels.quantize import quantize
 
 def _inputs(dtype, M, K, N, r, x_dtype, bias=True):
     """``(x, ScaledWeight, b, lora_A, lora_B)``; rows of the weight span three decades."""
-    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, x_dtype, DEVICE, torch.float32,
-                                                  bias)
+    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, x_dtype, DEVICE, torch.float32, bias)
     scaled = quantize(weight * torch.logspace(-2, 1, N, device=DEVICE)[:, None], dtype)
     return x, scaled, b, lora_A, lora_B
 
@@ -26,23 +25,33 @@ def _inputs(dtype, M, K, N, r, x_dtype, bias=True):
 @pytest.mark.parametrize("shape", [(37, 91, 53, 5), (1, 16, 3, 1)])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_forward_and_gradients_match_float64_of_the_dequantized_weight(
-        backend, scaled_dtype, x_dtype, shape, dropout):
+    backend, scaled_dtype, x_dtype, shape, dropout
+):
     backend = scaled_backend(backend, scaled_dtype)
     M, K, N, r = shape
     x, weight, b, lora_A, lora_B = _inputs(scaled_dtype, M, K, N, r, x_dtype)
     x.requires_grad_(True)
     lora_A.requires_grad_(True)
     lora_B.requires_grad_(True)
-    y = lorasc_linear(x, weight, b, lora_A, lora_B, 1.5, dropout_p=dropout, dropout_seed=9,
-                      backend=backend)
+    y = lorasc_linear(
+        x, weight, b, lora_A, lora_B, 1.5, dropout_p=dropout, dropout_seed=9, backend=backend
+    )
     assert y.dtype == x_dtype and y.shape == (M, N)
     dy = torch.randn(M, N, device=DEVICE).to(x_dtype)
     y.backward(dy)
 
     inputs64 = [t.detach().double().requires_grad_(True) for t in (x, lora_A, lora_B)]
     keep = dropout_keep_mask(9, M, K, dropout, DEVICE) if dropout else None
-    expected = reference_float64(inputs64[0], weight.dequantize(torch.float64), b, inputs64[1],
-                                 inputs64[2], 1.5, keep, dropout)
+    expected = reference_float64(
+        inputs64[0],
+        weight.dequantize(torch.float64),
+        b,
+        inputs64[1],
+        inputs64[2],
+        1.5,
+        keep,
+        dropout,
+    )
     expected.backward(dy.double())
     tolerance = KERNEL_TOLERANCE[x_dtype]
     assert rel_error(y, expected) < tolerance
@@ -76,11 +85,13 @@ def test_bad_arguments_name_what_is_wrong(scaled_dtype):
     with pytest.raises(ValueError, match=r"ScaledWeight scale must have shape \(7,\)"):
         ScaledWeight(weight.codes, weight.scale[:6])
     with pytest.raises(ValueError, match="noise_seed: fused noise"):
-        lorasc_linear(x, weight, b, lora_A, lora_B, 1.0, backend="torch", noise_seed=3,
-                      noise_scale=0.1)
+        lorasc_linear(
+            x, weight, b, lora_A, lora_B, 1.0, backend="torch", noise_seed=3, noise_scale=0.1
+        )
     with pytest.raises(TypeError, match="bias must have x's dtype"):
-        lorasc_linear(x, weight, torch.zeros(7, device=DEVICE), lora_A, lora_B, 1.0,
-                      backend="torch")
+        lorasc_linear(
+            x, weight, torch.zeros(7, device=DEVICE), lora_A, lora_B, 1.0, backend="torch"
+        )
 
 
 def test_scaled_weights_are_frozen(scaled_dtype):
@@ -103,8 +114,7 @@ def test_compiles_with_fullgraph(scaled_dtype):
     codes, scale = weight.codes, weight.scale
 
     def run(x):  # the container built inside the graph, as LoRASCLinear.forward does
-        return lorasc_linear(x, ScaledWeight(codes, scale), b, lora_A, lora_B, 1.0,
-                             backend="torch")
+        return lorasc_linear(x, ScaledWeight(codes, scale), b, lora_A, lora_B, 1.0, backend="torch")
 
     compiled = torch.compile(run, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), run(x))

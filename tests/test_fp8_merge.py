@@ -20,8 +20,11 @@ def _scaled_inputs(dtype, rows, cols, r, update=1.0, seed=0):
     weight = quantize(torch.randn(rows, cols, generator=generator) / cols**0.5, dtype)
     lora_B = torch.randn(rows, r, generator=generator) * update / r**0.5
     lora_A = torch.randn(r, cols, generator=generator) / cols**0.5
-    return (ScaledWeight(weight.codes.to(DEVICE), weight.scale.to(DEVICE)), lora_B.to(DEVICE),
-            lora_A.to(DEVICE))
+    return (
+        ScaledWeight(weight.codes.to(DEVICE), weight.scale.to(DEVICE)),
+        lora_B.to(DEVICE),
+        lora_A.to(DEVICE),
+    )
 
 
 def _copy(weight: ScaledWeight) -> ScaledWeight:
@@ -61,8 +64,9 @@ def test_shards_equal_whole(backend, scaled_dtype):
     shards = _copy(weight)
     for start, stop in ((0, 10), (10, 11), (11, 29)):
         shard = ScaledWeight(shards.codes[start:stop], shards.scale[start:stop])
-        merge_lowrank_(shard, lora_B[start:stop], lora_A, 0.5, seed=9, row_offset=start,
-                       backend=backend)
+        merge_lowrank_(
+            shard, lora_B[start:stop], lora_A, 0.5, seed=9, row_offset=start, backend=backend
+        )
     _assert_same(shards, whole)
 
 
@@ -91,9 +95,10 @@ def test_stochastic_keeps_sub_step_updates_nearest_loses_them(backend, scaled_dt
     backend = scaled_backend(backend, scaled_dtype)
     entry = scaled_weight_dtype(scaled_dtype)
     weight, lora_B, lora_A = _scaled_inputs(scaled_dtype, 16, 64, 2, seed=4)
-    update = (lora_B.double() @ lora_A.double())
-    exponent = torch.floor(torch.log2(weight.codes.double().abs().clamp_min(
-        2.0**entry.min_exponent)))
+    update = lora_B.double() @ lora_A.double()
+    exponent = torch.floor(
+        torch.log2(weight.codes.double().abs().clamp_min(2.0**entry.min_exponent))
+    )
     step = weight.scale.double()[:, None] * torch.exp2(exponent - entry.mantissa_bits)
     coeff = 0.2 / float((update.abs() / step).max())  # under 0.2 of a step everywhere
     merges = 40
@@ -101,36 +106,46 @@ def test_stochastic_keeps_sub_step_updates_nearest_loses_them(backend, scaled_dt
     for rounding in ("nearest", "stochastic"):
         merged = _copy(weight)
         for index in range(merges):
-            merge_lowrank_(merged, lora_B, lora_A, coeff, rounding=rounding, seed=index,
-                           backend=backend)
+            merge_lowrank_(
+                merged, lora_B, lora_A, coeff, rounding=rounding, seed=index, backend=backend
+            )
         results[rounding] = merged.dequantize(torch.float64)
     target = merges * coeff * update
     start = weight.dequantize(torch.float64)
-    kept = {name: float(((value - start) * target).sum() / (target * target).sum())
-            for name, value in results.items()}
+    kept = {
+        name: float(((value - start) * target).sum() / (target * target).sum())
+        for name, value in results.items()
+    }
     assert kept["nearest"] == 0.0  # every update below half a step: all lost
     assert 0.8 < kept["stochastic"] < 1.2
 
 
-@pytest.mark.parametrize("scale, error, match", [
-    (torch.ones(5, dtype=torch.float64), TypeError, "ScaledWeight scale must be a float32"),
-    (torch.ones(4), ValueError, r"ScaledWeight scale must have shape \(5,\)"),
-    (torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]), ValueError, "weight.scale must be positive"),
-    (torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]), ValueError, "positive and finite"),
-])
+@pytest.mark.parametrize(
+    "scale, error, match",
+    [
+        (torch.ones(5, dtype=torch.float64), TypeError, "ScaledWeight scale must be a float32"),
+        (torch.ones(4), ValueError, r"ScaledWeight scale must have shape \(5,\)"),
+        (torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0]), ValueError, "weight.scale must be positive"),
+        (torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]), ValueError, "positive and finite"),
+    ],
+)
 def test_bad_scales_raise_and_leave_weight(scaled_dtype, scale, error, match):
     weight, lora_B, lora_A = _scaled_inputs(scaled_dtype, 5, 8, 2)
     before = weight.codes.clone()
     with pytest.raises(error, match=match):
-        merge_lowrank_(ScaledWeight(weight.codes, scale.to(DEVICE)), lora_B, lora_A, 1.0,
-                       backend="torch")
+        merge_lowrank_(
+            ScaledWeight(weight.codes, scale.to(DEVICE)), lora_B, lora_A, 1.0, backend="torch"
+        )
     assert torch.equal(weight.codes.view(torch.uint8), before.view(torch.uint8))
 
 
 def test_codes_without_their_scales_are_refused(scaled_dtype):
     weight, lora_B, lora_A = _scaled_inputs(scaled_dtype, 5, 8, 2)
-    with pytest.raises(TypeError, match=r"pass it with its per-row float32 scales as "
-                                        r"ScaledWeight\(codes, scale\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"pass it with its per-row float32 scales as "
+        r"ScaledWeight\(codes, scale\)",
+    ):
         merge_lowrank_(weight.codes, lora_B, lora_A, 1.0, backend="torch")
     with pytest.raises(TypeError, match="ScaledWeight codes must be a tensor with a scaled"):
         ScaledWeight(torch.zeros(5, 8, device=DEVICE), weight.scale)

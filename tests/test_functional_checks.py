@@ -12,8 +12,14 @@ M, K, N, R = 6, 10, 8, 3
 
 def _call(**overrides):
     x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
-    arguments = {"x": x, "weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B,
-                 "scale": 2.0}
+    arguments = {
+        "x": x,
+        "weight": weight,
+        "bias": bias,
+        "lora_A": lora_A,
+        "lora_B": lora_B,
+        "scale": 2.0,
+    }
     arguments.update(overrides)
     return lorasc_linear(**arguments)
 
@@ -28,8 +34,11 @@ def _call(**overrides):
         ({"lora_A": torch.randn(R, K + 2)}, ValueError, "lora_A must have shape"),
         ({"lora_B": torch.randn(N, R + 1)}, ValueError, "lora_B must have shape"),
         ({"lora_B": torch.randn(N + 1, R)}, ValueError, "lora_B must have shape"),
-        ({"lora_A": torch.randn(K + 1, K), "lora_B": torch.randn(N, K + 1)}, ValueError,
-         "1 <= r <= min"),
+        (
+            {"lora_A": torch.randn(K + 1, K), "lora_B": torch.randn(N, K + 1)},
+            ValueError,
+            "1 <= r <= min",
+        ),
         ({"x": torch.randint(0, 3, (M, K))}, TypeError, "x must have a floating dtype"),
         ({"weight": torch.ones(N, K, dtype=torch.int8)}, TypeError, "weight must have"),
         ({"x": [[1.0] * K]}, TypeError, "x must be a torch.Tensor"),
@@ -81,8 +90,15 @@ def test_merge_accepts_a_row_block_with_fewer_rows_than_rank():
     merge_lowrank_(whole, lora_B, lora_A, 0.5, rounding="nearest", backend="torch")
     for start in range(0, 20, 2):  # 2-row shards, r = 4
         block = weight[start : start + 2]
-        merge_lowrank_(block, lora_B[start : start + 2], lora_A, 0.5, rounding="nearest",
-                       row_offset=start, backend="torch")
+        merge_lowrank_(
+            block,
+            lora_B[start : start + 2],
+            lora_A,
+            0.5,
+            rounding="nearest",
+            row_offset=start,
+            backend="torch",
+        )
     assert torch.equal(weight, whole)
     with pytest.raises(ValueError, match="r <= in_features"):
         merge_lowrank_(weight, torch.randn(20, K + 1), torch.randn(K + 1, K), 0.5)
@@ -108,14 +124,16 @@ def test_autocast_leaves_float64_alone():
 
 
 def test_second_order_gradients_match_plain_torch():
-    inputs = [t.double().requires_grad_(True)
-              for t in lowrank_inputs(M, K, N, R, torch.float32)]
+    inputs = [t.double().requires_grad_(True) for t in lowrank_inputs(M, K, N, R, torch.float32)]
+
     def plain(x, weight, bias, lora_A, lora_B):
         return x @ weight.t() + bias + 1.5 * (x @ lora_A.t()) @ lora_B.t()
 
     expected, actual = [], []
-    for grads, linear in ((expected, plain),
-                          (actual, lambda *t: lorasc_linear(*t, 1.5, backend="torch"))):
+    for grads, linear in (
+        (expected, plain),
+        (actual, lambda *t: lorasc_linear(*t, 1.5, backend="torch")),
+    ):
         (grad,) = torch.autograd.grad(linear(*inputs).square().sum(), inputs[3], create_graph=True)
         grads.extend(torch.autograd.grad(grad.square().sum(), inputs))
     for a, e in zip(actual, expected, strict=True):

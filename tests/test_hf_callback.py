@@ -16,8 +16,13 @@ VOCAB, LENGTH = 32, 8
 def tiny_bert():
     """A one-layer BERT classifier with LoRASC on its query and value projections."""
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=LENGTH,
+        num_labels=2,
     )
     model = transformers.BertForSequenceClassification(config)
     inject_lorasc(model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["query", "value"]))
@@ -28,21 +33,37 @@ def tiny_dataset(size=16):
     """Sequences labelled by whether token 1 occurs in them."""
     input_ids = torch.randint(0, VOCAB, (size, LENGTH))
     labels = (input_ids == 1).any(dim=1).long()
-    return [{"input_ids": ids, "labels": label} for ids, label in zip(input_ids, labels,
-                                                                       strict=True)]
+    return [
+        {"input_ids": ids, "labels": label} for ids, label in zip(input_ids, labels, strict=True)
+    ]
 
 
-def train(model, callback, tmp_path, dataset=None, resume_from_checkpoint=None, before=(),
-          first=False, **args):
+def train(
+    model,
+    callback,
+    tmp_path,
+    dataset=None,
+    resume_from_checkpoint=None,
+    before=(),
+    first=False,
+    **args,
+):
     """A Trainer run with ``callback`` after the callbacks ``before`` (or ``first``)."""
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path), use_cpu=True, report_to=[], learning_rate=1e-2,
-        disable_tqdm=True, resume_from_checkpoint=args.pop("args_resume", None),
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        resume_from_checkpoint=args.pop("args_resume", None),
         **{"save_strategy": "no", "per_device_train_batch_size": 4, **args},
     )
-    trainer = transformers.Trainer(model=model, args=arguments,
-                                   train_dataset=dataset or tiny_dataset(),
-                                   callbacks=[*before, callback])
+    trainer = transformers.Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset or tiny_dataset(),
+        callbacks=[*before, callback],
+    )
     if first:
         callback.first_in(trainer)
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -83,26 +104,51 @@ def test_callback_per_epoch_schedule(tmp_path):
 
 @pytest.mark.parametrize("warmup_steps", [0, 2])
 def test_callback_resumes_from_a_trainer_checkpoint_bit_exactly(tmp_path, warmup_steps):
-    settings = {"steps_per_cascade": 2, "seed": 4, "noise_lambda": 0.2,
-                "warmup_steps": warmup_steps}
+    settings = {
+        "steps_per_cascade": 2,
+        "seed": 4,
+        "noise_lambda": 0.2,
+        "warmup_steps": warmup_steps,
+    }
     dataset = tiny_dataset()
     uninterrupted = tiny_bert()
-    train(uninterrupted, lorasc_kernels.LoRASCCallback(**settings), tmp_path, dataset,
-          max_steps=6, save_strategy="steps", save_steps=3)
+    train(
+        uninterrupted,
+        lorasc_kernels.LoRASCCallback(**settings),
+        tmp_path,
+        dataset,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+    )
     assert (tmp_path / "checkpoint-3" / CHECKPOINT_FILE).is_file()
 
     resumed = tiny_bert()  # other initial weights: the checkpoint's replace them
     callback = lorasc_kernels.LoRASCCallback(**settings)
-    train(resumed, callback, tmp_path, dataset, max_steps=6, save_strategy="steps",
-          save_steps=3, resume_from_checkpoint=str(tmp_path / "checkpoint-3"))  # mid-cascade
+    train(
+        resumed,
+        callback,
+        tmp_path,
+        dataset,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3"),
+    )  # mid-cascade
     assert callback.cascade.cascade_index == 3
     expected = uninterrupted.state_dict()
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, expected[key]), key
 
     with pytest.raises(ValueError, match="ran with"):
-        train(tiny_bert(), lorasc_kernels.LoRASCCallback(**{**settings, "seed": 5}), tmp_path,
-              dataset, max_steps=6, resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+        train(
+            tiny_bert(),
+            lorasc_kernels.LoRASCCallback(**{**settings, "seed": 5}),
+            tmp_path,
+            dataset,
+            max_steps=6,
+            resume_from_checkpoint=str(tmp_path / "checkpoint-3"),
+        )
 
 
 def test_callback_checks_settings_at_once():
@@ -118,10 +164,13 @@ def test_each_process_of_a_distributed_run_keeps_its_own_cascade_file():
     from lorasc_kernels.hf_callback import _checkpoint_file
 
     state = SimpleNamespace(global_step=7)
-    single = _checkpoint_file(SimpleNamespace(output_dir="out", world_size=1, process_index=0),
-                              state)
-    ranks = {_checkpoint_file(SimpleNamespace(output_dir="out", world_size=2, process_index=i),
-                              state) for i in (0, 1)}
+    single = _checkpoint_file(
+        SimpleNamespace(output_dir="out", world_size=1, process_index=0), state
+    )
+    ranks = {
+        _checkpoint_file(SimpleNamespace(output_dir="out", world_size=2, process_index=i), state)
+        for i in (0, 1)
+    }
     assert single.name == CHECKPOINT_FILE and single.parent.name == "checkpoint-7"
     assert {path.name for path in ranks} == {"lorasc_cascade.rank0.pt", "lorasc_cascade.rank1.pt"}
 
@@ -147,10 +196,18 @@ def cascade_logs(history):
 @pytest.mark.parametrize("first", [True, False])
 def test_each_boundary_reaches_the_trainer_logs(tmp_path, first):
     reporter = Recorder()  # where W&B and TensorBoard are: before the user's callbacks
-    callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_mode="off",
-                                             keep_history=True)
-    trainer = train(tiny_bert(), callback, tmp_path, max_steps=5, logging_steps=100,
-                    before=[reporter], first=first)
+    callback = lorasc_kernels.LoRASCCallback(
+        steps_per_cascade=2, noise_mode="off", keep_history=True
+    )
+    trainer = train(
+        tiny_bert(),
+        callback,
+        tmp_path,
+        max_steps=5,
+        logging_steps=100,
+        before=[reporter],
+        first=first,
+    )
     logged = cascade_logs(trainer.state.log_history)
     assert [(e["step"], e["lorasc/cascade"]) for e in logged] == [(2, 0), (4, 1)]
     for entry in logged:
@@ -164,8 +221,15 @@ def test_each_boundary_reaches_the_trainer_logs(tmp_path, first):
 
 def test_callback_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
     callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_mode="off")
-    trainer = train(tiny_bert(), callback, tmp_path, max_steps=4, per_device_train_batch_size=2,
-                    gradient_accumulation_steps=2, logging_steps=100)
+    trainer = train(
+        tiny_bert(),
+        callback,
+        tmp_path,
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        logging_steps=100,
+    )
     assert trainer.state.global_step == 4  # 8 micro-batches
     assert (callback.cascade.cascade_index, callback.cascade.steps_in_cascade) == (2, 0)
     assert [e["step"] for e in cascade_logs(trainer.state.log_history)] == [2, 4]
@@ -173,10 +237,10 @@ def test_callback_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
 
 def test_warmup_restarts_the_trainer_schedule_at_every_cascade(tmp_path):
     recorder = Recorder()
-    callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=3, warmup_steps=2,
-                                             noise_mode="off")
-    train(tiny_bert(), callback, tmp_path, max_steps=7, lr_scheduler_type="linear",
-          before=[recorder])
+    callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=3, warmup_steps=2, noise_mode="off")
+    train(
+        tiny_bert(), callback, tmp_path, max_steps=7, lr_scheduler_type="linear", before=[recorder]
+    )
     expected = [1e-2 * (1 - j / 7) * min(1.0, (j % 3 + 1) / 2) for j in range(7)]
     assert recorder.lrs == pytest.approx(expected, rel=1e-9)
     assert callback.cascade.warmup_wired
@@ -190,10 +254,17 @@ def test_warmup_needs_a_lambda_schedule(tmp_path):
     args = SimpleNamespace(report_to=[])
     state = SimpleNamespace(global_step=0)
     callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=3, warmup_steps=2)
-    with pytest.raises(ValueError, match="needs the Trainer's LR scheduler to be a LambdaLR, "
-                       "got StepLR"):
-        callback.on_train_begin(args, state, None, model=model, optimizer=optimizer,
-                                lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 2))
+    with pytest.raises(
+        ValueError, match="needs the Trainer's LR scheduler to be a LambdaLR, got StepLR"
+    ):
+        callback.on_train_begin(
+            args,
+            state,
+            None,
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=torch.optim.lr_scheduler.StepLR(optimizer, 2),
+        )
     assert not callback.started  # refused before the Cascade was built
 
 
@@ -203,25 +274,53 @@ def test_callback_resumes_from_a_checkpoint_outside_output_dir(tmp_path):
     settings = {"steps_per_cascade": 2, "seed": 4, "noise_lambda": 0.2}
     dataset = tiny_dataset()
     uninterrupted = tiny_bert()
-    train(uninterrupted, lorasc_kernels.LoRASCCallback(**settings), tmp_path / "run", dataset,
-          max_steps=6, save_strategy="steps", save_steps=3)
+    train(
+        uninterrupted,
+        lorasc_kernels.LoRASCCallback(**settings),
+        tmp_path / "run",
+        dataset,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=3,
+    )
     moved = tmp_path / "kept" / "step3"
     shutil.copytree(tmp_path / "run" / "checkpoint-3", moved)
 
-    with pytest.raises(RuntimeError, match=r"other/checkpoint-3/lorasc_cascade.pt, which "
-                       r"does not exist.*TrainingArguments\(resume_from_checkpoint="):
-        train(tiny_bert(), lorasc_kernels.LoRASCCallback(**settings), tmp_path / "other",
-              dataset, max_steps=6, resume_from_checkpoint=str(moved))
-    with pytest.raises(ValueError, match="is at optimizer step 6, the Trainer resumes at "
-                       "step 3"):
-        train(tiny_bert(), lorasc_kernels.LoRASCCallback(**settings), tmp_path / "other",
-              dataset, max_steps=6, resume_from_checkpoint=str(moved),
-              args_resume=str(tmp_path / "run" / "checkpoint-6"))
+    with pytest.raises(
+        RuntimeError,
+        match=r"other/checkpoint-3/lorasc_cascade.pt, which "
+        r"does not exist.*TrainingArguments\(resume_from_checkpoint=",
+    ):
+        train(
+            tiny_bert(),
+            lorasc_kernels.LoRASCCallback(**settings),
+            tmp_path / "other",
+            dataset,
+            max_steps=6,
+            resume_from_checkpoint=str(moved),
+        )
+    with pytest.raises(ValueError, match="is at optimizer step 6, the Trainer resumes at step 3"):
+        train(
+            tiny_bert(),
+            lorasc_kernels.LoRASCCallback(**settings),
+            tmp_path / "other",
+            dataset,
+            max_steps=6,
+            resume_from_checkpoint=str(moved),
+            args_resume=str(tmp_path / "run" / "checkpoint-6"),
+        )
 
     resumed = tiny_bert()
     callback = lorasc_kernels.LoRASCCallback(**settings)
-    train(resumed, callback, tmp_path / "other", dataset, max_steps=6,
-          resume_from_checkpoint=str(moved), args_resume=str(moved))
+    train(
+        resumed,
+        callback,
+        tmp_path / "other",
+        dataset,
+        max_steps=6,
+        resume_from_checkpoint=str(moved),
+        args_resume=str(moved),
+    )
     assert callback.cascade.cascade_index == 3
     expected = uninterrupted.state_dict()
     for key, value in resumed.state_dict().items():

@@ -32,12 +32,12 @@ def _tiny_row_weight(seed=0):
 def _scaled(dtype, weight=None, update=1.0, seed=0):
     """``(codes, scale, lora_B, lora_A)``: the parts, so tests can pass them in odd layouts."""
     generator = torch.Generator().manual_seed(seed + 1)
-    scaled = quantize(torch.randn(ROWS, COLS, generator=generator) if weight is None
-                      else weight, dtype)
+    scaled = quantize(
+        torch.randn(ROWS, COLS, generator=generator) if weight is None else weight, dtype
+    )
     lora_B = torch.randn(ROWS, RANK, generator=generator) * update
     lora_A = torch.randn(RANK, COLS, generator=generator)
-    return (scaled.codes.to(DEVICE), scaled.scale.to(DEVICE), lora_B.to(DEVICE),
-            lora_A.to(DEVICE))
+    return (scaled.codes.to(DEVICE), scaled.scale.to(DEVICE), lora_B.to(DEVICE), lora_A.to(DEVICE))
 
 
 def _same(got: tuple, expected: tuple):
@@ -56,6 +56,7 @@ def _within_one_step(q, scale, expected):
 
 # -- 1. tiny row scales ----------------------------------------------------------------------
 
+
 def test_quantize_gives_a_row_of_tiny_values_the_smallest_scale(scaled_dtype):
     scaled = quantize(_tiny_row_weight(), scaled_dtype)
     assert float(scaled.scale[TINY_ROW]) == MIN_SCALE == scaled.format.min_scale
@@ -67,8 +68,9 @@ def test_quantize_gives_a_row_of_tiny_values_the_smallest_scale(scaled_dtype):
 def test_a_merge_into_a_row_of_tiny_values_is_exact_on_every_backend(backend, scaled_dtype):
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype, _tiny_row_weight())
-    expected = (ScaledWeight(q, scale).dequantize(torch.float64)
-                + 0.5 * lora_B.double() @ lora_A.double())
+    expected = (
+        ScaledWeight(q, scale).dequantize(torch.float64) + 0.5 * lora_B.double() @ lora_A.double()
+    )
     got = q.clone(), scale.clone()
     merge_lowrank_(ScaledWeight(*got), lora_B, lora_A, 0.5, backend=backend)
     assert _within_one_step(*got, expected)
@@ -81,54 +83,81 @@ def test_finalize_of_an_fp8_layer_with_a_row_of_tiny_values_writes_the_update(sc
     linear = nn.Linear(COLS, ROWS, bias=False)
     with torch.no_grad():
         linear.weight.copy_(_tiny_row_weight())
-    model = nn.Sequential(LoRASCLinear.from_linear(
-        linear, r=RANK, weight_format=scaled_weight_dtype(scaled_dtype).name))
+    model = nn.Sequential(
+        LoRASCLinear.from_linear(
+            linear, r=RANK, weight_format=scaled_weight_dtype(scaled_dtype).name
+        )
+    )
     layer = model[0]
     with torch.no_grad():
         layer.lora_B.copy_(torch.randn(ROWS, RANK))
-    expected = (ScaledWeight(layer.weight, layer.weight_scale).dequantize(torch.float64)
-                + layer.scaling * layer.lora_B.double() @ layer.lora_A.double())
+    expected = (
+        ScaledWeight(layer.weight, layer.weight_scale).dequantize(torch.float64)
+        + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()
+    )
     optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.0)
     finalized = Cascade(model, optimizer, steps_per_cascade=2).finalize()
     assert _within_one_step(layer.weight, layer.weight_scale, expected)
-    assert torch.equal(finalized[0].weight, ScaledWeight(layer.weight, layer.weight_scale)
-                       .dequantize(torch.float32))
+    assert torch.equal(
+        finalized[0].weight,
+        ScaledWeight(layer.weight, layer.weight_scale).dequantize(torch.float32),
+    )
 
 
-def test_a_scale_below_the_smallest_is_refused_by_the_merge_and_the_linear(backend,
-                                                                           scaled_dtype):
+def test_a_scale_below_the_smallest_is_refused_by_the_merge_and_the_linear(backend, scaled_dtype):
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     scale[TINY_ROW] = 1e-30
-    refused(ValueError, rf"weight.scale must be positive and finite, at least 2\*\*-64.*row "
-            f"{TINY_ROW}", lambda: merge_lowrank_(ScaledWeight(q, scale), lora_B, lora_A, 0.5,
-                                                  backend=backend), q, scale)
+    refused(
+        ValueError,
+        rf"weight.scale must be positive and finite, at least 2\*\*-64.*row "
+        f"{TINY_ROW}",
+        lambda: merge_lowrank_(ScaledWeight(q, scale), lora_B, lora_A, 0.5, backend=backend),
+        q,
+        scale,
+    )
     x = torch.randn(3, COLS, device=DEVICE)
-    refused(ValueError, "weight.scale must be positive and finite",
-            lambda: lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0,
-                                  backend=backend), q, scale)
+    refused(
+        ValueError,
+        "weight.scale must be positive and finite",
+        lambda: lorasc_linear(
+            x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0, backend=backend
+        ),
+        q,
+        scale,
+    )
 
 
-def test_a_merge_whose_values_over_the_scale_overflow_float32_is_refused(backend,
-                                                                         scaled_dtype):
+def test_a_merge_whose_values_over_the_scale_overflow_float32_is_refused(backend, scaled_dtype):
     """``v / scale`` of a row with a scale ~ 5e-3 (e4m3) and values ~ 1e37 exceeds float32's
     range, though the values themselves fit: refused before any write, not rescaled from an
     inf."""
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype)
-    refused(ValueError, "could overflow float32 at row 0",
-            lambda: merge_lowrank_(ScaledWeight(q, scale), lora_B, lora_A, 1e37,
-                                   backend=backend), q, scale)
+    refused(
+        ValueError,
+        "could overflow float32 at row 0",
+        lambda: merge_lowrank_(ScaledWeight(q, scale), lora_B, lora_A, 1e37, backend=backend),
+        q,
+        scale,
+    )
 
 
 # -- 2. strided and zero-stride scales -------------------------------------------------------
 
+
 def test_a_scale_with_a_zero_stride_is_refused_by_the_merge(backend, scaled_dtype):
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype)
-    refused(ValueError, r"weight.scale has overlapping elements.*strides \(0,\)",
-            lambda: merge_lowrank_(ScaledWeight(q, scale[:1].expand(ROWS)), lora_B, lora_A,
-                                   0.5, backend=backend), q, scale)
+    refused(
+        ValueError,
+        r"weight.scale has overlapping elements.*strides \(0,\)",
+        lambda: merge_lowrank_(
+            ScaledWeight(q, scale[:1].expand(ROWS)), lora_B, lora_A, 0.5, backend=backend
+        ),
+        q,
+        scale,
+    )
 
 
 def test_a_strided_scale_merges_as_its_contiguous_copy(backend, scaled_dtype):
@@ -145,7 +174,8 @@ def test_a_strided_scale_merges_as_its_contiguous_copy(backend, scaled_dtype):
 
 @pytest.mark.parametrize("layout", ["every_other", "expanded"])
 def test_the_linear_reads_a_strided_or_expanded_scale_as_its_contiguous_copy(
-        backend, scaled_dtype, layout):
+    backend, scaled_dtype, layout
+):
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     if layout == "expanded":
@@ -154,25 +184,29 @@ def test_the_linear_reads_a_strided_or_expanded_scale_as_its_contiguous_copy(
     else:
         strided = torch.stack([scale, -scale], dim=1).reshape(-1)[::2]
     x = torch.randn(5, COLS, device=DEVICE)
-    got = lorasc_linear(x, ScaledWeight(q, strided), None, lora_A, lora_B, 1.0,
-                        backend=backend)
-    expected = lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0,
-                             backend=backend)
+    got = lorasc_linear(x, ScaledWeight(q, strided), None, lora_A, lora_B, 1.0, backend=backend)
+    expected = lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0, backend=backend)
     assert torch.equal(got, expected)
 
 
 # -- 3. scale values of the linear ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
-def test_the_linear_refuses_scales_that_are_not_positive_and_finite(backend, scaled_dtype,
-                                                                    bad):
+def test_the_linear_refuses_scales_that_are_not_positive_and_finite(backend, scaled_dtype, bad):
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype)
     scale[5] = bad
     x = torch.randn(3, COLS, device=DEVICE)
-    refused(ValueError, "weight.scale must be positive and finite.*at row 5",
-            lambda: lorasc_linear(x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0,
-                                  backend=backend), q, scale)
+    refused(
+        ValueError,
+        "weight.scale must be positive and finite.*at row 5",
+        lambda: lorasc_linear(
+            x, ScaledWeight(q, scale), None, lora_A, lora_B, 1.0, backend=backend
+        ),
+        q,
+        scale,
+    )
 
 
 def test_infinite_and_nan_codes_are_refused_by_the_merge(backend, scaled_dtype):
@@ -183,32 +217,53 @@ def test_infinite_and_nan_codes_are_refused_by_the_merge(backend, scaled_dtype):
     for code in every[~torch.isfinite(every.view(scaled_dtype).float())]:
         codes = q.clone()
         codes.view(torch.uint8)[2, 3] = code
-        refused(ValueError, "weight has non-finite values",
-                lambda codes=codes: merge_lowrank_(ScaledWeight(codes, scale), lora_B, lora_A,
-                                                   0.5, backend=backend), codes, scale)
+        refused(
+            ValueError,
+            "weight has non-finite values",
+            lambda codes=codes: merge_lowrank_(
+                ScaledWeight(codes, scale), lora_B, lora_A, 0.5, backend=backend
+            ),
+            codes,
+            scale,
+        )
 
 
 # -- 4. overlapping weights ------------------------------------------------------------------
 
+
 def test_an_overlapping_weight_is_refused_by_every_backend(backend):
     buffer = torch.randn(4 + 8, device=DEVICE)
     weight = torch.as_strided(buffer, (4, 8), (1, 1))  # weight[i, j] is buffer[i + j]
-    refused(ValueError, r"weight has overlapping elements \(shape \(4, 8\), strides \(1, 1\)\)",
-            lambda: merge_lowrank_(weight, torch.randn(4, RANK, device=DEVICE),
-                                   torch.randn(RANK, 8, device=DEVICE), 0.5, backend=backend),
-            buffer)
+    refused(
+        ValueError,
+        r"weight has overlapping elements \(shape \(4, 8\), strides \(1, 1\)\)",
+        lambda: merge_lowrank_(
+            weight,
+            torch.randn(4, RANK, device=DEVICE),
+            torch.randn(RANK, 8, device=DEVICE),
+            0.5,
+            backend=backend,
+        ),
+        buffer,
+    )
 
 
 def test_an_overlapping_scaled_weight_is_refused(backend, scaled_dtype):
     backend = scaled_backend(backend, scaled_dtype)
     q, scale, lora_B, lora_A = _scaled(scaled_dtype)
-    codes = q.reshape(-1)[:ROWS + COLS].clone()
+    codes = q.reshape(-1)[: ROWS + COLS].clone()
     weight = ScaledWeight(torch.as_strided(codes, (ROWS, COLS), (1, 1)), scale)
-    refused(ValueError, "weight.codes has overlapping elements",
-            lambda: merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend), codes, scale)
+    refused(
+        ValueError,
+        "weight.codes has overlapping elements",
+        lambda: merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend),
+        codes,
+        scale,
+    )
 
 
 # -- 5. float64 weights ----------------------------------------------------------------------
+
 
 def test_a_float64_merge_computes_in_float64():
     weight = torch.randn(ROWS, COLS, dtype=torch.float64, device=DEVICE)
@@ -228,16 +283,25 @@ def test_a_float64_merge_computes_in_float64():
 
 # -- 7. Fp8Linear ----------------------------------------------------------------------------
 
+
 def _fp8_linear():
     return Fp8Linear.from_linear(nn.Linear(COLS, ROWS))
 
 
 def test_fp8_linear_refuses_an_input_of_the_wrong_width_or_dtype():
     layer = _fp8_linear()
-    refused(ValueError, f"x must have in_features={COLS} as its last dim, got shape \\(3, 5\\)",
-            lambda: layer(torch.randn(3, 5)), layer)
-    refused(TypeError, "x must be a tensor with a dtype in .*got torch.int64",
-            lambda: layer(torch.ones(3, COLS, dtype=torch.int64)), layer)
+    refused(
+        ValueError,
+        f"x must have in_features={COLS} as its last dim, got shape \\(3, 5\\)",
+        lambda: layer(torch.randn(3, 5)),
+        layer,
+    )
+    refused(
+        TypeError,
+        "x must be a tensor with a dtype in .*got torch.int64",
+        lambda: layer(torch.ones(3, COLS, dtype=torch.int64)),
+        layer,
+    )
 
 
 def test_fp8_linear_refuses_a_bias_of_the_wrong_shape_or_dtype_at_construction(scaled_dtype):
@@ -256,10 +320,15 @@ def test_fp8_linear_refuses_bad_scale_values_at_construction(scaled_dtype):
 
 
 def test_fp8_linear_from_a_layer_with_a_trained_lora_is_refused(scaled_dtype):
-    layer = LoRASCLinear.from_linear(nn.Linear(COLS, ROWS), r=RANK,
-                                     weight_format=scaled_weight_dtype(scaled_dtype).name)
+    layer = LoRASCLinear.from_linear(
+        nn.Linear(COLS, ROWS), r=RANK, weight_format=scaled_weight_dtype(scaled_dtype).name
+    )
     assert Fp8Linear.from_linear(layer).weight.data_ptr() == layer.weight.data_ptr()  # B = 0
     with torch.no_grad():
         layer.lora_B[1, 0] = 0.5
-    refused(TypeError, "linear is a LoRASCLinear with a trained LoRA",
-            lambda: Fp8Linear.from_linear(layer), layer)
+    refused(
+        TypeError,
+        "linear is a LoRASCLinear with a trained LoRA",
+        lambda: Fp8Linear.from_linear(layer),
+        layer,
+    )

@@ -29,6 +29,7 @@ def fp8_layers():
 
 # -- Cascade.load_state_dict: every entry checked before any is taken -------------------------
 
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_anchors_are_refused_before_any_is_taken(bad):
     model, optimizer = with_head()
@@ -37,9 +38,14 @@ def test_non_finite_anchors_are_refused_before_any_is_taken(bad):
     trained(model, optimizer, 3, cascade)
     anchors = [anchor.clone() for anchor in state["anchors"]]
     anchors[1][0] = bad
-    refused(ValueError, r"state\['anchors'\]\[1\] has non-finite values",
-            lambda: cascade.load_state_dict(dict(state, anchors=anchors)),
-            model, optimizer, cascade)
+    refused(
+        ValueError,
+        r"state\['anchors'\]\[1\] has non-finite values",
+        lambda: cascade.load_state_dict(dict(state, anchors=anchors)),
+        model,
+        optimizer,
+        cascade,
+    )
 
 
 def test_meta_anchors_are_refused_before_any_counter_changes():
@@ -48,9 +54,14 @@ def test_meta_anchors_are_refused_before_any_counter_changes():
     state = cascade.state_dict()
     trained(model, optimizer, 3, cascade)
     anchors = [anchor.to("meta") for anchor in state["anchors"]]
-    refused(ValueError, r"state\['anchors'\]\[0\] is on the meta device",
-            lambda: cascade.load_state_dict(dict(state, anchors=anchors)),
-            model, optimizer, cascade)
+    refused(
+        ValueError,
+        r"state\['anchors'\]\[0\] is on the meta device",
+        lambda: cascade.load_state_dict(dict(state, anchors=anchors)),
+        model,
+        optimizer,
+        cascade,
+    )
 
 
 def test_a_non_finite_kept_update_is_refused():
@@ -61,51 +72,82 @@ def test_a_non_finite_kept_update_is_refused():
     scaled_b, lora_a = (t.clone() for t in state["history"]["2"][0])
     lora_a[0, 0] = float("nan")
     bad = dict(state, history=dict(state["history"], **{"2": [(scaled_b, lora_a)]}))
-    refused(ValueError, r"state\['history'\]\['2'\]\[0\] \(A\) has non-finite",
-            lambda: cascade.load_state_dict(bad), model, optimizer, cascade)
+    refused(
+        ValueError,
+        r"state\['history'\]\['2'\]\[0\] \(A\) has non-finite",
+        lambda: cascade.load_state_dict(bad),
+        model,
+        optimizer,
+        cascade,
+    )
 
 
 # -- construction checks what it will later rely on ------------------------------------------
+
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_a_cascade_without_noise_refuses_a_non_finite_weight_naming_the_layer(bad):
     model, optimizer = two_layers()
     with torch.no_grad():
         model[2].weight[3, 1] = bad
-    refused(ValueError, r"layer '2': weight has non-finite values",
-            lambda: Cascade(model, optimizer), model, optimizer)
+    refused(
+        ValueError,
+        r"layer '2': weight has non-finite values",
+        lambda: Cascade(model, optimizer),
+        model,
+        optimizer,
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), -0.5, 0.0, float("inf")])
 def test_a_cascade_refuses_bad_fp8_scales_naming_the_layer(bad):
     model, optimizer = fp8_layers()
     model[2].weight_scale[1] = bad
-    refused(ValueError, r"layer '2': weight_scale must be positive and finite",
-            lambda: Cascade(model, optimizer), model, optimizer)
+    refused(
+        ValueError,
+        r"layer '2': weight_scale must be positive and finite",
+        lambda: Cascade(model, optimizer),
+        model,
+        optimizer,
+    )
 
 
 def test_a_cascade_refuses_nan_fp8_codes_naming_the_layer():
     model, optimizer = fp8_layers()
     codes = model[0].weight.data.view(torch.uint8)
     codes[2, 2] = 0x7F  # e4m3fn's NaN
-    refused(ValueError, r"layer '0': weight has non-finite values",
-            lambda: Cascade(model, optimizer), model, optimizer)
+    refused(
+        ValueError,
+        r"layer '0': weight has non-finite values",
+        lambda: Cascade(model, optimizer),
+        model,
+        optimizer,
+    )
 
 
 def test_from_state_dict_refuses_fused_noise_on_fp8_layers():
     model, optimizer = two_layers()
     state = Cascade(model, optimizer, noise_lambda=0.1, noise_mode="fused").state_dict()
     fp8_model, fp8_optimizer = fp8_layers()
-    refused(ValueError, r"layer '0': noise_mode='fused' is not supported on fp8_e4m3",
-            lambda: Cascade.from_state_dict(fp8_model, fp8_optimizer, state),
-            fp8_model, fp8_optimizer)
+    refused(
+        ValueError,
+        r"layer '0': noise_mode='fused' is not supported on fp8_e4m3",
+        lambda: Cascade.from_state_dict(fp8_model, fp8_optimizer, state),
+        fp8_model,
+        fp8_optimizer,
+    )
     Cascade(fp8_model, fp8_optimizer)  # the refused one claimed nothing
 
 
 def test_in_place_noise_larger_than_the_weights_is_refused():
     model, optimizer = two_layers()
-    refused(ValueError, "noise_lambda=1e\\+12 with noise_mode='inplace'",
-            lambda: Cascade(model, optimizer, noise_lambda=1e12), model, optimizer)
+    refused(
+        ValueError,
+        "noise_lambda=1e\\+12 with noise_mode='inplace'",
+        lambda: Cascade(model, optimizer, noise_lambda=1e12),
+        model,
+        optimizer,
+    )
     cascade = Cascade(model, optimizer, noise_lambda=1e12, noise_mode="fused")  # W stays clean
     before = model[0].weight.clone()
     final = cascade.finalize()
@@ -115,14 +157,14 @@ def test_in_place_noise_larger_than_the_weights_is_refused():
 def test_use_optimizer_takes_the_same_parameters_in_another_order():
     model, optimizer = with_head()
     cascade = Cascade(model, optimizer, steps_per_cascade=2, slow_rate=0.5)
-    reordered = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad][::-1], lr=1e-2)
+    reordered = torch.optim.Adam([p for p in model.parameters() if p.requires_grad][::-1], lr=1e-2)
     cascade.use_optimizer(reordered)
     trained(model, reordered, 2, cascade)
     assert cascade.optimizer is reordered and cascade.cascade_index == 1
 
 
 # -- a model cast between boundaries ---------------------------------------------------------
+
 
 def test_a_model_cast_between_boundaries_runs_the_next_boundary_in_the_new_dtype():
     model, optimizer = with_head()
@@ -142,18 +184,29 @@ def test_a_slow_updated_parameter_that_changed_shape_stops_the_boundary_before_a
     cascade = Cascade(model, optimizer, steps_per_cascade=2, slow_rate=0.5)
     trained(model, optimizer, 1, cascade)
     model[1].bias.data = torch.zeros(OUT + 1)
-    refused(ValueError, r"1.bias changed shape from \(5,\) to \(6,\)", cascade.step,
-            model, optimizer, cascade)
+    refused(
+        ValueError,
+        r"1.bias changed shape from \(5,\) to \(6,\)",
+        cascade.step,
+        model,
+        optimizer,
+        cascade,
+    )
 
 
 # -- inject_lorasc and from_linear into fp8 --------------------------------------------------
+
 
 def test_inject_fp8_refuses_a_later_non_finite_weight_before_the_model_changes():
     model = nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
     with torch.no_grad():
         model[2].weight[0, 1] = float("nan")
-    refused(ValueError, r"layer '2': linear.weight has non-finite values",
-            lambda: inject_lorasc(model, LoRASCConfig(r=RANK, weight_format=FP8)), model)
+    refused(
+        ValueError,
+        r"layer '2': linear.weight has non-finite values",
+        lambda: inject_lorasc(model, LoRASCConfig(r=RANK, weight_format=FP8)),
+        model,
+    )
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -161,8 +214,12 @@ def test_from_linear_refusing_leaves_the_linear_trainable():
     linear = nn.Linear(IN, OUT)
     with torch.no_grad():
         linear.weight[1, 1] = float("inf")
-    refused(ValueError, "linear.weight has non-finite values",
-            lambda: LoRASCLinear.from_linear(linear, r=RANK, weight_format=FP8), linear)
+    refused(
+        ValueError,
+        "linear.weight has non-finite values",
+        lambda: LoRASCLinear.from_linear(linear, r=RANK, weight_format=FP8),
+        linear,
+    )
     assert linear.weight.requires_grad and linear.bias.requires_grad
 
 
@@ -176,31 +233,50 @@ def test_an_unhashable_or_non_str_weight_format_is_refused_by_name(weight_format
 
 # -- LoRASCLinear.load_state_dict across weight formats --------------------------------------
 
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_an_fp8_state_into_a_float_layer_is_refused_before_any_copy(strict):
     state = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8).state_dict()
     layer = LoRASCLinear(IN, OUT, r=RANK)
-    refused(ValueError, r"weight: the state holds a scaled weight",
-            lambda: layer.load_state_dict(state, strict=strict), layer)
+    refused(
+        ValueError,
+        r"weight: the state holds a scaled weight",
+        lambda: layer.load_state_dict(state, strict=strict),
+        layer,
+    )
 
 
 @pytest.mark.parametrize("strict", [True, False])
 def test_a_float_state_into_an_fp8_layer_is_refused_before_any_copy(strict):
     state = LoRASCLinear(IN, OUT, r=RANK).state_dict()
     layer = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8)
-    refused(ValueError, "weight and weight_scale load together",
-            lambda: layer.load_state_dict(state, strict=strict), layer, layer.weight_scale)
+    refused(
+        ValueError,
+        "weight and weight_scale load together",
+        lambda: layer.load_state_dict(state, strict=strict),
+        layer,
+        layer.weight_scale,
+    )
     state["weight_scale"] = torch.ones(OUT)
-    refused(ValueError, r"weight: this layer has weight_format='fp8_e4m3'",
-            lambda: layer.load_state_dict(state, strict=strict), layer, layer.weight_scale)
+    refused(
+        ValueError,
+        r"weight: this layer has weight_format='fp8_e4m3'",
+        lambda: layer.load_state_dict(state, strict=strict),
+        layer,
+        layer.weight_scale,
+    )
 
 
-@pytest.mark.parametrize("scale, match", [
-    (torch.ones(OUT + 1), r"weight_scale must be a float tensor of shape \(5,\)"),
-    (torch.ones(OUT, 1), r"weight_scale must be a float tensor of shape \(5,\)"),
-    (torch.full((OUT,), -1.0), "weight_scale must be positive and finite"),
-    (torch.full((OUT,), 1e-30), "weight_scale must be positive and finite, at least 2"),
-], ids=["long", "2-D", "negative", "below-the-floor"])
+@pytest.mark.parametrize(
+    "scale, match",
+    [
+        (torch.ones(OUT + 1), r"weight_scale must be a float tensor of shape \(5,\)"),
+        (torch.ones(OUT, 1), r"weight_scale must be a float tensor of shape \(5,\)"),
+        (torch.full((OUT,), -1.0), "weight_scale must be positive and finite"),
+        (torch.full((OUT,), 1e-30), "weight_scale must be positive and finite, at least 2"),
+    ],
+    ids=["long", "2-D", "negative", "below-the-floor"],
+)
 def test_an_fp8_state_with_bad_scales_is_refused_before_any_copy(scale, match):
     layer = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8)
     state = LoRASCLinear(IN, OUT, r=RANK, weight_format=FP8).state_dict()
@@ -221,11 +297,16 @@ def test_a_state_of_the_same_format_still_loads():
 
 # -- the Trainer callback's checkpoint file --------------------------------------------------
 
+
 def test_a_corrupt_cascade_checkpoint_is_named_by_its_path(tmp_path):
     hf_callback, callback, model, optimizer, args, state = callback_and_run(tmp_path, 6)
     folder = tmp_path / "checkpoint-6"
     folder.mkdir()
     (folder / hf_callback.CHECKPOINT_FILE).write_bytes(b"not a torch file")
-    refused(ValueError, r"checkpoint-6/lorasc_cascade.pt cannot be read",
-            lambda: callback.on_train_begin(args, state, None, model=model,
-                                            optimizer=optimizer), model, optimizer)
+    refused(
+        ValueError,
+        r"checkpoint-6/lorasc_cascade.pt cannot be read",
+        lambda: callback.on_train_begin(args, state, None, model=model, optimizer=optimizer),
+        model,
+        optimizer,
+    )

@@ -146,8 +146,9 @@ def test_all_linear_skips_the_output_layer():
 
 def test_a_list_entry_matching_no_linear_layer_warns(caplog):
     with caplog.at_level("WARNING", logger="lorasc_kernels"):
-        layers = inject_lorasc(tiny_transformer(), LoRASCConfig(r=2, target_modules=[
-            "q_proj", "qproj"]))
+        layers = inject_lorasc(
+            tiny_transformer(), LoRASCConfig(r=2, target_modules=["q_proj", "qproj"])
+        )
     assert len(layers) == 2
     assert "target_modules entry 'qproj' matched no nn.Linear" in caplog.text
     assert "'q_proj'" not in caplog.text
@@ -156,14 +157,19 @@ def test_a_list_entry_matching_no_linear_layer_warns(caplog):
 def test_a_model_injected_already_says_so_and_keeps_its_fast_loras_trainable(caplog):
     model = tiny_transformer()
     first = inject_lorasc(model, LoRASCConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match=r"LoRASCLinear already \(inject_lorasc ran on this "
-                       r"model\): 0.attn.q_proj, 1.attn.q_proj"):
+    with pytest.raises(
+        ValueError,
+        match=r"LoRASCLinear already \(inject_lorasc ran on this "
+        r"model\): 0.attn.q_proj, 1.attn.q_proj",
+    ):
         inject_lorasc(model, LoRASCConfig(r=2, target_modules=["q_proj"]))
     with caplog.at_level("WARNING", logger="lorasc_kernels"):
         second = inject_lorasc(model, LoRASCConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert sorted(second) == ["0.attn.v_proj", "1.attn.v_proj"]
     assert "2 targeted layers are LoRASCLinear already" in caplog.text
     assert "matched no nn.Linear" not in caplog.text  # q_proj matched (LoRASC) layers
-    assert all(layer.lora_A.requires_grad and layer.lora_B.requires_grad
-               for layer in (*first.values(), *second.values()))
+    assert all(
+        layer.lora_A.requires_grad and layer.lora_B.requires_grad
+        for layer in (*first.values(), *second.values())
+    )
     assert model.get_submodule("0.attn.q_proj") is first["0.attn.q_proj"]

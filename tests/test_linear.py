@@ -36,8 +36,7 @@ CASES = [
 
 def _case_id(case):
     dtype, M, K, N, r, p, noise_scale, bias = case
-    return (f"{str(dtype)[6:]}-{M}x{K}x{N}-r{r}-p{p}-noise{noise_scale}"
-            f"{'-bias' if bias else ''}")
+    return f"{str(dtype)[6:]}-{M}x{K}x{N}-r{r}-p{p}-noise{noise_scale}{'-bias' if bias else ''}"
 
 
 def _float64_run(x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy):
@@ -48,8 +47,9 @@ def _float64_run(x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy):
     noise = None
     if noise_scale > 0.0:
         noise = noise_scale * noise_lib.noise(NOISE_SEED, *weight.shape, device=x.device).double()
-    leaves = [t.detach().double().requires_grad_(True) for t in (x, bias, lora_A, lora_B)
-              if t is not None]
+    leaves = [
+        t.detach().double().requires_grad_(True) for t in (x, bias, lora_A, lora_B) if t is not None
+    ]
     x64, *rest = leaves
     bias64 = rest.pop(0) if bias is not None else None
     y = reference_float64(x64, weight, bias64, *rest, scale, keep, p, noise)
@@ -59,19 +59,26 @@ def _float64_run(x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy):
 
 def _run(backend, x, weight, bias, lora_A, lora_B, scale, p, noise_scale, dy):
     """Output and gradients (x, bias, A, B) of ``lorasc_linear`` on ``backend``."""
-    leaves = [t.detach().requires_grad_(True) for t in (x, bias, lora_A, lora_B)
-              if t is not None]
+    leaves = [t.detach().requires_grad_(True) for t in (x, bias, lora_A, lora_B) if t is not None]
     x_, *rest = leaves
     bias_ = rest.pop(0) if bias is not None else None
-    y = lorasc_linear(x_, weight, bias_, *rest, scale, dropout_p=p,
-                      noise_seed=NOISE_SEED if noise_scale > 0.0 else None,
-                      noise_scale=noise_scale, backend=backend, dropout_seed=DROPOUT_SEED)
+    y = lorasc_linear(
+        x_,
+        weight,
+        bias_,
+        *rest,
+        scale,
+        dropout_p=p,
+        noise_seed=NOISE_SEED if noise_scale > 0.0 else None,
+        noise_scale=noise_scale,
+        backend=backend,
+        dropout_seed=DROPOUT_SEED,
+    )
     y.backward(dy)
     return y.detach(), [leaf.grad for leaf in leaves]
 
 
-def _check_against_oracles(x, weight, bias, lora_A, lora_B, p, noise_scale, dy,
-                           backend="triton"):
+def _check_against_oracles(x, weight, bias, lora_A, lora_B, p, noise_scale, dy, backend="triton"):
     """``backend``'s output and grads within tolerance of float64 and of the torch reference."""
     scale = 1.75
     tolerance = KERNEL_TOLERANCE[x.dtype]
@@ -100,15 +107,17 @@ def test_forward_and_grads_match_reference_and_float64(backend, case):
 
 def test_strided_3d_x_and_fp32_lora_over_bf16_weight(backend):
     """x is a non-contiguous 3-D view; LoRA parameters are float32 over a bf16 weight."""
-    x_base, weight, b, lora_A, lora_B = lowrank_inputs(2 * 9, 2 * 24, 20, 4, torch.bfloat16,
-                                                       DEVICE, lora_dtype=torch.float32)
+    x_base, weight, b, lora_A, lora_B = lowrank_inputs(
+        2 * 9, 2 * 24, 20, 4, torch.bfloat16, DEVICE, lora_dtype=torch.float32
+    )
     x = x_base.view(2, 9, 48)[:, :, 1::2]  # (2, 9, 24), strides (432, 48, 2)
     weight = weight[:, :24].contiguous()
     lora_A = lora_A[:, :24].contiguous()
     dy = torch.randn(2, 9, 20, device=DEVICE).to(torch.bfloat16)
     y, grads = _run(backend, x, weight, b, lora_A, lora_B, 2.0, 0.2, 0.05, dy)
-    y64, grads64 = _float64_run(x.reshape(18, 24), weight, b, lora_A, lora_B, 2.0, 0.2, 0.05,
-                                dy.reshape(18, 20))
+    y64, grads64 = _float64_run(
+        x.reshape(18, 24), weight, b, lora_A, lora_B, 2.0, 0.2, 0.05, dy.reshape(18, 20)
+    )
     assert y.shape == (2, 9, 20)
     assert rel_error(y.reshape(18, 20), y64) < KERNEL_TOLERANCE[torch.bfloat16]
     assert [g.dtype for g in grads] == [torch.bfloat16] * 2 + [torch.float32] * 2
@@ -121,8 +130,9 @@ def test_weight_and_bias_get_grads_only_when_they_require_them(backend):
     weight.requires_grad_(True)
     lora_A.requires_grad_(True)
     dy = torch.randn(11, 13, device=DEVICE)
-    lorasc_linear(x, weight, b, lora_A, lora_B, 2.0, noise_seed=NOISE_SEED, noise_scale=0.1,
-                  backend=backend).backward(dy)
+    lorasc_linear(
+        x, weight, b, lora_A, lora_B, 2.0, noise_seed=NOISE_SEED, noise_scale=0.1, backend=backend
+    ).backward(dy)
     assert b.grad is None and lora_B.grad is None and x.grad is None
     assert rel_error(weight.grad, dy.double().t() @ x.double()) < KERNEL_TOLERANCE[torch.float32]
     assert lora_A.grad is not None
@@ -146,8 +156,9 @@ def test_strided_bias(backend):
     x, weight, b, lora_A, lora_B = lowrank_inputs(9, 16, 12, 2, torch.float32, DEVICE)
     strided_bias = torch.randn(24, device=DEVICE)[::2]
     got = lorasc_linear(x, weight, strided_bias, lora_A, lora_B, 1.5, backend=backend)
-    expected = lorasc_linear(x, weight, strided_bias.contiguous(), lora_A, lora_B, 1.5,
-                             backend=backend)
+    expected = lorasc_linear(
+        x, weight, strided_bias.contiguous(), lora_A, lora_B, 1.5, backend=backend
+    )
     assert torch.equal(got, expected)
 
 
@@ -177,8 +188,9 @@ def test_noise_in_gemm_equals_separate_noise_pass(dtype, monkeypatch):
 
     def run():
         y, xa = composition.linear_forward(triton_backend, x, weight, b, lora_A, lora_B, spec)
-        dx = composition.linear_backward(triton_backend, dy, x, xa, weight, lora_A, lora_B, spec,
-                                         needs)[0]
+        dx = composition.linear_backward(
+            triton_backend, dy, x, xa, weight, lora_A, lora_B, spec, needs
+        )[0]
         return y, dx
 
     monkeypatch.setattr(fused_linear, "NOISE_IN_GEMM_MAX_ROWS", 1 << 30)
@@ -202,10 +214,14 @@ def test_dropout_grad_sums_row_splits():
 
 # GPU checks are few: each new kernel specialization compiles every autotune config.
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [
-    (torch.bfloat16, 8192, 4096, 4096, 16, 0.1, 0.05, True),
-    (torch.float32, 200, 1031, 517, 256, 0.05, 0.02, True),  # noise inside the GEMM
-], ids=_case_id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (torch.bfloat16, 8192, 4096, 4096, 16, 0.1, 0.05, True),
+        (torch.float32, 200, 1031, 517, 256, 0.05, 0.02, True),  # noise inside the GEMM
+    ],
+    ids=_case_id,
+)
 def test_gpu_real_sizes(case):
     dtype, M, K, N, r, p, noise_scale, bias = case
     x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, dtype, "cuda", bias=bias)

@@ -41,8 +41,9 @@ def _bits(tensor):
 def _ulp(values, dtype):
     """Spacing of ``dtype`` at each of ``values`` (normal range), float64."""
     _, exponent = torch.frexp(values.double().abs())
-    return torch.ldexp(torch.ones_like(values, dtype=torch.float64),
-                       exponent - 1 - MANTISSA_BITS[dtype])
+    return torch.ldexp(
+        torch.ones_like(values, dtype=torch.float64), exponent - 1 - MANTISSA_BITS[dtype]
+    )
 
 
 def _merged(weight, *args, backend, **kwargs):
@@ -100,8 +101,9 @@ def test_shards_equal_whole(backend):
     sharded = weight.clone()
     for start, stop in ((0, 17), (17, 19), (19, 70)):  # a shard of fewer rows than r
         kwargs["row_offset"] = 5 + start
-        merge_lowrank_(sharded[start:stop], lora_B[start:stop], lora_A, 0.8, backend=backend,
-                       **kwargs)
+        merge_lowrank_(
+            sharded[start:stop], lora_B[start:stop], lora_A, 0.8, backend=backend, **kwargs
+        )
     assert torch.equal(_bits(sharded), _bits(whole))
 
 
@@ -144,8 +146,9 @@ def test_stochastic_rounding_keeps_sub_ulp_updates_nearest_loses_them(backend):
     for rounding in ("nearest", "stochastic"):
         weight = start.clone()
         for step in range(merges):
-            merge_lowrank_(weight, lora_B, lora_A, coeff, rounding=rounding, seed=step,
-                           backend=backend)
+            merge_lowrank_(
+                weight, lora_B, lora_A, coeff, rounding=rounding, seed=step, backend=backend
+            )
         results[rounding] = float((weight.double() - start.double()).mean())
     assert results["nearest"] == 0.0  # every update is below half an ulp: all lost
     # Each merge rounds each element with an error of std <= ulp/2, independently.
@@ -194,8 +197,13 @@ ROWS, COLS, RANK = 9, 12, 3
 )
 def test_bad_arguments_raise_and_leave_weight(backend, overrides, error, match):
     weight, lora_B, lora_A = _inputs(ROWS, COLS, RANK, torch.float32)
-    arguments = {"weight": weight, "lora_B": lora_B, "lora_A": lora_A, "coeff": 0.5,
-                 "backend": backend}
+    arguments = {
+        "weight": weight,
+        "lora_B": lora_B,
+        "lora_A": lora_A,
+        "coeff": 0.5,
+        "backend": backend,
+    }
     arguments.update({k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in overrides.items()})
     before = weight.clone()
     with pytest.raises(error, match=match):
@@ -210,8 +218,7 @@ def test_kernels_reject_float64_and_every_backend_an_overlapping_weight(backend)
             merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend)
     row = torch.randn(1, COLS, device=DEVICE)
     with pytest.raises(ValueError, match="weight has overlapping elements"):
-        merge_lowrank_(row.expand(ROWS, COLS), lora_B.float(), lora_A.float(), 0.5,
-                       backend=backend)
+        merge_lowrank_(row.expand(ROWS, COLS), lora_B.float(), lora_A.float(), 0.5, backend=backend)
 
 
 def test_float32_weight_matches_float64_math(backend):
@@ -272,8 +279,13 @@ _COMPILE_FOR_HOPPER = textwrap.dedent(
 def test_kernel_compiles_for_hopper_without_fused_multiply_add():
     """Compile (no GPU needed) for sm_90: the PTX has no fma with fusion off, as launched."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER], env=environment,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     fma_counts = dict(line.split() for line in result.stdout.split("\n") if line)
     assert fma_counts["False"] == "0"

@@ -13,17 +13,30 @@ IN, HIDDEN, OUT = 12, 10, 4
 
 
 def plain_model(dtype=torch.float32):
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                         nn.Linear(HIDDEN, OUT)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, OUT),
+    ).to(dtype)
 
 
 def lorasc_run(dtype=torch.float32, weight_format=None, train_head=False, **settings):
     """A LoRASC model over ``plain_model`` (first two linears), its optimizer and Cascade."""
     torch.manual_seed(0)
     model = plain_model(dtype)
-    inject_lorasc(model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["0", "2"],
-                                      lora_dtype=torch.float32, weight_format=weight_format,
-                                      backend="torch"))
+    inject_lorasc(
+        model,
+        LoRASCConfig(
+            r=2,
+            lora_alpha=4,
+            target_modules=["0", "2"],
+            lora_dtype=torch.float32,
+            weight_format=weight_format,
+            backend="torch",
+        ),
+    )
     if train_head:
         model[4].weight.requires_grad_(True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=2e-2)
@@ -41,8 +54,11 @@ def train(model, optimizer, cascade, steps, seed=1):
 
 
 def snapshot(model, optimizer, cascade):
-    return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
-            copy.deepcopy(cascade.state_dict()))
+    return (
+        copy.deepcopy(model.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+        copy.deepcopy(cascade.state_dict()),
+    )
 
 
 def test_a_plain_model_loaded_with_it_computes_what_the_running_model_computes():
@@ -70,12 +86,16 @@ def test_a_plain_model_loaded_with_it_computes_what_the_running_model_computes()
         assert torch.equal(model.state_dict()[key], value), key
 
 
-@pytest.mark.parametrize("dtype, weight_format, settings", [
-    (torch.float32, None, {"noise_lambda": 0.2, "slow_rate": 0.5}),
-    (torch.bfloat16, None, {"noise_lambda": 0.2}),
-    (torch.float32, "fp8_e4m3", {"noise_lambda": 0.1}),
-    (torch.float32, None, {"noise_lambda": 0.2, "noise_mode": "fused"}),
-], ids=["fp32-inplace-slow", "bf16-inplace", "fp8-inplace", "fp32-fused"])
+@pytest.mark.parametrize(
+    "dtype, weight_format, settings",
+    [
+        (torch.float32, None, {"noise_lambda": 0.2, "slow_rate": 0.5}),
+        (torch.bfloat16, None, {"noise_lambda": 0.2}),
+        (torch.float32, "fp8_e4m3", {"noise_lambda": 0.1}),
+        (torch.float32, None, {"noise_lambda": 0.2, "noise_mode": "fused"}),
+    ],
+    ids=["fp32-inplace-slow", "bf16-inplace", "fp8-inplace", "fp32-fused"],
+)
 def test_it_is_what_finalize_returns_bit_for_bit(dtype, weight_format, settings):
     model, optimizer, cascade = lorasc_run(dtype, weight_format, train_head=True, **settings)
     train(model, optimizer, cascade, 5)
@@ -96,8 +116,13 @@ def test_after_finalize_it_is_refused():
 def test_a_hugging_face_model_saves_and_loads_as_a_plain_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
         tie_word_embeddings=True,
     )
     torch.manual_seed(0)

@@ -31,8 +31,9 @@ def test_forward_matches_float64_and_nn_linear_at_init():
     assert torch.allclose(layer(x), linear(x), atol=1e-6)
     with torch.no_grad():
         layer.lora_B.normal_()
-    expected = reference_float64(x.reshape(-1, 91), layer.weight, layer.bias, layer.lora_A,
-                                 layer.lora_B, layer.scaling)
+    expected = reference_float64(
+        x.reshape(-1, 91), layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling
+    )
     assert rel_error(layer(x).reshape(-1, 53), expected) < 1e-5
 
 

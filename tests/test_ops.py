@@ -20,10 +20,12 @@ HYPER = {
 }
 
 
-def _forward_args(hyper, backend="torch", dtype=torch.float32, bias=True, lora_dtype=None,
-                  grad=True):
-    x, weight, b, lora_A, lora_B = lowrank_inputs(6, 10, 7, 3, dtype, lora_dtype=lora_dtype,
-                                                  bias=bias)
+def _forward_args(
+    hyper, backend="torch", dtype=torch.float32, bias=True, lora_dtype=None, grad=True
+):
+    x, weight, b, lora_A, lora_B = lowrank_inputs(
+        6, 10, 7, 3, dtype, lora_dtype=lora_dtype, bias=bias
+    )
     for tensor in (x, lora_A, lora_B):
         tensor.requires_grad_(grad)
     return (x, weight, b, lora_A, lora_B, 1.5, *HYPER[hyper], backend)
@@ -40,8 +42,7 @@ def test_seed_round_trip_through_int64(seed):
 @pytest.mark.parametrize("hyper", sorted(HYPER))
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_linear_forward(hyper, bias):
-    torch.library.opcheck(torch.ops.lorasc.linear_forward.default,
-                          _forward_args(hyper, bias=bias))
+    torch.library.opcheck(torch.ops.lorasc.linear_forward.default, _forward_args(hyper, bias=bias))
 
 
 def test_opcheck_linear_forward_lora_dtype_differs():
@@ -50,14 +51,17 @@ def test_opcheck_linear_forward_lora_dtype_differs():
 
 
 @pytest.mark.parametrize("hyper", sorted(HYPER))
-@pytest.mark.parametrize("needs", [NEEDS_ALL, [True, False, False, True, True],
-                                   [False, False, True, False, True]])
+@pytest.mark.parametrize(
+    "needs", [NEEDS_ALL, [True, False, False, True, True], [False, False, True, False, True]]
+)
 def test_opcheck_linear_backward(hyper, needs):
     x, weight, b, lora_A, lora_B, scale, *rest, backend = _forward_args(hyper, grad=False)
     _, xa = torch.ops.lorasc.linear_forward(x, weight, b, lora_A, lora_B, scale, *rest, backend)
     dy = torch.randn(x.shape[0], weight.shape[0])
-    torch.library.opcheck(torch.ops.lorasc.linear_backward.default,
-                          (dy, x, xa, weight, lora_A, lora_B, scale, *rest, needs, backend))
+    torch.library.opcheck(
+        torch.ops.lorasc.linear_backward.default,
+        (dy, x, xa, weight, lora_A, lora_B, scale, *rest, needs, backend),
+    )
 
 
 @pytest.mark.parametrize("noise", [False, True])
@@ -80,26 +84,34 @@ def test_no_mutated_argument_has_a_default(name):
     mutated one so dropped made torch 2.11's version-counter step raise IndexError on every
     merge (found on an H200). Mutated arguments must therefore be required."""
     schema = getattr(torch.ops.lorasc, name).default._schema
-    defaulted = [arg.name for arg in schema.arguments
-                 if arg.alias_info is not None and arg.alias_info.is_write
-                 and arg.has_default_value()]
+    defaulted = [
+        arg.name
+        for arg in schema.arguments
+        if arg.alias_info is not None and arg.alias_info.is_write and arg.has_default_value()
+    ]
     assert defaulted == []
-    mutated = {arg.name for arg in schema.arguments
-               if arg.alias_info is not None and arg.alias_info.is_write}
+    mutated = {
+        arg.name
+        for arg in schema.arguments
+        if arg.alias_info is not None and arg.alias_info.is_write
+    }
     assert mutated == ({"weight", "weight_scale"} if name == "merge_lowrank_" else set())
 
 
 def test_opcheck_triton_backend():
-    torch.library.opcheck(torch.ops.lorasc.linear_forward.default,
-                          _forward_args("noise", backend="triton", grad=False))
+    torch.library.opcheck(
+        torch.ops.lorasc.linear_forward.default,
+        _forward_args("noise", backend="triton", grad=False),
+    )
 
 
 def test_merge_op_equals_reference_with_large_seeds():
     weight = torch.randn(6, 9).to(torch.bfloat16)
     lora_A, lora_B = torch.randn(2, 9), torch.randn(6, 2)
     expected = weight.clone()
-    spec = MergeSpec(0.5, "stochastic", 2**64 - 2, NoiseSpec(2**63 + 5, 0.01),
-                     NoiseSpec(7, 0.02), 3)
+    spec = MergeSpec(
+        0.5, "stochastic", 2**64 - 2, NoiseSpec(2**63 + 5, 0.01), NoiseSpec(7, 0.02), 3
+    )
     reference.merge_(expected, lora_B, lora_A, spec)
     ops.merge_("torch", weight, lora_B, lora_A, spec)
     assert torch.equal(weight, expected)
@@ -109,8 +121,9 @@ def test_forward_op_uses_the_seed_it_was_given():
     """A noise seed ≥ 2**63 crosses the schema intact: the op's output equals the reference's."""
     x, weight, b, lora_A, lora_B = lowrank_inputs(5, 8, 6, 2, torch.float32)
     spec = LinearSpec(2.0, noise=NoiseSpec(2**64 - 9, 0.1))
-    (y,) = torch.ops.lorasc.linear_forward(x, weight, b, lora_A, lora_B,
-                                           *ops._linear_op_args(spec), "torch")[:1]
+    (y,) = torch.ops.lorasc.linear_forward(
+        x, weight, b, lora_A, lora_B, *ops._linear_op_args(spec), "torch"
+    )[:1]
     expected, _ = composition.linear_forward(reference, x, weight, b, lora_A, lora_B, spec)
     assert torch.equal(y, expected)
     plain = ops.linear(x, weight, b, lora_A, lora_B, LinearSpec(2.0), "torch")
@@ -124,14 +137,24 @@ def test_fake_kernels_match_real_shapes_dtypes_and_strides(needs):
     y, xa = torch.ops.lorasc.linear_forward(*args)
     x, weight, _, lora_A, lora_B, scale, *rest, backend = args
     dy = torch.randn_like(y)
-    grads = torch.ops.lorasc.linear_backward(dy, x, xa, weight, lora_A, lora_B, scale, *rest,
-                                             needs, backend)
+    grads = torch.ops.lorasc.linear_backward(
+        dy, x, xa, weight, lora_A, lora_B, scale, *rest, needs, backend
+    )
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
         fake_y, fake_xa = torch.ops.lorasc.linear_forward(*fake)
         fake_grads = torch.ops.lorasc.linear_backward(
-            mode.from_tensor(dy), fake[0], fake_xa, fake[1], fake[3], fake[4], scale, *rest,
-            needs, backend)
+            mode.from_tensor(dy),
+            fake[0],
+            fake_xa,
+            fake[1],
+            fake[3],
+            fake[4],
+            scale,
+            *rest,
+            needs,
+            backend,
+        )
     assert len(grads) == len(fake_grads) == sum(needs)
     for real, fake_out in zip((y, xa, *grads), (fake_y, fake_xa, *fake_grads), strict=True):
         assert fake_out.shape == real.shape and fake_out.dtype == real.dtype
@@ -144,8 +167,11 @@ def test_auto_backend_picks_triton_for_cuda_tensors():
 
 
 def _model(noise: bool) -> nn.Module:
-    model = nn.Sequential(LoRASCLinear(12, 20, r=4, backend="torch"), nn.GELU(),
-                          LoRASCLinear(20, 6, r=3, bias=False, backend="torch"))
+    model = nn.Sequential(
+        LoRASCLinear(12, 20, r=4, backend="torch"),
+        nn.GELU(),
+        LoRASCLinear(20, 6, r=3, bias=False, backend="torch"),
+    )
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.lora_B.normal_()
@@ -214,8 +240,13 @@ def test_compile_fullgraph_as_a_fresh_process_first_call():
     import sys
     from pathlib import Path
 
-    result = subprocess.run([sys.executable, "-c", _COLD_COMPILE], capture_output=True,
-                            text=True, cwd=Path(__file__).parents[1], timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", _COLD_COMPILE],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled first: (2, 5, 6) 4 gradients" in result.stdout
 

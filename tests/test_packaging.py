@@ -24,9 +24,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # No PYTHONPATH: a checkout on it would shadow the installed package.
-ENVIRONMENT = {**{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
-               "LORASC_SKIP_CUDA_BUILD": "1", "PIP_NO_INDEX": "1",
-               "PIP_DISABLE_PIP_VERSION_CHECK": "1", "TRITON_INTERPRET": "0"}
+ENVIRONMENT = {
+    **{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
+    "LORASC_SKIP_CUDA_BUILD": "1",
+    "PIP_NO_INDEX": "1",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "TRITON_INTERPRET": "0",
+}
 
 # Run in the fresh environment: the installed package, not the checkout, runs a layer.
 LAYER_SCRIPT = textwrap.dedent(
@@ -53,8 +57,14 @@ LAYER_SCRIPT = textwrap.dedent(
 
 
 def _run(command, cwd=ROOT, env=ENVIRONMENT):
-    result = subprocess.run([str(part) for part in command], env=env, cwd=cwd,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [str(part) for part in command],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     return result
 
@@ -69,17 +79,23 @@ def dist(tmp_path_factory) -> Path:
 
 
 def _site_packages(python: Path) -> Path:
-    return Path(subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        capture_output=True, text=True, check=True).stdout.strip())
+    return Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
 
 
 def _borrow_packages(python: Path):
     """Let ``python``'s environment see this environment's packages (torch, setuptools) as a
     fallback."""
     borrowed = {sysconfig.get_path("purelib"), str(Path(torch.__file__).parent.parent)}
-    (_site_packages(python) / "borrowed_packages.pth").write_text("\n".join(sorted(borrowed))
-                                                                  + "\n")
+    (_site_packages(python) / "borrowed_packages.pth").write_text(
+        "\n".join(sorted(borrowed)) + "\n"
+    )
 
 
 def _fresh_environment(path: Path) -> Path:
@@ -97,8 +113,12 @@ def _environment_without_torch(path: Path) -> Path:
     venv.create(path, with_pip=False)
     python = path / "bin" / "python"
     source = Path(importlib.util.find_spec("setuptools").origin).parent.parent
-    for pattern in ("setuptools", "setuptools-*.dist-info", "_distutils_hack",
-                    "distutils-precedence.pth"):
+    for pattern in (
+        "setuptools",
+        "setuptools-*.dist-info",
+        "_distutils_hack",
+        "distutils-precedence.pth",
+    ):
         for found in source.glob(pattern):
             (_site_packages(python) / found.name).symlink_to(found)
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
@@ -106,17 +126,34 @@ def _environment_without_torch(path: Path) -> Path:
 
 
 def _install(python: Path, target: Path):
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps",
-          "--no-build-isolation", target])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            target,
+        ]
+    )
 
 
 def test_sdist_holds_the_cuda_sources_and_the_docs(dist):
     (sdist,) = dist.glob("*.tar.gz")
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    for source in ("csrc/fused_linear.cu", "csrc/merge.cu", "csrc/bindings.cpp",
-                   "csrc/lorasc/weight_types.h", "setup.py", "lorasc_kernels/_build.py",
-                   "docs/design.md"):
+    for source in (
+        "csrc/fused_linear.cu",
+        "csrc/merge.cu",
+        "csrc/bindings.cpp",
+        "csrc/lorasc/weight_types.h",
+        "setup.py",
+        "lorasc_kernels/_build.py",
+        "docs/design.md",
+    ):
         assert source in names, source
 
 
@@ -148,11 +185,26 @@ def test_install_without_torch_in_the_build_environment_says_so(dist, tmp_path):
     python = _environment_without_torch(tmp_path / "venv")
     (sdist,) = dist.glob("*.tar.gz")
     environment = {k: v for k, v in ENVIRONMENT.items() if k != "LORASC_SKIP_CUDA_BUILD"}
-    result = _run([sys.executable, "-m", "pip", "--python", python, "install", "-v",
-                   "--no-deps", "--no-build-isolation", sdist], env=environment)
-    assert ("lorasc_kernels: CUDA extension not built (torch not importable in the build "
-            "environment; pip builds in an isolated one unless given --no-build-isolation); "
-            "the CUDA backend compiles it at first use") in result.stdout + result.stderr
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "-v",
+            "--no-deps",
+            "--no-build-isolation",
+            sdist,
+        ],
+        env=environment,
+    )
+    assert (
+        "lorasc_kernels: CUDA extension not built (torch not importable in the build "
+        "environment; pip builds in an isolated one unless given --no-build-isolation); "
+        "the CUDA backend compiles it at first use"
+    ) in result.stdout + result.stderr
     package = _site_packages(python) / "lorasc_kernels"
     assert (package / "_build.py").is_file() and not list(package.glob("_C*"))
     _borrow_packages(python)  # the user's torch, installed after the package

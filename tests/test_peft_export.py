@@ -19,7 +19,10 @@ IN, HIDDEN, OUT = 13, 11, 7
 
 def base_model(dtype):
     return nn.Sequential(
-        nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+        nn.Linear(IN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
         nn.Linear(HIDDEN, OUT),
     ).to(dtype)
 
@@ -27,8 +30,14 @@ def base_model(dtype):
 def train_and_finalize(model, rounding, cascades=3, steps_per_cascade=2, **cascade_kwargs):
     """A LoRASC run with kept history; returns the cascade after finalize."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    cascade = Cascade(model, optimizer, steps_per_cascade=steps_per_cascade, keep_history=True,
-                      rounding=rounding, **cascade_kwargs)
+    cascade = Cascade(
+        model,
+        optimizer,
+        steps_per_cascade=steps_per_cascade,
+        keep_history=True,
+        rounding=rounding,
+        **cascade_kwargs,
+    )
     x = torch.randn(16, IN).to(next(model.parameters()).dtype)
     for _ in range(cascades * steps_per_cascade + 1):  # the last step is merged by finalize
         model(x).float().pow(2).mean().backward()
@@ -39,14 +48,20 @@ def train_and_finalize(model, rounding, cascades=3, steps_per_cascade=2, **casca
     return cascade
 
 
-@pytest.mark.parametrize("dtype, rounding", [
-    (torch.float32, "nearest"), (torch.bfloat16, "stochastic"),
-], ids=["fp32-nearest", "bf16-stochastic"])
+@pytest.mark.parametrize(
+    "dtype, rounding",
+    [
+        (torch.float32, "nearest"),
+        (torch.bfloat16, "stochastic"),
+    ],
+    ids=["fp32-nearest", "bf16-stochastic"],
+)
 def test_peft_reproduces_the_finalized_model(tmp_path, dtype, rounding):
     model = base_model(dtype)
     original = copy.deepcopy(model)
-    inject_lorasc(model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["0", "4"],
-                                      lora_dtype=torch.float32))
+    inject_lorasc(
+        model, LoRASCConfig(r=2, lora_alpha=4, target_modules=["0", "4"], lora_dtype=torch.float32)
+    )
     cascade = train_and_finalize(model, rounding)
     merges = 3 + 1
     folder = cascade.export_peft_adapter(tmp_path / "adapter")
@@ -56,8 +71,9 @@ def test_peft_reproduces_the_finalized_model(tmp_path, dtype, rounding):
     assert config["r"] == config["lora_alpha"] == 2 * merges
     assert config["target_modules"] == "^(?:0|4)$"
     tensors = safetensors_torch.load_file(folder / "adapter_model.safetensors")
-    assert set(tensors) == {f"base_model.model.{n}.lora_{m}.weight"
-                            for n in ("0", "4") for m in ("A", "B")}
+    assert set(tensors) == {
+        f"base_model.model.{n}.lora_{m}.weight" for n in ("0", "4") for m in ("A", "B")
+    }
     assert tensors["base_model.model.0.lora_A.weight"].shape == (2 * merges, IN)
     assert tensors["base_model.model.4.lora_B.weight"].shape == (OUT, 2 * merges)
 
@@ -108,15 +124,19 @@ def test_layers_of_different_ranks_get_rank_patterns(tmp_path):
 def test_peft_serves_the_run_on_a_hugging_face_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     original = copy.deepcopy(model)
     inject_lorasc(model, LoRASCConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    cascade = Cascade(model, optimizer, steps_per_cascade=2, keep_history=True,
-                      rounding="nearest")
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, keep_history=True, rounding="nearest")
     ids = torch.randint(0, 32, (4, 8))
     for _ in range(5):
         model(input_ids=ids, labels=ids).loss.backward()
@@ -145,15 +165,17 @@ def test_export_needs_history_and_a_merge(tmp_path):
 
 def test_names_are_anchored_so_peft_adapts_exactly_the_exported_layers(tmp_path):
     """A layer named ``1`` next to a module ``0.1``: PEFT's suffix match would take both."""
-    model = nn.Sequential(nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, IN)),
-                          nn.Linear(IN, OUT))
+    model = nn.Sequential(nn.Sequential(nn.Linear(IN, IN), nn.Linear(IN, IN)), nn.Linear(IN, OUT))
     original = copy.deepcopy(model)
     inject_lorasc(model, LoRASCConfig(r=2, target_modules="1"))  # a regex: the path "1" only
     cascade = train_and_finalize(model, "nearest", cascades=1)
     folder = cascade.export_peft_adapter(tmp_path / "adapter")
     served = peft.PeftModel.from_pretrained(original, folder).eval()
-    adapted = {name.removeprefix("base_model.model.").removesuffix(".lora_A")
-               for name, _ in served.named_modules() if name.endswith(".lora_A")}
+    adapted = {
+        name.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for name, _ in served.named_modules()
+        if name.endswith(".lora_A")
+    }
     assert adapted == {"1"}
     x = torch.randn(9, IN)
     with torch.no_grad():

@@ -16,8 +16,13 @@ IN, HIDDEN, OUT = 12, 10, 4
 
 def base_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN),
-                         nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    return nn.Sequential(
+        nn.Linear(IN, HIDDEN),
+        nn.Tanh(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.Tanh(),
+        nn.Linear(HIDDEN, OUT),
+    )
 
 
 def lora_config(**kwargs):
@@ -40,24 +45,37 @@ def train(model, optimizer, cascade, steps, seed=1):
 
 # -- LoraConfig → LoRASCConfig ---------------------------------------------------------------
 
+
 def test_from_peft_takes_what_lora_config_says():
-    config = LoRASCConfig.from_peft(lora_config(
-        lora_dropout=0.1, modules_to_save=["4"], bias="lora_only", use_rslora=True,
-        task_type="CAUSAL_LM"))
+    config = LoRASCConfig.from_peft(
+        lora_config(
+            lora_dropout=0.1,
+            modules_to_save=["4"],
+            bias="lora_only",
+            use_rslora=True,
+            task_type="CAUSAL_LM",
+        )
+    )
     assert (config.r, config.lora_dropout, config.target_modules) == (2, 0.1, ["0", "2"])
-    assert config.lora_alpha == pytest.approx(4 * 2 ** 0.5)  # scale alpha/√r, as rsLoRA's
+    assert config.lora_alpha == pytest.approx(4 * 2**0.5)  # scale alpha/√r, as rsLoRA's
     assert (config.trainable, config.bias) == (["4"], "lora_only")
-    assert LoRASCConfig.from_peft(lora_config(target_modules="all-linear")).target_modules \
+    assert (
+        LoRASCConfig.from_peft(lora_config(target_modules="all-linear")).target_modules
         == "all-linear"
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"use_dora": True}, "LoraConfig.use_dora=True has no LoRASC counterpart"),
-    ({"rank_pattern": {"0": 4}}, "LoraConfig.rank_pattern"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
-    ({"target_modules": None}, "target_modules is None"),
-    ({"layers_to_transform": [0]}, "LoraConfig.layers_to_transform"),
-], ids=["dora", "rank-pattern", "pissa", "no-targets", "layers"])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"use_dora": True}, "LoraConfig.use_dora=True has no LoRASC counterpart"),
+        ({"rank_pattern": {"0": 4}}, "LoraConfig.rank_pattern"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa'"),
+        ({"target_modules": None}, "target_modules is None"),
+        ({"layers_to_transform": [0]}, "LoraConfig.layers_to_transform"),
+    ],
+    ids=["dora", "rank-pattern", "pissa", "no-targets", "layers"],
+)
 def test_from_peft_refuses_what_it_cannot_honour_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoRASCConfig.from_peft(lora_config(**kwargs))
@@ -68,8 +86,16 @@ def test_inject_takes_a_lora_config_with_modules_to_save_and_bias():
     layers = inject_lorasc(model, lora_config(modules_to_save=["4"], bias="lora_only"))
     assert list(layers) == ["0", "2"] and all(isinstance(m, LoRASCLinear) for m in layers.values())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"0.lora_A", "0.lora_B", "0.bias", "2.lora_A", "2.lora_B", "2.bias",
-                         "4.weight", "4.bias"}
+    assert trainable == {
+        "0.lora_A",
+        "0.lora_B",
+        "0.bias",
+        "2.lora_A",
+        "2.lora_B",
+        "2.bias",
+        "4.weight",
+        "4.bias",
+    }
 
 
 def test_inject_refuses_a_trainable_name_that_matches_nothing():
@@ -89,6 +115,7 @@ def test_inject_refuses_a_peft_model_naming_the_route():
 
 
 # -- a PEFT model under a Cascade ------------------------------------------------------------
+
 
 def test_a_cascade_on_a_peft_model_equals_the_native_route_bit_for_bit():
     """Same start (the PEFT adapters' A copied into the LoRASC layers), same data: with the
@@ -175,6 +202,7 @@ def test_export_of_a_peft_route_run_says_to_save_the_model(tmp_path):
 
 # -- PEFT layers on the fused kernel ---------------------------------------------------------
 
+
 def test_fused_peft_layers_equal_a_lorasc_layer_bit_for_bit():
     model = peft.get_peft_model(base_model(), lora_config(lora_dropout=0.25))
     view = use_fused_kernels(model)["base_model.model.0"]
@@ -191,8 +219,9 @@ def test_fused_peft_layers_equal_a_lorasc_layer_bit_for_bit():
     lora_A = view.lora_A.detach().clone().requires_grad_(True)
     lora_B = view.lora_B.detach().clone().requires_grad_(True)
     torch.manual_seed(9)
-    expected = lorasc_linear(x, base.weight, base.bias, lora_A, lora_B, view.scaling,
-                             dropout_p=0.25)
+    expected = lorasc_linear(
+        x, base.weight, base.bias, lora_A, lora_B, view.scaling, dropout_p=0.25
+    )
     expected.square().sum().backward()
     assert torch.equal(y, expected)
     for got, want in zip(grads, (x.grad, lora_A.grad, lora_B.grad), strict=True):
@@ -214,22 +243,32 @@ def test_fused_peft_layers_follow_disabled_adapters():
 
 # -- TRL -------------------------------------------------------------------------------------
 
+
 def tiny_llama():
     """A one-layer Llama, 16 tokenized sequences and a word-level tokenizer, all offline."""
     transformers = pytest.importorskip("transformers")
     datasets = pytest.importorskip("datasets")
     tokenizers = pytest.importorskip("tokenizers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=2, max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     data = datasets.Dataset.from_list(
-        [{"input_ids": torch.randint(0, 64, (12,)).tolist()} for _ in range(16)])
+        [{"input_ids": torch.randint(0, 64, (12,)).tolist()} for _ in range(16)]
+    )
     vocabulary = {f"t{i}": i for i in range(64)}
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizers.Tokenizer(tokenizers.models.WordLevel(vocabulary, "t0")),
-        pad_token="t0", eos_token="t1")
+        pad_token="t0",
+        eos_token="t1",
+    )
     return model, data, tokenizer
 
 
@@ -240,12 +279,24 @@ def test_sft_trainer_with_a_peft_config_trains_with_cascades(tmp_path):
     model, data, tokenizer = tiny_llama()
     callback = LoRASCCallback(steps_per_cascade=2, seed=1)
     trainer = trl.SFTTrainer(
-        model=model, train_dataset=data, callbacks=[callback], processing_class=tokenizer,
-        peft_config=peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                    task_type="CAUSAL_LM"),
-        args=trl.SFTConfig(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=4,
-                           learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
-                           disable_tqdm=True, bf16=False),
+        model=model,
+        train_dataset=data,
+        callbacks=[callback],
+        processing_class=tokenizer,
+        peft_config=peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+        args=trl.SFTConfig(
+            output_dir=str(tmp_path),
+            max_steps=5,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            bf16=False,
+        ),
     )
     q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
     w0 = q_proj.base_layer.weight.detach().clone()
@@ -266,13 +317,26 @@ def test_sft_trainer_resumes_a_peft_run_bit_exactly(tmp_path):
         model, data, tokenizer = tiny_llama()
         callback = LoRASCCallback(steps_per_cascade=2, seed=1, noise_lambda=0.1)
         trainer = trl.SFTTrainer(
-            model=model, train_dataset=data, callbacks=[callback], processing_class=tokenizer,
-            peft_config=peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                        task_type="CAUSAL_LM"),
-            args=trl.SFTConfig(output_dir=str(output_dir), max_steps=6, save_steps=3,
-                               per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                               use_cpu=True, disable_tqdm=True, bf16=False, seed=0,
-                               data_seed=0),
+            model=model,
+            train_dataset=data,
+            callbacks=[callback],
+            processing_class=tokenizer,
+            peft_config=peft.LoraConfig(
+                r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"
+            ),
+            args=trl.SFTConfig(
+                output_dir=str(output_dir),
+                max_steps=6,
+                save_steps=3,
+                per_device_train_batch_size=4,
+                learning_rate=1e-2,
+                report_to=[],
+                use_cpu=True,
+                disable_tqdm=True,
+                bf16=False,
+                seed=0,
+                data_seed=0,
+            ),
         )
         trainer.train(resume_from_checkpoint=resume)
         return trainer.model.state_dict()

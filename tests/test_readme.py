@@ -21,8 +21,14 @@ def quick_start_code() -> str:
 
 def test_quick_start_runs_as_written(tmp_path):
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-c", quick_start_code()], cwd=tmp_path,
-                          env=environment, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", quick_start_code()],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy = float(re.search(r"training accuracy ([0-9.]+)", done.stdout).group(1))
     assert accuracy > 0.9, done.stdout  # it learned: chance is about 0.25

@@ -36,8 +36,17 @@ def test_gradcheck_float64_with_dropout_and_noise():
     tensors = _with_grads(*lowrank_inputs(7, 6, 5, 3, torch.float64))
     assert torch.autograd.gradcheck(
         lambda x, w, b, a, bb: lorasc_linear(
-            x, w, b, a, bb, SCALE, dropout_p=0.3, dropout_seed=11, noise_seed=4,
-            noise_scale=0.05, backend="torch",
+            x,
+            w,
+            b,
+            a,
+            bb,
+            SCALE,
+            dropout_p=0.3,
+            dropout_seed=11,
+            noise_seed=4,
+            noise_scale=0.05,
+            backend="torch",
         ),
         tensors,
     )
@@ -88,8 +97,9 @@ def test_three_dim_and_non_contiguous_x():
 
 
 def test_fp32_lora_over_bf16_weight():
-    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.bfloat16,
-                                                  lora_dtype=torch.float32)
+    x, weight, b, lora_A, lora_B = lowrank_inputs(
+        M, K, N, R, torch.bfloat16, lora_dtype=torch.float32
+    )
     ag, bbg = _with_grads(lora_A, lora_B)
     y = lorasc_linear(x, weight, b, ag, bbg, SCALE, backend="torch")
     y.float().sum().backward()
@@ -105,8 +115,9 @@ def test_dropout_same_seed_same_output_and_backward_uses_same_mask():
     outputs = []
     for _ in range(2):
         xg, ag, bbg = _with_grads(x, lora_A, lora_B)
-        y = lorasc_linear(xg, weight, b, ag, bbg, SCALE, dropout_p=p, dropout_seed=seed,
-                          backend="torch")
+        y = lorasc_linear(
+            xg, weight, b, ag, bbg, SCALE, dropout_p=p, dropout_seed=seed, backend="torch"
+        )
         dy = torch.ones_like(y)
         y.backward(dy)
         outputs.append((y, xg.grad, ag.grad, bbg.grad))
@@ -117,8 +128,9 @@ def test_dropout_same_seed_same_output_and_backward_uses_same_mask():
     expected = _float64_grads(x, weight, b, lora_A, lora_B, torch.ones(M, N), keep, p)
     for actual, reference_value in zip(outputs[0], expected[:2] + expected[4:], strict=True):
         assert rel_error(actual, reference_value) < TOLERANCE[torch.float32]
-    other = lorasc_linear(x, weight, b, lora_A, lora_B, SCALE, dropout_p=p, dropout_seed=seed + 1,
-                          backend="torch")
+    other = lorasc_linear(
+        x, weight, b, lora_A, lora_B, SCALE, dropout_p=p, dropout_seed=seed + 1, backend="torch"
+    )
     assert not torch.equal(other, outputs[0][0])
 
 
@@ -137,8 +149,9 @@ def test_fused_noise_changes_output_as_noisy_weight_does(dtype):
     before = weight.clone()
     noise_scale_fp32 = (weight.float().std() * 0.15).item()
     scale = noise_scale_fp32
-    noisy = lorasc_linear(x, weight, b, lora_A, lora_B, SCALE, noise_seed=8, noise_scale=scale,
-                          backend="torch")
+    noisy = lorasc_linear(
+        x, weight, b, lora_A, lora_B, SCALE, noise_seed=8, noise_scale=scale, backend="torch"
+    )
     clean = lorasc_linear(x, weight, b, lora_A, lora_B, SCALE, backend="torch")
     assert torch.equal(weight, before)
     noisy_weight = reference.noisy_weight(weight, 8, scale)
@@ -165,8 +178,19 @@ def test_forward_saves_only_x_xa_and_parameters():
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        lorasc_linear(xg, weight, b, ag, bbg, SCALE, dropout_p=0.3, dropout_seed=1,
-                      noise_seed=2, noise_scale=0.1, backend="torch")
+        lorasc_linear(
+            xg,
+            weight,
+            b,
+            ag,
+            bbg,
+            SCALE,
+            dropout_p=0.3,
+            dropout_seed=1,
+            noise_seed=2,
+            noise_scale=0.1,
+            backend="torch",
+        )
     shapes = sorted(tuple(t.shape) for t in saved)
     assert shapes == sorted([(M, K), (M, R), (N, K), (R, K), (N, R)])
     by_shape = {tuple(t.shape): t for t in saved}

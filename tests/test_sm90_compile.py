@@ -17,8 +17,9 @@ from tests.sm90_gate import SHARED_LIMIT_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="triton is not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,13 @@ def compiled() -> list[dict]:
     """One result per compile (kernel, config, flags, shared, spill_bytes, fma, sass, or
     error)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "sm90_gate.py")],
-                            env=environment, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sm90_gate.py")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert rows, result.stderr[-3000:]
@@ -35,8 +41,7 @@ def compiled() -> list[dict]:
 
 
 def describe(row: dict) -> str:
-    flags = ", ".join(f"{k}={v}" for k, v in row.get("flags", {}).items()
-                      if k != "INTERPRETING")
+    flags = ", ".join(f"{k}={v}" for k, v in row.get("flags", {}).items() if k != "INTERPRETING")
     return f"{row['kernel'].split(':')[1]} {row.get('operand')} [{row.get('config')}] {flags}"
 
 
@@ -51,8 +56,11 @@ def test_every_kernel_is_launched_and_compiles_for_sm90(compiled):
 
 
 def test_shared_memory_fits_hopper(compiled):
-    over = [f"{describe(row)}: {row['shared']} bytes" for row in compiled
-            if row["shared"] > SHARED_LIMIT_BYTES]
+    over = [
+        f"{describe(row)}: {row['shared']} bytes"
+        for row in compiled
+        if row["shared"] > SHARED_LIMIT_BYTES
+    ]
     assert not over, "\n".join(over)
 
 
@@ -68,9 +76,11 @@ def test_no_fused_multiply_add_in_the_merge_and_noise_paths(compiled):
     rows = [row for row in compiled if _noise_or_merge(row)]
     assert any("merge" in row["kernel"] for row in rows)
     assert any(row["flags"].get("FUSED_NOISE") for row in rows)
-    offending = [f"{describe(row)}: {row['fma']} fma, fusion "
-                 f"{row['options'].get('enable_fp_fusion', True)}" for row in rows
-                 if row["fma"] or row["options"].get("enable_fp_fusion", True)]
+    offending = [
+        f"{describe(row)}: {row['fma']} fma, fusion {row['options'].get('enable_fp_fusion', True)}"
+        for row in rows
+        if row["fma"] or row["options"].get("enable_fp_fusion", True)
+    ]
     assert not offending, "\n".join(offending)
 
 
@@ -91,8 +101,11 @@ def test_fused_linear_runs_on_hopper_warpgroup_mma(compiled):
     the warp-level ``HMMA`` of earlier GPUs."""
     rows = [row for row in compiled if "fused" in row["kernel"].split(":")[1]]
     assert rows
-    off_path = [f"{describe(row)}: {row['sass']}" for row in rows
-                if not row["sass"]["HGMMA"] or row["sass"]["HMMA"]]
+    off_path = [
+        f"{describe(row)}: {row['sass']}"
+        for row in rows
+        if not row["sass"]["HGMMA"] or row["sass"]["HMMA"]
+    ]
     assert not off_path, "\n".join(off_path)
 
 
@@ -101,6 +114,9 @@ def test_persistent_linear_loads_its_tiles_through_tma(compiled):
     its operand tiles with TMA (``UTMALDG`` in the SASS) into warpgroup MMA (``HGMMA``)."""
     rows = [row for row in compiled if "persistent" in row["kernel"]]
     assert rows
-    off_path = [f"{describe(row)}: {row['sass']}" for row in rows
-                if not row["sass"]["UTMALDG"] or not row["sass"]["HGMMA"]]
+    off_path = [
+        f"{describe(row)}: {row['sass']}"
+        for row in rows
+        if not row["sass"]["UTMALDG"] or not row["sass"]["HGMMA"]
+    ]
     assert not off_path, "\n".join(off_path)

@@ -19,8 +19,10 @@ from lorasc_kernels.specs import DropoutSpec, NoiseSpec
 from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, rel_error
 
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0),
-                                reason="the TMA variant needs compute capability 9.0")
+pytestmark = pytest.mark.skipif(
+    DEVICE == "cuda" and torch.cuda.get_device_capability() < (9, 0),
+    reason="the TMA variant needs compute capability 9.0",
+)
 
 NOISE = NoiseSpec(2**64 - 9, 0.05)
 DROPOUT = DropoutSpec(2**63 + 11, 0.3)
@@ -38,8 +40,10 @@ CASES = [
 
 def _case_id(case):
     M, K, N, r, bias, noise, dropout, transposed = case
-    return (f"{M}x{K}x{N}-r{r}{'-bias' if bias else ''}{'-noise' if noise else ''}"
-            f"{'-dropout' if dropout else ''}{'-dX' if transposed else ''}")
+    return (
+        f"{M}x{K}x{N}-r{r}{'-bias' if bias else ''}{'-noise' if noise else ''}"
+        f"{'-dropout' if dropout else ''}{'-dX' if transposed else ''}"
+    )
 
 
 def _gemm_arguments(case, dtype):
@@ -50,8 +54,11 @@ def _gemm_arguments(case, dtype):
     u = torch.randn(M, r, device=DEVICE).to(dtype) if r else None
     v = torch.randn(N, r, device=DEVICE).to(dtype) if r else None
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
-    return (p, q, b, u, v, 1.5), dict(noise=NOISE if noise else None, q_transposed=transposed,
-                                      rank_dropout=DROPOUT if dropout else None)
+    return (p, q, b, u, v, 1.5), dict(
+        noise=NOISE if noise else None,
+        q_transposed=transposed,
+        rank_dropout=DROPOUT if dropout else None,
+    )
 
 
 def _float64(p, q, b, u, v, scale, noise, q_transposed, rank_dropout):
@@ -91,12 +98,14 @@ def test_persistent_adds_the_references_noise(q_transposed):
     expected = reference.noisy_weight(weight, NOISE.seed, NOISE.scale)
     if q_transposed:
         eye = torch.eye(48, device=DEVICE, dtype=torch.bfloat16)
-        got = fused_linear_tma.persistent_lowrank_gemm(eye, weight.t(), None, None, None, 1.0,
-                                                       NOISE, q_transposed=True)
+        got = fused_linear_tma.persistent_lowrank_gemm(
+            eye, weight.t(), None, None, None, 1.0, NOISE, q_transposed=True
+        )
     else:
         eye = torch.eye(32, device=DEVICE, dtype=torch.bfloat16)
-        got = fused_linear_tma.persistent_lowrank_gemm(eye, weight, None, None, None, 1.0,
-                                                       NOISE).t()
+        got = fused_linear_tma.persistent_lowrank_gemm(
+            eye, weight, None, None, None, 1.0, NOISE
+        ).t()
     assert not torch.equal(expected, weight)
     assert torch.equal(got, expected)
 
@@ -105,9 +114,16 @@ def test_persistent_applies_the_references_dropout_mask():
     """Identity factors make the rank term ``drop(x)`` itself, as the dX GEMM masks it."""
     x = torch.randn(32, 32, device=DEVICE).to(torch.float16)
     eye = torch.eye(32, device=DEVICE, dtype=torch.float16)
-    got = fused_linear_tma.persistent_lowrank_gemm(torch.zeros_like(x), torch.zeros_like(eye),
-                                                   None, x, eye, 1.0, q_transposed=True,
-                                                   rank_dropout=DROPOUT)
+    got = fused_linear_tma.persistent_lowrank_gemm(
+        torch.zeros_like(x),
+        torch.zeros_like(eye),
+        None,
+        x,
+        eye,
+        1.0,
+        q_transposed=True,
+        rank_dropout=DROPOUT,
+    )
     expected = reference.apply_dropout(x, DROPOUT.p, DROPOUT.seed)
     assert torch.equal(got, expected)
     assert 0.15 < float((expected == 0).float().mean()) < 0.45
@@ -122,8 +138,17 @@ def test_layer_forward_and_backward_through_the_persistent_variant(monkeypatch):
     def run(variant):
         monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
         leaves = [t.detach().requires_grad_(True) for t in (x, b, lora_A, lora_B)]
-        y = lorasc_linear(leaves[0], weight, *leaves[1:], 2.0, dropout_p=0.2, noise_seed=5,
-                          noise_scale=0.05, backend="triton", dropout_seed=9)
+        y = lorasc_linear(
+            leaves[0],
+            weight,
+            *leaves[1:],
+            2.0,
+            dropout_p=0.2,
+            noise_seed=5,
+            noise_scale=0.05,
+            backend="triton",
+            dropout_seed=9,
+        )
         y.backward(dy)
         return [y.detach()] + [leaf.grad for leaf in leaves]
 
@@ -169,12 +194,14 @@ def test_gpu_persistent_and_measured_layer_at_the_headline_specialization(monkey
     """On the GPU, the layer's y and grads with the persistent variant forced, then with the
     measured choice, against float64. bf16, no bias, no dropout, sizes divisible by 16: the
     kernels the headline benchmark compiles next (shared Triton cache), at M = 1024."""
-    x, weight, _, lora_A, lora_B = lowrank_inputs(1024, 4096, 4096, 16, torch.bfloat16, "cuda",
-                                                  bias=False)
+    x, weight, _, lora_A, lora_B = lowrank_inputs(
+        1024, 4096, 4096, 16, torch.bfloat16, "cuda", bias=False
+    )
     dy = torch.randn(1024, 4096, device="cuda").to(torch.bfloat16)
     leaves64 = [t.double().requires_grad_(True) for t in (x, lora_A, lora_B)]
-    y64 = leaves64[0] @ weight.double().t() + 2.0 * (leaves64[0] @ leaves64[1].t()) \
-        @ leaves64[2].t()
+    y64 = (
+        leaves64[0] @ weight.double().t() + 2.0 * (leaves64[0] @ leaves64[1].t()) @ leaves64[2].t()
+    )
     y64.backward(dy.double())
     for variant in ("persistent", "measure"):
         monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
@@ -184,6 +211,9 @@ def test_gpu_persistent_and_measured_layer_at_the_headline_specialization(monkey
         assert rel_error(y, y64.detach()) < KERNEL_TOLERANCE[torch.bfloat16], variant
         for leaf, leaf64 in zip(leaves, leaves64, strict=True):
             assert rel_error(leaf.grad, leaf64.grad) < KERNEL_TOLERANCE[torch.bfloat16], variant
-    measured = [key for key in gemm_dispatch.DISPATCH.chosen
-                if key.n == 4096 and key.k == 4096 and key.m_bucket == 1024]
+    measured = [
+        key
+        for key in gemm_dispatch.DISPATCH.chosen
+        if key.n == 4096 and key.k == 4096 and key.m_bucket == 1024
+    ]
     assert len(measured) == 2  # forward and dX

@@ -73,8 +73,14 @@ def resolve_backend_name(name: str, device: torch.device) -> str:
     if name == "auto":
         name = "torch"
         if device.type == "cuda":
-            name = next((candidate for candidate in _AUTO_ORDER
-                         if _unavailable_reason(candidate, device) is None), name)
+            name = next(
+                (
+                    candidate
+                    for candidate in _AUTO_ORDER
+                    if _unavailable_reason(candidate, device) is None
+                ),
+                name,
+            )
     reason = _unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} is not available on {device}: {reason}")

@@ -22,8 +22,13 @@ from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = ["Backend", "PRIMITIVES"]
 
-PRIMITIVES = ("unavailable_reason", "lowrank_gemm", "dropout_lowrank", "dropout_lowrank_grad",
-              "merge_")
+PRIMITIVES = (
+    "unavailable_reason",
+    "lowrank_gemm",
+    "dropout_lowrank",
+    "dropout_lowrank_grad",
+    "merge_",
+)
 
 
 @runtime_checkable
@@ -41,11 +46,18 @@ class Backend(Protocol):
     def unavailable_reason(self, device: torch.device) -> str | None:
         """None when the backend can run on ``device``; else why not, in words."""
 
-    def lowrank_gemm(self, p: torch.Tensor, q: torch.Tensor | ScaledWeight,
-                     bias: torch.Tensor | None, u: torch.Tensor | None,
-                     v: torch.Tensor | None, scale: float, noise: NoiseSpec | None = None,
-                     q_transposed: bool = False,
-                     rank_dropout: DropoutSpec | None = None) -> torch.Tensor:
+    def lowrank_gemm(
+        self,
+        p: torch.Tensor,
+        q: torch.Tensor | ScaledWeight,
+        bias: torch.Tensor | None,
+        u: torch.Tensor | None,
+        v: torch.Tensor | None,
+        scale: float,
+        noise: NoiseSpec | None = None,
+        q_transposed: bool = False,
+        rank_dropout: DropoutSpec | None = None,
+    ) -> torch.Tensor:
         """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``p``'s dtype.
 
         ``q`` is a weight ``W`` (N, K), or with ``q_transposed`` a view ``Wᵀ``: ``noise``
@@ -57,16 +69,23 @@ class Backend(Protocol):
         ``q_transposed`` the GEMM reads it as ``Wᵀ`` (its scale then runs along ``K``).
         """
 
-    def dropout_lowrank(self, x: torch.Tensor, lora_A: torch.Tensor,
-                        dropout: DropoutSpec) -> torch.Tensor:
+    def dropout_lowrank(
+        self, x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec
+    ) -> torch.Tensor:
         """``drop(x) Aᵀ`` (M, r) in ``x``'s dtype, the mask regenerated, never stored."""
 
-    def dropout_lowrank_grad(self, grad: torch.Tensor, x: torch.Tensor,
-                             dropout: DropoutSpec) -> torch.Tensor:
+    def dropout_lowrank_grad(
+        self, grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec
+    ) -> torch.Tensor:
         """``Gᵀ drop(x)`` (r, K) for ``G = grad`` (M, r), in float32 or ``x``'s dtype."""
 
-    def merge_(self, weight: torch.Tensor | ScaledWeight, lora_B: torch.Tensor,
-               lora_A: torch.Tensor, spec: MergeSpec) -> None:
+    def merge_(
+        self,
+        weight: torch.Tensor | ScaledWeight,
+        lora_B: torch.Tensor,
+        lora_A: torch.Tensor,
+        spec: MergeSpec,
+    ) -> None:
         """``W ← round(W − remove + coeff · B A + add)`` in place, bit-identical to the
         reference; ``weight`` (rows, K) is a block of rows from ``spec.row_offset`` on.
         A :class:`ScaledWeight` has its codes and scales both updated

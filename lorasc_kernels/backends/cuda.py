@@ -28,10 +28,19 @@ from ..dtypes import KERNEL_DTYPES
 from ..scaled_weight import ScaledWeight
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
 
-__all__ = ["WEIGHT_DTYPES", "SCALED_WEIGHT_DTYPES",
-           "TRANSFORM_NONE", "TRANSFORM_NOISE", "TRANSFORM_DROPOUT",
-           "extension_ops", "unavailable_reason", "lowrank_gemm", "dropout_lowrank",
-           "dropout_lowrank_grad", "merge_"]
+__all__ = [
+    "WEIGHT_DTYPES",
+    "SCALED_WEIGHT_DTYPES",
+    "TRANSFORM_NONE",
+    "TRANSFORM_NOISE",
+    "TRANSFORM_DROPOUT",
+    "extension_ops",
+    "unavailable_reason",
+    "lowrank_gemm",
+    "dropout_lowrank",
+    "dropout_lowrank_grad",
+    "merge_",
+]
 
 WEIGHT_DTYPES = KERNEL_DTYPES
 # No scaled weight formats (fp8, csrc/lorasc/weight_types.h): functional.py refuses a
@@ -51,8 +60,24 @@ def _register_fake_kernels():
     """Shape-only kernels of the ops, for torch.compile and opcheck."""
 
     @torch.library.register_fake("lorasc_cuda::lowrank_gemm")
-    def _(p, q, bias, u, v, scale, p_kind, p_key, p_threshold, p_value, p_swap, q_kind, q_key,
-          q_threshold, q_value, q_swap):
+    def _(
+        p,
+        q,
+        bias,
+        u,
+        v,
+        scale,
+        p_kind,
+        p_key,
+        p_threshold,
+        p_value,
+        p_swap,
+        q_kind,
+        q_key,
+        q_threshold,
+        q_value,
+        q_swap,
+    ):
         return p.new_empty(p.shape[0], q.shape[0])
 
     @torch.library.register_fake("lorasc_cuda::dropout")
@@ -60,8 +85,19 @@ def _register_fake_kernels():
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("lorasc_cuda::merge_lowrank_")
-    def _(weight, lora_B, lora_A, coeff, stochastic, rounding_key, remove_key, remove_scale,
-          add_key, add_scale, row_offset):
+    def _(
+        weight,
+        lora_B,
+        lora_A,
+        coeff,
+        stochastic,
+        rounding_key,
+        remove_key,
+        remove_scale,
+        add_key,
+        add_scale,
+        row_offset,
+    ):
         return None
 
 
@@ -110,16 +146,24 @@ def _dropout_transform(dropout: DropoutSpec, swap: bool) -> tuple:
     return (TRANSFORM_DROPOUT, dropout.key, dropout.threshold, dropout.keep_scale, swap)
 
 
-def _gemm(p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM,
-          q_transform=_NO_TRANSFORM):
+def _gemm(
+    p, q, bias=None, u=None, v=None, scale=1.0, p_transform=_NO_TRANSFORM, q_transform=_NO_TRANSFORM
+):
     """``p qᵀ + bias + scale · u vᵀ`` (M, N) with transforms applied on load."""
-    return extension_ops(p.device).lowrank_gemm(p, q, bias, u, v, scale, *p_transform,
-                                                *q_transform)
+    return extension_ops(p.device).lowrank_gemm(p, q, bias, u, v, scale, *p_transform, *q_transform)
 
 
-def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
-                 ) -> torch.Tensor:
+def lowrank_gemm(
+    p,
+    q,
+    bias,
+    u,
+    v,
+    scale,
+    noise: NoiseSpec | None = None,
+    q_transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+) -> torch.Tensor:
     """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract."""
     _refuse_scaled(q)
     noise_transform = _noise_transform(noise, q_transposed)
@@ -129,8 +173,9 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
     out = _gemm(p, q, bias, q_transform=noise_transform)
     if u is None:
         return out
-    rank_term = extension_ops(p.device).dropout(u @ v.t(), rank_dropout.key,
-                                                rank_dropout.threshold, rank_dropout.keep_scale)
+    rank_term = extension_ops(p.device).dropout(
+        u @ v.t(), rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale
+    )
     return out.add_(rank_term, alpha=scale)
 
 
@@ -153,8 +198,9 @@ def _noise_key(noise: NoiseSpec | None) -> tuple[int, float]:
 def _refuse_scaled(weight) -> None:
     """The CUDA kernels have no scaled weight format (:data:`SCALED_WEIGHT_DTYPES` is empty)."""
     if isinstance(weight, ScaledWeight):
-        raise TypeError("the CUDA backend does not take scaled (fp8) weights; use "
-                        "backend='triton' or 'torch'")
+        raise TypeError(
+            "the CUDA backend does not take scaled (fp8) weights; use backend='triton' or 'torch'"
+        )
 
 
 @torch.no_grad()
@@ -167,6 +213,13 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     if lora_A.dtype != lora_B.dtype:  # exact: the kernel upcasts both to float32 anyway
         lora_A, lora_B = lora_A.float(), lora_B.float()
     extension_ops(weight.device).merge_lowrank_(
-        weight, lora_B, lora_A, spec.coeff, spec.stochastic, spec.rounding_key,
-        *_noise_key(spec.remove), *_noise_key(spec.add), spec.row_offset,
+        weight,
+        lora_B,
+        lora_A,
+        spec.coeff,
+        spec.stochastic,
+        spec.rounding_key,
+        *_noise_key(spec.remove),
+        *_noise_key(spec.add),
+        spec.row_offset,
     )

@@ -77,8 +77,17 @@ def unavailable_reason(device: torch.device) -> None:
     return None
 
 
-def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None):
+def lowrank_gemm(
+    p,
+    q,
+    bias,
+    u,
+    v,
+    scale,
+    noise: NoiseSpec | None = None,
+    q_transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+):
     """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract.
 
     A :class:`ScaledWeight` ``q`` is dequantized in float32 and the whole sum computed in
@@ -86,10 +95,16 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
     """
     if isinstance(q, ScaledWeight):
         weight = q.dequantize(torch.float32)
-        out = lowrank_gemm(p.float(), weight.t() if q_transposed else weight,
-                           None if bias is None else bias.float(),
-                           None if u is None else u.float(), None if v is None else v.float(),
-                           scale, q_transposed=q_transposed, rank_dropout=rank_dropout)
+        out = lowrank_gemm(
+            p.float(),
+            weight.t() if q_transposed else weight,
+            None if bias is None else bias.float(),
+            None if u is None else u.float(),
+            None if v is None else v.float(),
+            scale,
+            q_transposed=q_transposed,
+            rank_dropout=rank_dropout,
+        )
         return out.to(p.dtype)
     if noise is not None:
         if q_transposed:
@@ -114,8 +129,9 @@ def dropout_lowrank_grad(grad, x, dropout: DropoutSpec):
     return grad.t() @ apply_dropout(x, dropout.p, dropout.seed)
 
 
-def lowrank_delta_fp32(lora_B: torch.Tensor, lora_A: torch.Tensor,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def lowrank_delta_fp32(
+    lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``B A`` in float32, summed over the rank in order: ``d = 0; d = d + B[:, k] A[k, :]``.
 
     This exact order (separate multiply and add, no fused multiply-add) is what the
@@ -180,8 +196,9 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         global_start = spec.row_offset + start
-        value = _merged_rows(weight[start:stop].to(compute), lora_B[start:stop], lora_A,
-                             spec, global_start)
+        value = _merged_rows(
+            weight[start:stop].to(compute), lora_B[start:stop], lora_A, spec, global_start
+        )
         bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device)
         weight[start:stop] = round_from_fp32(value, weight.dtype, spec.rounding, bits)
 

@@ -28,13 +28,32 @@ from torch import nn
 from ..distributed import local_row_block
 from ..functional import lorasc_linear
 
-__all__ = ["PeftLoraLayer", "lorasc_config_kwargs", "peft_lora_layers", "peft_lora_modules",
-           "use_fused_kernels", "base_weights", "load_base_weights"]
+__all__ = [
+    "PeftLoraLayer",
+    "lorasc_config_kwargs",
+    "peft_lora_layers",
+    "peft_lora_modules",
+    "use_fused_kernels",
+    "base_weights",
+    "load_base_weights",
+]
 
 # LoraConfig fields taken as they are, and the values of the others that change nothing.
-_TAKEN = ("r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "bias",
-          "use_rslora", "task_type", "peft_type", "base_model_name_or_path", "revision",
-          "inference_mode", "init_lora_weights")
+_TAKEN = (
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "modules_to_save",
+    "bias",
+    "use_rslora",
+    "task_type",
+    "peft_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "init_lora_weights",
+)
 _INITS = (True, "gaussian")
 _BIASES = ("none", "all", "lora_only")
 
@@ -53,17 +72,23 @@ def lorasc_config_kwargs(lora_config) -> dict:
     for name, value in vars(lora_config).items():
         if name in _TAKEN or name.startswith("_") or value == getattr(defaults, name, value):
             continue
-        raise ValueError(f"LoraConfig.{name}={value!r} has no LoRASC counterpart: leave it at "
-                         f"its default ({getattr(defaults, name)!r})")
+        raise ValueError(
+            f"LoraConfig.{name}={value!r} has no LoRASC counterpart: leave it at "
+            f"its default ({getattr(defaults, name)!r})"
+        )
     if lora_config.init_lora_weights not in _INITS:
-        raise ValueError(f"LoraConfig.init_lora_weights={lora_config.init_lora_weights!r}: "
-                         f"LoRASC draws each fast LoRA afresh as {_INITS} do")
+        raise ValueError(
+            f"LoraConfig.init_lora_weights={lora_config.init_lora_weights!r}: "
+            f"LoRASC draws each fast LoRA afresh as {_INITS} do"
+        )
     if lora_config.bias not in _BIASES:
         raise ValueError(f"LoraConfig.bias must be one of {_BIASES}, got {lora_config.bias!r}")
     targets = lora_config.target_modules
     if targets is None:
-        raise ValueError("LoraConfig.target_modules is None (PEFT then guesses by model "
-                         "type): name the modules, or 'all-linear'")
+        raise ValueError(
+            "LoraConfig.target_modules is None (PEFT then guesses by model "
+            "type): name the modules, or 'all-linear'"
+        )
     scale_alpha = math.sqrt(lora_config.r) if lora_config.use_rslora else 1.0
     return {
         "r": lora_config.r,
@@ -150,12 +175,15 @@ def _check_peft_layer(name: str, module: nn.Module) -> str:
     adapters = list(module.active_adapters)
     where = f"PEFT layer {name!r}"
     if len(adapters) != 1:
-        raise ValueError(f"{where} has {len(adapters)} active adapters {adapters}: LoRASC "
-                         "drives exactly one")
+        raise ValueError(
+            f"{where} has {len(adapters)} active adapters {adapters}: LoRASC drives exactly one"
+        )
     adapter = adapters[0]
     if type(module.base_layer) is not nn.Linear:
-        raise ValueError(f"{where}: its base layer is a {type(module.base_layer).__name__}, "
-                         "LoRASC merges into nn.Linear base layers only")
+        raise ValueError(
+            f"{where}: its base layer is a {type(module.base_layer).__name__}, "
+            "LoRASC merges into nn.Linear base layers only"
+        )
     if module.merged:
         raise ValueError(f"{where} has its adapter merged (merge_adapter): unmerge it first")
     if module.use_dora.get(adapter, False) or module.lora_bias.get(adapter, False):
@@ -169,8 +197,7 @@ def peft_lora_modules(model: nn.Module) -> dict[str, nn.Module]:
         from peft.tuners.lora import LoraLayer
     except ImportError:
         return {}
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, LoraLayer)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
 def peft_lora_layers(model: nn.Module) -> dict[str, PeftLoraLayer]:
@@ -183,8 +210,10 @@ def peft_lora_layers(model: nn.Module) -> dict[str, PeftLoraLayer]:
         adapter = _check_peft_layer(name, module)
         init = getattr(configs.get(adapter), "init_lora_weights", True)
         if init not in _INITS:
-            raise ValueError(f"PEFT layer {name!r}: init_lora_weights={init!r}; LoRASC draws "
-                             f"each fast LoRA afresh as {_INITS} do")
+            raise ValueError(
+                f"PEFT layer {name!r}: init_lora_weights={init!r}; LoRASC draws "
+                f"each fast LoRA afresh as {_INITS} do"
+            )
         view = module.__dict__.get("_lorasc_layer")
         if view is None or (view.adapter, view.init_lora_weights) != (adapter, init):
             view = PeftLoraLayer(module, adapter, init)
@@ -197,13 +226,25 @@ def _fused_forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch
     """``module``'s forward through the fused kernel, or PEFT's own where its adapter is
     off (``disable_adapters``, merged, or another adapter active)."""
     view = module.__dict__["_lorasc_layer"]
-    if (module.disable_adapters or module.merged or args or kwargs
-            or list(module.active_adapters) != [view.adapter]):
+    if (
+        module.disable_adapters
+        or module.merged
+        or args
+        or kwargs
+        or list(module.active_adapters) != [view.adapter]
+    ):
         return type(module).forward(module, x, *args, **kwargs)
     base = module.base_layer
-    return lorasc_linear(x, base.weight, base.bias, view.lora_A, view.lora_B, view.scaling,
-                         dropout_p=view.dropout_p if module.training else 0.0,
-                         backend=view.backend)
+    return lorasc_linear(
+        x,
+        base.weight,
+        base.bias,
+        view.lora_A,
+        view.lora_B,
+        view.scaling,
+        dropout_p=view.dropout_p if module.training else 0.0,
+        backend=view.backend,
+    )
 
 
 def use_fused_kernels(model: nn.Module) -> dict[str, PeftLoraLayer]:
@@ -222,8 +263,9 @@ def use_fused_kernels(model: nn.Module) -> dict[str, PeftLoraLayer]:
 def base_weights(layers: dict[str, PeftLoraLayer]) -> dict[str, torch.Tensor]:
     """Copies of the base weights (this rank's rows) of PEFT layers: they hold every merge,
     and a PEFT checkpoint (``save_pretrained``, the Trainer's) keeps the adapter only."""
-    return {name: local_row_block(layer.weight.detach())[0].clone()
-            for name, layer in layers.items()}
+    return {
+        name: local_row_block(layer.weight.detach())[0].clone() for name, layer in layers.items()
+    }
 
 
 def load_base_weights(layers: dict[str, PeftLoraLayer], saved, where: str) -> None:
@@ -233,10 +275,14 @@ def load_base_weights(layers: dict[str, PeftLoraLayer], saved, where: str) -> No
     for name, layer in layers.items():
         local = local_row_block(layer.weight.detach())[0]
         value = saved[name]
-        if (not isinstance(value, torch.Tensor) or value.shape != local.shape
-                or value.dtype != local.dtype):
-            raise ValueError(f"{where}[{name!r}] must be a {local.dtype} tensor of shape "
-                             f"{tuple(local.shape)}")
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.shape != local.shape
+            or value.dtype != local.dtype
+        ):
+            raise ValueError(
+                f"{where}[{name!r}] must be a {local.dtype} tensor of shape {tuple(local.shape)}"
+            )
     with torch.no_grad():
         for name, layer in layers.items():
             local_row_block(layer.weight.detach())[0].copy_(saved[name])

@@ -58,9 +58,11 @@ def rel_error(actual, expected):
 def lora_grad_errors(model, reference):
     """Largest relative error of the fast-LoRA gradients of ``model`` against ``reference``."""
     pairs = zip(lorasc_layers(model).values(), lorasc_layers(reference).values(), strict=True)
-    return max(rel_error(full_tensor(getattr(layer, name).grad),
-                         getattr(ref, name).grad)
-               for layer, ref in pairs for name in ("lora_A", "lora_B"))
+    return max(
+        rel_error(full_tensor(getattr(layer, name).grad), getattr(ref, name).grad)
+        for layer, ref in pairs
+        for name in ("lora_A", "lora_B")
+    )
 
 
 def slow_update_exact(before, fast, after, slow_rate=0.5):
@@ -70,8 +72,13 @@ def slow_update_exact(before, fast, after, slow_rate=0.5):
 
 def global_batches(seed):
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(GLOBAL_BATCH, IN, generator=generator),
-             torch.randn(GLOBAL_BATCH, OUT, generator=generator)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, IN, generator=generator),
+            torch.randn(GLOBAL_BATCH, OUT, generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def ddp_scenario(rank, world):
@@ -84,8 +91,9 @@ def ddp_scenario(rank, world):
     optimizer = torch.optim.Adam(trainable(ddp), lr=1e-2)
     ref_optimizer = torch.optim.Adam(trainable(reference), lr=1e-2)
     cascade = Cascade(ddp, optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7, **PAPER)
-    ref_cascade = Cascade(reference, ref_optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7,
-                          **PAPER)
+    ref_cascade = Cascade(
+        reference, ref_optimizer, steps_per_cascade=STEPS_PER_CASCADE, seed=7, **PAPER
+    )
     local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     grad_errors, boundary_checksums, slow_updates = [], [], []
     bias_start = model[2].bias.detach().clone()
@@ -114,9 +122,12 @@ def ddp_scenario(rank, world):
     return {
         "grad_errors": grad_errors,
         "boundary_checksums": boundary_checksums,
-        "weight_errors": [rel_error(m.weight, r.weight) for m, r in
-                          zip(lorasc_layers(model).values(), lorasc_layers(reference).values(),
-                              strict=True)],
+        "weight_errors": [
+            rel_error(m.weight, r.weight)
+            for m, r in zip(
+                lorasc_layers(model).values(), lorasc_layers(reference).values(), strict=True
+            )
+        ],
         "bias_error": rel_error(model[2].bias, reference[2].bias),
         "slow_updates": slow_updates,
         "mismatch_message": mismatch,
@@ -132,9 +143,14 @@ class KernelInputs:
 
     def __enter__(self):
         def recorded(x, weight, bias, lora_A, lora_B, *args, **kwargs):
-            self.seen.append({name: (is_dtensor(t), tuple(t.shape)) for name, t in
-                              (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))})
+            self.seen.append(
+                {
+                    name: (is_dtensor(t), tuple(t.shape))
+                    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B))
+                }
+            )
             return self.original(x, weight, bias, lora_A, lora_B, *args, **kwargs)
+
         lorasc_kernels.modules.lorasc_linear = recorded
         return self
 
@@ -151,9 +167,11 @@ class GatherLog:
 
     def __enter__(self):
         for name, original in self.originals.items():
+
             def logged(tensor, *args, _original=original, **kwargs):
                 self.shapes.append(tuple(tensor.shape))
                 return _original(tensor, *args, **kwargs)
+
             setattr(DTensor, name, logged)
         return self
 
@@ -182,9 +200,12 @@ def full_state(model):
 def fsdp_scenario(rank, world):
     torch.manual_seed(0)
     kwargs = {"dtype": torch.bfloat16, "lora_dtype": torch.float32}
-    model = nn.Sequential(LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, **kwargs), nn.Tanh(),
-                          LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, **kwargs),
-                          Gain(OUT))  # 5 rows sharded 3 + 2, slow-updated shard-wise
+    model = nn.Sequential(
+        LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, **kwargs),
+        nn.Tanh(),
+        LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, **kwargs),
+        Gain(OUT),
+    )  # 5 rows sharded 3 + 2, slow-updated shard-wise
     reference = copy.deepcopy(model)
     for layer in lorasc_layers(model).values():
         fully_shard(layer)
@@ -192,8 +213,7 @@ def fsdp_scenario(rank, world):
     kernel_inputs = KernelInputs()
     optimizer = torch.optim.Adam(trainable(model), lr=1e-2)
     ref_optimizer = torch.optim.Adam(trainable(reference), lr=1e-2)
-    settings = {"steps_per_cascade": STEPS_PER_CASCADE, "seed": 3, "keep_history": True,
-                **PAPER}
+    settings = {"steps_per_cascade": STEPS_PER_CASCADE, "seed": 3, "keep_history": True, **PAPER}
     cascade = Cascade(model, optimizer, **settings)
     ref_cascade = Cascade(reference, ref_optimizer, **settings)
     states = [(full_state(model), full_state(reference))]  # after the first noise
@@ -227,19 +247,27 @@ def fsdp_scenario(rank, world):
             slow_updates.append(slow_update_exact(gain_start, gain_fast, gain_after))
             gain_start = gain_after.clone()
             states.append((full_state(model), full_state(reference)))
-            checksums.append((weight_checksums(model), weight_checksums(reference),
-                              assert_weights_equal_across_ranks(model)))
+            checksums.append(
+                (
+                    weight_checksums(model),
+                    weight_checksums(reference),
+                    assert_weights_equal_across_ranks(model),
+                )
+            )
     return {
         "states": states,
         "checksums": checksums,
         "noise_scales": (cascade.noise_scales, ref_cascade.noise_scales),
-        "history_equal": all(torch.equal(a, b) for name in cascade.history
-                             for pair, ref_pair in zip(cascade.history[name],
-                                                       ref_cascade.history[name], strict=True)
-                             for a, b in zip(pair, ref_pair, strict=True)),
+        "history_equal": all(
+            torch.equal(a, b)
+            for name in cascade.history
+            for pair, ref_pair in zip(cascade.history[name], ref_cascade.history[name], strict=True)
+            for a, b in zip(pair, ref_pair, strict=True)
+        ),
         "kernel_inputs": kernel_inputs.seen,
-        "local_weight_shapes": [tuple(layer.weight.to_local().shape)
-                                for layer in lorasc_layers(model).values()],
+        "local_weight_shapes": [
+            tuple(layer.weight.to_local().shape) for layer in lorasc_layers(model).values()
+        ],
         "gathered_shapes": gathered,
         "weight_shapes": [tuple(layer.weight.shape) for layer in lorasc_layers(model).values()],
         "grad_errors": grad_errors,
@@ -269,8 +297,13 @@ def edge_scenario():
     fully_shard(layer)
     optimizer = torch.optim.SGD(trainable(layer), lr=0.5)
     cascade = Cascade(layer, optimizer, steps_per_cascade=1, seed=5, **PAPER)
-    ref_cascade = Cascade(reference, torch.optim.SGD(trainable(reference), lr=0.5),
-                          steps_per_cascade=1, seed=5, **PAPER)
+    ref_cascade = Cascade(
+        reference,
+        torch.optim.SGD(trainable(reference), lr=0.5),
+        steps_per_cascade=1,
+        seed=5,
+        **PAPER,
+    )
     layer(torch.randn(4, IN)).pow(2).mean().backward()
     optimizer.step()
     with torch.no_grad():
@@ -280,21 +313,25 @@ def edge_scenario():
     assert cascade.step() and ref_cascade.step()
     column_shard_error = ""
     try:
-        local_row_block(distribute_tensor(torch.randn(4, 6), layer.weight.device_mesh,
-                                          [Shard(1)]))
+        local_row_block(distribute_tensor(torch.randn(4, 6), layer.weight.device_mesh, [Shard(1)]))
     except ValueError as error:
         column_shard_error = str(error)
-    return {"local_rows": layer.weight.to_local().shape[0],
-            "states": (full_state(layer), full_state(reference)),
-            "column_shard_error": column_shard_error}
+    return {
+        "local_rows": layer.weight.to_local().shape[0],
+        "states": (full_state(layer), full_state(reference)),
+        "column_shard_error": column_shard_error,
+    }
 
 
 def main(out_dir):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        results = {"ddp": ddp_scenario(rank, world), "fsdp": fsdp_scenario(rank, world),
-                   "edge": edge_scenario()}
+        results = {
+            "ddp": ddp_scenario(rank, world),
+            "fsdp": fsdp_scenario(rank, world),
+            "edge": edge_scenario(),
+        }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

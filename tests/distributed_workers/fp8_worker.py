@@ -47,8 +47,14 @@ def gathered(tensor):
     if tensor.element_size() != 1:
         return tensor.full_tensor()
     local = tensor.to_local().view(torch.uint8)
-    as_bytes = DTensor.from_local(local, tensor.device_mesh, tensor.placements,
-                                  run_check=False, shape=tensor.shape, stride=tensor.stride())
+    as_bytes = DTensor.from_local(
+        local,
+        tensor.device_mesh,
+        tensor.placements,
+        run_check=False,
+        shape=tensor.shape,
+        stride=tensor.stride(),
+    )
     return as_bytes.full_tensor().view(tensor.dtype)
 
 
@@ -65,9 +71,14 @@ def scales(model):
 def snapshot(model, reference, probe):
     """This rank's view of ``model`` and the reference's after a merge."""
     with torch.no_grad():
-        return {"output": model(probe), "scales": scales(model), "state": full_state(model),
-                "ref_output": reference(probe), "ref_scales": scales(reference),
-                "ref_state": full_state(reference)}
+        return {
+            "output": model(probe),
+            "scales": scales(model),
+            "state": full_state(model),
+            "ref_output": reference(probe),
+            "ref_scales": scales(reference),
+            "ref_state": full_state(reference),
+        }
 
 
 def enlarge_and_hand_over(model, reference):
@@ -83,8 +94,10 @@ def enlarge_and_hand_over(model, reference):
 def fp8_scenario(rank, world, settings):
     torch.manual_seed(0)
     model = nn.Sequential(
-        LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, weight_format="fp8_e4m3"), nn.Tanh(),
-        LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, weight_format="fp8_e4m3"))
+        LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, weight_format="fp8_e4m3"),
+        nn.Tanh(),
+        LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, weight_format="fp8_e4m3"),
+    )
     reference = copy.deepcopy(model)
     for layer in lorasc_layers(model).values():
         fully_shard(layer)
@@ -119,10 +132,16 @@ def fp8_scenario(rank, world, settings):
         "initial_scales": initial_scales,
         "boundaries": boundaries,
         "noise_scales": (cascade.noise_scales, ref_cascade.noise_scales),
-        "final": {"state": final, "ref_state": full_state(ref_served),
-                  "output": final_outputs[0], "ref_output": final_outputs[1],
-                  "weights": [(type(w.data).__name__, str(w.placements),
-                               tuple(w.to_local().shape), w.dtype) for w in weights]},
+        "final": {
+            "state": final,
+            "ref_state": full_state(ref_served),
+            "output": final_outputs[0],
+            "ref_output": final_outputs[1],
+            "weights": [
+                (type(w.data).__name__, str(w.placements), tuple(w.to_local().shape), w.dtype)
+                for w in weights
+            ],
+        },
     }
 
 
@@ -142,17 +161,22 @@ def edge_scenario():
     enlarge_and_hand_over(layer, reference)
     before = layer.weight_scale.clone()
     assert cascade.step() and ref_cascade.step()
-    return {"local_rows": layer.weight.to_local().shape[0],
-            "scales": (before, layer.weight_scale.clone(), reference.weight_scale.clone()),
-            "final": (gathered(cascade.finalize().weight), ref_cascade.finalize().weight)}
+    return {
+        "local_rows": layer.weight.to_local().shape[0],
+        "scales": (before, layer.weight_scale.clone(), reference.weight_scale.clone()),
+        "final": (gathered(cascade.finalize().weight), ref_cascade.finalize().weight),
+    }
 
 
 def main(out_dir):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        results = {"default": fp8_scenario(rank, world, {}),
-                   "paper": fp8_scenario(rank, world, PAPER), "edge": edge_scenario()}
+        results = {
+            "default": fp8_scenario(rank, world, {}),
+            "paper": fp8_scenario(rank, world, PAPER),
+            "edge": edge_scenario(),
+        }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

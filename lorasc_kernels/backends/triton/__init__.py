@@ -31,16 +31,28 @@ try:
 except ImportError as error:  # Triton is optional
     _IMPORT_ERROR = str(error)
 
-__all__ = ["WEIGHT_DTYPES", "SCALED_WEIGHT_DTYPES", "interpreting",
-           "on_tensor_device", "unavailable_reason",
-           "lowrank_gemm", "dropout_lowrank", "dropout_lowrank_grad", "merge_"]
+__all__ = [
+    "WEIGHT_DTYPES",
+    "SCALED_WEIGHT_DTYPES",
+    "interpreting",
+    "on_tensor_device",
+    "unavailable_reason",
+    "lowrank_gemm",
+    "dropout_lowrank",
+    "dropout_lowrank_grad",
+    "merge_",
+]
 
 WEIGHT_DTYPES = KERNEL_DTYPES
 SCALED_WEIGHT_DTYPES = SCALED_DTYPES
 
 # Primitive of the backend contract → the kernel module defining it.
-_PRIMITIVES = {"lowrank_gemm": "gemm_dispatch", "dropout_lowrank": "thin",
-               "dropout_lowrank_grad": "thin", "merge_": "merge"}
+_PRIMITIVES = {
+    "lowrank_gemm": "gemm_dispatch",
+    "dropout_lowrank": "thin",
+    "dropout_lowrank_grad": "thin",
+    "merge_": "merge",
+}
 
 
 def interpreting() -> bool:

@@ -15,8 +15,15 @@ import triton
 
 from . import interpreting
 
-__all__ = ["fused_linear_configs", "persistent_configs", "prune_by_operand_size",
-           "prune_noisy_tiles", "thin_configs", "rank_block", "dot_precision"]
+__all__ = [
+    "fused_linear_configs",
+    "persistent_configs",
+    "prune_by_operand_size",
+    "prune_noisy_tiles",
+    "thin_configs",
+    "rank_block",
+    "dot_precision",
+]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
 _FUSED_HOPPER = (
@@ -47,11 +54,19 @@ def _gemm_configs(tilings) -> list[triton.Config]:
     """``BLOCK_M × BLOCK_N`` output tiles with ``GROUP_M`` swizzle, one per
     ``(BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)`` of ``tilings``."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
-                              num_warps=1, num_stages=1)]
+        return [
+            triton.Config(
+                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2},
+                num_warps=1,
+                num_stages=1,
+            )
+        ]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                      num_stages=stages, num_warps=warps)
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            num_stages=stages,
+            num_warps=warps,
+        )
         for bm, bn, bk, stages, warps in tilings
     ]
 
@@ -64,8 +79,9 @@ def fused_linear_configs() -> list[triton.Config]:
 def prune_by_operand_size(configs, named_args, **kwargs) -> list[triton.Config]:
     """The configs whose K step reads 128 bytes per row of the operand ``p_ptr``."""
     element_size = named_args["p_ptr"].element_size()
-    return [config for config in configs
-            if config.kwargs["BLOCK_K"] * element_size == _K_STEP_ROW_BYTES]
+    return [
+        config for config in configs if config.kwargs["BLOCK_K"] * element_size == _K_STEP_ROW_BYTES
+    ]
 
 
 def thin_configs() -> list[triton.Config]:
@@ -121,6 +137,9 @@ def prune_noisy_tiles(configs, named_args, **kwargs) -> list[triton.Config]:
     leaves registers for the hash; all configs otherwise."""
     if not {**named_args, **kwargs}["FUSED_NOISE"]:  # the autotuner passes constexprs apart
         return configs
-    return [config for config in configs
-            if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
-            <= _NOISY_TILE_ELEMENTS_PER_THREAD * 32 * config.num_warps]
+    return [
+        config
+        for config in configs
+        if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        <= _NOISY_TILE_ELEMENTS_PER_THREAD * 32 * config.num_warps
+    ]

@@ -23,8 +23,9 @@ def round_to(value, dtype: tl.constexpr, INTERPRETING: tl.constexpr):
 
 
 @triton.jit
-def add_noise_tile(q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.constexpr,
-                   INTERPRETING: tl.constexpr):
+def add_noise_tile(
+    q_t, offs_k, offs_n, key, noise_scale, W_TRANSPOSED: tl.constexpr, INTERPRETING: tl.constexpr
+):
     """``round(q_t + noise_scale · noise(W row, W col))`` for a [BLOCK_K, BLOCK_N] tile of ``Qᵀ``.
 
     ``offs_k``/``offs_n`` are the tile's global indices in ``Q`` (N, K). ``Q = W``: W row
@@ -62,8 +63,9 @@ def dropout_tile(tile, rows, cols, key, threshold, keep_scale, INTERPRETING: tl.
 
 
 @triton.jit
-def decode_scaled(code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr,
-                  HAS_INFINITY: tl.constexpr):
+def decode_scaled(
+    code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr
+):
     """float32 value of the 8-bit codes ``code`` (uint8) of a scaled format
     (:class:`~lorasc_kernels.dtypes.ScaledWeightDtype`'s fields), exactly, on integers:
     normals by their bits, subnormals as ``m · 2**(1 - bias - mb)``; with ``HAS_INFINITY``
@@ -88,24 +90,40 @@ def decode_scaled(code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr
 
 
 @triton.jit
-def grouped_tile(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+def grouped_tile(
+    tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
+):
     """``(tile row, tile column)`` of output tile ``tile_id``, row tiles grouped by
     ``GROUP_M`` so that consecutive tiles share the same ``Q`` tiles (L2 reuse)."""
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * tiles_n
     first_m = (tile_id // tiles_per_group) * GROUP_M
     group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-    return (first_m + (tile_id % tiles_per_group) % group_m,
-            (tile_id % tiles_per_group) // group_m)
+    return (first_m + (tile_id % tiles_per_group) % group_m, (tile_id % tiles_per_group) // group_m)
 
 
 @triton.jit
-def rank_term(u_ptr, v_ptr, offs_m, offs_n, M, N, R,
-              stride_um, stride_ur, stride_vn, stride_vr,
-              scale, dropout_key, dropout_threshold, keep_scale,
-              LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              INTERPRETING: tl.constexpr):
+def rank_term(
+    u_ptr,
+    v_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    R,
+    stride_um,
+    stride_ur,
+    stride_vn,
+    stride_vr,
+    scale,
+    dropout_key,
+    dropout_threshold,
+    keep_scale,
+    LORA_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
     """``scale · drop(U Vᵀ)`` on the output tile ``offs_m × offs_n``, fp32: ``U`` (M, R),
     ``V`` (N, R), the rank dimension in blocks of ``R_BLOCK`` (masked); ``drop`` is
     :func:`dropout_tile` at the tile's ``(m, n)`` when ``LORA_DROPOUT``."""
@@ -115,12 +133,19 @@ def rank_term(u_ptr, v_ptr, offs_m, offs_n, M, N, R,
     for r0 in tl.range(0, R, R_BLOCK, num_stages=1):  # one pass, no multi-buffering
         offs_r = r0 + tl.arange(0, R_BLOCK)
         ranks = offs_r.to(tl.int64)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
-                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        v_t = tl.load(v_ptr + cols[None, :] * stride_vn + ranks[:, None] * stride_vr,
-                      mask=(offs_n[None, :] < N) & (offs_r[:, None] < R), other=0.0)
+        u = tl.load(
+            u_ptr + rows[:, None] * stride_um + ranks[None, :] * stride_ur,
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        v_t = tl.load(
+            v_ptr + cols[None, :] * stride_vn + ranks[:, None] * stride_vr,
+            mask=(offs_n[None, :] < N) & (offs_r[:, None] < R),
+            other=0.0,
+        )
         acc = mma(u, v_t, acc, DOT_PRECISION, INTERPRETING)
     if LORA_DROPOUT:
-        acc = dropout_tile(acc, offs_m, offs_n, dropout_key, dropout_threshold, keep_scale,
-                           INTERPRETING)
+        acc = dropout_tile(
+            acc, offs_m, offs_n, dropout_key, dropout_threshold, keep_scale, INTERPRETING
+        )
     return acc * scale

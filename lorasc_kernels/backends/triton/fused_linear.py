@@ -38,8 +38,15 @@ from . import interpreting
 from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
 from .device import add_noise_tile, decode_scaled, grouped_tile, mma, rank_term, round_to
 
-__all__ = ["NOISE_IN_GEMM_MAX_ROWS", "noisy_weight_pass", "noisy_operand", "gemm_operands",
-           "format_fields", "spec_arguments", "tiled_lowrank_gemm"]
+__all__ = [
+    "NOISE_IN_GEMM_MAX_ROWS",
+    "noisy_weight_pass",
+    "noisy_operand",
+    "gemm_operands",
+    "format_fields",
+    "spec_arguments",
+    "tiled_lowrank_gemm",
+]
 
 # Rows of x (or dY) up to which the noise is added inside the GEMM (≤ 2 row tiles of 128);
 # above, one separate pass over W is cheaper than hashing W once per row tile.
@@ -50,40 +57,76 @@ _NOISE_BLOCK = 64
 
 
 @triton.jit
-def _decode_tile(codes, dtype: tl.constexpr, MANTISSA_BITS: tl.constexpr,
-                 EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr,
-                 INTERPRETING: tl.constexpr):
+def _decode_tile(
+    codes,
+    dtype: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
     """A tile of fp8 codes (loaded in their format's Triton type) in ``dtype``, exactly: by
     the hardware conversion on a GPU, on integers in the interpreter (which has no fp8
     arithmetic), from the format's fields."""
     if INTERPRETING:
-        return decode_scaled(codes.to(tl.uint8, bitcast=True), MANTISSA_BITS, EXPONENT_BIAS,
-                             HAS_INFINITY).to(dtype)
+        return decode_scaled(
+            codes.to(tl.uint8, bitcast=True), MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY
+        ).to(dtype)
     return codes.to(dtype)
 
 
-@triton.autotune(configs=fused_linear_configs(),
-                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_SCALED"],
-                 prune_configs_by={"early_config_prune": prune_by_operand_size})
+@triton.autotune(
+    configs=fused_linear_configs(),
+    key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_SCALED"],
+    prune_configs_by={"early_config_prune": prune_by_operand_size},
+)
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
 def _fused_lowrank_kernel(
     # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
-    out_ptr, p_ptr, q_ptr, bias_ptr, u_ptr, v_ptr,
+    out_ptr,
+    p_ptr,
+    q_ptr,
+    bias_ptr,
+    u_ptr,
+    v_ptr,
     q_scale_ptr,  # Q_SCALED: Q holds fp8 codes, W = q_scale[W row] · codes
-    M, N, K, R,
+    M,
+    N,
+    K,
+    R,
     M_BUCKET,  # autotuning key: M rounded up to a power of two (token counts vary per batch)
-    stride_om, stride_on, stride_pm, stride_pk, stride_qn, stride_qk,
-    stride_um, stride_ur, stride_vn, stride_vr,
+    stride_om,
+    stride_on,
+    stride_pm,
+    stride_pk,
+    stride_qn,
+    stride_qk,
+    stride_um,
+    stride_ur,
+    stride_vn,
+    stride_vr,
     scale,
-    noise_key, noise_scale,  # FUSED_NOISE: each Q tile += noise_scale · noise(W row, W col)
-    dropout_key, dropout_threshold, keep_scale,  # LORA_DROPOUT: mask of the rank term's (m, n)
-    HAS_BIAS: tl.constexpr, FUSED_NOISE: tl.constexpr, W_TRANSPOSED: tl.constexpr,
-    Q_SCALED: tl.constexpr, LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr,
+    noise_key,
+    noise_scale,  # FUSED_NOISE: each Q tile += noise_scale · noise(W row, W col)
+    dropout_key,
+    dropout_threshold,
+    keep_scale,  # LORA_DROPOUT: mask of the rank term's (m, n)
+    HAS_BIAS: tl.constexpr,
+    FUSED_NOISE: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+    Q_SCALED: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     # Q_SCALED: the format's fields (dtypes.ScaledWeightDtype), for the interpreter's decode
-    MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
     INTERPRETING: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One program: one ``BLOCK_M × BLOCK_N`` tile of ``out``, row tiles grouped by ``GROUP_M``."""
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -99,9 +142,27 @@ def _fused_lowrank_kernel(
     # forward, W's row scale is the output's column scale, applied to the accumulator at the
     # end: the rank term is divided by it first (one accumulator, no spills; scales > 0).
     SCALE_OUT: tl.constexpr = Q_SCALED and not W_TRANSPOSED
-    acc = rank_term(u_ptr, v_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_vn,
-                    stride_vr, scale, dropout_key, dropout_threshold, keep_scale, LORA_DROPOUT,
-                    R_BLOCK, DOT_PRECISION, INTERPRETING)
+    acc = rank_term(
+        u_ptr,
+        v_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        R,
+        stride_um,
+        stride_ur,
+        stride_vn,
+        stride_vr,
+        scale,
+        dropout_key,
+        dropout_threshold,
+        keep_scale,
+        LORA_DROPOUT,
+        R_BLOCK,
+        DOT_PRECISION,
+        INTERPRETING,
+    )
     if SCALE_OUT:
         column_scale = tl.load(q_scale_ptr + cols, mask=mask_n, other=1.0)
         acc = acc / column_scale[None, :]
@@ -116,14 +177,16 @@ def _fused_lowrank_kernel(
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q_t = tl.load(q_ptrs, mask=mask_n[None, :] & mask_k[:, None], other=0.0)
         if Q_SCALED:  # 8-bit codes, converted in registers; dX: W's row scale on load
-            q_t = _decode_tile(q_t, p.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY,
-                               INTERPRETING)
+            q_t = _decode_tile(
+                q_t, p.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING
+            )
             if W_TRANSPOSED:
                 k_scale = tl.load(q_scale_ptr + (k0 + offs_k), mask=mask_k, other=0.0)
                 q_t = round_to(q_t.to(tl.float32) * k_scale[:, None], p.dtype, INTERPRETING)
         if FUSED_NOISE:
-            q_t = add_noise_tile(q_t, k0 + offs_k, offs_n, noise_key, noise_scale, W_TRANSPOSED,
-                                 INTERPRETING)
+            q_t = add_noise_tile(
+                q_t, k0 + offs_k, offs_n, noise_key, noise_scale, W_TRANSPOSED, INTERPRETING
+            )
         acc = mma(p, q_t, acc, DOT_PRECISION, INTERPRETING)
         p_ptrs += p_step
         q_ptrs += q_step
@@ -132,18 +195,28 @@ def _fused_lowrank_kernel(
         acc = acc * column_scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             round_to(acc, out_ptr.dtype.element_ty, INTERPRETING),
-             mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+        round_to(acc, out_ptr.dtype.element_ty, INTERPRETING),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
 
 
 @triton.jit(do_not_specialize=["key"])
 def _noisy_weight_kernel(
-    out_ptr, q_ptr,  # out (N, K) = round(Q (N, K) + noise_scale · noise(W row, W col))
-    N, K,
-    stride_on, stride_ok, stride_qn, stride_qk,
-    key, noise_scale,
-    W_TRANSPOSED: tl.constexpr, INTERPRETING: tl.constexpr, BLOCK: tl.constexpr,
+    out_ptr,
+    q_ptr,  # out (N, K) = round(Q (N, K) + noise_scale · noise(W row, W col))
+    N,
+    K,
+    stride_on,
+    stride_ok,
+    stride_qn,
+    stride_qk,
+    key,
+    noise_scale,
+    W_TRANSPOSED: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One program: one ``BLOCK × BLOCK`` tile, loaded as the GEMM loads it (``Qᵀ`` layout)."""
     offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -156,8 +229,9 @@ def _noisy_weight_kernel(
     tl.store(out_ptr + cols[None, :] * stride_on + ks[:, None] * stride_ok, q_t, mask=mask)
 
 
-def noisy_weight_pass(weight: torch.Tensor, noise: NoiseSpec, transposed: bool = False
-                      ) -> torch.Tensor:
+def noisy_weight_pass(
+    weight: torch.Tensor, noise: NoiseSpec, transposed: bool = False
+) -> torch.Tensor:
     """``round(W + noise)`` (N, K), :func:`~lorasc_kernels.backends.reference.noisy_weight`
     written by one pass of the GEMM's tile loader, in ``W``'s layout.
 
@@ -169,9 +243,19 @@ def noisy_weight_pass(weight: torch.Tensor, noise: NoiseSpec, transposed: bool =
     out = torch.empty_like(q)
     grid = (triton.cdiv(q.shape[0], _NOISE_BLOCK), triton.cdiv(q.shape[1], _NOISE_BLOCK))
     _noisy_weight_kernel[grid](
-        out, q, q.shape[0], q.shape[1], out.stride(0), out.stride(1), q.stride(0), q.stride(1),
-        noise.key, noise.scale32,
-        W_TRANSPOSED=transposed, INTERPRETING=interpreting(), BLOCK=_NOISE_BLOCK,
+        out,
+        q,
+        q.shape[0],
+        q.shape[1],
+        out.stride(0),
+        out.stride(1),
+        q.stride(0),
+        q.stride(1),
+        noise.key,
+        noise.scale32,
+        W_TRANSPOSED=transposed,
+        INTERPRETING=interpreting(),
+        BLOCK=_NOISE_BLOCK,
         enable_fp_fusion=False,
     )
     return out.t() if transposed else out
@@ -204,21 +288,34 @@ def format_fields(weight: ScaledWeight | None) -> dict:
     if weight is None:
         return {"MANTISSA_BITS": 0, "EXPONENT_BIAS": 0, "HAS_INFINITY": False}
     entry = weight.format
-    return {"MANTISSA_BITS": entry.mantissa_bits, "EXPONENT_BIAS": entry.exponent_bias,
-            "HAS_INFINITY": entry.has_infinity}
+    return {
+        "MANTISSA_BITS": entry.mantissa_bits,
+        "EXPONENT_BIAS": entry.exponent_bias,
+        "HAS_INFINITY": entry.has_infinity,
+    }
 
 
 def spec_arguments(noise: NoiseSpec | None, rank_dropout: DropoutSpec | None) -> tuple:
     """``(noise_key, noise_scale, dropout_key, dropout_threshold, keep_scale)`` as the GEMM
     kernels take them; ``(0, 0.0)`` without noise, ``(0, 0, 1.0)`` without dropout."""
     return ((0, 0.0) if noise is None else (noise.key, noise.scale32)) + (
-        (0, 0, 1.0) if rank_dropout is None else
-        (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale))
+        (0, 0, 1.0)
+        if rank_dropout is None
+        else (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
+    )
 
 
-def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                       q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
-                       ) -> torch.Tensor:
+def tiled_lowrank_gemm(
+    p,
+    q,
+    bias,
+    u,
+    v,
+    scale,
+    noise: NoiseSpec | None = None,
+    q_transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, by the
     tiled kernel: one program per output tile, any dtype, layout and weight format.
 
@@ -239,17 +336,39 @@ def tiled_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _fused_lowrank_kernel[grid](
-        out, p, q, out if bias is None else bias, u, v,
+        out,
+        p,
+        q,
+        out if bias is None else bias,
+        u,
+        v,
         out if scaled is None else scaled.scale.contiguous(),  # read with stride 1
-        M, N, K, r, triton.next_power_of_2(M),
-        out.stride(0), out.stride(1), p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        M,
+        N,
+        K,
+        r,
+        triton.next_power_of_2(M),
+        out.stride(0),
+        out.stride(1),
+        p.stride(0),
+        p.stride(1),
+        q.stride(0),
+        q.stride(1),
+        u.stride(0),
+        u.stride(1),
+        v.stride(0),
+        v.stride(1),
         float32_scalar(scale),
         *spec_arguments(noise, rank_dropout),
-        HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
-        Q_SCALED=scaled is not None, LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r), DOT_PRECISION=dot_precision(p.dtype),
-        **format_fields(scaled), INTERPRETING=interpreting(),
+        HAS_BIAS=bias is not None,
+        FUSED_NOISE=noise is not None,
+        W_TRANSPOSED=q_transposed,
+        Q_SCALED=scaled is not None,
+        LORA_DROPOUT=rank_dropout is not None,
+        R_BLOCK=rank_block(r),
+        DOT_PRECISION=dot_precision(p.dtype),
+        **format_fields(scaled),
+        INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )
     return out

@@ -51,26 +51,50 @@ def _store_tile(out_desc, acc, row, col, BLOCK_N: tl.constexpr, INTERPRETING: tl
     out_desc.store([row, col + BLOCK_N // 2], round_to(right, dtype, INTERPRETING))
 
 
-@triton.autotune(configs=persistent_configs(),
-                 key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_N_CONTIGUOUS"],
-                 prune_configs_by={"early_config_prune": prune_noisy_tiles})
+@triton.autotune(
+    configs=persistent_configs(),
+    key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_N_CONTIGUOUS"],
+    prune_configs_by={"early_config_prune": prune_noisy_tiles},
+)
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
 def _persistent_lowrank_kernel(
     # out (M, N) = P (M, K) @ Q (N, K)ᵀ + bias (N,) + scale · drop(U (M, R) @ V (N, R)ᵀ)
-    out_ptr, p_ptr, q_ptr, bias_ptr, u_ptr, v_ptr,
-    M, N, K, R,
+    out_ptr,
+    p_ptr,
+    q_ptr,
+    bias_ptr,
+    u_ptr,
+    v_ptr,
+    M,
+    N,
+    K,
+    R,
     M_BUCKET,  # autotuning key: M rounded up to a power of two
-    stride_om, stride_pm,
+    stride_om,
+    stride_pm,
     stride_q,  # Q's non-unit stride: along N (Q_N_CONTIGUOUS false) or along K
-    stride_um, stride_ur, stride_vn, stride_vr,
+    stride_um,
+    stride_ur,
+    stride_vn,
+    stride_vr,
     scale,
-    noise_key, noise_scale,  # FUSED_NOISE: each Q tile += noise_scale · noise(W row, W col)
-    dropout_key, dropout_threshold, keep_scale,  # LORA_DROPOUT: mask of the rank term's (m, n)
-    HAS_BIAS: tl.constexpr, FUSED_NOISE: tl.constexpr, W_TRANSPOSED: tl.constexpr,
+    noise_key,
+    noise_scale,  # FUSED_NOISE: each Q tile += noise_scale · noise(W row, W col)
+    dropout_key,
+    dropout_threshold,
+    keep_scale,  # LORA_DROPOUT: mask of the rank term's (m, n)
+    HAS_BIAS: tl.constexpr,
+    FUSED_NOISE: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
     Q_N_CONTIGUOUS: tl.constexpr,  # Q's unit stride is along N (Q = Wᵀ of a row-major W)
-    LORA_DROPOUT: tl.constexpr, R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     INTERPRETING: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """Program ``i`` of ``G``: output tiles ``i, i + G, i + 2G, …`` (``G`` ≤ the SM count)."""
     p_desc = tl.make_tensor_descriptor(p_ptr, [M, K], [stride_pm, 1], [BLOCK_M, BLOCK_K])
@@ -78,17 +102,34 @@ def _persistent_lowrank_kernel(
         q_desc = tl.make_tensor_descriptor(q_ptr, [K, N], [stride_q, 1], [BLOCK_K, BLOCK_N])
     else:
         q_desc = tl.make_tensor_descriptor(q_ptr, [N, K], [stride_q, 1], [BLOCK_N, BLOCK_K])
-    out_desc = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1],
-                                         [BLOCK_M, BLOCK_N // 2])
+    out_desc = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, BLOCK_N // 2])
 
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
         pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = rank_term(u_ptr, v_ptr, offs_m, offs_n, M, N, R, stride_um, stride_ur, stride_vn,
-                        stride_vr, scale, dropout_key, dropout_threshold, keep_scale,
-                        LORA_DROPOUT, R_BLOCK, DOT_PRECISION, INTERPRETING)
+        acc = rank_term(
+            u_ptr,
+            v_ptr,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            R,
+            stride_um,
+            stride_ur,
+            stride_vn,
+            stride_vr,
+            scale,
+            dropout_key,
+            dropout_threshold,
+            keep_scale,
+            LORA_DROPOUT,
+            R_BLOCK,
+            DOT_PRECISION,
+            INTERPRETING,
+        )
         for k0 in range(0, K, BLOCK_K):  # out-of-range rows and columns load as zeros
             p = p_desc.load([pid_m * BLOCK_M, k0])
             if Q_N_CONTIGUOUS:
@@ -96,8 +137,15 @@ def _persistent_lowrank_kernel(
             else:
                 q_t = q_desc.load([pid_n * BLOCK_N, k0]).T
             if FUSED_NOISE:
-                q_t = add_noise_tile(q_t, k0 + tl.arange(0, BLOCK_K), offs_n, noise_key,
-                                     noise_scale, W_TRANSPOSED, INTERPRETING)
+                q_t = add_noise_tile(
+                    q_t,
+                    k0 + tl.arange(0, BLOCK_K),
+                    offs_n,
+                    noise_key,
+                    noise_scale,
+                    W_TRANSPOSED,
+                    INTERPRETING,
+                )
             acc = mma(p, q_t, acc, DOT_PRECISION, INTERPRETING)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -105,8 +153,10 @@ def _persistent_lowrank_kernel(
 
 
 def _aligned(tensor: torch.Tensor, stride: int) -> bool:
-    return (tensor.data_ptr() % _TMA_ALIGN_BYTES == 0
-            and stride * tensor.element_size() % _TMA_ALIGN_BYTES == 0)
+    return (
+        tensor.data_ptr() % _TMA_ALIGN_BYTES == 0
+        and stride * tensor.element_size() % _TMA_ALIGN_BYTES == 0
+    )
 
 
 def unsupported_reason(p, q) -> str | None:
@@ -123,8 +173,9 @@ def unsupported_reason(p, q) -> str | None:
     if p.stride(1) != 1 or q_stride is None:
         return "TMA reads tensors with a unit stride in their last dimension"
     out_row_bytes = q.shape[0] * p.element_size()
-    if not (_aligned(p, p.stride(0)) and _aligned(q, q_stride)
-            and out_row_bytes % _TMA_ALIGN_BYTES == 0):
+    if not (
+        _aligned(p, p.stride(0)) and _aligned(q, q_stride) and out_row_bytes % _TMA_ALIGN_BYTES == 0
+    ):
         return "TMA needs 16-byte aligned base pointers and strides"
     return None
 
@@ -141,9 +192,17 @@ def _ensure_allocator() -> None:
         triton.set_allocator(_workspace)
 
 
-def persistent_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                            q_transposed: bool = False,
-                            rank_dropout: DropoutSpec | None = None) -> torch.Tensor:
+def persistent_lowrank_gemm(
+    p,
+    q,
+    bias,
+    u,
+    v,
+    scale,
+    noise: NoiseSpec | None = None,
+    q_transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, by the
     persistent TMA kernel; arguments as :func:`.fused_linear.tiled_lowrank_gemm` (no scaled
     weights), operands as :func:`unsupported_reason` accepts."""
@@ -160,16 +219,34 @@ def persistent_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = N
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
     _persistent_lowrank_kernel[grid](
-        out, p, q, out if bias is None else bias, u, v,
-        M, N, K, r, triton.next_power_of_2(M),
-        out.stride(0), p.stride(0), q.stride(1) if q_n_contiguous else q.stride(0),
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        out,
+        p,
+        q,
+        out if bias is None else bias,
+        u,
+        v,
+        M,
+        N,
+        K,
+        r,
+        triton.next_power_of_2(M),
+        out.stride(0),
+        p.stride(0),
+        q.stride(1) if q_n_contiguous else q.stride(0),
+        u.stride(0),
+        u.stride(1),
+        v.stride(0),
+        v.stride(1),
         float32_scalar(scale),
         *spec_arguments(noise, rank_dropout),
-        HAS_BIAS=bias is not None, FUSED_NOISE=noise is not None, W_TRANSPOSED=q_transposed,
-        Q_N_CONTIGUOUS=q_n_contiguous, LORA_DROPOUT=rank_dropout is not None,
+        HAS_BIAS=bias is not None,
+        FUSED_NOISE=noise is not None,
+        W_TRANSPOSED=q_transposed,
+        Q_N_CONTIGUOUS=q_n_contiguous,
+        LORA_DROPOUT=rank_dropout is not None,
         R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(p.dtype), INTERPRETING=interpreting(),
+        DOT_PRECISION=dot_precision(p.dtype),
+        INTERPRETING=interpreting(),
         enable_fp_fusion=False,
     )
     return out

@@ -49,8 +49,16 @@ from . import on_tensor_device
 from .fused_linear import noisy_operand, tiled_lowrank_gemm
 from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
 
-__all__ = ["SWITCH", "VARIANTS", "ProblemKey", "Dispatch", "DISPATCH", "candidates",
-           "addmm_lowrank_gemm", "lowrank_gemm"]
+__all__ = [
+    "SWITCH",
+    "VARIANTS",
+    "ProblemKey",
+    "Dispatch",
+    "DISPATCH",
+    "candidates",
+    "addmm_lowrank_gemm",
+    "lowrank_gemm",
+]
 
 SWITCH = "LORASC_GEMM_VARIANT"
 VARIANTS = ("tiled", "persistent", "addmm")
@@ -74,10 +82,12 @@ class ProblemKey(NamedTuple):
 
     def __str__(self) -> str:
         flags = [name for name in ("noise", "rank_dropout", "bias") if getattr(self, name)]
-        return (f"{'dX' if self.q_transposed else 'forward'} M<={self.m_bucket} N={self.n} "
-                f"K={self.k} r={self.r} {str(self.dtype).removeprefix('torch.')}"
-                f"{''.join(' +' + flag for flag in flags)} on {self.device}, "
-                f"of {'/'.join(self.candidates)}")
+        return (
+            f"{'dX' if self.q_transposed else 'forward'} M<={self.m_bucket} N={self.n} "
+            f"K={self.k} r={self.r} {str(self.dtype).removeprefix('torch.')}"
+            f"{''.join(' +' + flag for flag in flags)} on {self.device}, "
+            f"of {'/'.join(self.candidates)}"
+        )
 
 
 def _gpu_seconds(run: Callable[[], object]) -> float:
@@ -95,8 +105,9 @@ class Dispatch:
         self.chosen: dict = {}
         self.told_no_timer = False  # measure was asked for on CPU tensors (warned once)
 
-    def choose(self, device: torch.device, key, options: tuple[str, ...],
-               run: Callable[[str], object]) -> str:
+    def choose(
+        self, device: torch.device, key, options: tuple[str, ...], run: Callable[[str], object]
+    ) -> str:
         """The variant among ``options`` (``"tiled"`` first) for ``key``, as :data:`SWITCH`
         says; measuring runs ``run(variant)`` under :attr:`timer`."""
         mode = os.environ.get(SWITCH) or (_MEASURE if device.type == "cuda" else "tiled")
@@ -104,8 +115,11 @@ class Dispatch:
             raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
         if mode == _MEASURE and device.type != "cuda" and self.timer is _gpu_seconds:
             if not self.told_no_timer:  # the GPU timer cannot time the interpreter
-                warnings.warn(f"{SWITCH}=measure times GPU kernels; on {device} tensors (the "
-                              "Triton interpreter) the tiled variant runs", stacklevel=3)
+                warnings.warn(
+                    f"{SWITCH}=measure times GPU kernels; on {device} tensors (the "
+                    "Triton interpreter) the tiled variant runs",
+                    stacklevel=3,
+                )
                 self.told_no_timer = True
             return "tiled"
         if mode != _MEASURE:
@@ -122,8 +136,11 @@ class Dispatch:
                 except Exception as error:  # the tiled kernel is the fallback: never dropped
                     if variant == "tiled":
                         raise
-                    warnings.warn(f"GEMM variant {variant!r} failed on {key}, left out for "
-                                  f"the process: {type(error).__name__}: {error}", stacklevel=3)
+                    warnings.warn(
+                        f"GEMM variant {variant!r} failed on {key}, left out for "
+                        f"the process: {type(error).__name__}: {error}",
+                        stacklevel=3,
+                    )
             self.chosen[key] = min(seconds, key=seconds.__getitem__)
         return self.chosen[key]
 
@@ -140,14 +157,14 @@ def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str,
     if unsupported_reason(p, q) is None:
         found.append("persistent")
     operands = [q] + [t for t in (bias, u, v) if t is not None]
-    if (p.dtype in TMA_DTYPES and rank_dropout is None
-            and all(t.dtype == p.dtype for t in operands)):
+    if p.dtype in TMA_DTYPES and rank_dropout is None and all(t.dtype == p.dtype for t in operands):
         found.append("addmm")
     return tuple(found)
 
 
-def addmm_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                       q_transposed: bool = False) -> torch.Tensor:
+def addmm_lowrank_gemm(
+    p, q, bias, u, v, scale, noise: NoiseSpec | None = None, q_transposed: bool = False
+) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · U Vᵀ`` by two ``addmm`` calls (cuBLAS on a
     GPU): ``P Qᵀ + b`` rounded to ``P``'s dtype, then the rank term added in place."""
     if noise is not None:
@@ -159,17 +176,26 @@ def addmm_lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
 
 
 @on_tensor_device
-def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
-                 q_transposed: bool = False, rank_dropout: DropoutSpec | None = None
-                 ) -> torch.Tensor:
+def lowrank_gemm(
+    p,
+    q,
+    bias,
+    u,
+    v,
+    scale,
+    noise: NoiseSpec | None = None,
+    q_transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+) -> torch.Tensor:
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, the
     contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`), by the
     variant :data:`DISPATCH` chooses."""
 
     def run(variant: str) -> torch.Tensor:
         if variant == "persistent":
-            return persistent_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed,
-                                           rank_dropout)
+            return persistent_lowrank_gemm(
+                p, q, bias, u, v, scale, noise, q_transposed, rank_dropout
+            )
         if variant == "addmm":
             return addmm_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed)
         return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
@@ -178,7 +204,17 @@ def lowrank_gemm(p, q, bias, u, v, scale, noise: NoiseSpec | None = None,
     (M, K), N = p.shape, q.shape[0]
     if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
         N = q.shape[1]
-    key = ProblemKey(str(p.device), triton.next_power_of_2(M), N, K,
-                     0 if u is None else u.shape[1], p.dtype, q_transposed, noise is not None,
-                     rank_dropout is not None, bias is not None, options)
+    key = ProblemKey(
+        str(p.device),
+        triton.next_power_of_2(M),
+        N,
+        K,
+        0 if u is None else u.shape[1],
+        p.dtype,
+        q_transposed,
+        noise is not None,
+        rank_dropout is not None,
+        bias is not None,
+        options,
+    )
     return run(DISPATCH.choose(p.device, key, options, run))

@@ -105,10 +105,30 @@ def _drop_low_bits(value, random, DROP_BITS: tl.constexpr, STOCHASTIC: tl.conste
 
 
 @triton.jit
-def _updated(value, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_mask, col_mask, global_rows,
-             rank, stride_b_row, stride_b_rank, stride_a_rank, stride_a_col, coeff,
-             remove_scale, add_scale, remove_key, add_key, HAS_REMOVE: tl.constexpr,
-             HAS_ADD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _updated(
+    value,
+    lora_b_ptr,
+    lora_a_ptr,
+    row_ids,
+    col_ids,
+    row_mask,
+    col_mask,
+    global_rows,
+    rank,
+    stride_b_row,
+    stride_b_rank,
+    stride_a_rank,
+    stride_a_col,
+    coeff,
+    remove_scale,
+    add_scale,
+    remove_key,
+    add_key,
+    HAS_REMOVE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """``value − s_remove·u_remove + coeff · Σ_k B[:, k] A[k, :] + s_add·u_add`` of a tile,
     float32, in the reference's order (``reference._merged_rows``)."""
     if HAS_REMOVE:
@@ -127,17 +147,35 @@ def _updated(value, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_mask, col_mask
 @triton.jit(do_not_specialize=["remove_key", "add_key", "rounding_key", "row_offset"])
 def _merge_kernel(
     # W (rows, cols), read and written in place; B (rows, rank); A (rank, cols)
-    weight_ptr, lora_b_ptr, lora_a_ptr,
-    rows, cols, rank,
+    weight_ptr,
+    lora_b_ptr,
+    lora_a_ptr,
+    rows,
+    cols,
+    rank,
     # strides, in elements
-    stride_w_row, stride_w_col, stride_b_row, stride_b_rank, stride_a_rank, stride_a_col,
+    stride_w_row,
+    stride_w_col,
+    stride_b_row,
+    stride_b_rank,
+    stride_a_rank,
+    stride_a_col,
     # float32 scalars: multiplier of B A and the two noise scales
-    coeff, remove_scale, add_scale,
+    coeff,
+    remove_scale,
+    add_scale,
     # 32-bit hash keys (noise.stream_key) and the global index of W's first row
-    remove_key, add_key, rounding_key, row_offset,
-    HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr, STOCHASTIC: tl.constexpr,
-    DROP_BITS: tl.constexpr, NEAREST_ON_BITS: tl.constexpr,  # of W's dtype (dtypes.py)
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    remove_key,
+    add_key,
+    rounding_key,
+    row_offset,
+    HAS_REMOVE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    DROP_BITS: tl.constexpr,
+    NEAREST_ON_BITS: tl.constexpr,  # of W's dtype (dtypes.py)
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     row_ids = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col_ids = tl.program_id(1).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
@@ -147,10 +185,30 @@ def _merge_kernel(
     global_rows = row_offset + row_ids
     w_ptrs = weight_ptr + row_ids[:, None] * stride_w_row + col_ids[None, :] * stride_w_col
 
-    value = _updated(_load_fp32(w_ptrs, mask), lora_b_ptr, lora_a_ptr, row_ids, col_ids,
-                     row_mask, col_mask, global_rows, rank, stride_b_row, stride_b_rank,
-                     stride_a_rank, stride_a_col, coeff, remove_scale, add_scale, remove_key,
-                     add_key, HAS_REMOVE, HAS_ADD, BLOCK_ROWS, BLOCK_COLS)
+    value = _updated(
+        _load_fp32(w_ptrs, mask),
+        lora_b_ptr,
+        lora_a_ptr,
+        row_ids,
+        col_ids,
+        row_mask,
+        col_mask,
+        global_rows,
+        rank,
+        stride_b_row,
+        stride_b_rank,
+        stride_a_rank,
+        stride_a_col,
+        coeff,
+        remove_scale,
+        add_scale,
+        remove_key,
+        add_key,
+        HAS_REMOVE,
+        HAS_ADD,
+        BLOCK_ROWS,
+        BLOCK_COLS,
+    )
     if DROP_BITS > 0:
         if STOCHASTIC:
             random = element_bits(row_hash(rounding_key, global_rows)[:, None], col_ids[None, :])
@@ -161,8 +219,9 @@ def _merge_kernel(
 
 
 @triton.jit
-def _encode_scaled(value, random, STOCHASTIC: tl.constexpr, MANTISSA_BITS: tl.constexpr,
-                   MIN_FIELD: tl.constexpr):
+def _encode_scaled(
+    value, random, STOCHASTIC: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_FIELD: tl.constexpr
+):
     """8-bit codes (uint8) of float32 ``value`` rounded into a scaled format, on integers:
     :func:`lorasc_kernels.rounding.round_to_scaled` step for step (``MIN_FIELD``: float32
     exponent field of the format's smallest normal; ``random``: the uint32 rounding bits)."""
@@ -179,46 +238,113 @@ def _encode_scaled(value, random, STOCHASTIC: tl.constexpr, MANTISSA_BITS: tl.co
         aligned = aligned | sticky.to(tl.uint32)
         carry = ((1 << (DROP - 1)) - 1) + ((aligned >> DROP) & 1)
     steps = (aligned + carry) >> DROP
-    code = (((tl.maximum(field, MIN_FIELD) - MIN_FIELD) << MANTISSA_BITS) + steps) \
-        | ((pattern >> 31) << 7)
+    code = (((tl.maximum(field, MIN_FIELD) - MIN_FIELD) << MANTISSA_BITS) + steps) | (
+        (pattern >> 31) << 7
+    )
     return code.to(tl.uint8)
 
 
 @triton.jit
-def _scaled_tile(code_ptr, scale, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_mask, col_mask,
-                 global_rows, rank, stride_w_row, stride_w_col, stride_b_row, stride_b_rank,
-                 stride_a_rank, stride_a_col, coeff, remove_scale, add_scale, remove_key,
-                 add_key, HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr,
-                 MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr,
-                 HAS_INFINITY: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                 BLOCK_COLS: tl.constexpr):
+def _scaled_tile(
+    code_ptr,
+    scale,
+    lora_b_ptr,
+    lora_a_ptr,
+    row_ids,
+    col_ids,
+    row_mask,
+    col_mask,
+    global_rows,
+    rank,
+    stride_w_row,
+    stride_w_col,
+    stride_b_row,
+    stride_b_rank,
+    stride_a_rank,
+    stride_a_col,
+    coeff,
+    remove_scale,
+    add_scale,
+    remove_key,
+    add_key,
+    HAS_REMOVE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """``(y, code pointers, mask)`` of a tile: ``y = updated(scale · q) / scale`` in float32
     (IEEE division), as ``reference.merge_scaled_`` computes it."""
     mask = row_mask[:, None] & col_mask[None, :]
     ptrs = code_ptr + row_ids[:, None] * stride_w_row + col_ids[None, :] * stride_w_col
-    value = scale[:, None] * decode_scaled(tl.load(ptrs, mask=mask, other=0), MANTISSA_BITS,
-                                           EXPONENT_BIAS, HAS_INFINITY)
-    value = _updated(value, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_mask, col_mask,
-                     global_rows, rank, stride_b_row, stride_b_rank, stride_a_rank,
-                     stride_a_col, coeff, remove_scale, add_scale, remove_key, add_key,
-                     HAS_REMOVE, HAS_ADD, BLOCK_ROWS, BLOCK_COLS)
+    value = scale[:, None] * decode_scaled(
+        tl.load(ptrs, mask=mask, other=0), MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY
+    )
+    value = _updated(
+        value,
+        lora_b_ptr,
+        lora_a_ptr,
+        row_ids,
+        col_ids,
+        row_mask,
+        col_mask,
+        global_rows,
+        rank,
+        stride_b_row,
+        stride_b_rank,
+        stride_a_rank,
+        stride_a_col,
+        coeff,
+        remove_scale,
+        add_scale,
+        remove_key,
+        add_key,
+        HAS_REMOVE,
+        HAS_ADD,
+        BLOCK_ROWS,
+        BLOCK_COLS,
+    )
     return tl.math.div_rn(value, scale[:, None]), ptrs, mask
 
 
 @triton.jit(do_not_specialize=["remove_key", "add_key", "rounding_key", "row_offset"])
 def _merge_scaled_kernel(
     # codes (rows, cols) of a scaled W as uint8 and its scales (rows,), both updated in place
-    code_ptr, scale_ptr, lora_b_ptr, lora_a_ptr,
-    rows, cols, rank,
-    stride_w_row, stride_w_col, stride_scale, stride_b_row, stride_b_rank, stride_a_rank,
+    code_ptr,
+    scale_ptr,
+    lora_b_ptr,
+    lora_a_ptr,
+    rows,
+    cols,
+    rank,
+    stride_w_row,
+    stride_w_col,
+    stride_scale,
+    stride_b_row,
+    stride_b_rank,
+    stride_a_rank,
     stride_a_col,
-    coeff, remove_scale, add_scale,
-    remove_key, add_key, rounding_key, row_offset,
-    HAS_REMOVE: tl.constexpr, HAS_ADD: tl.constexpr, STOCHASTIC: tl.constexpr,
+    coeff,
+    remove_scale,
+    add_scale,
+    remove_key,
+    add_key,
+    rounding_key,
+    row_offset,
+    HAS_REMOVE: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     # the format (dtypes.ScaledWeightDtype) and its largest value as float32 fields
-    MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr,
-    MAX_VALUE: tl.constexpr, MAX_FIELD: tl.constexpr, MAX_FRACTION: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    MAX_VALUE: tl.constexpr,
+    MAX_FIELD: tl.constexpr,
+    MAX_FRACTION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):
     """One program owns ``BLOCK_ROWS`` whole rows: a first sweep finds each row's
     ``max |y|`` (nothing written), then the rescale rule picks its scale, and a second sweep
@@ -233,27 +359,58 @@ def _merge_scaled_kernel(
     for sweep in tl.static_range(2):
         if sweep == 1:  # rescale_rows: k = (e_peak − e_max) + (fraction_peak > fraction_max)
             peak_bits = peak.to(tl.uint32, bitcast=True)
-            k = ((peak_bits >> 23) & 0xFF).to(tl.int32) - MAX_FIELD \
+            k = (
+                ((peak_bits >> 23) & 0xFF).to(tl.int32)
+                - MAX_FIELD
                 + ((peak_bits & 0x7FFFFF) > MAX_FRACTION).to(tl.int32)
+            )
             k = tl.where(peak > MAX_VALUE, k, 0)
             down = ((127 - k).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
         for c0 in range(0, cols, BLOCK_COLS):
             col_ids = c0 + tl.arange(0, BLOCK_COLS).to(tl.int64)
             y, ptrs, mask = _scaled_tile(
-                code_ptr, scale, lora_b_ptr, lora_a_ptr, row_ids, col_ids, row_mask,
-                col_ids < cols, global_rows, rank, stride_w_row, stride_w_col, stride_b_row,
-                stride_b_rank, stride_a_rank, stride_a_col, coeff, remove_scale, add_scale,
-                remove_key, add_key, HAS_REMOVE, HAS_ADD, MANTISSA_BITS, EXPONENT_BIAS,
-                HAS_INFINITY, BLOCK_ROWS, BLOCK_COLS)
+                code_ptr,
+                scale,
+                lora_b_ptr,
+                lora_a_ptr,
+                row_ids,
+                col_ids,
+                row_mask,
+                col_ids < cols,
+                global_rows,
+                rank,
+                stride_w_row,
+                stride_w_col,
+                stride_b_row,
+                stride_b_rank,
+                stride_a_rank,
+                stride_a_col,
+                coeff,
+                remove_scale,
+                add_scale,
+                remove_key,
+                add_key,
+                HAS_REMOVE,
+                HAS_ADD,
+                MANTISSA_BITS,
+                EXPONENT_BIAS,
+                HAS_INFINITY,
+                BLOCK_ROWS,
+                BLOCK_COLS,
+            )
             if sweep == 0:
                 peak = tl.maximum(peak, tl.max(tl.where(mask, tl.abs(y), 0.0), axis=1))
             else:
                 random = 0
                 if STOCHASTIC:
-                    random = element_bits(row_hash(rounding_key, global_rows)[:, None],
-                                          col_ids[None, :])
-                tl.store(ptrs, _encode_scaled(y * down[:, None], random, STOCHASTIC,
-                                              MANTISSA_BITS, MIN_FIELD), mask=mask)
+                    random = element_bits(
+                        row_hash(rounding_key, global_rows)[:, None], col_ids[None, :]
+                    )
+                tl.store(
+                    ptrs,
+                    _encode_scaled(y * down[:, None], random, STOCHASTIC, MANTISSA_BITS, MIN_FIELD),
+                    mask=mask,
+                )
     tl.store(scale_ptr + row_ids * stride_scale, tl.math.div_rn(scale, down), mask=row_mask)
 
 
@@ -276,15 +433,35 @@ def _merge_scaled(weight: ScaledWeight, lora_B, lora_A, spec: MergeSpec) -> None
     max_bits = int(torch.tensor(max_value, dtype=torch.float32).view(torch.int32))
     block_rows, block_cols, num_warps = scaled_merge_tile()
     _merge_scaled_kernel[(triton.cdiv(rows, block_rows),)](
-        weight.codes.view(torch.uint8), weight.scale, lora_B, lora_A,
-        rows, cols, lora_A.shape[0],
-        *weight.codes.stride(), weight.scale.stride(0), *lora_B.stride(), *lora_A.stride(),
-        float32_scalar(spec.coeff), remove_scale, add_scale,
-        remove_key, add_key, spec.rounding_key, spec.row_offset,
-        HAS_REMOVE=spec.remove is not None, HAS_ADD=spec.add is not None,
-        STOCHASTIC=spec.stochastic, **format_fields(weight), MAX_VALUE=max_value,
-        MAX_FIELD=max_bits >> 23, MAX_FRACTION=max_bits & 0x7FFFFF,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
+        weight.codes.view(torch.uint8),
+        weight.scale,
+        lora_B,
+        lora_A,
+        rows,
+        cols,
+        lora_A.shape[0],
+        *weight.codes.stride(),
+        weight.scale.stride(0),
+        *lora_B.stride(),
+        *lora_A.stride(),
+        float32_scalar(spec.coeff),
+        remove_scale,
+        add_scale,
+        remove_key,
+        add_key,
+        spec.rounding_key,
+        spec.row_offset,
+        HAS_REMOVE=spec.remove is not None,
+        HAS_ADD=spec.add is not None,
+        STOCHASTIC=spec.stochastic,
+        **format_fields(weight),
+        MAX_VALUE=max_value,
+        MAX_FIELD=max_bits >> 23,
+        MAX_FRACTION=max_bits & 0x7FFFFF,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=num_warps,
+        num_stages=1,
         enable_fp_fusion=False,
     )
 
@@ -309,14 +486,30 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     block_rows, block_cols, num_warps = merge_tile()
     grid = (triton.cdiv(rows, block_rows), triton.cdiv(cols, block_cols))
     _merge_kernel[grid](
-        weight, lora_B, lora_A,
-        rows, cols, lora_A.shape[0],
-        *weight.stride(), *lora_B.stride(), *lora_A.stride(),
-        float32_scalar(spec.coeff), remove_scale, add_scale,
-        remove_key, add_key, spec.rounding_key, spec.row_offset,
-        HAS_REMOVE=spec.remove is not None, HAS_ADD=spec.add is not None,
-        STOCHASTIC=spec.stochastic, DROP_BITS=rounding.dropped_bits,
+        weight,
+        lora_B,
+        lora_A,
+        rows,
+        cols,
+        lora_A.shape[0],
+        *weight.stride(),
+        *lora_B.stride(),
+        *lora_A.stride(),
+        float32_scalar(spec.coeff),
+        remove_scale,
+        add_scale,
+        remove_key,
+        add_key,
+        spec.rounding_key,
+        spec.row_offset,
+        HAS_REMOVE=spec.remove is not None,
+        HAS_ADD=spec.add is not None,
+        STOCHASTIC=spec.stochastic,
+        DROP_BITS=rounding.dropped_bits,
         NEAREST_ON_BITS=rounding.nearest_on_bits,
-        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, num_warps=num_warps, num_stages=1,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=num_warps,
+        num_stages=1,
         enable_fp_fusion=False,
     )

@@ -33,13 +33,27 @@ _GRAD_MAX_SPLITS = 16
 @triton.autotune(configs=thin_configs(), key=["M_BUCKET", "K", "R"])
 @triton.jit(do_not_specialize=["key", "threshold"])
 def _dropout_lowrank_kernel(
-    xa_ptr, x_ptr, a_ptr,  # xa (M, R) = drop(x) (M, K) @ A (R, K)ᵀ
-    M, K, R,
+    xa_ptr,
+    x_ptr,
+    a_ptr,  # xa (M, R) = drop(x) (M, K) @ A (R, K)ᵀ
+    M,
+    K,
+    R,
     M_BUCKET,  # autotuning key: M rounded up to a power of two
-    stride_xam, stride_xar, stride_xm, stride_xk, stride_ar, stride_ak,
-    key, threshold, keep_scale,  # dropout mask
-    R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETING: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_xam,
+    stride_xar,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    key,
+    threshold,
+    keep_scale,  # dropout mask
+    R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` rows × ``R_BLOCK`` rank columns of ``xa``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,27 +64,51 @@ def _dropout_lowrank_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         cols = offs_k.to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        )
         x = dropout_tile(x, offs_m, offs_k, key, threshold, keep_scale, INTERPRETING)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
-                      mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)
+        a_t = tl.load(
+            a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+            mask=(offs_r[None, :] < R) & (offs_k[:, None] < K),
+            other=0.0,
+        )
         acc = mma(x, a_t, acc, DOT_PRECISION, INTERPRETING)
-    tl.store(xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar,
-             round_to(acc, xa_ptr.dtype.element_ty, INTERPRETING),
-             mask=(offs_m[:, None] < M) & (offs_r[None, :] < R))
+    tl.store(
+        xa_ptr + rows[:, None] * stride_xam + ranks[None, :] * stride_xar,
+        round_to(acc, xa_ptr.dtype.element_ty, INTERPRETING),
+        mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+    )
 
 
 @triton.autotune(configs=thin_configs(), key=["M_BUCKET", "K", "R"])
 @triton.jit(do_not_specialize=["key", "threshold"])
 def _dropout_lowrank_grad_kernel(
-    part_ptr, g_ptr, x_ptr,  # part[s] (R, K) = G[rows of split s]ᵀ @ drop(x)[rows of split s]
-    M, K, R, ROWS_PER_SPLIT,
+    part_ptr,
+    g_ptr,
+    x_ptr,  # part[s] (R, K) = G[rows of split s]ᵀ @ drop(x)[rows of split s]
+    M,
+    K,
+    R,
+    ROWS_PER_SPLIT,
     M_BUCKET,  # autotuning key: M rounded up to a power of two
-    stride_ps, stride_pr, stride_pk, stride_gm, stride_gr, stride_xm, stride_xk,
-    key, threshold, keep_scale,  # dropout mask
-    R_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETING: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_ps,
+    stride_pr,
+    stride_pk,
+    stride_gm,
+    stride_gr,
+    stride_xm,
+    stride_xk,
+    key,
+    threshold,
+    keep_scale,  # dropout mask
+    R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One program: columns ``[pid_k·BLOCK_K, +BLOCK_K)`` × one rank block × one row split."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -83,19 +121,27 @@ def _dropout_lowrank_grad_kernel(
     for m0 in range(row_start, tl.minimum(row_start + ROWS_PER_SPLIT, M), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
-        g_t = tl.load(g_ptr + rows[None, :] * stride_gm + ranks[:, None] * stride_gr,
-                      mask=(offs_m[None, :] < M) & (offs_r[:, None] < R), other=0.0)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        g_t = tl.load(
+            g_ptr + rows[None, :] * stride_gm + ranks[:, None] * stride_gr,
+            mask=(offs_m[None, :] < M) & (offs_r[:, None] < R),
+            other=0.0,
+        )
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K),
+            other=0.0,
+        )
         x = dropout_tile(x, offs_m, offs_k, key, threshold, keep_scale, INTERPRETING)
         acc = mma(g_t, x, acc, DOT_PRECISION, INTERPRETING)
-    tl.store(part_ptr + split * stride_ps + ranks[:, None] * stride_pr + cols[None, :] * stride_pk,
-             acc, mask=(offs_r[:, None] < R) & (offs_k[None, :] < K))
+    tl.store(
+        part_ptr + split * stride_ps + ranks[:, None] * stride_pr + cols[None, :] * stride_pk,
+        acc,
+        mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
+    )
 
 
 @on_tensor_device
-def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec
-                    ) -> torch.Tensor:
+def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec) -> torch.Tensor:
     """``drop(x) Aᵀ`` (M, r) in ``x``'s dtype; ``x`` (M, K) any strides, ``lora_A`` (r, K)."""
     (M, K), r = x.shape, lora_A.shape[0]
     xa = torch.empty(M, r, device=x.device, dtype=x.dtype)
@@ -105,18 +151,31 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, r_block)
 
     _dropout_lowrank_kernel[grid](
-        xa, x, lora_A, M, K, r, triton.next_power_of_2(M),
-        xa.stride(0), xa.stride(1), x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        dropout.key, dropout.threshold, dropout.keep_scale,
-        R_BLOCK=r_block, DOT_PRECISION=dot_precision(x.dtype),
+        xa,
+        x,
+        lora_A,
+        M,
+        K,
+        r,
+        triton.next_power_of_2(M),
+        xa.stride(0),
+        xa.stride(1),
+        x.stride(0),
+        x.stride(1),
+        lora_A.stride(0),
+        lora_A.stride(1),
+        dropout.key,
+        dropout.threshold,
+        dropout.keep_scale,
+        R_BLOCK=r_block,
+        DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=interpreting(),
     )
     return xa
 
 
 @on_tensor_device
-def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec
-                         ) -> torch.Tensor:
+def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec) -> torch.Tensor:
     """``Gᵀ drop(x)`` (r, K) in float32 for ``G = grad`` (M, r) and ``x`` (M, K).
 
     The reduction over M is split in up to 16 row ranges whose fp32 partials are summed
@@ -124,9 +183,10 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
     result is deterministic.
     """
     (M, K), r = x.shape, grad.shape[1]
-    rows_per_split = max(_GRAD_ROWS_PER_SPLIT,
-                         triton.cdiv(triton.cdiv(M, _GRAD_MAX_SPLITS), _GRAD_ROWS_PER_SPLIT)
-                         * _GRAD_ROWS_PER_SPLIT)
+    rows_per_split = max(
+        _GRAD_ROWS_PER_SPLIT,
+        triton.cdiv(triton.cdiv(M, _GRAD_MAX_SPLITS), _GRAD_ROWS_PER_SPLIT) * _GRAD_ROWS_PER_SPLIT,
+    )
     splits = triton.cdiv(M, rows_per_split)
     partials = torch.empty(splits, r, K, device=x.device, dtype=torch.float32)
     r_block = rank_block(r)
@@ -135,11 +195,26 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
         return triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, r_block), splits
 
     _dropout_lowrank_grad_kernel[grid](
-        partials, grad, x, M, K, r, rows_per_split, triton.next_power_of_2(M),
-        partials.stride(0), partials.stride(1), partials.stride(2),
-        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1),
-        dropout.key, dropout.threshold, dropout.keep_scale,
-        R_BLOCK=r_block, DOT_PRECISION=dot_precision(x.dtype),
+        partials,
+        grad,
+        x,
+        M,
+        K,
+        r,
+        rows_per_split,
+        triton.next_power_of_2(M),
+        partials.stride(0),
+        partials.stride(1),
+        partials.stride(2),
+        grad.stride(0),
+        grad.stride(1),
+        x.stride(0),
+        x.stride(1),
+        dropout.key,
+        dropout.threshold,
+        dropout.keep_scale,
+        R_BLOCK=r_block,
+        DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=interpreting(),
     )
     return partials.sum(0)
