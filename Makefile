@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1
 # (ninja, cached in ~/.cache/lorasc_kernels), not again during pip install.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 
-.PHONY: venv install-run install-test run test bench lint clean
+.PHONY: venv install-run install-test run test bench lint style clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,16 @@ test: install-test
 bench: install-test
 	$(PY) -m benchmarks --quick
 
+# Style, enforced in CI before the tests (.ci/run): ruff's lint rules and its formatter, the
+# same checks as .pre-commit-config.yaml. LINT_PATHS: what is checked.
+LINT_PATHS ?= lorasc_kernels tests benchmarks examples setup.py
+
 lint: install-test
-	$(PY) -m ruff check lorasc_kernels tests benchmarks examples
+	$(MAKE) --no-print-directory style
+
+style:
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
