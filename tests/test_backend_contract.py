@@ -112,3 +112,29 @@ def test_dropout_primitives_regenerate_the_references_mask(backend, dtype):
     ):
         _same(got, expected)
     assert 0.2 < float((expected == 0).float().mean()) < 0.6
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [0.0, -1.0, float("nan"), float("inf"), 1e-30],
+    ids=["zero", "negative", "nan", "inf", "below-floor"],
+)
+def test_every_backend_refuses_the_same_bad_scales_before_running(backend, scaled_dtype, bad):
+    """A scale that is not finite and at least the format's smallest is refused by the
+    functional boundary the same way whichever backend would run, before the backend is
+    asked (none returns NaN; one without scaled formats refuses the values first)."""
+    from lorasc_kernels import ScaledWeight, lorasc_linear
+    from lorasc_kernels.quantize import quantize
+
+    weight = quantize(torch.randn(6, 8, device=DEVICE), scaled_dtype)
+    scale = weight.scale.clone()
+    scale[2] = bad
+    x, lora_A, lora_B = (
+        torch.randn(3, 8, device=DEVICE),
+        torch.randn(2, 8, device=DEVICE),
+        torch.randn(6, 2, device=DEVICE),
+    )
+    with pytest.raises(ValueError, match=r"weight.scale must be positive and finite.* at row 2"):
+        lorasc_linear(
+            x, ScaledWeight(weight.codes, scale), None, lora_A, lora_B, 1.0, backend=backend
+        )
