@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks as checks
 from . import ops
@@ -44,6 +45,22 @@ def draw_seed() -> int:
     Dynamo's error carries :data:`_DRAW_SEED_UNDER_COMPILE`.
     """
     return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+# Scale tensors whose values passed the check, with their version counter then: a layer's
+# scales are checked again only after something wrote them (a merge bumps the version), so
+# a forward does not wait on the GPU (one host read) at every call.
+_CHECKED_SCALES = WeakIdKeyDictionary()  # by identity: tensors compare elementwise
+
+
+def _check_scale_values_once(weight: ScaledWeight) -> None:
+    """:func:`checks.check_scale_values` of ``weight.scale``, skipped while the same tensor
+    is unchanged since it last passed."""
+    scale = weight.scale
+    if _CHECKED_SCALES.get(scale) == scale._version:
+        return
+    checks.check_scale_values("weight.scale", scale, weight.dtype)
+    _CHECKED_SCALES[scale] = scale._version
 
 
 def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
@@ -162,7 +179,7 @@ def lorasc_linear(
             "frozen (requires_grad_(False))"
         )
     if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
-        checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
+        _check_scale_values_once(weight)
     scale = checks.check_float("scale", scale)
     dropout_p = checks.check_probability("dropout_p", dropout_p)
     noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)

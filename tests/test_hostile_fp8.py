@@ -332,3 +332,34 @@ def test_fp8_linear_from_a_layer_with_a_trained_lora_is_refused(scaled_dtype):
         lambda: Fp8Linear.from_linear(layer),
         layer,
     )
+
+
+def test_a_layers_scales_are_checked_again_only_after_a_write(monkeypatch, scaled_dtype):
+    """The scale check reads the device once; a layer's forward repeats it only when its
+    scales changed since they last passed (an in-place write, a merge), so a forward does
+    not wait on the GPU at every call, and a scale corrupted later is still refused."""
+    from lorasc_kernels import _checks
+
+    calls = []
+    check = _checks.check_scale_values
+    monkeypatch.setattr(_checks, "check_scale_values", lambda *a: calls.append(1) or check(*a))
+    layer = LoRASCLinear(8, 6, r=2, weight_format=scaled_weight_dtype(scaled_dtype).name)
+    x = torch.randn(3, 8)
+    layer(x)
+    layer(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    merge_lowrank_(
+        ScaledWeight(layer.weight.detach(), layer.weight_scale),
+        layer.lora_B.detach(),
+        layer.lora_A.detach(),
+        1.0,
+        backend="torch",
+    )
+    before = len(calls)
+    layer(x)
+    assert len(calls) == before + 1  # the merge wrote the scales
+    layer.weight_scale[1] = -1.0
+    with pytest.raises(ValueError, match="weight.scale must be positive and finite"):
+        layer(x)
