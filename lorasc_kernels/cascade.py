@@ -61,29 +61,25 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from . import _checks as checks
+from .cascade_merges import MergeRequest, check_weight_values, prepare_merges
 from .cascade_metrics import BoundaryMetrics
 from .cascade_settings import CascadeSettings
 from .cascade_state import STATE_VERSION, check_state, upgraded
 from .distributed import (
     full_tensor,
     global_std,
-    is_dtensor,
-    local_row_block,
     reset_lora,
     to_linear,
-    with_synced_scales,
+    unwrap_data_parallel,
 )
-from .functional import merge_lowrank_, prepare_merge
 from .inject import lorasc_layers
 from .integrations.peft import peft_lora_layers
 from .modules import LoRASCLinear
 from .noise import stream_key
 from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
-from .scaled_weight import ScaledWeight
 from .slow_update import SlowUpdate
 
 __all__ = ["Cascade", "cascade_seed"]
@@ -173,7 +169,7 @@ class Cascade:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.settings = settings
         self.model = model
-        self.layers = _driven_layers(_unwrap(model))
+        self.layers = _driven_layers(unwrap_data_parallel(model))
         if not self.layers:
             raise ValueError(
                 "model has no LoRASCLinear layer: call inject_lorasc first (or "
@@ -196,7 +192,7 @@ class Cascade:
                         f"{layer.weight_format or 'PEFT'} layers (the fused kernels of "
                         "LoRASCLinear add the noise): use 'inplace' or noise_lambda=0"
                     )
-        _check_weight_values(self.layers)
+        check_weight_values(self.layers)
         self.tracker = OptimizerTracker(optimizer, self.layers)
         self.cascade_index = 0
         self.steps_in_cascade = 0
@@ -205,7 +201,7 @@ class Cascade:
             name: [] for name in self.layers
         }
         params = self._slow_params(optimizer)
-        names = {id(p): name for name, p in _unwrap(model).named_parameters()}
+        names = {id(p): name for name, p in unwrap_data_parallel(model).named_parameters()}
         self.slow_update = SlowUpdate(
             params, [names.get(id(p), "a trained parameter") for p in params], settings.slow_rate
         )
@@ -281,7 +277,7 @@ class Cascade:
                 self.model = linear
                 continue
             parent_name, _, child = name.rpartition(".")
-            setattr(_unwrap(self.model).get_submodule(parent_name), child, linear)
+            setattr(unwrap_data_parallel(self.model).get_submodule(parent_name), child, linear)
         self.finalized = True
         return self.model
 
@@ -301,64 +297,18 @@ class Cascade:
         self.metrics.configure(every, layer)
 
     def merged_state_dict(self, device: torch.device | str | None = None) -> dict:
-        """The state dict of the model :meth:`finalize` would return now, leaving the model
-        and the Cascade as they are.
+        """The state dict of the model :meth:`finalize` would return now, the run left as it
+        is; see :func:`lorasc_kernels.cascade_export.merged_state_dict`."""
+        from .cascade_export import merged_state_dict
 
-        Keys as after ``finalize()`` (each driven layer a plain linear: its ``weight`` and
-        ``bias``, no ``lora_A``/``lora_B``/``weight_scale``, nor a PEFT layer's); each layer's
-        ``weight`` is ``W − N_t + slow_rate·s·B A`` merged as ``finalize()`` merges it (same
-        float32 math, rounding and bits; fp8 dequantized to the layer's float dtype), the other
-        slow-updated parameters get their slow update. Every other tensor is the model's own
-        (shared), or a copy on ``device`` when it is given. Costs one new weight per layer.
-        Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
-        """
-        self._check_active("merged_state_dict")
-        model = _unwrap(self.model)
-        if any(is_dtensor(p) for p in model.parameters()):
-            raise ValueError(
-                "merged_state_dict does not gather FSDP2 shards: finalize() and "
-                "save with torch.distributed.checkpoint instead"
-            )
-        self._check_finite_lora()
-        state = model.state_dict()
-        mode = self.settings.applied_noise_mode
-        linears = {}  # each driven layer's prefix → the state of the linear finalize makes
-        for index, name, layer in self._indexed_layers():
-            prefix = f"{name}." if name else ""
-            weight = layer.weight.detach().clone()
-            if layer.weight_scale is not None:
-                weight = ScaledWeight(weight, layer.weight_scale.clone())
-            with checks.naming_layer(name):
-                merge_lowrank_(
-                    weight,
-                    layer.lora_B.detach(),
-                    layer.lora_A.detach(),
-                    self.settings.slow_rate * layer.scaling,
-                    rounding=self.settings.rounding,
-                    seed=cascade_seed(
-                        self.settings.seed, PURPOSE_ROUNDING, self.cascade_index + 1, index
-                    ),
-                    noise_remove=self._noise(self.cascade_index, index)
-                    if mode == "inplace"
-                    else None,
-                    backend=layer.backend,
-                )
-            if isinstance(weight, ScaledWeight):
-                weight = weight.dequantize(layer.dequantize_dtype)
-            linears[prefix] = {prefix + "weight": weight}
-            if layer.bias is not None:
-                linears[prefix][prefix + "bias"] = layer.bias.detach().to(weight.dtype)
-        state = _with_linears(state, linears)
-        names = {}
-        for key, parameter in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(parameter), []).append(key)
-        anchors = self.slow_update.prepared_anchors()
-        for parameter, anchor in zip(self.slow_update.params, anchors, strict=True):
-            for key in names[id(parameter)]:
-                state[key] = anchor.lerp(parameter.detach(), self.slow_update.rate)
-        if device is not None:
-            state = {key: value.to(device, copy=True) for key, value in state.items()}
-        return state
+        return merged_state_dict(self, device)
+
+    def export_peft_adapter(self, path: str | Path, max_rank: int | None = None) -> Path:
+        """Write the merged updates as one PEFT LoRA adapter (``keep_history=True``); see
+        :func:`lorasc_kernels.cascade_export.export_peft_adapter`."""
+        from .cascade_export import export_peft_adapter
+
+        return export_peft_adapter(self, path, max_rank)
 
     # -- the model and optimizer ----------------------------------------------------------
 
@@ -372,7 +322,7 @@ class Cascade:
         if not isinstance(model, nn.Module):
             return False
         try:
-            layers = _driven_layers(_unwrap(model))
+            layers = _driven_layers(unwrap_data_parallel(model))
         except ValueError:
             return False
         return list(map(id, layers.values())) == list(map(id, self.layers.values()))
@@ -437,43 +387,6 @@ class Cascade:
             elif self.settings.applied_noise_mode == "inplace":
                 layer.weight_noise = _written(noise)  # the loaded weights carry it
 
-    def export_peft_adapter(self, path: str | Path, max_rank: int | None = None) -> Path:
-        """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
-
-        Holds every merge done so far, so after :meth:`finalize` the whole run; the noise
-        is not part of it. Needs ``keep_history=True``. ``max_rank=None``: the exact
-        rank-``r·T`` adapter; ``max_rank=k``: each layer's sum truncated to rank ``k``
-        (:func:`~lorasc_kernels.peft_export.compress_updates`), its relative Frobenius
-        error logged at INFO per layer and kept in :attr:`export_errors`.
-        """
-        from .peft_export import compress_updates, write_peft_adapter
-
-        if not self.settings.keep_history:
-            raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")
-        if not all(isinstance(layer, LoRASCLinear) for layer in self.layers.values()):
-            raise RuntimeError(
-                "export_peft_adapter writes the updates of LoRASCLinear layers; "
-                "a PEFT model's base weights hold every merge: finalize() and "
-                "save the model"
-            )
-        if not any(self.history.values()):
-            raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
-        updates, errors = self.history, {}
-        if max_rank is not None:
-            updates, errors = compress_updates(self.history, max_rank)
-            for name, error in errors.items():
-                logger.info(
-                    "PEFT export: layer %s truncated to rank %d, relative Frobenius error %.3g",
-                    checks.layer_label(name),
-                    max_rank,
-                    error,
-                )
-        config = getattr(_unwrap(self.model), "config", None)
-        base_name = getattr(config, "_name_or_path", None) or None  # Hugging Face models
-        folder = write_peft_adapter(path, updates, base_name)
-        self.export_errors = errors
-        return folder
-
     # -- internals ------------------------------------------------------------------------
 
     def _indexed_layers(self) -> Iterator[tuple[int, str, LoRASCLinear]]:
@@ -502,7 +415,9 @@ class Cascade:
             return
         merges = self._prepare_merges(
             [
-                (index, name, layer, 0, 0.0, None, self._noise(0, index))
+                MergeRequest(
+                    name, layer, self._rounding_seed(0, index), 0.0, None, self._noise(0, index)
+                )
                 for index, name, layer in self._indexed_layers()
             ]
         )
@@ -513,52 +428,13 @@ class Cascade:
                 merge()
                 layer.weight_noise = _written(self._noise(0, index))
 
-    def _prepare_merges(self, requests: list) -> list:
-        """The checked merges (none run) of ``requests``, each ``(index, name, layer,
-        merge_index, coeff, noise_remove, noise_add)``; see :func:`prepare_merge`.
+    def _prepare_merges(self, requests: list[MergeRequest]) -> list:
+        """The checked merges (none run) of ``requests``; see :func:`prepare_merges`."""
+        return prepare_merges(requests, self.settings.rounding, self.layers.values())
 
-        Under FSDP2 a rank checks the rows it holds: the operands are gathered first (the
-        same collectives in the same order on every rank), then every rank raises when one
-        refuses, so that all ranks run the boundary or none does. The merge of a sharded fp8
-        layer then gathers its new per-row scales (:func:`with_synced_scales`).
-        """
-        operands = [_merge_operands(layer) for _, _, layer, *_ in requests]
-        merges, failure = [], None
-        for (index, name, layer, merge_index, coeff, noise_remove, noise_add), (
-            weight,
-            row_offset,
-            lora_b,
-            lora_a,
-        ) in zip(requests, operands, strict=True):
-            if weight.shape[0] == 0:  # a rank holding no rows of this weight
-                merges.append(lambda: None)
-                continue
-            try:
-                with checks.naming_layer(name):
-                    merges.append(
-                        prepare_merge(
-                            weight,
-                            lora_b,
-                            lora_a,
-                            coeff,
-                            rounding=self.settings.rounding,
-                            seed=cascade_seed(
-                                self.settings.seed, PURPOSE_ROUNDING, merge_index, index
-                            ),
-                            noise_remove=noise_remove,
-                            noise_add=noise_add,
-                            row_offset=row_offset,
-                            backend=layer.backend,
-                        )
-                    )
-            except (TypeError, ValueError) as error:
-                failure = error
-                break
-        _raise_on_every_rank(failure, self.layers.values())
-        return [
-            with_synced_scales(merge, layer)
-            for merge, (_, _, layer, *_) in zip(merges, requests, strict=True)
-        ]
+    def _rounding_seed(self, merge_index: int, layer_index: int) -> int:
+        """The seed of the stochastic rounding of merge ``merge_index`` into a layer."""
+        return cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, layer_index)
 
     def _prepare_boundary(self, last: bool) -> list:
         """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""
@@ -569,9 +445,10 @@ class Cascade:
             coeff = self.settings.slow_rate * layer.scaling
             following = None if mode == "off" or last else self._noise(t + 1, index)
             noises = (self._noise(t, index), following) if mode == "inplace" else (None, None)
-            requests.append((index, name, layer, t + 1, coeff, *noises))
+            seed = self._rounding_seed(t + 1, index)
+            requests.append(MergeRequest(name, layer, seed, coeff, *noises))
             if mode == "fused" and following is not None:  # W + the next noise stays finite
-                noise_checks.append((index, name, layer, t + 1, coeff, None, following))
+                noise_checks.append(MergeRequest(name, layer, seed, coeff, None, following))
             plans.append((coeff, following))
         merges = self._prepare_merges(requests + noise_checks)[: len(requests)]
         return [(*plan, merge) for plan, merge in zip(plans, merges, strict=True)]
@@ -679,87 +556,9 @@ def _driven_layers(model: nn.Module) -> dict:
     return layers or peft
 
 
-def _with_linears(state: dict, linears: dict[str, dict]) -> dict:
-    """``state`` with every entry under a prefix of ``linears`` replaced by that prefix's
-    entries, placed where the layer's first entry was (the order of the finalized model)."""
-    prefixes = sorted(linears, key=len, reverse=True)
-    merged, placed = {}, set()
-    for key, value in state.items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
-            merged[key] = value
-        elif prefix not in placed:
-            merged.update(linears[prefix])
-            placed.add(prefix)
-    return merged
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a (Distributed)DataParallel wrapper: layer names as the user's model has."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
-
-
 def _written(noise: tuple[int, float] | None) -> tuple[int, float] | None:
     """``noise`` as ``LoRASCLinear.weight_noise`` records it: None when it adds nothing."""
     return noise if noise is not None and noise[1] != 0.0 else None
-
-
-def _merge_operands(layer: LoRASCLinear) -> tuple:
-    """``(weight rows, row_offset, lora_B rows, whole lora_A)`` of this rank (a collective for
-    an FSDP2 ``lora_A``); an fp8 layer's rows are a ScaledWeight with their scales."""
-    weight, row_offset = local_row_block(layer.weight.data)
-    lora_b = local_row_block(layer.lora_B.detach())[0].to(weight.device)
-    lora_a = full_tensor(layer.lora_A.detach()).to(weight.device)
-    scale = layer.weight_scale  # fp8 weights: the per-row scales (a whole buffer)
-    if scale is not None:
-        weight = ScaledWeight(weight, scale[row_offset : row_offset + weight.shape[0]])
-    return weight, row_offset, lora_b, lora_a
-
-
-def _check_weight_values(layers: dict[str, LoRASCLinear]) -> None:
-    """Every layer's weight (this rank's rows) finite, and an fp8 layer's scales positive and
-    finite; under FSDP2 every rank raises when one refuses."""
-    failure = None
-    for name, layer in layers.items():
-        weight, row_offset = local_row_block(layer.weight.detach())
-        if weight.is_meta:
-            continue
-        try:
-            with checks.naming_layer(name):
-                scale = layer.weight_scale
-                values = weight  # or, for fp8, the row maxima (NaN codes make them NaN)
-                if scale is not None:  # scaled_row_max refuses bad scales
-                    values = checks.scaled_row_max(
-                        weight, scale[row_offset : row_offset + weight.shape[0]]
-                    )
-                if not bool(torch.isfinite(values).all()):
-                    raise ValueError("weight has non-finite values; no layer was changed")
-        except ValueError as error:
-            failure = error
-            break
-    _raise_on_every_rank(failure, layers.values())
-
-
-def _raise_on_every_rank(failure: Exception | None, layers) -> None:
-    """Raise ``failure`` (None: this rank found none); with row-sharded weights, every rank
-    of their mesh raises when one has a failure."""
-    meshes = {
-        id(layer.weight.device_mesh): layer.weight for layer in layers if is_dtensor(layer.weight)
-    }
-    refused_elsewhere = False
-    for weight in meshes.values():
-        flag = torch.tensor([int(failure is not None)], device=weight.to_local().device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=weight.device_mesh.get_group())
-        refused_elsewhere |= bool(flag)
-    if failure is not None:
-        raise failure
-    if refused_elsewhere:
-        raise ValueError(
-            "another rank refused this merge for the rows it holds (its error "
-            "says why): no layer was changed on any rank"
-        )
 
 
 def _update_on_cpu(layer: LoRASCLinear, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:

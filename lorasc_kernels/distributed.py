@@ -39,6 +39,7 @@ from .noise import MASK32, mix32
 
 __all__ = [
     "is_dtensor",
+    "unwrap_data_parallel",
     "local_row_block",
     "full_tensor",
     "global_std",
@@ -305,3 +306,10 @@ def assert_weights_equal_across_ranks(model: nn.Module, group=None) -> dict[str,
             f"weights differ across ranks on rank {dist.get_rank(group)}: {differing}"
         )
     return checksums
+
+
+def unwrap_data_parallel(model: nn.Module) -> nn.Module:
+    """The model inside a (Distributed)DataParallel wrapper: layer names as the user's model has."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    return model

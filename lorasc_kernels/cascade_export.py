@@ -1,0 +1,135 @@
+"""What a running Cascade writes out without ending the run: the finalized model's state
+dict (:func:`merged_state_dict`) and the merged updates as one PEFT adapter
+(:func:`export_peft_adapter`). ``Cascade.merged_state_dict`` and
+``Cascade.export_peft_adapter`` call these; they read the Cascade's seeds and noise as its
+boundary would.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from . import _checks as checks
+from .distributed import is_dtensor, unwrap_data_parallel
+from .functional import merge_lowrank_
+from .modules import LoRASCLinear
+from .scaled_weight import ScaledWeight
+
+__all__ = ["merged_state_dict", "export_peft_adapter"]
+
+logger = logging.getLogger("lorasc_kernels")
+
+
+def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict:
+    """The state dict of the model ``cascade.finalize()`` would return now, leaving the model
+    and the Cascade as they are.
+
+    Keys as after ``finalize()`` (each driven layer a plain linear: its ``weight`` and
+    ``bias``, no ``lora_A``/``lora_B``/``weight_scale``, nor a PEFT layer's); each layer's
+    ``weight`` is ``W − N_t + slow_rate·s·B A`` merged as ``finalize()`` merges it (same
+    float32 math, rounding and bits; fp8 dequantized to the layer's float dtype), the other
+    slow-updated parameters get their slow update. Every other tensor is the model's own
+    (shared), or a copy on ``device`` when it is given. Costs one new weight per layer.
+    Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
+    """
+    cascade._check_active("merged_state_dict")
+    model = unwrap_data_parallel(cascade.model)
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(
+            "merged_state_dict does not gather FSDP2 shards: finalize() and "
+            "save with torch.distributed.checkpoint instead"
+        )
+    cascade._check_finite_lora()
+    state = model.state_dict()
+    mode = cascade.settings.applied_noise_mode
+    linears = {}  # each driven layer's prefix → the state of the linear finalize makes
+    for index, name, layer in cascade._indexed_layers():
+        prefix = f"{name}." if name else ""
+        weight = layer.weight.detach().clone()
+        if layer.weight_scale is not None:
+            weight = ScaledWeight(weight, layer.weight_scale.clone())
+        with checks.naming_layer(name):
+            merge_lowrank_(
+                weight,
+                layer.lora_B.detach(),
+                layer.lora_A.detach(),
+                cascade.settings.slow_rate * layer.scaling,
+                rounding=cascade.settings.rounding,
+                seed=cascade._rounding_seed(cascade.cascade_index + 1, index),
+                noise_remove=cascade._noise(cascade.cascade_index, index)
+                if mode == "inplace"
+                else None,
+                backend=layer.backend,
+            )
+        if isinstance(weight, ScaledWeight):
+            weight = weight.dequantize(layer.dequantize_dtype)
+        linears[prefix] = {prefix + "weight": weight}
+        if layer.bias is not None:
+            linears[prefix][prefix + "bias"] = layer.bias.detach().to(weight.dtype)
+    state = _with_linears(state, linears)
+    names = {}
+    for key, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(key)
+    anchors = cascade.slow_update.prepared_anchors()
+    for parameter, anchor in zip(cascade.slow_update.params, anchors, strict=True):
+        for key in names[id(parameter)]:
+            state[key] = anchor.lerp(parameter.detach(), cascade.slow_update.rate)
+    if device is not None:
+        state = {key: value.to(device, copy=True) for key, value in state.items()}
+    return state
+
+
+def export_peft_adapter(cascade, path: str | Path, max_rank: int | None = None) -> Path:
+    """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
+
+    Holds every merge done so far, so after ``finalize()`` the whole run; the noise
+    is not part of it. Needs ``keep_history=True``. ``max_rank=None``: the exact
+    rank-``r·T`` adapter; ``max_rank=k``: each layer's sum truncated to rank ``k``
+    (:func:`~lorasc_kernels.peft_export.compress_updates`), its relative Frobenius
+    error logged at INFO per layer and kept in ``cascade.export_errors``.
+    """
+    from .peft_export import compress_updates, write_peft_adapter
+
+    if not cascade.settings.keep_history:
+        raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")
+    if not all(isinstance(layer, LoRASCLinear) for layer in cascade.layers.values()):
+        raise RuntimeError(
+            "export_peft_adapter writes the updates of LoRASCLinear layers; "
+            "a PEFT model's base weights hold every merge: finalize() and "
+            "save the model"
+        )
+    if not any(cascade.history.values()):
+        raise RuntimeError("nothing to export yet: no fast LoRA has been merged")
+    updates, errors = cascade.history, {}
+    if max_rank is not None:
+        updates, errors = compress_updates(cascade.history, max_rank)
+        for name, error in errors.items():
+            logger.info(
+                "PEFT export: layer %s truncated to rank %d, relative Frobenius error %.3g",
+                checks.layer_label(name),
+                max_rank,
+                error,
+            )
+    config = getattr(unwrap_data_parallel(cascade.model), "config", None)
+    base_name = getattr(config, "_name_or_path", None) or None  # Hugging Face models
+    folder = write_peft_adapter(path, updates, base_name)
+    cascade.export_errors = errors
+    return folder
+
+
+def _with_linears(state: dict, linears: dict[str, dict]) -> dict:
+    """``state`` with every entry under a prefix of ``linears`` replaced by that prefix's
+    entries, placed where the layer's first entry was (the order of the finalized model)."""
+    prefixes = sorted(linears, key=len, reverse=True)
+    merged, placed = {}, set()
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            merged[key] = value
+        elif prefix not in placed:
+            merged.update(linears[prefix])
+            placed.add(prefix)
+    return merged
