@@ -55,15 +55,14 @@ _TAKEN = (
     "init_lora_weights",
 )
 _INITS = (True, "gaussian")
-_BIASES = ("none", "all", "lora_only")
 
 
 def lorasc_config_kwargs(lora_config) -> dict:
     """The ``LoRASCConfig`` arguments that give ``lora_config`` (a ``peft.LoraConfig``)'s
     adapters: ``r``, ``lora_alpha`` (times ``√r`` under ``use_rslora``, so the scale is
     PEFT's ``alpha/√r``), ``lora_dropout``, ``target_modules``, ``modules_to_save`` as
-    ``trainable`` and ``bias``. A field set to anything LoRASC cannot honour raises
-    ``ValueError`` naming it."""
+    ``trainable`` and ``bias`` (checked by ``LoRASCConfig``). A field set to anything LoRASC
+    cannot honour raises ``ValueError`` naming it."""
     from peft import LoraConfig
 
     if not isinstance(lora_config, LoraConfig):
@@ -81,8 +80,6 @@ def lorasc_config_kwargs(lora_config) -> dict:
             f"LoraConfig.init_lora_weights={lora_config.init_lora_weights!r}: "
             f"LoRASC draws each fast LoRA afresh as {_INITS} do"
         )
-    if lora_config.bias not in _BIASES:
-        raise ValueError(f"LoraConfig.bias must be one of {_BIASES}, got {lora_config.bias!r}")
     targets = lora_config.target_modules
     if targets is None:
         raise ValueError(
