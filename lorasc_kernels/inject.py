@@ -216,6 +216,16 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     for name, module in chosen.items():
         with checks.naming_layer(name):
             LoRASCLinear.check_linear(module, config.weight_format)
+            weight = module.weight.detach()  # quantized later: finite, known before any change
+            if (
+                config.weight_format is not None
+                and not weight.is_meta
+                and not bool(torch.isfinite(weight).all())
+            ):
+                raise ValueError(
+                    "linear.weight has non-finite values: it cannot be quantized "
+                    f"to weight_format={config.weight_format!r}"
+                )
         if config.r > min(module.in_features, module.out_features):
             raise ValueError(
                 f"r={config.r} exceeds min(in, out)="

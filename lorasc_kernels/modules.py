@@ -85,18 +85,21 @@ class LoRASCLinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         if weight_format is not None:
-            self._quantize_weight(weight_format)
+            self._take_scaled(self._quantized(self.weight, weight_format), weight_format)
 
-    def _quantize_weight(self, weight_format: str) -> None:
-        """Replace ``weight`` by its ``weight_format`` values and per-row scales (frozen)."""
-        weight = self.weight.detach()
+    @staticmethod
+    def _quantized(weight: torch.Tensor, weight_format: str) -> ScaledWeight:
+        """``weight`` in ``weight_format`` (shapes only on the meta device); a non-finite
+        weight is refused by :func:`quantize`."""
         if weight.is_meta:
-            scaled = ScaledWeight(
+            return ScaledWeight(
                 torch.empty_like(weight, dtype=format_dtype(weight_format)),
                 torch.ones(weight.shape[0], device="meta"),
             )
-        else:
-            scaled = quantize(weight, format_dtype(weight_format))
+        return quantize(weight.detach(), format_dtype(weight_format))
+
+    def _take_scaled(self, scaled: ScaledWeight, weight_format: str) -> None:
+        """Hold ``scaled`` as the frozen ``weight`` (codes) and the buffer ``weight_scale``."""
         self.weight = nn.Parameter(scaled.codes, requires_grad=False)
         self.weight_scale = scaled.scale
         self.weight_format = weight_format
@@ -124,8 +127,14 @@ class LoRASCLinear(nn.Linear):
         With a ``weight_format`` the weight is quantized once into new storage
         (per-row absmax scales, round to nearest); the bias is still shared.
         """
-        cls.check_linear(linear, weight_format)  # nothing below refuses: linear stays as it
-        weight = linear.weight  # was when this raises
+        cls.check_linear(linear, weight_format)
+        weight = linear.weight
+        scaled = None
+        if weight_format is not None:  # before anything changes: a refusal leaves linear as is
+            try:
+                scaled = cls._quantized(weight, weight_format)
+            except ValueError as error:
+                raise ValueError(f"linear.{error} to weight_format={weight_format!r}") from None
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -147,14 +156,15 @@ class LoRASCLinear(nn.Linear):
         layer.weight.requires_grad_(False)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        if weight_format is not None:
-            layer._quantize_weight(weight_format)
+        if scaled is not None:
+            layer._take_scaled(scaled, weight_format)
         return layer
 
     @staticmethod
     def check_linear(linear, weight_format: str | None = None) -> None:
-        """``linear`` can become a ``LoRASCLinear``: a plain ``nn.Linear`` with float weights,
-        finite where ``weight_format`` will quantize them."""
+        """``linear`` can become a ``LoRASCLinear``: a plain ``nn.Linear`` with float weights
+        (and ``weight_format`` a registered name). Reads no values: that its weight is finite,
+        as quantizing needs, is checked by the quantization itself."""
         if weight_format is not None:
             format_dtype(weight_format)
         if isinstance(linear, LoRASCLinear):
@@ -165,16 +175,6 @@ class LoRASCLinear(nn.Linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         checks.check_layer_dtype("linear.weight's dtype", linear.weight.dtype)
-        weight = linear.weight.detach()
-        if (
-            weight_format is not None
-            and not weight.is_meta
-            and not bool(torch.isfinite(weight).all())
-        ):
-            raise ValueError(
-                f"linear.weight has non-finite values: it cannot be quantized to "
-                f"weight_format={weight_format!r}"
-            )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
