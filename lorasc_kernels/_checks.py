@@ -102,6 +102,29 @@ def check_no_overlap(name: str, tensor: torch.Tensor) -> None:
         span += stride * (size - 1)
 
 
+def check_saved_like(where: str, saved, like: torch.Tensor) -> None:
+    """A tensor read from a checkpoint (``where``) can replace ``like``: a tensor of its shape
+    and dtype, holding values (not meta), all finite."""
+    if (
+        not isinstance(saved, torch.Tensor)
+        or saved.shape != like.shape
+        or saved.dtype != like.dtype
+    ):
+        raise ValueError(
+            f"{where} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype}, "
+            f"got {saved!r:.80}"
+        )
+    check_saved_values(where, saved)
+
+
+def check_saved_values(where: str, saved: torch.Tensor) -> None:
+    """A tensor read from a checkpoint (``where``) holds values (not meta), all finite."""
+    if saved.is_meta:
+        raise ValueError(f"{where} is on the meta device: it holds no values")
+    if not bool(torch.isfinite(saved).all()):
+        raise ValueError(f"{where} has non-finite values")
+
+
 def check_shape(name: str, value: torch.Tensor, expected: tuple[int, ...], meaning: str):
     if tuple(value.shape) != expected:
         raise ValueError(f"{name} must have shape {expected} ({meaning}), got {tuple(value.shape)}")

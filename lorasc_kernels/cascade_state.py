@@ -126,7 +126,7 @@ def _check_history(history, layers: dict, keep_history: bool) -> None:
                     f"{where}[{t}] must be a pair of tensors of shapes {shapes} (c·B, A)"
                 )
             for part, saved in zip(("c·B", "A"), pair, strict=True):
-                _check_values(f"{where}[{t}] ({part})", saved)
+                checks.check_saved_values(f"{where}[{t}] ({part})", saved)
 
 
 def _check_anchors(saved_anchors, anchors: list) -> None:
@@ -137,21 +137,4 @@ def _check_anchors(saved_anchors, anchors: list) -> None:
             f"state has {count} anchors, this Cascade slow-updates {len(anchors)} other parameters"
         )
     for index, (anchor, saved) in enumerate(zip(anchors, saved_anchors, strict=True)):
-        if (
-            not isinstance(saved, torch.Tensor)
-            or saved.shape != anchor.shape
-            or saved.dtype != anchor.dtype
-        ):
-            raise ValueError(
-                f"state['anchors'][{index}] must be a tensor of shape "
-                f"{tuple(anchor.shape)} and dtype {anchor.dtype}, got {saved!r:.80}"
-            )
-        _check_values(f"state['anchors'][{index}]", saved)
-
-
-def _check_values(where: str, saved: torch.Tensor) -> None:
-    """A saved tensor holds values (not meta) and they are finite."""
-    if saved.is_meta:
-        raise ValueError(f"{where} is on the meta device: it holds no values")
-    if not bool(torch.isfinite(saved).all()):
-        raise ValueError(f"{where} has non-finite values")
+        checks.check_saved_like(f"state['anchors'][{index}]", saved, anchor)

@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _checks as checks
 from ..distributed import local_row_block
 from ..functional import lorasc_linear
 
@@ -266,20 +267,14 @@ def base_weights(layers: dict[str, PeftLoraLayer]) -> dict[str, torch.Tensor]:
 
 
 def load_base_weights(layers: dict[str, PeftLoraLayer], saved, where: str) -> None:
-    """Put :func:`base_weights` ``saved`` (read from ``where``) back, each checked first."""
+    """Put :func:`base_weights` ``saved`` (read from ``where``) back, every one checked (shape,
+    dtype, finite) before the first is copied."""
     if not isinstance(saved, dict) or list(saved) != list(layers):
         raise ValueError(f"{where} must hold the base weights of the PEFT layers {list(layers)}")
     for name, layer in layers.items():
-        local = local_row_block(layer.weight.detach())[0]
-        value = saved[name]
-        if (
-            not isinstance(value, torch.Tensor)
-            or value.shape != local.shape
-            or value.dtype != local.dtype
-        ):
-            raise ValueError(
-                f"{where}[{name!r}] must be a {local.dtype} tensor of shape {tuple(local.shape)}"
-            )
+        checks.check_saved_like(
+            f"{where}[{name!r}]", saved[name], local_row_block(layer.weight.detach())[0]
+        )
     with torch.no_grad():
         for name, layer in layers.items():
             local_row_block(layer.weight.detach())[0].copy_(saved[name])
