@@ -8,6 +8,7 @@ to the next.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 from torch import nn
@@ -21,12 +22,17 @@ __all__ = ["OptimizerTracker", "check_optimizer", "other_trainable_params"]
 # notes every step for all of them: removing a hook from a tracker's finalizer could run
 # inside torch's loop over the hooks (a garbage collection there) and break that loop.
 _TRACKERS: weakref.WeakSet = weakref.WeakSet()
-_HOOK = []
 
 
 def _note_step(optimizer, *_) -> None:
     for tracker in list(_TRACKERS):
         tracker._note(optimizer)
+
+
+@functools.cache
+def _register_hook():
+    """The step hook, registered once (at the first start()) and kept."""
+    return register_optimizer_step_post_hook(_note_step)
 
 
 def fast_param_ids(layers: dict[str, LoRASCLinear]) -> set[int]:
@@ -76,8 +82,7 @@ class OptimizerTracker:
 
     def start(self) -> None:
         """Note every optimizer step from now on, until :meth:`stop` or the tracker is gone."""
-        if not _HOOK:
-            _HOOK.append(register_optimizer_step_post_hook(_note_step))
+        _register_hook()
         _TRACKERS.add(self)
 
     def stop(self) -> None:
