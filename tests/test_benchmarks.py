@@ -5,7 +5,6 @@ import csv
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -225,13 +224,19 @@ def test_gpu_check_cpu_mode_runs_steps_and_skips_gpu_ones(tmp_path):
 
 
 def test_gpu_check_time_box_stops_steps_and_still_reports(tmp_path):
-    start = time.monotonic()
-    result = gpu_check(tmp_path, "env,bench_linear,report", timeout=120, budget=25)
-    assert time.monotonic() - start < 60
-    assert result.returncode == 1
+    """A step that cannot end (its floor provider waits forever, whatever the machine's
+    speed) is stopped by the box; the report still runs, and the run fails."""
+    result = gpu_check(
+        tmp_path / "out",
+        "env,headline,report",
+        timeout=300,  # a guard: the box must have stopped the step long before
+        budget=45,
+        PYTHONPATH=_provider_hook(tmp_path, "floor", "time.sleep(3600)"),
+    )
+    assert result.returncode == 1, result.stdout[-3000:]
     status = summary_status(result.stdout)
-    assert status["bench_linear"].startswith(("TIMEOUT", "skipped (budget spent)")), status
-    assert "report" in status
+    assert status["headline"].startswith("TIMEOUT"), status
+    assert status["report"].startswith("ok"), status
 
 
 def test_gpu_check_refuses_to_run_on_cpu_unless_allowed(tmp_path):
@@ -245,9 +250,9 @@ def test_gpu_check_refuses_to_run_on_cpu_unless_allowed(tmp_path):
     assert "LORASC_GPU_CHECK_ALLOW_CPU=1" in result.stderr + result.stdout
 
 
-# Makes the addmm provider raise in every Python process of the script that imports it.
-FAILING_ADDMM = """
-import importlib.abc, sys
+# Replaces a provider's builder in every Python process of the script that imports it.
+PROVIDER_HOOK = """
+import importlib.abc, sys, time
 
 class _Hook(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -255,23 +260,27 @@ class _Hook(importlib.abc.MetaPathFinder):
             sys.meta_path.remove(self)
             import benchmarks.providers as providers
 
-            def broken(tensors):
-                raise RuntimeError("the kernel did not launch")
+            def replaced(tensors):
+                {body}
 
-            providers._BUILDERS["addmm"] = broken
+            providers._BUILDERS[{provider!r}] = replaced
         return None
 
 sys.meta_path.insert(0, _Hook())
 """
 
 
-def test_gpu_check_names_a_failing_provider_in_its_step_and_the_summary(tmp_path):
+def _provider_hook(tmp_path: Path, provider: str, body: str) -> str:
+    """A PYTHONPATH whose ``sitecustomize`` makes ``provider``'s builder run ``body``."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(FAILING_ADDMM)
-    result = gpu_check(
-        tmp_path / "out", "headline,report", timeout=400, PYTHONPATH=f"{ROOT}{os.pathsep}{hook}"
-    )
+    (hook / "sitecustomize.py").write_text(PROVIDER_HOOK.format(provider=provider, body=body))
+    return f"{ROOT}{os.pathsep}{hook}"
+
+
+def test_gpu_check_names_a_failing_provider_in_its_step_and_the_summary(tmp_path):
+    hook = _provider_hook(tmp_path, "addmm", 'raise RuntimeError("the kernel did not launch")')
+    result = gpu_check(tmp_path / "out", "headline,report", timeout=400, PYTHONPATH=hook)
     assert result.returncode == 1, result.stdout[-3000:]
     assert "FAILED provider addmm on" in result.stdout
     status = summary_status(result.stdout)
