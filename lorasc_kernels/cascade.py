@@ -76,7 +76,12 @@ from .distributed import (
     unwrap_data_parallel,
 )
 from .inject import lorasc_layers
-from .integrations.peft import peft_lora_layers
+from .integrations.peft import (
+    PeftLoraLayer,
+    keep_base_weights_in_saves,
+    peft_lora_layers,
+    plain_model,
+)
 from .modules import LoRASCLinear
 from .noise import stream_key
 from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
@@ -220,6 +225,7 @@ class Cascade:
         """
         self._check_active("step")
         if self.steps_in_cascade + 1 == self.settings.steps_per_cascade:
+            self._check_driven("step")
             self._boundary(last=False)  # counts the step by ending the cascade, or raises
             return True
         self.steps_in_cascade += 1
@@ -232,6 +238,7 @@ class Cascade:
         """
         self._check_active("end_epoch")
         if self.settings.steps_per_cascade is None:
+            self._check_driven("end_epoch")
             self._boundary(last=False)
             return True
         return False
@@ -261,14 +268,12 @@ class Cascade:
 
         Each replacement shares its layer's weight and bias storage; the fast LoRA
         parameters and their optimizer state are dropped. Returns the model (the new
-        ``nn.Linear`` if the model itself was a ``LoRASCLinear``).
+        ``nn.Linear`` if the model itself was a ``LoRASCLinear``); for a PEFT model its base
+        model (``get_base_model()``), a plain model that holds every merge:
+        ``save_pretrained`` writes it whole and ``from_pretrained`` loads it as it is.
         """
         self._check_active("finalize")
-        if not self.runs_on(self.model):
-            raise RuntimeError(
-                "the model no longer holds this Cascade's LoRASCLinear layers at their module "
-                f"paths {list(self.layers)}: put them back before finalize()"
-            )
+        self._check_driven("finalize")
         self._boundary(last=True)
         self.tracker.stop()
         for name, layer in self.layers.items():
@@ -279,6 +284,8 @@ class Cascade:
             parent_name, _, child = name.rpartition(".")
             setattr(unwrap_data_parallel(self.model).get_submodule(parent_name), child, linear)
         self.finalized = True
+        if isinstance(next(iter(self.layers.values())), PeftLoraLayer):
+            return plain_model(unwrap_data_parallel(self.model))[0]
         return self.model
 
     # -- what the boundaries did ----------------------------------------------------------
@@ -396,6 +403,28 @@ class Cascade:
     def _check_active(self, what: str) -> None:
         if self.finalized:
             raise RuntimeError(f"Cascade.{what}() after finalize(): the cascade is over")
+
+    def _check_driven(self, what: str) -> None:
+        """Before a merge: every driven layer still sits at its module path in the model
+        and, for a PEFT layer, is unmerged, active and enabled
+        (:meth:`PeftLoraLayer.check_unchanged`); raises ``RuntimeError`` naming the first
+        that is not. Module lookups and flags only, no tensor read."""
+        root = unwrap_data_parallel(self.model)
+        for name, layer in self.layers.items():
+            module = layer.module if isinstance(layer, PeftLoraLayer) else layer
+            try:
+                found = root.get_submodule(name)
+            except AttributeError:
+                found = None
+            if found is not module:
+                raise RuntimeError(
+                    f"Cascade.{what}(): the model no longer holds the layer "
+                    f"{checks.layer_label(name)} this Cascade drives at its module path (it "
+                    "was replaced or removed, e.g. by merge_and_unload() or unload()): put "
+                    "it back; nothing was merged"
+                )
+            if isinstance(layer, PeftLoraLayer):
+                layer.check_unchanged(name)
 
     def _measure_noise_scale(self, layer: LoRASCLinear) -> float:
         if self.settings.applied_noise_mode == "off":
@@ -518,6 +547,7 @@ class Cascade:
         for layer in self.layers.values():
             _DRIVERS[layer] = weakref.ref(self)
         self.tracker.start()
+        keep_base_weights_in_saves(unwrap_data_parallel(self.model), list(self.layers))
 
     def _slow_params(self, optimizer) -> list[nn.Parameter]:
         """The parameters the slow update anchors: none if it is off or is the identity."""

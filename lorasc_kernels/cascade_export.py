@@ -15,6 +15,7 @@ import torch
 from . import _checks as checks
 from .distributed import is_dtensor, unwrap_data_parallel
 from .functional import merge_lowrank_
+from .integrations.peft import plain_model
 from .modules import LoRASCLinear
 from .scaled_weight import ScaledWeight
 
@@ -36,7 +37,8 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
     """
     cascade._check_active("merged_state_dict")
-    model = unwrap_data_parallel(cascade.model)
+    cascade._check_driven("merged_state_dict")
+    model, prefix = plain_model(unwrap_data_parallel(cascade.model))
     if any(is_dtensor(p) for p in model.parameters()):
         raise ValueError(
             "merged_state_dict does not gather FSDP2 shards: finalize() and "
@@ -46,8 +48,10 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     state = model.state_dict()
     mode = cascade.settings.applied_noise_mode
     linears = {}  # each driven layer's prefix → the state of the linear finalize makes
+    merged = {}  # each driven weight → its merged value
     for index, name, layer in cascade._indexed_layers():
-        prefix = f"{name}." if name else ""
+        name = name.removeprefix(prefix)
+        key_prefix = f"{name}." if name else ""
         weight = layer.weight.detach().clone()
         if layer.weight_scale is not None:
             weight = ScaledWeight(weight, layer.weight_scale.clone())
@@ -66,13 +70,19 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
             )
         if isinstance(weight, ScaledWeight):
             weight = weight.dequantize(layer.dequantize_dtype)
-        linears[prefix] = {prefix + "weight": weight}
+        else:  # finalize() merges in place: every alias (a tied embedding) shares it
+            merged[id(layer.weight)] = weight
+        linears[key_prefix] = {key_prefix + "weight": weight}
         if layer.bias is not None:
-            linears[prefix][prefix + "bias"] = layer.bias.detach().to(weight.dtype)
+            linears[key_prefix][key_prefix + "bias"] = layer.bias.detach().to(weight.dtype)
     state = _with_linears(state, linears)
     names = {}
     for key, parameter in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(parameter), []).append(key)
+    for parameter_id, weight in merged.items():
+        for key in names.get(parameter_id, ()):
+            if key in state:
+                state[key] = weight
     anchors = cascade.slow_update.prepared_anchors()
     for parameter, anchor in zip(cascade.slow_update.params, anchors, strict=True):
         for key in names[id(parameter)]:

@@ -1051,8 +1051,7 @@ def test_finalize_refuses_a_model_whose_layer_was_swapped_out():
     model[2] = nn.Linear(HIDDEN, OUT)
     refused(
         RuntimeError,
-        r"no longer holds this Cascade's LoRASCLinear layers at their module "
-        r"paths \['0', '2'\]",
+        r"finalize\(\): the model no longer holds the layer '2' this Cascade drives",
         cascade.finalize,
         model,
         optimizer,

@@ -169,8 +169,9 @@ def test_finalize_puts_the_base_linears_back_with_every_merge():
     x = torch.randn(6, IN)
     running = model(x).detach()
     final = cascade.finalize()
-    assert type(final.base_model.model[0]) is nn.Linear
-    assert not peft_lora_layers(final)
+    assert final is model.get_base_model()  # the plain model, not the PEFT wrapper
+    assert type(final[0]) is nn.Linear
+    assert not peft_lora_layers(model)
     torch.testing.assert_close(final(x), running, rtol=1e-5, atol=1e-6)
 
 
@@ -357,3 +358,148 @@ def test_merged_state_dict_of_a_peft_run_is_the_finalized_model():
     final = cascade.finalize()
     assert list(merged) == list(final.state_dict())
     assert all(torch.equal(merged[k], v) for k, v in final.state_dict().items())
+
+
+# -- saves that keep the training (a tiny Llama) ---------------------------------------------
+
+
+def llama_lora_config():
+    return peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+    )
+
+
+def trained_llama(steps=3):
+    """A PEFT Llama a Cascade trained ``steps`` steps (one boundary, then a trained fast
+    LoRA), its Cascade and a batch; the base weights carry in-place noise."""
+    model, data, _ = tiny_llama()
+    peft_model = peft.get_peft_model(model, llama_lora_config())
+    optimizer = adam(peft_model)
+    cascade = Cascade(peft_model, optimizer, steps_per_cascade=2, noise_lambda=0.1, seed=3)
+    ids = torch.tensor(data["input_ids"][:4])
+    for _ in range(steps):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cascade.step()
+    return peft_model.eval(), cascade, ids
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def untouched_llama():
+    return tiny_llama()[0]
+
+
+def test_a_mid_run_save_pretrained_reloads_as_the_trained_model(tmp_path):
+    peft_model, cascade, ids = trained_llama()
+    peft_model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(untouched_llama(), tmp_path)
+    assert not torch.equal(logits(reloaded, ids), logits(untouched_llama(), ids))
+    assert torch.equal(logits(reloaded, ids), logits(peft_model, ids))
+    peft_model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    reloaded = peft.PeftModel.from_pretrained(untouched_llama(), tmp_path / "bin")
+    assert torch.equal(logits(reloaded, ids), logits(peft_model, ids))
+
+
+def test_the_finalized_model_saves_and_reloads_as_a_plain_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft_model, cascade, ids = trained_llama()
+    final = cascade.finalize()
+    assert isinstance(final, transformers.LlamaForCausalLM)
+    assert not peft_lora_layers(final)
+    final.save_pretrained(tmp_path / "final")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert torch.equal(logits(reloaded, ids), logits(final, ids))
+    # the wrapper's own save, after finalize(), reloads as the finalized model too
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(untouched_llama(), tmp_path / "adapter")
+    assert torch.equal(logits(reloaded, ids), logits(final, ids))
+
+
+def test_merged_state_dict_of_a_peft_model_loads_into_a_fresh_plain_model():
+    transformers = pytest.importorskip("transformers")
+    peft_model, cascade, ids = trained_llama()
+    merged = cascade.merged_state_dict()
+    assert not any(key.startswith("base_model.") or "lora_" in key for key in merged)
+    fresh = transformers.LlamaForCausalLM(peft_model.get_base_model().config)
+    fresh.load_state_dict(merged)  # strict: the plain model's keys, every one
+    final = cascade.finalize()
+    assert torch.equal(logits(fresh, ids), logits(final, ids))
+
+
+def test_an_adapter_save_of_a_plain_state_dict_is_refused_naming_the_route(tmp_path):
+    peft_model, cascade, _ = trained_llama()
+    with pytest.raises(ValueError, match=r"get_base_model\(\)\.save_pretrained"):
+        peft_model.save_pretrained(tmp_path, state_dict=cascade.merged_state_dict())
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_documented_save_and_reload_lines_give_the_trained_models(tmp_path, monkeypatch):
+    """docs/peft.md's "Saving and reloading" block, run as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "peft.md").read_text()
+    section = text.split("### Saving and reloading")[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    peft_model, cascade, ids = trained_llama()
+    untouched_llama().save_pretrained(tmp_path / "base")
+    now = logits(peft_model, ids)
+    merged_model = copy.deepcopy(peft_model)
+    monkeypatch.chdir(tmp_path)
+    scope = {"peft_model": peft_model, "cascade": cascade, "base_name": str(tmp_path / "base")}
+    exec(code, scope)
+    assert torch.equal(logits(scope["now"], ids), now)
+    final = logits(scope["model"], ids)
+    assert torch.equal(logits(scope["final"], ids), final)
+    assert torch.equal(logits(scope["merged"], ids), final)
+    assert not torch.equal(final, logits(merged_model.get_base_model(), ids))
+
+
+def sft_trainer(output_dir, steps=5):
+    trl = pytest.importorskip("trl")
+    from lorasc_kernels import LoRASCCallback
+
+    model, data, tokenizer = tiny_llama()
+    callback = LoRASCCallback(steps_per_cascade=2, seed=1, noise_lambda=0.1)
+    trainer = trl.SFTTrainer(
+        model=model,
+        train_dataset=data,
+        callbacks=[callback],
+        processing_class=tokenizer,
+        peft_config=llama_lora_config(),
+        args=trl.SFTConfig(
+            output_dir=str(output_dir),
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            bf16=False,
+        ),
+    )
+    return trainer, callback, torch.tensor(data["input_ids"][:4])
+
+
+def test_sft_trainer_save_model_reloads_as_the_trained_model_mid_run_and_finalized(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    trainer, callback, ids = sft_trainer(tmp_path / "out")
+    trainer.train()
+    trainer.model.eval()
+    trained = logits(trainer.model, ids)
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = peft.PeftModel.from_pretrained(untouched_llama(), tmp_path / "saved")
+    assert torch.equal(logits(reloaded, ids), trained)
+    final = callback.cascade.finalize()
+    trainer.save_model(str(tmp_path / "final"))  # the PEFT wrapper, finalized
+    reloaded = peft.PeftModel.from_pretrained(untouched_llama(), tmp_path / "final")
+    assert torch.equal(logits(reloaded, ids), logits(final, ids))
+    final.save_pretrained(tmp_path / "plain")
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert torch.equal(logits(plain, ids), logits(final, ids))

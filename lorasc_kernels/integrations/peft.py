@@ -20,13 +20,17 @@ adapters, other initialisations, several or merged adapters, non-``nn.Linear`` b
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import _checks as checks
-from ..distributed import local_row_block
+from ..distributed import full_tensor, local_row_block
 from ..functional import lorasc_linear
 
 __all__ = [
@@ -37,7 +41,12 @@ __all__ = [
     "use_fused_kernels",
     "base_weights",
     "load_base_weights",
+    "plain_model",
+    "keep_base_weights_in_saves",
 ]
+
+# Where a PEFT model (``get_peft_model``) holds its base model: ``peft_model.base_model.model``.
+PEFT_PREFIX = "base_model.model."
 
 # LoraConfig fields taken as they are, and the values of the others that change nothing.
 _TAKEN = (
@@ -161,6 +170,29 @@ class PeftLoraLayer:
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
             self.lora_B.zero_()
 
+    def check_unchanged(self, name: str) -> None:
+        """Refuse (``RuntimeError`` naming the layer ``name``) a layer that can no longer be
+        merged as driven: its adapter merged (``merge_adapter``), another adapter active
+        (``set_adapter``), or adapters disabled (inside ``disable_adapter()``). Flags only."""
+        where = f"PEFT layer {name!r}"
+        if self.module.merged:
+            raise RuntimeError(
+                f"{where} has its adapter merged (merge_adapter()): the Cascade would merge "
+                "it a second time; call unmerge_adapter() first (nothing was merged)"
+            )
+        active = list(self.module.active_adapters)
+        if active != [self.adapter]:
+            raise RuntimeError(
+                f"{where}: the active adapters are {active}, the Cascade drives "
+                f"{self.adapter!r}; set_adapter({self.adapter!r}) first (nothing was merged)"
+            )
+        if self.module.disable_adapters:
+            raise RuntimeError(
+                f"{where} has its adapters disabled (inside disable_adapter()): the model "
+                "trained is not the one it computes; leave the context first (nothing "
+                "was merged)"
+            )
+
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """The base ``nn.Linear`` (it holds every merge), what ``finalize`` puts back."""
         if dtype is not None:
@@ -278,3 +310,84 @@ def load_base_weights(layers: dict[str, PeftLoraLayer], saved, where: str) -> No
     with torch.no_grad():
         for name, layer in layers.items():
             local_row_block(layer.weight.detach())[0].copy_(saved[name])
+
+
+def plain_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """``(plain model, prefix)``: a PEFT model's base model (``get_base_model()``) and the
+    prefix of its names in the PEFT model (``base_model.model.``); any other model and ``""``."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model, ""
+    if isinstance(model, PeftModel):
+        return model.get_base_model(), PEFT_PREFIX
+    return model, ""
+
+
+def keep_base_weights_in_saves(model: nn.Module, names: list[str]) -> None:
+    """Make ``save_pretrained`` of the PEFT model ``model`` (and so ``Trainer.save_model``
+    and its checkpoints) write the base ``weight``/``bias`` of the PEFT layers ``names``
+    into each adapter file it writes, under the keys ``<name>.base_layer.weight``, where
+    ``PeftModel.from_pretrained`` loads them back (it loads any key that is not an adapter
+    weight as it is). A Cascade merges its training into those base weights, which a PEFT
+    save would otherwise leave out. A ``model`` that is no ``PeftModel`` is left alone."""
+    if plain_model(model)[1] != PEFT_PREFIX:
+        return
+    model.__dict__["save_pretrained"] = functools.partial(
+        _save_pretrained_with_base_weights, model, tuple(names)
+    )
+
+
+def _save_pretrained_with_base_weights(model, names, *args, **kwargs) -> None:
+    """``PeftModel.save_pretrained(*args, **kwargs)``, then the base weights of the layers
+    ``names`` (from the ``state_dict`` argument, else the model's) added to each adapter
+    file written; a ``state_dict`` that is not the PEFT model's is refused first."""
+    save = type(model).save_pretrained
+    arguments = inspect.signature(save).bind(model, *args, **kwargs).arguments
+    options = {**arguments.pop("kwargs", {}), **arguments}
+    state = options.get("state_dict")
+    source = model.state_dict() if state is None else state
+    base = {}
+    for name in names:
+        for part in ("weight", "bias"):
+            # a driven layer's base parameter; after finalize() the plain linear's
+            key = next(
+                (k for k in (f"{name}.base_layer.{part}", f"{name}.{part}") if k in source), None
+            )
+            if key is not None:
+                tensor = full_tensor(source[key].detach())
+                base[f"{name}.base_layer.{part}"] = tensor.to("cpu", copy=True).contiguous()
+            elif part == "weight":
+                raise ValueError(
+                    f"save_pretrained(state_dict=...) holds no weight of the PEFT layer "
+                    f"{name!r}, whose base weight holds the Cascade's merges: pass the PEFT "
+                    "model's own state dict (a Cascade.merged_state_dict() is the plain "
+                    "model's: save it with peft_model.get_base_model().save_pretrained("
+                    "path, state_dict=...))"
+                )
+    save(model, *args, **kwargs)
+    if not options.get("is_main_process", True):
+        return
+    folder = Path(options["save_directory"])
+    for adapter in options.get("selected_adapters") or list(model.peft_config):
+        _add_to_adapter_file(folder / adapter if adapter != "default" else folder, base)
+
+
+def _add_to_adapter_file(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Add ``tensors`` to the adapter file PEFT wrote in ``folder`` (safetensors or
+    ``.bin``), rewritten atomically (a temporary file in ``folder``, then renamed)."""
+    safetensors_file = folder / "adapter_model.safetensors"
+    if safetensors_file.exists():
+        from safetensors.torch import load_file, save_file
+
+        path, tensors = safetensors_file, {**load_file(safetensors_file), **tensors}
+        write = functools.partial(save_file, metadata={"format": "pt"})
+    else:
+        path = folder / "adapter_model.bin"
+        tensors = {**torch.load(path, weights_only=True), **tensors}
+        write = torch.save
+    temporary = path.with_name(f".{path.name}.tmp")
+    write(tensors, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
