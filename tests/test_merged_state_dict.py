@@ -140,3 +140,38 @@ def test_a_hugging_face_model_saves_and_loads_as_a_plain_model(tmp_path):
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert rel_error(plain(input_ids=ids).logits, model(input_ids=ids).logits) < 1e-5
+
+
+class TiedHead(nn.Module):
+    """An embedding and an output head sharing one weight (vocab 7, width 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 5)
+        self.head = nn.Linear(5, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_every_alias_of_a_merged_weight_holds_the_merge():
+    torch.manual_seed(0)
+    model = TiedHead()
+    inject_lorasc(model, LoRASCConfig(r=2, target_modules=["head"], backend="torch"))
+    assert model.head.weight is model.emb.weight  # still tied
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, noise_lambda=0.1)
+    ids = torch.randint(0, 7, (4, 3))
+    for _ in range(3):
+        model(ids).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        cascade.step()
+    # copies: the tensors it does not merge are the model's own, which finalize() changes
+    merged = {key: value.clone() for key, value in cascade.merged_state_dict().items()}
+    final = cascade.finalize().state_dict()
+    assert list(merged) == list(final)
+    assert torch.equal(final["emb.weight"], final["head.weight"])
+    for key, value in final.items():
+        assert torch.equal(merged[key], value), key

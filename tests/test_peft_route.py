@@ -503,3 +503,71 @@ def test_sft_trainer_save_model_reloads_as_the_trained_model_mid_run_and_finaliz
     final.save_pretrained(tmp_path / "plain")
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     assert torch.equal(logits(plain, ids), logits(final, ids))
+
+
+# -- boundaries re-check the layers they merge -----------------------------------------------
+
+
+def _merge_adapter(model):
+    model.merge_adapter()
+
+
+def _merge_and_unload(model):
+    model.merge_and_unload()
+
+
+def _unload(model):
+    model.unload()
+
+
+def _other_adapter(model):
+    model.add_adapter("other", lora_config())
+    model.set_adapter("other")
+
+
+@pytest.mark.parametrize("what", ["step", "merged_state_dict", "finalize"])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (_merge_adapter, r"'base_model.model.0' has its adapter merged \(merge_adapter\(\)\)"),
+        (_merge_and_unload, r"no longer holds the layer 'base_model.model.0'"),
+        (_unload, r"no longer holds the layer 'base_model.model.0'"),
+        (_other_adapter, r"active adapters are \['other'\], the Cascade drives 'default'"),
+    ],
+    ids=["merge_adapter", "merge_and_unload", "unload", "set_adapter"],
+)
+def test_a_changed_peft_model_is_refused_before_any_merge(change, match, what):
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, noise_lambda=0.1)
+    train(model, optimizer, cascade, 1)  # the next step ends the cascade
+    change(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match=match):
+        getattr(cascade, what)()
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert (cascade.cascade_index, cascade.steps_in_cascade) == (0, 1)
+
+
+def test_a_boundary_inside_disable_adapter_is_refused():
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2)
+    train(model, optimizer, cascade, 1)
+    before = copy.deepcopy(model.state_dict())
+    with model.disable_adapter():
+        with pytest.raises(RuntimeError, match=r"adapters disabled \(inside disable_adapter"):
+            cascade.step()
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    cascade.step()  # outside the context the boundary runs
+    assert cascade.cascade_index == 1
+
+
+def test_a_merged_adapter_is_named_at_finalize():
+    model = peft.get_peft_model(base_model(), lora_config())
+    cascade = Cascade(model, adam(model))
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match="merged"):
+        cascade.finalize()
