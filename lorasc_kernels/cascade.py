@@ -274,6 +274,10 @@ class Cascade:
         """
         self._check_active("finalize")
         self._check_driven("finalize")
+        from .cascade_export import check_final_weights_fit
+
+        self._check_finite_lora()
+        check_final_weights_fit(self)
         self._boundary(last=True)
         self.tracker.stop()
         for name, layer in self.layers.items():

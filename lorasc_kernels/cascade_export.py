@@ -46,31 +46,13 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
         )
     cascade._check_finite_lora()
     state = model.state_dict()
-    mode = cascade.settings.applied_noise_mode
     linears = {}  # each driven layer's prefix → the state of the linear finalize makes
     merged = {}  # each driven weight → its merged value
     for index, name, layer in cascade._indexed_layers():
         name = name.removeprefix(prefix)
         key_prefix = f"{name}." if name else ""
-        weight = layer.weight.detach().clone()
-        if layer.weight_scale is not None:
-            weight = ScaledWeight(weight, layer.weight_scale.clone())
-        with checks.naming_layer(name):
-            merge_lowrank_(
-                weight,
-                layer.lora_B.detach(),
-                layer.lora_A.detach(),
-                cascade.settings.slow_rate * layer.scaling,
-                rounding=cascade.settings.rounding,
-                seed=cascade._rounding_seed(cascade.cascade_index + 1, index),
-                noise_remove=cascade._noise(cascade.cascade_index, index)
-                if mode == "inplace"
-                else None,
-                backend=layer.backend,
-            )
-        if isinstance(weight, ScaledWeight):
-            weight = weight.dequantize(layer.dequantize_dtype)
-        else:  # finalize() merges in place: every alias (a tied embedding) shares it
+        weight = final_weight(cascade, index, name, layer)
+        if layer.weight_scale is None:  # finalize() merges in place: aliases share it
             merged[id(layer.weight)] = weight
         linears[key_prefix] = {key_prefix + "weight": weight}
         if layer.bias is not None:
@@ -90,6 +72,51 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     if device is not None:
         state = {key: value.to(device, copy=True) for key, value in state.items()}
     return state
+
+
+def final_weight(cascade, index: int, name: str, layer) -> torch.Tensor:
+    """Layer ``index`` (named ``name``)'s weight as ``finalize()`` would leave it now, in new
+    memory: ``W − N_t + slow_rate·s·B A`` by the boundary's merge, an fp8 weight dequantized
+    to ``layer.dequantize_dtype``. Refuses (``ValueError`` naming the layer) an fp8 weight
+    whose values would not fit that dtype, which ``finalize()`` would write as inf."""
+    mode = cascade.settings.applied_noise_mode
+    weight = layer.weight.detach().clone()
+    if layer.weight_scale is not None:
+        weight = ScaledWeight(weight, layer.weight_scale.clone())
+    with checks.naming_layer(name):
+        merge_lowrank_(
+            weight,
+            layer.lora_B.detach(),
+            layer.lora_A.detach(),
+            cascade.settings.slow_rate * layer.scaling,
+            rounding=cascade.settings.rounding,
+            seed=cascade._rounding_seed(cascade.cascade_index + 1, index),
+            noise_remove=cascade._noise(cascade.cascade_index, index)
+            if mode == "inplace"
+            else None,
+            backend=layer.backend,
+        )
+    if not isinstance(weight, ScaledWeight):
+        return weight
+    values = weight.dequantize(layer.dequantize_dtype)
+    if not bool(torch.isfinite(values).all()):
+        dtype = str(layer.dequantize_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"layer {checks.layer_label(name)}: its merged fp8 weight exceeds the range of "
+            f"{dtype}, the dtype finalize() dequantizes it to (inf would be written); set "
+            "layer.dequantize_dtype = torch.float32 (or torch.bfloat16) first; nothing was "
+            "changed"
+        )
+    return values
+
+
+def check_final_weights_fit(cascade) -> None:
+    """Refuse, before ``finalize()`` writes anything, an fp8 layer whose finalized weight
+    would not fit its ``dequantize_dtype`` (see :func:`final_weight`; a merge into a copy
+    of its codes, one byte per element)."""
+    for index, name, layer in cascade._indexed_layers():
+        if layer.weight_scale is not None:
+            final_weight(cascade, index, name, layer)
 
 
 def export_peft_adapter(cascade, path: str | Path, max_rank: int | None = None) -> Path:

@@ -363,3 +363,33 @@ def test_a_layers_scales_are_checked_again_only_after_a_write(monkeypatch, scale
     layer.weight_scale[1] = -1.0
     with pytest.raises(ValueError, match="weight.scale must be positive and finite"):
         layer(x)
+
+
+@pytest.mark.parametrize("weight_format", ["fp8_e5m2", "fp8_e4m3"])
+def test_finalize_into_a_dtype_that_cannot_hold_the_merge_is_refused_by_name(weight_format):
+    """An fp8 layer built from an fp16 linear near fp16's largest value takes a boundary
+    update that fits fp8's float32-range scales; finalize() would dequantize it to fp16 as
+    inf: refused naming the layer, nothing changed; with a wider dequantize_dtype it runs."""
+    linear = nn.Linear(4, 3, bias=False).half()
+    with torch.no_grad():
+        linear.weight.fill_(60000.0)
+    layer = LoRASCLinear.from_linear(linear, r=1, lora_alpha=1, weight_format=weight_format)
+    model = nn.Sequential(layer)
+    optimizer = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.0)
+    cascade = Cascade(model, optimizer)
+    with torch.no_grad():
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(20000.0)  # W + B A = 80000 > 65504, fp16's largest value
+    err = refused(
+        ValueError,
+        r"layer '0': its merged fp8 weight exceeds the range of float16",
+        cascade.finalize,
+        model,
+        cascade,
+    )
+    assert "dequantize_dtype" in str(err)
+    with pytest.raises(ValueError, match="exceeds the range of float16"):
+        cascade.merged_state_dict()
+    layer.dequantize_dtype = torch.float32
+    final = cascade.finalize()
+    assert torch.isfinite(final[0].weight).all() and final[0].weight.dtype == torch.float32
