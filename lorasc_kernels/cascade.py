@@ -87,7 +87,7 @@ from .noise import stream_key
 from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
 from .slow_update import SlowUpdate
 
-__all__ = ["Cascade", "cascade_seed"]
+__all__ = ["Cascade", "cascade_seed", "driven_layers"]
 
 logger = logging.getLogger("lorasc_kernels")
 
@@ -172,9 +172,9 @@ class Cascade:
         """Check and keep the model, optimizer and settings; counters at the run's start."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.settings = settings
+        self._settings = settings
         self.model = model
-        self.layers = _driven_layers(unwrap_data_parallel(model))
+        self.layers = driven_layers(unwrap_data_parallel(model))
         if not self.layers:
             raise ValueError(
                 "model has no LoRASCLinear layer: call inject_lorasc first (or "
@@ -215,6 +215,12 @@ class Cascade:
         self.metrics = BoundaryMetrics(list(self.layers))
         # Per layer, the relative error of the last export_peft_adapter(max_rank=k).
         self.export_errors: dict[str, float] = {}
+
+    @property
+    def settings(self) -> CascadeSettings:
+        """The run's settings, fixed at construction (W's noise and merges depend on them:
+        a new value would leave a noise in W that no boundary removes). Read-only."""
+        return self._settings
 
     # -- the schedule ---------------------------------------------------------------------
 
@@ -333,7 +339,7 @@ class Cascade:
         if not isinstance(model, nn.Module):
             return False
         try:
-            layers = _driven_layers(unwrap_data_parallel(model))
+            layers = driven_layers(unwrap_data_parallel(model))
         except ValueError:
             return False
         return list(map(id, layers.values())) == list(map(id, self.layers.values()))
@@ -577,7 +583,7 @@ class Cascade:
         return generator
 
 
-def _driven_layers(model: nn.Module) -> dict:
+def driven_layers(model: nn.Module) -> dict:
     """The layers a Cascade drives, by module path: ``model``'s ``LoRASCLinear`` layers, or
     its PEFT LoRA layers (:class:`~lorasc_kernels.integrations.peft.PeftLoraLayer`)."""
     layers = lorasc_layers(model)

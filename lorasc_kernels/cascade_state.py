@@ -4,8 +4,9 @@ that run before any entry is taken.
 ``state_dict()`` writes every key of :data:`STATE_KEYS`; ``version`` is
 :data:`STATE_VERSION`. A state written before states had a version (version 0, with every
 other key) loads as it is. A setting added since a state was written takes its default, so
-a new setting never makes an older checkpoint unloadable; a state of a newer version is
-refused.
+a new setting never makes an older checkpoint unloadable, except those W's noise depends on
+(:data:`SETTINGS_IN_W`), which are refused by name when missing; a state of a newer version
+is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ STATE_KEYS = (
     "anchors",
 )
 
+# The settings that decide what W holds (its in-place noise): never filled by a default.
+SETTINGS_IN_W = ("noise_lambda", "noise_mode", "seed")
+
 
 def upgraded(state) -> dict:
     """``state`` as :data:`STATE_VERSION` writes it (a new dict; tensors shared): its
@@ -52,6 +56,12 @@ def upgraded(state) -> dict:
     settings = state.get("settings")
     if not isinstance(settings, dict):
         raise ValueError("state must be a dict from Cascade.state_dict() with its 'settings'")
+    missing = [name for name in SETTINGS_IN_W if name not in settings]
+    if missing:
+        raise ValueError(
+            f"state['settings'] lacks {missing}: the noise the saved W carries depends on "
+            "them, so no default can stand in; pass the state as Cascade.state_dict() wrote it"
+        )
     defaults = dataclasses.asdict(CascadeSettings())
     return {
         **state,
@@ -78,7 +88,8 @@ def check_state(state: dict, settings: CascadeSettings, layers: dict, anchors: l
         )
     if state["finalized"] is not False:
         raise ValueError("state['finalized'] is not False: a finalized run cannot resume")
-    checks.check_int("state['cascade_index']", state["cascade_index"], 0)
+    # a cascade index keys 32-bit seeds (cascade_seed), the next one included
+    checks.check_int("state['cascade_index']", state["cascade_index"], 0, 2**32 - 2)
     steps = settings.steps_per_cascade
     checks.check_int(
         "state['steps_in_cascade']",

@@ -43,9 +43,11 @@ from pathlib import Path
 
 import torch
 
-from .cascade import Cascade
+from . import _checks as checks
+from .cascade import Cascade, driven_layers
 from .cascade_settings import CascadeSettings
 from .cascade_state import upgraded
+from .distributed import unwrap_data_parallel
 from .integrations.peft import PeftLoraLayer, base_weights, load_base_weights, peft_lora_layers
 
 try:
@@ -93,6 +95,12 @@ class LoRASCCallback(TrainerCallback):
 
     def __init__(self, *, metrics_every: int = 1, metrics_layer: str | None = None, **settings):
         self.settings = CascadeSettings(**settings)
+        checks.check_int("metrics_every", metrics_every, 0)
+        if metrics_layer is not None and not isinstance(metrics_layer, str):
+            raise TypeError(
+                f"metrics_layer must be a layer's module path or None, "
+                f"got {type(metrics_layer).__name__}"
+            )
         self.metrics_every, self.metrics_layer = metrics_every, metrics_layer
         self._cascade: Cascade | None = None
         self._pending: dict[str, float] = {}  # the last boundary's figures, not logged yet
@@ -132,6 +140,7 @@ class LoRASCCallback(TrainerCallback):
             return
         scheduler = kwargs.get("lr_scheduler")
         warmed = self._warmup_scheduler(scheduler)  # refused before the Cascade is built
+        self._check_metrics_layer(model)  # before the Cascade writes the first noise
         if state.global_step == 0:
             cascade = Cascade(model, optimizer, settings=self.settings)
         else:
@@ -148,6 +157,15 @@ class LoRASCCallback(TrainerCallback):
                 "LoRASCCallback, so they log the cascade figures only after "
                 "callback.first_in(trainer)",
                 reporters,
+            )
+
+    def _check_metrics_layer(self, model) -> None:
+        """``metrics_layer`` names one of the layers a Cascade on ``model`` would drive."""
+        names = list(driven_layers(unwrap_data_parallel(model)))
+        if self.metrics_layer is not None and self.metrics_layer not in names:
+            raise ValueError(
+                f"LoRASCCallback(metrics_layer={self.metrics_layer!r}) is not one of the "
+                f"model's driven layers {names}; nothing was changed"
             )
 
     def _warmup_scheduler(self, scheduler):

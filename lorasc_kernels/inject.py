@@ -239,6 +239,12 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     missing = [t for t in config.trainable if not any(_ends_with(n, t) for n in trainable)]
     if missing:
         raise ValueError(f"trainable names {missing} match no module of the model")
+    adapted = [name for name in trainable if name in chosen]
+    if adapted:
+        raise ValueError(
+            f"trainable names match adapted layers {adapted}: their weight is the frozen base "
+            "the cascades merge into; train their biases with bias='lora_only' or 'all'"
+        )
     fast = {
         id(p)
         for layer in paths.values()
@@ -254,6 +260,8 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
         for name, parameter in model.named_parameters():
             if name == "bias" or name.endswith(".bias"):
                 parameter.requires_grad_(True)
+    # from_linear freezes the bias it takes over: a trained one trains again below
+    wanted = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     layers = {}
     for name, linear in chosen.items():
         layer = LoRASCLinear.from_linear(
@@ -270,6 +278,9 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
         if config.bias == "lora_only" and layer.bias is not None:
             layer.bias.requires_grad_(True)
         layers[name] = layer
+    for name, parameter in model.named_parameters():
+        if name in wanted and (name == "bias" or name.endswith(".bias")):
+            parameter.requires_grad_(True)
     return layers
 
 

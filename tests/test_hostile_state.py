@@ -310,3 +310,83 @@ def test_a_corrupt_cascade_checkpoint_is_named_by_its_path(tmp_path):
         model,
         optimizer,
     )
+
+
+# -- settings and counters that W depends on ---------------------------------------------------
+
+
+def test_settings_are_read_only_after_construction():
+    import dataclasses
+
+    model, optimizer = two_layers()
+    cascade = Cascade(model, optimizer, noise_lambda=0.1)
+    with pytest.raises(AttributeError):
+        cascade.settings = dataclasses.replace(cascade.settings, noise_lambda=0.0)
+    assert cascade.settings.noise_lambda == 0.1
+
+
+@pytest.mark.parametrize("setting", ["noise_lambda", "noise_mode", "seed"])
+def test_a_state_missing_a_setting_that_w_depends_on_is_refused_by_name(setting):
+    model, optimizer = two_layers()
+    cascade = Cascade(model, optimizer, noise_lambda=0.1, steps_per_cascade=2, seed=5)
+    trained(model, optimizer, 1, cascade)
+    state = cascade.state_dict()
+    del state["settings"][setting]
+    other, other_optimizer = two_layers()
+    other.load_state_dict(model.state_dict())
+    refused(
+        ValueError,
+        rf"state\['settings'\] lacks \['{setting}'\]: the noise the saved W carries",
+        lambda: Cascade.from_state_dict(other, other_optimizer, state),
+        other,
+        other_optimizer,
+    )
+
+
+@pytest.mark.parametrize("index", [2**32 - 1, 2**64])
+def test_a_cascade_index_past_the_seed_range_is_refused_by_name(index):
+    model, optimizer = two_layers()
+    cascade = Cascade(model, optimizer, steps_per_cascade=2)
+    state = dict(cascade.state_dict(), cascade_index=index)
+    refused(
+        ValueError,
+        r"state\['cascade_index'\] must be <= 4294967294",
+        lambda: cascade.load_state_dict(state),
+        model,
+        optimizer,
+        cascade,
+    )
+
+
+# -- the callback's arguments, checked at construction -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"metrics_every": -1}, ValueError, "metrics_every must be >= 0"),
+        ({"metrics_every": 1.5}, TypeError, "metrics_every must be an int"),
+        ({"metrics_layer": 3}, TypeError, "metrics_layer must be a layer's module path"),
+    ],
+    ids=["negative", "float", "not-a-name"],
+)
+def test_callback_arguments_are_checked_at_construction(tmp_path, kwargs, error, match):
+    hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
+    with pytest.raises(error, match=match):
+        hf_callback.LoRASCCallback(**kwargs)
+
+
+def test_callback_metrics_layer_is_checked_before_any_noise_is_written(tmp_path):
+    _, callback, model, optimizer, args, state = callback_and_run(
+        tmp_path, metrics_layer="nope", noise_lambda=0.1
+    )
+    refused(
+        ValueError,
+        r"metrics_layer='nope'\) is not one of the model's driven layers \['0', '2'\]",
+        lambda: callback.on_train_begin(args, state, None, model=model, optimizer=optimizer),
+        model,
+        optimizer,
+    )
+    callback.metrics_layer = "2"  # a retry with a right name runs
+    callback.on_train_begin(args, state, None, model=model, optimizer=optimizer)
+    assert callback.cascade.metrics.layer == "2"

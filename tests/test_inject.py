@@ -173,3 +173,21 @@ def test_a_model_injected_already_says_so_and_keeps_its_fast_loras_trainable(cap
         for layer in (*first.values(), *second.values())
     )
     assert model.get_submodule("0.attn.q_proj") is first["0.attn.q_proj"]
+
+
+def test_bias_all_trains_the_adapted_layers_biases_too():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    inject_lorasc(model, LoRASCConfig(r=1, bias="all"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"0.bias", "0.lora_A", "0.lora_B", "2.bias", "2.lora_A", "2.lora_B"}
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    assert model[0].bias.grad is not None and model[2].bias.grad is not None
+
+
+def test_a_trainable_name_on_an_adapted_layer_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"trainable names match adapted layers \['0'\]"):
+        inject_lorasc(model, LoRASCConfig(r=1, target_modules=["0"], trainable=["0"]))
+    assert all(p.requires_grad for p in model.parameters())  # nothing changed
+    assert type(model[0]) is nn.Linear

@@ -571,3 +571,12 @@ def test_a_merged_adapter_is_named_at_finalize():
     model.merge_adapter()
     with pytest.raises(RuntimeError, match="merged"):
         cascade.finalize()
+
+
+def test_a_saved_lora_config_of_another_peft_version_is_taken(tmp_path):
+    config = lora_config(lora_dropout=0.1)
+    config.save_pretrained(tmp_path)
+    loaded = peft.LoraConfig.from_pretrained(tmp_path)
+    loaded.peft_version = "0.0.1"  # written by another PEFT: bookkeeping only
+    taken = LoRASCConfig.from_peft(loaded)
+    assert (taken.r, taken.lora_dropout, taken.target_modules) == (2, 0.1, ["0", "2"])

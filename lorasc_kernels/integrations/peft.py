@@ -63,6 +63,8 @@ _TAKEN = (
     "revision",
     "inference_mode",
     "init_lora_weights",
+    "peft_version",  # bookkeeping: which PEFT wrote a saved config
+    "auto_mapping",
 )
 _INITS = (True, "gaussian")
 
