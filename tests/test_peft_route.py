@@ -580,3 +580,10 @@ def test_a_saved_lora_config_of_another_peft_version_is_taken(tmp_path):
     loaded.peft_version = "0.0.1"  # written by another PEFT: bookkeeping only
     taken = LoRASCConfig.from_peft(loaded)
     assert (taken.r, taken.lora_dropout, taken.target_modules) == (2, 0.1, ["0", "2"])
+
+
+def test_a_gaussian_init_is_refused_on_the_inject_route_naming_the_peft_route():
+    model = base_model()
+    with pytest.raises(ValueError, match=r"init_lora_weights='gaussian'.*PEFT route"):
+        inject_lorasc(model, lora_config(init_lora_weights="gaussian"))
+    assert not any(isinstance(m, LoRASCLinear) for m in model.modules())

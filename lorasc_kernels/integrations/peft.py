@@ -87,10 +87,11 @@ def lorasc_config_kwargs(lora_config) -> dict:
             f"LoraConfig.{name}={value!r} has no LoRASC counterpart: leave it at "
             f"its default ({getattr(defaults, name)!r})"
         )
-    if lora_config.init_lora_weights not in _INITS:
+    if lora_config.init_lora_weights is not True:
         raise ValueError(
-            f"LoraConfig.init_lora_weights={lora_config.init_lora_weights!r}: "
-            f"LoRASC draws each fast LoRA afresh as {_INITS} do"
+            f"LoraConfig.init_lora_weights={lora_config.init_lora_weights!r}: a LoRASCLinear "
+            "draws each fast LoRA as PEFT's default (True, Kaiming-uniform A); the PEFT route "
+            "(Cascade on a get_peft_model model) honours 'gaussian'"
         )
     targets = lora_config.target_modules
     if targets is None:
