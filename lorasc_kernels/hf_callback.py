@@ -82,6 +82,17 @@ def _checkpoint_file(args, state, folder=None) -> Path:
     return Path(folder) / name
 
 
+def _read(path: Path, what: str):
+    """``torch.load`` of ``path`` (tensors and plain data only); an unreadable file raises
+    ``ValueError`` naming ``what`` and the path."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, EOFError, RuntimeError...
+        raise ValueError(
+            f"{what} in {path} cannot be read ({type(error).__name__}: {error})"
+        ) from error
+
+
 class LoRASCCallback(TrainerCallback):
     """A ``TrainerCallback`` running the LoRASC schedule; takes :class:`Cascade`'s settings.
 
@@ -222,12 +233,7 @@ class LoRASCCallback(TrainerCallback):
                 "TrainingArguments(resume_from_checkpoint=<the same path>); the checkpoint "
                 "must have been saved with LoRASCCallback"
             )
-        try:
-            saved = torch.load(path, weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError, EOFError, RuntimeError...
-            raise ValueError(
-                f"the Cascade's state in {path} cannot be read ({type(error).__name__}: {error})"
-            ) from error
+        saved = _read(path, "the Cascade's state")
         try:
             saved = upgraded(saved)
         except (TypeError, ValueError) as error:
@@ -260,8 +266,15 @@ class LoRASCCallback(TrainerCallback):
                     f"resuming a PEFT model's run needs its merged base weights "
                     f"in {weights}, saved by LoRASCCallback beside {path.name}"
                 )
-            load_base_weights(layers, torch.load(weights, weights_only=True), str(weights))
-        return Cascade.from_state_dict(model, optimizer, saved)
+            saved_weights = _read(weights, "the merged base weights")
+            before = base_weights(layers)  # put back if the Cascade's state is refused
+            load_base_weights(layers, saved_weights, str(weights))
+        try:
+            return Cascade.from_state_dict(model, optimizer, saved)
+        except (TypeError, ValueError) as error:
+            if layers:
+                load_base_weights(layers, before, "the base weights before resuming")
+            raise type(error)(f"the Cascade's state in {path}: {error}") from error
 
     def on_save(self, args, state, control, **kwargs):
         cascade = self.cascade  # refuses before training began

@@ -587,3 +587,38 @@ def test_a_gaussian_init_is_refused_on_the_inject_route_naming_the_peft_route():
     with pytest.raises(ValueError, match=r"init_lora_weights='gaussian'.*PEFT route"):
         inject_lorasc(model, lora_config(init_lora_weights="gaussian"))
     assert not any(isinstance(m, LoRASCLinear) for m in model.modules())
+
+
+def test_a_bad_cascade_state_is_refused_before_the_base_weights_are_copied(tmp_path):
+    """A PEFT-route checkpoint whose lorasc_cascade.pt is bad: the resume is refused naming
+    the file, and the model keeps the weights it had (peft_base.pt was not left in it)."""
+    from types import SimpleNamespace
+
+    hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
+    model = peft.get_peft_model(base_model(), lora_config())
+    optimizer = adam(model)
+    cascade = Cascade(model, optimizer, steps_per_cascade=2, noise_lambda=0.1)
+    train(model, optimizer, cascade, 3)
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    state = dict(cascade.state_dict(), noise_scales=[-1.0, 0.1])
+    torch.save(state, folder / hf_callback.CHECKPOINT_FILE)
+    torch.save(
+        {name: layer.weight.detach().clone() for name, layer in cascade.layers.items()},
+        folder / "lorasc_cascade.peft_base.pt",
+    )
+    other = peft.get_peft_model(base_model(), lora_config())
+    before = copy.deepcopy(other.state_dict())
+    callback = hf_callback.LoRASCCallback(steps_per_cascade=2, noise_lambda=0.1)
+    args = SimpleNamespace(
+        output_dir=str(tmp_path),
+        world_size=1,
+        process_index=0,
+        resume_from_checkpoint=None,
+        report_to=[],
+    )
+    trainer_state = SimpleNamespace(global_step=3, is_world_process_zero=True)
+    with pytest.raises(ValueError, match=r"checkpoint-3/lorasc_cascade.pt: .*noise_scales"):
+        callback.on_train_begin(args, trainer_state, None, model=other, optimizer=adam(other))
+    assert all(torch.equal(value, other.state_dict()[key]) for key, value in before.items())
+    assert not callback.started
