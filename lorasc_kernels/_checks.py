@@ -102,6 +102,30 @@ def check_no_overlap(name: str, tensor: torch.Tensor) -> None:
         span += stride * (size - 1)
 
 
+def check_disjoint(tensors: dict[str, torch.Tensor]) -> None:
+    """No two of ``tensors`` (by name) may share memory: the byte range each spans (from
+    its first element to its last) meets no other's. Conservative for interleaved views of
+    one buffer, which are refused too."""
+    spans = []
+    for name, tensor in tensors.items():
+        if tensor.numel() == 0:
+            continue
+        reach = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
+        start = tensor.data_ptr()
+        spans.append((start, start + (reach + 1) * tensor.element_size(), name))
+    spans.sort()
+    end, last = 0, None
+    for start, stop, name in spans:
+        if last is not None and start < end:
+            first, second = sorted((last, name), key=list(tensors).index)
+            raise ValueError(
+                f"{first} and {second} share memory: an in-place merge would overwrite one "
+                "with the other; pass tensors that do not alias"
+            )
+        if stop > end:
+            end, last = stop, name
+
+
 def check_saved_like(where: str, saved, like: torch.Tensor) -> None:
     """A tensor read from a checkpoint (``where``) can replace ``like``: a tensor of its shape
     and dtype, holding values (not meta), all finite."""

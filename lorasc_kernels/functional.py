@@ -325,6 +325,7 @@ def prepare_merge(
     row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
     for name, tensor in written.items():
         checks.check_no_overlap(name, tensor)
+    checks.check_disjoint({**written, "lora_B": lora_B, "lora_A": lora_A})
     checks.check_choice("backend", backend, BACKENDS)
     backend = resolve_backend_name(backend, weight.device)
     if scaled:

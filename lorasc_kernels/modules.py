@@ -179,8 +179,17 @@ class LoRASCLinear(nn.Linear):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        """Refuse, before this layer copies anything, a state of another weight format: codes
-        into a float weight, float values into an fp8 one, or codes without their scales."""
+        """Refuse, before this layer copies anything, a state of another weight format (codes
+        into a float weight, float values into an fp8 one, codes without their scales) or of
+        another shape (torch would copy the entries that fit, e.g. new scales beside the old
+        codes, and raise afterwards)."""
+        for name, own in (*self._parameters.items(), *self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if own is not None and isinstance(saved, torch.Tensor) and saved.shape != own.shape:
+                raise ValueError(
+                    f"{prefix}{name}: the state's shape {tuple(saved.shape)} is not this "
+                    f"layer's {tuple(own.shape)}; nothing of the layer was loaded"
+                )
         weight = state_dict.get(prefix + "weight")
         scale = state_dict.get(prefix + "weight_scale")
         if self.weight_format is None:

@@ -262,6 +262,36 @@ def test_an_overlapping_scaled_weight_is_refused(backend, scaled_dtype):
     )
 
 
+def test_codes_and_scale_aliasing_one_buffer_are_refused(backend, scaled_dtype):
+    """Each is free of self-overlap, but the scale lies on the codes' first bytes: a merge
+    would overwrite each with the other."""
+    backend = scaled_backend(backend, scaled_dtype)
+    q, scale, lora_B, lora_A = _scaled(scaled_dtype)
+    codes = q.clone()
+    aliased = codes.reshape(-1)[: 4 * ROWS].view(torch.float32)
+    aliased.copy_(scale)  # valid scales, stored in the codes' memory
+    weight = ScaledWeight(codes, aliased)
+    refused(
+        ValueError,
+        "weight.codes and weight.scale share memory",
+        lambda: merge_lowrank_(weight, lora_B, lora_A, 0.5, backend=backend),
+        codes,
+    )
+
+
+def test_a_lora_factor_aliasing_the_weight_is_refused(backend):
+    weight = torch.randn(ROWS, COLS, device=DEVICE)
+    lora_B = weight[:, :RANK]  # B read while W is written
+    refused(
+        ValueError,
+        "weight and lora_B share memory",
+        lambda: merge_lowrank_(
+            weight, lora_B, torch.randn(RANK, COLS, device=DEVICE), 0.5, backend=backend
+        ),
+        weight,
+    )
+
+
 # -- 5. float64 weights ----------------------------------------------------------------------
 
 
@@ -393,3 +423,18 @@ def test_finalize_into_a_dtype_that_cannot_hold_the_merge_is_refused_by_name(wei
     layer.dequantize_dtype = torch.float32
     final = cascade.finalize()
     assert torch.isfinite(final[0].weight).all() and final[0].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("weight_format", ["fp8_e5m2", None])
+def test_a_state_of_another_shape_loads_nothing_into_the_layer(weight_format):
+    layer = LoRASCLinear(6, 5, r=2, weight_format=weight_format)
+    other = LoRASCLinear(7, 5, r=2, weight_format=weight_format)  # same rows, other columns
+    with torch.no_grad():
+        other.bias.fill_(3.0)
+        if weight_format is not None:
+            other.weight_scale.mul_(2.0)
+    before = {key: value.clone() for key, value in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"weight: the state's shape \(5, 7\) is not this layer's"):
+        layer.load_state_dict(other.state_dict())
+    for key, value in layer.state_dict().items():  # fp8 codes compared exactly in float32
+        assert torch.equal(value.float(), before[key].float()), key
