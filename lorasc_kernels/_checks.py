@@ -47,20 +47,23 @@ def check_scaled_pair(codes, scale) -> None:
 
 
 def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every entry of the row scales ``scale`` (rows,) is finite and at least the
-    ``min_scale`` of the scaled format ``dtype``: one reduction (``aminmax``) and one read of
-    its result. Errors call it ``name``."""
+    """Every entry of the row scales ``scale`` (rows,) is finite, at least the ``min_scale``
+    of the scaled format ``dtype`` and at most float32's largest value over the format's
+    (so every ``code · scale`` is finite): one reduction (``aminmax``) and one read of its
+    result. Errors call it ``name``."""
     if scale.numel() == 0 or scale.is_meta:  # no values to check
         return
-    smallest = scaled_weight_dtype(dtype).min_scale
+    fmt = scaled_weight_dtype(dtype)
+    smallest, largest = fmt.min_scale, torch.finfo(torch.float32).max / fmt.max_value
     low, high = torch.aminmax(scale)
-    if bool((low >= smallest) & (high <= torch.finfo(torch.float32).max)):
+    if bool((low >= smallest) & (high <= largest)):
         return
-    bad = ~(torch.isfinite(scale) & (scale >= smallest))
+    bad = ~(torch.isfinite(scale) & (scale >= smallest) & (scale <= largest))
     row = int(bad.nonzero()[0, 0])
     raise ValueError(
         f"{name} must be positive and finite, at least "
-        f"2**{math.log2(smallest):.0f} (the smallest scale of {dtype}), got "
+        f"2**{math.log2(smallest):.0f} (the smallest scale of {dtype}) and at most "
+        f"{largest:.4g} (beyond, the largest code times the scale overflows float32), got "
         f"{float(scale[row])} at row {row}"
     )
 

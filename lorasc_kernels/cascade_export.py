@@ -37,6 +37,15 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
     """
     cascade._check_active("merged_state_dict")
+    if device is not None:
+        if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+            raise TypeError(
+                f"device must be a torch.device, a str or an int, got {type(device).__name__}"
+            )
+        try:
+            device = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"device {device!r} is not a device: {error}") from None
     cascade._check_driven("merged_state_dict")
     model, prefix = plain_model(unwrap_data_parallel(cascade.model))
     if any(is_dtensor(p) for p in model.parameters()):

@@ -173,11 +173,12 @@ def lorasc_linear(
         checks.check_shape("bias", bias, (out_features,), "out_features")
     _check_lowrank(weight, lora_A, lora_B)
     checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    if scaled and weight.codes.requires_grad:
-        raise ValueError(
-            f"weight.codes ({weight.dtype}) requires grad: scaled weights are "
-            "frozen (requires_grad_(False))"
-        )
+    for part in ("codes", "scale") if scaled else ():
+        if getattr(weight, part).requires_grad:  # no gradient flows to either: refused
+            raise ValueError(
+                f"weight.{part} ({weight.dtype} weight) requires grad: scaled weights are "
+                "frozen (requires_grad_(False))"
+            )
     if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
         _check_scale_values_once(weight)
     scale = checks.check_float("scale", scale)
@@ -351,7 +352,7 @@ def prepare_merge(
         checks.check_merge_in_range(
             weight.codes, lora_B, lora_A, coeff, noise_scales, row_offset, None, weight.scale
         )
-        return lambda: merge_rows(weight, 0, weight.shape[0])
+        return _once(lambda: merge_rows(weight, 0, weight.shape[0]))
     checks.check_merge_in_range(
         weight,
         lora_B,
@@ -361,4 +362,21 @@ def prepare_merge(
         row_offset,
         lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
     )
-    return lambda: merge_rows(weight, 0, weight.shape[0])
+    return _once(lambda: merge_rows(weight, 0, weight.shape[0]))
+
+
+def _once(merge: Callable):
+    """``merge`` as a call that runs once: a second run would add the update twice."""
+    ran = False
+
+    def run():
+        nonlocal ran
+        if ran:
+            raise RuntimeError(
+                "this prepared merge has run already (a second run would add the update "
+                "twice): call prepare_merge again for another merge"
+            )
+        ran = True
+        return merge()
+
+    return run

@@ -52,5 +52,8 @@ class ScaledWeight:
         return self.codes.device
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        """``W = scale[row] · codes`` (N, K), computed in float32, returned in ``dtype``."""
+        """``W = scale[row] · codes`` (N, K), computed in float32, returned in ``dtype`` (a
+        floating dtype: an integer one would truncate the values)."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         return (self.codes.to(torch.float32) * self.scale[:, None]).to(dtype)

@@ -438,3 +438,38 @@ def test_a_state_of_another_shape_loads_nothing_into_the_layer(weight_format):
         layer.load_state_dict(other.state_dict())
     for key, value in layer.state_dict().items():  # fp8 codes compared exactly in float32
         assert torch.equal(value.float(), before[key].float()), key
+
+
+# -- scales, dequantization and prepared merges ------------------------------------------------
+
+
+def test_a_scale_whose_largest_code_overflows_float32_is_refused_by_the_linear():
+    codes = torch.full((2, 3), 57344.0).to(torch.float8_e5m2)  # e5m2's largest value
+    weight = ScaledWeight(codes, torch.tensor([1.0, 1e35]))  # 57344 · 1e35 > float32's max
+    with pytest.raises(ValueError, match=r"weight.scale .*at most .*at row 1"):
+        lorasc_linear(torch.randn(4, 3), weight, None, torch.zeros(1, 3), torch.zeros(2, 1), 1.0)
+
+
+def test_a_scale_that_requires_grad_is_refused_by_the_linear():
+    q, scale, lora_B, lora_A = _scaled(torch.float8_e4m3fn)
+    weight = ScaledWeight(q, scale.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match=r"weight.scale .* requires grad"):
+        lorasc_linear(torch.randn(3, COLS), weight, None, lora_A, lora_B, 1.0, backend="torch")
+
+
+def test_dequantize_to_an_integer_dtype_is_refused():
+    q, scale, _, _ = _scaled(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        ScaledWeight(q, scale).dequantize(torch.int32)
+
+
+def test_a_prepared_merge_runs_once():
+    from lorasc_kernels.functional import prepare_merge
+
+    weight = torch.randn(ROWS, COLS)
+    merge = prepare_merge(weight, torch.randn(ROWS, RANK), torch.randn(RANK, COLS), 0.5)
+    merge()
+    once = weight.clone()
+    with pytest.raises(RuntimeError, match="has run already"):
+        merge()
+    assert torch.equal(weight, once)

@@ -175,3 +175,18 @@ def test_every_alias_of_a_merged_weight_holds_the_merge():
     assert torch.equal(final["emb.weight"], final["head.weight"])
     for key, value in final.items():
         assert torch.equal(merged[key], value), key
+
+
+@pytest.mark.parametrize(
+    "device, error, match",
+    [
+        (3.5, TypeError, "device must be a torch.device, a str or an int, got float"),
+        (torch.float16, TypeError, "got dtype"),
+        ("nowhere", ValueError, "device 'nowhere' is not a device"),
+    ],
+    ids=["float", "dtype", "bad-name"],
+)
+def test_merged_state_dict_refuses_a_bad_device(device, error, match):
+    model, optimizer, cascade = lorasc_run()
+    with pytest.raises(error, match=match):
+        cascade.merged_state_dict(device=device)

@@ -622,3 +622,12 @@ def test_a_bad_cascade_state_is_refused_before_the_base_weights_are_copied(tmp_p
         callback.on_train_begin(args, trainer_state, None, model=other, optimizer=adam(other))
     assert all(torch.equal(value, other.state_dict()[key]) for key, value in before.items())
     assert not callback.started
+
+
+def test_a_model_on_the_fused_kernel_pickles_and_loads(tmp_path):
+    model = peft.get_peft_model(base_model(), lora_config())
+    use_fused_kernels(model)
+    x = torch.randn(3, IN)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(x), model(x))

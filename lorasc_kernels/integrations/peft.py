@@ -289,7 +289,8 @@ def use_fused_kernels(model: nn.Module) -> dict[str, PeftLoraLayer]:
         raise ValueError("model has no PEFT LoRA layer (peft.get_peft_model makes them)")
     for layer in layers.values():
         module = layer.module
-        module.forward = _fused_forward.__get__(module)
+        # a partial of a module-level function: the model still pickles (torch.save)
+        module.forward = functools.partial(_fused_forward, module)
     return layers
 
 
