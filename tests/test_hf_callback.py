@@ -325,3 +325,13 @@ def test_callback_resumes_from_a_checkpoint_outside_output_dir(tmp_path):
     expected = uninterrupted.state_dict()
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_epoch_boundaries_are_logged_at_their_own_step(tmp_path):
+    """With one cascade per epoch (steps_per_cascade=None), each epoch's boundary figures
+    are in the log of that epoch's last step (4 steps an epoch here), not the next one's."""
+    callback = lorasc_kernels.LoRASCCallback(noise_mode="off")
+    trainer = train(tiny_bert(), callback, tmp_path, num_train_epochs=2, logging_steps=100)
+    assert trainer.state.global_step == 8
+    logged = cascade_logs(trainer.state.log_history)
+    assert [(e["step"], e["lorasc/cascade"]) for e in logged] == [(4, 0), (8, 1)]
