@@ -46,18 +46,21 @@ def check_scaled_pair(codes, scale) -> None:
     check_same_device(codes=codes, scale=scale)
 
 
-def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every entry of the row scales ``scale`` (rows,) is finite, at least the ``min_scale``
-    of the scaled format ``dtype`` and at most float32's largest value over the format's
-    (so every ``code · scale`` is finite): one reduction (``aminmax``) and one read of its
-    result. Errors call it ``name``."""
+def scale_values_ok(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether every row scale of ``scale`` (rows,) is finite, at least the ``min_scale`` of
+    the scaled format ``dtype`` and at most float32's largest value over the format's (so
+    every ``code · scale`` is finite): a 0-dim bool on ``scale``'s device, not read."""
     if scale.numel() == 0 or scale.is_meta:  # no values to check
-        return
+        return torch.ones((), dtype=torch.bool, device=scale.device)
+    fmt = scaled_weight_dtype(dtype)
+    low, high = torch.aminmax(scale)
+    return (low >= fmt.min_scale) & (high <= torch.finfo(torch.float32).max / fmt.max_value)
+
+
+def raise_bad_scale(name: str, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """Raise the ``ValueError`` of the first row scale :func:`scale_values_ok` refuses."""
     fmt = scaled_weight_dtype(dtype)
     smallest, largest = fmt.min_scale, torch.finfo(torch.float32).max / fmt.max_value
-    low, high = torch.aminmax(scale)
-    if bool((low >= smallest) & (high <= largest)):
-        return
     bad = ~(torch.isfinite(scale) & (scale >= smallest) & (scale <= largest))
     row = int(bad.nonzero()[0, 0])
     raise ValueError(
@@ -68,13 +71,23 @@ def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> No
     )
 
 
+def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> None:
+    """:func:`scale_values_ok` read on the host (one read), raising by ``name`` if not."""
+    if not bool(scale_values_ok(scale, dtype)):
+        raise_bad_scale(name, scale, dtype)
+
+
 def scaled_row_max(
     weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight_scale"
 ) -> torch.Tensor:
     """``max_j |weight_scale[i] · weight[i, j]|`` per row (float64), in blocks of rows;
-    refuses scales that are not finite and at least the format's ``min_scale`` (calling
-    them ``name``)."""
+    refuses (one read) scales that :func:`scale_values_ok` refuses, calling them ``name``."""
     check_scale_values(name, weight_scale, weight.dtype)
+    return _scaled_row_max(weight, weight_scale)
+
+
+def _scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`scaled_row_max` without the check of the scales (nothing read)."""
     rows, cols = weight.shape
     if rows == 0 or cols == 0:
         return weight_scale.new_zeros(rows, dtype=torch.float64)
@@ -111,7 +124,7 @@ def check_disjoint(tensors: dict[str, torch.Tensor]) -> None:
     one buffer, which are refused too."""
     spans = []
     for name, tensor in tensors.items():
-        if tensor.numel() == 0:
+        if tensor.numel() == 0 or tensor.is_meta:  # no memory to share
             continue
         reach = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True))
         start = tensor.data_ptr()
@@ -267,29 +280,27 @@ _BOUND_MARGIN = 1.0 - 2.0**-10
 _EXACT_BLOCK_ELEMENTS = 1 << 20
 
 
-def check_merge_in_range(
-    weight: torch.Tensor,
-    lora_B: torch.Tensor,
-    lora_A: torch.Tensor,
-    coeff: float,
-    noise_scales: tuple[float, float],
-    row_offset: int,
-    exact_rows,
-    row_scale: torch.Tensor | None = None,
-) -> None:
-    """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range.
+class MergeRangeCheck:
+    """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range,
+    or whose W, ``lora_A`` or ``lora_B`` holds a non-finite value, in two halves so that a
+    caller reads the checks of many merges at once: construction computes on W's device
+    and reads nothing; :attr:`flags` is a 1-D bool tensor (a scaled W: its scales valid,
+    then whether the merge fits; a float W: whether it fits); :meth:`conclude` takes them as
+    read on the host and raises where they say (reading more only on the way to an error,
+    or to merge the rows near the limit exactly).
 
-    ``weight`` (rows, K) with finite values only, ``noise_scales`` the two noise scales (0
-    for no noise), ``exact_rows(start, stop)`` the merged values of rows ``start:stop``
-    computed into new memory. Per row ``i``, in float64, noise values lying in [-½, ½)::
+    ``weight`` (rows, K), ``noise_scales`` the two noise scales (0 for no noise),
+    ``exact_rows(start, stop)`` the merged values of rows ``start:stop`` computed into new
+    memory. Per row ``i``, in float64, noise values lying in [-½, ½)::
 
         bound_i = max_j |W_ij| + (|s_remove| + |s_add|) / 2 + |coeff| · Σ_k |B_ik| max_j |A_kj|
 
-    bounds every value of the row. A row passes when ``bound_i`` and ``Σ_k |B_ik| max_j
-    |A_kj|`` are below ``(1 - 2**-10)`` times the largest finite value of W's dtype (a
-    float64 ``W`` merges in float64). Any other row is merged
-    exactly by ``exact_rows`` and refused only if that yields an inf, so no merge that fits
-    is refused. One read of ``W`` (a row-wise max), no write.
+    bounds every value of the row (and is NaN or inf where W, A or B is not finite). A row
+    passes when ``bound_i`` and ``Σ_k |B_ik| max_j |A_kj|`` are below ``(1 - 2**-10)``
+    times the largest finite value of W's dtype (a float64 ``W`` merges in float64). Any
+    other row of finite values is merged exactly by ``exact_rows`` and refused only if that
+    yields an inf, so no merge that fits is refused. One read of ``W`` (a row-wise max), no
+    write.
 
     A scaled ``W`` passes its codes as ``weight``, its ``row_scale`` and ``exact_rows=None``
     (bad scales are refused as ``weight.scale``): ``row_max`` is then the row maxima of its
@@ -298,41 +309,77 @@ def check_merge_in_range(
     ``bound_i`` and ``bound_i / row_scale[i]`` (the merge's ``v / scale``) are within the
     limit, and is refused on the bound otherwise.
     """
-    scaled = row_scale is not None
-    dtype_max = torch.finfo(torch.float32 if scaled else weight.dtype).max
-    limit = dtype_max * _BOUND_MARGIN
-    if weight.shape[0] == 0:
-        return
-    if scaled:
-        row_max = scaled_row_max(weight, row_scale, "weight.scale")
-    else:
-        row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
-    finite = torch.isfinite(row_max)
-    if not bool(finite.all()):
-        row = row_offset + int((~finite).nonzero()[0, 0])
-        raise ValueError(f"weight has non-finite values (row {row}); it was left untouched")
-    lowrank = lora_B.detach().abs().double() @ lora_A.detach().abs().amax(dim=1).double()
-    bound = row_max + sum(abs(s) for s in noise_scales) / 2 + abs(coeff) * lowrank
-    outside = (bound > limit) | (lowrank > limit)
-    if scaled:
-        outside |= bound / row_scale.double() > limit
-    suspect = outside.nonzero().flatten()
-    if suspect.numel() == 0:
-        return
-    if scaled:
-        raise ValueError(
-            f"the merge could overflow float32 at row {row_offset + int(suspect[0])}: "
-            f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was left untouched"
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        lora_B: torch.Tensor,
+        lora_A: torch.Tensor,
+        coeff: float,
+        noise_scales: tuple[float, float],
+        row_offset: int,
+        exact_rows,
+        row_scale: torch.Tensor | None = None,
+    ):
+        self.weight, self.lora_B, self.lora_A = weight, lora_B, lora_A
+        self.row_scale, self.exact_rows = row_scale, exact_rows
+        self.coeff, self.noise_scales, self.row_offset = coeff, noise_scales, row_offset
+        scaled = row_scale is not None
+        self.dtype_max = torch.finfo(torch.float32 if scaled else weight.dtype).max
+        limit = self.dtype_max * _BOUND_MARGIN
+        if scaled:
+            row_max = _scaled_row_max(weight, row_scale)
+        else:
+            row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
+        self.row_max = row_max
+        lowrank = lora_B.detach().abs().double() @ lora_A.detach().abs().amax(dim=1).double()
+        bound = row_max + sum(abs(s) for s in noise_scales) / 2 + abs(coeff) * lowrank
+        inside = (bound <= limit) & (lowrank <= limit)  # False where NaN
+        if scaled:
+            inside &= bound / row_scale.double() <= limit
+        self.inside = inside
+        fits = inside.all()
+        self.flags = (
+            torch.stack([scale_values_ok(row_scale, weight.dtype), fits])
+            if scaled
+            else fits.reshape(1)
         )
-    start, stop = int(suspect[0]), int(suspect[-1]) + 1
-    block = max(1, _EXACT_BLOCK_ELEMENTS // weight.shape[1])
-    for first in range(start, stop, block):
-        merged = exact_rows(first, min(stop, first + block))
-        overflow = ~torch.isfinite(merged)
-        if bool(overflow.any()):
-            row, col = (int(i) for i in overflow.nonzero()[0])
+
+    def conclude(self, *flags: bool) -> None:
+        """Raise as the :attr:`flags` (read) say; nothing when the merge fits."""
+        weight, row_offset = self.weight, self.row_offset
+        if self.row_scale is not None:
+            scales_ok, fits = flags
+            if not scales_ok:
+                raise_bad_scale("weight.scale", self.row_scale, weight.dtype)
+        else:
+            (fits,) = flags
+        if fits:
+            return
+        for name, factor in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
+            if not bool(torch.isfinite(factor).all()):
+                raise ValueError(f"{name} has non-finite values; weight was left untouched")
+        if not bool(torch.isfinite(self.row_max).all()):
+            row = row_offset + int((~torch.isfinite(self.row_max)).nonzero()[0, 0])
+            raise ValueError(f"weight has non-finite values (row {row}); it was left untouched")
+        coeff, noise_scales = self.coeff, self.noise_scales
+        suspect = (~self.inside).nonzero().flatten()
+        if self.row_scale is not None:
             raise ValueError(
-                f"the merge would overflow {weight.dtype} (largest finite value {dtype_max:.4g})"
-                f" at weight[{row_offset + first + row}, {col}]: |coeff| = {abs(coeff):.4g}, "
-                f"noise scales {noise_scales}; weight was left untouched"
+                f"the merge could overflow float32 at row {row_offset + int(suspect[0])}: "
+                f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was left "
+                "untouched"
             )
+        start, stop = int(suspect[0]), int(suspect[-1]) + 1
+        block = max(1, _EXACT_BLOCK_ELEMENTS // weight.shape[1])
+        for first in range(start, stop, block):
+            merged = self.exact_rows(first, min(stop, first + block))
+            overflow = ~torch.isfinite(merged)
+            if bool(overflow.any()):
+                row, col = (int(i) for i in overflow.nonzero()[0])
+                raise ValueError(
+                    f"the merge would overflow {weight.dtype} (largest finite value "
+                    f"{self.dtype_max:.4g}) at weight[{row_offset + first + row}, {col}]: "
+                    f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was "
+                    "left untouched"
+                )

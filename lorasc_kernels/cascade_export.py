@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import _checks as checks
+from .cascade_merges import merge_operands, raise_on_every_rank
 from .distributed import is_dtensor, unwrap_data_parallel
 from .functional import merge_lowrank_
 from .integrations.peft import plain_model
@@ -88,21 +89,29 @@ def final_weight(cascade, index: int, name: str, layer) -> torch.Tensor:
     memory: ``W − N_t + slow_rate·s·B A`` by the boundary's merge, an fp8 weight dequantized
     to ``layer.dequantize_dtype``. Refuses (``ValueError`` naming the layer) an fp8 weight
     whose values would not fit that dtype, which ``finalize()`` would write as inf."""
-    mode = cascade.settings.applied_noise_mode
     weight = layer.weight.detach().clone()
     if layer.weight_scale is not None:
         weight = ScaledWeight(weight, layer.weight_scale.clone())
+    return _merged(cascade, index, name, layer, weight, layer.lora_B, layer.lora_A, 0)
+
+
+def _merged(cascade, index, name, layer, weight, lora_b, lora_a, row_offset) -> torch.Tensor:
+    """``weight`` (a copy of the rows from ``row_offset`` of layer ``index``'s W) merged as the
+    last boundary merges them, dequantized (a ScaledWeight) and checked as :func:`final_weight`
+    says."""
+    mode = cascade.settings.applied_noise_mode
     with checks.naming_layer(name):
         merge_lowrank_(
             weight,
-            layer.lora_B.detach(),
-            layer.lora_A.detach(),
+            lora_b.detach(),
+            lora_a.detach(),
             cascade.settings.slow_rate * layer.scaling,
             rounding=cascade.settings.rounding,
             seed=cascade._rounding_seed(cascade.cascade_index + 1, index),
             noise_remove=cascade._noise(cascade.cascade_index, index)
             if mode == "inplace"
             else None,
+            row_offset=row_offset,
             backend=layer.backend,
         )
     if not isinstance(weight, ScaledWeight):
@@ -122,10 +131,24 @@ def final_weight(cascade, index: int, name: str, layer) -> torch.Tensor:
 def check_final_weights_fit(cascade) -> None:
     """Refuse, before ``finalize()`` writes anything, an fp8 layer whose finalized weight
     would not fit its ``dequantize_dtype`` (see :func:`final_weight`; a merge into a copy
-    of its codes, one byte per element)."""
-    for index, name, layer in cascade._indexed_layers():
-        if layer.weight_scale is not None:
-            final_weight(cascade, index, name, layer)
+    of its codes, one byte per element; under FSDP2 each rank its rows, and every rank
+    raises when one refuses)."""
+    fp8 = [(index, name, layer) for index, name, layer in cascade._indexed_layers()]
+    fp8 = [(index, name, layer) for index, name, layer in fp8 if layer.weight_scale is not None]
+    operands = [merge_operands(layer) for _, _, layer in fp8]  # collectives, on every rank
+    failure = None
+    for (index, name, layer), (weight, row_offset, lora_b, lora_a) in zip(
+        fp8, operands, strict=True
+    ):
+        if weight.shape[0] == 0:  # a rank holding no rows of this weight
+            continue
+        copy = ScaledWeight(weight.codes.clone(), weight.scale.clone())
+        try:
+            _merged(cascade, index, name, layer, copy, lora_b, lora_a, row_offset)
+        except ValueError as error:
+            failure = error
+            break
+    raise_on_every_rank(failure, cascade.layers.values())
 
 
 def export_peft_adapter(cascade, path: str | Path, max_rank: int | None = None) -> Path:

@@ -16,10 +16,16 @@ import torch.distributed as dist
 
 from . import _checks as checks
 from .distributed import full_tensor, is_dtensor, local_row_block, with_synced_scales
-from .functional import prepare_merge
+from .functional import plan_merge
 from .scaled_weight import ScaledWeight
 
-__all__ = ["MergeRequest", "check_weight_values", "prepare_merges"]
+__all__ = [
+    "MergeRequest",
+    "check_weight_values",
+    "prepare_merges",
+    "merge_operands",
+    "raise_on_every_rank",
+]
 
 
 class MergeRequest(NamedTuple):
@@ -42,8 +48,8 @@ def prepare_merges(requests: list[MergeRequest], rounding: str, layers) -> list[
     The merge of a sharded fp8 layer then gathers its new per-row scales
     (:func:`~lorasc_kernels.distributed.with_synced_scales`).
     """
-    operands = [_merge_operands(layer) for _, layer, *_ in requests]
-    merges, failure = [], None
+    operands = [merge_operands(layer) for _, layer, *_ in requests]
+    plans, failure = [], None  # (name, plan) per request; None for a rank holding no rows
     for (name, layer, seed, coeff, noise_remove, noise_add), (
         weight,
         row_offset,
@@ -51,35 +57,66 @@ def prepare_merges(requests: list[MergeRequest], rounding: str, layers) -> list[
         lora_a,
     ) in zip(requests, operands, strict=True):
         if weight.shape[0] == 0:  # a rank holding no rows of this weight
-            merges.append(lambda: None)
+            plans.append(None)
             continue
         try:
             with checks.naming_layer(name):
-                merges.append(
-                    prepare_merge(
-                        weight,
-                        lora_b,
-                        lora_a,
-                        coeff,
-                        rounding=rounding,
-                        seed=seed,
-                        noise_remove=noise_remove,
-                        noise_add=noise_add,
-                        row_offset=row_offset,
-                        backend=layer.backend,
+                plans.append(
+                    (
+                        name,
+                        plan_merge(
+                            weight,
+                            lora_b,
+                            lora_a,
+                            coeff,
+                            rounding=rounding,
+                            seed=seed,
+                            noise_remove=noise_remove,
+                            noise_add=noise_add,
+                            row_offset=row_offset,
+                            backend=layer.backend,
+                        ),
                     )
                 )
         except (TypeError, ValueError) as error:
             failure = error
             break
-    _raise_on_every_rank(failure, layers)
+    merges = []
+    if failure is None:
+        flags = read_flags([plan.flags for _, plan in filter(None, plans)])
+        for entry in plans:
+            if entry is None:
+                merges.append(lambda: None)
+                continue
+            name, plan = entry
+            try:
+                with checks.naming_layer(name):
+                    merges.append(plan.conclude(flags.pop(0)))
+            except (TypeError, ValueError) as error:
+                failure = error
+                break
+    raise_on_every_rank(failure, layers)
     return [
         with_synced_scales(merge, layer)
         for merge, (_, layer, *_) in zip(merges, requests, strict=True)
     ]
 
 
-def _merge_operands(layer) -> tuple:
+def read_flags(flags: list[torch.Tensor]) -> list[list[bool]]:
+    """The value-check flags of many merges (1-D bool tensors), read on the host in one
+    transfer per device (one for a single-device model)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(flags):
+        by_device.setdefault(tensor.device, []).append(index)
+    values: list[list[bool]] = [[] for _ in flags]
+    for indices in by_device.values():
+        read = torch.cat([flags[i] for i in indices]).tolist()  # the one host read
+        for i in indices:
+            values[i], read = read[: flags[i].numel()], read[flags[i].numel() :]
+    return values
+
+
+def merge_operands(layer) -> tuple:
     """``(weight rows, row_offset, lora_B rows, whole lora_A)`` of this rank (a collective for
     an FSDP2 ``lora_A``); an fp8 layer's rows are a ScaledWeight with their scales."""
     weight, row_offset = local_row_block(layer.weight.data)
@@ -112,10 +149,10 @@ def check_weight_values(layers: dict) -> None:
         except ValueError as error:
             failure = error
             break
-    _raise_on_every_rank(failure, layers.values())
+    raise_on_every_rank(failure, layers.values())
 
 
-def _raise_on_every_rank(failure: Exception | None, layers) -> None:
+def raise_on_every_rank(failure: Exception | None, layers) -> None:
     """Raise ``failure`` (None: this rank found none); with row-sharded weights, every rank
     of their mesh raises when one has a failure."""
     meshes = {

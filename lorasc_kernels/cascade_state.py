@@ -56,13 +56,16 @@ def upgraded(state) -> dict:
     settings = state.get("settings")
     if not isinstance(settings, dict):
         raise ValueError("state must be a dict from Cascade.state_dict() with its 'settings'")
+    defaults = dataclasses.asdict(CascadeSettings())
+    unknown = [name for name in settings if name not in defaults]
+    if unknown:
+        raise TypeError(f"state['settings'] has unknown settings {unknown}")
     missing = [name for name in SETTINGS_IN_W if name not in settings]
     if missing:
         raise ValueError(
             f"state['settings'] lacks {missing}: the noise the saved W carries depends on "
             "them, so no default can stand in; pass the state as Cascade.state_dict() wrote it"
         )
-    defaults = dataclasses.asdict(CascadeSettings())
     return {
         **state,
         "version": STATE_VERSION,

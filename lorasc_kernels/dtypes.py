@@ -21,6 +21,8 @@ entry's new fields ask of the backends (``docs/contributing.md``).
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -164,5 +166,10 @@ def scaled_weight_dtype(dtype: torch.dtype) -> ScaledWeightDtype:
 
 
 def float32_scalar(value: float) -> float:
-    """``value`` rounded to the nearest float32: the scalars every kernel receives."""
-    return float(torch.tensor(value, dtype=torch.float32))
+    """``value`` rounded to the nearest float32 (ties to even; ±inf past its range), as
+    ``torch.tensor(value, dtype=torch.float32)`` rounds it: the scalars every kernel
+    receives. Pure Python (a C ``float`` cast): no tensor, no aten op, no device read."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # rounds past float32's largest value
+        return math.copysign(math.inf, value)

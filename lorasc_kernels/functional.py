@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -22,7 +23,14 @@ from .rounding import ROUNDING_MODES
 from .scaled_weight import ScaledWeight
 from .specs import LinearSpec, MergeSpec, NoiseSpec
 
-__all__ = ["lorasc_linear", "merge_lowrank_", "prepare_merge", "draw_seed"]
+__all__ = [
+    "lorasc_linear",
+    "merge_lowrank_",
+    "prepare_merge",
+    "plan_merge",
+    "MergePlan",
+    "draw_seed",
+]
 
 
 _DRAW_SEED_UNDER_COMPILE = (
@@ -221,9 +229,12 @@ def lorasc_linear(
     if scaled:
         _check_backend_scaled(backend, weight)
     lead = x.shape[:-1]
+    rows = x if x.dim() == 2 else x.reshape(-1, in_features)  # 2-D: no view op
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        y = ops.linear(x.reshape(-1, in_features), weight, bias, lora_A, lora_B, spec, backend)
+        y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, backend)
+    if x.dim() == 2:
+        return y
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
 
@@ -297,10 +308,52 @@ def prepare_merge(
     Nothing is written here, so a caller merging many weights (the Cascade) checks them all
     before the first write. Beyond the argument checks: ``weight`` must hold values (not
     meta, not an inference tensor outside inference mode), be finite, and the merge must
-    keep it finite in its dtype (:func:`lorasc_kernels._checks.check_merge_in_range`); a
-    :class:`ScaledWeight` needs finite scales of at least the format's ``min_scale`` and a merge
-    whose values, and their quotients by the row scale, stay within float32's range.
+    keep it finite in its dtype (:class:`lorasc_kernels._checks.MergeRangeCheck`); a
+    :class:`ScaledWeight` needs valid scales (:func:`lorasc_kernels._checks.scale_values_ok`)
+    and a merge whose values, and their quotients by the row scale, stay within float32's
+    range. The value checks cost one host read (:func:`plan_merge`).
     """
+    plan = plan_merge(
+        weight,
+        lora_B,
+        lora_A,
+        coeff,
+        rounding=rounding,
+        seed=seed,
+        noise_remove=noise_remove,
+        noise_add=noise_add,
+        row_offset=row_offset,
+        backend=backend,
+    )
+    return plan.conclude(plan.flags.tolist())
+
+
+class MergePlan(NamedTuple):
+    """A merge whose argument checks passed and whose value checks are computed but not read:
+    ``flags`` (1-D bool, on W's device) are those of
+    :class:`~lorasc_kernels._checks.MergeRangeCheck` (finite values, range, scales);
+    ``conclude(flags as read)`` raises as they say, or returns the merge (not run)."""
+
+    flags: torch.Tensor
+    conclude: Callable[[list[bool]], Callable[[], torch.Tensor | ScaledWeight]]
+
+
+def plan_merge(
+    weight: torch.Tensor | ScaledWeight,
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    coeff: float,
+    *,
+    rounding: str = "stochastic",
+    seed: int = 0,
+    noise_remove: tuple[int, float] | None = None,
+    noise_add: tuple[int, float] | None = None,
+    row_offset: int = 0,
+    backend: str = "auto",
+) -> MergePlan:
+    """:func:`prepare_merge` without reading the device: the checks of the arguments, and
+    the value checks computed into :attr:`MergePlan.flags`, so that a caller merging many
+    weights reads all their flags at once (the Cascade: one read per boundary)."""
     scaled = _check_weight(weight)
     _check_lowrank(weight, lora_A, lora_B, row_block=True)
     checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
@@ -334,9 +387,6 @@ def prepare_merge(
     _check_backend_dtype(backend, weight=None if scaled else weight, lora_A=lora_A, lora_B=lora_B)
     for name, tensor in written.items():
         checks.check_writable(name, tensor)
-    for name, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} has non-finite values; weight was left untouched")
     remove = None if noise_remove is None else NoiseSpec(*noise_remove)
     add = None if noise_add is None else NoiseSpec(*noise_add)
 
@@ -349,20 +399,25 @@ def prepare_merge(
 
     noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
     if scaled:
-        checks.check_merge_in_range(
+        range_check = checks.MergeRangeCheck(
             weight.codes, lora_B, lora_A, coeff, noise_scales, row_offset, None, weight.scale
         )
+    else:
+        range_check = checks.MergeRangeCheck(
+            weight,
+            lora_B,
+            lora_A,
+            coeff,
+            noise_scales,
+            row_offset,
+            lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
+        )
+
+    def conclude(flags: list[bool]) -> Callable[[], torch.Tensor | ScaledWeight]:
+        range_check.conclude(*flags)
         return _once(lambda: merge_rows(weight, 0, weight.shape[0]))
-    checks.check_merge_in_range(
-        weight,
-        lora_B,
-        lora_A,
-        coeff,
-        noise_scales,
-        row_offset,
-        lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
-    )
-    return _once(lambda: merge_rows(weight, 0, weight.shape[0]))
+
+    return MergePlan(range_check.flags, conclude)
 
 
 def _once(merge: Callable):

@@ -270,8 +270,8 @@ def test_a_float_state_into_an_fp8_layer_is_refused_before_any_copy(strict):
 @pytest.mark.parametrize(
     "scale, match",
     [
-        (torch.ones(OUT + 1), r"weight_scale must be a float tensor of shape \(5,\)"),
-        (torch.ones(OUT, 1), r"weight_scale must be a float tensor of shape \(5,\)"),
+        (torch.ones(OUT + 1), r"weight_scale: the state's shape \(6,\) is not this layer's \(5,\)"),
+        (torch.ones(OUT, 1), r"weight_scale: the state's shape \(5, 1\) is not this layer's"),
         (torch.full((OUT,), -1.0), "weight_scale must be positive and finite"),
         (torch.full((OUT,), 1e-30), "weight_scale must be positive and finite, at least 2"),
     ],

@@ -87,7 +87,10 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def __getattr__(name: str):
-    """The backend's primitives, imported from their kernel module on first use."""
+    """The backend's primitives, imported from their kernel module on first use and then
+    kept as attributes of this module (later uses do not come here)."""
     if name not in _PRIMITIVES:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_PRIMITIVES[name]}", __name__), name)
+    primitive = getattr(importlib.import_module(f".{_PRIMITIVES[name]}", __name__), name)
+    globals()[name] = primitive
+    return primitive
