@@ -64,13 +64,15 @@ import torch
 from torch import nn
 
 from . import _checks as checks
-from .cascade_merges import MergeRequest, check_weight_values, prepare_merges
+from .cascade_merges import MergeRequest, Precheck, check_weight_values, prepare_merges
 from .cascade_metrics import BoundaryMetrics
 from .cascade_settings import CascadeSettings
 from .cascade_state import STATE_VERSION, check_state, upgraded
 from .distributed import (
     full_tensor,
     global_std,
+    is_dtensor,
+    local_row_block,
     reset_lora,
     to_linear,
     unwrap_data_parallel,
@@ -467,16 +469,17 @@ class Cascade:
                 merge()
                 layer.weight_noise = _written(self._noise(0, index))
 
-    def _prepare_merges(self, requests: list[MergeRequest]) -> list:
+    def _prepare_merges(self, requests: list[MergeRequest], precheck=None) -> list:
         """The checked merges (none run) of ``requests``; see :func:`prepare_merges`."""
-        return prepare_merges(requests, self.settings.rounding, self.layers.values())
+        return prepare_merges(requests, self.settings.rounding, self.layers.values(), precheck)
 
     def _rounding_seed(self, merge_index: int, layer_index: int) -> int:
         """The seed of the stochastic rounding of merge ``merge_index`` into a layer."""
         return cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, layer_index)
 
-    def _prepare_boundary(self, last: bool) -> list:
-        """Per layer ``(coeff, following noise, merge)``, every merge checked, none run."""
+    def _prepare_boundary(self, last: bool, precheck=None) -> list:
+        """Per layer ``(coeff, following noise, merge)``, every merge checked (``precheck``
+        read with them), none run."""
         t = self.cascade_index
         mode = self.settings.applied_noise_mode
         plans, requests, noise_checks = [], [], []
@@ -489,12 +492,12 @@ class Cascade:
             if mode == "fused" and following is not None:  # W + the next noise stays finite
                 noise_checks.append(MergeRequest(name, layer, seed, coeff, None, following))
             plans.append((coeff, following))
-        merges = self._prepare_merges(requests + noise_checks)[: len(requests)]
+        merges = self._prepare_merges(requests + noise_checks, precheck)[: len(requests)]
         return [(*plan, merge) for plan, merge in zip(plans, merges, strict=True)]
 
     def _boundary(self, last: bool) -> None:
         """End cascade ``t``: merge every layer, swap the noise, start fresh fast LoRAs."""
-        started = time.perf_counter()
+        timer = _BoundaryTimer({layer.weight.device for layer in self.layers.values()})
         t = self.cascade_index
         mode = self.settings.applied_noise_mode
         if t == 0 and self.settings.warmup_steps and not self.warmup_wired:
@@ -503,10 +506,10 @@ class Cascade:
                 "to torch.optim.lr_scheduler.LambdaLR",
                 self.settings.warmup_steps,
             )
-        self._check_finite_lora()
         anchors = self.slow_update.prepared_anchors()
-        plans = self._prepare_boundary(last)
-        trained = any(bool(layer.lora_B.detach().any()) for layer in self.layers.values())
+        read = {}  # the boundary's own flags, as read with the merges' (one host read)
+        plans = self._prepare_boundary(last, self._boundary_precheck(read))
+        trained = read["trained"]
         if not trained and not last:
             logger.warning(
                 "LoRASC cascade %d ends with every fast LoRA as it was drawn (lora_B = 0): no "
@@ -536,20 +539,16 @@ class Cascade:
         self.slow_update.apply(anchors)
         self.cascade_index = t + 1
         self.steps_in_cascade = 0
-        devices = {layer.weight.device for layer in self.layers.values()}
-        for device in devices:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        self.metrics.record(t, seconds, sample, self.history[self.metrics.layer])
-        logger.info(
-            "LoRASC cascade %d %s: merged %d layers in %.1f ms, mean noise scale %.3g",
-            t,
-            "finalized" if last else "ended",
-            len(self.layers),
-            1e3 * seconds,
-            sum(self.noise_scales) / len(self.noise_scales),
-        )
+        self.metrics.record(t, timer.stop(), sample, self.history[self.metrics.layer])
+        if logger.isEnabledFor(logging.INFO):  # the time read waits for the GPU
+            logger.info(
+                "LoRASC cascade %d %s: merged %d layers in %.1f ms, mean noise scale %.3g",
+                t,
+                "finalized" if last else "ended",
+                len(self.layers),
+                self.metrics.last["lorasc/merge_ms"],
+                sum(self.noise_scales) / len(self.noise_scales),
+            )
 
     def _start_driving(self) -> None:
         """Claim the layers and note every optimizer that steps them: the last step of a
@@ -564,6 +563,40 @@ class Cascade:
         if not self.settings.slow_other_params or self.settings.slow_rate == 1.0:
             return []
         return other_trainable_params(optimizer, self.layers)
+
+    def _boundary_precheck(self, read: dict) -> Precheck:
+        """The checks of :meth:`_check_finite_lora` and whether any fast LoRA trained
+        (``lora_B ≠ 0``, into ``read["trained"]``), as flags read with the boundary's
+        merges. Sharded (FSDP2) factors: each rank checks its rows of ``B`` and the whole
+        ``A``, and ``trained`` is reduced over the ranks (a read of its own)."""
+        factors = []
+        for name, layer in self.layers.items():
+            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+                factors.append(
+                    (f"{name or 'model'}.{kind}", local_row_block(parameter.detach())[0])
+                )
+        sharded = any(is_dtensor(layer.lora_B) for layer in self.layers.values())
+        b_rows = [local for label, local in factors if label.endswith("lora_B")]
+        flags = [torch.isfinite(local).all().reshape(1) for _, local in factors]
+        flags += [self.slow_update.finite_flags()]
+        if not sharded:
+            flags.append(torch.stack([rows.any() for rows in b_rows]).any().reshape(1))
+
+        def conclude(values: list[list[bool]]) -> None:
+            for (label, _), (finite,) in zip(factors, values, strict=False):
+                if not finite:
+                    raise ValueError(
+                        f"{label} has non-finite values: no layer was merged and the "
+                        "cascade is unchanged"
+                    )
+            self.slow_update.conclude_finite(values[len(factors)])
+            read["trained"] = (
+                values[-1][0]
+                if not sharded
+                else any(bool(layer.lora_B.detach().any()) for layer in self.layers.values())
+            )
+
+        return Precheck(flags, conclude)
 
     def _check_finite_lora(self) -> None:
         """Refuse a boundary, before any merge, if a fast LoRA or a slow-updated parameter
@@ -594,6 +627,34 @@ def driven_layers(model: nn.Module) -> dict:
             "one kind (inject_lorasc refuses PEFT models for this reason)"
         )
     return layers or peft
+
+
+class _BoundaryTimer:
+    """Times a boundary without waiting for the GPU: on one CUDA device, two CUDA events
+    (their elapsed time read when asked); on the CPU, or several devices, the host clock
+    after a synchronize of each device."""
+
+    def __init__(self, devices: set[torch.device]):
+        self.devices = devices
+        self.events = None
+        if len(devices) == 1 and next(iter(devices)).type == "cuda":
+            with torch.cuda.device(next(iter(devices))):
+                self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                self.events[0].record()
+        self.started = time.perf_counter()
+
+    def stop(self):
+        """The boundary's end; returns ``merge_ms()``, its duration in ms (read lazily)."""
+        if self.events is not None:
+            with torch.cuda.device(next(iter(self.devices))):
+                self.events[1].record()
+            start, end = self.events
+            return lambda: (end.synchronize(), start.elapsed_time(end))[1]
+        for device in self.devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        milliseconds = 1e3 * (time.perf_counter() - self.started)
+        return lambda: milliseconds
 
 
 def _written(noise: tuple[int, float] | None) -> tuple[int, float] | None:

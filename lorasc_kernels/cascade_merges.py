@@ -39,9 +39,21 @@ class MergeRequest(NamedTuple):
     noise_add: tuple[int, float] | None
 
 
-def prepare_merges(requests: list[MergeRequest], rounding: str, layers) -> list[Callable]:
-    """The checked merges (none run) of ``requests``, in order; see :func:`prepare_merge`.
-    ``layers``: every layer of the Cascade (their meshes agree on a refusal).
+class Precheck(NamedTuple):
+    """Checks of a caller read with the merges' flags: ``flags`` (1-D bool tensors, on any
+    device) and ``conclude(values as read)``, which raises to refuse before any merge's own
+    checks are concluded."""
+
+    flags: list[torch.Tensor]
+    conclude: Callable[[list[list[bool]]], None]
+
+
+def prepare_merges(
+    requests: list[MergeRequest], rounding: str, layers, precheck: Precheck | None = None
+) -> list[Callable]:
+    """The checked merges (none run) of ``requests``, in order; see :func:`plan_merge`.
+    ``layers``: every layer of the Cascade (their meshes agree on a refusal). Every value
+    check (``precheck``'s first, then each merge's) is read in one transfer per device.
 
     Under FSDP2 a rank checks the rows it holds: the operands are gathered first (the same
     collectives in the same order on every rank), then every rank raises when one refuses.
@@ -83,8 +95,15 @@ def prepare_merges(requests: list[MergeRequest], rounding: str, layers) -> list[
             break
     merges = []
     if failure is None:
-        flags = read_flags([plan.flags for _, plan in filter(None, plans)])
-        for entry in plans:
+        extra = [] if precheck is None else precheck.flags
+        flags = read_flags(extra + [plan.flags for _, plan in filter(None, plans)])
+        try:
+            if precheck is not None:
+                precheck.conclude(flags[: len(extra)])
+        except (TypeError, ValueError) as error:
+            failure = error
+        flags = flags[len(extra) :]
+        for entry in plans if failure is None else ():
             if entry is None:
                 merges.append(lambda: None)
                 continue

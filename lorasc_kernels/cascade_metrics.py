@@ -1,6 +1,7 @@
 """What a :class:`~lorasc_kernels.Cascade` reports about each boundary (``last_boundary``).
 
-Every boundary reports its index and the time of its merges; every ``every``-th boundary
+Every boundary reports its index and the time of its merges (read when the figures are
+first read: a boundary itself does not wait for the GPU); every ``every``-th boundary
 (the first included) also measures ONE layer, ``layer`` (the Cascade's first by default):
 
 * ``lorasc/update_ratio``: ``‖ΔW_t‖_F / ‖W‖_F``, ``ΔW_t = slow_rate·s·B_t A_t`` the update
@@ -37,7 +38,8 @@ class BoundaryMetrics:
         self.layer_names = layer_names
         self.every = 1
         self.layer = layer_names[0]
-        self.last: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._merge_ms = None  # the last boundary's merge time, until first read (lazy)
 
     def configure(self, every: int, layer: str | None) -> None:
         """Measure every ``every``-th boundary (0: none) on ``layer`` (None: the first)."""
@@ -59,10 +61,12 @@ class BoundaryMetrics:
         lora_a = full_tensor(layer.lora_A.detach()).to("cpu", torch.float64)
         return lora_b, lora_a, _weight_norm(layer)
 
-    def record(self, cascade_index: int, seconds: float, sample, history: list) -> None:
-        """The figures of boundary ``cascade_index``; ``history``: the measured layer's kept
-        ``(c·B_τ, A_τ)`` (empty without ``keep_history``)."""
-        figures = {"lorasc/cascade": cascade_index, "lorasc/merge_ms": 1e3 * seconds}
+    def record(self, cascade_index: int, merge_ms, sample, history: list) -> None:
+        """The figures of boundary ``cascade_index``; ``merge_ms()`` gives the time of its
+        merges when :attr:`last` is first read (on a GPU, that read waits for them);
+        ``history``: the measured layer's kept ``(c·B_τ, A_τ)`` (empty without
+        ``keep_history``)."""
+        figures = {"lorasc/cascade": cascade_index, "lorasc/merge_ms": math.nan}
         if sample is not None:
             lora_b, lora_a, weight_norm = sample
             singular = lowrank_svd(lora_b, lora_a)[1]
@@ -73,7 +77,15 @@ class BoundaryMetrics:
             figures["lorasc/cascade_effective_rank"] = effective_rank(singular)
             if history:
                 figures["lorasc/effective_rank"] = effective_rank(lowrank_svd(*stacked(history))[1])
-        self.last = figures
+        self._last, self._merge_ms = figures, merge_ms
+
+    @property
+    def last(self) -> dict[str, float]:
+        """The figures of the last boundary (``{}`` before the first), keyed as logged."""
+        if self._merge_ms is not None:
+            self._last["lorasc/merge_ms"] = self._merge_ms()
+            self._merge_ms = None
+        return self._last
 
 
 def _weight_norm(layer) -> float:

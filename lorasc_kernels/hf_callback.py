@@ -114,7 +114,7 @@ class LoRASCCallback(TrainerCallback):
             )
         self.metrics_every, self.metrics_layer = metrics_every, metrics_layer
         self._cascade: Cascade | None = None
-        self._pending: dict[str, float] = {}  # the last boundary's figures, not logged yet
+        self._pending = False  # whether the last boundary's figures wait to be logged
         self._first = False  # whether first_in() put this callback ahead of the reporters
         self._warmed_scheduler = None  # the LambdaLR wrapped with the warm-up
 
@@ -290,7 +290,7 @@ class LoRASCCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.cascade.step():
-            self._pending = self.cascade.last_boundary
+            self._pending = True  # its figures are read when logged (no wait for the GPU now)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending:
@@ -298,13 +298,14 @@ class LoRASCCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.cascade.end_epoch():
-            self._pending = self.cascade.last_boundary
+            self._pending = True
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._pending or logs is None:
             return
-        logs.update(self._pending)
+        figures = self.cascade.last_boundary
+        logs.update(figures)
         if state.log_history:  # the Trainer recorded this log before calling on_log
-            state.log_history[-1].update(self._pending)
-        self._pending = {}
+            state.log_history[-1].update(figures)
+        self._pending = False

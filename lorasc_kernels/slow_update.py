@@ -34,8 +34,20 @@ class SlowUpdate:
 
     def check_finite(self) -> None:
         """Refuse (before a boundary writes anything) a parameter that diverged."""
-        for parameter, name in zip(self.params, self.names, strict=True):
-            if not bool(torch.isfinite(parameter.detach()).all()):
+        self.conclude_finite(self.finite_flags().tolist())
+
+    def finite_flags(self) -> torch.Tensor:
+        """Whether each parameter (this rank's part) is finite: (params,) bool, not read."""
+        return torch.stack(
+            [torch.isfinite(_local(parameter.detach())).all() for parameter in self.params]
+            or [torch.ones((), dtype=torch.bool)]
+        )[: len(self.params)]
+
+    def conclude_finite(self, finite: list[bool]) -> None:
+        """Refuse, naming it, the first parameter :meth:`finite_flags` (read) calls
+        non-finite."""
+        for name, ok in zip(self.names, finite, strict=False):
+            if not ok:
                 raise ValueError(
                     f"{name} has non-finite values: no layer was merged and the "
                     "cascade is unchanged"
