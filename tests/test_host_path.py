@@ -1,0 +1,143 @@
+"""The host work of the hot paths, counted (not timed): aten ops, Triton launches and host
+reads of one ``LoRASCLinear`` forward+backward, one ``merge_lowrank_`` and one Cascade
+boundary. Counts hold on any machine; the times are ``benchmarks/bench_host.py``'s."""
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.bench_host import LaunchCounter, OpCounter
+from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, merge_lowrank_
+from lorasc_kernels.quantize import quantize
+
+pytest.importorskip("triton")
+
+# Ops that read a device value on the host (a sync on a GPU) or copy it to the host.
+HOST_READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal")
+
+
+@pytest.fixture
+def tolist_reads(monkeypatch):
+    """Counts ``Tensor.tolist`` calls: the one way the package reads check flags, which a
+    dispatch mode does not see on the CPU (on a GPU it is a copy to the host)."""
+    calls = []
+    tolist = torch.Tensor.tolist
+
+    def counted(self):
+        calls.append(self.numel())
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    return calls
+
+
+def _host_reads(ops: OpCounter) -> list[str]:
+    return [name for name in ops.names if any(read in name for read in HOST_READS)]
+
+
+@pytest.mark.parametrize("backend, most_ops", [("triton", 14), ("torch", None)])
+def test_a_linear_forward_backward_issues_at_most_14_ops_and_reads_nothing(backend, most_ops):
+    """Noise and dropout off, a 2-D input, gradients None as after ``zero_grad()``. Triton:
+    the layer's own ops (the fused GEMM's output, the thin products, dA and dB scaled
+    inside ``addmm``), one ``detach`` per gradient the autograd engine stores, and two
+    launches of the fused GEMM (forward y, backward dX), stubbed here. The torch reference
+    backend composes its GEMM of several ops (no bound on their count), but reads nothing
+    either."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(24, 20, r=4, backend=backend)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(8, 24, requires_grad=True)
+    dy = torch.randn(8, 20)
+
+    def call():
+        x.grad = None
+        layer.zero_grad()
+        layer(x).backward(dy)
+
+    with LaunchCounter(stub=True):
+        call()  # first use: imports, the GEMM dispatch's choice
+    with LaunchCounter(stub=True) as launches, OpCounter() as ops:
+        call()
+    assert most_ops is None or ops.count <= most_ops, ops.by_name()
+    assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
+    assert launches.count == (2 if backend == "triton" else 0), launches.by_kernel
+
+
+def _weight(kind: str) -> torch.Tensor | ScaledWeight:
+    torch.manual_seed(1)
+    weight = torch.randn(40, 24)
+    if kind == "bfloat16":
+        return weight.bfloat16()
+    return quantize(weight, getattr(torch, kind))
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_a_merge_reads_the_device_once(kind, tolist_reads):
+    """Every value check of a standalone merge (finite factors, W's range, fp8 scales) is
+    computed on the device and read in ONE transfer, the flags; nothing else is read."""
+    weight = _weight(kind)
+    lora_B, lora_A = torch.randn(40, 3), torch.randn(3, 24)
+    merge_lowrank_(weight, lora_B, lora_A, 0.5, backend="torch")  # first use
+    tolist_reads.clear()
+    with OpCounter() as ops:
+        merge_lowrank_(weight, lora_B, lora_A, 0.5, noise_add=(3, 0.1), backend="torch")
+    assert len(tolist_reads) == 1 and tolist_reads[0] <= 2
+    assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
+
+
+def test_a_refused_merge_still_names_what_is_wrong():
+    """The flags say only "refused": the reason is found after, on the way to the error."""
+    weight = torch.randn(40, 24)
+    lora_A = torch.randn(3, 24)
+    lora_A[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="lora_A has non-finite values"):
+        merge_lowrank_(weight, torch.randn(40, 3), lora_A, 0.5)
+    weight[7, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"weight has non-finite values \(row 7\)"):
+        merge_lowrank_(weight, torch.randn(40, 3), torch.randn(3, 24), 0.5)
+
+
+@pytest.mark.parametrize("weight_format", [None, "fp8_e4m3"])
+def test_a_cascade_boundary_over_every_layer_reads_the_device_once(weight_format, tolist_reads):
+    """Three layers, in-place noise, a slow update of another parameter, metrics off: the
+    fast LoRAs' and the other parameter's finiteness, whether any fast LoRA trained, and
+    every layer's merge checks are read in one transfer."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if weight_format else torch.float32
+    layers = [
+        LoRASCLinear(16, 16, r=2, backend="torch", dtype=dtype, weight_format=weight_format)
+        for _ in range(3)
+    ]
+    model = nn.Sequential(*layers, nn.Linear(16, 4).to(dtype))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    cascade = Cascade(model, optimizer, steps_per_cascade=1, noise_lambda=0.1, slow_rate=0.5)
+    cascade.track_metrics(every=0)
+    model(torch.randn(4, 16).to(dtype)).float().square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    tolist_reads.clear()
+    with OpCounter() as ops:
+        assert cascade.step()  # the boundary
+    assert len(tolist_reads) == 1
+    assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
+    assert cascade.last_boundary["lorasc/merge_ms"] >= 0  # read after, when asked
+
+
+def test_the_compiled_path_custom_ops_read_nothing():
+    """What ``torch.compile`` (and CUDA-graph capture, ``mode="reduce-overhead"``) runs:
+    the ``lorasc::linear_forward`` and ``lorasc::linear_backward`` ops, which must neither
+    sync nor read a device value on the host (a capture would fail on it)."""
+    torch.manual_seed(0)
+    x, weight = torch.randn(8, 24), torch.randn(20, 24)
+    lora_A, lora_B, dy = torch.randn(4, 24), torch.randn(20, 4), torch.randn(8, 20)
+    args = (0.5, 0.0, None, None, 0.0, "triton")
+    with LaunchCounter(stub=True):
+        torch.ops.lorasc.linear_forward(x, weight, None, lora_A, lora_B, *args)
+    with LaunchCounter(stub=True) as launches, OpCounter() as ops:
+        _, xa = torch.ops.lorasc.linear_forward(x, weight, None, lora_A, lora_B, *args)
+        torch.ops.lorasc.linear_backward(
+            dy, x, xa, weight, lora_A, lora_B, *args[:5], [True, False, False, True, True], "triton"
+        )
+    assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
+    assert launches.count == 2
