@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from . import _checks as checks
+from ._files import atomic_write, file_digest
 from .cascade import Cascade, driven_layers
 from .cascade_settings import CascadeSettings
 from .cascade_state import upgraded
@@ -65,6 +66,8 @@ logger = logging.getLogger("lorasc_kernels")
 CHECKPOINT_FILE = "lorasc_cascade.pt"
 # Beside it, for a PEFT model: the merged base weights (the Trainer saves the adapters only).
 PEFT_BASE_SUFFIX = ".peft_base.pt"
+# The key of the Cascade's state file naming that file by its digest (the pair is one unit).
+PAIR_KEY = "lorasc_callback_peft_base"
 
 
 def _checkpoint_file(args, state, folder=None) -> Path:
@@ -80,6 +83,11 @@ def _checkpoint_file(args, state, folder=None) -> Path:
     if folder is None:
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     return Path(folder) / name
+
+
+def _companion(path: Path) -> Path:
+    """The file of a PEFT run's merged base weights beside the Cascade's state ``path``."""
+    return path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX))
 
 
 def _read(path: Path, what: str):
@@ -258,13 +266,20 @@ class LoRASCCallback(TrainerCallback):
                     "TrainingArguments.resume_from_checkpoint at the checkpoint passed to "
                     "train()"
                 )
+        pair = saved.pop(PAIR_KEY, None)
         layers = peft_lora_layers(model)
-        if layers:  # the PEFT route: the Trainer saved the adapters, not the merged weights
-            weights = path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX))
+        if layers:  # the PEFT route: the callback saved the merged base weights too
+            weights = _companion(path)
             if not weights.is_file():
                 raise RuntimeError(
                     f"resuming a PEFT model's run needs its merged base weights "
                     f"in {weights}, saved by LoRASCCallback beside {path.name}"
+                )
+            if pair is not None and pair.get("sha256") != file_digest(weights):
+                raise ValueError(
+                    f"{weights} is not the file {path} was saved with (its SHA-256 differs): "
+                    "the two were written by different saves, e.g. a save cut off after "
+                    "the base weights; resume from another checkpoint"
                 )
             saved_weights = _read(weights, "the merged base weights")
             before = base_weights(layers)  # put back if the Cascade's state is refused
@@ -281,12 +296,13 @@ class LoRASCCallback(TrainerCallback):
         if args.world_size > 1 or state.is_world_process_zero:
             path = _checkpoint_file(args, state)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(cascade.state_dict(), path)
+            saved = cascade.state_dict()
             if all(isinstance(layer, PeftLoraLayer) for layer in cascade.layers.values()):
-                torch.save(
-                    base_weights(cascade.layers),
-                    path.with_name(path.name.replace(".pt", PEFT_BASE_SUFFIX)),
-                )
+                # the base weights first; the state, written last, names them by digest
+                weights = base_weights(cascade.layers)
+                companion = atomic_write(_companion(path), lambda file: torch.save(weights, file))
+                saved[PAIR_KEY] = {"name": companion.name, "sha256": file_digest(companion)}
+            atomic_write(path, lambda file: torch.save(saved, file))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.cascade.step():

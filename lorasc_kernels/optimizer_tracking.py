@@ -9,6 +9,7 @@ to the next.
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 from torch import nn
@@ -22,10 +23,23 @@ __all__ = ["OptimizerTracker", "check_optimizer", "other_trainable_params"]
 # notes every step for all of them: removing a hook from a tracker's finalizer could run
 # inside torch's loop over the hooks (a garbage collection there) and break that loop.
 _TRACKERS: weakref.WeakSet = weakref.WeakSet()
+# Guards _TRACKERS, _GENERATION and _SEEN: threads build, finalize and step at once.
+_LOCK = threading.Lock()
+# Bumped by each start(): a new tracker must see every optimizer once.
+_GENERATION = 0
+# Optimizer → (parameters it held, generation) when every tracker last saw it: a step of an
+# optimizer unchanged since then has nothing new to tell any tracker.
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _note_step(optimizer, *_) -> None:
-    for tracker in list(_TRACKERS):
+    held = sum(len(group["params"]) for group in optimizer.param_groups)
+    with _LOCK:
+        if _SEEN.get(optimizer) == (held, _GENERATION):
+            return
+        _SEEN[optimizer] = (held, _GENERATION)
+        trackers = list(_TRACKERS)  # a snapshot: other threads may add or remove
+    for tracker in trackers:
         tracker._note(optimizer)
 
 
@@ -82,11 +96,15 @@ class OptimizerTracker:
 
     def start(self) -> None:
         """Note every optimizer step from now on, until :meth:`stop` or the tracker is gone."""
+        global _GENERATION
         _register_hook()
-        _TRACKERS.add(self)
+        with _LOCK:
+            _TRACKERS.add(self)
+            _GENERATION += 1
 
     def stop(self) -> None:
-        _TRACKERS.discard(self)
+        with _LOCK:
+            _TRACKERS.discard(self)
 
     def drop_state(self, layer: LoRASCLinear) -> None:
         """Drop ``layer``'s fast LoRA state from every tracked optimizer."""

@@ -23,13 +23,13 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import _checks as checks
+from .._files import atomic_write
 from ..distributed import full_tensor, local_row_block
 from ..functional import lorasc_linear
 
@@ -379,7 +379,7 @@ def _save_pretrained_with_base_weights(model, names, *args, **kwargs) -> None:
 
 def _add_to_adapter_file(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Add ``tensors`` to the adapter file PEFT wrote in ``folder`` (safetensors or
-    ``.bin``), rewritten atomically (a temporary file in ``folder``, then renamed)."""
+    ``.bin``), rewritten atomically (:func:`~lorasc_kernels._files.atomic_write`)."""
     safetensors_file = folder / "adapter_model.safetensors"
     if safetensors_file.exists():
         from safetensors.torch import load_file, save_file
@@ -390,8 +390,4 @@ def _add_to_adapter_file(folder: Path, tensors: dict[str, torch.Tensor]) -> None
         path = folder / "adapter_model.bin"
         tensors = {**torch.load(path, weights_only=True), **tensors}
         write = torch.save
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(tensors, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    atomic_write(path, lambda file: write(tensors, file))
