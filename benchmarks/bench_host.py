@@ -14,8 +14,9 @@ backward with a fixed ``dY``. Providers:
   run here is a row with its reason in ``skipped``.
 
 Columns, per call: ``host_us``, the median over ``--calls`` calls of ``perf_counter``
-around one call, no device sync inside (the providers are timed in turns, as
-:func:`benchmarks.common.time_interleaved_ms` does); ``aten_ops``, every op that a
+around one call, no device sync (the providers are timed in turns, as
+:func:`benchmarks.common.time_interleaved_ms` does; on a GPU, keep the problem small, so
+that the device does not hold the host back); ``aten_ops``, every op that a
 :class:`OpCounter` (a ``TorchDispatchMode``) sees, views included, of which ``view_ops``
 views and ``host_read_ops`` ops that read a device value on the host (:func:`is_host_read`,
 a sync on a GPU); ``triton_launches`` (:class:`LaunchCounter`); on a GPU ``cuda_syncs``,
@@ -45,10 +46,10 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import csv
 import importlib
 import os
 import pkgutil
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -330,7 +331,6 @@ def measure(
             fns[name] = step_fn("forward+backward", _build(name, tensors, compile_on_cpu), tensors)
         except providers.ProviderUnavailable as error:
             skipped[name] = str(error).splitlines()[0]
-    counts = {}
     with LaunchCounter(stub) if stub else contextlib.nullcontext():
         for fn in fns.values():  # first calls: compiles, autotuning, the dispatch's choice
             fn()
@@ -380,8 +380,6 @@ def _triton_version() -> str:
 
 def write_csv(rows: list[dict], folder: Path) -> Path:
     """``rows`` as ``folder/host-<HHMMSS>Z.csv`` (written whole, then renamed into place)."""
-    import csv
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / time.strftime("host-%H%M%SZ.csv", time.gmtime())
     partial = path.with_suffix(".csv.partial")
@@ -429,4 +427,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

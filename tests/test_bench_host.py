@@ -1,0 +1,97 @@
+"""The host-cost benchmark (benchmarks/bench_host.py): its counters count exactly, its Triton
+stub runs nothing and puts the kernels back, and a run writes one row per provider."""
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_host
+from benchmarks.bench_host import LaunchCounter, OpCounter
+from benchmarks.bench_linear import step_fn
+from benchmarks.providers import Problem, Tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_op_counter_counts_known_ops_exactly():
+    x = torch.ones(4, 4)
+    with OpCounter() as ops:
+        y = (x + 1).t().sum()
+    assert ops.count == 3
+    assert ops.names == ["aten.add.Tensor", "aten.t.default", "aten.sum.default"]
+    assert ops.views == 1 and ops.host_reads == 0
+    assert ops.by_name()["aten.t.default"] == 1
+    with OpCounter() as ops:
+        y.item()
+        bool(x.any())
+        x[x > 0]  # a boolean mask: a hidden nonzero
+    assert ops.count == 5 and ops.host_reads == 3
+
+
+def test_op_counter_sees_the_backward():
+    w = torch.ones(3, 3, requires_grad=True)
+    with OpCounter() as ops:
+        (torch.ones(2, 3) @ w).sum().backward()
+    assert "aten.mm.default" in ops.names and ops.count > 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no Triton")
+def test_launch_stub_counts_runs_nothing_and_restores():
+    tensors = Tensors.draw(Problem(16, 32, 16, 4, torch.float32, DEVICE))
+    try:
+        fn = step_fn("forward+backward", bench_host.ours_layer(tensors, "triton"), tensors)
+    except RuntimeError as error:  # Triton cannot run these tensors here
+        pytest.skip(str(error))
+    originals = [
+        (module, name, getattr(module, name)) for module, name in bench_host.launch_points()
+    ]
+    with LaunchCounter(stub=True) as launches, OpCounter() as ops:
+        fn()
+    assert launches.count == 2 == launches.by_kernel["_fused_lowrank_kernel"]  # y and dX
+    assert ops.count > 0 and ops.host_reads == 0
+    assert all(getattr(module, name) is kernel for module, name, kernel in originals)
+    from lorasc_kernels.backends.triton import fused_linear
+
+    with LaunchCounter(stub=True) as launches:  # a real launch would refuse these arguments
+        assert fused_linear._fused_lowrank_kernel[(1,)]("not", "a", "launch") is None
+    assert launches.count == 1
+
+
+def test_run_writes_one_row_per_provider(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_host", "--calls", "10", "--out", str(tmp_path)]
+        + ["--M", "16", "--K", "32", "--N", "16", "--r", "4"],
+        cwd=ROOT,
+        env=CPU_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (path,) = tmp_path.glob("host-*.csv")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == bench_host.COLUMNS
+        rows = {row["provider"]: row for row in reader}
+    assert list(rows) == list(bench_host.PROVIDERS)
+    assert rows["compile"]["skipped"] and rows["ours-cuda"]["skipped"]  # on the CPU
+    measured = [name for name, row in rows.items() if not row["skipped"]]
+    assert {"floor", "addmm", "ours-torch"} <= set(measured)
+    for name in measured:
+        row = rows[name]
+        assert float(row["host_us"]) > 0 and int(row["calls"]) == 10
+        assert int(row["aten_ops"]) > 0 and int(row["view_ops"]) >= 0
+        assert int(row["host_read_ops"]) >= 0 and int(row["triton_launches"]) >= 0
+        assert row["cuda_syncs"] == ""  # counted on a GPU only
+    assert int(rows["floor"]["triton_launches"]) == 0
+    if "ours-triton" in measured:
+        assert int(rows["ours-triton"]["triton_launches"]) > 0
+        assert rows["ours-triton"]["launches_stubbed"] == "True"
