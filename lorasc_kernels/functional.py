@@ -207,8 +207,11 @@ def lorasc_linear(
         dropout_seed = draw_seed()
 
     device_type = x.device.type
-    autocast = torch.amp.is_autocast_available(device_type)  # not on "meta"
-    if autocast and torch.is_autocast_enabled(device_type) and x.dtype != torch.float64:
+    # not on "meta"; off: no autocast context to leave either (a context costs µs per call)
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
+        device_type
+    )
+    if autocast and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype(device_type)  # float64 stays, as autocast leaves it
         x = x.to(dtype)
         weight = weight if scaled else weight.to(dtype)
