@@ -57,7 +57,7 @@ import logging
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -204,6 +204,9 @@ class Cascade:
         self.cascade_index = 0
         self.steps_in_cascade = 0
         self.finalized = False
+        # A boundary an error cut off (what it finished), and whether finalize()'s merge ran.
+        self._progress: _BoundaryProgress | None = None
+        self._last_merged = False
         self.history: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
             name: [] for name in self.layers
         }
@@ -281,20 +284,26 @@ class Cascade:
         ``save_pretrained`` writes it whole and ``from_pretrained`` loads it as it is.
         """
         self._check_active("finalize")
-        self._check_driven("finalize")
-        from .cascade_export import check_final_weights_fit
+        if not self._last_merged:  # else a finalize() cut off while putting linears back
+            if self._progress is None:  # else finish the last boundary an error cut off
+                self._check_driven("finalize")
+                from .cascade_export import check_final_weights_fit
 
-        self._check_finite_lora()
-        check_final_weights_fit(self)
-        self._boundary(last=True)
+                self._check_finite_lora()
+                check_final_weights_fit(self)
+            self._boundary(last=True)
+            self._last_merged = True
         self.tracker.stop()
+        root = unwrap_data_parallel(self.model)
         for name, layer in self.layers.items():
-            linear = to_linear(layer)
             if not name:
-                self.model = linear
+                self.model = to_linear(layer)
                 continue
             parent_name, _, child = name.rpartition(".")
-            setattr(unwrap_data_parallel(self.model).get_submodule(parent_name), child, linear)
+            parent = root.get_submodule(parent_name)
+            driven = layer.module if isinstance(layer, PeftLoraLayer) else layer
+            if getattr(parent, child) is driven:  # else put back by a cut-off finalize()
+                setattr(parent, child, to_linear(layer))
         self.finalized = True
         if isinstance(next(iter(self.layers.values())), PeftLoraLayer):
             return plain_model(unwrap_data_parallel(self.model))[0]
@@ -373,6 +382,11 @@ class Cascade:
         """Counters, noise scales, settings, the anchors of the other parameters' slow
         update (copies) and (with ``keep_history``) the merged updates; the keys of
         :data:`~lorasc_kernels.cascade_state.STATE_KEYS`."""
+        if self._progress is not None:
+            raise RuntimeError(
+                "Cascade.state_dict(): a boundary was cut off by an error and is half done; "
+                "call step() (or finalize()) again to finish it, then save"
+            )
         return {
             "version": STATE_VERSION,
             "settings": asdict(self.settings),
@@ -477,69 +491,103 @@ class Cascade:
         """The seed of the stochastic rounding of merge ``merge_index`` into a layer."""
         return cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, layer_index)
 
-    def _prepare_boundary(self, last: bool, precheck=None) -> list:
+    def _prepare_boundary(self, last: bool, precheck=None, merged=frozenset()) -> list:
         """Per layer ``(coeff, following noise, merge)``, every merge checked (``precheck``
-        read with them), none run."""
+        read with them), none run; ``merge`` is None for the layers in ``merged`` (merged
+        already by a boundary an error cut off)."""
         t = self.cascade_index
         mode = self.settings.applied_noise_mode
-        plans, requests, noise_checks = [], [], []
+        plans, requests, noise_checks, planned = [], [], [], []
         for index, name, layer in self._indexed_layers():
             coeff = self.settings.slow_rate * layer.scaling
             following = None if mode == "off" or last else self._noise(t + 1, index)
+            plans.append((coeff, following))
+            if name in merged:
+                continue
             noises = (self._noise(t, index), following) if mode == "inplace" else (None, None)
             seed = self._rounding_seed(t + 1, index)
             requests.append(MergeRequest(name, layer, seed, coeff, *noises))
+            planned.append(name)
             if mode == "fused" and following is not None:  # W + the next noise stays finite
                 noise_checks.append(MergeRequest(name, layer, seed, coeff, None, following))
-            plans.append((coeff, following))
-        merges = self._prepare_merges(requests + noise_checks, precheck)[: len(requests)]
-        return [(*plan, merge) for plan, merge in zip(plans, merges, strict=True)]
+        merges = dict(
+            zip(planned, self._prepare_merges(requests + noise_checks, precheck), strict=False)
+        )
+        return [(*plan, merges.get(name)) for plan, name in zip(plans, self.layers, strict=True)]
 
     def _boundary(self, last: bool) -> None:
-        """End cascade ``t``: merge every layer, swap the noise, start fresh fast LoRAs."""
-        timer = _BoundaryTimer({layer.weight.device for layer in self.layers.values()})
+        """End cascade ``t``: merge every layer, swap the noise, start fresh fast LoRAs.
+
+        Resumable: what it has finished is kept in :attr:`_progress` until it completes, so
+        that after an error raised in the middle (out of memory, Ctrl-C) the next call
+        finishes exactly what is left, as the boundary would have: no layer is merged twice,
+        no history entry kept twice, no parameter slow-updated twice."""
         t = self.cascade_index
         mode = self.settings.applied_noise_mode
-        if t == 0 and self.settings.warmup_steps and not self.warmup_wired:
-            logger.warning(
-                "Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
-                "to torch.optim.lr_scheduler.LambdaLR",
-                self.settings.warmup_steps,
+        progress = self._progress
+        if progress is not None and (progress.cascade_index, progress.last) != (t, last):
+            raise RuntimeError(
+                f"Cascade: a {'finalize' if progress.last else 'boundary'} was cut off by an "
+                "error; call that again to finish it first"
             )
-        anchors = self.slow_update.prepared_anchors()
-        read = {}  # the boundary's own flags, as read with the merges' (one host read)
-        plans = self._prepare_boundary(last, self._boundary_precheck(read))
-        trained = read["trained"]
-        if not trained and not last:
-            logger.warning(
-                "LoRASC cascade %d ends with every fast LoRA as it was drawn (lora_B = 0): no "
-                "optimizer step reached them since the last boundary; call optimizer.step() "
-                "before cascade.step()",
-                t,
-            )
-        # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
-        record = self.settings.keep_history and trained
-        sample = None
+        if progress is None:
+            if t == 0 and self.settings.warmup_steps and not self.warmup_wired:
+                logger.warning(
+                    "Cascade(warmup_steps=%d) has no effect: pass cascade.lr_lambda() "
+                    "to torch.optim.lr_scheduler.LambdaLR",
+                    self.settings.warmup_steps,
+                )
+            timer = _BoundaryTimer({layer.weight.device for layer in self.layers.values()})
+            anchors = self.slow_update.prepared_anchors()
+            read = {}  # the boundary's own flags, as read with the merges' (one host read)
+            plans = self._prepare_boundary(last, self._boundary_precheck(read))
+            if not read["trained"] and not last:
+                logger.warning(
+                    "LoRASC cascade %d ends with every fast LoRA as it was drawn (lora_B = 0): "
+                    "no optimizer step reached them since the last boundary; call "
+                    "optimizer.step() before cascade.step()",
+                    t,
+                )
+            # A merge of all-zero B (finalize right after a boundary) adds nothing to record.
+            record = self.settings.keep_history and read["trained"]
+            progress = _BoundaryProgress(t, last, timer, anchors, record)
+        else:  # finish the boundary an error cut off: plan only the layers not merged yet
+            merged = {name for name, stage in progress.stages.items() if stage >= _MERGED}
+            plans = self._prepare_boundary(last, merged=merged)
+        self._progress = progress
         for (index, name, layer), (coeff, following, merge) in zip(
             self._indexed_layers(), plans, strict=True
         ):
-            if name == self.metrics.layer:
-                sample = self.metrics.sample(t, layer, coeff)
-            merge()
+            stage = progress.stages.get(name, 0)
+            if stage == _DONE:
+                continue
+            if stage < _MERGED:
+                if name == self.metrics.layer:
+                    progress.sample = self.metrics.sample(t, layer, coeff)
+                if progress.record:  # B and A as merged, read before the merge
+                    progress.updates[name] = (len(self.history[name]), _update_on_cpu(layer, coeff))
+                merge()
+                progress.stages[name] = _MERGED
+            # From here each step can be run again (an error in it: the next call does).
             if mode == "inplace":
                 layer.weight_noise = _written(following)
-            if record:
-                self.history[name].append(_update_on_cpu(layer, coeff))
+            if name in progress.updates:  # kept once: the history's length says if it was
+                length, update = progress.updates[name]
+                if len(self.history[name]) == length:
+                    self.history[name].append(update)
             if mode == "fused":
                 seed, scale = following or (None, 0.0)
                 layer.set_noise(seed, scale)
             self.tracker.drop_state(layer)
             if not last:
                 reset_lora(layer, self._init_generator(layer, t + 1, index))
-        self.slow_update.apply(anchors)
+            progress.stages[name] = _DONE
+        self.slow_update.apply(progress.anchors, progress.slow_updated)
+        self._progress = None
         self.cascade_index = t + 1
         self.steps_in_cascade = 0
-        self.metrics.record(t, timer.stop(), sample, self.history[self.metrics.layer])
+        merge_ms = progress.timer.stop()
+        self.metrics.record(t, merge_ms, progress.sample, self.history[self.metrics.layer])
         if logger.isEnabledFor(logging.INFO):  # the time read waits for the GPU
             logger.info(
                 "LoRASC cascade %d %s: merged %d layers in %.1f ms, mean noise scale %.3g",
@@ -627,6 +675,29 @@ def driven_layers(model: nn.Module) -> dict:
             "one kind (inject_lorasc refuses PEFT models for this reason)"
         )
     return layers or peft
+
+
+# How far a boundary got with a layer (_BoundaryProgress.stages).
+_MERGED = 1  # W holds the merge; the noise, history and fresh LoRA may not be done
+_DONE = 2
+
+
+@dataclass
+class _BoundaryProgress:
+    """What boundary ``cascade_index`` (``last``: finalize's) has done so far, kept while an
+    error leaves it unfinished: each layer's stage, its history entry (read before its
+    merge, with the history's length then), the slow-update values written, and what its
+    start decided."""
+
+    cascade_index: int
+    last: bool
+    timer: _BoundaryTimer
+    anchors: list
+    record: bool
+    sample: object = None
+    stages: dict = field(default_factory=dict)
+    updates: dict = field(default_factory=dict)
+    slow_updated: dict = field(default_factory=dict)
 
 
 class _BoundaryTimer:

@@ -67,14 +67,16 @@ class SlowUpdate:
             anchors.append(anchor.to(local.device, local.dtype))
         return anchors
 
-    def apply(self, anchors: list[torch.Tensor]) -> None:
+    def apply(self, anchors: list[torch.Tensor], done: dict[int, torch.Tensor]) -> None:
         """``p ← anchor + rate · (p − anchor)`` in place, from :meth:`prepared_anchors`; the
-        results are the next anchors."""
-        for parameter, anchor in zip(self.params, anchors, strict=True):
+        results are the next anchors. ``done`` (index → new value) keeps what is computed,
+        so that a call cut off by an error and made again writes each value once."""
+        for index, (parameter, anchor) in enumerate(zip(self.params, anchors, strict=True)):
             local = _local(parameter)
-            anchor.lerp_(local, self.rate)
-            local.copy_(anchor)
-        self.anchors = anchors
+            if index not in done:
+                done[index] = anchor.lerp(local, self.rate)
+            local.copy_(done[index])
+        self.anchors = [done[index] for index in range(len(self.params))]
 
     def load(self, saved_anchors) -> None:
         """Take saved anchors (checked by :func:`~lorasc_kernels.cascade_state.check_state`)."""

@@ -186,3 +186,119 @@ def test_a_step_of_an_optimizer_seen_before_asks_no_tracker(monkeypatch):
     late = Cascade(*_small_run())  # a new tracker must see it once
     optimizer.step()
     assert len(calls) >= len(cascades) + 1 and late.optimizer is not optimizer
+
+
+# -- boundaries and finalize() cut off by an error, then called again ---------------------------
+
+LAYERS = 5
+
+
+def _five_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *[LoRASCLinear(6, 6, r=2, backend="torch") for _ in range(LAYERS)], nn.Linear(6, 2)
+    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trained, lr=1e-2)
+    cascade = Cascade(
+        model,
+        optimizer,
+        steps_per_cascade=2,
+        noise_lambda=0.1,
+        slow_rate=0.5,
+        keep_history=True,
+        seed=4,
+    )
+    return model, optimizer, cascade
+
+
+def _steps(model, optimizer, cascade, steps, fault=None):
+    """``steps`` training steps; ``fault()`` (if given) arms an error for the next boundary,
+    which is caught and the step made again, as a user retries after an out-of-memory."""
+    generator = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        model(torch.randn(3, 6, generator=generator)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if fault is not None and step == 1:
+            with fault(), pytest.raises((RuntimeError, KeyboardInterrupt), match="injected"):
+                cascade.step()
+        cascade.step()
+
+
+class _FailingMerge:
+    """Makes the ``at``-th merge kernel call (0-based) from now raise once."""
+
+    def __init__(self, monkeypatch, at, error=RuntimeError):
+        self.monkeypatch, self.at, self.error = monkeypatch, at, error
+
+    def __call__(self):
+        from lorasc_kernels import functional
+
+        merge = functional.ops.merge_
+        calls = []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == self.at + 1:
+                raise self.error("injected: out of memory in the merge")
+            return merge(*args, **kwargs)
+
+        self.monkeypatch.setattr(functional.ops, "merge_", failing)
+        return _Restore(self.monkeypatch)
+
+
+class _Restore:
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+        return False
+
+
+def _same_run(a, b):
+    (model_a, _, cascade_a), (model_b, _, cascade_b) = a, b
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a), [
+        key for key in state_a if not torch.equal(state_a[key], state_b[key])
+    ]
+    history_a, history_b = cascade_a.history, cascade_b.history
+    assert [len(v) for v in history_a.values()] == [len(v) for v in history_b.values()]
+    for name in history_a:
+        for (b1, a1), (b2, a2) in zip(history_a[name], history_b[name], strict=True):
+            assert torch.equal(b1, b2) and torch.equal(a1, a2)
+    assert (cascade_a.cascade_index, cascade_a.steps_in_cascade) == (
+        cascade_b.cascade_index,
+        cascade_b.steps_in_cascade,
+    )
+
+
+@pytest.mark.parametrize("at", range(LAYERS))
+def test_a_boundary_cut_off_at_any_layer_then_retried_equals_the_uninterrupted_run(monkeypatch, at):
+    whole = _five_layers()
+    _steps(*whole, steps=6)
+    cut = _five_layers()
+    _steps(*cut, steps=6, fault=_FailingMerge(monkeypatch, at))
+    _same_run(whole, cut)
+
+
+@pytest.mark.parametrize("at", range(LAYERS))
+def test_a_finalize_interrupted_at_any_layer_then_called_again_equals_one_finalize(monkeypatch, at):
+    whole = _five_layers()
+    _steps(*whole, steps=3)
+    final = whole[2].finalize()
+    cut = _five_layers()
+    _steps(*cut, steps=3)
+    with _FailingMerge(monkeypatch, at, KeyboardInterrupt)():
+        with pytest.raises(KeyboardInterrupt, match="injected"):
+            cut[2].finalize()
+    with pytest.raises(RuntimeError, match="cut off by an error"):
+        cut[2].state_dict()  # half done: refused until finished
+    again = cut[2].finalize()
+    assert all(type(module) is nn.Linear for module in again)
+    expected, got = final.state_dict(), again.state_dict()
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
