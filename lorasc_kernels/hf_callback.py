@@ -25,9 +25,11 @@ Warm-up: with ``warmup_steps > 0`` the callback wraps the Trainer's scheduler (a
 in ``optimizers=``) with :meth:`Cascade.lr_lambda`, so the learning rate is
 ``schedule(step) · lr_factor()``.
 
-Checkpoints: ``on_save`` writes the Cascade's state as ``lorasc_cascade.pt`` into the
+Checkpoints: the callback writes the Cascade's state as ``lorasc_cascade.pt`` into the
 checkpoint folder (``lorasc_cascade.rank<i>.pt`` from each process of a distributed
-run). The Trainer does not tell its callbacks which checkpoint it resumes from, so
+run), atomically, when the step or epoch that saves ends, before the Trainer writes its own
+files and removes old checkpoints (``save_total_limit``); ``on_save`` writes it for a save
+decided later (``save_strategy="best"``). The Trainer does not tell its callbacks which checkpoint it resumes from, so
 ``on_train_begin`` looks in ``args.resume_from_checkpoint`` when it is set (pass
 ``TrainingArguments(resume_from_checkpoint=path)`` for a checkpoint outside
 ``output_dir``), else in ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``
@@ -52,7 +54,7 @@ from .distributed import unwrap_data_parallel
 from .integrations.peft import PeftLoraLayer, base_weights, load_base_weights, peft_lora_layers
 
 try:
-    from transformers import TrainerCallback
+    from transformers import DefaultFlowCallback, TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:
     raise ImportError(
@@ -125,14 +127,18 @@ class LoRASCCallback(TrainerCallback):
         self._pending = False  # whether the last boundary's figures wait to be logged
         self._first = False  # whether first_in() put this callback ahead of the reporters
         self._warmed_scheduler = None  # the LambdaLR wrapped with the warm-up
+        self._written_step = None  # the global step whose checkpoint files were written
 
     def first_in(self, trainer) -> None:
         """Put this callback first in ``trainer``'s callbacks (adding it if absent), so that
-        the reporting callbacks (W&B, TensorBoard) log the cascade figures it adds."""
+        the reporting callbacks (W&B, TensorBoard) log the cascade figures it adds; only
+        the Trainer's ``DefaultFlowCallback`` stays ahead (it decides which steps save)."""
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
-        callbacks.insert(0, self)
+        # after the Trainer's flow callback, which decides whether a step saves
+        flow = [i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)]
+        callbacks.insert(flow[0] + 1 if flow else 0, self)
         self._first = True
 
     @property
@@ -293,16 +299,31 @@ class LoRASCCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         cascade = self.cascade  # refuses before training began
-        if args.world_size > 1 or state.is_world_process_zero:
-            path = _checkpoint_file(args, state)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            saved = cascade.state_dict()
-            if all(isinstance(layer, PeftLoraLayer) for layer in cascade.layers.values()):
-                # the base weights first; the state, written last, names them by digest
-                weights = base_weights(cascade.layers)
-                companion = atomic_write(_companion(path), lambda file: torch.save(weights, file))
-                saved[PAIR_KEY] = {"name": companion.name, "sha256": file_digest(companion)}
-            atomic_write(path, lambda file: torch.save(saved, file))
+        if self._written_step != state.global_step:  # else written before the Trainer's
+            self._write_checkpoint(args, state, cascade)
+
+    def _write_checkpoint(self, args, state, cascade: Cascade) -> None:
+        """The Cascade's state (and, on the PEFT route, the merged base weights) into the
+        checkpoint of ``state.global_step``, each file atomically."""
+        self._written_step = state.global_step
+        if not (args.world_size > 1 or state.is_world_process_zero):
+            return
+        path = _checkpoint_file(args, state)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved = cascade.state_dict()
+        if all(isinstance(layer, PeftLoraLayer) for layer in cascade.layers.values()):
+            # the base weights first; the state, written last, names them by digest
+            weights = base_weights(cascade.layers)
+            companion = atomic_write(_companion(path), lambda file: torch.save(weights, file))
+            saved[PAIR_KEY] = {"name": companion.name, "sha256": file_digest(companion)}
+        atomic_write(path, lambda file: torch.save(saved, file))
+
+    def _write_before_the_trainer(self, args, state, control) -> None:
+        """When this step or epoch ends in a save, write the callback's files now: the
+        Trainer removes old checkpoints (``save_total_limit``) before it calls ``on_save``,
+        and the newest must be complete before an older one goes."""
+        if control.should_save:
+            self._write_checkpoint(args, state, self.cascade)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.cascade.step():
@@ -311,11 +332,13 @@ class LoRASCCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending:
             control.should_log = True  # the Trainer logs this step, with the figures
+        self._write_before_the_trainer(args, state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.cascade.end_epoch():
             self._pending = True
             control.should_log = True
+        self._write_before_the_trainer(args, state, control)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._pending or logs is None:

@@ -335,3 +335,34 @@ def test_epoch_boundaries_are_logged_at_their_own_step(tmp_path):
     assert trainer.state.global_step == 8
     logged = cascade_logs(trainer.state.log_history)
     assert [(e["step"], e["lorasc/cascade"]) for e in logged] == [(4, 0), (8, 1)]
+
+
+def test_the_newest_checkpoint_is_complete_before_the_trainer_removes_an_older_one(
+    tmp_path, monkeypatch
+):
+    """save_total_limit=1: when the Trainer rotates its checkpoints (before it calls
+    on_save), the newest one already holds the Cascade's state."""
+    import transformers.trainer as trainer_module
+
+    seen = []
+    rotate = trainer_module.rotate_checkpoints
+
+    def watched(*args, **kwargs):
+        newest = max(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        seen.append((newest.name, (newest / CHECKPOINT_FILE).is_file()))
+        return rotate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "rotate_checkpoints", watched)
+    callback = lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_lambda=0.1)
+    train(
+        tiny_bert(),
+        callback,
+        tmp_path,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=1,
+    )
+    assert seen == [("checkpoint-2", True), ("checkpoint-4", True)]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert torch.load(tmp_path / "checkpoint-4" / CHECKPOINT_FILE)["cascade_index"] == 2
