@@ -29,8 +29,10 @@ Checkpoints: the callback writes the Cascade's state as ``lorasc_cascade.pt`` in
 checkpoint folder (``lorasc_cascade.rank<i>.pt`` from each process of a distributed
 run), atomically, when the step or epoch that saves ends, before the Trainer writes its own
 files and removes old checkpoints (``save_total_limit``); ``on_save`` writes it for a save
-decided later (``save_strategy="best"``). The Trainer does not tell its callbacks which checkpoint it resumes from, so
-``on_train_begin`` looks in ``args.resume_from_checkpoint`` when it is set (pass
+decided later (``save_strategy="best"``), and then ``lorasc_cascade.binding.json``: the
+digests of those files and of the Trainer's ``trainer_state.json``, so that a checkpoint
+mixing two saves is refused on resume. The Trainer does not tell its callbacks which
+checkpoint it resumes from, so ``on_train_begin`` looks in ``args.resume_from_checkpoint`` when it is set (pass
 ``TrainingArguments(resume_from_checkpoint=path)`` for a checkpoint outside
 ``output_dir``), else in ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``
 and checkpoints of ``output_dir``), and continues the run from that file with
@@ -39,6 +41,7 @@ and checkpoints of ``output_dir``), and continues the run from that file with
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -55,6 +58,7 @@ from .integrations.peft import PeftLoraLayer, base_weights, load_base_weights, p
 
 try:
     from transformers import DefaultFlowCallback, TrainerCallback
+    from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:
     raise ImportError(
@@ -70,6 +74,8 @@ CHECKPOINT_FILE = "lorasc_cascade.pt"
 PEFT_BASE_SUFFIX = ".peft_base.pt"
 # The key of the Cascade's state file naming that file by its digest (the pair is one unit).
 PAIR_KEY = "lorasc_callback_peft_base"
+# Beside them, written after the Trainer's own files: the digests that bind them all.
+BINDING_SUFFIX = ".binding.json"
 
 
 def _checkpoint_file(args, state, folder=None) -> Path:
@@ -85,6 +91,46 @@ def _checkpoint_file(args, state, folder=None) -> Path:
     if folder is None:
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     return Path(folder) / name
+
+
+def _binding(path: Path) -> Path:
+    """The file binding the Cascade's state ``path`` to the Trainer's files beside it."""
+    return path.with_name(path.name.replace(".pt", BINDING_SUFFIX))
+
+
+def _bind(path: Path) -> None:
+    """Write :func:`_binding` of ``path``: the SHA-256 of the Cascade's state, its companion
+    (PEFT route) and the Trainer's ``trainer_state.json`` as saved now, after the Trainer's
+    own files (``on_save``)."""
+    folder = path.parent
+    names = [path.name, _companion(path).name, TRAINER_STATE_NAME]
+    digests = {name: file_digest(folder / name) for name in names if (folder / name).is_file()}
+    atomic_write(_binding(path), lambda file: file.write_text(json.dumps(digests, indent=1)))
+
+
+def _check_binding(path: Path) -> None:
+    """Refuse a checkpoint whose files are not those its :func:`_binding` names (written by
+    different saves: a run re-started from an earlier checkpoint and killed while it saved
+    over a later one). A checkpoint without one (saved before bindings, or cut off before
+    ``on_save``) is taken as it is."""
+    binding = _binding(path)
+    if not binding.is_file():
+        return
+    try:
+        digests = json.loads(binding.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{binding} cannot be read ({type(error).__name__}: {error})") from error
+    stale = [
+        name
+        for name, digest in digests.items()
+        if not (path.parent / name).is_file() or file_digest(path.parent / name) != digest
+    ]
+    if stale:
+        raise ValueError(
+            f"{path.parent}: {stale} are not the files {binding.name} was saved with: the "
+            "checkpoint mixes two saves (e.g. a run re-started from an earlier checkpoint and "
+            "killed while saving over this one); resume from another checkpoint"
+        )
 
 
 def _companion(path: Path) -> Path:
@@ -247,6 +293,7 @@ class LoRASCCallback(TrainerCallback):
                 "TrainingArguments(resume_from_checkpoint=<the same path>); the checkpoint "
                 "must have been saved with LoRASCCallback"
             )
+        _check_binding(path)
         saved = _read(path, "the Cascade's state")
         try:
             saved = upgraded(saved)
@@ -301,6 +348,8 @@ class LoRASCCallback(TrainerCallback):
         cascade = self.cascade  # refuses before training began
         if self._written_step != state.global_step:  # else written before the Trainer's
             self._write_checkpoint(args, state, cascade)
+        if args.world_size > 1 or state.is_world_process_zero:
+            _bind(_checkpoint_file(args, state))
 
     def _write_checkpoint(self, args, state, cascade: Cascade) -> None:
         """The Cascade's state (and, on the PEFT route, the merged base weights) into the

@@ -1,5 +1,7 @@
 """LoRASCCallback: a Cascade driven by a Hugging Face Trainer on a tiny BERT built from a config."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -366,3 +368,34 @@ def test_the_newest_checkpoint_is_complete_before_the_trainer_removes_an_older_o
     assert seen == [("checkpoint-2", True), ("checkpoint-4", True)]
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]
     assert torch.load(tmp_path / "checkpoint-4" / CHECKPOINT_FILE)["cascade_index"] == 2
+
+
+def test_a_checkpoint_mixing_two_saves_is_refused_on_resume(tmp_path):
+    """A run re-started from an earlier checkpoint and killed while it saved over a later
+    one: the Cascade's state of one save beside the Trainer's files of the other. The
+    binding written after both (on_save) names the files that differ."""
+    import shutil
+
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        train(
+            tiny_bert(),
+            lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_lambda=0.1),
+            tmp_path / name,
+            max_steps=2,
+            save_strategy="steps",
+            save_steps=2,
+        )
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert json.loads((checkpoint / "lorasc_cascade.binding.json").read_text())
+    shutil.copy(tmp_path / "b" / "checkpoint-2" / "trainer_state.json", checkpoint)
+    with pytest.raises(ValueError, match=r"\['trainer_state.json'\] are not the files"):
+        train(
+            tiny_bert(),
+            lorasc_kernels.LoRASCCallback(steps_per_cascade=2, noise_lambda=0.1),
+            tmp_path / "a",
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            resume_from_checkpoint=str(checkpoint),
+        )
