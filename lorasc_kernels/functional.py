@@ -293,20 +293,9 @@ def merge_lowrank_(
     )()
 
 
-def prepare_merge(
-    weight: torch.Tensor | ScaledWeight,
-    lora_B: torch.Tensor,
-    lora_A: torch.Tensor,
-    coeff: float,
-    *,
-    rounding: str = "stochastic",
-    seed: int = 0,
-    noise_remove: tuple[int, float] | None = None,
-    noise_add: tuple[int, float] | None = None,
-    row_offset: int = 0,
-    backend: str = "auto",
-) -> Callable[[], torch.Tensor | ScaledWeight]:
-    """Check every argument of :func:`merge_lowrank_` and return the call that merges.
+def prepare_merge(*args, **kwargs) -> Callable[[], torch.Tensor | ScaledWeight]:
+    """Check every argument of :func:`merge_lowrank_` (taken as it takes them) and return the
+    call that merges.
 
     Nothing is written here, so a caller merging many weights (the Cascade) checks them all
     before the first write. Beyond the argument checks: ``weight`` must hold values (not
@@ -316,18 +305,7 @@ def prepare_merge(
     and a merge whose values, and their quotients by the row scale, stay within float32's
     range. The value checks cost one host read (:func:`plan_merge`).
     """
-    plan = plan_merge(
-        weight,
-        lora_B,
-        lora_A,
-        coeff,
-        rounding=rounding,
-        seed=seed,
-        noise_remove=noise_remove,
-        noise_add=noise_add,
-        row_offset=row_offset,
-        backend=backend,
-    )
+    plan = plan_merge(*args, **kwargs)
     return plan.conclude(plan.flags.tolist())
 
 

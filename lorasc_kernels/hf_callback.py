@@ -32,9 +32,9 @@ files and removes old checkpoints (``save_total_limit``); ``on_save`` writes it 
 decided later (``save_strategy="best"``), and then ``lorasc_cascade.binding.json``: the
 digests of those files and of the Trainer's ``trainer_state.json``, so that a checkpoint
 mixing two saves is refused on resume. The Trainer does not tell its callbacks which
-checkpoint it resumes from, so ``on_train_begin`` looks in ``args.resume_from_checkpoint`` when it is set (pass
-``TrainingArguments(resume_from_checkpoint=path)`` for a checkpoint outside
-``output_dir``), else in ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``
+checkpoint it resumes from, so ``on_train_begin`` looks in ``args.resume_from_checkpoint``
+when it is set (pass ``TrainingArguments(resume_from_checkpoint=path)`` for a checkpoint
+outside ``output_dir``), else in ``<output_dir>/checkpoint-<step>`` (``resume_from_checkpoint=True``
 and checkpoints of ``output_dir``), and continues the run from that file with
 :meth:`Cascade.from_state_dict` (the loaded weights already carry the noise).
 """

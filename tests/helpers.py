@@ -55,3 +55,17 @@ def scaled_step(dtype: torch.dtype, values: torch.Tensor, scale: torch.Tensor) -
     entry = scaled_weight_dtype(dtype)
     subnormal = scale.double()[:, None] * 2.0 ** (entry.min_exponent - entry.mantissa_bits)
     return torch.maximum(values.abs() * 2.0**-entry.mantissa_bits, subnormal)
+
+
+def trainer_args_and_state(output_dir, global_step: int = 0):
+    """Trainer-like ``(args, state)`` of one process, as a Trainer hands its callbacks."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(
+        output_dir=str(output_dir),
+        world_size=1,
+        process_index=0,
+        resume_from_checkpoint=None,
+        report_to=[],
+    )
+    return args, SimpleNamespace(global_step=global_step, is_world_process_zero=True)

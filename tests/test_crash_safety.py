@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from lorasc_kernels import Cascade, LoRASCLinear
 from lorasc_kernels._files import atomic_write
 from lorasc_kernels.optimizer_tracking import OptimizerTracker
+from tests.helpers import trainer_args_and_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,14 +67,7 @@ def _peft_run_saved_by_the_callback(tmp_path, folder_name, seed):
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "2"]))
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     callback = hf_callback.LoRASCCallback(steps_per_cascade=2, noise_lambda=0.1)
-    args = SimpleNamespace(
-        output_dir=str(tmp_path),
-        world_size=1,
-        process_index=0,
-        resume_from_checkpoint=None,
-        report_to=[],
-    )
-    state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+    args, state = trainer_args_and_state(tmp_path, 0)
     callback.on_train_begin(args, state, None, model=model, optimizer=optimizer)
     for _ in range(3):
         model(torch.randn(4, 6)).square().mean().backward()

@@ -26,6 +26,7 @@ from lorasc_kernels import (
 from lorasc_kernels.cascade_state import STATE_KEYS
 from lorasc_kernels.distributed import is_dtensor
 from lorasc_kernels.peft_export import write_peft_adapter
+from tests.helpers import trainer_args_and_state
 
 IN, HIDDEN, OUT, RANK = 7, 6, 5, 2
 
@@ -954,18 +955,9 @@ def test_a_gradient_penalty_through_a_triton_layer_matches_the_torch_layer():
 
 def callback_and_run(tmp_path, global_step=0, **settings):
     """A LoRASCCallback, a model and optimizer, and Trainer-like ``args``/``state``."""
-    from types import SimpleNamespace
-
     hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
     model, optimizer = two_layers()
-    args = SimpleNamespace(
-        output_dir=str(tmp_path),
-        world_size=1,
-        process_index=0,
-        resume_from_checkpoint=None,
-        report_to=[],
-    )
-    state = SimpleNamespace(global_step=global_step, is_world_process_zero=True)
+    args, state = trainer_args_and_state(tmp_path, global_step)
     return hf_callback, hf_callback.LoRASCCallback(**settings), model, optimizer, args, state
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc, lorasc_linear
 from lorasc_kernels.integrations.peft import PeftLoraLayer, peft_lora_layers, use_fused_kernels
+from tests.helpers import trainer_args_and_state
 
 peft = pytest.importorskip("peft")
 IN, HIDDEN, OUT = 12, 10, 4
@@ -592,8 +593,6 @@ def test_a_gaussian_init_is_refused_on_the_inject_route_naming_the_peft_route():
 def test_a_bad_cascade_state_is_refused_before_the_base_weights_are_copied(tmp_path):
     """A PEFT-route checkpoint whose lorasc_cascade.pt is bad: the resume is refused naming
     the file, and the model keeps the weights it had (peft_base.pt was not left in it)."""
-    from types import SimpleNamespace
-
     hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
     model = peft.get_peft_model(base_model(), lora_config())
     optimizer = adam(model)
@@ -610,14 +609,7 @@ def test_a_bad_cascade_state_is_refused_before_the_base_weights_are_copied(tmp_p
     other = peft.get_peft_model(base_model(), lora_config())
     before = copy.deepcopy(other.state_dict())
     callback = hf_callback.LoRASCCallback(steps_per_cascade=2, noise_lambda=0.1)
-    args = SimpleNamespace(
-        output_dir=str(tmp_path),
-        world_size=1,
-        process_index=0,
-        resume_from_checkpoint=None,
-        report_to=[],
-    )
-    trainer_state = SimpleNamespace(global_step=3, is_world_process_zero=True)
+    args, trainer_state = trainer_args_and_state(tmp_path, 3)
     with pytest.raises(ValueError, match=r"checkpoint-3/lorasc_cascade.pt: .*noise_scales"):
         callback.on_train_begin(args, trainer_state, None, model=other, optimizer=adam(other))
     assert all(torch.equal(value, other.state_dict()[key]) for key, value in before.items())
