@@ -9,8 +9,8 @@ backward with a fixed ``dY``. Providers:
 * ``floor``, ``addmm``, ``compile``: as in :mod:`benchmarks.providers` (``compile`` is
   skipped on the CPU, its inductor build taking 10 s+, unless ``--compile``);
 * ``ours-<backend>``: ``LoRASCLinear.from_linear(..., backend=...)`` for ``torch``,
-  ``triton`` and ``cuda``, built without any hook (``providers.build`` pins Triton's GEMM
-  variant with module hooks, whose host work would be counted here); a backend that cannot
+  ``triton`` and ``cuda``, as ``providers.build`` makes them (no hooks: a forced GEMM
+  variant is an environment switch set before each call); a backend that cannot
   run here is a row with its reason in ``skipped``.
 
 Columns, per call: ``host_us``, the median over ``--calls`` calls of ``perf_counter``
@@ -67,8 +67,6 @@ from benchmarks.common import (
     time_interleaved_ms,
 )
 from benchmarks.providers import Problem, Tensors
-from lorasc_kernels import LoRASCLinear
-from lorasc_kernels.backends import resolve_backend
 
 __all__ = [
     "PROVIDERS",
@@ -79,7 +77,6 @@ __all__ = [
     "LaunchCounter",
     "launch_points",
     "SyncCounter",
-    "ours_layer",
     "measure",
     "main",
 ]
@@ -282,27 +279,7 @@ class SyncCounter:
             self.count = sum("synchroniz" in str(w.message) for w in self._caught)
 
 
-def ours_layer(tensors: Tensors, backend: str) -> LoRASCLinear:
-    """``LoRASCLinear`` over ``tensors``' frozen weight with their LoRA factors, on
-    ``backend``, with no hooks; raises ``providers.ProviderUnavailable`` where the backend
-    cannot run."""
-    try:
-        resolve_backend(backend, tensors.weight.device)
-    except RuntimeError as error:
-        raise providers.ProviderUnavailable(str(error).splitlines()[0]) from None
-    r = tensors.lora_A.shape[0]
-    layer = LoRASCLinear.from_linear(
-        providers.build("floor", tensors), r=r, lora_alpha=tensors.scale * r, backend=backend
-    )
-    with torch.no_grad():
-        layer.lora_A.copy_(tensors.lora_A)
-        layer.lora_B.copy_(tensors.lora_B)
-    return layer
-
-
 def _build(name: str, tensors: Tensors, compile_on_cpu: bool) -> torch.nn.Module:
-    if name.startswith("ours-"):
-        return ours_layer(tensors, name.removeprefix("ours-"))
     if name == "compile" and tensors.x.device.type == "cpu" and not compile_on_cpu:
         raise providers.ProviderUnavailable("inductor build of 10 s+ on the CPU (--compile)")
     return providers.build(name, tensors)

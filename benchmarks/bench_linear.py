@@ -142,7 +142,10 @@ def measure(
         if "floor" not in modules:
             print(f"skip {problem.label}: the floor did not run", flush=True)
             return rows
-        fns = {name: step_factory(mode, module, tensors) for name, module in modules.items()}
+        fns = {
+            name: providers.pinned(step_factory(mode, module, tensors), providers.variant_of(name))
+            for name, module in modules.items()
+        }
         fns = providers.check_runs(fns, f"{problem.label} {mode}", failures)
         modules = {name: modules[name] for name in fns}
         if "floor" not in fns:

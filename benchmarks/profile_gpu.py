@@ -203,23 +203,16 @@ def pinned_variant(variant: str | None):
             os.environ[SWITCH] = before
 
 
-def variant_of(name: str) -> str | None:
-    """The forced GEMM variant of provider ``name`` (``ours-triton@tiled``: tiled), else None."""
-    return name.partition("@")[2] or None
-
-
 def build(name: str, tensors: Tensors, cuda: bool) -> torch.nn.Module:
-    """Provider ``name`` over ``tensors``; ours: ``LoRASCLinear`` on Triton, no hooks. Dry,
+    """Provider ``name`` over ``tensors`` (``providers.build``: no hooks). Dry,
     ``compile`` uses ``backend="aot_eager"`` (Dynamo and AOTAutograd, not inductor's C++
     build of 10 s+ per dtype on 2 cores)."""
     if name == "compile" and not cuda:
         torch._dynamo.reset()
         return torch.compile(providers.EagerLoRALinear(tensors), backend="aot_eager")
-    if not name.startswith("ours-"):
-        return providers.build(name, tensors)
-    from benchmarks.bench_host import ours_layer
-
-    return ours_layer(tensors, "triton")
+    if name.startswith("ours-"):  # its variant and graph replay are the caller's
+        return providers.build("ours-triton", tensors)
+    return providers.build(name, tensors)
 
 
 def check(name: str, module: torch.nn.Module, tensors: Tensors) -> None:
@@ -418,7 +411,7 @@ def profile_linear(problem: Problem, recorder: Recorder, cuda: bool) -> None:
             unusable[name] = "skipped: budget spent"
             continue
         try:
-            with pinned_variant(variant_of(name)):
+            with pinned_variant(providers.variant_of(name)):
                 modules[name] = build(name, tensors, cuda)
                 check(name, modules[name], tensors)
         except providers.ProviderUnavailable as error:
@@ -428,7 +421,7 @@ def profile_linear(problem: Problem, recorder: Recorder, cuda: bool) -> None:
             unusable[name] = f"failed: {_error(error)}"
     floor_ms = {}
     for mode, name in itertools.product(MODES, PROVIDERS):
-        variant = variant_of(name) or ("dispatch" if name.startswith("ours-") else None)
+        variant = providers.variant_of(name) or ("dispatch" if name.startswith("ours-") else None)
         row = base | {"provider": name, "mode": mode, "variant": variant}
         if name in unusable:
             recorder.write(row | {"error": unusable[name]})
@@ -437,7 +430,7 @@ def profile_linear(problem: Problem, recorder: Recorder, cuda: bool) -> None:
             recorder.write(row | {"error": "skipped: budget spent"})
             continue
         try:
-            with pinned_variant(variant_of(name)):
+            with pinned_variant(providers.variant_of(name)):
                 if name == GRAPH:
 
                     def make(mode=mode, module=modules[name]):

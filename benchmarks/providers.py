@@ -25,6 +25,7 @@ still written, then it raises :class:`ProviderFailures` naming every failed prov
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -55,6 +56,8 @@ __all__ = [
     "tolerance",
     "trainable",
     "build_checked",
+    "pinned",
+    "variant_of",
     "check_runs",
     "raise_failures",
 ]
@@ -263,23 +266,29 @@ def _compiled_eager(tensors: Tensors) -> nn.Module:
     return torch.compile(EagerLoRALinear(tensors))
 
 
-def _pin_gemm_variant(layer: nn.Module, variant: str | None) -> None:
-    """Run ``layer``'s forward and backward with the Triton GEMM ``variant`` forced, or with
-    None the dispatch's default: hooks set the switch before each, so providers timed in
-    turns (or forwards made before their timed backwards) never use another's."""
+def variant_of(name: str) -> str | None:
+    """The Triton GEMM variant provider ``name`` forces (``ours-triton@tiled``: tiled), else
+    None (the dispatch's choice)."""
+    return name.partition("@")[2] or None
+
+
+def pinned(fn, variant: str | None):
+    """``fn`` run with the Triton GEMM switch set to ``variant`` first (None: unset, the
+    dispatch's default). Every provider's timed callable is wrapped alike, so each pays the
+    same environment write, and providers timed in turns never use another's variant."""
     from lorasc_kernels.backends.triton.gemm_dispatch import SWITCH
 
-    def pin(*_):
+    def run():
         if variant is None:
             os.environ.pop(SWITCH, None)
         else:
             os.environ[SWITCH] = variant
+        return fn()
 
-    layer.register_forward_pre_hook(pin)
-    layer.register_full_backward_pre_hook(pin)
+    return run
 
 
-def _ours(tensors: Tensors, backend: str, noise: bool, variant: str | None = None) -> LoRASCLinear:
+def _ours(tensors: Tensors, backend: str, noise: bool) -> LoRASCLinear:
     try:
         resolve_backend(backend, tensors.weight.device)
     except RuntimeError as error:  # says what is missing
@@ -293,8 +302,6 @@ def _ours(tensors: Tensors, backend: str, noise: bool, variant: str | None = Non
         layer.lora_B.copy_(tensors.lora_B)
     if noise:
         layer.set_noise(NOISE_SEED, tensors.noise_scale)
-    if backend == "triton":
-        _pin_gemm_variant(layer, variant)
     return layer
 
 
@@ -310,7 +317,7 @@ for _backend in OUR_BACKENDS:
 # The Triton GEMM variants that the dispatch chooses from, forced (the third is ``addmm``).
 TRITON_VARIANTS = ("tiled", "persistent")
 for _variant in TRITON_VARIANTS:
-    _BUILDERS[f"ours-triton@{_variant}"] = lambda t, v=_variant: _ours(t, "triton", False, v)
+    _BUILDERS[f"ours-triton@{_variant}"] = lambda t: _ours(t, "triton", False)  # + pinned()
 
 
 def provider_names(
@@ -409,7 +416,9 @@ def build_checked(names: list[str], tensors: Tensors, failures: list[str]) -> di
     for name in names:
         try:
             module = build(name, tensors)
-            output = module(tensors.x).detach().float()  # with grad: compiles the training graph
+            # with grad: compiles the training graph
+            forward = functools.partial(module, tensors.x)
+            output = pinned(forward, variant_of(name))().detach().float()
         except ProviderUnavailable as error:
             _report_once(f"skip {name}: {error}".splitlines()[0])
             continue

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_host
+from benchmarks import bench_host, providers
 from benchmarks.bench_host import LaunchCounter, OpCounter
 from benchmarks.bench_linear import step_fn
 from benchmarks.providers import Problem, Tensors
@@ -47,7 +47,7 @@ def test_op_counter_sees_the_backward():
 def test_launch_stub_counts_runs_nothing_and_restores():
     tensors = Tensors.draw(Problem(16, 32, 16, 4, torch.float32, DEVICE))
     try:
-        fn = step_fn("forward+backward", bench_host.ours_layer(tensors, "triton"), tensors)
+        fn = step_fn("forward+backward", providers.build("ours-triton", tensors), tensors)
     except RuntimeError as error:  # Triton cannot run these tensors here
         pytest.skip(str(error))
     originals = [
