@@ -175,9 +175,12 @@ def test_primitive_returns_the_measured_variants_result(monkeypatch):
 
 
 def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypatch):
-    """``ours-triton@<variant>`` runs its variant in the forward and in the backward's dX
-    GEMM, even with another provider's forward in between (as backward-only timings do)."""
+    """The timed callable of ``ours-triton@<variant>`` (wrapped by ``providers.pinned``, as
+    every provider's is) runs its variant in the forward and in the backward's dX GEMM, in
+    turns with another provider's, and in a backward-only timing whose forward ran
+    before another provider's call."""
     from benchmarks import providers
+    from benchmarks.bench_linear import step_fn
 
     ran = []
     for variant in providers.TRITON_VARIANTS:
@@ -191,10 +194,19 @@ def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypa
         monkeypatch.setattr(gemm_dispatch, launcher, record)
     monkeypatch.delenv(gemm_dispatch.SWITCH, raising=False)
     tensors = providers.Tensors.draw(providers.Problem(16, 32, 16, 2, torch.bfloat16, DEVICE))
-    persistent = providers.build("ours-triton@persistent", tensors)
-    tiled = providers.build("ours-triton@tiled", tensors)
-    y = persistent(tensors.x)
-    tiled(tensors.x)
-    assert ran == ["persistent", "tiled"]
-    y.backward(tensors.grad_out)
-    assert ran[2:] == ["persistent"]
+
+    def timed(name, mode):
+        step = step_fn(mode, providers.build(name, tensors), tensors)
+        return providers.pinned(step, providers.variant_of(name))
+
+    persistent = timed("ours-triton@persistent", "forward+backward")
+    tiled = timed("ours-triton@tiled", "forward+backward")
+    persistent()
+    tiled()
+    assert ran == ["persistent", "persistent", "tiled", "tiled"]
+    ran.clear()
+    backward = timed("ours-triton@persistent", "backward")  # its forward: not timed
+    tiled()
+    ran.clear()
+    backward()
+    assert ran == ["persistent"]
