@@ -1,8 +1,8 @@
 """Host cost of one LoRA layer's forward+backward per call: time, aten ops, Triton launches.
 
-Problem: ``x`` (M, K) through a rank-r LoRA of a frozen (N, K) weight, 64×64×64 r=16 by
-default (fp32 on the CPU, bf16 on a GPU): so small that the device work is negligible and
-what is measured is what the host does to issue it. One call is
+Problem: ``x`` (M, K) through a rank-r LoRA of a frozen (N, K) weight, M = 16 and 64 with
+K = N = 64, r=16 by default (fp32 on the CPU, bf16 on a GPU): so small that the device
+work is negligible and what is measured is what the host does to issue it. One call is
 ``benchmarks.bench_linear.step_fn("forward+backward", ...)``: gradients reset, forward,
 backward with a fixed ``dY``. Providers:
 
@@ -38,7 +38,7 @@ waking a second thread for each can cost milliseconds, more than the ops themsel
 Output: a table on stdout and ``host-<HHMMSS>Z.csv`` in
 ``benchmarks/results/<device>-<YYYY-MM-DD>/`` (UTC; ``--out DIR`` overrides the folder).
 
-Usage: ``python -m benchmarks.bench_host [--M 64 --K 64 --N 64 --r 16] [--calls 200]``.
+Usage: ``python -m benchmarks.bench_host [--M 16,64 --K 64 --N 64 --r 16] [--calls 200]``.
 """
 
 from __future__ import annotations
@@ -372,7 +372,9 @@ def main(argv=None) -> None:
     """Command line (module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--M", type=int, default=64)
+    parser.add_argument(
+        "--M", default="16,64", help="rows, comma-separated (16: decode- and inference-sized)"
+    )
     parser.add_argument("--K", type=int, default=64)
     parser.add_argument("--N", type=int, default=64)
     parser.add_argument("--r", type=int, default=16)
@@ -390,16 +392,18 @@ def main(argv=None) -> None:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
         args.dtype or default
     ]
-    problem = Problem(args.M, args.K, args.N, args.r, dtype, args.device)
     names = [name for name in args.providers.split(",") if name]
     unknown = set(names) - set(PROVIDERS)
     if unknown:
         parser.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
-    rows = measure(problem, names, args.calls, args.compile)
+    rows = []
+    for m in (int(value) for value in args.M.split(",") if value):
+        problem = Problem(m, args.K, args.N, args.r, dtype, args.device)
+        rows += measure(problem, names, args.calls, args.compile)
     folder = args.out or RESULTS_DIR / (
         f"{device_name(args.device)}-{time.strftime('%Y-%m-%d', time.gmtime())}"
     )
-    print(format_table(rows, ["provider", *COLUMNS[COLUMNS.index("host_us") : -3]]))
+    print(format_table(rows, ["M", "provider", *COLUMNS[COLUMNS.index("host_us") : -3]]))
     print(f"wrote {write_csv(rows, folder)}", flush=True)
 
 

@@ -34,7 +34,9 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     ``weight`` is ``W − N_t + slow_rate·s·B A`` merged as ``finalize()`` merges it (same
     float32 math, rounding and bits; fp8 dequantized to the layer's float dtype), the other
     slow-updated parameters get their slow update. Every other tensor is the model's own
-    (shared), or a copy on ``device`` when it is given. Costs one new weight per layer.
+    (shared), or a copy on ``device`` when it is given. Costs one new weight per layer;
+    with ``device``, each merged weight moves there as soon as it is made, so W's device
+    holds at most one of them at a time.
     Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
     """
     cascade._check_active("merged_state_dict")
@@ -58,10 +60,14 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     state = model.state_dict()
     linears = {}  # each driven layer's prefix → the state of the linear finalize makes
     merged = {}  # each driven weight → its merged value
+    fresh = set()  # ids of the merged weights already on ``device``, new tensors
     for index, name, layer in cascade._indexed_layers():
         name = name.removeprefix(prefix)
         key_prefix = f"{name}." if name else ""
         weight = final_weight(cascade, index, name, layer)
+        if device is not None:  # moved at once: one merged layer at a time where W lives
+            weight = weight.to(device)
+            fresh.add(id(weight))
         if layer.weight_scale is None:  # finalize() merges in place: aliases share it
             merged[id(layer.weight)] = weight
         linears[key_prefix] = {key_prefix + "weight": weight}
@@ -80,7 +86,10 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
         for key in names[id(parameter)]:
             state[key] = anchor.lerp(parameter.detach(), cascade.slow_update.rate)
     if device is not None:
-        state = {key: value.to(device, copy=True) for key, value in state.items()}
+        state = {
+            key: value if id(value) in fresh else value.to(device, copy=True)
+            for key, value in state.items()
+        }
     return state
 
 

@@ -290,3 +290,27 @@ def test_kernel_compiles_for_hopper_without_fused_multiply_add():
     fma_counts = dict(line.split() for line in result.stdout.split("\n") if line)
     assert fma_counts["False"] == "0"
     assert int(fma_counts["True"]) > 0  # the check can fail: fusion would contract
+
+
+def test_a_float32_merge_draws_no_rounding_bits(monkeypatch):
+    """float32 keeps every bit of the float32 merge: the stochastic-rounding hash (most of a
+    CPU merge) is not drawn, and the result is the nearest merge's, bit for bit; bf16 draws
+    it."""
+    from lorasc_kernels import noise as noise_lib
+
+    drawn = []
+    hash_bits = noise_lib.hash_bits
+    monkeypatch.setattr(
+        noise_lib,
+        "hash_bits",
+        lambda *args, **kwargs: drawn.append(1) or hash_bits(*args, **kwargs),
+    )
+    torch.manual_seed(0)
+    weight, lora_B, lora_A = torch.randn(9, 7), torch.randn(9, 2), torch.randn(2, 7)
+    stochastic, nearest = weight.clone(), weight.clone()
+    merge_lowrank_(stochastic, lora_B, lora_A, 0.5, rounding="stochastic", backend="torch")
+    assert drawn == []
+    merge_lowrank_(nearest, lora_B, lora_A, 0.5, rounding="nearest", backend="torch")
+    assert torch.equal(stochastic, nearest)
+    merge_lowrank_(weight.bfloat16(), lora_B, lora_A, 0.5, backend="torch")
+    assert drawn

@@ -190,3 +190,27 @@ def test_merged_state_dict_refuses_a_bad_device(device, error, match):
     model, optimizer, cascade = lorasc_run()
     with pytest.raises(error, match=match):
         cascade.merged_state_dict(device=device)
+
+
+def test_with_a_device_each_merged_weight_leaves_the_model_device_at_once(monkeypatch):
+    """merged_state_dict(device=...) moves each layer's merged weight as soon as it is made:
+    when the next layer is merged, no earlier merged weight is alive where W lives."""
+    import weakref
+
+    from lorasc_kernels import cascade_export
+
+    model, optimizer, cascade = lorasc_run()
+    train(model, optimizer, cascade, 2)
+    made, alive_at_each_merge = [], []
+    final_weight = cascade_export.final_weight
+
+    def watched(*args):
+        alive_at_each_merge.append(sum(ref() is not None for ref in made))
+        weight = final_weight(*args)
+        made.append(weakref.ref(weight))
+        return weight
+
+    monkeypatch.setattr(cascade_export, "final_weight", watched)
+    state = cascade.merged_state_dict(device="meta")
+    assert alive_at_each_merge == [0, 0]
+    assert all(value.device.type == "meta" for value in state.values())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import noise as noise_lib
-from ..dtypes import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar
+from ..dtypes import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar, weight_dtype
 from ..rounding import rescale_rows, round_from_fp32, round_to_scaled
 from ..scaled_weight import ScaledWeight
 from ..specs import DropoutSpec, MergeSpec, NoiseSpec
@@ -162,9 +162,12 @@ def _merged_rows(value, lora_B, lora_A, spec: MergeSpec, global_start: int):
     return value
 
 
-def _rounding_bits(spec: MergeSpec, rows: int, cols: int, global_start: int, device):
-    """The stochastic-rounding bits of rows from ``global_start``, or None for nearest."""
-    if not spec.stochastic:
+def _rounding_bits(spec: MergeSpec, rows: int, cols: int, global_start: int, device, dtype=None):
+    """The stochastic-rounding bits of rows from ``global_start``, or None for nearest and
+    for a float ``dtype`` that keeps every float32 bit (float32, float64: nothing is
+    rounded, so the hash, most of a CPU merge, is not drawn); ``dtype`` None: a scaled
+    format, which always rounds."""
+    if not spec.stochastic or (dtype is not None and weight_dtype(dtype).dropped_bits == 0):
         return None
     return noise_lib.hash_bits(spec.rounding_key, rows, cols, global_start, device=device)
 
@@ -199,7 +202,7 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
         value = _merged_rows(
             weight[start:stop].to(compute), lora_B[start:stop], lora_A, spec, global_start
         )
-        bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device)
+        bits = _rounding_bits(spec, stop - start, cols, global_start, weight.device, weight.dtype)
         weight[start:stop] = round_from_fp32(value, weight.dtype, spec.rounding, bits)
 
 
