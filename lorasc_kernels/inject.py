@@ -173,6 +173,36 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
         raise TypeError(
             f"config must be a LoRASCConfig or a peft.LoraConfig, got {type(config).__name__}"
         )
+    names, wanted = _prepare(model, config)
+    # The targets are looked up by name as each is converted: no reference keeps an
+    # original alive, so an fp8 conversion holds one original layer at a time.
+    layers = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = LoRASCLinear.from_linear(
+            getattr(parent, child),
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            backend=config.backend,
+            lora_dtype=config.lora_dtype,
+            weight_format=config.weight_format,
+        )
+        setattr(parent, child, layer)
+        if config.bias == "lora_only" and layer.bias is not None:
+            layer.bias.requires_grad_(True)
+        layers[name] = layer
+    for name, parameter in model.named_parameters():
+        if name in wanted and (name == "bias" or name.endswith(".bias")):
+            parameter.requires_grad_(True)
+    return layers
+
+
+def _prepare(model: nn.Module, config: LoRASCConfig) -> tuple[list[str], set[str]]:
+    """Every check of :func:`inject_lorasc` and the ``requires_grad`` flags it sets before
+    converting; returns the paths of the linears to convert and the names of the
+    parameters that must train afterwards (the biases ``from_linear`` freezes)."""
     _refuse_peft_layers(model)
     output_layer = None
     if config.target_modules == ALL_LINEAR and hasattr(model, "get_output_embeddings"):
@@ -262,26 +292,7 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
                 parameter.requires_grad_(True)
     # from_linear freezes the bias it takes over: a trained one trains again below
     wanted = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
-    layers = {}
-    for name, linear in chosen.items():
-        layer = LoRASCLinear.from_linear(
-            linear,
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            backend=config.backend,
-            lora_dtype=config.lora_dtype,
-            weight_format=config.weight_format,
-        )
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
-        if config.bias == "lora_only" and layer.bias is not None:
-            layer.bias.requires_grad_(True)
-        layers[name] = layer
-    for name, parameter in model.named_parameters():
-        if name in wanted and (name == "bias" or name.endswith(".bias")):
-            parameter.requires_grad_(True)
-    return layers
+    return list(chosen), wanted
 
 
 def _refuse_peft_layers(model: nn.Module) -> None:

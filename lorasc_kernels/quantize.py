@@ -34,17 +34,36 @@ def format_dtype(weight_format: str) -> torch.dtype:
 @torch.no_grad()
 def quantize(weight: torch.Tensor, dtype: torch.dtype) -> ScaledWeight:
     """A finite float ``weight`` (N, K) in the scaled format ``dtype``: ``scale`` (N,) from
-    :func:`row_scales`, ``codes = round_nearest(W / scale)``."""
+    :func:`row_scales`, ``codes = round_nearest(W / scale)``.
+
+    Rows are independent, so they are quantized in blocks of about
+    :data:`QUANTIZE_BLOCK_ELEMENTS` elements: the float32 temporaries (~100 bytes per
+    element) stay one block's size, and the result is the same bits as in one go. The
+    values are checked finite with one host read at the end."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"weight must be a 2-D float tensor, got shape {tuple(weight.shape)} "
             f"and dtype {weight.dtype}"
         )
-    values = weight.detach().to(torch.float32)
-    if not bool(torch.isfinite(values).all()):
+    rows, cols = weight.shape
+    codes = torch.empty(rows, cols, dtype=dtype, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    finite = torch.ones((), dtype=torch.bool, device=weight.device)
+    block = max(1, QUANTIZE_BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, block):
+        values = weight[start : start + block].detach().to(torch.float32)
+        finite &= torch.isfinite(values).all()
+        scale[start : start + block] = block_scale = row_scales(values, dtype)
+        codes[start : start + block] = round_to_scaled(
+            values / block_scale[:, None], dtype, "nearest"
+        )
+    if not bool(finite):
         raise ValueError("weight has non-finite values: it cannot be quantized")
-    scale = row_scales(values, dtype)
-    return ScaledWeight(round_to_scaled(values / scale[:, None], dtype, "nearest"), scale)
+    return ScaledWeight(codes, scale)
+
+
+# Elements quantized at a time by quantize (about 100 bytes of temporaries each: 100 MiB).
+QUANTIZE_BLOCK_ELEMENTS = 1 << 20
 
 
 def row_scales(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
