@@ -192,7 +192,8 @@ def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypa
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(gemm_dispatch, launcher, record)
-    monkeypatch.delenv(gemm_dispatch.SWITCH, raising=False)
+    # recorded, so that the switch the pinned calls set is undone after the test
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "tiled")
     tensors = providers.Tensors.draw(providers.Problem(16, 32, 16, 2, torch.bfloat16, DEVICE))
 
     def timed(name, mode):

@@ -1082,6 +1082,7 @@ def _fsdp_refusal_rank(rank, world, port, out_dir):
             {"message": message, "unchanged": _snap([layer, optimizer, cascade]) == before},
             f"{out_dir}/rank{rank}.pt",
         )
+        dist.barrier()  # both ranks done before either tears gloo down (an exit race aborts)
     finally:
         dist.destroy_process_group()
 
