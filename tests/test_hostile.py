@@ -1095,7 +1095,13 @@ def test_under_fsdp2_every_rank_refuses_when_one_rank_holds_the_bad_rows(tmp_pat
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_fsdp_refusal_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_fsdp_refusal_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        # gloo can abort a rank while it is torn down, after the results are written: what
+        # is tested is in the files; without them, the failure is the test's
+        if not all((tmp_path / f"rank{rank}.pt").exists() for rank in range(2)):
+            raise
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     assert "another rank refused this merge" in results[0]["message"]
     assert "layer '' (the model itself): the merge would overflow" in results[1]["message"]
