@@ -64,7 +64,14 @@ import torch
 from torch import nn
 
 from . import _checks as checks
-from .cascade_merges import MergeRequest, Precheck, check_weight_values, prepare_merges
+from .cascade_merges import (
+    MergeRequest,
+    Precheck,
+    check_weight_values,
+    prepare_merges,
+    raise_on_every_rank,
+    read_flags,
+)
 from .cascade_metrics import BoundaryMetrics
 from .cascade_settings import CascadeSettings
 from .cascade_state import STATE_VERSION, check_state, upgraded
@@ -612,23 +619,15 @@ class Cascade:
             return []
         return other_trainable_params(optimizer, self.layers)
 
-    def _boundary_precheck(self, read: dict) -> Precheck:
-        """The checks of :meth:`_check_finite_lora` and whether any fast LoRA trained
-        (``lora_B ≠ 0``, into ``read["trained"]``), as flags read with the boundary's
-        merges. Sharded (FSDP2) factors: each rank checks its rows of ``B`` and the whole
-        ``A``, and ``trained`` is reduced over the ranks (a read of its own)."""
-        factors = []
-        for name, layer in self.layers.items():
-            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                factors.append(
-                    (f"{name or 'model'}.{kind}", local_row_block(parameter.detach())[0])
-                )
-        sharded = any(is_dtensor(layer.lora_B) for layer in self.layers.values())
-        b_rows = [local for label, local in factors if label.endswith("lora_B")]
+    def _finite_precheck(self) -> Precheck:
+        """Every fast LoRA and slow-updated parameter finite (this rank's rows), as flags not
+        read yet; ``conclude`` refuses the first that is not, naming it."""
+        factors = [
+            (f"{name or 'model'}.{kind}", local_row_block(parameter.detach())[0])
+            for name, layer in self.layers.items()
+            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+        ]
         flags = [torch.isfinite(local).all().reshape(1) for _, local in factors]
-        flags += [self.slow_update.finite_flags()]
-        if not sharded:
-            flags.append(torch.stack([rows.any() for rows in b_rows]).any().reshape(1))
 
         def conclude(values: list[list[bool]]) -> None:
             for (label, _), (finite,) in zip(factors, values, strict=False):
@@ -638,6 +637,22 @@ class Cascade:
                         "cascade is unchanged"
                     )
             self.slow_update.conclude_finite(values[len(factors)])
+
+        return Precheck([*flags, self.slow_update.finite_flags()], conclude)
+
+    def _boundary_precheck(self, read: dict) -> Precheck:
+        """:meth:`_finite_precheck` and whether any fast LoRA trained (``lora_B ≠ 0``, into
+        ``read["trained"]``), as flags read with the boundary's merges. Sharded (FSDP2)
+        factors: ``trained`` is reduced over the ranks (a read of its own)."""
+        finite = self._finite_precheck()
+        flags = list(finite.flags)
+        sharded = any(is_dtensor(layer.lora_B) for layer in self.layers.values())
+        if not sharded:
+            trained = [layer.lora_B.detach().any() for layer in self.layers.values()]
+            flags.append(torch.stack(trained).any().reshape(1))
+
+        def conclude(values: list[list[bool]]) -> None:
+            finite.conclude(values[: len(finite.flags)])
             read["trained"] = (
                 values[-1][0]
                 if not sharded
@@ -647,16 +662,15 @@ class Cascade:
         return Precheck(flags, conclude)
 
     def _check_finite_lora(self) -> None:
-        """Refuse a boundary, before any merge, if a fast LoRA or a slow-updated parameter
-        diverged (inf or NaN)."""
-        for name, layer in self.layers.items():
-            for kind, parameter in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-                if not bool(torch.isfinite(parameter.detach()).all()):
-                    raise ValueError(
-                        f"{name or 'model'}.{kind} has non-finite values: no "
-                        "layer was merged and the cascade is unchanged"
-                    )
-        self.slow_update.check_finite()
+        """Refuse, before any merge, a fast LoRA or a slow-updated parameter that diverged
+        (inf or NaN): :meth:`_finite_precheck` in one host read; under FSDP2 every rank
+        raises when one refuses."""
+        precheck, failure = self._finite_precheck(), None
+        try:
+            precheck.conclude(read_flags(precheck.flags))
+        except ValueError as error:
+            failure = error
+        raise_on_every_rank(failure, self.layers.values())
 
     def _init_generator(self, layer: LoRASCLinear, cascade_index: int, index: int):
         generator = torch.Generator(device=layer.lora_A.device)

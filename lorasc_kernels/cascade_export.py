@@ -142,8 +142,7 @@ def check_final_weights_fit(cascade) -> None:
     would not fit its ``dequantize_dtype`` (see :func:`final_weight`; a merge into a copy
     of its codes, one byte per element; under FSDP2 each rank its rows, and every rank
     raises when one refuses)."""
-    fp8 = [(index, name, layer) for index, name, layer in cascade._indexed_layers()]
-    fp8 = [(index, name, layer) for index, name, layer in fp8 if layer.weight_scale is not None]
+    fp8 = [entry for entry in cascade._indexed_layers() if entry[2].weight_scale is not None]
     operands = [merge_operands(layer) for _, _, layer in fp8]  # collectives, on every rank
     failure = None
     for (index, name, layer), (weight, row_offset, lora_b, lora_a) in zip(

@@ -32,20 +32,15 @@ class SlowUpdate:
         self.rate = rate
         self.anchors = [_local(p).clone() for p in params]
 
-    def check_finite(self) -> None:
-        """Refuse (before a boundary writes anything) a parameter that diverged."""
-        self.conclude_finite(self.finite_flags().tolist())
-
     def finite_flags(self) -> torch.Tensor:
         """Whether each parameter (this rank's part) is finite: (params,) bool, not read."""
-        return torch.stack(
-            [torch.isfinite(_local(parameter.detach())).all() for parameter in self.params]
-            or [torch.ones((), dtype=torch.bool)]
-        )[: len(self.params)]
+        if not self.params:
+            return torch.ones(0, dtype=torch.bool)
+        return torch.stack([torch.isfinite(_local(p.detach())).all() for p in self.params])
 
     def conclude_finite(self, finite: list[bool]) -> None:
-        """Refuse, naming it, the first parameter :meth:`finite_flags` (read) calls
-        non-finite."""
+        """Refuse (before a boundary writes anything), naming it, the first parameter that
+        :meth:`finite_flags` (read) calls non-finite: it diverged."""
         for name, ok in zip(self.names, finite, strict=False):
             if not ok:
                 raise ValueError(
