@@ -98,24 +98,28 @@ def _binding(path: Path) -> Path:
     return path.with_name(path.name.replace(".pt", BINDING_SUFFIX))
 
 
-def _bind(path: Path) -> None:
+def _bind(path: Path, known: dict[str, str]) -> None:
     """Write :func:`_binding` of ``path``: the SHA-256 of the Cascade's state, its companion
     (PEFT route) and the Trainer's ``trainer_state.json`` as saved now, after the Trainer's
-    own files (``on_save``)."""
+    own files (``on_save``); ``known``: digests already taken of files unchanged since."""
     folder = path.parent
     names = [path.name, _companion(path).name, TRAINER_STATE_NAME]
-    digests = {name: file_digest(folder / name) for name in names if (folder / name).is_file()}
+    digests = {
+        name: known.get(name) or file_digest(folder / name)
+        for name in names
+        if (folder / name).is_file()
+    }
     atomic_write(_binding(path), lambda file: file.write_text(json.dumps(digests, indent=1)))
 
 
-def _check_binding(path: Path) -> None:
+def _check_binding(path: Path) -> set[str]:
     """Refuse a checkpoint whose files are not those its :func:`_binding` names (written by
     different saves: a run re-started from an earlier checkpoint and killed while it saved
-    over a later one). A checkpoint without one (saved before bindings, or cut off before
-    ``on_save``) is taken as it is."""
+    over a later one); returns the names of the files it verified. A checkpoint without one
+    (saved before bindings, or cut off before ``on_save``) is taken as it is."""
     binding = _binding(path)
     if not binding.is_file():
-        return
+        return set()
     try:
         digests = json.loads(binding.read_text())
     except (OSError, ValueError) as error:
@@ -131,6 +135,7 @@ def _check_binding(path: Path) -> None:
             "checkpoint mixes two saves (e.g. a run re-started from an earlier checkpoint and "
             "killed while saving over this one); resume from another checkpoint"
         )
+    return set(digests)
 
 
 def _companion(path: Path) -> Path:
@@ -174,6 +179,7 @@ class LoRASCCallback(TrainerCallback):
         self._first = False  # whether first_in() put this callback ahead of the reporters
         self._warmed_scheduler = None  # the LambdaLR wrapped with the warm-up
         self._written_step = None  # the global step whose checkpoint files were written
+        self._written_digests: dict[str, str] = {}  # and the digests taken of them then
 
     def first_in(self, trainer) -> None:
         """Put this callback first in ``trainer``'s callbacks (adding it if absent), so that
@@ -293,7 +299,7 @@ class LoRASCCallback(TrainerCallback):
                 "TrainingArguments(resume_from_checkpoint=<the same path>); the checkpoint "
                 "must have been saved with LoRASCCallback"
             )
-        _check_binding(path)
+        verified = _check_binding(path)
         saved = _read(path, "the Cascade's state")
         try:
             saved = upgraded(saved)
@@ -328,7 +334,11 @@ class LoRASCCallback(TrainerCallback):
                     f"resuming a PEFT model's run needs its merged base weights "
                     f"in {weights}, saved by LoRASCCallback beside {path.name}"
                 )
-            if pair is not None and pair.get("sha256") != file_digest(weights):
+            if (
+                pair is not None
+                and weights.name not in verified  # else checked with the binding already
+                and pair.get("sha256") != file_digest(weights)
+            ):
                 raise ValueError(
                     f"{weights} is not the file {path} was saved with (its SHA-256 differs): "
                     "the two were written by different saves, e.g. a save cut off after "
@@ -349,12 +359,12 @@ class LoRASCCallback(TrainerCallback):
         if self._written_step != state.global_step:  # else written before the Trainer's
             self._write_checkpoint(args, state, cascade)
         if args.world_size > 1 or state.is_world_process_zero:
-            _bind(_checkpoint_file(args, state))
+            _bind(_checkpoint_file(args, state), self._written_digests)
 
     def _write_checkpoint(self, args, state, cascade: Cascade) -> None:
         """The Cascade's state (and, on the PEFT route, the merged base weights) into the
         checkpoint of ``state.global_step``, each file atomically."""
-        self._written_step = state.global_step
+        self._written_step, self._written_digests = state.global_step, {}
         if not (args.world_size > 1 or state.is_world_process_zero):
             return
         path = _checkpoint_file(args, state)
@@ -364,7 +374,8 @@ class LoRASCCallback(TrainerCallback):
             # the base weights first; the state, written last, names them by digest
             weights = base_weights(cascade.layers)
             companion = atomic_write(_companion(path), lambda file: torch.save(weights, file))
-            saved[PAIR_KEY] = {"name": companion.name, "sha256": file_digest(companion)}
+            digest = self._written_digests[companion.name] = file_digest(companion)
+            saved[PAIR_KEY] = {"name": companion.name, "sha256": digest}
         atomic_write(path, lambda file: torch.save(saved, file))
 
     def _write_before_the_trainer(self, args, state, control) -> None:
