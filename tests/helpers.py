@@ -69,3 +69,28 @@ def trainer_args_and_state(output_dir, global_step: int = 0):
         report_to=[],
     )
     return args, SimpleNamespace(global_step=global_step, is_world_process_zero=True)
+
+
+def benchmark_csv(module: str, args: list[str], out, pattern: str, env: dict, timeout=300):
+    """Run ``python -m <module> <args> --out <out>`` from the repository root with ``env``,
+    assert it succeeded, and return ``(columns, rows, stdout)`` of the one CSV file in
+    ``out`` matching ``pattern``."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args, "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    files = list(Path(out).glob(pattern))
+    assert len(files) == 1, files
+    with files[0].open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader), result.stdout

@@ -1,11 +1,8 @@
 """The host-cost benchmark (benchmarks/bench_host.py): its counters count exactly, its Triton
 stub runs nothing and puts the kernels back, and a run writes one row per provider."""
 
-import csv
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from benchmarks import bench_host, providers
 from benchmarks.bench_host import LaunchCounter, OpCounter
 from benchmarks.bench_linear import step_fn
 from benchmarks.providers import Problem, Tensors
+from tests.helpers import benchmark_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
@@ -66,21 +64,15 @@ def test_launch_stub_counts_runs_nothing_and_restores():
 
 
 def test_run_writes_one_row_per_provider(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_host", "--calls", "10", "--out", str(tmp_path)]
-        + ["--M", "16", "--K", "32", "--N", "16", "--r", "4"],
-        cwd=ROOT,
-        env=CPU_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    columns, found, _ = benchmark_csv(
+        "benchmarks.bench_host",
+        ["--calls", "10", "--M", "16", "--K", "32", "--N", "16", "--r", "4"],
+        tmp_path,
+        "host-*.csv",
+        CPU_ENV,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = tmp_path.glob("host-*.csv")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        assert reader.fieldnames == bench_host.COLUMNS
-        rows = {row["provider"]: row for row in reader}
+    assert columns == bench_host.COLUMNS
+    rows = {row["provider"]: row for row in found}
     assert list(rows) == list(bench_host.PROVIDERS)
     assert rows["compile"]["skipped"] and rows["ours-cuda"]["skipped"]  # on the CPU
     measured = [name for name, row in rows.items() if not row["skipped"]]

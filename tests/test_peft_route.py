@@ -274,32 +274,44 @@ def tiny_llama():
     return model, data, tokenizer
 
 
-def test_sft_trainer_with_a_peft_config_trains_with_cascades(tmp_path):
+def sft_trainer(output_dir, callback_settings=None, target_modules=("q_proj", "v_proj"), **args):
+    """An SFTTrainer of :func:`tiny_llama` with a LoRASCCallback (``callback_settings``,
+    by default a cascade every 2 steps with noise), its callback and a batch of ids;
+    ``args`` override the SFTConfig's (5 steps, no saves)."""
     trl = pytest.importorskip("trl")
     from lorasc_kernels import LoRASCCallback
 
     model, data, tokenizer = tiny_llama()
-    callback = LoRASCCallback(steps_per_cascade=2, seed=1)
+    callback = LoRASCCallback(
+        **(callback_settings or {"steps_per_cascade": 2, "seed": 1, "noise_lambda": 0.1})
+    )
+    config = {
+        "output_dir": str(output_dir),
+        "max_steps": 5,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "bf16": False,
+        **args,
+    }
     trainer = trl.SFTTrainer(
         model=model,
         train_dataset=data,
         callbacks=[callback],
         processing_class=tokenizer,
         peft_config=peft.LoraConfig(
-            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+            r=2, lora_alpha=4, target_modules=list(target_modules), task_type="CAUSAL_LM"
         ),
-        args=trl.SFTConfig(
-            output_dir=str(tmp_path),
-            max_steps=5,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            bf16=False,
-        ),
+        args=trl.SFTConfig(**config),
     )
+    return trainer, callback, torch.tensor(data["input_ids"][:4])
+
+
+def test_sft_trainer_with_a_peft_config_trains_with_cascades(tmp_path):
+    trainer, callback, _ = sft_trainer(tmp_path, {"steps_per_cascade": 2, "seed": 1})
     q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
     w0 = q_proj.base_layer.weight.detach().clone()
     trainer.train()
@@ -310,35 +322,18 @@ def test_sft_trainer_with_a_peft_config_trains_with_cascades(tmp_path):
 
 
 def test_sft_trainer_resumes_a_peft_run_bit_exactly(tmp_path):
-    """The Trainer's checkpoint of a PEFT model holds the adapters only; the callback saves
-    the merged base weights beside the Cascade's state and puts them back on resume."""
-    trl = pytest.importorskip("trl")
-    from lorasc_kernels import LoRASCCallback
+    """The merged base weights travel with the checkpoint (beside the Cascade's state and in
+    the adapter file) and are put back on resume: the run ends where the whole one does."""
 
     def run(output_dir, resume=None):
-        model, data, tokenizer = tiny_llama()
-        callback = LoRASCCallback(steps_per_cascade=2, seed=1, noise_lambda=0.1)
-        trainer = trl.SFTTrainer(
-            model=model,
-            train_dataset=data,
-            callbacks=[callback],
-            processing_class=tokenizer,
-            peft_config=peft.LoraConfig(
-                r=2, lora_alpha=4, target_modules=["q_proj"], task_type="CAUSAL_LM"
-            ),
-            args=trl.SFTConfig(
-                output_dir=str(output_dir),
-                max_steps=6,
-                save_steps=3,
-                per_device_train_batch_size=4,
-                learning_rate=1e-2,
-                report_to=[],
-                use_cpu=True,
-                disable_tqdm=True,
-                bf16=False,
-                seed=0,
-                data_seed=0,
-            ),
+        trainer, _, _ = sft_trainer(
+            output_dir,
+            target_modules=("q_proj",),
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=3,
+            seed=0,
+            data_seed=0,
         )
         trainer.train(resume_from_checkpoint=resume)
         return trainer.model.state_dict()
@@ -459,33 +454,6 @@ def test_the_documented_save_and_reload_lines_give_the_trained_models(tmp_path, 
     assert torch.equal(logits(scope["final"], ids), final)
     assert torch.equal(logits(scope["merged"], ids), final)
     assert not torch.equal(final, logits(merged_model.get_base_model(), ids))
-
-
-def sft_trainer(output_dir, steps=5):
-    trl = pytest.importorskip("trl")
-    from lorasc_kernels import LoRASCCallback
-
-    model, data, tokenizer = tiny_llama()
-    callback = LoRASCCallback(steps_per_cascade=2, seed=1, noise_lambda=0.1)
-    trainer = trl.SFTTrainer(
-        model=model,
-        train_dataset=data,
-        callbacks=[callback],
-        processing_class=tokenizer,
-        peft_config=llama_lora_config(),
-        args=trl.SFTConfig(
-            output_dir=str(output_dir),
-            max_steps=steps,
-            per_device_train_batch_size=4,
-            learning_rate=1e-2,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            bf16=False,
-        ),
-    )
-    return trainer, callback, torch.tensor(data["input_ids"][:4])
 
 
 def test_sft_trainer_save_model_reloads_as_the_trained_model_mid_run_and_finalized(tmp_path):

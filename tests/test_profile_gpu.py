@@ -1,11 +1,8 @@
 """The GPU profile (benchmarks/profile_gpu.py) dry-runs on the CPU: one CSV with every
 provider × mode × problem row and every merge row, its columns, and no failed row."""
 
-import csv
 import itertools
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import pytest
 pytest.importorskip("triton")
 
 from benchmarks import profile_gpu  # noqa: E402
+from tests.helpers import benchmark_csv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # CUDA hidden: the script takes its dry path even on a GPU machine. TRITON_INTERPRET left
@@ -33,20 +31,9 @@ MERGES = [
 def profile(tmp_path_factory):
     """``(header, rows, stdout)`` of one dry run."""
     out = tmp_path_factory.mktemp("profile")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile_gpu", "--dry", "--out", str(out)],
-        cwd=ROOT,
-        env=CPU_ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return benchmark_csv(
+        "benchmarks.profile_gpu", ["--dry"], out, "profile-*.csv", CPU_ENV, timeout=600
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    files = list(out.glob("profile-*.csv"))
-    assert len(files) == 1, files
-    with files[0].open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        return reader.fieldnames, list(reader), result.stdout
 
 
 def test_header_is_the_documented_columns(profile):
@@ -99,19 +86,9 @@ def test_no_failure_and_no_gpu_figures_on_the_cpu(profile):
 
 
 def test_a_spent_budget_skips_every_row_and_keeps_them(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.profile_gpu", "--dry", "--budget-s", "0"]
-        + ["--out", str(tmp_path)],
-        cwd=ROOT,
-        env=CPU_ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    _, rows, _ = benchmark_csv(
+        "benchmarks.profile_gpu", ["--dry", "--budget-s", "0"], tmp_path, "profile-*.csv", CPU_ENV
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (path,) = tmp_path.glob("profile-*.csv")
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
     linear = len(PROBLEMS) * len(profile_gpu.PROVIDERS) * len(profile_gpu.MODES)
     assert len(rows) == linear + len(MERGES) * len(profile_gpu.MERGE_PROVIDERS)
     assert all(row["error"] == "skipped: budget spent" for row in rows)
