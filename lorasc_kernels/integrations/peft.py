@@ -360,7 +360,7 @@ def _save_pretrained_with_base_weights(model, names, *args, **kwargs) -> None:
             )
             if key is not None:
                 tensor = full_tensor(source[key].detach())
-                base[f"{name}.base_layer.{part}"] = tensor.to("cpu", copy=True).contiguous()
+                base[f"{name}.base_layer.{part}"] = tensor.to("cpu").contiguous()  # read at once
             elif part == "weight":
                 raise ValueError(
                     f"save_pretrained(state_dict=...) holds no weight of the PEFT layer "
