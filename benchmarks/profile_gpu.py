@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import csv
 import itertools
 import os
@@ -184,23 +183,6 @@ def pin_triton_configs() -> str:
         m, n, k, stages, warps = _tile(kernel.configs[0])
         kept.append(f"{m}x{n}x{k} s{stages} w{warps}")
     return " / ".join(dict.fromkeys(kept))
-
-
-@contextlib.contextmanager
-def pinned_variant(variant: str | None):
-    """``LORASC_GEMM_VARIANT`` = ``variant`` inside (None: unset, the dispatch's default),
-    restored after."""
-    from lorasc_kernels.backends.triton.gemm_dispatch import SWITCH
-
-    before = os.environ.pop(SWITCH, None)
-    if variant is not None:
-        os.environ[SWITCH] = variant
-    try:
-        yield
-    finally:
-        os.environ.pop(SWITCH, None)
-        if before is not None:
-            os.environ[SWITCH] = before
 
 
 def build(name: str, tensors: Tensors, cuda: bool) -> torch.nn.Module:
@@ -411,7 +393,7 @@ def profile_linear(problem: Problem, recorder: Recorder, cuda: bool) -> None:
             unusable[name] = "skipped: budget spent"
             continue
         try:
-            with pinned_variant(providers.variant_of(name)):
+            with providers.variant_pinned(providers.variant_of(name)):
                 modules[name] = build(name, tensors, cuda)
                 check(name, modules[name], tensors)
         except providers.ProviderUnavailable as error:
@@ -430,7 +412,7 @@ def profile_linear(problem: Problem, recorder: Recorder, cuda: bool) -> None:
             recorder.write(row | {"error": "skipped: budget spent"})
             continue
         try:
-            with pinned_variant(providers.variant_of(name)):
+            with providers.variant_pinned(providers.variant_of(name)):
                 if name == GRAPH:
 
                     def make(mode=mode, module=modules[name]):

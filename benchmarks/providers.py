@@ -25,6 +25,7 @@ still written, then it raises :class:`ProviderFailures` naming every failed prov
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -57,6 +58,7 @@ __all__ = [
     "trainable",
     "build_checked",
     "pinned",
+    "variant_pinned",
     "variant_of",
     "check_runs",
     "raise_failures",
@@ -272,18 +274,31 @@ def variant_of(name: str) -> str | None:
     return name.partition("@")[2] or None
 
 
-def pinned(fn, variant: str | None):
-    """``fn`` run with the Triton GEMM switch set to ``variant`` first (None: unset, the
-    dispatch's default). Every provider's timed callable is wrapped alike, so each pays the
-    same environment write, and providers timed in turns never use another's variant."""
+@contextlib.contextmanager
+def variant_pinned(variant: str | None):
+    """The Triton GEMM switch set to ``variant`` inside (None: unset, the dispatch's
+    default), restored after."""
     from lorasc_kernels.backends.triton.gemm_dispatch import SWITCH
 
+    before = os.environ.pop(SWITCH, None)
+    if variant is not None:
+        os.environ[SWITCH] = variant
+    try:
+        yield
+    finally:
+        os.environ.pop(SWITCH, None)
+        if before is not None:
+            os.environ[SWITCH] = before
+
+
+def pinned(fn, variant: str | None):
+    """``fn`` run under :func:`variant_pinned`. Every provider's timed callable is wrapped
+    alike, so each pays the same environment writes, and providers timed in turns never use
+    another's variant."""
+
     def run():
-        if variant is None:
-            os.environ.pop(SWITCH, None)
-        else:
-            os.environ[SWITCH] = variant
-        return fn()
+        with variant_pinned(variant):
+            return fn()
 
     return run
 
@@ -317,7 +332,8 @@ for _backend in OUR_BACKENDS:
 # The Triton GEMM variants that the dispatch chooses from, forced (the third is ``addmm``).
 TRITON_VARIANTS = ("tiled", "persistent")
 for _variant in TRITON_VARIANTS:
-    _BUILDERS[f"ours-triton@{_variant}"] = lambda t: _ours(t, "triton", False)  # + pinned()
+    # the variant is forced where the provider runs: pinned(..., variant_of(name))
+    _BUILDERS[f"ours-triton@{_variant}"] = lambda t: _ours(t, "triton", False)
 
 
 def provider_names(
