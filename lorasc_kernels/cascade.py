@@ -72,7 +72,7 @@ from .cascade_merges import (
     raise_on_every_rank,
     read_flags,
 )
-from .cascade_metrics import BoundaryMetrics
+from .cascade_metrics import DEFAULT_EVERY, BoundaryMetrics
 from .cascade_settings import CascadeSettings
 from .cascade_state import STATE_VERSION, check_state, upgraded
 from .distributed import (
@@ -84,6 +84,7 @@ from .distributed import (
     to_linear,
     unwrap_data_parallel,
 )
+from .history_store import history_state, new_history, restored_history
 from .inject import lorasc_layers
 from .integrations.peft import (
     PeftLoraLayer,
@@ -214,9 +215,7 @@ class Cascade:
         # A boundary an error cut off (what it finished), and whether finalize()'s merge ran.
         self._progress: _BoundaryProgress | None = None
         self._last_merged = False
-        self.history: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {
-            name: [] for name in self.layers
-        }
+        self.history = new_history(settings, self.layers)  # per layer, (c·B, A) pairs
         params = self._slow_params(optimizer)
         names = {id(p): name for name, p in unwrap_data_parallel(model).named_parameters()}
         self.slow_update = SlowUpdate(
@@ -326,9 +325,9 @@ class Cascade:
         (with ``keep_history``) ``lorasc/effective_rank``; see :mod:`.cascade_metrics`."""
         return dict(self.metrics.last)
 
-    def track_metrics(self, every: int = 1, layer: str | None = None) -> None:
-        """Measure every ``every``-th boundary (0: none; default 1) on the layer named
-        ``layer`` (default: the first) for :attr:`last_boundary`."""
+    def track_metrics(self, every: int = DEFAULT_EVERY, layer: str | None = None) -> None:
+        """Measure every ``every``-th boundary (0: none; default 10, also before any call)
+        on the layer named ``layer`` (default: the first) for :attr:`last_boundary`."""
         self.metrics.configure(every, layer)
 
     def merged_state_dict(self, device: torch.device | str | None = None) -> dict:
@@ -402,7 +401,7 @@ class Cascade:
             "steps_in_cascade": self.steps_in_cascade,
             "finalized": self.finalized,
             "noise_scales": list(self.noise_scales),
-            "history": {name: list(pairs) for name, pairs in self.history.items()},
+            "history": history_state(self.history),
             "anchors": [anchor.clone() for anchor in self.slow_update.anchors],
         }
 
@@ -415,10 +414,11 @@ class Cascade:
         self._check_active("load_state_dict")
         state = upgraded(state)
         check_state(state, self.settings, self.layers, self.slow_update.anchors)
+        history = restored_history(state["history"], self.settings, self.layers)
         self.cascade_index = int(state["cascade_index"])
         self.steps_in_cascade = int(state["steps_in_cascade"])
         self.noise_scales = [float(scale) for scale in state["noise_scales"]]
-        self.history = {name: list(pairs) for name, pairs in state["history"].items()}
+        self.history = history
         self.slow_update.load(state["anchors"])
         for index, _, layer in self._indexed_layers():
             noise = self._noise(self.cascade_index, index)

@@ -12,23 +12,32 @@ first read: a boundary itself does not wait for the GPU); every ``every``-th bou
   accumulated over the run, ``Σ_{τ≤t} ΔW_τ`` (at most r·(t+1)).
 
 The effective rank is Roy & Vetterli's (:func:`~lorasc_kernels.lowrank.effective_rank`).
-A measured boundary costs one read of the layer's ``W`` and an SVD of the stacked factors
-(:mod:`~lorasc_kernels.lowrank`), ``O((N + K)·R²)`` for ``R = r`` (``r·(t+1)`` with the
-history).
+A measured boundary costs one read of the layer's ``W``, an SVD of its update's factors,
+``O((N + K)·r²)``, and, with the history, the update accumulated since the last measured
+boundary added to a :class:`~lorasc_kernels.lowrank.LowRankSum` (``O((N + K)·p·r)`` per
+cascade, ``p ≤ min(r·(t+1), N, K)``) and the singular values of its core
+(``O(p³)``, at most those of a dense ``min(N, K)``-sided SVD however long the run).
+Boundaries not measured cost nothing. The default is every :data:`DEFAULT_EVERY`-th
+boundary.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
 
 from . import _checks as checks
 from .distributed import full_tensor, is_dtensor, local_row_block
-from .lowrank import effective_rank, lowrank_svd, stacked
+from .lowrank import LowRankSum, effective_rank, lowrank_svd
 
-__all__ = ["BoundaryMetrics"]
+__all__ = ["DEFAULT_EVERY", "BoundaryMetrics"]
+
+# The default spacing of measured boundaries: a measured one on a 4096² layer costs
+# seconds once its accumulated rank nears 4096 (docs/benchmarks.md, bench_scaling).
+DEFAULT_EVERY = 10
 
 
 class BoundaryMetrics:
@@ -36,8 +45,11 @@ class BoundaryMetrics:
 
     def __init__(self, layer_names: list[str]):
         self.layer_names = layer_names
-        self.every = 1
+        self.every = DEFAULT_EVERY
         self.layer = layer_names[0]
+        # The measured layer's accumulated update: (a weak reference to the history it was
+        # read from, so that a replaced history is not kept alive; its sum).
+        self._accumulated: tuple[weakref.ref, LowRankSum] | None = None
         self._last: dict[str, float] = {}
         self._merge_ms = None  # the last boundary's merge time, until first read (lazy)
 
@@ -76,8 +88,20 @@ class BoundaryMetrics:
             )
             figures["lorasc/cascade_effective_rank"] = effective_rank(singular)
             if history:
-                figures["lorasc/effective_rank"] = effective_rank(lowrank_svd(*stacked(history))[1])
+                figures["lorasc/effective_rank"] = effective_rank(
+                    self._accumulated_sum(history).singular_values()
+                )
         self._last, self._merge_ms = figures, merge_ms
+
+    def _accumulated_sum(self, history) -> LowRankSum:
+        """The sum of ``history``'s updates: the kept one with the entries added since, or a
+        new one when ``history`` is another sequence (another layer, a loaded state)."""
+        if self._accumulated is None or self._accumulated[0]() is not history:
+            self._accumulated = (weakref.ref(history), LowRankSum())
+        total = self._accumulated[1]
+        for index in range(total.count, len(history)):
+            total.add(*history[index])
+        return total
 
     @property
     def last(self) -> dict[str, float]:

@@ -6,6 +6,7 @@ Why the defaults are what they are, measured: ``docs/method.md``.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from . import _checks as checks
@@ -34,7 +35,10 @@ class CascadeSettings:
             kernels, ``W`` untouched; float weights only) or ``"off"``.
         seed: root of every seed the schedule derives.
         keep_history: keep each merged ``(slow_rate·s·B_t, A_t)`` on the CPU in float32,
-            for ``export_peft_adapter``.
+            for ``export_peft_adapter`` and ``lorasc/effective_rank``.
+        history_dir: with ``keep_history``, a folder to keep them in (one file per layer,
+            appended at each boundary; :mod:`~lorasc_kernels.history_store`) instead of
+            memory; the state dict then holds their digests, not the tensors. None: memory.
         rounding: rounding of the merges into ``W``'s dtype, ``"stochastic"`` or ``"nearest"``.
         slow_other_params: give the other trainable parameters the optimizer holds (a new
             head, norms, biases) the same slow update at each boundary
@@ -49,6 +53,7 @@ class CascadeSettings:
     noise_mode: str = "inplace"
     seed: int = 0
     keep_history: bool = False
+    history_dir: str | None = None
     rounding: str = "stochastic"
     slow_other_params: bool = True
     warmup_steps: int = 0
@@ -77,6 +82,17 @@ class CascadeSettings:
         keep("seed", checks.check_seed("seed", self.seed))
         if not isinstance(self.keep_history, bool):
             raise TypeError(f"keep_history must be a bool, got {type(self.keep_history).__name__}")
+        if self.history_dir is not None:
+            if not isinstance(self.history_dir, (str, os.PathLike)):
+                raise TypeError(
+                    "history_dir must be None or a folder's path, got "
+                    f"{type(self.history_dir).__name__}"
+                )
+            keep("history_dir", os.fspath(self.history_dir))
+            if not isinstance(self.history_dir, str) or not self.history_dir:
+                raise ValueError(f"history_dir must be a folder's path, got {self.history_dir!r}")
+            if not self.keep_history:
+                raise ValueError("history_dir keeps the history on disk: set keep_history=True")
         checks.check_choice("rounding", self.rounding, ROUNDING_MODES)
         if not isinstance(self.slow_other_params, bool):
             raise TypeError(

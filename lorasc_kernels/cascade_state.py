@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
 from . import _checks as checks
 from .cascade_settings import CascadeSettings
+from .history_store import check_saved_history
 
 __all__ = ["STATE_VERSION", "STATE_KEYS", "upgraded", "check_state"]
 
@@ -79,7 +78,8 @@ def check_state(state: dict, settings: CascadeSettings, layers: dict, anchors: l
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise ValueError(f"state lacks {missing}: pass a dict from Cascade.state_dict()")
-    if state["settings"] != dataclasses.asdict(settings):
+    # history_dir is where the history is, not how the run runs: a moved folder loads
+    if _compared(state["settings"]) != _compared(dataclasses.asdict(settings)):
         raise ValueError(
             f"state['settings'] {state['settings']} differ from this Cascade's "
             f"{dataclasses.asdict(settings)}"
@@ -108,39 +108,13 @@ def check_state(state: dict, settings: CascadeSettings, layers: dict, anchors: l
         )
     for index, scale in enumerate(scales):
         checks.check_float(f"state['noise_scales'][{index}]", scale, minimum=0.0)
-    _check_history(state["history"], layers, settings.keep_history)
+    check_saved_history(state["history"], layers, settings)
     _check_anchors(state["anchors"], anchors)
 
 
-def _check_history(history, layers: dict, keep_history: bool) -> None:
-    """``state['history']``: per layer, finite ``(c·B (out, r), A (r, in))`` pairs (none
-    unless ``keep_history``)."""
-    if not isinstance(history, dict) or list(history) != list(layers):
-        raise ValueError(
-            f"state['history'] must be a dict with one list per layer, keyed {list(layers)}"
-        )
-    for name, layer in layers.items():
-        pairs = history[name]
-        where = f"state['history'][{name!r}]"
-        if not isinstance(pairs, (list, tuple)):
-            raise TypeError(f"{where} must be a list, got {type(pairs).__name__}")
-        if pairs and not keep_history:
-            raise ValueError(f"{where} holds updates but keep_history is False")
-        shapes = ((layer.out_features, layer.r), (layer.r, layer.in_features))
-        for t, pair in enumerate(pairs):
-            if not (
-                isinstance(pair, (list, tuple))
-                and len(pair) == 2
-                and all(
-                    isinstance(x, torch.Tensor) and tuple(x.shape) == shape
-                    for x, shape in zip(pair, shapes, strict=True)
-                )
-            ):
-                raise ValueError(
-                    f"{where}[{t}] must be a pair of tensors of shapes {shapes} (c·B, A)"
-                )
-            for part, saved in zip(("c·B", "A"), pair, strict=True):
-                checks.check_saved_values(f"{where}[{t}] ({part})", saved)
+def _compared(settings: dict) -> dict:
+    """``settings`` as two runs must share them to continue one another."""
+    return {name: value for name, value in settings.items() if name != "history_dir"}
 
 
 def _check_anchors(saved_anchors, anchors: list) -> None:

@@ -5,6 +5,10 @@ A sum of T rank-r updates is one product ``B A`` of stacked factors ``B = [B_0, 
 factorizations ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` and the SVD of the small core
 ``R_B R_Aᵀ`` (at most R × R): ``B A = (Q_B U) diag(S) (Q_A V)ᵀ``. Cost ``O((N + K) R²)``,
 in float64.
+
+:class:`LowRankSum` keeps such a sum as it grows, one pair at a time, without the stacked
+factors: an addition costs ``O((N + K)·p·r)`` instead of a new ``O((N + K)·R²)``
+factorization (``p ≤ min(R, N, K)``, see there).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 
 import torch
 
-__all__ = ["effective_rank", "lowrank_svd", "stacked", "truncated"]
+__all__ = ["LowRankSum", "effective_rank", "lowrank_svd", "stacked", "truncated"]
 
 
 def stacked(pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,3 +54,63 @@ def truncated(lora_b: torch.Tensor, lora_a: torch.Tensor, rank: int):
     total = float(s.square().sum())
     error = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
     return (u[:, :k] * s[:k]).to(torch.float32), vh[:k].to(torch.float32).contiguous(), error
+
+
+class LowRankSum:
+    """``Σ_t B_t A_t`` kept as ``Q_B C Q_Aᵀ`` in float64 as pairs are added: ``Q_B`` (N, p)
+    and ``Q_A`` (K, q) orthonormal, the core ``C`` (p, q), so the sum's singular values are
+    those of ``C``; ``p ≤ min(R, N)``, ``q ≤ min(R, K)`` for ``R = Σ_t r_t``.
+
+    :meth:`add` projects ``B_t`` (N, r) and ``A_tᵀ`` (K, r) on the bases (block
+    Gram-Schmidt, orthogonalized twice), extends each by the directions it lacks and adds
+    ``C_B C_Aᵀ`` to the core: ``O((N + K)·p·r + p·q·r)``. :meth:`singular_values` costs
+    ``O(p·q·min(p, q))``. Once ``p = N`` and ``q = K`` the core is the dense sum in
+    rotated coordinates and the costs stop growing with the pairs added. A direction whose
+    residual after projection is below ``n·ε·‖B_t‖_F`` (rounding) is not added.
+    """
+
+    def __init__(self):
+        self.count = 0  # pairs added
+        self.basis_b = self.basis_a = self.core = None
+
+    def add(self, lora_b: torch.Tensor, lora_a: torch.Tensor) -> None:
+        """Add ``B A``: ``B`` (N, r), ``A`` (r, K), of the first pair's N and K."""
+        lora_b = lora_b.detach().to("cpu", torch.float64)
+        lora_a = lora_a.detach().to("cpu", torch.float64).T
+        if self.core is None:
+            self.basis_b = lora_b.new_zeros(lora_b.shape[0], 0)
+            self.basis_a = lora_a.new_zeros(lora_a.shape[0], 0)
+            self.core = lora_b.new_zeros(0, 0)
+        self.basis_b, coeff_b = _extended(self.basis_b, lora_b)
+        self.basis_a, coeff_a = _extended(self.basis_a, lora_a)
+        core = self.core.new_zeros(coeff_b.shape[0], coeff_a.shape[0])
+        core[: self.core.shape[0], : self.core.shape[1]] = self.core
+        self.core = core.addmm_(coeff_b, coeff_a.T)
+        self.count += 1
+
+    def singular_values(self) -> torch.Tensor:
+        """The sum's nonzero-candidate singular values (``min(p, q)``), descending, float64."""
+        if self.core is None:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.linalg.svdvals(self.core)
+
+
+def _extended(basis: torch.Tensor, columns: torch.Tensor):
+    """``(basis', coords)``: ``basis`` (n, p) orthonormal, extended by the directions of
+    ``columns`` (n, r) it lacks, and the coordinates (p', r) of ``columns`` in it."""
+    coords = basis.T @ columns
+    residual = columns - basis @ coords
+    again = basis.T @ residual  # a second pass: orthogonal to working precision
+    residual -= basis @ again
+    coords += again
+    room = basis.shape[0] - basis.shape[1]
+    if room == 0:
+        return basis, coords
+    u, s, _ = torch.linalg.svd(residual, full_matrices=False)
+    tolerance = basis.shape[0] * torch.finfo(torch.float64).eps * float(columns.norm())
+    kept = min(int((s > tolerance).sum()), room)
+    if kept == 0:
+        return basis, coords
+    new = u[:, :kept]
+    new = torch.linalg.qr(new - basis @ (basis.T @ new))[0]
+    return torch.cat([basis, new], dim=1), torch.cat([coords, new.T @ residual])

@@ -81,6 +81,7 @@ def test_last_boundary_reports_the_merged_update_against_float64(keep_history):
         rounding="nearest",
         keep_history=keep_history,
     )
+    cascade.track_metrics(every=1)
     assert cascade.last_boundary == {}
     x = torch.randn(16, IN)
     layer = model[0]
