@@ -1,8 +1,8 @@
 """``python -m benchmarks``: run the benchmark families, write CSV + plot, print tables.
 
     python -m benchmarks [--quick | --full] [--device cpu|cuda] [--out DIR]
-                         [--only linear,layer,merge,precision,expressiveness] [--threads N]
-                         [--skip-backends cuda] [--problems all|headline|rest]
+                         [--only linear,layer,merge,precision,expressiveness,forgetting]
+                         [--threads N] [--skip-backends cuda] [--problems all|headline|rest]
     python -m benchmarks --summary DIR_OR_CSV ...  # short tables (and plot) of saved results
     python -m benchmarks --ceilings [--device ...] # the device's copy GB/s and matmul TFLOP/s
 
@@ -35,6 +35,7 @@ FAMILIES = {
     "merge": "benchmarks.bench_merge",
     "precision": "benchmarks.merge_precision",
     "expressiveness": "benchmarks.bench_expressiveness",
+    "forgetting": "benchmarks.bench_forgetting",
 }
 # Families whose rows share the linear family's columns (one CSV, one plot).
 RATIO_FAMILIES = ("linear", "layer")
