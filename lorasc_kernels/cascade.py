@@ -337,6 +337,13 @@ class Cascade:
 
         return merged_state_dict(self, device)
 
+    def save_merged(self, folder: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:
+        """Write :meth:`merged_state_dict`'s tensors to safetensors shards in ``folder``, one
+        merged layer in memory at a time; see :func:`lorasc_kernels.cascade_export.save_merged`."""
+        from .cascade_export import save_merged
+
+        return save_merged(self, folder, max_shard_bytes)
+
     def export_peft_adapter(self, path: str | Path, max_rank: int | None = None) -> Path:
         """Write the merged updates as one PEFT LoRA adapter (``keep_history=True``); see
         :func:`lorasc_kernels.cascade_export.export_peft_adapter`."""

@@ -1,12 +1,13 @@
 """What a running Cascade writes out without ending the run: the finalized model's state
-dict (:func:`merged_state_dict`) and the merged updates as one PEFT adapter
-(:func:`export_peft_adapter`). ``Cascade.merged_state_dict`` and
-``Cascade.export_peft_adapter`` call these; they read the Cascade's seeds and noise as its
+dict (:func:`merged_state_dict`, or streamed to safetensors files by :func:`save_merged`)
+and the merged updates as one PEFT adapter (:func:`export_peft_adapter`). The Cascade's
+methods of the same names call these; they read the Cascade's seeds and noise as its
 boundary would.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -19,10 +20,16 @@ from .functional import merge_lowrank_
 from .integrations.peft import plain_model
 from .modules import LoRASCLinear
 from .scaled_weight import ScaledWeight
+from .streamed_files import Pending, spec, write_safetensors, write_staged
 
-__all__ = ["merged_state_dict", "export_peft_adapter"]
+__all__ = ["merged_state_dict", "save_merged", "export_peft_adapter"]
 
 logger = logging.getLogger("lorasc_kernels")
+
+# Hugging Face's names and default shard size (``save_pretrained(max_shard_size="5GB")``).
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9
 
 
 def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict:
@@ -36,7 +43,8 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     slow-updated parameters get their slow update. Every other tensor is the model's own
     (shared), or a copy on ``device`` when it is given. Costs one new weight per layer;
     with ``device``, each merged weight moves there as soon as it is made, so W's device
-    holds at most one of them at a time.
+    holds at most one of them at a time. :func:`save_merged` writes the same tensors to
+    files holding at most one in memory.
     Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
     """
     cascade._check_active("merged_state_dict")
@@ -49,30 +57,98 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
             device = torch.device(device)
         except RuntimeError as error:
             raise ValueError(f"device {device!r} is not a device: {error}") from None
-    cascade._check_driven("merged_state_dict")
+    made = {}  # each merge (the same for every alias of its weight) → its tensor
+    state = {}
+    for key, entry in merged_entries(cascade, "merged_state_dict").items():
+        if not isinstance(entry, Pending):  # the model's own
+            state[key] = entry if device is None else entry.to(device, copy=True)
+            continue
+        if id(entry) not in made:  # moved at once: one merged layer at a time where W lives
+            made[id(entry)] = entry.make() if device is None else entry.make().to(device)
+        state[key] = made[id(entry)]
+    return state
+
+
+def save_merged(cascade, folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write :func:`merged_state_dict`'s tensors to ``folder`` as safetensors files, making
+    each merged weight when its bytes are written and dropping it after: at most one merged
+    layer (and one slow-updated parameter) in memory beside the model.
+
+    Files as Hugging Face's ``save_pretrained`` names them: ``model.safetensors`` when all
+    fit in ``max_shard_bytes`` (an int ≥ 1), else ``model-00001-of-0000n.safetensors`` …
+    (keys in the state dict's order, a new shard when the next tensor would pass the limit;
+    a larger tensor alone) and ``model.safetensors.index.json``. Each tensor's bytes are
+    those of ``merged_state_dict()`` (every alias of a tied weight written under each key,
+    the merge made again for each). Files are staged aside and moved in together at the
+    end (an error leaves the folder as it was); then the shards and index of an earlier
+    save there that this one does not name are removed. Returns the folder.
+    """
+    cascade._check_active("save_merged")
+    max_shard_bytes = checks.check_int("max_shard_bytes", max_shard_bytes, 1)
+    entries = {key: spec(entry) for key, entry in merged_entries(cascade, "save_merged").items()}
+    shards, size = [], 0
+    for key, entry in entries.items():
+        if not shards or size + entry.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = entry
+        size += entry.nbytes
+    count = len(shards)
+    names = [
+        SAFE_WEIGHTS_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        for i in range(count)
+    ]
+    writers = {
+        name: lambda staged, shard=shard: write_safetensors(staged, shard, {"format": "pt"})
+        for name, shard in zip(names, shards, strict=True)
+    }
+    if count > 1:
+        index = {
+            "metadata": {"total_size": sum(entry.nbytes for entry in entries.values())},
+            "weight_map": {
+                key: name for name, shard in zip(names, shards, strict=True) for key in shard
+            },
+        }
+        writers[SAFE_INDEX_NAME] = lambda staged: staged.write_text(
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        )
+    folder = write_staged(folder, writers)
+    for old in [SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME, *folder.glob("model-*-of-*.safetensors")]:
+        old = folder / old
+        if old.name not in writers:
+            old.unlink(missing_ok=True)
+    return folder
+
+
+def merged_entries(cascade, what: str) -> dict:
+    """:func:`merged_state_dict`'s keys (for the call ``what``, after its checks), each the
+    model's own tensor or a :class:`Pending` merge or slow update (one object for every
+    key of a weight's aliases)."""
+    cascade._check_driven(what)
     model, prefix = plain_model(unwrap_data_parallel(cascade.model))
     if any(is_dtensor(p) for p in model.parameters()):
         raise ValueError(
-            "merged_state_dict does not gather FSDP2 shards: finalize() and "
+            f"{what} does not gather FSDP2 shards: finalize() and "
             "save with torch.distributed.checkpoint instead"
         )
     cascade._check_finite_lora()
     state = model.state_dict()
     linears = {}  # each driven layer's prefix → the state of the linear finalize makes
-    merged = {}  # each driven weight → its merged value
-    fresh = set()  # ids of the merged weights already on ``device``, new tensors
+    merged = {}  # each driven weight → its merge
     for index, name, layer in cascade._indexed_layers():
         name = name.removeprefix(prefix)
         key_prefix = f"{name}." if name else ""
-        weight = final_weight(cascade, index, name, layer)
-        if device is not None:  # moved at once: one merged layer at a time where W lives
-            weight = weight.to(device)
-            fresh.add(id(weight))
+        dtype = layer.weight.dtype if layer.weight_scale is None else layer.dequantize_dtype
+        weight = Pending(
+            tuple(layer.weight.shape),
+            dtype,
+            lambda args=(cascade, index, name, layer): final_weight(*args),
+        )
         if layer.weight_scale is None:  # finalize() merges in place: aliases share it
             merged[id(layer.weight)] = weight
         linears[key_prefix] = {key_prefix + "weight": weight}
         if layer.bias is not None:
-            linears[key_prefix][key_prefix + "bias"] = layer.bias.detach().to(weight.dtype)
+            linears[key_prefix][key_prefix + "bias"] = layer.bias.detach().to(dtype)
     state = _with_linears(state, linears)
     names = {}
     for key, parameter in model.named_parameters(remove_duplicate=False):
@@ -81,15 +157,15 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
         for key in names.get(parameter_id, ()):
             if key in state:
                 state[key] = weight
-    anchors = cascade.slow_update.prepared_anchors()
-    for parameter, anchor in zip(cascade.slow_update.params, anchors, strict=True):
+    slow = cascade.slow_update
+    for parameter, anchor in zip(slow.params, slow.prepared_anchors(), strict=True):
+        updated = Pending(
+            tuple(anchor.shape),
+            anchor.dtype,
+            lambda a=anchor, p=parameter: a.lerp(p.detach(), slow.rate),
+        )
         for key in names[id(parameter)]:
-            state[key] = anchor.lerp(parameter.detach(), cascade.slow_update.rate)
-    if device is not None:
-        state = {
-            key: value if id(value) in fresh else value.to(device, copy=True)
-            for key, value in state.items()
-        }
+            state[key] = updated
     return state
 
 

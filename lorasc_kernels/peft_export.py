@@ -34,6 +34,7 @@ import torch
 
 from . import _checks as checks
 from .lowrank import stacked, truncated
+from .streamed_files import Pending, write_safetensors, write_staged
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "compress_updates", "write_peft_adapter"]
 
@@ -56,19 +57,17 @@ def write_peft_adapter(
 
     Returns the folder's path.
     """
-    try:
-        from safetensors.torch import save_file
-    except ImportError as error:
-        raise ImportError(
-            "exporting a PEFT adapter needs the safetensors package: pip install safetensors"
-        ) from error
     tensors, ranks = {}, {}
     for name, pairs in updates.items():
-        _check_module_updates(name, pairs)
+        (out_features, rank, in_features), (dtype_b, dtype_a) = _check_module_updates(name, pairs)
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = torch.cat([a for _, a in pairs], dim=0).contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = torch.cat([b for b, _ in pairs], dim=1).contiguous()
-        ranks[name] = tensors[f"{prefix}.lora_A.weight"].shape[0]
+        tensors[f"{prefix}.lora_A.weight"] = Pending(
+            (rank, in_features), dtype_a, lambda pairs=pairs: torch.cat([a for _, a in pairs])
+        )
+        tensors[f"{prefix}.lora_B.weight"] = Pending(
+            (out_features, rank), dtype_b, lambda pairs=pairs: torch.cat([b for b, _ in pairs], 1)
+        )
+        ranks[name] = rank
     rank = Counter(ranks.values()).most_common(1)[0][0]
     # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): "^" anchors them.
     rank_pattern = {f"^{re.escape(n)}": k for n, k in ranks.items() if k != rank}
@@ -90,21 +89,16 @@ def write_peft_adapter(
         "modules_to_save": None,
         "inference_mode": True,
     }
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     # Both files are written aside and moved in place at the end: a failed write (a full
-    # disk) leaves no adapter half-written, nor half-replaced.
-    staged = {name: folder / f".{name}.partial" for name in (CONFIG_NAME, WEIGHTS_NAME)}
-    try:
-        staged[CONFIG_NAME].write_text(json.dumps(config, indent=2) + "\n")
-        save_file(tensors, str(staged[WEIGHTS_NAME]), metadata={"format": "pt"})
-    except BaseException:
-        for partial in staged.values():
-            partial.unlink(missing_ok=True)
-        raise
-    for name, partial in staged.items():
-        partial.replace(folder / name)
-    return folder
+    # disk) leaves no adapter half-written, nor half-replaced. One module's factors at a time
+    # are in memory (read from the history's files when it keeps them on disk).
+    return write_staged(
+        path,
+        {
+            CONFIG_NAME: lambda staged: staged.write_text(json.dumps(config, indent=2) + "\n"),
+            WEIGHTS_NAME: lambda staged: write_safetensors(staged, tensors, {"format": "pt"}),
+        },
+    )
 
 
 def compress_updates(
@@ -123,8 +117,9 @@ def compress_updates(
     return compressed, errors
 
 
-def _check_module_updates(name, pairs) -> None:
-    """``pairs`` of one module: a non-empty list of ``(c·B_t (N, r_t), A_t (r_t, K))``."""
+def _check_module_updates(name, pairs):
+    """``pairs`` of one module: a non-empty list of ``(c·B_t (N, r_t), A_t (r_t, K))``;
+    returns ``(N, Σ r_t, K)`` and the dtypes of the stacked B and A."""
     if not isinstance(name, str) or not name:
         raise ValueError(
             f"updates has module name {name!r}: PEFT adapts named submodules only; for a "
@@ -133,7 +128,7 @@ def _check_module_updates(name, pairs) -> None:
         )
     if not pairs:
         raise ValueError(f"updates[{name!r}] is empty: every module needs one update or more")
-    shape = None
+    shape, rank, dtypes = None, 0, None
     for t, pair in enumerate(pairs):
         lora_b, lora_a = pair
         if lora_b.dim() != 2 or lora_a.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
@@ -147,3 +142,9 @@ def _check_module_updates(name, pairs) -> None:
                 f"the earlier ones a {shape[0]}×{shape[1]} weight"
             )
         shape = (lora_b.shape[0], lora_a.shape[1])
+        rank += lora_a.shape[0]
+        pair_dtypes = (lora_b.dtype, lora_a.dtype)
+        dtypes = (
+            pair_dtypes if dtypes is None else tuple(map(torch.promote_types, dtypes, pair_dtypes))
+        )
+    return (shape[0], rank, shape[1]), dtypes

@@ -1116,7 +1116,7 @@ def test_a_failed_adapter_write_leaves_the_previous_adapter(tmp_path, monkeypatc
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    monkeypatch.setattr("lorasc_kernels.peft_export.write_safetensors", full_disk)
     other = {"a": [(2 * torch.ones(OUT, RANK), torch.ones(RANK, IN))]}
     refused(OSError, "No space left", lambda: write_peft_adapter(folder, other), updates)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == files

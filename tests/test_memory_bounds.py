@@ -16,10 +16,12 @@ from lorasc_kernels.rounding import round_to_scaled
 
 class PeakOutputs(TorchDispatchMode):
     """The peak bytes of op outputs alive at once (views share their base's and are not
-    counted): the temporaries a call makes."""
+    counted; with ``device_type``, only those on such devices): the temporaries a call
+    makes."""
 
-    def __init__(self):
+    def __init__(self, device_type: str | None = None):
         super().__init__()
+        self.device_type = device_type  # count only outputs on devices of this type
         self.live = self.peak = 0
 
     def _freed(self, size: int) -> None:
@@ -29,7 +31,10 @@ class PeakOutputs(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
             for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(tensor, torch.Tensor):
+                if isinstance(tensor, torch.Tensor) and self.device_type in (
+                    None,
+                    tensor.device.type,
+                ):
                     size = tensor.untyped_storage().nbytes()
                     self.live += size
                     self.peak = max(self.peak, self.live)
