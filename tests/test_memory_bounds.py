@@ -6,41 +6,12 @@ import weakref
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.bench_scaling import PeakOutputs
 from lorasc_kernels import LoRASCConfig, LoRASCLinear, inject_lorasc
 from lorasc_kernels import quantize as quantize_module
 from lorasc_kernels.quantize import quantize, row_scales
 from lorasc_kernels.rounding import round_to_scaled
-
-
-class PeakOutputs(TorchDispatchMode):
-    """The peak bytes of op outputs alive at once (views share their base's and are not
-    counted; with ``device_type``, only those on such devices): the temporaries a call
-    makes."""
-
-    def __init__(self, device_type: str | None = None):
-        super().__init__()
-        self.device_type = device_type  # count only outputs on devices of this type
-        self.live = self.peak = 0
-
-    def _freed(self, size: int) -> None:
-        self.live -= size
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not func.is_view:
-            for tensor in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(tensor, torch.Tensor) and self.device_type in (
-                    None,
-                    tensor.device.type,
-                ):
-                    size = tensor.untyped_storage().nbytes()
-                    self.live += size
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(tensor, self._freed, size)
-        return out
-
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from benchmarks.bench_scaling import PeakOutputs
 from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc, streamed_files
 from lorasc_kernels.streamed_files import Pending, write_safetensors
-from tests.test_memory_bounds import PeakOutputs
 
 WIDTH, LAYERS = 48, 5
 
