@@ -107,15 +107,137 @@ def _check_weight(weight) -> bool:
     return False
 
 
-def _check_backend_dtype(backend: str, **tensors):
-    """Each tensor's dtype is one the backend declares (float64: the torch backend only)."""
+def _check_backend_dtype(backend: str, **dtypes: torch.dtype | None):
+    """Each dtype (by its tensor's name; None: no tensor) is one the backend declares
+    (float64: the torch backend only)."""
     supported = backend_module(backend).WEIGHT_DTYPES
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.dtype not in supported:
+    for name, dtype in dtypes.items():
+        if dtype is not None and dtype not in supported:
             raise TypeError(
-                f"{name} has dtype {tensor.dtype}, which backend {backend!r} does not take "
+                f"{name} has dtype {dtype}, which backend {backend!r} does not take "
                 f"(it takes {dtype_names(supported)}; the torch backend also float64)"
             )
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives ``x``'s call, or None when it is off (or ``x`` is
+    float64, which it leaves)."""
+    device_type = x.device.type
+    # not on "meta"; off: no autocast context to leave either (a context costs µs per call)
+    if not (
+        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    ):
+        return None
+    return None if x.dtype == torch.float64 else torch.get_autocast_dtype(device_type)
+
+
+def _tensor_signature(tensor) -> tuple | None:
+    return None if tensor is None else (tensor.dtype, tensor.shape, tensor.device)
+
+
+# Signatures of the calls whose argument checks passed (:func:`_signature`, then the
+# scalars), with what the checks returned: the checks are functions of the signature alone,
+# so a call with a known one skips them (microseconds per call; the values of a scaled
+# weight's scales are checked per tensor version, seeds per call). Bounded: cleared when full.
+_PASSED: dict[tuple, tuple] = {}
+_PASSED_MAX = 4096
+
+
+def _signature(x, weight, bias, lora_A, lora_B, autocast_dtype) -> tuple | None:
+    """Everything the argument checks of :func:`lorasc_linear` read of its tensors (dtypes,
+    shapes but ``x``'s leading dims, devices, a scaled weight's ``requires_grad``), and
+    autocast's dtype; None if an argument is of a kind the checks refuse."""
+    tensors = (x, lora_A, lora_B) + (() if bias is None else (bias,))
+    if not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
+        return None
+    if isinstance(weight, ScaledWeight):
+        codes = weight.codes
+        scaled = (codes.requires_grad, weight.scale.requires_grad)
+    elif isinstance(weight, torch.Tensor):
+        codes, scaled = weight, None
+    else:
+        return None
+    return (
+        x.dtype,
+        x.device,
+        x.shape[-1:] if x.dim() else None,
+        _tensor_signature(codes),
+        scaled,
+        _tensor_signature(bias),
+        _tensor_signature(lora_A),
+        _tensor_signature(lora_B),
+        autocast_dtype,
+    )
+
+
+def _check_linear_call(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    scale,
+    dropout_p,
+    noise_seed,
+    noise_scale,
+    backend,
+    autocast_dtype,
+) -> tuple:
+    """The argument checks of :func:`lorasc_linear` but the seeds' and the scale values',
+    with the dtypes that ``autocast_dtype`` (:func:`_autocast_dtype`) gives: returns
+    ``(scaled, scale, dropout_p, noise_scale, backend)`` as the call uses them."""
+    checks.check_tensor("x", x)
+    scaled = _check_weight(weight)
+    if bias is not None:
+        checks.check_tensor("bias", bias, dims=1)
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (the in_features)")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(
+            f"x must have in_features={in_features} as its last dim (weight is "
+            f"{tuple(weight.shape)}), got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        checks.check_shape("bias", bias, (out_features,), "out_features")
+    _check_lowrank(weight, lora_A, lora_B)
+    checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    for part in ("codes", "scale") if scaled else ():
+        if getattr(weight, part).requires_grad:  # no gradient flows to either: refused
+            raise ValueError(
+                f"weight.{part} ({weight.dtype} weight) requires grad: scaled weights are "
+                "frozen (requires_grad_(False))"
+            )
+    if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        _check_scale_values_once(weight)
+    scale = checks.check_float("scale", scale)
+    dropout_p = checks.check_probability("dropout_p", dropout_p)
+    noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)
+    if noise_seed is None and noise_scale != 0.0:
+        raise ValueError("noise_scale is nonzero but noise_seed is None: pass both or neither")
+    if scaled and noise_seed is not None:
+        raise ValueError(
+            f"noise_seed: fused noise is not supported on {weight.dtype} weights "
+            "(docs/fp8.md); use noise_mode='inplace' or 'off'"
+        )
+    x_dtype = autocast_dtype or x.dtype  # autocast casts x, a float weight and the bias
+    bias_dtype = None if bias is None else autocast_dtype or bias.dtype
+    if scaled:
+        if bias is not None and bias_dtype != x_dtype:
+            raise TypeError(f"bias must have x's dtype {x_dtype}, got {bias_dtype}")
+    elif x_dtype != (autocast_dtype or weight.dtype):
+        raise TypeError(
+            f"x has dtype {x.dtype} but weight has {weight.dtype}: they must match "
+            "outside torch.autocast"
+        )
+    elif bias is not None and bias_dtype != x_dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+
+    backend = resolve_backend_name(backend, x.device)  # a constant under torch.compile
+    _check_backend_dtype(backend, x=x_dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype)
+    if scaled:
+        _check_backend_scaled(backend, weight)
+    return scaled, scale, dropout_p, noise_scale, backend
 
 
 def _check_backend_scaled(backend: str, weight: ScaledWeight) -> None:
@@ -165,75 +287,55 @@ def lorasc_linear(
     (a :class:`ScaledWeight` is not: its tiles are converted as the kernels load them).
     Returns (..., N) in ``x``'s (or autocast's) dtype.
     """
-    checks.check_tensor("x", x)
-    scaled = _check_weight(weight)
-    if bias is not None:
-        checks.check_tensor("bias", bias, dims=1)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the in_features)")
-    out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
-        raise ValueError(
-            f"x must have in_features={in_features} as its last dim (weight is "
-            f"{tuple(weight.shape)}), got shape {tuple(x.shape)}"
+    autocast_dtype = _autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    compiling = torch.compiler.is_compiling()
+    signature = None
+    if not compiling:  # the checks are constants of a traced graph
+        signature = _signature(x, weight, bias, lora_A, lora_B, autocast_dtype)
+    if signature is not None:
+        signature += (type(scale), scale, type(dropout_p), dropout_p, type(noise_scale))
+        signature += (noise_scale, noise_seed is None, dropout_seed is None, backend)
+    try:
+        checked = None if signature is None else _PASSED.get(signature)
+    except TypeError:  # an unhashable argument: the checks refuse it
+        signature = checked = None
+    if checked is None:
+        checked = _check_linear_call(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            scale,
+            dropout_p,
+            noise_seed,
+            noise_scale,
+            backend,
+            autocast_dtype,
         )
-    if bias is not None:
-        checks.check_shape("bias", bias, (out_features,), "out_features")
-    _check_lowrank(weight, lora_A, lora_B)
-    checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    for part in ("codes", "scale") if scaled else ():
-        if getattr(weight, part).requires_grad:  # no gradient flows to either: refused
-            raise ValueError(
-                f"weight.{part} ({weight.dtype} weight) requires grad: scaled weights are "
-                "frozen (requires_grad_(False))"
-            )
-    if scaled and not torch.compiler.is_compiling():  # a data-dependent check: eager only
+        if signature is not None:
+            if len(_PASSED) >= _PASSED_MAX:
+                _PASSED.clear()
+            _PASSED[signature] = checked
+    scaled, scale, dropout_p, noise_scale, backend = checked
+    if scaled and not compiling:  # the values can change: checked per version of the scales
         _check_scale_values_once(weight)
-    scale = checks.check_float("scale", scale)
-    dropout_p = checks.check_probability("dropout_p", dropout_p)
-    noise_scale = checks.check_float("noise_scale", noise_scale, minimum=0.0)
     if noise_seed is not None:
         noise_seed = checks.check_seed("noise_seed", noise_seed)
-    elif noise_scale != 0.0:
-        raise ValueError("noise_scale is nonzero but noise_seed is None: pass both or neither")
-    if scaled and noise_seed is not None:
-        raise ValueError(
-            f"noise_seed: fused noise is not supported on {weight.dtype} weights "
-            "(docs/fp8.md); use noise_mode='inplace' or 'off'"
-        )
     if dropout_seed is not None:
         dropout_seed = checks.check_seed("dropout_seed", dropout_seed)
     elif dropout_p > 0.0:
         dropout_seed = draw_seed()
-
-    device_type = x.device.type
-    # not on "meta"; off: no autocast context to leave either (a context costs µs per call)
-    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(
-        device_type
-    )
-    if autocast and x.dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(device_type)  # float64 stays, as autocast leaves it
-        x = x.to(dtype)
-        weight = weight if scaled else weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    if scaled:
-        if bias is not None and bias.dtype != x.dtype:
-            raise TypeError(f"bias must have x's dtype {x.dtype}, got {bias.dtype}")
-    elif x.dtype != weight.dtype:
-        raise TypeError(
-            f"x has dtype {x.dtype} but weight has {weight.dtype}: they must match "
-            "outside torch.autocast"
-        )
-    elif bias is not None and bias.dtype != weight.dtype:
-        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-
-    backend = resolve_backend_name(backend, x.device)  # a constant under torch.compile
-    _check_backend_dtype(backend, x=x, lora_A=lora_A, lora_B=lora_B)
-    if scaled:
-        _check_backend_scaled(backend, weight)
+    if autocast_dtype is not None:
+        x = x.to(autocast_dtype)
+        weight = weight if scaled else weight.to(autocast_dtype)
+        bias = None if bias is None else bias.to(autocast_dtype)
+    in_features = x.shape[-1]
+    out_features = weight.shape[0]
     lead = x.shape[:-1]
     rows = x if x.dim() == 2 else x.reshape(-1, in_features)  # 2-D: no view op
-    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+    autocast = autocast_dtype is not None
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
         y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, backend)
     if x.dim() == 2:
@@ -365,7 +467,9 @@ def plan_merge(
     backend = resolve_backend_name(backend, weight.device)
     if scaled:
         _check_backend_scaled(backend, weight)
-    _check_backend_dtype(backend, weight=None if scaled else weight, lora_A=lora_A, lora_B=lora_B)
+    _check_backend_dtype(
+        backend, weight=None if scaled else weight.dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype
+    )
     for name, tensor in written.items():
         checks.check_writable(name, tensor)
     remove = None if noise_remove is None else NoiseSpec(*noise_remove)

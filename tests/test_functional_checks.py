@@ -60,8 +60,45 @@ def _call(**overrides):
     ],
 )
 def test_bad_inputs(overrides, error, match):
+    """Refused whether or not a good call warmed the cache of passed checks first."""
     with pytest.raises(error, match=match):
         _call(**overrides)
+    _call()
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"scale": True}, TypeError, "scale must be a float"),  # True == 1.0, and hashes alike
+        ({"dropout_p": [0.0]}, TypeError, "dropout_p must be a float"),  # unhashable
+        ({"backend": ["torch"]}, TypeError, "backend must be a str"),
+    ],
+)
+def test_a_passed_call_does_not_pass_an_equal_looking_one(overrides, error, match):
+    """The cache of passed checks keys a call by its arguments' types too (``True == 1.0``),
+    and an unhashable argument reaches the check that refuses it."""
+    _call(scale=1.0, dropout_p=0.0, backend="torch")
+    with pytest.raises(error, match=match):
+        _call(**{"scale": 1.0, "dropout_p": 0.0, "backend": "torch", **overrides})
+
+
+def test_a_scaled_weight_is_checked_again_when_its_parts_change():
+    """Same shapes and dtypes as a passed call: codes that now require grad are refused, and
+    scales written since (a new version) are checked again."""
+    from lorasc_kernels import ScaledWeight
+    from lorasc_kernels.quantize import quantize
+
+    x, weight, _, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
+    scaled, bias = quantize(weight, torch.float8_e4m3fn), None
+    lorasc_linear(x, scaled, bias, lora_A, lora_B, 1.0, backend="torch")
+    trainable = ScaledWeight(scaled.codes, scaled.scale.clone().requires_grad_())
+    with pytest.raises(ValueError, match=r"weight.scale .* requires grad"):
+        lorasc_linear(x, trainable, bias, lora_A, lora_B, 1.0, backend="torch")
+    scaled.scale[3] = 0.0
+    with pytest.raises(ValueError, match="weight.scale must be positive and finite.* at row 3"):
+        lorasc_linear(x, scaled, bias, lora_A, lora_B, 1.0, backend="torch")
 
 
 def test_unavailable_backend_names_what_is_missing():

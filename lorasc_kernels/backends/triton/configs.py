@@ -21,6 +21,7 @@ __all__ = [
     "prune_by_operand_size",
     "prune_noisy_tiles",
     "thin_configs",
+    "m_bucket",
     "rank_block",
     "dot_precision",
 ]
@@ -94,9 +95,15 @@ def thin_configs() -> list[triton.Config]:
     ]
 
 
+def m_bucket(m: int) -> int:
+    """``m`` rounded up to a power of two (0 stays 0), as ``triton.next_power_of_2`` rounds
+    it: the autotuners' key of the row count. Pure Python (no constexpr-function call)."""
+    return 1 << (m - 1).bit_length() if m > 0 else 0
+
+
 def rank_block(r: int) -> int:
     """Columns of the rank dimension per block: ``r`` padded to a power of two in [16, 64]."""
-    return min(64, max(16, triton.next_power_of_2(r)))
+    return min(64, max(16, m_bucket(r)))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,12 +1,18 @@
 """Device functions shared by the Triton kernels: rounding to a storage dtype, the noise of
 a weight tile, the fp32 dot product, the dropout mask on a tile, and the fused GEMMs' tile
-order and rank term. The counter-based hash is in :mod:`.random`.
+order and rank term. The counter-based hash is in :mod:`.random`. :data:`INTERPRETING`: the
+kernels' constexpr of that name, as their launchers pass it.
 """
 
 import triton
 import triton.language as tl
 
+from . import interpreting
 from .random import element_bits, row_hash, uniform_centered
+
+# Whether the kernels were decorated for the interpreter: Triton decides it when a kernel
+# module is imported (with this one), so it is read once here, not at every launch.
+INTERPRETING = interpreting()
 
 
 @triton.jit

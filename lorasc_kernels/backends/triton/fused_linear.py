@@ -34,9 +34,22 @@ import triton.language as tl
 from ...dtypes import float32_scalar
 from ...scaled_weight import ScaledWeight
 from ...specs import DropoutSpec, NoiseSpec
-from . import interpreting
-from .configs import dot_precision, fused_linear_configs, prune_by_operand_size, rank_block
-from .device import add_noise_tile, decode_scaled, grouped_tile, mma, rank_term, round_to
+from .configs import (
+    dot_precision,
+    fused_linear_configs,
+    m_bucket,
+    prune_by_operand_size,
+    rank_block,
+)
+from .device import (
+    INTERPRETING,
+    add_noise_tile,
+    decode_scaled,
+    grouped_tile,
+    mma,
+    rank_term,
+    round_to,
+)
 
 __all__ = [
     "NOISE_IN_GEMM_MAX_ROWS",
@@ -254,7 +267,7 @@ def noisy_weight_pass(
         noise.key,
         noise.scale32,
         W_TRANSPOSED=transposed,
-        INTERPRETING=interpreting(),
+        INTERPRETING=INTERPRETING,
         BLOCK=_NOISE_BLOCK,
         enable_fp_fusion=False,
     )
@@ -282,11 +295,14 @@ def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool)
     return out, q, bias, u, v, r, noise
 
 
+_FLOAT_FORMAT_FIELDS = {"MANTISSA_BITS": 0, "EXPONENT_BIAS": 0, "HAS_INFINITY": False}
+
+
 def format_fields(weight: ScaledWeight | None) -> dict:
     """The constexprs of a scaled weight's format (its registry entry's fields) as the kernels
-    take them; zeros for a float weight (None)."""
+    take them; zeros for a float weight (None). Not to be modified."""
     if weight is None:
-        return {"MANTISSA_BITS": 0, "EXPONENT_BIAS": 0, "HAS_INFINITY": False}
+        return _FLOAT_FORMAT_FIELDS
     entry = weight.format
     return {
         "MANTISSA_BITS": entry.mantissa_bits,
@@ -295,9 +311,14 @@ def format_fields(weight: ScaledWeight | None) -> dict:
     }
 
 
+_NO_SPEC_ARGUMENTS = (0, 0.0, 0, 0, 1.0)
+
+
 def spec_arguments(noise: NoiseSpec | None, rank_dropout: DropoutSpec | None) -> tuple:
     """``(noise_key, noise_scale, dropout_key, dropout_threshold, keep_scale)`` as the GEMM
     kernels take them; ``(0, 0.0)`` without noise, ``(0, 0, 1.0)`` without dropout."""
+    if noise is None and rank_dropout is None:
+        return _NO_SPEC_ARGUMENTS
     return ((0, 0.0) if noise is None else (noise.key, noise.scale32)) + (
         (0, 0, 1.0)
         if rank_dropout is None
@@ -333,7 +354,7 @@ def tiled_lowrank_gemm(
     out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (-(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"]),)  # ceil divisions
 
     _fused_lowrank_kernel[grid](
         out,
@@ -347,17 +368,12 @@ def tiled_lowrank_gemm(
         N,
         K,
         r,
-        triton.next_power_of_2(M),
-        out.stride(0),
-        out.stride(1),
-        p.stride(0),
-        p.stride(1),
-        q.stride(0),
-        q.stride(1),
-        u.stride(0),
-        u.stride(1),
-        v.stride(0),
-        v.stride(1),
+        m_bucket(M),
+        *out.stride(),
+        *p.stride(),
+        *q.stride(),
+        *u.stride(),
+        *v.stride(),
         float32_scalar(scale),
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None,
@@ -368,7 +384,7 @@ def tiled_lowrank_gemm(
         R_BLOCK=rank_block(r),
         DOT_PRECISION=dot_precision(p.dtype),
         **format_fields(scaled),
-        INTERPRETING=interpreting(),
+        INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,
     )
     return out

@@ -27,9 +27,8 @@ import triton.language as tl
 
 from ...dtypes import float32_scalar
 from ...specs import DropoutSpec, NoiseSpec
-from . import interpreting
-from .configs import dot_precision, persistent_configs, prune_noisy_tiles, rank_block
-from .device import add_noise_tile, grouped_tile, mma, rank_term, round_to
+from .configs import dot_precision, m_bucket, persistent_configs, prune_noisy_tiles, rank_block
+from .device import INTERPRETING, add_noise_tile, grouped_tile, mma, rank_term, round_to
 from .fused_linear import gemm_operands, spec_arguments
 
 __all__ = ["TMA_DTYPES", "unsupported_reason", "persistent_lowrank_gemm"]
@@ -229,7 +228,7 @@ def persistent_lowrank_gemm(
         N,
         K,
         r,
-        triton.next_power_of_2(M),
+        m_bucket(M),
         out.stride(0),
         p.stride(0),
         q.stride(1) if q_n_contiguous else q.stride(0),
@@ -246,7 +245,7 @@ def persistent_lowrank_gemm(
         LORA_DROPOUT=rank_dropout is not None,
         R_BLOCK=rank_block(r),
         DOT_PRECISION=dot_precision(p.dtype),
-        INTERPRETING=interpreting(),
+        INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,
     )
     return out

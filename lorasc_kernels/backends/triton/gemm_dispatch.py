@@ -46,6 +46,7 @@ import triton
 from ...scaled_weight import ScaledWeight
 from ...specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
+from .configs import m_bucket
 from .fused_linear import noisy_operand, tiled_lowrank_gemm
 from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
 
@@ -106,11 +107,17 @@ class Dispatch:
         self.told_no_timer = False  # measure was asked for on CPU tensors (warned once)
 
     def choose(
-        self, device: torch.device, key, options: tuple[str, ...], run: Callable[[str], object]
+        self,
+        device: torch.device,
+        key,
+        options: tuple[str, ...],
+        run: Callable[[str], object],
+        mode: str | None = None,
     ) -> str:
         """The variant among ``options`` (``"tiled"`` first) for ``key``, as :data:`SWITCH`
-        says; measuring runs ``run(variant)`` under :attr:`timer`."""
-        mode = os.environ.get(SWITCH) or (_MEASURE if device.type == "cuda" else "tiled")
+        says (``mode``: its value if already read, :func:`switch_mode`); measuring runs
+        ``run(variant)`` under :attr:`timer`."""
+        mode = mode or switch_mode(device)
         if mode not in (_MEASURE, *VARIANTS):
             raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
         if mode == _MEASURE and device.type != "cuda" and self.timer is _gpu_seconds:
@@ -146,6 +153,11 @@ class Dispatch:
 
 
 DISPATCH = Dispatch()
+
+
+def switch_mode(device: torch.device) -> str:
+    """:data:`SWITCH`'s value (read now), or its default for ``device``'s tensors."""
+    return os.environ.get(SWITCH) or (_MEASURE if device.type == "cuda" else "tiled")
 
 
 def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str, ...]:
@@ -200,13 +212,16 @@ def lowrank_gemm(
             return addmm_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed)
         return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
 
+    mode = switch_mode(p.device)
+    if mode == "tiled":  # it takes every call: no candidates, no key to build
+        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
     options = candidates(p, q, bias, u, v, rank_dropout)
     (M, K), N = p.shape, q.shape[0]
     if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
         N = q.shape[1]
     key = ProblemKey(
         str(p.device),
-        triton.next_power_of_2(M),
+        m_bucket(M),
         N,
         K,
         0 if u is None else u.shape[1],
@@ -217,4 +232,4 @@ def lowrank_gemm(
         bias is not None,
         options,
     )
-    return run(DISPATCH.choose(p.device, key, options, run))
+    return run(DISPATCH.choose(p.device, key, options, run, mode))

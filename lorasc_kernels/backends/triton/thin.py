@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from ...specs import DropoutSpec
-from . import interpreting, on_tensor_device
-from .configs import dot_precision, rank_block, thin_configs
-from .device import dropout_tile, mma, round_to
+from . import on_tensor_device
+from .configs import dot_precision, m_bucket, rank_block, thin_configs
+from .device import INTERPRETING, dropout_tile, mma, round_to
 
 __all__ = ["dropout_lowrank", "dropout_lowrank_grad"]
 
@@ -157,7 +157,7 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec)
         M,
         K,
         r,
-        triton.next_power_of_2(M),
+        m_bucket(M),
         xa.stride(0),
         xa.stride(1),
         x.stride(0),
@@ -169,7 +169,7 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec)
         dropout.keep_scale,
         R_BLOCK=r_block,
         DOT_PRECISION=dot_precision(x.dtype),
-        INTERPRETING=interpreting(),
+        INTERPRETING=INTERPRETING,
     )
     return xa
 
@@ -202,7 +202,7 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
         K,
         r,
         rows_per_split,
-        triton.next_power_of_2(M),
+        m_bucket(M),
         partials.stride(0),
         partials.stride(1),
         partials.stride(2),
@@ -215,6 +215,6 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
         dropout.keep_scale,
         R_BLOCK=r_block,
         DOT_PRECISION=dot_precision(x.dtype),
-        INTERPRETING=interpreting(),
+        INTERPRETING=INTERPRETING,
     )
     return partials.sum(0)
