@@ -77,6 +77,10 @@ def check_scale_values(name: str, scale: torch.Tensor, dtype: torch.dtype) -> No
         raise_bad_scale(name, scale, dtype)
 
 
+# Rows reduced or merged exactly at a time (scratch memory of about 8 bytes per element).
+ROW_BLOCK_ELEMENTS = 1 << 20
+
+
 def scaled_row_max(
     weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "weight_scale"
 ) -> torch.Tensor:
@@ -91,7 +95,7 @@ def _scaled_row_max(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.T
     rows, cols = weight.shape
     if rows == 0 or cols == 0:
         return weight_scale.new_zeros(rows, dtype=torch.float64)
-    block = max(1, _EXACT_BLOCK_ELEMENTS // cols)
+    block = max(1, ROW_BLOCK_ELEMENTS // cols)
     peak = torch.cat(
         [
             weight[start : start + block].to(torch.float32).abs().amax(dim=1)
@@ -271,115 +275,3 @@ def check_writable(name: str, tensor: torch.Tensor) -> None:
             f"{name} was created under torch.inference_mode() and cannot be updated in place "
             f"outside it: pass {name}.clone(), or call inside torch.inference_mode()"
         )
-
-
-# Rows whose cheap bound comes this close to the largest finite value are merged exactly into
-# a scratch copy instead: the bound ignores float32 rounding (relative 2**-24 per operation).
-_BOUND_MARGIN = 1.0 - 2.0**-10
-# Rows merged exactly at a time (scratch memory of about 8 bytes per element).
-_EXACT_BLOCK_ELEMENTS = 1 << 20
-
-
-class MergeRangeCheck:
-    """Refuse a merge ``W − n_remove + coeff · B A + n_add`` whose result leaves W's range,
-    or whose W, ``lora_A`` or ``lora_B`` holds a non-finite value, in two halves so that a
-    caller reads the checks of many merges at once: construction computes on W's device
-    and reads nothing; :attr:`flags` is a 1-D bool tensor (a scaled W: its scales valid,
-    then whether the merge fits; a float W: whether it fits); :meth:`conclude` takes them as
-    read on the host and raises where they say (reading more only on the way to an error,
-    or to merge the rows near the limit exactly).
-
-    ``weight`` (rows, K), ``noise_scales`` the two noise scales (0 for no noise),
-    ``exact_rows(start, stop)`` the merged values of rows ``start:stop`` computed into new
-    memory. Per row ``i``, in float64, noise values lying in [-½, ½)::
-
-        bound_i = max_j |W_ij| + (|s_remove| + |s_add|) / 2 + |coeff| · Σ_k |B_ik| max_j |A_kj|
-
-    bounds every value of the row (and is NaN or inf where W, A or B is not finite). A row
-    passes when ``bound_i`` and ``Σ_k |B_ik| max_j |A_kj|`` are below ``(1 - 2**-10)``
-    times the largest finite value of W's dtype (a float64 ``W`` merges in float64). Any
-    other row of finite values is merged exactly by ``exact_rows`` and refused only if that
-    yields an inf, so no merge that fits is refused. One read of ``W`` (a row-wise max), no
-    write.
-
-    A scaled ``W`` passes its codes as ``weight``, its ``row_scale`` and ``exact_rows=None``
-    (bad scales are refused as ``weight.scale``): ``row_max`` is then the row maxima of its
-    dequantized values, its rows are rescaled to fit the format (never out of its range),
-    so only float32's range bounds the merge: a row passes when
-    ``bound_i`` and ``bound_i / row_scale[i]`` (the merge's ``v / scale``) are within the
-    limit, and is refused on the bound otherwise.
-    """
-
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        lora_B: torch.Tensor,
-        lora_A: torch.Tensor,
-        coeff: float,
-        noise_scales: tuple[float, float],
-        row_offset: int,
-        exact_rows,
-        row_scale: torch.Tensor | None = None,
-    ):
-        self.weight, self.lora_B, self.lora_A = weight, lora_B, lora_A
-        self.row_scale, self.exact_rows = row_scale, exact_rows
-        self.coeff, self.noise_scales, self.row_offset = coeff, noise_scales, row_offset
-        scaled = row_scale is not None
-        self.dtype_max = torch.finfo(torch.float32 if scaled else weight.dtype).max
-        limit = self.dtype_max * _BOUND_MARGIN
-        if scaled:
-            row_max = _scaled_row_max(weight, row_scale)
-        else:
-            row_max = torch.linalg.vector_norm(weight.detach(), ord=float("inf"), dim=1).double()
-        self.row_max = row_max
-        lowrank = lora_B.detach().abs().double() @ lora_A.detach().abs().amax(dim=1).double()
-        bound = row_max + sum(abs(s) for s in noise_scales) / 2 + abs(coeff) * lowrank
-        inside = (bound <= limit) & (lowrank <= limit)  # False where NaN
-        if scaled:
-            inside &= bound / row_scale.double() <= limit
-        self.inside = inside
-        fits = inside.all()
-        self.flags = (
-            torch.stack([scale_values_ok(row_scale, weight.dtype), fits])
-            if scaled
-            else fits.reshape(1)
-        )
-
-    def conclude(self, *flags: bool) -> None:
-        """Raise as the :attr:`flags` (read) say; nothing when the merge fits."""
-        weight, row_offset = self.weight, self.row_offset
-        if self.row_scale is not None:
-            scales_ok, fits = flags
-            if not scales_ok:
-                raise_bad_scale("weight.scale", self.row_scale, weight.dtype)
-        else:
-            (fits,) = flags
-        if fits:
-            return
-        for name, factor in (("lora_A", self.lora_A), ("lora_B", self.lora_B)):
-            if not bool(torch.isfinite(factor).all()):
-                raise ValueError(f"{name} has non-finite values; weight was left untouched")
-        if not bool(torch.isfinite(self.row_max).all()):
-            row = row_offset + int((~torch.isfinite(self.row_max)).nonzero()[0, 0])
-            raise ValueError(f"weight has non-finite values (row {row}); it was left untouched")
-        coeff, noise_scales = self.coeff, self.noise_scales
-        suspect = (~self.inside).nonzero().flatten()
-        if self.row_scale is not None:
-            raise ValueError(
-                f"the merge could overflow float32 at row {row_offset + int(suspect[0])}: "
-                f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was left "
-                "untouched"
-            )
-        start, stop = int(suspect[0]), int(suspect[-1]) + 1
-        block = max(1, _EXACT_BLOCK_ELEMENTS // weight.shape[1])
-        for first in range(start, stop, block):
-            merged = self.exact_rows(first, min(stop, first + block))
-            overflow = ~torch.isfinite(merged)
-            if bool(overflow.any()):
-                row, col = (int(i) for i in overflow.nonzero()[0])
-                raise ValueError(
-                    f"the merge would overflow {weight.dtype} (largest finite value "
-                    f"{self.dtype_max:.4g}) at weight[{row_offset + first + row}, {col}]: "
-                    f"|coeff| = {abs(coeff):.4g}, noise scales {noise_scales}; weight was "
-                    "left untouched"
-                )

@@ -19,6 +19,7 @@ from . import _checks as checks
 from . import ops
 from .backends import BACKENDS, backend_module, resolve_backend_name
 from .dtypes import SCALED_DTYPES, dtype_names
+from .merge_range import MergeRangeCheck
 from .rounding import ROUNDING_MODES
 from .scaled_weight import ScaledWeight
 from .specs import LinearSpec, MergeSpec, NoiseSpec
@@ -402,7 +403,7 @@ def prepare_merge(*args, **kwargs) -> Callable[[], torch.Tensor | ScaledWeight]:
     Nothing is written here, so a caller merging many weights (the Cascade) checks them all
     before the first write. Beyond the argument checks: ``weight`` must hold values (not
     meta, not an inference tensor outside inference mode), be finite, and the merge must
-    keep it finite in its dtype (:class:`lorasc_kernels._checks.MergeRangeCheck`); a
+    keep it finite in its dtype (:class:`lorasc_kernels.merge_range.MergeRangeCheck`); a
     :class:`ScaledWeight` needs valid scales (:func:`lorasc_kernels._checks.scale_values_ok`)
     and a merge whose values, and their quotients by the row scale, stay within float32's
     range. The value checks cost one host read (:func:`plan_merge`).
@@ -414,7 +415,7 @@ def prepare_merge(*args, **kwargs) -> Callable[[], torch.Tensor | ScaledWeight]:
 class MergePlan(NamedTuple):
     """A merge whose argument checks passed and whose value checks are computed but not read:
     ``flags`` (1-D bool, on W's device) are those of
-    :class:`~lorasc_kernels._checks.MergeRangeCheck` (finite values, range, scales);
+    :class:`~lorasc_kernels.merge_range.MergeRangeCheck` (finite values, range, scales);
     ``conclude(flags as read)`` raises as they say, or returns the merge (not run)."""
 
     flags: torch.Tensor
@@ -484,11 +485,11 @@ def plan_merge(
 
     noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
     if scaled:
-        range_check = checks.MergeRangeCheck(
+        range_check = MergeRangeCheck(
             weight.codes, lora_B, lora_A, coeff, noise_scales, row_offset, None, weight.scale
         )
     else:
-        range_check = checks.MergeRangeCheck(
+        range_check = MergeRangeCheck(
             weight,
             lora_B,
             lora_A,
@@ -498,9 +499,14 @@ def plan_merge(
             lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
         )
 
+    def merge() -> torch.Tensor | ScaledWeight:
+        merge_rows(weight, 0, weight.shape[0])
+        range_check.remember()  # the next merge of this W, if nothing else writes it, reads none
+        return weight
+
     def conclude(flags: list[bool]) -> Callable[[], torch.Tensor | ScaledWeight]:
         range_check.conclude(*flags)
-        return _once(lambda: merge_rows(weight, 0, weight.shape[0]))
+        return _once(merge)
 
     return MergePlan(range_check.flags, conclude)
 

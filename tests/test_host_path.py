@@ -5,9 +5,12 @@ boundary. Counts hold on any machine; the times are ``benchmarks/bench_host.py``
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_host import LaunchCounter, OpCounter
 from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, merge_lowrank_
+from lorasc_kernels.functional import plan_merge
+from lorasc_kernels.merge_range import _LEFT_BOUNDS, _stamp
 from lorasc_kernels.quantize import quantize
 
 pytest.importorskip("triton")
@@ -141,3 +144,90 @@ def test_the_compiled_path_custom_ops_read_nothing():
         )
     assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
     assert launches.count == 2
+
+
+class _Reads(TorchDispatchMode):
+    """The ops that take a tensor sharing ``watched``'s storage (they read or write it)."""
+
+    def __init__(self, watched: torch.Tensor):
+        super().__init__()
+        self.storage = watched.untyped_storage().data_ptr()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [*args, *(kwargs or {}).values()]
+        if any(
+            isinstance(arg, torch.Tensor) and arg.untyped_storage().data_ptr() == self.storage
+            for arg in flat
+        ):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float8_e4m3fn", "float8_e5m2"])
+def test_the_next_merge_of_an_unchanged_weight_reads_none_of_it(kind):
+    """The checks of a merge read W (a row-wise max) once; the merge remembers a bound of
+    its rows, so the checks of the next merge of the same, unwritten W read none of it.
+    A write to W in between is seen and W read again."""
+    weight = _weight(kind)
+    codes = weight.codes if isinstance(weight, ScaledWeight) else weight
+    lora_B, lora_A = torch.randn(40, 3), torch.randn(3, 24)
+    arguments = dict(noise_add=(3, 0.1), backend="torch")
+    with _Reads(codes) as first:
+        plan_merge(weight, lora_B, lora_A, 0.5, **arguments)
+    assert first.ops  # the detector sees the row-wise max
+    merge_lowrank_(weight, lora_B, lora_A, 0.5, **arguments)
+    for _ in range(2):
+        with _Reads(codes) as later:
+            plan = plan_merge(weight, lora_B, lora_A, 0.5, **arguments)
+        assert later.ops == []
+        plan.conclude(plan.flags.tolist())()
+    codes[5, 2] = 0  # any write bumps W's version: read again
+    with _Reads(codes) as after_write:
+        plan_merge(weight, lora_B, lora_A, 0.5, **arguments)
+    assert after_write.ops
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_weight_written_after_a_merge_is_checked_again(dtype):
+    """A non-finite value written into W after a merge, in place or by replacing its data,
+    is refused at the next merge as before."""
+    weight = torch.randn(40, 24).to(dtype)
+    lora_B, lora_A = torch.randn(40, 3), torch.randn(3, 24)
+    merge_lowrank_(weight, lora_B, lora_A, 0.5)
+    weight[7, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"weight has non-finite values \(row 7\)"):
+        merge_lowrank_(weight, lora_B, lora_A, 0.5)
+    weight[7, 2] = 0
+    merge_lowrank_(weight, lora_B, lora_A, 0.5)
+    weight.data = torch.full_like(weight, float("nan"))
+    with pytest.raises(ValueError, match=r"weight has non-finite values \(row 0\)"):
+        merge_lowrank_(weight, lora_B, lora_A, 0.5)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2"])
+def test_the_remembered_row_bounds_hold_merge_after_merge(kind):
+    """Over merges with noise and stochastic rounding, on rows of ordinary, tiny (subnormal
+    after rounding) and zero values, each remembered bound is at least the row's largest
+    magnitude (dequantized for a scaled W), computed here after each merge."""
+    torch.manual_seed(2)
+    values = torch.randn(6, 32)
+    values[1] *= 1e-30 if kind != "float16" else 1e-6
+    values[2] = 0
+    if kind.startswith("float8"):
+        weight = quantize(values, getattr(torch, kind))
+    else:
+        weight = values.to(getattr(torch, kind))
+    codes = weight.codes if isinstance(weight, ScaledWeight) else weight
+    for step in range(8):
+        lora_B, lora_A = torch.randn(6, 4), torch.randn(4, 32)
+        lora_B[1:3] *= 1e-6  # tiny updates of the tiny and zero rows
+        plan = plan_merge(weight, lora_B, lora_A, 0.3, seed=step, noise_add=(step, 1e-3))
+        plan.conclude(plan.flags.tolist())()
+        row_scale = weight.scale if isinstance(weight, ScaledWeight) else None
+        bounds = _LEFT_BOUNDS.get(codes, _stamp(codes, row_scale))
+        assert bounds is not None
+        actual = codes.double().abs().amax(dim=1)
+        if row_scale is not None:
+            actual = actual * row_scale.double()
+        assert bool((bounds >= actual).all()), (step, bounds, actual)
