@@ -128,7 +128,7 @@ class Plan:
     eval_every: int = 5
     ranks: tuple[int, ...] = (1, 4)
     cascades: tuple[int, ...] = (4, 8)
-    lrs: tuple[float, ...] = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
+    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     expressiveness_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     expressiveness_seeds: tuple[int, ...] = (0, 1, 2)
@@ -259,9 +259,8 @@ def prepared(
     ``full``, every weight on B's path."""
     torch.manual_seed(seed)
     model = new_model(pair, plan, device)
-    model.load_state_dict({k: v for k, v in start.items() if not k.startswith("head_b.")}, False)
-    if pair.shared_head:
-        model.load_state_dict(start)
+    kept = {k: v for k, v in start.items() if pair.shared_head or not k.startswith("head_b.")}
+    model.load_state_dict(kept, strict=pair.shared_head)
     if method.kind == "full":
         model.head_a.requires_grad_(pair.shared_head)
         return model
@@ -619,13 +618,14 @@ def expressiveness_table(rows: list[dict]) -> str:
 
 # -- plot --------------------------------------------------------------------------------
 
-COLORS = {"full": "C2", "lora": "C0", "lorasc": "C1", "lorasc-paper": "C4", "lorasc-warmup": "C3"}
+COLORS = {"full": "C2", "lora": "C0", "lorasc": "C1", "lorasc-paper": "C4"}  # plotted kinds
 
 
 def plot(runs: list[Run], chosen: dict, targets: dict, path: Path, title: str) -> Path | None:
     """Per setting and rank: task-B test accuracy against task-A accuracy along training,
-    mean over seeds at each method's chosen lr (×: the matched point; dashed: the fewer
-    cascades); None without matplotlib."""
+    mean over seeds at each method's chosen lr (o: the end, ×: the matched point; dashed:
+    the fewer cascades; the warm-up variants are left to the tables); None without
+    matplotlib."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -634,36 +634,42 @@ def plot(runs: list[Run], chosen: dict, targets: dict, path: Path, title: str) -
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    panels = sorted({(run.setting, run.method.rank) for run in runs if run.method.rank})
+    settings = list(targets)
+    ranks = sorted({run.method.rank for run in runs} - {0})
     most = max(run.method.cascades for run in runs)
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 4.6), squeeze=False)
-    for axis, (setting, rank) in zip(axes[0], panels, strict=True):
-        for method in methods_of(runs, setting):
-            if method.rank not in (0, rank):
-                continue
-            lr = chosen[setting, method]
-            mine = [r for r in runs if (r.setting, r.method, r.lr) == (setting, method, lr)]
-            curves = np.array([r.curve for r in mine])  # seeds × points × (step, vB, tB, tA)
-            axis.plot(
-                curves[:, :, 2].mean(0),
-                curves[:, :, 3].mean(0),
-                "--" if 0 < method.cascades < most else "-",
-                color=COLORS[method.kind],
-                label=f"{method.name} (lr {lr:g})",
-                linewidth=1.2,
+    figure, axes = plt.subplots(
+        len(settings), len(ranks), figsize=(5.5 * len(ranks), 4.8 * len(settings)), squeeze=False
+    )
+    for row, setting in zip(axes, settings, strict=True):
+        for axis, rank in zip(row, ranks, strict=True):
+            for method in methods_of(runs, setting):
+                if method.rank not in (0, rank) or method.kind not in COLORS:
+                    continue
+                lr = chosen[setting, method]
+                mine = [r for r in runs if (r.setting, r.method, r.lr) == (setting, method, lr)]
+                curves = np.array([r.curve for r in mine]).mean(0)  # points × (step, vB, tB, tA)
+                color = COLORS[method.kind]
+                axis.plot(
+                    curves[:, 2],
+                    curves[:, 3],
+                    "--" if 0 < method.cascades < most else "-",
+                    color=color,
+                    label=f"{method.name} (lr {lr:g})",
+                    linewidth=1.2,
+                )
+                axis.plot(curves[-1, 2], curves[-1, 3], "o", color=color)
+                matched = np.array([matched_point(r, targets[setting]) for r in mine])
+                axis.plot(*matched[:, 2:].mean(0), "x", color=color, markersize=9)
+            axis.set(
+                xlabel="task B test accuracy",
+                ylabel="task A test accuracy",
+                title=f"{setting}, r={rank} (×: val B first ≥ {targets[setting]:.2f}; o: end)",
             )
-            matched = np.array([matched_point(r, targets[setting]) for r in mine])
-            axis.plot(*matched[:, 2:].mean(0), "x", color=COLORS[method.kind], markersize=8)
-        axis.set(
-            xlabel="task B test accuracy",
-            ylabel="task A test accuracy",
-            title=f"{setting}, r={rank} (×: val B first ≥ {targets[setting]:.2f})",
-        )
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=6)
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
 
