@@ -99,7 +99,8 @@ void emulate_merge_tile(const lorasc::MergeArgs& args, int64_t row0, int64_t col
     for (int t = 0; t < lorasc::kMergeThreads; ++t)
       lorasc::stage_rank_chunk<TL>(args, k0, chunk, row0, col0, t, *chunks);
     for (int t = 0; t < lorasc::kMergeThreads; ++t)
-      lorasc::accumulate_rank_chunk(*chunks, chunk, t, threads[t].delta);
+      lorasc::accumulate_rank_chunk<lorasc::exact_products<TL>()>(*chunks, chunk, t,
+                                                                 threads[t].delta);
   }
   for (int t = 0; t < lorasc::kMergeThreads; ++t)
     lorasc::merge_and_store<TW>(args, lorasc::MergeLane(row0, col0, t), threads[t].runs,

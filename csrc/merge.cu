@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const MergeArgs ar
     __syncthreads();  // the previous chunk is consumed
     stage_rank_chunk<TL>(args, k0, chunk, row0, col0, threadIdx.x, chunks);
     __syncthreads();
-    accumulate_rank_chunk(chunks, chunk, threadIdx.x, delta);
+    accumulate_rank_chunk<exact_products<TL>()>(chunks, chunk, threadIdx.x, delta);
   }
   merge_and_store<TW>(args, lane, runs, delta);
 }

@@ -151,8 +151,11 @@ def _rounding_slack(dtype: torch.dtype, rank: int) -> tuple[float, float]:
     return (1.0 + (rank + 8) * 2.0**-24) * (1.0 + eps), smallest
 
 
-def _stamp(weight: torch.Tensor, row_scale: torch.Tensor | None) -> tuple:
-    """What changes when anything writes W (or its scales): storage, version, layout."""
+def _stamp(weight: torch.Tensor, row_scale: torch.Tensor | None) -> tuple | None:
+    """What changes when anything writes W (or its scales): storage, version, layout; None
+    for an inference tensor, which keeps no version (its bounds are never remembered)."""
+    if weight.is_inference() or (row_scale is not None and row_scale.is_inference()):
+        return None
     stamp = (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype)
     if row_scale is None:
         return stamp
@@ -166,12 +169,13 @@ class _Bounds:
     def __init__(self):
         self._by_weight = WeakIdKeyDictionary()
 
-    def get(self, weight: torch.Tensor, stamp: tuple) -> torch.Tensor | None:
-        known = self._by_weight.get(weight)
+    def get(self, weight: torch.Tensor, stamp: tuple | None) -> torch.Tensor | None:
+        known = self._by_weight.get(weight) if stamp is not None else None
         return known[1] if known is not None and known[0] == stamp else None
 
-    def put(self, weight: torch.Tensor, stamp: tuple, bounds: torch.Tensor) -> None:
-        self._by_weight[weight] = (stamp, bounds)
+    def put(self, weight: torch.Tensor, stamp: tuple | None, bounds: torch.Tensor) -> None:
+        if stamp is not None:
+            self._by_weight[weight] = (stamp, bounds)
 
 
 _LEFT_BOUNDS = _Bounds()

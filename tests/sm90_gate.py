@@ -431,7 +431,38 @@ def sass_counts(compiled) -> dict[str, int]:
         sass = subprocess.run(
             [_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
-    return {opcode: len(re.findall(rf"\b{opcode}\b", sass)) for opcode in SASS_OPCODES}
+    counts = {opcode: len(re.findall(rf"\b{opcode}\b", sass)) for opcode in SASS_OPCODES}
+    return {**counts, "largest_loop": largest_loop(sass)}
+
+
+def largest_loop(sass: str) -> dict[str, int]:
+    """Of the innermost loops of ``sass`` (each from a backward branch's target to the
+    branch, holding no other loop), the one with the most instructions: its
+    ``instructions`` per iteration and its 16-bit global loads (``u16_loads``); zeros
+    when there is no loop."""
+    lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
+    addresses = [(int(address, 16), text) for address, text in lines]
+    loops = [
+        (int(target, 16), address)
+        for address, text in addresses
+        for target in re.findall(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if int(target, 16) < address
+    ]
+    if not loops:
+        return {"instructions": 0, "u16_loads": 0}
+    innermost = [
+        (start, end)
+        for start, end in loops
+        if not any(
+            start <= inner[0] and inner[1] <= end and inner != (start, end) for inner in loops
+        )
+    ]
+    start, end = max(innermost, key=lambda loop: loop[1] - loop[0])
+    body = [text for address, text in addresses if start <= address <= end]
+    return {
+        "instructions": len(body),
+        "u16_loads": sum(bool(re.search(r"\bLDG\S*\.(U16|S16)\b", text)) for text in body),
+    }
 
 
 def compile_job(job: dict) -> dict:

@@ -85,6 +85,34 @@ def test_nearest_rounds_ties_to_even(backend, dtype):
     assert torch.equal(weight, expected.to(dtype))
 
 
+# A rank step whose product is exact but below float32's normal range: B A = 2**-149 (the
+# smallest subnormal) + 2**-150 (half of it). Rounded once the sum is a tie, 1.5 · 2**-149,
+# and goes to even, 2**-148; rounded twice the second product is itself a tie, to 0, and the
+# sum stays 2**-149. coeff = 2**100 carries either into float32's normal range exactly.
+SUBNORMAL_PRODUCTS = ([[2.0**-75, 2.0**-75]], [[2.0**-74, 1.0], [2.0**-75, 1.0]], 2.0**100)
+
+
+@pytest.mark.parametrize(
+    "lora_dtype, expected",
+    [(torch.bfloat16, 2.0**-48), (torch.float16, None), (torch.float32, 2.0**-49)],
+)
+def test_the_rank_step_rounds_once_when_the_factors_are_16_bit(backend, lora_dtype, expected):
+    """The rank step's contract (``reference.lowrank_delta_fp32``): factors of one 16-bit
+    dtype have exact products, and each step rounds once (an FMA on the GPU); float32
+    factors round the product and the sum each. Only products below float32's normal range
+    tell them apart; every backend gives the values computed here by hand. (fp16 factors
+    cannot make such a product: it is at least 2**-48, so there both agree.)"""
+    rows, cols, coeff = SUBNORMAL_PRODUCTS
+    lora_B = torch.tensor(rows, device=DEVICE).to(lora_dtype)
+    lora_A = torch.tensor(cols, device=DEVICE).to(lora_dtype)
+    if lora_dtype == torch.float16:  # 2**-75 underflows to 0: the product is 0 either way
+        assert float(lora_B[0, 0]) == 0.0
+        expected = 0.0
+    weight = torch.zeros(1, 2, device=DEVICE)
+    merge_lowrank_(weight, lora_B, lora_A, coeff, rounding="nearest", backend=backend)
+    assert float(weight[0, 0]) == expected
+
+
 def test_merge_is_in_place(backend):
     weight, lora_B, lora_A = _inputs(37, 91, 5, torch.bfloat16)
     before, pointer = weight.clone(), weight.data_ptr()
@@ -259,25 +287,31 @@ _COMPILE_FOR_HOPPER = textwrap.dedent(
     kernel = _merge_kernel
     floats = {"coeff", "remove_scale", "add_scale"}
     constants = {"HAS_REMOVE": True, "HAS_ADD": True, "STOCHASTIC": True, "DROP_BITS": 16,
-                 "NEAREST_ON_BITS": True, "BLOCK_ROWS": 64, "BLOCK_COLS": 128}
-    signature = {
-        name: "constexpr" if name in constants else "*bf16" if name.endswith("_ptr")
-        else "fp32" if name in floats else "i32"
-        for name in kernel.arg_names
-    }
-    constexprs = {(kernel.arg_names.index(n),): v for n, v in constants.items()}
-    for fusion in (False, True):
+                 "NEAREST_ON_BITS": True, "INTERPRETING": False, "BLOCK_ROWS": 64,
+                 "BLOCK_COLS": 128}
+    for fusion, exact in ((False, False), (False, True), (True, False)):
+        signature = {
+            name: "constexpr" if name in constants or name == "EXACT_PRODUCTS"
+            else "*bf16" if name == "weight_ptr" else "*fp32" if name.endswith("_ptr")
+            else "fp32" if name in floats else "i32"
+            for name in kernel.arg_names
+        }
+        values = {**constants, "EXACT_PRODUCTS": exact}
+        constexprs = {(kernel.arg_names.index(n),): v for n, v in values.items()}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs),
                                   target=GPUTarget("cuda", 90, 32),
-                                  options={"enable_fp_fusion": fusion})
-        print(fusion, len(re.findall(r"fma\\.rn\\.f32", compiled.asm["ptx"])))
+                                  options={"enable_fp_fusion": fusion, "num_warps": 8})
+        print(fusion, exact, len(re.findall(r"fma\\.rn\\.f32", compiled.asm["ptx"])))
     """
 )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernel itself")
-def test_kernel_compiles_for_hopper_without_fused_multiply_add():
-    """Compile (no GPU needed) for sm_90: the PTX has no fma with fusion off, as launched."""
+def test_kernel_compiles_for_hopper_with_no_fused_multiply_add_but_the_rank_step():
+    """Compile (no GPU needed) for sm_90, as launched (fusion off): no fma in the PTX, except
+    one per element of a thread (64 × 128 / 256 threads) for the rank step of 16-bit factors
+    (their exact products: ``reference.lowrank_delta_fp32``); none in the noise or the
+    rounding. Fusion on would contract (the check can fail)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_FOR_HOPPER],
@@ -287,9 +321,10 @@ def test_kernel_compiles_for_hopper_without_fused_multiply_add():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    fma_counts = dict(line.split() for line in result.stdout.split("\n") if line)
-    assert fma_counts["False"] == "0"
-    assert int(fma_counts["True"]) > 0  # the check can fail: fusion would contract
+    counts = {tuple(line.split()[:2]): int(line.split()[2]) for line in result.stdout.splitlines()}
+    assert counts[("False", "False")] == 0
+    assert counts[("False", "True")] == 64 * 128 // 256
+    assert counts[("True", "False")] > 0
 
 
 def test_a_float32_merge_draws_no_rounding_bits(monkeypatch):

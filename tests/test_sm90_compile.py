@@ -70,18 +70,54 @@ def _noise_or_merge(row: dict) -> bool:
     return "merge" in name or "noise" in name or noisy_flag
 
 
-def test_no_fused_multiply_add_in_the_merge_and_noise_paths(compiled):
+def _elements_per_thread(row: dict) -> int:
+    flags = row["flags"]
+    return flags["BLOCK_ROWS"] * flags["BLOCK_COLS"] // (32 * row["options"]["num_warps"])
+
+
+def test_no_fused_multiply_add_in_the_merge_and_noise_paths_but_the_rank_step(compiled):
     """The merge and the noisy weight must equal the reference bit for bit: launched with
-    ``enable_fp_fusion=False``, their PTX holds no ``fma``."""
+    ``enable_fp_fusion=False``, their PTX holds no ``fma``, except the merge's rank step
+    with 16-bit factors (``EXACT_PRODUCTS``: exact products, one rounding, as
+    ``reference.lowrank_delta_fp32``): at most one fma per element of a thread per sweep."""
     rows = [row for row in compiled if _noise_or_merge(row)]
     assert any("merge" in row["kernel"] for row in rows)
     assert any(row["flags"].get("FUSED_NOISE") for row in rows)
+    assert any(row["flags"].get("EXACT_PRODUCTS") for row in rows)
+
+    def allowed(row: dict) -> int:
+        if not row["flags"].get("EXACT_PRODUCTS"):
+            return 0
+        sweeps = 2 if "scaled" in row["kernel"] else 1
+        return sweeps * _elements_per_thread(row)
+
     offending = [
-        f"{describe(row)}: {row['fma']} fma, fusion {row['options'].get('enable_fp_fusion', True)}"
+        f"{describe(row)}: {row['fma']} fma (allowed {allowed(row)}), fusion "
+        f"{row['options'].get('enable_fp_fusion', True)}"
         for row in rows
-        if row["fma"] or row["options"].get("enable_fp_fusion", True)
+        if row["fma"] > allowed(row) or row["options"].get("enable_fp_fusion", True)
     ]
     assert not offending, "\n".join(offending)
+
+
+# The merge's rank loop, per element of a thread and per rank: one FMA with 16-bit factors
+# (loads and addresses amortized over the thread's elements), a multiply and an add else.
+RANK_LOOP_BUDGET = {True: 2.5, False: 3.5}
+
+
+def test_the_merge_rank_loop_fits_its_instruction_budget(compiled):
+    """The merge kernel's rank loop (its innermost loop in the SASS), for every launch:
+    at most :data:`RANK_LOOP_BUDGET` instructions per element per rank, and no 16-bit load
+    in it (the launcher passes the factors in float32, widened once)."""
+    rows = [row for row in compiled if row["kernel"].endswith(":_merge_kernel")]
+    assert {row["flags"]["EXACT_PRODUCTS"] for row in rows} == {True, False}
+    over = []
+    for row in rows:
+        loop = row["sass"]["largest_loop"]
+        per_element = loop["instructions"] / _elements_per_thread(row)
+        if per_element > RANK_LOOP_BUDGET[row["flags"]["EXACT_PRODUCTS"]] or loop["u16_loads"]:
+            over.append(f"{describe(row)}: {per_element:.2f} per element per k, {loop}")
+    assert not over, "\n".join(over)
 
 
 def spill_table(rows: list[dict]) -> str:

@@ -1,6 +1,7 @@
 // Element types shared by host and device code: the LORASC_HD qualifier, float32 bit
-// casts, float32 products/sums that are never contracted to FMA, and conversions between
-// float32 and the storage types (float, c10::Half, c10::BFloat16).
+// casts, float32 products/sums that are never contracted to FMA (and the one explicit FMA,
+// fma_rn), and conversions between float32 and the storage types (float, c10::Half,
+// c10::BFloat16).
 //
 // The header compiles with g++ (no __CUDACC__) for the host-side bit-exactness tests and
 // with nvcc for the kernels. c10::Half / c10::BFloat16 convert from float32 with
@@ -10,8 +11,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifdef __CUDACC__
 #define LORASC_HD __host__ __device__ __forceinline__
@@ -58,6 +61,15 @@ LORASC_HD float add_rn(float a, float b) {
   return __fadd_rn(a, b);
 #else
   return a + b;
+#endif
+}
+
+// a * b + c rounded once (the merge's rank step when a * b is exact: lorasc/elementwise.cuh).
+LORASC_HD float fma_rn(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
 #endif
 }
 

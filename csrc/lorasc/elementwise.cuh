@@ -9,8 +9,20 @@
 
 namespace lorasc {
 
-// One rank step of the merge's delta = sum_k B[i, k] * A[k, j], in order of k.
-LORASC_HD float lowrank_step(float delta, float b, float a) { return add_rn(delta, mul_rn(b, a)); }
+// Whether the merge's factors, of type TL, have products that are exact in float32 with an
+// unbounded exponent (both 16-bit: at most 22 significant bits): the rank step then rounds
+// once (an FMA), as reference.lowrank_delta_fp32 does (docs/kernels.md, "Exactness").
+template <typename TL>
+constexpr bool exact_products() {
+  return std::is_same<TL, c10::BFloat16>::value || std::is_same<TL, c10::Half>::value;
+}
+
+// One rank step of the merge's delta = sum_k B[i, k] * A[k, j], in order of k: rounded
+// once with exact products, else the product and the sum rounded each.
+template <bool kExactProducts>
+LORASC_HD float lowrank_step(float delta, float b, float a) {
+  return kExactProducts ? fma_rn(b, a, delta) : add_rn(delta, mul_rn(b, a));
+}
 
 // Scalars of one merge call; keys are noise.stream_key(seed, stream) from the host.
 struct MergeParams {

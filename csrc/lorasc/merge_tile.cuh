@@ -112,7 +112,9 @@ LORASC_HD void stage_rank_chunk(const MergeArgs& args, int64_t k0, int chunk, in
   }
 }
 
-// delta[i][e] = delta[i][e] + B[row + i, k] · A[k, col + e] for the chunk's k, in order.
+// delta[i][e] = delta[i][e] + B[row + i, k] · A[k, col + e] for the chunk's k, in order
+// (lowrank_step: one rounding with exact products).
+template <bool kExactProducts>
 LORASC_HD void accumulate_rank_chunk(const MergeChunks& chunks, int chunk, int thread,
                                      float (&delta)[kRowsPerThread][kColsPerThread]) {
   const int first_row = (thread / 32) * kRowsPerThread, first_col = (thread % 32) * kColsPerThread;
@@ -131,7 +133,7 @@ LORASC_HD void accumulate_rank_chunk(const MergeChunks& chunks, int chunk, int t
     for (int i = 0; i < kRowsPerThread; ++i) {
       const float b = chunks.b[first_row + i][k];
 #pragma unroll
-      for (int e = 0; e < kColsPerThread; ++e) delta[i][e] = lowrank_step(delta[i][e], b, a[e]);
+      for (int e = 0; e < kColsPerThread; ++e) delta[i][e] = lowrank_step<kExactProducts>(delta[i][e], b, a[e]);
     }
   }
 }

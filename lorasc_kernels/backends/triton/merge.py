@@ -10,28 +10,32 @@ to the same addresses. Nothing of ``W``'s size is allocated.
 
 Exactness. Per element the kernel runs the float32 sequence of
 :func:`lorasc_kernels.backends.reference.merge_`: ``delta = 0``, then for
-``k = 0 … r-1`` ``delta = delta + B[i, k] * A[k, j]`` as a separate multiply and add, then
+``k = 0 … r-1`` ``delta = delta + B[i, k] * A[k, j]``, then
 ``v = W − s_remove·u_remove``, ``v = v + coeff·delta``, ``v = v + s_add·u_add``, then the
-rounding of :mod:`lorasc_kernels.rounding` with the same hash bits. The launch passes
-``enable_fp_fusion=False`` (ptxas ``--fmad=false``), so no multiply-add is contracted on
-the GPU; every other step is exact (noise, integer rounding, widening of 16-bit inputs).
-The result is therefore bit-identical to the reference on the GPU as under
-``TRITON_INTERPRET=1`` (tested there; the tests also compile the kernel for sm_90 and find
-no ``fma`` in its PTX), for every finite value. Only NaN payloads may
-differ (a NaN stays a NaN). Round-to-nearest to bf16 is done on the bits (``+ 0x7FFF +
-lsb``, as torch does) because the interpreter's fp32 → bf16 cast truncates; bf16 loads
-are widened by shifting their bits (fp16 by a plain cast), as the interpreter gets bf16
-subnormals wrong.
+rounding of :mod:`lorasc_kernels.rounding` with the same hash bits. The rank step is a
+separate multiply and add, except when ``A`` and ``B`` share a 16-bit dtype: their products
+are then exact and the step rounds once, an explicit ``tl.fma`` (``EXACT_PRODUCTS``;
+:func:`lorasc_kernels.backends.reference.lowrank_delta_fp32` says why the reference agrees).
+The launch passes ``enable_fp_fusion=False`` (ptxas ``--fmad=false``), so no other
+multiply-add is contracted on the GPU; every other step is exact (noise, integer rounding,
+widening of 16-bit inputs). The result is therefore bit-identical to the reference on the
+GPU as under ``TRITON_INTERPRET=1`` (tested there; the compile gate finds no other ``fma``
+in its PTX), for every finite value. Only NaN payloads may differ (a NaN stays a NaN).
+Round-to-nearest to bf16 is done on the bits (``+ 0x7FFF + lsb``, as torch does) because
+the interpreter's fp32 → bf16 cast truncates; bf16 loads are widened by shifting their bits
+(fp16 by a plain cast), as the interpreter gets bf16 subnormals wrong.
 
-Speed. The rank loop is exact float32 ALU work, 2 instructions per rank per element (no
-FMA, no tensor cores: ``tl.dot`` would sum in another order and break equality with the
-reference). A bf16 ``W`` moves 4 bytes per element; an H100 SXM (~3.35 TB/s, ~33 T
-instructions/s) thus affords ~40 instructions per element at full bandwidth. The rank loop
-takes 2r, stochastic rounding ~12 (one hash), each noise stream ~15. Estimate: r = 16
-without noise (~44) sits at that budget and should run near the copy bandwidth; a noise swap
-or r ≥ 32 makes the kernel compute-bound, at roughly 40 / (2r + 12 + 30·swap) of it.
-Exactness was chosen over speed: the merge runs once per cascade, and a dot-based merge
-could not match the reference.
+Speed. The rank loop is exact float32 ALU work (no tensor cores: ``tl.dot`` would sum in
+another order and break equality with the reference). Compiled for sm_90 it takes 2.1
+instructions per element per rank with 16-bit factors (one FFMA, loads amortized over a
+thread's 4 × 8 elements) and 3.1 with float32 factors (a multiply and an add): the
+factors come in float32 (widened once by the launcher), and ``delta`` starts from the
+loaded ``W`` tile so that the loop takes its layout (``docs/kernels.md``). A bf16 ``W``
+moves 4 bytes per element; an H100 SXM (~3.35 TB/s, ~33 T instructions/s) thus affords
+~40 instructions per element at full bandwidth: r = 16 (~34) plus the rounding (~12) sits
+near it; a noise swap (~15 each) or r ≥ 32 makes the kernel compute-bound. Exactness was
+chosen over speed: the merge runs once per cascade, and a dot-based merge could not match
+the reference.
 
 Tiling. One fixed tile, not autotuned: autotuning an in-place kernel must run it several
 times on ``W`` and restore ``W`` from a copy, a temporary of ``W``'s size that a merge must
@@ -57,8 +61,9 @@ import triton.language as tl
 from ...dtypes import float32_scalar, weight_dtype
 from ...scaled_weight import ScaledWeight
 from ...specs import MergeSpec, NoiseSpec
+from .. import reference
 from . import interpreting, on_tensor_device
-from .device import decode_scaled
+from .device import INTERPRETING, decode_scaled
 from .fused_linear import format_fields
 from .random import element_bits, row_hash, uniform_centered
 
@@ -105,6 +110,20 @@ def _drop_low_bits(value, random, DROP_BITS: tl.constexpr, STOCHASTIC: tl.conste
 
 
 @triton.jit
+def _rank_step(delta, b, a, EXACT_PRODUCTS: tl.constexpr, INTERPRETING: tl.constexpr):
+    """``delta + b · a`` (float32), as ``reference.lowrank_delta_fp32``: rounded once when
+    the factors were 16-bit (their product is exact: an FMA; the interpreter's FMA rounds
+    twice, so there the sum of the exact float64 product is rounded to float64 then to
+    float32, which rounds once: 53 >= 2·24 + 2 bits), else product and sum each."""
+    if EXACT_PRODUCTS:
+        if INTERPRETING:
+            exact = b.to(tl.float64) * a.to(tl.float64)
+            return (delta.to(tl.float64) + exact).to(tl.float32)
+        return tl.fma(b, a, delta)
+    return delta + b * a
+
+
+@triton.jit
 def _updated(
     value,
     lora_b_ptr,
@@ -126,6 +145,8 @@ def _updated(
     add_key,
     HAS_REMOVE: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    EXACT_PRODUCTS: tl.constexpr,
+    INTERPRETING: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
@@ -133,11 +154,18 @@ def _updated(
     float32, in the reference's order (``reference._merged_rows``)."""
     if HAS_REMOVE:
         value = value - remove_scale * _noise(remove_key, global_rows, col_ids)
-    delta = tl.zeros((BLOCK_ROWS, BLOCK_COLS), dtype=tl.float32)
-    for k in range(rank):
-        b = _load_fp32(lora_b_ptr + row_ids * stride_b_row + k * stride_b_rank, row_mask)
-        a = _load_fp32(lora_a_ptr + k * stride_a_rank + col_ids * stride_a_col, col_mask)
-        delta = delta + b[:, None] * a[None, :]
+    # Zeros (1 where W is NaN, whose result is NaN anyway) computed from the W tile, not a
+    # constant: the rank loop then gets the tile's layout, each thread holding rows × 8
+    # contiguous columns (a constant's default layout loads one B value per element).
+    delta = (value != value).to(tl.float32)
+    # Rows past the edge read row 0 (an unmasked load: no predicate, no fill in the loop);
+    # their results are never stored. A's columns stay masked: its loads are vectors.
+    b_ptrs = lora_b_ptr + tl.where(row_mask, row_ids, 0)[:, None] * stride_b_row
+    a_ptrs = lora_a_ptr + col_ids[None, :] * stride_a_col
+    for k in range(rank):  # B and A come in float32 (widened by the launcher)
+        b = tl.load(b_ptrs + k * stride_b_rank)
+        a = tl.load(a_ptrs + k * stride_a_rank, mask=col_mask[None, :], other=0.0)
+        delta = _rank_step(delta, b, a, EXACT_PRODUCTS, INTERPRETING)
     value = value + coeff * delta
     if HAS_ADD:
         value = value + add_scale * _noise(add_key, global_rows, col_ids)
@@ -171,6 +199,8 @@ def _merge_kernel(
     row_offset,
     HAS_REMOVE: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    EXACT_PRODUCTS: tl.constexpr,
+    INTERPRETING: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     DROP_BITS: tl.constexpr,
     NEAREST_ON_BITS: tl.constexpr,  # of W's dtype (dtypes.py)
@@ -206,6 +236,8 @@ def _merge_kernel(
         add_key,
         HAS_REMOVE,
         HAS_ADD,
+        EXACT_PRODUCTS,
+        INTERPRETING,
         BLOCK_ROWS,
         BLOCK_COLS,
     )
@@ -269,6 +301,8 @@ def _scaled_tile(
     add_key,
     HAS_REMOVE: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    EXACT_PRODUCTS: tl.constexpr,
+    INTERPRETING: tl.constexpr,
     MANTISSA_BITS: tl.constexpr,
     EXPONENT_BIAS: tl.constexpr,
     HAS_INFINITY: tl.constexpr,
@@ -303,6 +337,8 @@ def _scaled_tile(
         add_key,
         HAS_REMOVE,
         HAS_ADD,
+        EXACT_PRODUCTS,
+        INTERPRETING,
         BLOCK_ROWS,
         BLOCK_COLS,
     )
@@ -335,6 +371,8 @@ def _merge_scaled_kernel(
     row_offset,
     HAS_REMOVE: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    EXACT_PRODUCTS: tl.constexpr,
+    INTERPRETING: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     # the format (dtypes.ScaledWeightDtype) and its largest value as float32 fields
     MANTISSA_BITS: tl.constexpr,
@@ -392,6 +430,8 @@ def _merge_scaled_kernel(
                 add_key,
                 HAS_REMOVE,
                 HAS_ADD,
+                EXACT_PRODUCTS,
+                INTERPRETING,
                 MANTISSA_BITS,
                 EXPONENT_BIAS,
                 HAS_INFINITY,
@@ -424,8 +464,11 @@ def scaled_merge_tile() -> tuple[int, int, int]:
     return (8, 32, 1) if interpreting() else (16, 256, 8)
 
 
-def _merge_scaled(weight: ScaledWeight, lora_B, lora_A, spec: MergeSpec) -> None:
-    """The merge into a scaled ``W = scale[row] · codes``, codes and scales in place."""
+def _merge_scaled(
+    weight: ScaledWeight, lora_B, lora_A, spec: MergeSpec, exact_products: bool
+) -> None:
+    """The merge into a scaled ``W = scale[row] · codes``, codes and scales in place;
+    ``exact_products``: the rank step rounds once (:func:`_rank_step`)."""
     rows, cols = weight.shape
     remove_key, remove_scale = _noise_arguments(spec.remove)
     add_key, add_scale = _noise_arguments(spec.add)
@@ -453,6 +496,8 @@ def _merge_scaled(weight: ScaledWeight, lora_B, lora_A, spec: MergeSpec) -> None
         spec.row_offset,
         HAS_REMOVE=spec.remove is not None,
         HAS_ADD=spec.add is not None,
+        EXACT_PRODUCTS=exact_products,
+        INTERPRETING=INTERPRETING,
         STOCHASTIC=spec.stochastic,
         **format_fields(weight),
         MAX_VALUE=max_value,
@@ -475,8 +520,11 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     :func:`lorasc_kernels.functional.merge_lowrank_`). A :class:`ScaledWeight` takes the
     scaled merge (whole rows per program, module docstring).
     """
+    # The factors in float32 (exact), once: the rank loop then loads them without widening.
+    exact_products = reference.exact_products(lora_B.dtype, lora_A.dtype)
+    lora_B, lora_A = lora_B.float(), lora_A.float()
     if isinstance(weight, ScaledWeight):
-        _merge_scaled(weight, lora_B, lora_A, spec)
+        _merge_scaled(weight, lora_B, lora_A, spec, exact_products)
         return
     rows, cols = weight.shape
     remove_key, remove_scale = _noise_arguments(spec.remove)
@@ -504,6 +552,8 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
         spec.row_offset,
         HAS_REMOVE=spec.remove is not None,
         HAS_ADD=spec.add is not None,
+        EXACT_PRODUCTS=exact_products,
+        INTERPRETING=INTERPRETING,
         STOCHASTIC=spec.stochastic,
         DROP_BITS=rounding.dropped_bits,
         NEAREST_ON_BITS=rounding.nearest_on_bits,
