@@ -1,7 +1,14 @@
-"""lorasc_kernels: fused kernels and a drop-in ``nn.Linear`` for LoRASC (arXiv 2407.01491)."""
+"""lorasc_kernels: fused kernels and a drop-in ``nn.Linear`` for LoRASC (arXiv 2407.01491).
 
+The public API, every name the README documents: the layer, its injection, the schedule,
+the functional calls, fp8 weights and layers, the Trainer callback (imported on first use:
+it needs ``transformers``) and the :mod:`.distributed` helpers.
+"""
+
+from . import distributed
 from .cascade import Cascade
 from .cascade_settings import CascadeSettings
+from .fp8_linear import Fp8Linear
 from .functional import lorasc_linear, merge_lowrank_
 from .inject import LoRASCConfig, inject_lorasc
 from .modules import LoRASCLinear
@@ -13,9 +20,12 @@ __all__ = [
     "inject_lorasc",
     "Cascade",
     "CascadeSettings",
+    "LoRASCCallback",
     "lorasc_linear",
     "merge_lowrank_",
     "ScaledWeight",
+    "Fp8Linear",
+    "distributed",
 ]
 
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """The README's quick-start program runs as written, on the CPU, in a fresh interpreter."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -32,3 +33,66 @@ def test_quick_start_runs_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     accuracy = float(re.search(r"training accuracy ([0-9.]+)", done.stdout).group(1))
     assert accuracy > 0.9, done.stdout  # it learned: chance is about 0.25
+
+
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Built by nvcc only (tests/test_cuda_build.py checks it where a toolkit is found).
+COMPILED = {"lorasc_kernels._C"}
+
+
+def resolve(path: str):
+    """The object at the dotted ``path``: its longest importable module prefix, then
+    attributes."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            found = getattr(found, attribute)
+        return found
+    raise ModuleNotFoundError(path)
+
+
+def api_table_names() -> list[str]:
+    """The first column of the README's "## API" table: a name with its signature, or a
+    dotted path."""
+    text = (ROOT / "README.md").read_text()
+    section = re.search(r"^## API\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    assert section, "README.md has no '## API' section"
+    names = re.findall(r"^\| `([A-Za-z_][\w.]*)", section.group(1), re.MULTILINE)
+    assert len(names) >= 10, names
+    return names
+
+
+def documented_paths() -> list[str]:
+    """Every ``from lorasc_kernels... import a, b`` (as ``module.a``) and every backticked
+    ``lorasc_kernels.dotted.path`` of the README and docs/."""
+    paths = []
+    for document in DOCUMENTS:
+        text = document.read_text()
+        for module, names in re.findall(r"from (lorasc_kernels[\w.]*) import ([\w, ]+)", text):
+            paths += [f"{module}.{name.strip()}" for name in names.split(",") if name.strip()]
+        paths += re.findall(r"`(?:python -m )?(lorasc_kernels(?:\.\w+)+)", text)
+    return sorted(set(paths) - COMPILED)
+
+
+def test_api_table_names_are_public():
+    import lorasc_kernels
+
+    for name in api_table_names():
+        if name.startswith("lorasc_kernels."):
+            assert resolve(name) is not None, name
+        else:
+            assert name in lorasc_kernels.__all__, name
+            assert getattr(lorasc_kernels, name) is not None, name
+    for name in lorasc_kernels.__all__:
+        assert getattr(lorasc_kernels, name) is not None, name
+
+
+def test_documented_imports_resolve():
+    paths = documented_paths()
+    assert "lorasc_kernels.integrations.peft.use_fused_kernels" in paths
+    for path in paths:
+        assert resolve(path) is not None, path
