@@ -292,10 +292,9 @@ class Cascade:
         self._check_active("finalize")
         if not self._last_merged:  # else a finalize() cut off while putting linears back
             if self._progress is None:  # else finish the last boundary an error cut off
-                self._check_driven("finalize")
                 from .cascade_export import check_final_weights_fit
 
-                self._check_finite_lora()
+                self.check_mergeable("finalize")
                 check_final_weights_fit(self)
             self._boundary(last=True)
             self._last_merged = True
@@ -335,6 +334,7 @@ class Cascade:
         is; see :func:`lorasc_kernels.cascade_export.merged_state_dict`."""
         from .cascade_export import merged_state_dict
 
+        self._check_active("merged_state_dict")
         return merged_state_dict(self, device)
 
     def save_merged(self, folder: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:
@@ -342,6 +342,7 @@ class Cascade:
         merged layer in memory at a time; see :func:`lorasc_kernels.cascade_export.save_merged`."""
         from .cascade_export import save_merged
 
+        self._check_active("save_merged")
         return save_merged(self, folder, max_shard_bytes)
 
     def export_peft_adapter(self, path: str | Path, max_rank: int | None = None) -> Path:
@@ -434,6 +435,38 @@ class Cascade:
             elif self.settings.applied_noise_mode == "inplace":
                 layer.weight_noise = _written(noise)  # the loaded weights carry it
 
+    # -- the boundary's merges ------------------------------------------------------------
+
+    def boundary_requests(self, last: bool = False) -> list[MergeRequest]:
+        """Per driven layer, in :attr:`layers`' order, the merge that the boundary ending the
+        current cascade asks for (``last``: :meth:`finalize`'s): ``coeff = slow_rate · s``,
+        the rounding seed and, in ``"inplace"`` mode, the noise to remove and the next
+        cascade's to add (``(seed, scale)``; none when ``last``). The one source of these
+        arguments: the boundary merges them; :meth:`merged_state_dict`, :meth:`save_merged`
+        and :meth:`finalize`'s checks merge copies of the weights with them. Reads the
+        counters and settings only."""
+        t = self.cascade_index
+        inplace = self.settings.applied_noise_mode == "inplace"
+        return [
+            MergeRequest(
+                name,
+                layer,
+                self._rounding_seed(t + 1, index),
+                self.settings.slow_rate * layer.scaling,
+                self._noise(t, index) if inplace else None,
+                self._following_noise(index, last) if inplace else None,
+            )
+            for index, name, layer in self._indexed_layers()
+        ]
+
+    def check_mergeable(self, what: str) -> None:
+        """Refuse a merge now, as ``Cascade.<what>()``, before anything is written: a driven
+        layer no longer at its module path, or a PEFT layer changed (:meth:`_check_driven`,
+        ``RuntimeError``); a fast LoRA or slow-updated parameter that is not finite
+        (``ValueError``; under FSDP2 every rank raises when one refuses)."""
+        self._check_driven(what)
+        self._check_finite_lora()
+
     # -- internals ------------------------------------------------------------------------
 
     def _indexed_layers(self) -> Iterator[tuple[int, str, LoRASCLinear]]:
@@ -505,29 +538,38 @@ class Cascade:
         """The seed of the stochastic rounding of merge ``merge_index`` into a layer."""
         return cascade_seed(self.settings.seed, PURPOSE_ROUNDING, merge_index, layer_index)
 
+    def _following_noise(self, index: int, last: bool) -> tuple[int, float] | None:
+        """``(seed, scale)`` of the noise layer ``index`` carries in the next cascade; None
+        when there is none (noise off, or after :meth:`finalize`)."""
+        if self.settings.applied_noise_mode == "off" or last:
+            return None
+        return self._noise(self.cascade_index + 1, index)
+
     def _prepare_boundary(self, last: bool, precheck=None, merged=frozenset()) -> list:
-        """Per layer ``(coeff, following noise, merge)``, every merge checked (``precheck``
-        read with them), none run; ``merge`` is None for the layers in ``merged`` (merged
-        already by a boundary an error cut off)."""
-        t = self.cascade_index
-        mode = self.settings.applied_noise_mode
-        plans, requests, noise_checks, planned = [], [], [], []
-        for index, name, layer in self._indexed_layers():
-            coeff = self.settings.slow_rate * layer.scaling
-            following = None if mode == "off" or last else self._noise(t + 1, index)
-            plans.append((coeff, following))
-            if name in merged:
-                continue
-            noises = (self._noise(t, index), following) if mode == "inplace" else (None, None)
-            seed = self._rounding_seed(t + 1, index)
-            requests.append(MergeRequest(name, layer, seed, coeff, *noises))
-            planned.append(name)
-            if mode == "fused" and following is not None:  # W + the next noise stays finite
-                noise_checks.append(MergeRequest(name, layer, seed, coeff, None, following))
+        """Per layer ``(request, following noise, merge)`` (:meth:`boundary_requests`), every
+        merge checked (``precheck`` read with them), none run; ``merge`` is None for the
+        layers in ``merged`` (merged already by a boundary an error cut off)."""
+        requests = self.boundary_requests(last)
+        following = [self._following_noise(index, last) for index in range(len(requests))]
+        planned = [request for request in requests if request.name not in merged]
+        noise_checks = [  # fused: W + the next noise stays finite
+            request._replace(noise_add=noise)
+            for request, noise in zip(requests, following, strict=True)
+            if self.settings.applied_noise_mode == "fused"
+            and noise is not None
+            and request.name not in merged
+        ]
         merges = dict(
-            zip(planned, self._prepare_merges(requests + noise_checks, precheck), strict=False)
+            zip(
+                [request.name for request in planned],
+                self._prepare_merges(planned + noise_checks, precheck),
+                strict=False,
+            )
         )
-        return [(*plan, merges.get(name)) for plan, name in zip(plans, self.layers, strict=True)]
+        return [
+            (request, noise, merges.get(request.name))
+            for request, noise in zip(requests, following, strict=True)
+        ]
 
     def _boundary(self, last: bool) -> None:
         """End cascade ``t``: merge every layer, swap the noise, start fresh fast LoRAs.
@@ -569,7 +611,7 @@ class Cascade:
             merged = {name for name, stage in progress.stages.items() if stage >= _MERGED}
             plans = self._prepare_boundary(last, merged=merged)
         self._progress = progress
-        for (index, name, layer), (coeff, following, merge) in zip(
+        for (index, name, layer), (request, following, merge) in zip(
             self._indexed_layers(), plans, strict=True
         ):
             stage = progress.stages.get(name, 0)
@@ -577,9 +619,12 @@ class Cascade:
                 continue
             if stage < _MERGED:
                 if name == self.metrics.layer:
-                    progress.sample = self.metrics.sample(t, layer, coeff)
+                    progress.sample = self.metrics.sample(t, layer, request.coeff)
                 if progress.record:  # B and A as merged, read before the merge
-                    progress.updates[name] = (len(self.history[name]), _update_on_cpu(layer, coeff))
+                    progress.updates[name] = (
+                        len(self.history[name]),
+                        _update_on_cpu(layer, request.coeff),
+                    )
                 merge()
                 progress.stages[name] = _MERGED
             # From here each step can be run again (an error in it: the next call does).

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import _checks as checks
-from .cascade_merges import merge_operands, raise_on_every_rank
+from .cascade_merges import MergeRequest, merge_operands, raise_on_every_rank
 from .distributed import is_dtensor, unwrap_data_parallel
 from .functional import merge_lowrank_
 from .integrations.peft import plain_model
@@ -47,7 +47,6 @@ def merged_state_dict(cascade, device: torch.device | str | None = None) -> dict
     files holding at most one in memory.
     Under FSDP2 (sharded ``DTensor`` parameters) it is refused.
     """
-    cascade._check_active("merged_state_dict")
     if device is not None:
         if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
             raise TypeError(
@@ -83,7 +82,6 @@ def save_merged(cascade, folder: str | Path, max_shard_bytes: int = MAX_SHARD_BY
     end (an error leaves the folder as it was); then the shards and index of an earlier
     save there that this one does not name are removed. Returns the folder.
     """
-    cascade._check_active("save_merged")
     max_shard_bytes = checks.check_int("max_shard_bytes", max_shard_bytes, 1)
     entries = {key: spec(entry) for key, entry in merged_entries(cascade, "save_merged").items()}
     shards, size = [], 0
@@ -123,26 +121,27 @@ def save_merged(cascade, folder: str | Path, max_shard_bytes: int = MAX_SHARD_BY
 def merged_entries(cascade, what: str) -> dict:
     """:func:`merged_state_dict`'s keys (for the call ``what``, after its checks), each the
     model's own tensor or a :class:`Pending` merge or slow update (one object for every
-    key of a weight's aliases)."""
-    cascade._check_driven(what)
+    key of a weight's aliases). The merges are :meth:`Cascade.boundary_requests` of the
+    last boundary, as ``finalize()`` runs them."""
     model, prefix = plain_model(unwrap_data_parallel(cascade.model))
     if any(is_dtensor(p) for p in model.parameters()):
         raise ValueError(
             f"{what} does not gather FSDP2 shards: finalize() and "
             "save with torch.distributed.checkpoint instead"
         )
-    cascade._check_finite_lora()
+    cascade.check_mergeable(what)
     state = model.state_dict()
     linears = {}  # each driven layer's prefix → the state of the linear finalize makes
     merged = {}  # each driven weight → its merge
-    for index, name, layer in cascade._indexed_layers():
-        name = name.removeprefix(prefix)
+    rounding = cascade.settings.rounding
+    for request in cascade.boundary_requests(last=True):
+        layer, name = request.layer, request.name.removeprefix(prefix)
         key_prefix = f"{name}." if name else ""
         dtype = layer.weight.dtype if layer.weight_scale is None else layer.dequantize_dtype
         weight = Pending(
             tuple(layer.weight.shape),
             dtype,
-            lambda args=(cascade, index, name, layer): final_weight(*args),
+            lambda args=(request, name, rounding): final_weight(*args),
         )
         if layer.weight_scale is None:  # finalize() merges in place: aliases share it
             merged[id(layer.weight)] = weight
@@ -169,33 +168,33 @@ def merged_entries(cascade, what: str) -> dict:
     return state
 
 
-def final_weight(cascade, index: int, name: str, layer) -> torch.Tensor:
-    """Layer ``index`` (named ``name``)'s weight as ``finalize()`` would leave it now, in new
-    memory: ``W − N_t + slow_rate·s·B A`` by the boundary's merge, an fp8 weight dequantized
-    to ``layer.dequantize_dtype``. Refuses (``ValueError`` naming the layer) an fp8 weight
-    whose values would not fit that dtype, which ``finalize()`` would write as inf."""
+def final_weight(request: MergeRequest, label: str, rounding: str) -> torch.Tensor:
+    """The weight of ``request``'s layer (named ``label``) as ``finalize()`` would leave it
+    now, in new memory: ``W − N_t + slow_rate·s·B A`` merged as ``request`` asks, an fp8
+    weight dequantized to ``layer.dequantize_dtype``. Refuses (``ValueError`` naming the
+    layer) an fp8 weight whose values would not fit that dtype, which ``finalize()`` would
+    write as inf."""
+    layer = request.layer
     weight = layer.weight.detach().clone()
     if layer.weight_scale is not None:
         weight = ScaledWeight(weight, layer.weight_scale.clone())
-    return _merged(cascade, index, name, layer, weight, layer.lora_B, layer.lora_A, 0)
+    return _merged(request, label, rounding, weight, layer.lora_B, layer.lora_A, 0)
 
 
-def _merged(cascade, index, name, layer, weight, lora_b, lora_a, row_offset) -> torch.Tensor:
-    """``weight`` (a copy of the rows from ``row_offset`` of layer ``index``'s W) merged as the
-    last boundary merges them, dequantized (a ScaledWeight) and checked as :func:`final_weight`
-    says."""
-    mode = cascade.settings.applied_noise_mode
-    with checks.naming_layer(name):
+def _merged(request, label, rounding, weight, lora_b, lora_a, row_offset) -> torch.Tensor:
+    """``weight`` (a copy of the rows from ``row_offset`` of ``request``'s W) merged as
+    ``request`` asks, dequantized (a ScaledWeight) and checked as :func:`final_weight` says."""
+    layer = request.layer
+    with checks.naming_layer(label):
         merge_lowrank_(
             weight,
             lora_b.detach(),
             lora_a.detach(),
-            cascade.settings.slow_rate * layer.scaling,
-            rounding=cascade.settings.rounding,
-            seed=cascade._rounding_seed(cascade.cascade_index + 1, index),
-            noise_remove=cascade._noise(cascade.cascade_index, index)
-            if mode == "inplace"
-            else None,
+            request.coeff,
+            rounding=rounding,
+            seed=request.seed,
+            noise_remove=request.noise_remove,
+            noise_add=request.noise_add,
             row_offset=row_offset,
             backend=layer.backend,
         )
@@ -205,7 +204,7 @@ def _merged(cascade, index, name, layer, weight, lora_b, lora_a, row_offset) -> 
     if not bool(torch.isfinite(values).all()):
         dtype = str(layer.dequantize_dtype).removeprefix("torch.")
         raise ValueError(
-            f"layer {checks.layer_label(name)}: its merged fp8 weight exceeds the range of "
+            f"layer {checks.layer_label(label)}: its merged fp8 weight exceeds the range of "
             f"{dtype}, the dtype finalize() dequantizes it to (inf would be written); set "
             "layer.dequantize_dtype = torch.float32 (or torch.bfloat16) first; nothing was "
             "changed"
@@ -218,17 +217,20 @@ def check_final_weights_fit(cascade) -> None:
     would not fit its ``dequantize_dtype`` (see :func:`final_weight`; a merge into a copy
     of its codes, one byte per element; under FSDP2 each rank its rows, and every rank
     raises when one refuses)."""
-    fp8 = [entry for entry in cascade._indexed_layers() if entry[2].weight_scale is not None]
-    operands = [merge_operands(layer) for _, _, layer in fp8]  # collectives, on every rank
+    fp8 = [
+        request
+        for request in cascade.boundary_requests(last=True)
+        if request.layer.weight_scale is not None
+    ]
+    operands = [merge_operands(request.layer) for request in fp8]  # collectives, every rank
     failure = None
-    for (index, name, layer), (weight, row_offset, lora_b, lora_a) in zip(
-        fp8, operands, strict=True
-    ):
+    for request, (weight, row_offset, lora_b, lora_a) in zip(fp8, operands, strict=True):
         if weight.shape[0] == 0:  # a rank holding no rows of this weight
             continue
         copy = ScaledWeight(weight.codes.clone(), weight.scale.clone())
+        rounding = cascade.settings.rounding
         try:
-            _merged(cascade, index, name, layer, copy, lora_b, lora_a, row_offset)
+            _merged(request, request.name, rounding, copy, lora_b, lora_a, row_offset)
         except ValueError as error:
             failure = error
             break
