@@ -80,8 +80,6 @@ from .distributed import (
     global_std,
     is_dtensor,
     local_row_block,
-    reset_lora,
-    to_linear,
     unwrap_data_parallel,
 )
 from .history_store import history_state, new_history, restored_history
@@ -302,13 +300,12 @@ class Cascade:
         root = unwrap_data_parallel(self.model)
         for name, layer in self.layers.items():
             if not name:
-                self.model = to_linear(layer)
+                self.model = layer.to_linear()
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = root.get_submodule(parent_name)
-            driven = layer.module if isinstance(layer, PeftLoraLayer) else layer
-            if getattr(parent, child) is driven:  # else put back by a cut-off finalize()
-                setattr(parent, child, to_linear(layer))
+            if getattr(parent, child) is layer.driven_module:  # else put back by a cut-off
+                setattr(parent, child, layer.to_linear())  # finalize()
         self.finalized = True
         if isinstance(next(iter(self.layers.values())), PeftLoraLayer):
             return plain_model(unwrap_data_parallel(self.model))[0]
@@ -478,13 +475,13 @@ class Cascade:
             raise RuntimeError(f"Cascade.{what}() after finalize(): the cascade is over")
 
     def _check_driven(self, what: str) -> None:
-        """Before a merge: every driven layer still sits at its module path in the model
-        and, for a PEFT layer, is unmerged, active and enabled
-        (:meth:`PeftLoraLayer.check_unchanged`); raises ``RuntimeError`` naming the first
-        that is not. Module lookups and flags only, no tensor read."""
+        """Before a merge: every driven layer's ``driven_module`` still sits at its module path
+        in the model, and the layer is unchanged (:meth:`DrivenLayer.check_unchanged`: a PEFT
+        layer unmerged, active and enabled); raises ``RuntimeError`` naming the first that is
+        not. Module lookups and flags only, no tensor read."""
         root = unwrap_data_parallel(self.model)
         for name, layer in self.layers.items():
-            module = layer.module if isinstance(layer, PeftLoraLayer) else layer
+            module = layer.driven_module
             try:
                 found = root.get_submodule(name)
             except AttributeError:
@@ -496,8 +493,7 @@ class Cascade:
                     "was replaced or removed, e.g. by merge_and_unload() or unload()): put "
                     "it back; nothing was merged"
                 )
-            if isinstance(layer, PeftLoraLayer):
-                layer.check_unchanged(name)
+            layer.check_unchanged(name)
 
     def _measure_noise_scale(self, layer: LoRASCLinear) -> float:
         if self.settings.applied_noise_mode == "off":
@@ -639,7 +635,7 @@ class Cascade:
                 layer.set_noise(seed, scale)
             self.tracker.drop_state(layer)
             if not last:
-                reset_lora(layer, self._init_generator(layer, t + 1, index))
+                layer.reset_lora(self._init_generator(layer, t + 1, index))
             progress.stages[name] = _DONE
         self.slow_update.apply(progress.anchors, progress.slow_updated)
         self._progress = None

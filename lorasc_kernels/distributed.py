@@ -11,13 +11,14 @@ rank, the last ranks shorter or empty). The cascade then works on each rank's ow
 * :func:`full_tensor` gathers a small tensor (``A`` is sharded on its ``r`` rows);
 * :func:`global_std` is ``std(W)`` of the whole matrix from per-row moments (``N`` numbers
   gathered, not ``N × K``), the same float on every rank and in an unsharded run;
-* :func:`reset_lora` draws the whole fresh ``A`` from the seeded generator and keeps the
-  local rows, so every rank holds its part of the unsharded run's ``A``;
+* :func:`init_rows` draws the whole fresh ``A`` from the seeded generator and keeps the
+  local rows, so every rank holds its part of the unsharded run's ``A`` (the layers'
+  ``reset_lora``);
 * an fp8 layer's per-row scales ``weight_scale`` (N,) stay a replicated buffer (FSDP2 shards
   parameters only, and the forward needs all of them next to the gathered ``W``): each rank
   merges and rescales the scales of its own rows, then :func:`with_synced_scales` gathers
-  every rank's rows into every rank's buffer (``N`` floats), and :func:`to_linear`
-  dequantizes each rank's rows with their own scales.
+  every rank's rows into every rank's buffer (``N`` floats), and the layer's ``to_linear``
+  dequantizes each rank's rows with their own scales (:func:`row_scales_as_held`).
 
 Debug helpers: :func:`tensor_checksum` hashes the exact bits of a tensor (a sharded one
 hashed by global position, so it equals the checksum of the gathered tensor);
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -43,9 +43,9 @@ __all__ = [
     "local_row_block",
     "full_tensor",
     "global_std",
-    "reset_lora",
+    "init_rows",
+    "row_scales_as_held",
     "with_synced_scales",
-    "to_linear",
     "tensor_checksum",
     "weight_checksums",
     "assert_weights_equal_across_ranks",
@@ -168,22 +168,29 @@ def global_std(tensor: torch.Tensor, row_scale: torch.Tensor | None = None) -> f
     return math.sqrt(float(total) / (tensor.numel() - 1))
 
 
-def reset_lora(layer, generator: torch.Generator | None = None) -> None:
-    """``layer.reset_lora(generator)``, also when its LoRA parameters are FSDP2 shards.
-
-    For a sharded ``lora_A`` the whole ``A`` is drawn into a plain tensor (it is small) by
-    the layer's own initialisation and each rank keeps its rows: the same ``A`` as an
-    unsharded run with the same generator, whatever the sharding.
-    """
-    if not is_dtensor(layer.lora_A):
-        layer.reset_lora(generator)
+def init_rows(tensor: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
+    """``init(tensor)`` (an in-place initialisation, e.g. ``nn.init.kaiming_uniform_``), also
+    when ``tensor`` is an FSDP2 shard: then the whole tensor is drawn into a plain one (for
+    small tensors such as ``lora_A``) and each rank keeps its rows, the same values as an
+    unsharded run with the same generator, whatever the sharding."""
+    if not is_dtensor(tensor):
+        init(tensor)
         return
-    local_a, row_offset = local_row_block(layer.lora_A.detach())
-    whole_a = torch.empty(layer.lora_A.shape, dtype=local_a.dtype, device=local_a.device)
-    # The layer's reset_lora on a stand-in holding the whole A (and the real, sharded B).
-    type(layer).reset_lora(SimpleNamespace(lora_A=whole_a, lora_B=layer.lora_B), generator)
+    local, row_offset = local_row_block(tensor.detach())
+    whole = torch.empty(tensor.shape, dtype=local.dtype, device=local.device)
+    init(whole)
     with torch.no_grad():
-        local_a.copy_(whole_a[row_offset : row_offset + local_a.shape[0]])
+        local.copy_(whole[row_offset : row_offset + local.shape[0]])
+
+
+def row_scales_as_held(scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The per-row scales ``scale`` (N,) of ``weight`` (N, K) as its rows are held: ``scale``
+    itself, or for a row-sharded ``weight`` this rank's entries as a DTensor sharded as
+    ``weight`` (no communication), so that each rank dequantizes its own rows."""
+    if not _is_row_sharded(weight):
+        return scale
+    local, row_offset = local_row_block(weight.detach())
+    return _row_sharded(scale[row_offset : row_offset + local.shape[0]], weight)
 
 
 def _local_scale_rows(layer) -> torch.Tensor:
@@ -211,29 +218,6 @@ def with_synced_scales(merge: Callable[[], object], layer) -> Callable[[], objec
         layer.weight_scale.copy_(whole)
 
     return merge_and_sync
-
-
-class _WithScale:
-    """``layer`` seen with another ``weight_scale``: a stand-in for its own methods."""
-
-    def __init__(self, layer, weight_scale: torch.Tensor):
-        self._layer, self.weight_scale = layer, weight_scale
-
-    def __getattr__(self, name: str):
-        return getattr(self._layer, name)
-
-
-def to_linear(layer, dtype: torch.dtype | None = None) -> nn.Linear:
-    """``layer.to_linear(dtype)``, also for an fp8 layer whose weight is an FSDP2 shard.
-
-    Each rank dequantizes its own rows with their scales (the layer's method, given its
-    scales as a DTensor sharded as the weight), so the new weight is a DTensor sharded as
-    ``layer.weight``; nothing is gathered.
-    """
-    if layer.weight_scale is None or not _is_row_sharded(layer.weight):
-        return layer.to_linear(dtype)
-    scale = _row_sharded(_local_scale_rows(layer), layer.weight)
-    return type(layer).to_linear(_WithScale(layer, scale), dtype)
 
 
 def _block_checksum(block: torch.Tensor, row_offset: int) -> int:

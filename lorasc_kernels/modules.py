@@ -9,6 +9,7 @@ from torch import nn
 
 from . import _checks as checks
 from .backends import BACKENDS
+from .distributed import init_rows, row_scales_as_held
 from .dtypes import SCALED_DTYPES
 from .functional import lorasc_linear
 from .quantize import format_dtype, quantize
@@ -108,6 +109,15 @@ class LoRASCLinear(nn.Linear):
     def scaling(self) -> float:
         """The LoRA scale ``s = lora_alpha / r``."""
         return self.lora_alpha / self.r
+
+    @property
+    def driven_module(self) -> nn.Module:
+        """The module a model holds for this layer: itself (the driven-layer contract)."""
+        return self
+
+    def check_unchanged(self, name: str) -> None:
+        """Nothing to refuse: a LoRASCLinear has no adapter state to change (the driven-layer
+        contract, :class:`~lorasc_kernels.driven.DrivenLayer`)."""
 
     @classmethod
     def from_linear(
@@ -233,9 +243,14 @@ class LoRASCLinear(nn.Linear):
         """A fresh fast LoRA as PEFT initialises it: ``A`` Kaiming-uniform(a=√5), ``B = 0``.
 
         ``generator`` (on ``lora_A``'s device) draws ``A``; torch's default one if None.
+        Under FSDP2 the whole ``A`` is drawn and each rank keeps its rows
+        (:func:`~lorasc_kernels.distributed.init_rows`).
         """
         with torch.no_grad():
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+            init_rows(
+                self.lora_A,
+                lambda a: nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator),
+            )
             nn.init.zeros_(self.lora_B)
 
     def set_noise(self, seed: int | None, scale: float = 0.0) -> None:
@@ -253,11 +268,13 @@ class LoRASCLinear(nn.Linear):
         An fp8 layer's weight is dequantized (``weight_scale[row] · weight`` in float32) into
         ``dtype``, by default :attr:`dequantize_dtype` (the dtype it was built from). For a
         float layer a ``dtype`` other than the weight's gives a converted copy (the bias
-        too).
+        too). Under FSDP2 each rank dequantizes its own rows of an fp8 weight with their scales
+        (the new weight a DTensor sharded as ``weight``; nothing gathered).
         """
         checks.check_layer_dtype("dtype", dtype)
         if self.weight_format is not None:
-            weight = ScaledWeight(self.weight.detach(), self.weight_scale).dequantize(
+            scale = row_scales_as_held(self.weight_scale, self.weight)
+            weight = ScaledWeight(self.weight.detach(), scale).dequantize(
                 dtype or self.dequantize_dtype
             )
         else:

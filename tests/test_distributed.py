@@ -7,6 +7,7 @@ and ``examples/torchrun_ddp.py`` once per rank with the environment ``torchrun``
 is killed when one fails.
 """
 
+import math
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from lorasc_kernels import LoRASCLinear, merge_lowrank_
 from lorasc_kernels.distributed import (
@@ -24,7 +26,6 @@ from lorasc_kernels.distributed import (
     assert_weights_equal_across_ranks,
     global_std,
     local_row_block,
-    reset_lora,
     tensor_checksum,
     weight_checksums,
 )
@@ -395,9 +396,11 @@ def test_weight_checksums_single_process():
     assert set(checksums) == {"weight", "bias", "lora_A", "lora_B"}
 
 
-def test_reset_lora_of_a_plain_layer_is_the_layer_reset():
-    layer, twin = LoRASCLinear(7, 5, r=2), LoRASCLinear(7, 5, r=2)
-    reset_lora(layer, torch.Generator().manual_seed(4))
-    twin.reset_lora(torch.Generator().manual_seed(4))
-    assert torch.equal(layer.lora_A, twin.lora_A)
+def test_reset_lora_of_a_plain_layer_is_the_plain_init():
+    """The layer's reset (FSDP2-aware through init_rows) draws a plain A as the init does."""
+    layer = LoRASCLinear(7, 5, r=2)
+    layer.reset_lora(torch.Generator().manual_seed(4))
+    expected = torch.empty(2, 7)
+    nn.init.kaiming_uniform_(expected, a=math.sqrt(5), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(layer.lora_A, expected)
     assert torch.count_nonzero(layer.lora_B) == 0

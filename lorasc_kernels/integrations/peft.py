@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import _checks as checks
 from .._files import atomic_write
-from ..distributed import full_tensor, local_row_block
+from ..distributed import full_tensor, init_rows, local_row_block
 from ..functional import lorasc_linear
 
 __all__ = [
@@ -111,9 +111,11 @@ def lorasc_config_kwargs(lora_config) -> dict:
 
 
 class PeftLoraLayer:
-    """One PEFT ``lora.Linear`` (its one active adapter) as the layer a ``Cascade`` drives:
-    ``weight``/``bias`` are its base layer's, ``lora_A`` (r, in) and ``lora_B`` (out, r) its
-    adapter's weights, ``scaling`` PEFT's. Get it with :func:`peft_lora_layers`."""
+    """One PEFT ``lora.Linear`` (its one active adapter) as the layer a ``Cascade`` drives
+    (:class:`~lorasc_kernels.driven.DrivenLayer`): ``weight``/``bias`` are its base layer's,
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) its adapter's weights, ``scaling`` PEFT's; a
+    float weight (no ``weight_scale``, no ``weight_format``), merged on the ``"auto"``
+    backend. Get it with :func:`peft_lora_layers`."""
 
     weight_format = None
     weight_scale = None
@@ -125,6 +127,11 @@ class PeftLoraLayer:
         self.init_lora_weights = init_lora_weights
         # (seed, scale) of the noise a Cascade in "inplace" mode wrote into W, else None.
         self.weight_noise: tuple[int, float] | None = None
+
+    @property
+    def driven_module(self) -> nn.Module:
+        """The PEFT ``lora.Linear`` the model holds (what finalize() replaces)."""
+        return self.module
 
     @property
     def weight(self) -> nn.Parameter:
@@ -165,12 +172,16 @@ class PeftLoraLayer:
 
     def reset_lora(self, generator: torch.Generator | None = None) -> None:
         """A fresh adapter as PEFT initialises it (``init_lora_weights`` True or
-        ``"gaussian"``), ``A`` drawn by ``generator``; ``B = 0``."""
+        ``"gaussian"``), ``A`` drawn by ``generator`` (under FSDP2 the whole ``A``, each rank
+        keeping its rows); ``B = 0``."""
         with torch.no_grad():
             if self.init_lora_weights == "gaussian":
-                self.lora_A.normal_(std=1 / self.r, generator=generator)
+                init_rows(self.lora_A, lambda a: a.normal_(std=1 / self.r, generator=generator))
             else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
+                init_rows(
+                    self.lora_A,
+                    lambda a: nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator),
+                )
             self.lora_B.zero_()
 
     def check_unchanged(self, name: str) -> None:
