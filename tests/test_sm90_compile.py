@@ -145,6 +145,20 @@ def test_fused_linear_runs_on_hopper_warpgroup_mma(compiled):
     assert not off_path, "\n".join(off_path)
 
 
+def test_the_scaled_weight_goes_from_registers_into_the_mma(compiled):
+    """The fp8 linear (backends/triton/fused_linear_scaled.py) converts its weight tiles in
+    registers and feeds them to warpgroup MMA as the register operand: its main loop (the
+    largest innermost loop) stores nothing to shared memory, and uses ``HGMMA``."""
+    rows = [row for row in compiled if row["kernel"].endswith(":_scaled_lowrank_kernel")]
+    assert {row["flags"]["W_TRANSPOSED"] for row in rows} == {True, False}
+    off_path = [
+        f"{describe(row)}: {row['sass']}"
+        for row in rows
+        if row["sass"]["largest_loop"]["shared_stores"] or not row["sass"]["HGMMA"]
+    ]
+    assert not off_path, "\n".join(off_path)
+
+
 def test_persistent_linear_loads_its_tiles_through_tma(compiled):
     """Every compile of the persistent variant (backends/triton/fused_linear_tma.py) loads
     its operand tiles with TMA (``UTMALDG`` in the SASS) into warpgroup MMA (``HGMMA``)."""

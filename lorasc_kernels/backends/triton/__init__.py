@@ -4,6 +4,8 @@ Triton kernels. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET
 * ``gemm_dispatch.py``: ``lowrank_gemm``, the fused low-rank GEMM, by the variant measured
   fastest per problem: ``fused_linear.py`` (tiled, with its load-time noise),
   ``fused_linear_tma.py`` (persistent, TMA-fed, Hopper) or two cuBLAS ``addmm`` calls;
+  a scaled (fp8) weight by ``fused_linear_scaled.py`` (tiled, the weight as the MMA's
+  register operand);
 * ``thin.py``: ``dropout_lowrank`` / ``dropout_lowrank_grad``, the thin products with the
   dropout mask regenerated on load;
 * ``merge.py``: ``merge_``, the in-place merge;

@@ -17,6 +17,7 @@ from . import interpreting
 
 __all__ = [
     "fused_linear_configs",
+    "scaled_linear_configs",
     "persistent_configs",
     "prune_by_operand_size",
     "prune_noisy_tiles",
@@ -75,6 +76,19 @@ def _gemm_configs(tilings) -> list[triton.Config]:
 def fused_linear_configs() -> list[triton.Config]:
     """Configs of the tiled fused kernel: :data:`_FUSED_HOPPER`."""
     return _gemm_configs(_FUSED_HOPPER)
+
+
+# The scaled-weight kernel holds the converted weight tile in registers (the MMA's register
+# operand) beside the accumulator: compiled for sm_90, 128×256 tiles on 8 warps and 128×128
+# on 4 spill; the other tiles of _FUSED_HOPPER do not.
+_SCALED_HOPPER = tuple(
+    tiling for tiling in _FUSED_HOPPER if tiling not in ((128, 256, 64, 3, 8), (128, 128, 64, 4, 4))
+)
+
+
+def scaled_linear_configs() -> list[triton.Config]:
+    """Configs of the scaled-weight kernel (:mod:`.fused_linear_scaled`): :data:`_SCALED_HOPPER`."""
+    return _gemm_configs(_SCALED_HOPPER)
 
 
 def prune_by_operand_size(configs, named_args, **kwargs) -> list[triton.Config]:

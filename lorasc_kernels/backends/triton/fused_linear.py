@@ -44,19 +44,18 @@ from .configs import (
 from .device import (
     INTERPRETING,
     add_noise_tile,
-    decode_scaled,
     grouped_tile,
     mma,
     rank_term,
     round_to,
 )
+from .fused_linear_scaled import scaled_lowrank_gemm
 
 __all__ = [
     "NOISE_IN_GEMM_MAX_ROWS",
     "noisy_weight_pass",
     "noisy_operand",
     "gemm_operands",
-    "format_fields",
     "spec_arguments",
     "tiled_lowrank_gemm",
 ]
@@ -69,28 +68,9 @@ NOISE_IN_GEMM_MAX_ROWS = 256
 _NOISE_BLOCK = 64
 
 
-@triton.jit
-def _decode_tile(
-    codes,
-    dtype: tl.constexpr,
-    MANTISSA_BITS: tl.constexpr,
-    EXPONENT_BIAS: tl.constexpr,
-    HAS_INFINITY: tl.constexpr,
-    INTERPRETING: tl.constexpr,
-):
-    """A tile of fp8 codes (loaded in their format's Triton type) in ``dtype``, exactly: by
-    the hardware conversion on a GPU, on integers in the interpreter (which has no fp8
-    arithmetic), from the format's fields."""
-    if INTERPRETING:
-        return decode_scaled(
-            codes.to(tl.uint8, bitcast=True), MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY
-        ).to(dtype)
-    return codes.to(dtype)
-
-
 @triton.autotune(
     configs=fused_linear_configs(),
-    key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED", "Q_SCALED"],
+    key=["M_BUCKET", "N", "K", "R", "FUSED_NOISE", "W_TRANSPOSED"],
     prune_configs_by={"early_config_prune": prune_by_operand_size},
 )
 @triton.jit(do_not_specialize=["noise_key", "dropout_key", "dropout_threshold"])
@@ -102,7 +82,6 @@ def _fused_lowrank_kernel(
     bias_ptr,
     u_ptr,
     v_ptr,
-    q_scale_ptr,  # Q_SCALED: Q holds fp8 codes, W = q_scale[W row] · codes
     M,
     N,
     K,
@@ -127,14 +106,9 @@ def _fused_lowrank_kernel(
     HAS_BIAS: tl.constexpr,
     FUSED_NOISE: tl.constexpr,
     W_TRANSPOSED: tl.constexpr,
-    Q_SCALED: tl.constexpr,
     LORA_DROPOUT: tl.constexpr,
     R_BLOCK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    # Q_SCALED: the format's fields (dtypes.ScaledWeightDtype), for the interpreter's decode
-    MANTISSA_BITS: tl.constexpr,
-    EXPONENT_BIAS: tl.constexpr,
-    HAS_INFINITY: tl.constexpr,
     INTERPRETING: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -151,10 +125,7 @@ def _fused_lowrank_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
-    # Rank-r term first, so the main loop accumulates on top of it. With a scaled W in the
-    # forward, W's row scale is the output's column scale, applied to the accumulator at the
-    # end: the rank term is divided by it first (one accumulator, no spills; scales > 0).
-    SCALE_OUT: tl.constexpr = Q_SCALED and not W_TRANSPOSED
+    # Rank-r term first, so the main loop accumulates on top of it.
     acc = rank_term(
         u_ptr,
         v_ptr,
@@ -176,9 +147,6 @@ def _fused_lowrank_kernel(
         DOT_PRECISION,
         INTERPRETING,
     )
-    if SCALE_OUT:
-        column_scale = tl.load(q_scale_ptr + cols, mask=mask_n, other=1.0)
-        acc = acc / column_scale[None, :]
 
     offs_k = tl.arange(0, BLOCK_K)
     p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_k[None, :].to(tl.int64) * stride_pk
@@ -189,13 +157,6 @@ def _fused_lowrank_kernel(
         mask_k = offs_k < K - k0
         p = tl.load(p_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         q_t = tl.load(q_ptrs, mask=mask_n[None, :] & mask_k[:, None], other=0.0)
-        if Q_SCALED:  # 8-bit codes, converted in registers; dX: W's row scale on load
-            q_t = _decode_tile(
-                q_t, p.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING
-            )
-            if W_TRANSPOSED:
-                k_scale = tl.load(q_scale_ptr + (k0 + offs_k), mask=mask_k, other=0.0)
-                q_t = round_to(q_t.to(tl.float32) * k_scale[:, None], p.dtype, INTERPRETING)
         if FUSED_NOISE:
             q_t = add_noise_tile(
                 q_t, k0 + offs_k, offs_n, noise_key, noise_scale, W_TRANSPOSED, INTERPRETING
@@ -204,8 +165,6 @@ def _fused_lowrank_kernel(
         p_ptrs += p_step
         q_ptrs += q_step
 
-    if SCALE_OUT:
-        acc = acc * column_scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -295,22 +254,6 @@ def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool)
     return out, q, bias, u, v, r, noise
 
 
-_FLOAT_FORMAT_FIELDS = {"MANTISSA_BITS": 0, "EXPONENT_BIAS": 0, "HAS_INFINITY": False}
-
-
-def format_fields(weight: ScaledWeight | None) -> dict:
-    """The constexprs of a scaled weight's format (its registry entry's fields) as the kernels
-    take them; zeros for a float weight (None). Not to be modified."""
-    if weight is None:
-        return _FLOAT_FORMAT_FIELDS
-    entry = weight.format
-    return {
-        "MANTISSA_BITS": entry.mantissa_bits,
-        "EXPONENT_BIAS": entry.exponent_bias,
-        "HAS_INFINITY": entry.has_infinity,
-    }
-
-
 _NO_SPEC_ARGUMENTS = (0, 0.0, 0, 0, 1.0)
 
 
@@ -343,13 +286,11 @@ def tiled_lowrank_gemm(
     ``q`` is ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
     :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
     by one pass that writes the noisy ``W``. A :class:`ScaledWeight` ``q`` (``W`` itself in
-    either orientation, as the contract says) is read as 8-bit codes and converted in
-    registers, its format's fields passed as constexprs; its scale multiplies the output's
-    columns (forward) or the loaded tile's rows (``q_transposed``, the dX GEMM).
+    either orientation, as the contract says; no noise) goes to
+    :func:`.fused_linear_scaled.scaled_lowrank_gemm`.
     """
-    scaled = q if isinstance(q, ScaledWeight) else None
-    if scaled is not None:  # Q's codes in the orientation the kernel reads
-        q = scaled.codes.t() if q_transposed else scaled.codes
+    if isinstance(q, ScaledWeight):
+        return scaled_lowrank_gemm(p, q, bias, u, v, scale, q_transposed, rank_dropout)
     (M, K), N = p.shape, q.shape[0]
     out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
 
@@ -363,7 +304,6 @@ def tiled_lowrank_gemm(
         out if bias is None else bias,
         u,
         v,
-        out if scaled is None else scaled.scale.contiguous(),  # read with stride 1
         M,
         N,
         K,
@@ -379,11 +319,9 @@ def tiled_lowrank_gemm(
         HAS_BIAS=bias is not None,
         FUSED_NOISE=noise is not None,
         W_TRANSPOSED=q_transposed,
-        Q_SCALED=scaled is not None,
         LORA_DROPOUT=rank_dropout is not None,
         R_BLOCK=rank_block(r),
         DOT_PRECISION=dot_precision(p.dtype),
-        **format_fields(scaled),
         INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,
     )

@@ -64,7 +64,7 @@ from ...specs import MergeSpec, NoiseSpec
 from .. import reference
 from . import interpreting, on_tensor_device
 from .device import INTERPRETING, decode_scaled
-from .fused_linear import format_fields
+from .fused_linear_scaled import format_fields
 from .random import element_bits, row_hash, uniform_centered
 
 __all__ = ["merge_tile", "scaled_merge_tile", "merge_"]

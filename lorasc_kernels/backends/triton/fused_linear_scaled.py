@@ -1,0 +1,241 @@
+"""The tiled fused low-rank GEMM for a scaled weight (fp8 codes with per-row scales,
+``docs/fp8.md``): ``out = P (s ⊙ W)ᵀ (+ bias) + scale · drop(U Vᵀ)``, or for backward's dX
+``out = P (s ⊙ W) + scale · drop(U Vᵀ)``, ``s`` W's row scales.
+
+Shapes: ``p`` (M, K), ``W`` codes (N_w, K_w), ``u`` (M, r), ``v`` (N, r), ``out`` (M, N):
+forward ``N = N_w``, ``K = K_w``; dX ``N = K_w``, ``K = N_w``.
+
+The weight is the dot's first operand: each program computes the transposed output tile
+``W_tile · P_tileᵀ`` ([BLOCK_N, BLOCK_M]) and stores it transposed. A Hopper warpgroup MMA
+takes its first operand from registers, so the 8-bit codes are converted to ``P``'s dtype
+in registers after the load and go straight into the MMA; as the second operand (the
+layout of :mod:`.fused_linear`) they would be converted and written back to shared memory
+in every step of the main loop (the compile gate checks the loop holds no shared-memory
+store). Forward: the row scale of W is the output's column scale, applied to the
+accumulator at the end (the rank term divided by it first). dX: the scale multiplies the
+loaded tile's columns (W's rows, the reduction dimension), rounded to ``P``'s dtype as
+:func:`~lorasc_kernels.backends.reference.lowrank_gemm` rounds the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...dtypes import float32_scalar
+from ...scaled_weight import ScaledWeight
+from ...specs import DropoutSpec
+from .configs import (
+    dot_precision,
+    m_bucket,
+    prune_by_operand_size,
+    rank_block,
+    scaled_linear_configs,
+)
+from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
+
+__all__ = ["format_fields", "scaled_lowrank_gemm"]
+
+
+def format_fields(weight: ScaledWeight) -> dict:
+    """The constexprs of a scaled weight's format (its registry entry's fields) as the
+    kernels take them (the interpreter's decode)."""
+    entry = weight.format
+    return {
+        "MANTISSA_BITS": entry.mantissa_bits,
+        "EXPONENT_BIAS": entry.exponent_bias,
+        "HAS_INFINITY": entry.has_infinity,
+    }
+
+
+@triton.jit
+def _decoded(
+    codes,
+    dtype: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
+    """A tile of fp8 codes (loaded in their format's Triton type) in ``dtype``, exactly: by
+    the hardware conversion on a GPU, on integers in the interpreter (no fp8 arithmetic)."""
+    if INTERPRETING:
+        return decode_scaled(
+            codes.to(tl.uint8, bitcast=True), MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY
+        ).to(dtype)
+    return codes.to(dtype)
+
+
+@triton.autotune(
+    configs=scaled_linear_configs(),
+    key=["M_BUCKET", "N", "K", "R", "W_TRANSPOSED"],
+    prune_configs_by={"early_config_prune": prune_by_operand_size},
+)
+@triton.jit(do_not_specialize=["dropout_key", "dropout_threshold"])
+def _scaled_lowrank_kernel(
+    out_ptr,
+    p_ptr,
+    w_ptr,  # the codes, read as W[n, k] (forward) or W[k, n] (dX: W_TRANSPOSED)
+    bias_ptr,
+    u_ptr,
+    v_ptr,
+    w_scale_ptr,  # W's row scales: per output column (forward), per reduction index (dX)
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,  # autotuning key: M rounded up to a power of two
+    stride_om,
+    stride_on,
+    stride_pm,
+    stride_pk,
+    stride_wn,
+    stride_wk,
+    stride_um,
+    stride_ur,
+    stride_vn,
+    stride_vr,
+    scale,
+    dropout_key,
+    dropout_threshold,
+    keep_scale,
+    HAS_BIAS: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One program: the ``BLOCK_M × BLOCK_N`` tile of ``out``, accumulated transposed."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m.to(tl.int64)
+    cols = offs_n.to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = rank_term(
+        u_ptr,
+        v_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        R,
+        stride_um,
+        stride_ur,
+        stride_vn,
+        stride_vr,
+        scale,
+        dropout_key,
+        dropout_threshold,
+        keep_scale,
+        LORA_DROPOUT,
+        R_BLOCK,
+        DOT_PRECISION,
+        INTERPRETING,
+    )
+    acc = tl.trans(acc)  # [BLOCK_N, BLOCK_M]
+    if not W_TRANSPOSED:  # W's row scale is the output's column scale: applied at the end
+        column_scale = tl.load(w_scale_ptr + cols, mask=mask_n, other=1.0)
+        acc = acc / column_scale[:, None]
+
+    offs_k = tl.arange(0, BLOCK_K)
+    ks = offs_k.to(tl.int64)
+    w_ptrs = w_ptr + cols[:, None] * stride_wn + ks[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+    p_ptrs = p_ptr + rows[None, :] * stride_pm + ks[:, None] * stride_pk  # [BLOCK_K, BLOCK_M]
+    w_step = tl.full((), BLOCK_K, tl.int64) * stride_wk
+    p_step = tl.full((), BLOCK_K, tl.int64) * stride_pk
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        p_t = tl.load(p_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = _decoded(w, p_t.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING)
+        if W_TRANSPOSED:  # W's row scale on the reduction index: dequantized on load
+            k_scale = tl.load(w_scale_ptr + (k0 + offs_k), mask=mask_k, other=0.0)
+            w = round_to(w.to(tl.float32) * k_scale[None, :], p_t.dtype, INTERPRETING)
+        acc = mma(w, p_t, acc, DOT_PRECISION, INTERPRETING)
+        w_ptrs += w_step
+        p_ptrs += p_step
+
+    if not W_TRANSPOSED:
+        acc = acc * column_scale[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on,
+        round_to(acc, out_ptr.dtype.element_ty, INTERPRETING),
+        mask=mask_n[:, None] & mask_m[None, :],
+    )
+
+
+def scaled_lowrank_gemm(
+    p: torch.Tensor,
+    weight: ScaledWeight,
+    bias: torch.Tensor | None,
+    u: torch.Tensor | None,
+    v: torch.Tensor | None,
+    scale: float,
+    transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+) -> torch.Tensor:
+    """``out`` (M, N) in ``P``'s dtype: ``P (s ⊙ W)ᵀ (+ bias) + scale · drop(U Vᵀ)``, or with
+    ``transposed`` (backward's dX) ``P (s ⊙ W) + scale · drop(U Vᵀ)``; module docstring.
+    ``weight`` any strides; without a rank term ``u = v = None``."""
+    codes = weight.codes
+    M, K = p.shape
+    N = codes.shape[1] if transposed else codes.shape[0]
+    out = torch.empty(M, N, device=p.device, dtype=p.dtype)
+    r = 0 if u is None else u.shape[1]
+    if u is None:
+        u = v = out  # never read: r = 0
+    stride_wn, stride_wk = codes.stride()
+    if transposed:
+        stride_wn, stride_wk = stride_wk, stride_wn
+    dropout = (0, 0, 1.0)
+    if rank_dropout is not None:
+        dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
+
+    def grid(meta):
+        return (-(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"]),)  # ceil divisions
+
+    _scaled_lowrank_kernel[grid](
+        out,
+        p,
+        codes,
+        out if bias is None else bias.contiguous(),  # read with stride 1
+        u,
+        v,
+        weight.scale.contiguous(),
+        M,
+        N,
+        K,
+        r,
+        m_bucket(M),
+        *out.stride(),
+        *p.stride(),
+        stride_wn,
+        stride_wk,
+        *u.stride(),
+        *v.stride(),
+        float32_scalar(scale),
+        *dropout,
+        HAS_BIAS=bias is not None,
+        W_TRANSPOSED=transposed,
+        LORA_DROPOUT=rank_dropout is not None,
+        R_BLOCK=rank_block(r),
+        DOT_PRECISION=dot_precision(p.dtype),
+        **format_fields(weight),
+        INTERPRETING=INTERPRETING,
+        enable_fp_fusion=False,
+    )
+    return out
