@@ -163,7 +163,6 @@ QUICK = Plan(
 class TaskPair:
     """Task A (pretraining) and task B (fine-tuning) of a setting, as device tensors."""
 
-    name: str
     train_a: tuple
     test_a: tuple
     train_b: tuple
@@ -201,7 +200,7 @@ def task_pair(setting: str, device: torch.device) -> TaskPair:
         raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
     train_b, val_b = validation_split(pool_b)
     tensors = [digits.as_tensors(s, device) for s in (train_a, test_a, train_b, val_b, test_b)]
-    return TaskPair(setting, *tensors, len(np.unique(train_a.labels)), classes, shared)
+    return TaskPair(*tensors, len(np.unique(train_a.labels)), classes, shared)
 
 
 class TwoTaskMLP(nn.Module):
