@@ -6,8 +6,8 @@ Families (one CSV row per measurement, ``family`` and ``variant`` say which):
   ``--rank``) after ``T − 1`` kept updates, history and metrics on (``track_metrics(every=1)``),
   kept in memory (``memory``) or in ``history_dir`` (``disk``); and beside them
   ``full_svd``, the run-wide effective rank as it was computed before
-  :class:`~lorasc_kernels.lowrank.LowRankSum` (QR of all ``r·T`` stacked factors and the
-  SVD of the core, :func:`~lorasc_kernels.lowrank.lowrank_svd`), timed alone. The
+  :class:`~lorasc_kernels.cascade.lowrank.LowRankSum` (QR of all ``r·T`` stacked factors and the
+  SVD of the core, :func:`~lorasc_kernels.cascade.lowrank.lowrank_svd`), timed alone. The
   earlier updates are random pairs written into the history and added to the
   measured layer's sum untimed, as a run measured at every boundary would have them.
 * ``boundary_vs_L``: one boundary of ``L`` layers (``--layer-width``²) after a few
@@ -45,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import RESULTS_DIR, device_name
 from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
-from lorasc_kernels.lowrank import effective_rank, lowrank_svd, stacked
+from lorasc_kernels.cascade.lowrank import effective_rank, lowrank_svd, stacked
 
 COLUMNS = [
     "family",

@@ -6,12 +6,11 @@ it needs ``transformers``) and the :mod:`.distributed` helpers.
 """
 
 from . import distributed
-from .cascade import Cascade
-from .cascade_settings import CascadeSettings
+from .cascade import Cascade, CascadeSettings
 from .fp8_linear import Fp8Linear
 from .functional import lorasc_linear, merge_lowrank_
 from .inject import LoRASCConfig, inject_lorasc
-from .modules import LoRASCLinear
+from .layer import LoRASCLinear
 from .scaled_weight import ScaledWeight
 
 __all__ = [
@@ -34,7 +33,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # LoRASCCallback imports transformers: only on first use, so it stays optional.
     if name == "LoRASCCallback":
-        from .hf_callback import LoRASCCallback
+        from .integrations.hf_callback import LoRASCCallback
 
         return LoRASCCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import _checks as checks
 from .dtypes import KERNEL_DTYPES, WEIGHT_FORMATS, dtype_names
-from .modules import LoRASCLinear
+from .layer import LoRASCLinear
 from .quantize import format_dtype, quantize, row_scales
 from .scaled_weight import ScaledWeight
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from . import _checks as checks
 from .backends import BACKENDS
-from .modules import LoRASCLinear
+from .layer import LoRASCLinear
 from .quantize import format_dtype
 
 __all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]

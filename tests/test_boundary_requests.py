@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lorasc_kernels import Cascade, LoRASCConfig, cascade_merges, functional, inject_lorasc
+from lorasc_kernels import Cascade, LoRASCConfig, functional, inject_lorasc
+from lorasc_kernels.cascade import merges as cascade_merges
 
 IN, HIDDEN = 12, 10
 ARGUMENTS = ("coeff", "rounding", "seed", "noise_remove", "noise_add", "row_offset", "backend")

@@ -9,7 +9,12 @@ from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc
 from lorasc_kernels.backends.reference import lowrank_delta_fp32
-from lorasc_kernels.cascade import PURPOSE_INIT, PURPOSE_NOISE, PURPOSE_ROUNDING, cascade_seed
+from lorasc_kernels.cascade.schedule import (
+    PURPOSE_INIT,
+    PURPOSE_NOISE,
+    PURPOSE_ROUNDING,
+    cascade_seed,
+)
 from lorasc_kernels.inject import lorasc_layers
 from lorasc_kernels.noise import noise
 

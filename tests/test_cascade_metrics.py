@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc
-from lorasc_kernels.lowrank import effective_rank, lowrank_svd, stacked, truncated
+from lorasc_kernels.cascade.lowrank import effective_rank, lowrank_svd, stacked, truncated
 
 IN, HIDDEN, OUT = 24, 20, 6
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCLinear
 from lorasc_kernels._files import atomic_write
-from lorasc_kernels.optimizer_tracking import OptimizerTracker
+from lorasc_kernels.cascade.optimizers import OptimizerTracker
 from tests.helpers import trainer_args_and_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ def _peft_run_saved_by_the_callback(tmp_path, folder_name, seed):
     """A PEFT model a Cascade trained, saved by LoRASCCallback.on_save into
     ``tmp_path/folder_name``; returns the callback's module, Trainer-like args and state."""
     peft = pytest.importorskip("peft")
-    hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
+    hf_callback = pytest.importorskip("lorasc_kernels.integrations.hf_callback")
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "2"]))

@@ -1,4 +1,4 @@
-"""Every driven layer meets the contract a Cascade relies on (lorasc_kernels.driven), as
+"""Every driven layer meets the contract a Cascade relies on (lorasc_kernels.cascade.driven), as
 tests/test_backend_contract.py checks every backend: LoRASCLinear with a float weight and
 with each fp8 format, and the PEFT adapter layer."""
 
@@ -8,8 +8,8 @@ from torch import nn
 
 from lorasc_kernels import LoRASCLinear
 from lorasc_kernels.backends import BACKENDS
-from lorasc_kernels.cascade_merges import MergeRequest, merge_operands, prepare_merges
-from lorasc_kernels.driven import DrivenLayer
+from lorasc_kernels.cascade.driven import DrivenLayer
+from lorasc_kernels.cascade.merges import MergeRequest, merge_operands, prepare_merges
 from lorasc_kernels.dtypes import WEIGHT_FORMATS
 
 IN, OUT, R = 12, 10, 2

@@ -10,7 +10,7 @@ import lorasc_kernels
 from lorasc_kernels import LoRASCConfig, LoRASCLinear, inject_lorasc
 
 transformers = pytest.importorskip("transformers")
-CHECKPOINT_FILE = pytest.importorskip("lorasc_kernels.hf_callback").CHECKPOINT_FILE
+CHECKPOINT_FILE = pytest.importorskip("lorasc_kernels.integrations.hf_callback").CHECKPOINT_FILE
 
 VOCAB, LENGTH = 32, 8
 
@@ -163,7 +163,7 @@ def test_callback_checks_settings_at_once():
 def test_each_process_of_a_distributed_run_keeps_its_own_cascade_file():
     from types import SimpleNamespace
 
-    from lorasc_kernels.hf_callback import _checkpoint_file
+    from lorasc_kernels.integrations.hf_callback import _checkpoint_file
 
     state = SimpleNamespace(global_step=7)
     single = _checkpoint_file(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorasc_kernels import Cascade, CascadeSettings, LoRASCConfig, inject_lorasc
-from lorasc_kernels.history_store import UpdateFile
+from lorasc_kernels.cascade.history import UpdateFile
 
 IN, HIDDEN, OUT = 12, 10, 6
 

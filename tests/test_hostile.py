@@ -23,9 +23,9 @@ from lorasc_kernels import (
     lorasc_linear,
     merge_lowrank_,
 )
-from lorasc_kernels.cascade_state import STATE_KEYS
+from lorasc_kernels.cascade.state import STATE_KEYS
 from lorasc_kernels.distributed import is_dtensor
-from lorasc_kernels.peft_export import write_peft_adapter
+from lorasc_kernels.integrations.peft_adapter import write_peft_adapter
 from tests.helpers import trainer_args_and_state
 
 IN, HIDDEN, OUT, RANK = 7, 6, 5, 2
@@ -955,7 +955,7 @@ def test_a_gradient_penalty_through_a_triton_layer_matches_the_torch_layer():
 
 def callback_and_run(tmp_path, global_step=0, **settings):
     """A LoRASCCallback, a model and optimizer, and Trainer-like ``args``/``state``."""
-    hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
+    hf_callback = pytest.importorskip("lorasc_kernels.integrations.hf_callback")
     model, optimizer = two_layers()
     args, state = trainer_args_and_state(tmp_path, global_step)
     return hf_callback, hf_callback.LoRASCCallback(**settings), model, optimizer, args, state
@@ -1116,7 +1116,7 @@ def test_a_failed_adapter_write_leaves_the_previous_adapter(tmp_path, monkeypatc
     def full_disk(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr("lorasc_kernels.peft_export.write_safetensors", full_disk)
+    monkeypatch.setattr("lorasc_kernels.integrations.peft_adapter.write_safetensors", full_disk)
     other = {"a": [(2 * torch.ones(OUT, RANK), torch.ones(RANK, IN))]}
     refused(OSError, "No space left", lambda: write_peft_adapter(folder, other), updates)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == files

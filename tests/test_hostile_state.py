@@ -371,7 +371,7 @@ def test_a_cascade_index_past_the_seed_range_is_refused_by_name(index):
     ids=["negative", "float", "not-a-name"],
 )
 def test_callback_arguments_are_checked_at_construction(tmp_path, kwargs, error, match):
-    hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
+    hf_callback = pytest.importorskip("lorasc_kernels.integrations.hf_callback")
     with pytest.raises(error, match=match):
         hf_callback.LoRASCCallback(**kwargs)
 

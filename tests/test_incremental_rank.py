@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
-from lorasc_kernels.cascade_metrics import DEFAULT_EVERY
-from lorasc_kernels.lowrank import LowRankSum, effective_rank, lowrank_svd, stacked
+from lorasc_kernels.cascade.lowrank import LowRankSum, effective_rank, lowrank_svd, stacked
+from lorasc_kernels.cascade.metrics import DEFAULT_EVERY
 
 # Singular values agree with the dense float64 SVD to this tolerance, relative to the largest.
 TOLERANCE = 1e-10

@@ -197,7 +197,7 @@ def test_with_a_device_each_merged_weight_leaves_the_model_device_at_once(monkey
     when the next layer is merged, no earlier merged weight is alive where W lives."""
     import weakref
 
-    from lorasc_kernels import cascade_export
+    from lorasc_kernels.cascade import export as cascade_export
 
     model, optimizer, cascade = lorasc_run()
     train(model, optimizer, cascade, 2)

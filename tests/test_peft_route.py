@@ -561,7 +561,7 @@ def test_a_gaussian_init_is_refused_on_the_inject_route_naming_the_peft_route():
 def test_a_bad_cascade_state_is_refused_before_the_base_weights_are_copied(tmp_path):
     """A PEFT-route checkpoint whose lorasc_cascade.pt is bad: the resume is refused naming
     the file, and the model keeps the weights it had (peft_base.pt was not left in it)."""
-    hf_callback = pytest.importorskip("lorasc_kernels.hf_callback")
+    hf_callback = pytest.importorskip("lorasc_kernels.integrations.hf_callback")
     model = peft.get_peft_model(base_model(), lora_config())
     optimizer = adam(model)
     cascade = Cascade(model, optimizer, steps_per_cascade=2, noise_lambda=0.1)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from benchmarks.bench_scaling import PeakOutputs
-from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc, streamed_files
-from lorasc_kernels.streamed_files import Pending, write_safetensors
+from lorasc_kernels import Cascade, LoRASCConfig, _files, inject_lorasc
+from lorasc_kernels._files import Pending, write_safetensors
 
 WIDTH, LAYERS = 48, 5
 
@@ -130,7 +130,7 @@ def test_save_merged_refuses_bad_limits_and_a_failed_write_changes_nothing(tmp_p
         cascade.save_merged(tmp_path, max_shard_bytes=1.5)
     folder = cascade.save_merged(tmp_path / "m", max_shard_bytes=WIDTH * WIDTH * 8)
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
-    write, calls = streamed_files.write_safetensors, []
+    write, calls = _files.write_safetensors, []
 
     def full_disk(path, *args):
         calls.append(path)
@@ -138,7 +138,7 @@ def test_save_merged_refuses_bad_limits_and_a_failed_write_changes_nothing(tmp_p
             raise OSError(28, "No space left on device")
         return write(path, *args)
 
-    monkeypatch.setattr("lorasc_kernels.cascade_export.write_safetensors", full_disk)
+    monkeypatch.setattr("lorasc_kernels.cascade.export.write_safetensors", full_disk)
     with pytest.raises(OSError, match="No space"):
         cascade.save_merged(folder, max_shard_bytes=WIDTH * WIDTH * 4)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == files  # no partial left

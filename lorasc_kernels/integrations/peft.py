@@ -112,7 +112,7 @@ def lorasc_config_kwargs(lora_config) -> dict:
 
 class PeftLoraLayer:
     """One PEFT ``lora.Linear`` (its one active adapter) as the layer a ``Cascade`` drives
-    (:class:`~lorasc_kernels.driven.DrivenLayer`): ``weight``/``bias`` are its base layer's,
+    (:class:`~lorasc_kernels.cascade.driven.DrivenLayer`): ``weight``/``bias`` are its base layer's,
     ``lora_A`` (r, in) and ``lora_B`` (out, r) its adapter's weights, ``scaling`` PEFT's; a
     float weight (no ``weight_scale``, no ``weight_format``), merged on the ``"auto"``
     backend. Get it with :func:`peft_lora_layers`."""

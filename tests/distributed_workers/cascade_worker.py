@@ -25,7 +25,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-import lorasc_kernels.modules
+import lorasc_kernels.layer
 from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc
 from lorasc_kernels.distributed import (
     assert_weights_equal_across_ranks,
@@ -139,7 +139,7 @@ class KernelInputs:
 
     def __init__(self):
         self.seen = []
-        self.original = lorasc_kernels.modules.lorasc_linear
+        self.original = lorasc_kernels.layer.lorasc_linear
 
     def __enter__(self):
         def recorded(x, weight, bias, lora_A, lora_B, *args, **kwargs):
@@ -151,11 +151,11 @@ class KernelInputs:
             )
             return self.original(x, weight, bias, lora_A, lora_B, *args, **kwargs)
 
-        lorasc_kernels.modules.lorasc_linear = recorded
+        lorasc_kernels.layer.lorasc_linear = recorded
         return self
 
     def __exit__(self, *exc):
-        lorasc_kernels.modules.lorasc_linear = self.original
+        lorasc_kernels.layer.lorasc_linear = self.original
 
 
 class GatherLog:

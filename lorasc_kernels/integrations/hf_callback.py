@@ -48,13 +48,13 @@ from pathlib import Path
 
 import torch
 
-from . import _checks as checks
-from ._files import atomic_write, file_digest
-from .cascade import Cascade, driven_layers
-from .cascade_settings import CascadeSettings
-from .cascade_state import upgraded
-from .distributed import unwrap_data_parallel
-from .integrations.peft import PeftLoraLayer, base_weights, load_base_weights, peft_lora_layers
+from .. import _checks as checks
+from .._files import atomic_write, file_digest
+from ..cascade.schedule import Cascade, driven_layers
+from ..cascade.settings import CascadeSettings
+from ..cascade.state import upgraded
+from ..distributed import unwrap_data_parallel
+from .peft import PeftLoraLayer, base_weights, load_base_weights, peft_lora_layers
 
 try:
     from transformers import DefaultFlowCallback, TrainerCallback

@@ -9,8 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from . import _checks as checks
-from .rounding import ROUNDING_MODES
+from .. import _checks as checks
+from ..rounding import ROUNDING_MODES
 
 __all__ = ["NOISE_MODES", "MAX_INPLACE_NOISE_LAMBDA", "CascadeSettings"]
 
@@ -37,12 +37,12 @@ class CascadeSettings:
         keep_history: keep each merged ``(slow_rate·s·B_t, A_t)`` on the CPU in float32,
             for ``export_peft_adapter`` and ``lorasc/effective_rank``.
         history_dir: with ``keep_history``, a folder to keep them in (one file per layer,
-            appended at each boundary; :mod:`~lorasc_kernels.history_store`) instead of
+            appended at each boundary; :mod:`~lorasc_kernels.cascade.history`) instead of
             memory; the state dict then holds their digests, not the tensors. None: memory.
         rounding: rounding of the merges into ``W``'s dtype, ``"stochastic"`` or ``"nearest"``.
         slow_other_params: give the other trainable parameters the optimizer holds (a new
             head, norms, biases) the same slow update at each boundary
-            (:class:`~lorasc_kernels.slow_update.SlowUpdate`).
+            (:class:`~lorasc_kernels.cascade.slow_update.SlowUpdate`).
         warmup_steps: length of the linear learning-rate warm-up at the start of every
             cascade (0: none), applied through ``Cascade.lr_lambda``.
     """

@@ -14,10 +14,10 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import _checks as checks
-from .distributed import full_tensor, is_dtensor, local_row_block, with_synced_scales
-from .functional import plan_merge
-from .scaled_weight import ScaledWeight
+from .. import _checks as checks
+from ..distributed import full_tensor, is_dtensor, local_row_block, with_synced_scales
+from ..functional import plan_merge
+from ..scaled_weight import ScaledWeight
 
 __all__ = [
     "MergeRequest",

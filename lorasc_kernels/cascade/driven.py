@@ -4,7 +4,7 @@ to merge it, reset it, finalize it and export it.
 Two layers meet it: :class:`~lorasc_kernels.LoRASCLinear` (float or fp8 weights) and the
 PEFT adapter :class:`~lorasc_kernels.integrations.peft.PeftLoraLayer` (one ``lora.Linear``
 of a ``get_peft_model`` model). A new kind of layer implements these members, is found by
-:func:`~lorasc_kernels.cascade.driven_layers`, and passes the conformance test
+:func:`~lorasc_kernels.cascade.schedule.driven_layers`, and passes the conformance test
 (``tests/test_driven_contract.py``). The Cascade uses nothing else, except ``set_noise``
 (``noise_mode="fused"``, float ``LoRASCLinear`` only) and ``dequantize_dtype`` (layers
 with a ``weight_scale``).

@@ -11,10 +11,10 @@ first read: a boundary itself does not wait for the GPU); every ``every``-th bou
 * ``lorasc/effective_rank`` (with ``keep_history`` only): the effective rank of the update
   accumulated over the run, ``Σ_{τ≤t} ΔW_τ`` (at most r·(t+1)).
 
-The effective rank is Roy & Vetterli's (:func:`~lorasc_kernels.lowrank.effective_rank`).
+The effective rank is Roy & Vetterli's (:func:`~lorasc_kernels.cascade.lowrank.effective_rank`).
 A measured boundary costs one read of the layer's ``W``, an SVD of its update's factors,
 ``O((N + K)·r²)``, and, with the history, the update accumulated since the last measured
-boundary added to a :class:`~lorasc_kernels.lowrank.LowRankSum` (``O((N + K)·p·r)`` per
+boundary added to a :class:`~lorasc_kernels.cascade.lowrank.LowRankSum` (``O((N + K)·p·r)`` per
 cascade, ``p ≤ min(r·(t+1), N, K)``) and the singular values of its core
 (``O(p³)``, at most those of a dense ``min(N, K)``-sided SVD however long the run).
 Boundaries not measured cost nothing. The default is every :data:`DEFAULT_EVERY`-th
@@ -29,8 +29,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from . import _checks as checks
-from .distributed import full_tensor, is_dtensor, local_row_block
+from .. import _checks as checks
+from ..distributed import full_tensor, is_dtensor, local_row_block
 from .lowrank import LowRankSum, effective_rank, lowrank_svd
 
 __all__ = ["DEFAULT_EVERY", "BoundaryMetrics"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import _checks as checks
-from .cascade_settings import CascadeSettings
-from .history_store import check_saved_history
+from .. import _checks as checks
+from .history import check_saved_history
+from .settings import CascadeSettings
 
 __all__ = ["STATE_VERSION", "STATE_KEYS", "upgraded", "check_state"]
 

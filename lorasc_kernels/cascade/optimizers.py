@@ -15,7 +15,7 @@ import weakref
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .modules import LoRASCLinear
+from ..layer import LoRASCLinear
 
 __all__ = ["OptimizerTracker", "check_optimizer", "other_trainable_params"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import local_row_block
+from ..distributed import local_row_block
 
 __all__ = ["SlowUpdate"]
 
@@ -74,6 +74,6 @@ class SlowUpdate:
         self.anchors = [done[index] for index in range(len(self.params))]
 
     def load(self, saved_anchors) -> None:
-        """Take saved anchors (checked by :func:`~lorasc_kernels.cascade_state.check_state`)."""
+        """Take saved anchors (checked by :func:`~lorasc_kernels.cascade.state.check_state`)."""
         for anchor, saved in zip(self.anchors, saved_anchors, strict=True):
             anchor.copy_(saved)

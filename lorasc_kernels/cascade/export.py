@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from . import _checks as checks
-from .cascade_merges import MergeRequest, merge_operands, raise_on_every_rank
-from .distributed import is_dtensor, unwrap_data_parallel
-from .functional import merge_lowrank_
-from .integrations.peft import plain_model
-from .modules import LoRASCLinear
-from .scaled_weight import ScaledWeight
-from .streamed_files import Pending, spec, write_safetensors, write_staged
+from .. import _checks as checks
+from .._files import Pending, spec, write_safetensors, write_staged
+from ..distributed import is_dtensor, unwrap_data_parallel
+from ..functional import merge_lowrank_
+from ..integrations.peft import plain_model
+from ..layer import LoRASCLinear
+from ..scaled_weight import ScaledWeight
+from .merges import MergeRequest, merge_operands, raise_on_every_rank
 
 __all__ = ["merged_state_dict", "save_merged", "export_peft_adapter"]
 
@@ -243,10 +243,10 @@ def export_peft_adapter(cascade, path: str | Path, max_rank: int | None = None) 
     Holds every merge done so far, so after ``finalize()`` the whole run; the noise
     is not part of it. Needs ``keep_history=True``. ``max_rank=None``: the exact
     rank-``r·T`` adapter; ``max_rank=k``: each layer's sum truncated to rank ``k``
-    (:func:`~lorasc_kernels.peft_export.compress_updates`), its relative Frobenius
+    (:func:`~lorasc_kernels.integrations.peft_adapter.compress_updates`), its relative Frobenius
     error logged at INFO per layer and kept in ``cascade.export_errors``.
     """
-    from .peft_export import compress_updates, write_peft_adapter
+    from ..integrations.peft_adapter import compress_updates, write_peft_adapter
 
     if not cascade.settings.keep_history:
         raise RuntimeError("export_peft_adapter needs Cascade(..., keep_history=True)")

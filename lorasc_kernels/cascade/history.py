@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import _checks as checks
+from .. import _checks as checks
 
 __all__ = ["UpdateFile", "UpdateList", "new_history", "history_state", "restored_history"]
 

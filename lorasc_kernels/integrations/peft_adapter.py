@@ -19,7 +19,7 @@ adapter holds the updates only.
 
 A rank-``r·T`` adapter grows with the run; :func:`compress_updates` replaces each module's
 updates by the best rank-``k`` approximation of their sum (truncated SVD through
-:mod:`~lorasc_kernels.lowrank`: QR of the stacked factors, SVD of the small core, no
+:mod:`~lorasc_kernels.cascade.lowrank`: QR of the stacked factors, SVD of the small core, no
 N × K matrix formed) and gives its relative Frobenius error ``‖ΔW − ΔW_k‖ / ‖ΔW‖``.
 """
 
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from . import _checks as checks
-from .lowrank import stacked, truncated
-from .streamed_files import Pending, write_safetensors, write_staged
+from .. import _checks as checks
+from .._files import Pending, write_safetensors, write_staged
+from ..cascade.lowrank import stacked, truncated
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "compress_updates", "write_peft_adapter"]
 

@@ -63,8 +63,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _checks as checks
-from .cascade_merges import (
+from .. import _checks as checks
+from ..distributed import (
+    full_tensor,
+    global_std,
+    is_dtensor,
+    local_row_block,
+    unwrap_data_parallel,
+)
+from ..inject import lorasc_layers
+from ..integrations.peft import (
+    PeftLoraLayer,
+    keep_base_weights_in_saves,
+    peft_lora_layers,
+    plain_model,
+)
+from ..layer import LoRASCLinear
+from ..noise import stream_key
+from .history import history_state, new_history, restored_history
+from .merges import (
     MergeRequest,
     Precheck,
     check_weight_values,
@@ -72,28 +89,11 @@ from .cascade_merges import (
     raise_on_every_rank,
     read_flags,
 )
-from .cascade_metrics import DEFAULT_EVERY, BoundaryMetrics
-from .cascade_settings import CascadeSettings
-from .cascade_state import STATE_VERSION, check_state, upgraded
-from .distributed import (
-    full_tensor,
-    global_std,
-    is_dtensor,
-    local_row_block,
-    unwrap_data_parallel,
-)
-from .history_store import history_state, new_history, restored_history
-from .inject import lorasc_layers
-from .integrations.peft import (
-    PeftLoraLayer,
-    keep_base_weights_in_saves,
-    peft_lora_layers,
-    plain_model,
-)
-from .modules import LoRASCLinear
-from .noise import stream_key
-from .optimizer_tracking import OptimizerTracker, check_optimizer, other_trainable_params
+from .metrics import DEFAULT_EVERY, BoundaryMetrics
+from .optimizers import OptimizerTracker, check_optimizer, other_trainable_params
+from .settings import CascadeSettings
 from .slow_update import SlowUpdate
+from .state import STATE_VERSION, check_state, upgraded
 
 __all__ = ["Cascade", "cascade_seed", "driven_layers"]
 
@@ -290,7 +290,7 @@ class Cascade:
         self._check_active("finalize")
         if not self._last_merged:  # else a finalize() cut off while putting linears back
             if self._progress is None:  # else finish the last boundary an error cut off
-                from .cascade_export import check_final_weights_fit
+                from .export import check_final_weights_fit
 
                 self.check_mergeable("finalize")
                 check_final_weights_fit(self)
@@ -328,24 +328,24 @@ class Cascade:
 
     def merged_state_dict(self, device: torch.device | str | None = None) -> dict:
         """The state dict of the model :meth:`finalize` would return now, the run left as it
-        is; see :func:`lorasc_kernels.cascade_export.merged_state_dict`."""
-        from .cascade_export import merged_state_dict
+        is; see :func:`lorasc_kernels.cascade.export.merged_state_dict`."""
+        from .export import merged_state_dict
 
         self._check_active("merged_state_dict")
         return merged_state_dict(self, device)
 
     def save_merged(self, folder: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:
         """Write :meth:`merged_state_dict`'s tensors to safetensors shards in ``folder``, one
-        merged layer in memory at a time; see :func:`lorasc_kernels.cascade_export.save_merged`."""
-        from .cascade_export import save_merged
+        merged layer in memory at a time; see :func:`lorasc_kernels.cascade.export.save_merged`."""
+        from .export import save_merged
 
         self._check_active("save_merged")
         return save_merged(self, folder, max_shard_bytes)
 
     def export_peft_adapter(self, path: str | Path, max_rank: int | None = None) -> Path:
         """Write the merged updates as one PEFT LoRA adapter (``keep_history=True``); see
-        :func:`lorasc_kernels.cascade_export.export_peft_adapter`."""
-        from .cascade_export import export_peft_adapter
+        :func:`lorasc_kernels.cascade.export.export_peft_adapter`."""
+        from .export import export_peft_adapter
 
         return export_peft_adapter(self, path, max_rank)
 
@@ -392,7 +392,7 @@ class Cascade:
     def state_dict(self) -> dict:
         """Counters, noise scales, settings, the anchors of the other parameters' slow
         update (copies) and (with ``keep_history``) the merged updates; the keys of
-        :data:`~lorasc_kernels.cascade_state.STATE_KEYS`."""
+        :data:`~lorasc_kernels.cascade.state.STATE_KEYS`."""
         if self._progress is not None:
             raise RuntimeError(
                 "Cascade.state_dict(): a boundary was cut off by an error and is half done; "
