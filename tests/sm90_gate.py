@@ -228,10 +228,11 @@ def exercise(backend) -> None:
 
 def exercise_fp8(backend, generator) -> None:
     """Scaled weights of every registered format (fp8 with per-row scales): the linear over
-    bf16 inputs (the formats' use) and the scaled merge."""
+    bf16 inputs (the formats' use), by each fused GEMM variant, and the scaled merge."""
     import torch
 
     from lorasc_kernels import composition
+    from lorasc_kernels.backends.triton import gemm_dispatch
     from lorasc_kernels.dtypes import SCALED_DTYPES
     from lorasc_kernels.quantize import quantize
     from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
@@ -241,7 +242,10 @@ def exercise_fp8(backend, generator) -> None:
     lora_B = torch.randn(48, 16, generator=generator).to(torch.bfloat16)
     for dtype in SCALED_DTYPES:
         weight = quantize(torch.randn(48, 64, generator=generator), dtype)
-        for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (0.0, 0.1)):
+        for variant, bias, dropout in itertools.product(
+            FUSED_VARIANTS, (None, lora_B[:, 0].clone()), (0.0, 0.1)
+        ):
+            os.environ[gemm_dispatch.SWITCH] = variant
             spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
             y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
             composition.linear_backward(
@@ -255,6 +259,7 @@ def exercise_fp8(backend, generator) -> None:
                 spec,
                 (True, False, True, True, True),
             )
+        os.environ.pop(gemm_dispatch.SWITCH)
         for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
             noise = noise and NoiseSpec(*noise)
             backend.merge_(weight, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise))

@@ -117,7 +117,7 @@ def test_candidates_of_a_call():
     assert of(p, weight, None, u, v, None) == ("tiled", *tma, "addmm")
     assert of(p, weight, None, u, v, DropoutSpec(1, 0.1)) == ("tiled", *tma)  # mask
     assert of(p, weight, u[0].float(), u, v, None) == ("tiled", *tma)  # fp32 bias
-    assert of(p, scaled, None, u, v, None) == ("tiled",)  # fp8 weights
+    assert of(p, scaled, None, u, v, None) == ("tiled", *tma)  # fp8: no addmm
     assert of(p.float(), weight.float(), None, None, None, None) == ("tiled",)
 
 

@@ -146,15 +146,21 @@ def test_fused_linear_runs_on_hopper_warpgroup_mma(compiled):
 
 
 def test_the_scaled_weight_goes_from_registers_into_the_mma(compiled):
-    """The fp8 linear (backends/triton/fused_linear_scaled.py) converts its weight tiles in
-    registers and feeds them to warpgroup MMA as the register operand: its main loop (the
-    largest innermost loop) stores nothing to shared memory, and uses ``HGMMA``."""
-    rows = [row for row in compiled if row["kernel"].endswith(":_scaled_lowrank_kernel")]
-    assert {row["flags"]["W_TRANSPOSED"] for row in rows} == {True, False}
+    """The fp8 linear (backends/triton/fused_linear_scaled.py, both variants) converts its
+    weight tiles in registers and feeds them to warpgroup MMA as the register operand: its
+    main loop (the largest innermost loop) stores nothing to shared memory, and it uses
+    ``HGMMA``; the persistent variant loads its tiles by TMA (``UTMALDG``)."""
+    kernels = (":_scaled_lowrank_kernel", ":_persistent_scaled_kernel")
+    rows = [row for row in compiled if row["kernel"].endswith(kernels)]
+    for kernel in kernels:
+        flags = {row["flags"]["W_TRANSPOSED"] for row in rows if row["kernel"].endswith(kernel)}
+        assert flags == {True, False}, kernel
     off_path = [
         f"{describe(row)}: {row['sass']}"
         for row in rows
-        if row["sass"]["largest_loop"]["shared_stores"] or not row["sass"]["HGMMA"]
+        if row["sass"]["largest_loop"]["shared_stores"]
+        or not row["sass"]["HGMMA"]
+        or ("persistent" in row["kernel"] and not row["sass"]["UTMALDG"])
     ]
     assert not off_path, "\n".join(off_path)
 

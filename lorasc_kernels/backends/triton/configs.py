@@ -19,6 +19,7 @@ __all__ = [
     "fused_linear_configs",
     "scaled_linear_configs",
     "persistent_configs",
+    "persistent_scaled_configs",
     "prune_by_operand_size",
     "prune_noisy_tiles",
     "thin_configs",
@@ -146,6 +147,13 @@ _PERSISTENT_HOPPER = (
 def persistent_configs() -> list[triton.Config]:
     """Configs of the persistent TMA variant: :data:`_PERSISTENT_HOPPER`."""
     return _gemm_configs(_PERSISTENT_HOPPER)
+
+
+def persistent_scaled_configs() -> list[triton.Config]:
+    """Configs of the persistent scaled-weight variant: :data:`_PERSISTENT_HOPPER` but the
+    128×256 tile, which spills beside the weight tile held in registers (as
+    :data:`_SCALED_HOPPER` leaves it out)."""
+    return _gemm_configs(tuple(t for t in _PERSISTENT_HOPPER if t[:2] != (128, 256)))
 
 
 # Output-tile elements per thread up to which the persistent variant hashes the noise of its

@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from ...dtypes import float32_scalar
-from ...scaled_weight import ScaledWeight
 from ...specs import DropoutSpec, NoiseSpec
 from .configs import (
     dot_precision,
@@ -49,7 +48,6 @@ from .device import (
     rank_term,
     round_to,
 )
-from .fused_linear_scaled import scaled_lowrank_gemm
 
 __all__ = [
     "NOISE_IN_GEMM_MAX_ROWS",
@@ -285,12 +283,9 @@ def tiled_lowrank_gemm(
 
     ``q`` is ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
     :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
-    by one pass that writes the noisy ``W``. A :class:`ScaledWeight` ``q`` (``W`` itself in
-    either orientation, as the contract says; no noise) goes to
-    :func:`.fused_linear_scaled.scaled_lowrank_gemm`.
+    by one pass that writes the noisy ``W``. A float ``W`` only: a scaled one has its own
+    kernels (:mod:`.fused_linear_scaled`).
     """
-    if isinstance(q, ScaledWeight):
-        return scaled_lowrank_gemm(p, q, bias, u, v, scale, q_transposed, rank_dropout)
     (M, K), N = p.shape, q.shape[0]
     out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
 

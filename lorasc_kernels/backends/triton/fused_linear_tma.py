@@ -31,7 +31,15 @@ from .configs import dot_precision, m_bucket, persistent_configs, prune_noisy_ti
 from .device import INTERPRETING, add_noise_tile, grouped_tile, mma, rank_term, round_to
 from .fused_linear import gemm_operands, spec_arguments
 
-__all__ = ["TMA_DTYPES", "unsupported_reason", "persistent_lowrank_gemm"]
+__all__ = [
+    "TMA_DTYPES",
+    "aligned",
+    "store_tile",
+    "ensure_allocator",
+    "persistent_programs",
+    "unsupported_reason",
+    "persistent_lowrank_gemm",
+]
 
 TMA_DTYPES = (torch.bfloat16, torch.float16)
 _TMA_ALIGN_BYTES = 16
@@ -40,7 +48,7 @@ _INTERPRETER_PROGRAMS = 2
 
 
 @triton.jit
-def _store_tile(out_desc, acc, row, col, BLOCK_N: tl.constexpr, INTERPRETING: tl.constexpr):
+def store_tile(out_desc, acc, row, col, BLOCK_N: tl.constexpr, INTERPRETING: tl.constexpr):
     """Round the fp32 tile ``acc`` to ``out``'s dtype and store it at ``(row, col)`` as two
     ``BLOCK_N / 2`` halves (half the epilogue's shared memory, left to the pipeline)."""
     dtype: tl.constexpr = out_desc.dtype
@@ -148,10 +156,11 @@ def _persistent_lowrank_kernel(
             acc = mma(p, q_t, acc, DOT_PRECISION, INTERPRETING)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        _store_tile(out_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_N, INTERPRETING)
+        store_tile(out_desc, acc, pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_N, INTERPRETING)
 
 
-def _aligned(tensor: torch.Tensor, stride: int) -> bool:
+def aligned(tensor: torch.Tensor, stride: int) -> bool:
+    """The base pointer and ``stride`` (in elements) of ``tensor`` are 16-byte aligned."""
     return (
         tensor.data_ptr() % _TMA_ALIGN_BYTES == 0
         and stride * tensor.element_size() % _TMA_ALIGN_BYTES == 0
@@ -173,7 +182,7 @@ def unsupported_reason(p, q) -> str | None:
         return "TMA reads tensors with a unit stride in their last dimension"
     out_row_bytes = q.shape[0] * p.element_size()
     if not (
-        _aligned(p, p.stride(0)) and _aligned(q, q_stride) and out_row_bytes % _TMA_ALIGN_BYTES == 0
+        aligned(p, p.stride(0)) and aligned(q, q_stride) and out_row_bytes % _TMA_ALIGN_BYTES == 0
     ):
         return "TMA needs 16-byte aligned base pointers and strides"
     return None
@@ -183,12 +192,19 @@ def _workspace(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, device="cuda", dtype=torch.int8)
 
 
-def _ensure_allocator() -> None:
+def ensure_allocator() -> None:
     """Give Triton an allocator for the descriptors' workspace, unless one is set."""
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_workspace)
+
+
+def persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent grid on ``device``: one per SM (two in the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _INTERPRETER_PROGRAMS
 
 
 def persistent_lowrank_gemm(
@@ -209,10 +225,8 @@ def persistent_lowrank_gemm(
     out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
     q_n_contiguous = q.stride(1) != 1
     if p.device.type == "cuda":
-        _ensure_allocator()
-        programs = torch.cuda.get_device_properties(p.device).multi_processor_count
-    else:
-        programs = _INTERPRETER_PROGRAMS
+        ensure_allocator()
+    programs = persistent_programs(p.device)
 
     def grid(meta):
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)

@@ -4,9 +4,14 @@ compute ``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N).
 Variants (:data:`VARIANTS`):
 
 * ``"tiled"``: :func:`.fused_linear.tiled_lowrank_gemm`, one program per output tile; takes
-  everything (any dtype, layout, fp8 weights). The fallback of the others.
+  everything (any dtype, layout). The fallback of the others.
 * ``"persistent"``: :func:`.fused_linear_tma.persistent_lowrank_gemm`, persistent and fed
   by TMA; where :func:`.fused_linear_tma.unsupported_reason` is None (16-bit, aligned).
+
+A scaled (fp8) weight has these two variants too, in :mod:`.fused_linear_scaled`
+(:func:`~.fused_linear_scaled.scaled_lowrank_gemm`, and
+:func:`~.fused_linear_scaled.persistent_scaled_lowrank_gemm` where
+:func:`~.fused_linear_scaled.scaled_unsupported_reason` is None).
 * ``"addmm"``: :func:`addmm_lowrank_gemm`, cuBLAS ``addmm`` for ``P Qᵀ + b`` then
   ``out.addmm_(U, Vᵀ, alpha=scale)`` (the benchmarks' ``addmm`` provider); for 16-bit
   operands of one dtype, unscaled weights and no rank-term dropout. The noise, if any, is
@@ -48,6 +53,11 @@ from ...specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
 from .configs import m_bucket
 from .fused_linear import noisy_operand, tiled_lowrank_gemm
+from .fused_linear_scaled import (
+    persistent_scaled_lowrank_gemm,
+    scaled_lowrank_gemm,
+    scaled_unsupported_reason,
+)
 from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
 
 __all__ = [
@@ -161,10 +171,10 @@ def switch_mode(device: torch.device) -> str:
 
 
 def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str, ...]:
-    """The variants that compute this call (module docstring), ``"tiled"`` first: only it
-    takes a :class:`ScaledWeight` ``q``."""
+    """The variants that compute this call (module docstring), ``"tiled"`` first; a
+    :class:`ScaledWeight` ``q`` has a tiled and a persistent kernel of its own."""
     if isinstance(q, ScaledWeight):
-        return ("tiled",)
+        return ("tiled",) + (("persistent",) if scaled_unsupported_reason(p, q) is None else ())
     found = ["tiled"]
     if unsupported_reason(p, q) is None:
         found.append("persistent")
@@ -204,6 +214,11 @@ def lowrank_gemm(
     variant :data:`DISPATCH` chooses."""
 
     def run(variant: str) -> torch.Tensor:
+        if isinstance(q, ScaledWeight):  # no noise on scaled weights (the layer refuses it)
+            gemm = (
+                persistent_scaled_lowrank_gemm if variant == "persistent" else scaled_lowrank_gemm
+            )
+            return gemm(p, q, bias, u, v, scale, q_transposed, rank_dropout)
         if variant == "persistent":
             return persistent_lowrank_gemm(
                 p, q, bias, u, v, scale, noise, q_transposed, rank_dropout
@@ -214,7 +229,7 @@ def lowrank_gemm(
 
     mode = switch_mode(p.device)
     if mode == "tiled":  # it takes every call: no candidates, no key to build
-        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
+        return run("tiled")
     options = candidates(p, q, bias, u, v, rank_dropout)
     (M, K), N = p.shape, q.shape[0]
     if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
