@@ -19,7 +19,7 @@ import time
 import torch
 
 from lorasc_kernels import ops
-from lorasc_kernels.specs import LinearSpec
+from lorasc_kernels.backends.specs import LinearSpec
 
 
 def _paths(m: int, k: int, n: int, r: int):

@@ -25,7 +25,7 @@ import torch
 
 from benchmarks.common import append_csv, device_name, family_main, significant, time_all_ms
 from lorasc_kernels import LoRASCLinear, merge_lowrank_
-from lorasc_kernels.quantize import format_dtype, quantize
+from lorasc_kernels.formats.quantize import format_dtype, quantize
 
 RANK = 16
 

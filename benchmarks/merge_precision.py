@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import append_csv, device_name, family_main, significant
 from lorasc_kernels import ScaledWeight, merge_lowrank_
-from lorasc_kernels.quantize import format_dtype, quantize
+from lorasc_kernels.formats.quantize import format_dtype, quantize
 
 RANK = 16
 # Mean |c·B A| relative to mean |W0|: about a tenth of the format's step.

@@ -76,8 +76,8 @@ from benchmarks.bench_linear import clear_grads  # noqa: E402
 from benchmarks.common import RESULTS_DIR, device_name, significant  # noqa: E402
 from benchmarks.providers import Problem, Tensors  # noqa: E402
 from lorasc_kernels import merge_lowrank_  # noqa: E402
-from lorasc_kernels.quantize import format_dtype, quantize  # noqa: E402
-from lorasc_kernels.specs import MergeSpec  # noqa: E402
+from lorasc_kernels.backends.specs import MergeSpec  # noqa: E402
+from lorasc_kernels.formats.quantize import format_dtype, quantize  # noqa: E402
 
 __all__ = ["PROVIDERS", "MODES", "COLUMNS", "PINNED_TILE", "main"]
 

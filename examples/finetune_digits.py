@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from lorasc_kernels import Cascade, CascadeSettings, LoRASCConfig, inject_lorasc
-from lorasc_kernels.dtypes import WEIGHT_FORMATS
+from lorasc_kernels.formats.registry import WEIGHT_FORMATS
 
 HERE = Path(__file__).resolve().parent
 PRETRAIN_CLASSES = (0, 1, 2, 3, 4)

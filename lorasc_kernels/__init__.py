@@ -7,11 +7,12 @@ it needs ``transformers``) and the :mod:`.distributed` helpers.
 
 from . import distributed
 from .cascade import Cascade, CascadeSettings
+from .formats.scaled_weight import ScaledWeight
 from .fp8_linear import Fp8Linear
-from .functional import lorasc_linear, merge_lowrank_
+from .functional import lorasc_linear
 from .inject import LoRASCConfig, inject_lorasc
 from .layer import LoRASCLinear
-from .scaled_weight import ScaledWeight
+from .merge import merge_lowrank_
 
 __all__ = [
     "LoRASCLinear",

@@ -1,9 +1,9 @@
 """``Fp8Linear``: an inference ``nn.Linear`` on an fp8 weight with per-row scales (a
-:class:`~lorasc_kernels.scaled_weight.ScaledWeight` of any registered format), through
+:class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight` of any registered format), through
 ``torch._scaled_mm``.
 
 ``y = (s_x[m] · q_x[m, :]) · (s_w[n] · q_w[n, :])ᵀ + b`` for ``x`` (..., K), weight codes
-``q_w`` (N, K) with ``weight_scale`` ``s_w`` (N,) float32 (:mod:`lorasc_kernels.quantize`)
+``q_w`` (N, K) with ``weight_scale`` ``s_w`` (N,) float32 (:mod:`lorasc_kernels.formats.quantize`)
 and ``x`` quantized per row on each call into :data:`INPUT_FORMAT` (``s_x = max |x[m, :]| /
 max_value``, round to nearest): both operands are fp8, the product accumulates in float32
 with the scales applied to the result (``torch._scaled_mm`` with row-wise scales: fp8 tensor
@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from . import _checks as checks
-from .dtypes import KERNEL_DTYPES, WEIGHT_FORMATS, dtype_names
+from .formats import checks as format_checks
+from .formats.quantize import format_dtype, quantize, row_scales
+from .formats.registry import KERNEL_DTYPES, WEIGHT_FORMATS, dtype_names
+from .formats.scaled_weight import ScaledWeight
 from .layer import LoRASCLinear
-from .quantize import format_dtype, quantize, row_scales
-from .scaled_weight import ScaledWeight
 
 __all__ = ["INPUT_FORMAT", "Fp8Linear"]
 
@@ -44,7 +45,7 @@ class Fp8Linear(nn.Module):
                 f"weight must be a ScaledWeight (fp8 codes with per-row scales), "
                 f"got {type(weight).__name__}"
             )
-        checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
+        format_checks.check_scale_values("weight.scale", weight.scale, weight.dtype)
         if bias is not None:
             checks.check_tensor("bias", bias, dims=1)
             checks.check_shape("bias", bias, tuple(weight.shape[:1]), "out_features")

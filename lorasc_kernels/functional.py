@@ -2,36 +2,26 @@
 
 Shapes: ``x`` (..., K), ``weight`` (N, K), ``bias`` (N,), ``lora_A`` (r, K),
 ``lora_B`` (N, r); for a merge, ``weight`` may be a block of rows of a larger matrix.
-``weight`` is a float tensor or a :class:`~lorasc_kernels.scaled_weight.ScaledWeight` (fp8
+``weight`` is a float tensor or a :class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight` (fp8
 codes with per-row scales, ``docs/fp8.md``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _checks as checks
 from . import ops
-from .backends import BACKENDS, backend_module, resolve_backend_name
-from .dtypes import SCALED_DTYPES, dtype_names
-from .merge_range import MergeRangeCheck
-from .rounding import ROUNDING_MODES
-from .scaled_weight import ScaledWeight
-from .specs import LinearSpec, MergeSpec, NoiseSpec
+from .backends import backend_module, resolve_backend_name
+from .backends.specs import LinearSpec
+from .formats import checks as format_checks
+from .formats.registry import SCALED_DTYPES, dtype_names
+from .formats.scaled_weight import ScaledWeight
 
-__all__ = [
-    "lorasc_linear",
-    "merge_lowrank_",
-    "prepare_merge",
-    "plan_merge",
-    "MergePlan",
-    "draw_seed",
-]
+__all__ = ["lorasc_linear", "draw_seed"]
 
 
 _DRAW_SEED_UNDER_COMPILE = (
@@ -63,16 +53,16 @@ _CHECKED_SCALES = WeakIdKeyDictionary()  # by identity: tensors compare elementw
 
 
 def _check_scale_values_once(weight: ScaledWeight) -> None:
-    """:func:`checks.check_scale_values` of ``weight.scale``, skipped while the same tensor
+    """`format_checks.check_scale_values` of ``weight.scale``, skipped while the same tensor
     is unchanged since it last passed."""
     scale = weight.scale
     if _CHECKED_SCALES.get(scale) == scale._version:
         return
-    checks.check_scale_values("weight.scale", scale, weight.dtype)
+    format_checks.check_scale_values("weight.scale", scale, weight.dtype)
     _CHECKED_SCALES[scale] = scale._version
 
 
-def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
+def check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
     """Check ``lora_A`` (r, K) and ``lora_B`` (N, r) against ``weight`` (N, K); return r.
 
     ``r`` must be at most ``min(N, K)``, or at most ``K`` when ``weight`` is a block of rows
@@ -94,7 +84,7 @@ def _check_lowrank(weight, lora_A, lora_B, row_block: bool = False):
     return r
 
 
-def _check_weight(weight) -> bool:
+def check_weight(weight) -> bool:
     """``weight`` is a 2-D float tensor or a :class:`ScaledWeight`; returns whether it is
     scaled. A tensor of a scaled dtype is refused: its scales travel with it."""
     if isinstance(weight, ScaledWeight):
@@ -108,7 +98,7 @@ def _check_weight(weight) -> bool:
     return False
 
 
-def _check_backend_dtype(backend: str, **dtypes: torch.dtype | None):
+def check_backend_dtype(backend: str, **dtypes: torch.dtype | None):
     """Each dtype (by its tensor's name; None: no tensor) is one the backend declares
     (float64: the torch backend only)."""
     supported = backend_module(backend).WEIGHT_DTYPES
@@ -188,7 +178,7 @@ def _check_linear_call(
     with the dtypes that ``autocast_dtype`` (:func:`_autocast_dtype`) gives: returns
     ``(scaled, scale, dropout_p, noise_scale, backend)`` as the call uses them."""
     checks.check_tensor("x", x)
-    scaled = _check_weight(weight)
+    scaled = check_weight(weight)
     if bias is not None:
         checks.check_tensor("bias", bias, dims=1)
     if x.dim() < 1:
@@ -201,7 +191,7 @@ def _check_linear_call(
         )
     if bias is not None:
         checks.check_shape("bias", bias, (out_features,), "out_features")
-    _check_lowrank(weight, lora_A, lora_B)
+    check_lowrank(weight, lora_A, lora_B)
     checks.check_same_device(x=x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     for part in ("codes", "scale") if scaled else ():
         if getattr(weight, part).requires_grad:  # no gradient flows to either: refused
@@ -235,13 +225,13 @@ def _check_linear_call(
         raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
 
     backend = resolve_backend_name(backend, x.device)  # a constant under torch.compile
-    _check_backend_dtype(backend, x=x_dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype)
+    check_backend_dtype(backend, x=x_dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype)
     if scaled:
-        _check_backend_scaled(backend, weight)
+        check_backend_scaled(backend, weight)
     return scaled, scale, dropout_p, noise_scale, backend
 
 
-def _check_backend_scaled(backend: str, weight: ScaledWeight) -> None:
+def check_backend_scaled(backend: str, weight: ScaledWeight) -> None:
     """The backend takes the scaled format of ``weight``."""
     supported = backend_module(backend).SCALED_WEIGHT_DTYPES
     if weight.dtype not in supported:
@@ -343,186 +333,3 @@ def lorasc_linear(
         return y
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
     return torch.ops.aten._unsafe_view(y, (*lead, out_features))
-
-
-def merge_lowrank_(
-    weight: torch.Tensor | ScaledWeight,
-    lora_B: torch.Tensor,
-    lora_A: torch.Tensor,
-    coeff: float,
-    *,
-    rounding: str = "stochastic",
-    seed: int = 0,
-    noise_remove: tuple[int, float] | None = None,
-    noise_add: tuple[int, float] | None = None,
-    row_offset: int = 0,
-    backend: str = "auto",
-) -> torch.Tensor | ScaledWeight:
-    """``W ← round(W − noise_remove + coeff · B A + noise_add)`` in place; returns ``weight``.
-
-    Args:
-        weight: (rows, K) fp32/fp16/bf16 weight, or a block of rows of a larger one; or a
-            :class:`ScaledWeight` of such rows, whose ``codes`` and ``scale`` (any strides
-            without overlap) are both updated in place: a row whose values would exceed the
-            format's range gets a scale larger by a power of two (``docs/fp8.md``), never a
-            clamp.
-        lora_B: (rows, r), the rows of B matching ``weight``'s rows.
-        lora_A: (r, K).
-        coeff: finite multiplier of ``B A`` (the cascade uses ``slow_rate · scale``).
-        rounding: ``"stochastic"`` (unbiased, bits keyed by ``seed``) or ``"nearest"``.
-        seed: key of the stochastic-rounding bits.
-        noise_remove, noise_add: ``(seed, scale)`` of noise ``scale · noise(seed)`` to
-            subtract / add in the same pass, or None.
-        row_offset: global index of ``weight``'s first row; noise and rounding bits are
-            indexed by global row, so merging shards one by one equals merging the whole.
-        backend: ``"auto" | "torch" | "triton" | "cuda"``.
-
-    The exact float32 order of operations is that of
-    :func:`lorasc_kernels.backends.reference.merge_`. Everything is checked first
-    (:func:`prepare_merge`), including that the result stays finite in ``weight``'s dtype:
-    any bad argument raises and leaves ``weight`` untouched.
-    """
-    return prepare_merge(
-        weight,
-        lora_B,
-        lora_A,
-        coeff,
-        rounding=rounding,
-        seed=seed,
-        noise_remove=noise_remove,
-        noise_add=noise_add,
-        row_offset=row_offset,
-        backend=backend,
-    )()
-
-
-def prepare_merge(*args, **kwargs) -> Callable[[], torch.Tensor | ScaledWeight]:
-    """Check every argument of :func:`merge_lowrank_` (taken as it takes them) and return the
-    call that merges.
-
-    Nothing is written here, so a caller merging many weights (the Cascade) checks them all
-    before the first write. Beyond the argument checks: ``weight`` must hold values (not
-    meta, not an inference tensor outside inference mode), be finite, and the merge must
-    keep it finite in its dtype (:class:`lorasc_kernels.merge_range.MergeRangeCheck`); a
-    :class:`ScaledWeight` needs valid scales (:func:`lorasc_kernels._checks.scale_values_ok`)
-    and a merge whose values, and their quotients by the row scale, stay within float32's
-    range. The value checks cost one host read (:func:`plan_merge`).
-    """
-    plan = plan_merge(*args, **kwargs)
-    return plan.conclude(plan.flags.tolist())
-
-
-class MergePlan(NamedTuple):
-    """A merge whose argument checks passed and whose value checks are computed but not read:
-    ``flags`` (1-D bool, on W's device) are those of
-    :class:`~lorasc_kernels.merge_range.MergeRangeCheck` (finite values, range, scales);
-    ``conclude(flags as read)`` raises as they say, or returns the merge (not run)."""
-
-    flags: torch.Tensor
-    conclude: Callable[[list[bool]], Callable[[], torch.Tensor | ScaledWeight]]
-
-
-def plan_merge(
-    weight: torch.Tensor | ScaledWeight,
-    lora_B: torch.Tensor,
-    lora_A: torch.Tensor,
-    coeff: float,
-    *,
-    rounding: str = "stochastic",
-    seed: int = 0,
-    noise_remove: tuple[int, float] | None = None,
-    noise_add: tuple[int, float] | None = None,
-    row_offset: int = 0,
-    backend: str = "auto",
-) -> MergePlan:
-    """:func:`prepare_merge` without reading the device: the checks of the arguments, and
-    the value checks computed into :attr:`MergePlan.flags`, so that a caller merging many
-    weights reads all their flags at once (the Cascade: one read per boundary)."""
-    scaled = _check_weight(weight)
-    _check_lowrank(weight, lora_A, lora_B, row_block=True)
-    checks.check_same_device(weight=weight, lora_B=lora_B, lora_A=lora_A)
-    # The tensors written in place, by the names errors give them.
-    written = (
-        {"weight.codes": weight.codes, "weight.scale": weight.scale}
-        if scaled
-        else {"weight": weight}
-    )
-    coeff = checks.check_float("coeff", coeff)
-    rounding = checks.check_choice("rounding", rounding, ROUNDING_MODES)
-    seed = checks.check_seed("seed", seed)
-    noise_remove = checks.check_noise_pair("noise_remove", noise_remove)
-    noise_add = checks.check_noise_pair("noise_add", noise_add)
-    scalars = {
-        "coeff": coeff,
-        "noise_remove[1] (scale)": (noise_remove or (0, 0.0))[1],
-        "noise_add[1] (scale)": (noise_add or (0, 0.0))[1],
-    }
-    for name, value in scalars.items():  # merges compute in float32 (float64 W: in float64)
-        if weight.dtype != torch.float64 and abs(value) > torch.finfo(torch.float32).max:
-            raise ValueError(f"{name} must be within float32's range, got {value}")
-    row_offset = checks.check_int("row_offset", row_offset, 0, 2**32 - weight.shape[0])
-    for name, tensor in written.items():
-        checks.check_no_overlap(name, tensor)
-    checks.check_disjoint({**written, "lora_B": lora_B, "lora_A": lora_A})
-    checks.check_choice("backend", backend, BACKENDS)
-    backend = resolve_backend_name(backend, weight.device)
-    if scaled:
-        _check_backend_scaled(backend, weight)
-    _check_backend_dtype(
-        backend, weight=None if scaled else weight.dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype
-    )
-    for name, tensor in written.items():
-        checks.check_writable(name, tensor)
-    remove = None if noise_remove is None else NoiseSpec(*noise_remove)
-    add = None if noise_add is None else NoiseSpec(*noise_add)
-
-    def merge_rows(target, start: int, stop: int):
-        """Merge rows ``start:stop`` of the update into ``target`` (those rows of W)."""
-        spec = MergeSpec(coeff, rounding, seed, remove, add, row_offset + start)
-        with torch.no_grad():
-            ops.merge_(backend, target, lora_B[start:stop], lora_A, spec)
-        return target
-
-    noise_scales = (scalars["noise_remove[1] (scale)"], scalars["noise_add[1] (scale)"])
-    if scaled:
-        range_check = MergeRangeCheck(
-            weight.codes, lora_B, lora_A, coeff, noise_scales, row_offset, None, weight.scale
-        )
-    else:
-        range_check = MergeRangeCheck(
-            weight,
-            lora_B,
-            lora_A,
-            coeff,
-            noise_scales,
-            row_offset,
-            lambda start, stop: merge_rows(weight[start:stop].clone(), start, stop),
-        )
-
-    def merge() -> torch.Tensor | ScaledWeight:
-        merge_rows(weight, 0, weight.shape[0])
-        range_check.remember()  # the next merge of this W, if nothing else writes it, reads none
-        return weight
-
-    def conclude(flags: list[bool]) -> Callable[[], torch.Tensor | ScaledWeight]:
-        range_check.conclude(*flags)
-        return _once(merge)
-
-    return MergePlan(range_check.flags, conclude)
-
-
-def _once(merge: Callable):
-    """``merge`` as a call that runs once: a second run would add the update twice."""
-    ran = False
-
-    def run():
-        nonlocal ran
-        if ran:
-            raise RuntimeError(
-                "this prepared merge has run already (a second run would add the update "
-                "twice): call prepare_merge again for another merge"
-            )
-        ran = True
-        return merge()
-
-    return run

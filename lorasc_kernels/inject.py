@@ -11,8 +11,8 @@ from torch import nn
 
 from . import _checks as checks
 from .backends import BACKENDS
+from .formats.quantize import format_dtype
 from .layer import LoRASCLinear
-from .quantize import format_dtype
 
 __all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
 

@@ -10,10 +10,11 @@ from torch import nn
 from . import _checks as checks
 from .backends import BACKENDS
 from .distributed import init_rows, row_scales_as_held
-from .dtypes import SCALED_DTYPES
+from .formats import checks as format_checks
+from .formats.quantize import format_dtype, quantize
+from .formats.registry import SCALED_DTYPES
+from .formats.scaled_weight import ScaledWeight
 from .functional import lorasc_linear
-from .quantize import format_dtype, quantize
-from .scaled_weight import ScaledWeight
 
 __all__ = ["LoRASCLinear"]
 
@@ -32,10 +33,10 @@ class LoRASCLinear(nn.Linear):
     refuses such a layer.
 
     ``weight_format`` (``"fp8_e4m3"``, ``"fp8_e5m2"``: a name of
-    :data:`~lorasc_kernels.dtypes.WEIGHT_FORMATS`) stores ``W`` as fp8 codes (``weight``)
+    :data:`~lorasc_kernels.formats.registry.WEIGHT_FORMATS`) stores ``W`` as fp8 codes (``weight``)
     and one float32 scale per output row (the buffer ``weight_scale``, a state_dict key),
     quantized with per-row absmax scales; the calls get them as one
-    :class:`~lorasc_kernels.scaled_weight.ScaledWeight`. Inputs, bias and LoRA keep
+    :class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight`. Inputs, bias and LoRA keep
     ``dtype``, and merges keep the format (``docs/fp8.md``). Such a layer runs on the torch
     and Triton backends, takes no fused noise, and must stay out of ``model.to(dtype)``
     (which would cast its fp8 weight).
@@ -235,7 +236,7 @@ class LoRASCLinear(nn.Linear):
                 f"({self.out_features},), got {scale.dtype} {tuple(scale.shape)}"
             )
         try:
-            checks.check_scale_values("weight_scale", scale.detach(), self.weight.dtype)
+            format_checks.check_scale_values("weight_scale", scale.detach(), self.weight.dtype)
         except ValueError as error:
             raise ValueError(f"{prefix}{error}") from None
 

@@ -7,19 +7,19 @@ Ops (namespace ``lorasc``), each with a fake kernel giving output shapes and dty
   gradients ``needs`` asks for, in the order ``(x, weight, bias, lora_A, lora_B)``;
 * ``merge_lowrank_(weight, ..., weight_scale)``: mutates ``weight`` (and ``weight_scale``).
 
-A :class:`~lorasc_kernels.scaled_weight.ScaledWeight` crosses the schemas as two tensors,
+A :class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight` crosses the schemas as two tensors,
 its codes as ``weight`` and its scales as ``weight_scale`` (None for a float weight):
 :func:`linear` and :func:`merge_` unpack it, and the ops' implementations re-pack it before
-calling :mod:`lorasc_kernels.composition` or the backend, which take the container.
+calling :mod:`lorasc_kernels.backends.composition` or the backend, which take the container.
 
 The forward op's autograd formula (``torch.library.register_autograd``) saves ``x``, ``xa``
 and the parameters and calls the backward op, so a model of ``LoRASCLinear`` layers
 compiles with ``fullgraph=True``. In eager mode :func:`linear` skips the op
 dispatch (about 0.3 ms per forward+backward on the CPU) and runs the same formula in
 :class:`LinearFunction`, a plain ``torch.autograd.Function``. Each op takes the backend's
-name (``"torch"``, ``"triton"`` or ``"cuda"``) and runs :mod:`lorasc_kernels.composition`
+name (``"torch"``, ``"triton"`` or ``"cuda"``) and runs :mod:`lorasc_kernels.backends.composition`
 over that backend's primitives, or its ``merge_``, inside. Within the package, arguments
-travel as the bundles of :mod:`lorasc_kernels.specs`; this module is the one place that
+travel as the bundles of :mod:`lorasc_kernels.backends.specs`; this module is the one place that
 converts them to the ops' schema arguments and back.
 
 Seeds are ints in ``[0, 2**64)`` but a schema ``int`` is int64: they cross the op boundary
@@ -36,10 +36,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import composition
-from .backends import backend_module
-from .scaled_weight import ScaledWeight
-from .specs import LinearSpec, MergeSpec, NoiseSpec
+from .backends import backend_module, composition
+from .backends.specs import LinearSpec, MergeSpec, NoiseSpec
+from .formats.scaled_weight import ScaledWeight
 
 __all__ = ["seed_to_int64", "seed_from_int64", "LinearFunction", "linear", "merge_"]
 
@@ -246,7 +245,7 @@ _linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 class LinearFunction(torch.autograd.Function):
     """Eager autograd of the custom op's formula (:func:`_save`, :func:`_gradients`),
-    running :mod:`lorasc_kernels.composition` on the backend directly.
+    running :mod:`lorasc_kernels.backends.composition` on the backend directly.
 
     Under ``backward(create_graph=True)`` (double backward, e.g. a gradient penalty) the
     backward runs on the torch backend, whose ops autograd records, with ``xa`` recomputed

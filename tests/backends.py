@@ -19,7 +19,7 @@ import torch
 
 from lorasc_kernels import _build
 from lorasc_kernels.backends import BACKENDS, cuda, resolve_backend_name
-from lorasc_kernels.dtypes import SCALED_WEIGHT_DTYPES
+from lorasc_kernels.formats.registry import SCALED_WEIGHT_DTYPES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REGISTERED = tuple(name for name in BACKENDS if name != "auto")

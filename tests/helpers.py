@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lorasc_kernels.backends import backend_module
-from lorasc_kernels.dtypes import scaled_weight_dtype
+from lorasc_kernels.formats.registry import scaled_weight_dtype
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Relative Frobenius error against float64.

@@ -5,7 +5,7 @@
 
 1. **Kernels**: every ``triton.jit`` or ``triton.autotune`` object in the modules of
    :data:`PACKAGE`.
-2. **Launches**: the linear's forward and backward (``lorasc_kernels.composition`` over the
+2. **Launches**: the linear's forward and backward (``lorasc_kernels.backends.composition`` over the
    backend's primitives) and its ``merge_`` run on small CPU tensors over
    :func:`exercise`'s choices (fused GEMM variant, dtypes, fp32 matmul precision, rank,
    rows, bias, noise, dropout, rounding) with every kernel replaced by a recorder, so each
@@ -178,10 +178,10 @@ def exercise(backend) -> None:
     """Run the backend's entry points over the choices a user can make, on CPU tensors."""
     import torch
 
-    from lorasc_kernels import composition
+    from lorasc_kernels.backends import composition
+    from lorasc_kernels.backends.specs import LinearSpec, MergeSpec, NoiseSpec
     from lorasc_kernels.backends.triton import gemm_dispatch
-    from lorasc_kernels.dtypes import KERNEL_DTYPES
-    from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
+    from lorasc_kernels.formats.registry import KERNEL_DTYPES
 
     generator = torch.Generator().manual_seed(0)
     # fp32 matmul precision changes fp32 launches only (3×tf32 or tf32 dots).
@@ -231,11 +231,11 @@ def exercise_fp8(backend, generator) -> None:
     bf16 inputs (the formats' use), by each fused GEMM variant, and the scaled merge."""
     import torch
 
-    from lorasc_kernels import composition
+    from lorasc_kernels.backends import composition
+    from lorasc_kernels.backends.specs import LinearSpec, MergeSpec, NoiseSpec
     from lorasc_kernels.backends.triton import gemm_dispatch
-    from lorasc_kernels.dtypes import SCALED_DTYPES
-    from lorasc_kernels.quantize import quantize
-    from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
+    from lorasc_kernels.formats.quantize import quantize
+    from lorasc_kernels.formats.registry import SCALED_DTYPES
 
     x = torch.randn(64, 64, generator=generator).to(torch.bfloat16)
     lora_A = torch.randn(16, 64, generator=generator).to(torch.bfloat16)

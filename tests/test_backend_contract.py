@@ -15,8 +15,8 @@ import torch
 
 from lorasc_kernels.backends import BACKENDS, backend_module, reference
 from lorasc_kernels.backends.contract import PRIMITIVES, Backend
-from lorasc_kernels.dtypes import KERNEL_DTYPES, REFERENCE_DTYPES
-from lorasc_kernels.specs import DropoutSpec, NoiseSpec
+from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
+from lorasc_kernels.formats.registry import KERNEL_DTYPES, REFERENCE_DTYPES
 from tests.backends import DEVICE, REGISTERED
 
 
@@ -124,7 +124,7 @@ def test_every_backend_refuses_the_same_bad_scales_before_running(backend, scale
     functional boundary the same way whichever backend would run, before the backend is
     asked (none returns NaN; one without scaled formats refuses the values first)."""
     from lorasc_kernels import ScaledWeight, lorasc_linear
-    from lorasc_kernels.quantize import quantize
+    from lorasc_kernels.formats.quantize import quantize
 
     weight = quantize(torch.randn(6, 8, device=DEVICE), scaled_dtype)
     scale = weight.scale.clone()

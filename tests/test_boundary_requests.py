@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorasc_kernels import Cascade, LoRASCConfig, functional, inject_lorasc
+from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc, merge
 from lorasc_kernels.cascade import merges as cascade_merges
 
 IN, HIDDEN = 12, 10
@@ -66,7 +66,7 @@ def test_boundary_and_export_merge_with_the_same_arguments(
     settings = {"noise_lambda": 0.0 if noise_mode == "off" else 0.1, "noise_mode": noise_mode}
     cascade = Cascade(model, optimizer, steps_per_cascade=2, slow_rate=0.5, seed=7, **settings)
     boundary = recorder(monkeypatch, cascade_merges)
-    export = recorder(monkeypatch, functional)  # merge_lowrank_ → prepare_merge → plan_merge
+    export = recorder(monkeypatch, merge)  # merge_lowrank_ → prepare_merge → plan_merge
     for step in range(3):  # one boundary, then a cascade halfway
         model(torch.randn(8, IN)).pow(2).mean().backward()
         optimizer.step()

@@ -228,9 +228,9 @@ class _FailingMerge:
         self.monkeypatch, self.at, self.error = monkeypatch, at, error
 
     def __call__(self):
-        from lorasc_kernels import functional
+        from lorasc_kernels import ops
 
-        merge = functional.ops.merge_
+        merge = ops.merge_
         calls = []
 
         def failing(*args, **kwargs):
@@ -239,7 +239,7 @@ class _FailingMerge:
                 raise self.error("injected: out of memory in the merge")
             return merge(*args, **kwargs)
 
-        self.monkeypatch.setattr(functional.ops, "merge_", failing)
+        self.monkeypatch.setattr(ops, "merge_", failing)
         return _Restore(self.monkeypatch)
 
 

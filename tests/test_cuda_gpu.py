@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import DTYPES, TOLERANCE, lowrank_inputs, reference_float64, rel_error
 
-from lorasc_kernels import functional
+from lorasc_kernels import functional, merge
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import reference
-from lorasc_kernels.specs import DropoutSpec, NoiseSpec
+from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 
 pytestmark = pytest.mark.gpu
 
@@ -190,8 +190,8 @@ def test_merge_bit_equal_to_reference(cuda_ops, weight_dtype, lora_dtype, roundi
         noise_add=(fresh_seed(), 0.02),
         row_offset=row_offset,
     )
-    actual = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="cuda", **kwargs)
-    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch", **kwargs)
+    actual = merge.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="cuda", **kwargs)
+    expected = merge.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch", **kwargs)
     assert not torch.equal(expected, weight)
     assert same_bits(actual, expected)
 
@@ -204,15 +204,15 @@ def test_merge_rank_256_strided_and_equal_to_triton(cuda_ops, weight_dtype):
     lora_B = torch.randn(rows, r, device=DEVICE) * 0.01
     lora_A = torch.randn(r, cols, device=DEVICE) * 0.01
     kwargs = dict(coeff=0.5, seed=fresh_seed(), noise_add=(fresh_seed(), 0.02))
-    expected = functional.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch", **kwargs)
+    expected = merge.merge_lowrank_(weight.clone(), lora_B, lora_A, backend="torch", **kwargs)
     before = storage.clone()
-    functional.merge_lowrank_(weight, lora_B, lora_A, backend="cuda", **kwargs)
+    merge.merge_lowrank_(weight, lora_B, lora_A, backend="cuda", **kwargs)
     assert same_bits(weight, expected)
     assert torch.equal(storage[:, :3], before[:, :3]) and torch.equal(
         storage[:, -6:], before[:, -6:]
     )
     triton_or_skip()
-    by_triton = functional.merge_lowrank_(
+    by_triton = merge.merge_lowrank_(
         before[:, 3 : 3 + cols].clone(), lora_B, lora_A, backend="triton", **kwargs
     )
     assert same_bits(weight, by_triton)

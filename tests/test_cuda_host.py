@@ -6,8 +6,8 @@ import torch
 
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import cuda, reference
-from lorasc_kernels.rounding import round_from_fp32
-from lorasc_kernels.specs import DropoutSpec, MergeSpec, NoiseSpec
+from lorasc_kernels.backends.specs import DropoutSpec, MergeSpec, NoiseSpec
+from lorasc_kernels.formats.rounding import round_from_fp32
 from tests.backends import host_build
 
 NO_NOISE_KEY = -1
@@ -160,7 +160,7 @@ def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropou
     """The CUDA backend's primitives on the host build's data paths, under the package's
     autograd, with a non-contiguous x and a column-major dY, against the torch backend."""
     from lorasc_kernels import ops as lorasc_ops
-    from lorasc_kernels.specs import LinearSpec
+    from lorasc_kernels.backends.specs import LinearSpec
     from tests.backends import emulate_cuda_on_host
     from tests.helpers import lowrank_inputs, rel_error
 

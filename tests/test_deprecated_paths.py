@@ -8,8 +8,13 @@ import warnings
 import pytest
 
 import lorasc_kernels
+from lorasc_kernels.formats import registry
 
-OLD_MODULES = [("lorasc_kernels.modules", "LoRASCLinear", lorasc_kernels.LoRASCLinear)]
+OLD_MODULES = [
+    ("lorasc_kernels.modules", "LoRASCLinear", lorasc_kernels.LoRASCLinear),
+    ("lorasc_kernels.dtypes", "WEIGHT_FORMATS", registry.WEIGHT_FORMATS),
+    ("lorasc_kernels.dtypes", "scaled_weight_dtype", registry.scaled_weight_dtype),
+]
 
 
 @pytest.mark.parametrize(("old", "name", "new"), OLD_MODULES)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lorasc_kernels.backends import reference
+from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 from lorasc_kernels.backends.triton import fused_linear, gemm_dispatch
-from lorasc_kernels.quantize import quantize
-from lorasc_kernels.specs import DropoutSpec, NoiseSpec
+from lorasc_kernels.formats.quantize import quantize
 from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, rel_error
 

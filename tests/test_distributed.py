@@ -29,7 +29,7 @@ from lorasc_kernels.distributed import (
     tensor_checksum,
     weight_checksums,
 )
-from lorasc_kernels.quantize import quantize
+from lorasc_kernels.formats.quantize import quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_workers" / "cascade_worker.py"

@@ -10,7 +10,7 @@ from lorasc_kernels import LoRASCLinear
 from lorasc_kernels.backends import BACKENDS
 from lorasc_kernels.cascade.driven import DrivenLayer
 from lorasc_kernels.cascade.merges import MergeRequest, merge_operands, prepare_merges
-from lorasc_kernels.dtypes import WEIGHT_FORMATS
+from lorasc_kernels.formats.registry import WEIGHT_FORMATS
 
 IN, OUT, R = 12, 10, 2
 

@@ -15,9 +15,13 @@ from lorasc_kernels import ScaledWeight
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends.triton.device import decode_scaled
 from lorasc_kernels.backends.triton.fused_linear_scaled import format_fields
-from lorasc_kernels.dtypes import SCALED_WEIGHT_DTYPES, WEIGHT_FORMATS, scaled_weight_dtype
-from lorasc_kernels.quantize import format_dtype, quantize
-from lorasc_kernels.rounding import rescale_rows, round_to_scaled
+from lorasc_kernels.formats.quantize import format_dtype, quantize
+from lorasc_kernels.formats.registry import (
+    SCALED_WEIGHT_DTYPES,
+    WEIGHT_FORMATS,
+    scaled_weight_dtype,
+)
+from lorasc_kernels.formats.rounding import rescale_rows, round_to_scaled
 
 
 def _codes(tensor):

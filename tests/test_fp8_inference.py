@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from lorasc_kernels import LoRASCLinear, ScaledWeight
-from lorasc_kernels.dtypes import WEIGHT_FORMATS, scaled_weight_dtype
+from lorasc_kernels.formats.quantize import quantize, row_scales
+from lorasc_kernels.formats.registry import WEIGHT_FORMATS, scaled_weight_dtype
 from lorasc_kernels.fp8_linear import INPUT_FORMAT, Fp8Linear
-from lorasc_kernels.quantize import quantize, row_scales
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

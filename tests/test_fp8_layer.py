@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, ScaledWeight, inject_lorasc
-from lorasc_kernels.dtypes import scaled_weight_dtype
-from lorasc_kernels.quantize import quantize
+from lorasc_kernels.formats.quantize import quantize
+from lorasc_kernels.formats.registry import scaled_weight_dtype
 
 
 def _linear(dtype=torch.bfloat16):

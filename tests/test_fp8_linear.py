@@ -11,7 +11,7 @@ from helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_err
 from lorasc_kernels import ScaledWeight, lorasc_linear
 from lorasc_kernels.backends import backend_module
 from lorasc_kernels.backends.reference import dropout_keep_mask
-from lorasc_kernels.quantize import quantize
+from lorasc_kernels.formats.quantize import quantize
 
 
 def _inputs(dtype, M, K, N, r, x_dtype, bias=True):

@@ -10,8 +10,8 @@ from helpers import scaled_backend, scaled_step
 
 from lorasc_kernels import ScaledWeight, merge_lowrank_
 from lorasc_kernels.backends import backend_module
-from lorasc_kernels.dtypes import scaled_weight_dtype
-from lorasc_kernels.quantize import quantize
+from lorasc_kernels.formats.quantize import quantize
+from lorasc_kernels.formats.registry import scaled_weight_dtype
 
 
 def _scaled_inputs(dtype, rows, cols, r, update=1.0, seed=0):

@@ -11,14 +11,14 @@ import torch
 
 from benchmarks.bench_host import LaunchCounter
 from lorasc_kernels import LoRASCLinear
+from lorasc_kernels.backends.specs import DropoutSpec
 from lorasc_kernels.backends.triton import gemm_dispatch
 from lorasc_kernels.backends.triton.fused_linear_scaled import (
     persistent_scaled_lowrank_gemm,
     scaled_lowrank_gemm,
     scaled_unsupported_reason,
 )
-from lorasc_kernels.quantize import quantize
-from lorasc_kernels.specs import DropoutSpec
+from lorasc_kernels.formats.quantize import quantize
 from tests.backends import DEVICE
 
 pytest.importorskip("triton")
@@ -105,6 +105,6 @@ def test_an_fp8_layer_trains_the_same_through_either_variant(scaled_dtype, monke
 
 
 def _format_name(scaled_dtype: torch.dtype) -> str:
-    from lorasc_kernels.dtypes import scaled_weight_dtype
+    from lorasc_kernels.formats.registry import scaled_weight_dtype
 
     return scaled_weight_dtype(scaled_dtype).name

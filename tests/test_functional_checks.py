@@ -88,7 +88,7 @@ def test_a_scaled_weight_is_checked_again_when_its_parts_change():
     """Same shapes and dtypes as a passed call: codes that now require grad are refused, and
     scales written since (a new version) are checked again."""
     from lorasc_kernels import ScaledWeight
-    from lorasc_kernels.quantize import quantize
+    from lorasc_kernels.formats.quantize import quantize
 
     x, weight, _, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
     scaled, bias = quantize(weight, torch.float8_e4m3fn), None

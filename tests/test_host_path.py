@@ -9,9 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.bench_host import LaunchCounter, OpCounter
 from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, merge_lowrank_
-from lorasc_kernels.functional import plan_merge
-from lorasc_kernels.merge_range import _LEFT_BOUNDS, _stamp
-from lorasc_kernels.quantize import quantize
+from lorasc_kernels.formats.quantize import quantize
+from lorasc_kernels.merge import _LEFT_BOUNDS, _stamp, plan_merge
 
 pytest.importorskip("triton")
 

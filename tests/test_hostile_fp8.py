@@ -13,9 +13,9 @@ from test_hostile import refused
 from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, lorasc_linear, merge_lowrank_
-from lorasc_kernels.dtypes import scaled_weight_dtype
+from lorasc_kernels.formats.quantize import quantize
+from lorasc_kernels.formats.registry import scaled_weight_dtype
 from lorasc_kernels.fp8_linear import Fp8Linear
-from lorasc_kernels.quantize import quantize
 
 MIN_SCALE = 2.0**-64  # every format's smallest row scale
 ROWS, COLS, RANK = 19, 12, 2  # more rows than one program of the Triton scaled merge
@@ -368,7 +368,7 @@ def test_a_layers_scales_are_checked_again_only_after_a_write(monkeypatch, scale
     """The scale check reads the device once; a layer's forward repeats it only when its
     scales changed since they last passed (an in-place write, a merge), so a forward does
     not wait on the GPU at every call, and a scale corrupted later is still refused."""
-    from lorasc_kernels import _checks
+    from lorasc_kernels.formats import checks as _checks
 
     calls = []
     check = _checks.check_scale_values
@@ -464,7 +464,7 @@ def test_dequantize_to_an_integer_dtype_is_refused():
 
 
 def test_a_prepared_merge_runs_once():
-    from lorasc_kernels.functional import prepare_merge
+    from lorasc_kernels.merge import prepare_merge
 
     weight = torch.randn(ROWS, COLS)
     merge = prepare_merge(weight, torch.randn(ROWS, RANK), torch.randn(RANK, COLS), 0.5)

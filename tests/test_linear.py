@@ -10,11 +10,11 @@ at real sizes on a CUDA device.
 import pytest
 import torch
 
-from lorasc_kernels import composition, lorasc_linear
+from lorasc_kernels import lorasc_linear
 from lorasc_kernels import noise as noise_lib
-from lorasc_kernels.backends import backend_module, reference, resolve_backend
+from lorasc_kernels.backends import backend_module, composition, reference, resolve_backend
+from lorasc_kernels.backends.specs import DropoutSpec, LinearSpec, NoiseSpec
 from lorasc_kernels.backends.triton import fused_linear, thin
-from lorasc_kernels.specs import DropoutSpec, LinearSpec, NoiseSpec
 from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_error
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from benchmarks.bench_scaling import PeakOutputs
 from lorasc_kernels import LoRASCConfig, LoRASCLinear, inject_lorasc
-from lorasc_kernels import quantize as quantize_module
-from lorasc_kernels.quantize import quantize, row_scales
-from lorasc_kernels.rounding import round_to_scaled
+from lorasc_kernels.formats import quantize as quantize_module
+from lorasc_kernels.formats.quantize import quantize, row_scales
+from lorasc_kernels.formats.rounding import round_to_scaled
 
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
 

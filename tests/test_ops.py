@@ -6,9 +6,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from lorasc_kernels import LoRASCLinear, composition, ops
-from lorasc_kernels.backends import reference, resolve_backend_name
-from lorasc_kernels.specs import LinearSpec, MergeSpec, NoiseSpec
+from lorasc_kernels import LoRASCLinear, ops
+from lorasc_kernels.backends import composition, reference, resolve_backend_name
+from lorasc_kernels.backends.specs import LinearSpec, MergeSpec, NoiseSpec
 from tests.helpers import lowrank_inputs
 
 NEEDS_ALL = [True, True, True, True, True]

@@ -161,7 +161,13 @@ def test_wheel_holds_the_package_and_no_tests(dist):
     (wheel,) = dist.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "lorasc_kernels/backends/triton/fused_linear.py" in names
-    assert "lorasc_kernels/composition.py" in names
+    for module in (  # every subpackage ships
+        "backends/composition.py",
+        "cascade/schedule.py",
+        "formats/registry.py",
+        "integrations/peft_adapter.py",
+    ):
+        assert f"lorasc_kernels/{module}" in names, module
     assert not any(name.startswith(("tests/", "benchmarks/", "examples/")) for name in names)
 
 

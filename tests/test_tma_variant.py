@@ -13,9 +13,9 @@ import torch
 
 from lorasc_kernels import lorasc_linear
 from lorasc_kernels.backends import reference
+from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 from lorasc_kernels.backends.triton import fused_linear, fused_linear_tma, gemm_dispatch
-from lorasc_kernels.quantize import quantize
-from lorasc_kernels.specs import DropoutSpec, NoiseSpec
+from lorasc_kernels.formats.quantize import quantize
 from tests.backends import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, rel_error
 

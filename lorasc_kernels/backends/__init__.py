@@ -1,7 +1,7 @@
 """Backend registry: which implementation runs an op for given tensors.
 
 A backend is a module satisfying :class:`.contract.Backend`: the primitives the
-forward/backward composition (:mod:`lorasc_kernels.composition`) and the merge run on,
+forward/backward composition (:mod:`lorasc_kernels.backends.composition`) and the merge run on,
 ``unavailable_reason`` and the dtypes it takes. Adding one is one module and one line of
 :data:`_MODULES`; ``tests/test_backend_contract.py`` then runs
 the conformance suite on it.

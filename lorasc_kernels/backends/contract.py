@@ -1,10 +1,10 @@
 """The backend contract: the primitives a backend supplies, as a :class:`typing.Protocol`.
 
 A backend is a module that satisfies :class:`Backend`. The LoRASC linear's forward and
-backward are written once over these primitives (:mod:`lorasc_kernels.composition`); a
+backward are written once over these primitives (:mod:`lorasc_kernels.backends.composition`); a
 backend implements the primitives only. Arguments arrive validated
 (:mod:`lorasc_kernels.functional`): 2-D tensors of one device, dtypes in the backend's
-:attr:`~Backend.WEIGHT_DTYPES`, specs from :mod:`lorasc_kernels.specs`.
+:attr:`~Backend.WEIGHT_DTYPES`, specs from :mod:`lorasc_kernels.backends.specs`.
 
 The torch backend (:mod:`.reference`) implements them in plain torch and is the oracle:
 noise, dropout masks and merges must match it bit for bit; GEMMs within the tolerances of
@@ -17,8 +17,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..scaled_weight import ScaledWeight
-from ..specs import DropoutSpec, MergeSpec, NoiseSpec
+from ..formats.scaled_weight import ScaledWeight
+from .specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = ["Backend", "PRIMITIVES"]
 
@@ -40,7 +40,7 @@ class Backend(Protocol):
     """The weight (and input) dtypes the backend's kernels take."""
 
     SCALED_WEIGHT_DTYPES: tuple[torch.dtype, ...]
-    """The scaled weight formats (:data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`) its
+    """The scaled weight formats (:data:`lorasc_kernels.formats.registry.SCALED_WEIGHT_DTYPES`) its
     ``lowrank_gemm`` and ``merge_`` take as a :class:`ScaledWeight`; empty if none."""
 
     def unavailable_reason(self, device: torch.device) -> str | None:

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 
 from .._build import load_extension
-from ..dtypes import KERNEL_DTYPES
-from ..scaled_weight import ScaledWeight
-from ..specs import DropoutSpec, MergeSpec, NoiseSpec
+from ..formats.registry import KERNEL_DTYPES
+from ..formats.scaled_weight import ScaledWeight
+from .specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = [
     "WEIGHT_DTYPES",

@@ -1,7 +1,7 @@
 """Pure-torch backend: the oracle every kernel is tested against, and the CPU path.
 
 It implements the primitives of :class:`~lorasc_kernels.backends.contract.Backend` in
-plain torch; :mod:`lorasc_kernels.composition` builds the linear's forward and backward
+plain torch; :mod:`lorasc_kernels.backends.composition` builds the linear's forward and backward
 from them, as for every backend. Shapes: ``p`` (M, K), ``q`` (N, K), ``u`` (M, r), ``v``
 (N, r), ``x`` (M, K), ``lora_A`` (r, K), ``weight`` (N, K).
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from .. import noise as noise_lib
-from ..dtypes import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar, weight_dtype
-from ..rounding import rescale_rows, round_from_fp32, round_to_scaled
-from ..scaled_weight import ScaledWeight
-from ..specs import DropoutSpec, MergeSpec, NoiseSpec
+from ..formats.registry import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar, weight_dtype
+from ..formats.rounding import rescale_rows, round_from_fp32, round_to_scaled
+from ..formats.scaled_weight import ScaledWeight
+from .specs import DropoutSpec, MergeSpec, NoiseSpec
 
 __all__ = [
     "WEIGHT_DTYPES",
@@ -204,7 +204,7 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
     ``W`` (torch backend only; the kernels refuse it) is merged in float64 instead, scalars
     unrounded, so it loses nothing to float32.
     A :class:`ScaledWeight` goes through :func:`merge_scaled_`.
-    Arguments are validated by :func:`lorasc_kernels.functional.merge_lowrank_`.
+    Arguments are validated by :func:`lorasc_kernels.merge.merge_lowrank_`.
     """
     if isinstance(weight, ScaledWeight):
         merge_scaled_(weight, lora_B, lora_A, spec)

@@ -16,10 +16,10 @@ import torch
 from .. import _checks as checks
 from .._files import Pending, spec, write_safetensors, write_staged
 from ..distributed import is_dtensor, unwrap_data_parallel
-from ..functional import merge_lowrank_
+from ..formats.scaled_weight import ScaledWeight
 from ..integrations.peft import plain_model
 from ..layer import LoRASCLinear
-from ..scaled_weight import ScaledWeight
+from ..merge import merge_lowrank_
 from .merges import MergeRequest, merge_operands, raise_on_every_rank
 
 __all__ = ["merged_state_dict", "save_merged", "export_peft_adapter"]

@@ -16,8 +16,9 @@ import torch.distributed as dist
 
 from .. import _checks as checks
 from ..distributed import full_tensor, is_dtensor, local_row_block, with_synced_scales
-from ..functional import plan_merge
-from ..scaled_weight import ScaledWeight
+from ..formats import checks as format_checks
+from ..formats.scaled_weight import ScaledWeight
+from ..merge import plan_merge
 
 __all__ = [
     "MergeRequest",
@@ -160,7 +161,7 @@ def check_weight_values(layers: dict) -> None:
                 scale = layer.weight_scale
                 values = weight  # or, for fp8, the row maxima (NaN codes make them NaN)
                 if scale is not None:  # scaled_row_max refuses bad scales
-                    values = checks.scaled_row_max(
+                    values = format_checks.scaled_row_max(
                         weight, scale[row_offset : row_offset + weight.shape[0]]
                     )
                 if not bool(torch.isfinite(values).all()):

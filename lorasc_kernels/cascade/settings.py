@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from .. import _checks as checks
-from ..rounding import ROUNDING_MODES
+from ..formats.rounding import ROUNDING_MODES
 
 __all__ = ["NOISE_MODES", "MAX_INPLACE_NOISE_LAMBDA", "CascadeSettings"]
 

@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from ...dtypes import KERNEL_DTYPES, SCALED_DTYPES
+from ...formats.registry import KERNEL_DTYPES, SCALED_DTYPES
 
 try:
     import triton  # noqa: F401
@@ -63,7 +63,7 @@ def interpreting() -> bool:
 
 def on_tensor_device(launcher):
     """Run ``launcher(tensor, ...)`` with its first argument's GPU as the current device (a
-    tensor or a :class:`~lorasc_kernels.scaled_weight.ScaledWeight`).
+    tensor or a :class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight`).
 
     Triton launches on the current CUDA device; without this, tensors on ``cuda:1`` while
     ``cuda:0`` is current (e.g. a model split over GPUs) would launch on the wrong GPU.

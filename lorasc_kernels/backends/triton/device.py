@@ -61,7 +61,7 @@ def dropout_tile(tile, rows, cols, key, threshold, keep_scale, INTERPRETING: tl.
 
     ``rows``/``cols`` are the tile's global indices in ``x``; keep iff ``bits >> 8 >=
     threshold``, the rule of ``reference.dropout_keep_mask``; ``key``, ``threshold`` and
-    ``keep_scale`` are those of a :class:`~lorasc_kernels.specs.DropoutSpec`.
+    ``keep_scale`` are those of a :class:`~lorasc_kernels.backends.specs.DropoutSpec`.
     """
     bits = element_bits(row_hash(key, rows)[:, None], cols[None, :])
     kept = tl.where((bits >> 8) >= threshold, tile.to(tl.float32) * keep_scale, 0.0)
@@ -73,7 +73,7 @@ def decode_scaled(
     code, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, HAS_INFINITY: tl.constexpr
 ):
     """float32 value of the 8-bit codes ``code`` (uint8) of a scaled format
-    (:class:`~lorasc_kernels.dtypes.ScaledWeightDtype`'s fields), exactly, on integers:
+    (:class:`~lorasc_kernels.formats.registry.ScaledWeightDtype`'s fields), exactly, on integers:
     normals by their bits, subnormals as ``m · 2**(1 - bias - mb)``; with ``HAS_INFINITY``
     the all-ones exponent field as float32's (±inf, NaN), else the all-ones magnitude as NaN.
     Needs no fp8 support (the interpreter has none)."""

@@ -6,7 +6,7 @@ chooses).
 Shapes: ``p`` (M, K), ``q`` (N, K), ``bias`` (N,), ``u`` (M, r), ``v`` (N, r). The linear's
 forward uses it as ``y = x Wᵀ + b + s · xa Bᵀ``; its backward as ``dX = dY W + s ·
 drop((dY B) A)``, with ``Q = Wᵀ`` read through strides (no transposed copy) and the dropout
-mask applied to the rank term (:mod:`lorasc_kernels.composition`).
+mask applied to the rank term (:mod:`lorasc_kernels.backends.composition`).
 
 The rank-r term is one extra ``tl.dot`` of ``[BLOCK_M, r] × [r, BLOCK_N]`` into the fp32
 accumulator of each output tile (r padded to a power of two ≥ 16, masked).
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dtypes import float32_scalar
-from ...specs import DropoutSpec, NoiseSpec
+from ...formats.registry import float32_scalar
+from ..specs import DropoutSpec, NoiseSpec
 from .configs import (
     dot_precision,
     fused_linear_configs,

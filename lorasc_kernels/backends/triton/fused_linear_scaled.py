@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dtypes import float32_scalar
-from ...scaled_weight import ScaledWeight
-from ...specs import DropoutSpec
+from ...formats.registry import float32_scalar
+from ...formats.scaled_weight import ScaledWeight
+from ..specs import DropoutSpec
 from .configs import (
     dot_precision,
     m_bucket,

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dtypes import float32_scalar
-from ...specs import DropoutSpec, NoiseSpec
+from ...formats.registry import float32_scalar
+from ..specs import DropoutSpec, NoiseSpec
 from .configs import dot_precision, m_bucket, persistent_configs, prune_noisy_tiles, rank_block
 from .device import INTERPRETING, add_noise_tile, grouped_tile, mma, rank_term, round_to
 from .fused_linear import gemm_operands, spec_arguments

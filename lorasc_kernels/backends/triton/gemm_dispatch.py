@@ -48,8 +48,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ...scaled_weight import ScaledWeight
-from ...specs import DropoutSpec, NoiseSpec
+from ...formats.scaled_weight import ScaledWeight
+from ..specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
 from .configs import m_bucket
 from .fused_linear import noisy_operand, tiled_lowrank_gemm

@@ -1,7 +1,7 @@
 """In-place cascade merge ``W ← round(W − N_remove + coeff · B A + N_add)`` in Triton.
 
 Shapes: ``weight`` (rows, cols), any strides without overlap, in a dtype of
-:data:`lorasc_kernels.dtypes.KERNEL_DTYPES`, updated in place; ``lora_B`` (rows, r) and
+:data:`lorasc_kernels.formats.registry.KERNEL_DTYPES`, updated in place; ``lora_B`` (rows, r) and
 ``lora_A`` (r, cols) in those dtypes too, any strides.
 
 One program owns a ``BLOCK_ROWS × BLOCK_COLS`` tile of ``W``: it reads the tile once,
@@ -12,7 +12,7 @@ Exactness. Per element the kernel runs the float32 sequence of
 :func:`lorasc_kernels.backends.reference.merge_`: ``delta = 0``, then for
 ``k = 0 … r-1`` ``delta = delta + B[i, k] * A[k, j]``, then
 ``v = W − s_remove·u_remove``, ``v = v + coeff·delta``, ``v = v + s_add·u_add``, then the
-rounding of :mod:`lorasc_kernels.rounding` with the same hash bits. The rank step is a
+rounding of :mod:`lorasc_kernels.formats.rounding` with the same hash bits. The rank step is a
 separate multiply and add, except when ``A`` and ``B`` share a 16-bit dtype: their products
 are then exact and the step rounds once, an explicit ``tl.fma`` (``EXACT_PRODUCTS``;
 :func:`lorasc_kernels.backends.reference.lowrank_delta_fp32` says why the reference agrees).
@@ -42,7 +42,7 @@ times on ``W`` and restore ``W`` from a copy, a temporary of ``W``'s size that a
 never allocate. 64 × 128 elements per program with 8 warps (32 elements per thread) keeps
 every SM busy on the weight sizes of real models; under the interpreter a small tile.
 
-Scaled weights (:class:`~lorasc_kernels.scaled_weight.ScaledWeight`: fp8 codes with one
+Scaled weights (:class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight`: fp8 codes with one
 float32 scale per row, ``docs/fp8.md``; the format's fields are constexprs):
 ``_merge_scaled_kernel`` reproduces :func:`lorasc_kernels.backends.reference.merge_scaled_`
 bit for bit. A row may need a new scale (the rescale rule), which depends on the whole row,
@@ -58,10 +58,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...dtypes import float32_scalar, weight_dtype
-from ...scaled_weight import ScaledWeight
-from ...specs import MergeSpec, NoiseSpec
+from ...formats.registry import float32_scalar, weight_dtype
+from ...formats.scaled_weight import ScaledWeight
 from .. import reference
+from ..specs import MergeSpec, NoiseSpec
 from . import interpreting, on_tensor_device
 from .device import INTERPRETING, decode_scaled
 from .fused_linear_scaled import format_fields
@@ -96,7 +96,7 @@ def _drop_low_bits(value, random, DROP_BITS: tl.constexpr, STOCHASTIC: tl.conste
     """Round float32 ``value`` to ``23 - DROP_BITS`` mantissa bits on its bit pattern.
 
     Stochastic: add the top ``DROP_BITS`` of ``random`` (uint32) and truncate, as
-    :func:`lorasc_kernels.rounding.round_from_fp32`. Nearest: add ``0x7F..F + lsb`` (ties to
+    :func:`lorasc_kernels.formats.rounding.round_from_fp32`. Nearest: add ``0x7F..F + lsb`` (ties to
     even), exact for bf16 only (same exponent range as float32). inf and NaN pass unchanged.
     """
     pattern = value.to(tl.uint32, bitcast=True)
@@ -255,7 +255,7 @@ def _encode_scaled(
     value, random, STOCHASTIC: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_FIELD: tl.constexpr
 ):
     """8-bit codes (uint8) of float32 ``value`` rounded into a scaled format, on integers:
-    :func:`lorasc_kernels.rounding.round_to_scaled` step for step (``MIN_FIELD``: float32
+    :func:`lorasc_kernels.formats.rounding.round_to_scaled` step for step (``MIN_FIELD``: float32
     exponent field of the format's smallest normal; ``random``: the uint32 rounding bits)."""
     DROP: tl.constexpr = 23 - MANTISSA_BITS
     pattern = value.to(tl.uint32, bitcast=True)
@@ -517,7 +517,7 @@ def merge_(weight, lora_B, lora_A, spec: MergeSpec) -> None:
 
     ``weight`` (rows, cols), or a :class:`ScaledWeight`'s codes and scales, may have any
     strides but no overlapping elements (refused by
-    :func:`lorasc_kernels.functional.merge_lowrank_`). A :class:`ScaledWeight` takes the
+    :func:`lorasc_kernels.merge.merge_lowrank_`). A :class:`ScaledWeight` takes the
     scaled merge (whole rows per program, module docstring).
     """
     # The factors in float32 (exact), once: the rank loop then loads them without widening.

@@ -8,7 +8,7 @@ Shapes: ``x`` (M, K), ``lora_A`` (r, K), ``grad`` (M, r).
 Both regenerate the keep-mask of :func:`~lorasc_kernels.backends.reference.dropout_keep_mask`
 from the seed for each ``x`` tile they load (one hash per element of ``x``) and never store
 it. Without dropout the same products are plain ``torch.mm`` calls (cuBLAS), done by
-:mod:`lorasc_kernels.composition`.
+:mod:`lorasc_kernels.backends.composition`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...specs import DropoutSpec
+from ..specs import DropoutSpec
 from . import on_tensor_device
 from .configs import dot_precision, m_bucket, rank_block, thin_configs
 from .device import INTERPRETING, dropout_tile, mma, round_to

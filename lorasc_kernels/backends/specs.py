@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import noise as noise_lib
-from .dtypes import float32_scalar
+from .. import noise as noise_lib
+from ..formats.registry import float32_scalar
 
 __all__ = ["NoiseSpec", "DropoutSpec", "LinearSpec", "MergeSpec"]
 
@@ -91,7 +91,7 @@ class LinearSpec:
 class MergeSpec:
     """``W ← round(W − remove + coeff · B A + add)`` with rows counted from ``row_offset``.
 
-    ``rounding`` is ``"nearest"`` or ``"stochastic"`` (:mod:`lorasc_kernels.rounding`);
+    ``rounding`` is ``"nearest"`` or ``"stochastic"`` (:mod:`lorasc_kernels.formats.rounding`);
     stochastic rounding draws its bits from ``seed`` on
     :data:`~lorasc_kernels.noise.STREAM_ROUNDING`. ``remove`` / ``add`` are None when off.
     """

@@ -5,7 +5,7 @@ bit pattern and truncates them (torchao's ``_fp32_to_bf16_sr`` trick): a value r
 away from zero with probability equal to its distance from the lower neighbour, so the
 expected result is the exact value. The random bits are the top bits of
 ``noise.hash_bits`` on :data:`~lorasc_kernels.noise.STREAM_ROUNDING`; how many bits a dtype
-drops comes from its entry in :data:`lorasc_kernels.dtypes.WEIGHT_DTYPES`:
+drops comes from its entry in :data:`lorasc_kernels.formats.registry.WEIGHT_DTYPES`:
 
 * bfloat16: drop 16 bits, random ``bits >> 16``; exact over bf16's whole range.
 * float16: drop 13 bits, random ``bits >> 19``; exact for |v| >= 2**-14 (fp16 normals).
@@ -16,7 +16,7 @@ drops comes from its entry in :data:`lorasc_kernels.dtypes.WEIGHT_DTYPES`:
 
 Non-finite values pass through unchanged (no random bits are added to inf or NaN).
 
-Scaled formats (fp8 e4m3 and e5m2, :data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES`)
+Scaled formats (fp8 e4m3 and e5m2, :data:`lorasc_kernels.formats.registry.SCALED_WEIGHT_DTYPES`)
 round ``y = v / scale`` on integers (:func:`round_to_scaled`), the same way in every range
 and for every format, from its registry entry: the float32 significand is aligned to the
 format's step (``2**(e - mantissa_bits)`` for normals, ``2**(min_exponent -
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from .dtypes import scaled_weight_dtype, weight_dtype
+from .registry import scaled_weight_dtype, weight_dtype
 
 __all__ = ["ROUNDING_MODES", "round_from_fp32", "round_to_scaled", "rescale_rows"]
 

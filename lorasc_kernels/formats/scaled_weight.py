@@ -1,8 +1,8 @@
 """``ScaledWeight``: a weight in a scaled format, its codes and per-row scales as one object.
 
 ``W = scale[row] · codes`` with ``codes`` (N, K) in a format of
-:data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES` and ``scale`` (N,) float32. The
-functional API, :mod:`lorasc_kernels.composition` and the backends take it as ``weight``
+:data:`lorasc_kernels.formats.registry.SCALED_WEIGHT_DTYPES` and ``scale`` (N,) float32. The
+functional API, :mod:`lorasc_kernels.backends.composition` and the backends take it as ``weight``
 wherever they take a float weight; the ``torch.library`` ops of :mod:`lorasc_kernels.ops`
 take tensors, so they unpack it into their schema and re-pack it inside. Construction checks
 what costs no device sync (types, shapes, device); the scale *values* (finite, at least the
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _checks as checks
-from .dtypes import ScaledWeightDtype, scaled_weight_dtype
+from . import checks
+from .registry import ScaledWeightDtype, scaled_weight_dtype
 
 __all__ = ["ScaledWeight"]
 

@@ -1,7 +1,7 @@
 """The LoRASC linear's forward and backward, written once over a backend's primitives.
 
 Shapes: ``x`` (M, K), ``weight`` (N, K) (a float tensor or a
-:class:`~lorasc_kernels.scaled_weight.ScaledWeight`), ``bias`` (N,), ``lora_A`` (r, K),
+:class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight`), ``bias`` (N,), ``lora_A`` (r, K),
 ``lora_B`` (N, r), ``dy`` (M, N). With ``s = spec.scale``, ``drop`` the LoRA-branch dropout
 and ``W ⊕ n`` the weight with the call's fused noise:
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends.contract import Backend
-from .scaled_weight import ScaledWeight
+from ..formats.scaled_weight import ScaledWeight
+from .contract import Backend
 from .specs import LinearSpec
 
 __all__ = ["linear_forward", "linear_backward"]

@@ -1,20 +1,20 @@
 """Per-row-scaled weight formats: quantize a weight once into a
-:class:`~lorasc_kernels.scaled_weight.ScaledWeight`.
+:class:`~lorasc_kernels.formats.scaled_weight.ScaledWeight`.
 
 A scaled weight is ``codes`` (N, K) in a format of
-:data:`lorasc_kernels.dtypes.SCALED_WEIGHT_DTYPES` and ``scale`` (N,) float32, one per
+:data:`lorasc_kernels.formats.registry.SCALED_WEIGHT_DTYPES` and ``scale`` (N,) float32, one per
 output row: ``W = scale[row] · codes`` (:meth:`ScaledWeight.dequantize` gives ``W`` back).
 Quantization uses per-row absmax scales (``max_j |W_ij| = max_value · scale_i``, up to
 float32 rounding, and at least the format's ``min_scale``) and rounds to nearest; an
 all-zero row gets scale 1. Merges keep the format with stochastic rounding and the rescale
-rule of :func:`lorasc_kernels.rounding.rescale_rows`.
+rule of :func:`lorasc_kernels.formats.rounding.rescale_rows`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dtypes import WEIGHT_FORMATS, scaled_weight_dtype
+from .registry import WEIGHT_FORMATS, scaled_weight_dtype
 from .rounding import round_to_scaled
 from .scaled_weight import ScaledWeight
 
@@ -23,7 +23,7 @@ __all__ = ["format_dtype", "quantize", "row_scales"]
 
 def format_dtype(weight_format: str) -> torch.dtype:
     """The storage dtype of ``weight_format``, a name of
-    :data:`~lorasc_kernels.dtypes.WEIGHT_FORMATS`."""
+    :data:`~lorasc_kernels.formats.registry.WEIGHT_FORMATS`."""
     if not isinstance(weight_format, str) or weight_format not in WEIGHT_FORMATS:
         raise ValueError(
             f"weight_format must be None or one of {sorted(WEIGHT_FORMATS)}, got {weight_format!r}"
