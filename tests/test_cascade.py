@@ -9,7 +9,7 @@ from torch import nn
 
 from lorasc_kernels import Cascade, LoRASCConfig, LoRASCLinear, inject_lorasc
 from lorasc_kernels.backends.reference import lowrank_delta_fp32
-from lorasc_kernels.cascade.schedule import (
+from lorasc_kernels.cascade.boundary import (
     PURPOSE_INIT,
     PURPOSE_NOISE,
     PURPOSE_ROUNDING,

@@ -4,7 +4,7 @@ to merge it, reset it, finalize it and export it.
 Two layers meet it: :class:`~lorasc_kernels.LoRASCLinear` (float or fp8 weights) and the
 PEFT adapter :class:`~lorasc_kernels.integrations.peft.PeftLoraLayer` (one ``lora.Linear``
 of a ``get_peft_model`` model). A new kind of layer implements these members, is found by
-:func:`~lorasc_kernels.cascade.schedule.driven_layers`, and passes the conformance test
+:func:`driven_layers`, and passes the conformance test
 (``tests/test_driven_contract.py``). The Cascade uses nothing else, except ``set_noise``
 (``noise_mode="fused"``, float ``LoRASCLinear`` only) and ``dequantize_dtype`` (layers
 with a ``weight_scale``).
@@ -17,7 +17,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-__all__ = ["DrivenLayer"]
+from ..inject import lorasc_layers
+from ..integrations.peft import peft_lora_layers
+
+__all__ = ["DrivenLayer", "driven_layers"]
 
 
 @runtime_checkable
@@ -53,3 +56,16 @@ class DrivenLayer(Protocol):
     def check_unchanged(self, name: str) -> None:
         """Raise ``RuntimeError`` naming ``name`` if the layer can no longer be merged as
         driven (flags only, no tensor read)."""
+
+
+def driven_layers(model: nn.Module) -> dict:
+    """The layers a Cascade drives, by module path: ``model``'s ``LoRASCLinear`` layers, or
+    its PEFT LoRA layers (:class:`~lorasc_kernels.integrations.peft.PeftLoraLayer`)."""
+    layers = lorasc_layers(model)
+    peft = peft_lora_layers(model)
+    if layers and peft:
+        raise ValueError(
+            "model has both LoRASCLinear and PEFT LoRA layers: a Cascade drives "
+            "one kind (inject_lorasc refuses PEFT models for this reason)"
+        )
+    return layers or peft

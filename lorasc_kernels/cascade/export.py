@@ -238,7 +238,7 @@ def check_final_weights_fit(cascade) -> None:
 
 
 def export_peft_adapter(cascade, path: str | Path, max_rank: int | None = None) -> Path:
-    """Write the merged updates as one PEFT LoRA adapter; see :mod:`.peft_export`.
+    """Write the merged updates as one PEFT LoRA adapter (:mod:`.peft_adapter` writes it).
 
     Holds every merge done so far, so after ``finalize()`` the whole run; the noise
     is not part of it. Needs ``keep_history=True``. ``max_rank=None``: the exact

@@ -50,7 +50,8 @@ import torch
 
 from .. import _checks as checks
 from .._files import atomic_write, file_digest
-from ..cascade.schedule import Cascade, driven_layers
+from ..cascade.driven import driven_layers
+from ..cascade.schedule import Cascade
 from ..cascade.settings import CascadeSettings
 from ..cascade.state import upgraded
 from ..distributed import unwrap_data_parallel
