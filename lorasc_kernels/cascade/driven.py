@@ -4,7 +4,8 @@ to merge it, reset it, finalize it and export it.
 Two layers meet it: :class:`~lorasc_kernels.LoRASCLinear` (float or fp8 weights) and the
 PEFT adapter :class:`~lorasc_kernels.integrations.peft.PeftLoraLayer` (one ``lora.Linear``
 of a ``get_peft_model`` model). A new kind of layer implements these members, is found by
-:func:`driven_layers`, and passes the conformance test
+:func:`driven_layers` through its library's entry in
+:data:`~lorasc_kernels.integrations.DRIVEN_LAYER_FINDERS`, and passes the conformance test
 (``tests/test_driven_contract.py``). The Cascade uses nothing else, except ``set_noise``
 (``noise_mode="fused"``, float ``LoRASCLinear`` only) and ``dequantize_dtype`` (layers
 with a ``weight_scale``).
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..inject import lorasc_layers
-from ..integrations.peft import peft_lora_layers
+from ..integrations import DRIVEN_LAYER_FINDERS
 
 __all__ = ["DrivenLayer", "driven_layers"]
 
@@ -60,12 +61,15 @@ class DrivenLayer(Protocol):
 
 def driven_layers(model: nn.Module) -> dict:
     """The layers a Cascade drives, by module path: ``model``'s ``LoRASCLinear`` layers, or
-    its PEFT LoRA layers (:class:`~lorasc_kernels.integrations.peft.PeftLoraLayer`)."""
+    the LoRA layers of one library (:data:`~lorasc_kernels.integrations.DRIVEN_LAYER_FINDERS`:
+    PEFT's, as :class:`~lorasc_kernels.integrations.peft.PeftLoraLayer`)."""
     layers = lorasc_layers(model)
-    peft = peft_lora_layers(model)
-    if layers and peft:
-        raise ValueError(
-            "model has both LoRASCLinear and PEFT LoRA layers: a Cascade drives "
-            "one kind (inject_lorasc refuses PEFT models for this reason)"
-        )
-    return layers or peft
+    for library, find in DRIVEN_LAYER_FINDERS:
+        found = find(model)
+        if layers and found:
+            raise ValueError(
+                f"model has both LoRASCLinear and {library} LoRA layers: a Cascade drives "
+                f"one kind (inject_lorasc refuses {library} models for this reason)"
+            )
+        layers = layers or found
+    return layers

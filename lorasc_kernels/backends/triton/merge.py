@@ -203,7 +203,7 @@ def _merge_kernel(
     INTERPRETING: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     DROP_BITS: tl.constexpr,
-    NEAREST_ON_BITS: tl.constexpr,  # of W's dtype (dtypes.py)
+    NEAREST_ON_BITS: tl.constexpr,  # of W's dtype (formats/registry.py)
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
