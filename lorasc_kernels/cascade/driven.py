@@ -6,7 +6,7 @@ PEFT adapter :class:`~lorasc_kernels.integrations.peft.PeftLoraLayer` (one ``lor
 of a ``get_peft_model`` model). A new kind of layer implements these members, is found by
 :func:`driven_layers` through its library's entry in
 :data:`~lorasc_kernels.integrations.DRIVEN_LAYER_FINDERS`, and passes the conformance test
-(``tests/test_driven_contract.py``). The Cascade uses nothing else, except ``set_noise``
+(``tests/cascade/test_driven_contract.py``). The Cascade uses nothing else, except ``set_noise``
 (``noise_mode="fused"``, float ``LoRASCLinear`` only) and ``dequantize_dtype`` (layers
 with a ``weight_scale``).
 """

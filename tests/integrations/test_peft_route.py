@@ -439,7 +439,7 @@ def test_the_documented_save_and_reload_lines_give_the_trained_models(tmp_path, 
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parent.parent / "docs" / "peft.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "peft.md").read_text()
     section = text.split("### Saving and reloading")[1]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     peft_model, cascade, ids = trained_llama()

@@ -10,7 +10,7 @@ from lorasc_kernels import Cascade, CascadeSettings
 from lorasc_kernels.cascade.state import STATE_KEYS, STATE_VERSION
 from tests.fixtures.make_cascade_checkpoint import SETTINGS, build, train
 
-CHECKPOINT = Path(__file__).parent / "fixtures" / "cascade_checkpoint_unversioned.pt"
+CHECKPOINT = Path(__file__).parent.parent / "fixtures" / "cascade_checkpoint_unversioned.pt"
 
 
 def _saved():

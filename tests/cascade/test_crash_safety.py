@@ -16,7 +16,7 @@ from lorasc_kernels._files import atomic_write
 from lorasc_kernels.cascade.optimizers import OptimizerTracker
 from tests.helpers import trainer_args_and_state
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 KILLED_WRITE = """
 import os, sys
