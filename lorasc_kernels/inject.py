@@ -14,7 +14,7 @@ from .backends import BACKENDS
 from .formats.quantize import format_dtype
 from .layer import LoRASCLinear
 
-__all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers"]
+__all__ = ["LoRASCConfig", "inject_lorasc", "lorasc_layers", "replace_submodule"]
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -150,6 +150,16 @@ def lorasc_layers(model: nn.Module) -> dict[str, LoRASCLinear]:
     return paths
 
 
+def replace_submodule(root: nn.Module, name: str, make) -> nn.Module:
+    """Put ``make(current)`` in place of ``root``'s submodule at the dotted path ``name``
+    (not ``""``) and return it; ``make`` may return ``current`` to leave it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    module = make(getattr(parent, child))
+    setattr(parent, child, module)
+    return module
+
+
 def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     """Replace the targeted ``nn.Linear`` modules of ``model`` in place; freeze the rest.
 
@@ -178,18 +188,19 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
     # original alive, so an fp8 conversion holds one original layer at a time.
     layers = {}
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = LoRASCLinear.from_linear(
-            getattr(parent, child),
-            r=config.r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            backend=config.backend,
-            lora_dtype=config.lora_dtype,
-            weight_format=config.weight_format,
+        layer = replace_submodule(
+            model,
+            name,
+            lambda linear: LoRASCLinear.from_linear(
+                linear,
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                backend=config.backend,
+                lora_dtype=config.lora_dtype,
+                weight_format=config.weight_format,
+            ),
         )
-        setattr(parent, child, layer)
         if config.bias == "lora_only" and layer.bias is not None:
             layer.bias.requires_grad_(True)
         layers[name] = layer

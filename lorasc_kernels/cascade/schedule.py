@@ -67,6 +67,7 @@ from .. import _checks as checks
 from ..distributed import (
     unwrap_data_parallel,
 )
+from ..inject import replace_submodule
 from ..integrations.peft import (
     PeftLoraLayer,
     keep_base_weights_in_saves,
@@ -277,10 +278,13 @@ class Cascade(CascadeBoundaries):
             if not name:
                 self.model = layer.to_linear()
                 continue
-            parent_name, _, child = name.rpartition(".")
-            parent = root.get_submodule(parent_name)
-            if getattr(parent, child) is layer.driven_module:  # else put back by a cut-off
-                setattr(parent, child, layer.to_linear())  # finalize()
+            replace_submodule(  # a module other than the layer: put back by a cut-off finalize
+                root,
+                name,
+                lambda module, layer=layer: (
+                    layer.to_linear() if module is layer.driven_module else module
+                ),
+            )
         self.finalized = True
         if isinstance(next(iter(self.layers.values())), PeftLoraLayer):
             return plain_model(unwrap_data_parallel(self.model))[0]
