@@ -1,5 +1,6 @@
-"""The two fused GEMM variants of a scaled (fp8) weight (backends/triton/fused_linear_scaled.py):
-the persistent TMA kernel computes what the tiled one does, bit for bit under the interpreter
+"""The two fused GEMM variants of a scaled (fp8) weight (backends/triton/fused_linear_scaled.py
+and fused_linear_scaled_tma.py): the persistent TMA kernel computes what the tiled one does,
+bit for bit under the interpreter
 (same tiling, same order of sums), forward and dX, with bias, dropout and any rank; where
 it does not apply the dispatch keeps the tiled one; a layer trains the same through either.
 That both feed the converted weight to the MMA from registers is the compile gate's check
@@ -13,9 +14,9 @@ from benchmarks.bench_host import LaunchCounter
 from lorasc_kernels import LoRASCLinear
 from lorasc_kernels.backends.specs import DropoutSpec
 from lorasc_kernels.backends.triton import gemm_dispatch
-from lorasc_kernels.backends.triton.fused_linear_scaled import (
+from lorasc_kernels.backends.triton.fused_linear_scaled import scaled_lowrank_gemm
+from lorasc_kernels.backends.triton.fused_linear_scaled_tma import (
     persistent_scaled_lowrank_gemm,
-    scaled_lowrank_gemm,
     scaled_unsupported_reason,
 )
 from lorasc_kernels.formats.quantize import quantize

@@ -1,4 +1,4 @@
-// float32 -> storage type, round-to-nearest or stochastic, as lorasc_kernels/rounding.py.
+// float32 -> storage type, round-to-nearest or stochastic, as lorasc_kernels/formats/rounding.py.
 //
 // Stochastic: add the top `drop` random bits (bits >> (32 - drop)) to the float32 pattern,
 // clear the low `drop` bits, convert (exact for bf16; for fp16 exact above 2^-14, and

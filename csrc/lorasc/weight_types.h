@@ -1,8 +1,8 @@
 // The weight (storage) types the kernels take: one list, read by the dtype dispatch, the
 // argument checks and the rounding (host and device code alike). It mirrors
-// lorasc_kernels/dtypes.py (WEIGHT_DTYPES); adding a weight type is one X(...) line here
+// lorasc_kernels/formats/registry.py (WEIGHT_DTYPES); adding a weight type is one X(...) line here
 // and one entry there, then whatever loads and conversions the kernels need for it.
-// The scaled formats of dtypes.py (SCALED_WEIGHT_DTYPES: fp8 e4m3 and e5m2 with per-row
+// The scaled formats of formats/registry.py (SCALED_WEIGHT_DTYPES: fp8 e4m3 and e5m2 with per-row
 // scales, a ScaledWeight) are not listed: the CUDA kernels do not take them yet
 // (docs/fp8.md says what is missing).
 #pragma once

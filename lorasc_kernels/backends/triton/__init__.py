@@ -5,10 +5,11 @@ Triton kernels. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET
   fastest per problem: ``fused_linear.py`` (tiled, with its load-time noise),
   ``fused_linear_tma.py`` (persistent, TMA-fed, Hopper) or two cuBLAS ``addmm`` calls;
   a scaled (fp8) weight by ``fused_linear_scaled.py`` (tiled, the weight as the MMA's
-  register operand);
+  register operand) or ``fused_linear_scaled_tma.py`` (persistent, TMA-fed);
 * ``thin.py``: ``dropout_lowrank`` / ``dropout_lowrank_grad``, the thin products with the
   dropout mask regenerated on load;
-* ``merge.py``: ``merge_``, the in-place merge;
+* ``merge.py``: ``merge_``, the in-place merge (a scaled weight's in ``merge_scaled.py``;
+  the tile's update, shared, in ``merge_update.py``);
 * ``device.py`` and ``random.py``: device functions the kernels share; ``configs.py``: tile
   configurations.
 

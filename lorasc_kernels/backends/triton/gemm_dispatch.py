@@ -10,8 +10,8 @@ Variants (:data:`VARIANTS`):
 
 A scaled (fp8) weight has these two variants too, in :mod:`.fused_linear_scaled`
 (:func:`~.fused_linear_scaled.scaled_lowrank_gemm`, and
-:func:`~.fused_linear_scaled.persistent_scaled_lowrank_gemm` where
-:func:`~.fused_linear_scaled.scaled_unsupported_reason` is None).
+:func:`~.fused_linear_scaled_tma.persistent_scaled_lowrank_gemm` where
+:func:`~.fused_linear_scaled_tma.scaled_unsupported_reason` is None).
 * ``"addmm"``: :func:`addmm_lowrank_gemm`, cuBLAS ``addmm`` for ``P Qᵀ + b`` then
   ``out.addmm_(U, Vᵀ, alpha=scale)`` (the benchmarks' ``addmm`` provider); for 16-bit
   operands of one dtype, unscaled weights and no rank-term dropout. The noise, if any, is
@@ -53,11 +53,8 @@ from ..specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
 from .configs import m_bucket
 from .fused_linear import noisy_operand, tiled_lowrank_gemm
-from .fused_linear_scaled import (
-    persistent_scaled_lowrank_gemm,
-    scaled_lowrank_gemm,
-    scaled_unsupported_reason,
-)
+from .fused_linear_scaled import scaled_lowrank_gemm
+from .fused_linear_scaled_tma import persistent_scaled_lowrank_gemm, scaled_unsupported_reason
 from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
 
 __all__ = [

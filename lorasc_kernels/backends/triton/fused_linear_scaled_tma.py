@@ -1,0 +1,227 @@
+"""The persistent, TMA-fed variant of the scaled-weight GEMM of :mod:`.fused_linear_scaled`:
+the same computation in the same order (bit-identical under the interpreter), one program
+per SM walking the output tiles as :mod:`.fused_linear_tma` does for float weights. The
+``x`` and code tiles come through tensor descriptors (TMA on sm_90), the codes as bytes
+reinterpreted as the format's fp8 type in registers; the converted weight tile is the MMA's
+register operand, as in the tiled variant. Where it applies: :func:`scaled_unsupported_reason`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats.registry import float32_scalar
+from ...formats.scaled_weight import ScaledWeight
+from ..specs import DropoutSpec
+from .configs import dot_precision, m_bucket, persistent_scaled_configs, rank_block
+from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
+from .fused_linear_scaled import format_fields
+from .fused_linear_tma import TMA_DTYPES, aligned, ensure_allocator, persistent_programs, store_tile
+
+__all__ = ["scaled_unsupported_reason", "persistent_scaled_lowrank_gemm"]
+
+
+@triton.jit
+def _decoded_bytes(
+    codes,
+    dtype: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
+    """A tile of fp8 codes loaded as bytes (uint8) in ``dtype``, exactly: reinterpreted as
+    the format's Triton fp8 type and converted by the hardware on a GPU (e4m3fn: 3 mantissa
+    bits, e5m2: 2), on integers in the interpreter."""
+    if INTERPRETING:
+        return decode_scaled(codes, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY).to(dtype)
+    if MANTISSA_BITS == 3:
+        return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
+    return codes.to(tl.float8e5, bitcast=True).to(dtype)
+
+
+@triton.autotune(
+    configs=persistent_scaled_configs(),
+    key=["M_BUCKET", "N", "K", "R", "W_TRANSPOSED"],
+)
+@triton.jit(do_not_specialize=["dropout_key", "dropout_threshold"])
+def _persistent_scaled_kernel(
+    out_ptr,
+    p_ptr,
+    w_ptr,  # the codes as bytes, (N, K) row-major, or (K, N) for dX (W_TRANSPOSED)
+    bias_ptr,
+    u_ptr,
+    v_ptr,
+    w_scale_ptr,  # W's row scales: per output column (forward), per reduction index (dX)
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    stride_om,
+    stride_pm,
+    stride_w,
+    stride_um,
+    stride_ur,
+    stride_vn,
+    stride_vr,
+    scale,
+    dropout_key,
+    dropout_threshold,
+    keep_scale,
+    HAS_BIAS: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+    LORA_DROPOUT: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Program ``i`` of ``G``: output tiles ``i, i + G, …``, each as :func:`_scaled_lowrank_kernel`
+    computes it, its tiles loaded through tensor descriptors (TMA on sm_90)."""
+    p_desc = tl.make_tensor_descriptor(p_ptr, [M, K], [stride_pm, 1], [BLOCK_M, BLOCK_K])
+    if W_TRANSPOSED:
+        w_desc = tl.make_tensor_descriptor(w_ptr, [K, N], [stride_w, 1], [BLOCK_K, BLOCK_N])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, [N, K], [stride_w, 1], [BLOCK_N, BLOCK_K])
+    out_desc = tl.make_tensor_descriptor(out_ptr, [M, N], [stride_om, 1], [BLOCK_M, BLOCK_N // 2])
+
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = grouped_tile(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = rank_term(
+            u_ptr,
+            v_ptr,
+            offs_m,
+            offs_n,
+            M,
+            N,
+            R,
+            stride_um,
+            stride_ur,
+            stride_vn,
+            stride_vr,
+            scale,
+            dropout_key,
+            dropout_threshold,
+            keep_scale,
+            LORA_DROPOUT,
+            R_BLOCK,
+            DOT_PRECISION,
+            INTERPRETING,
+        )
+        acc = tl.trans(acc)  # [BLOCK_N, BLOCK_M]
+        if not W_TRANSPOSED:
+            column_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=1.0)
+            acc = acc / column_scale[:, None]
+        for k0 in range(0, K, BLOCK_K):  # out-of-range rows and columns load as zeros
+            p = p_desc.load([pid_m * BLOCK_M, k0])
+            if W_TRANSPOSED:
+                w = w_desc.load([k0, pid_n * BLOCK_N]).T
+            else:
+                w = w_desc.load([pid_n * BLOCK_N, k0])
+            w = _decoded_bytes(w, p.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING)
+            if W_TRANSPOSED:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_scale = tl.load(w_scale_ptr + offs_k, mask=offs_k < K, other=0.0)
+                w = round_to(w.to(tl.float32) * k_scale[None, :], p.dtype, INTERPRETING)
+            acc = mma(w, p.T, acc, DOT_PRECISION, INTERPRETING)
+        if not W_TRANSPOSED:
+            acc = acc * column_scale[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        store_tile(out_desc, tl.trans(acc), pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_N, INTERPRETING)
+
+
+def scaled_unsupported_reason(p: torch.Tensor, weight: ScaledWeight) -> str | None:
+    """``None`` if :func:`persistent_scaled_lowrank_gemm` takes these operands, else why not
+    (:func:`scaled_lowrank_gemm` takes them): bf16/fp16 ``P`` with a unit column stride,
+    the codes row-major, 16-byte aligned base pointers and row strides, and output rows of a
+    multiple of 16 bytes (for dX, ``W``'s columns)."""
+    codes = weight.codes
+    if p.dtype not in TMA_DTYPES:
+        return f"the TMA variant takes bf16/fp16 P, got {p.dtype}"
+    if p.numel() == 0 or codes.numel() == 0:
+        return "empty operands"
+    if p.device.type == "cuda" and torch.cuda.get_device_capability(p.device) < (9, 0):
+        return "TMA needs compute capability 9.0 or more"
+    if p.stride(1) != 1 or codes.stride(1) != 1:
+        return "TMA reads tensors with a unit stride in their last dimension"
+    if not (aligned(p, p.stride(0)) and aligned(codes, codes.stride(0))):
+        return "TMA needs 16-byte aligned base pointers and strides"
+    if codes.shape[0] * p.element_size() % 16 or codes.shape[1] * p.element_size() % 16:
+        return "TMA stores output rows of a multiple of 16 bytes"
+    return None
+
+
+def persistent_scaled_lowrank_gemm(
+    p: torch.Tensor,
+    weight: ScaledWeight,
+    bias: torch.Tensor | None,
+    u: torch.Tensor | None,
+    v: torch.Tensor | None,
+    scale: float,
+    transposed: bool = False,
+    rank_dropout: DropoutSpec | None = None,
+) -> torch.Tensor:
+    """:func:`scaled_lowrank_gemm` by the persistent TMA kernel, on operands that
+    :func:`scaled_unsupported_reason` accepts."""
+    codes = weight.codes
+    M, K = p.shape
+    N = codes.shape[1] if transposed else codes.shape[0]
+    out = torch.empty(M, N, device=p.device, dtype=p.dtype)
+    r = 0 if u is None else u.shape[1]
+    if u is None:
+        u = v = out  # never read: r = 0
+    dropout = (0, 0, 1.0)
+    if rank_dropout is not None:
+        dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
+    if p.device.type == "cuda":
+        ensure_allocator()
+    programs = persistent_programs(p.device)
+
+    def grid(meta):
+        tiles = -(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"])  # ceil divisions
+        return (min(programs, tiles),)
+
+    _persistent_scaled_kernel[grid](
+        out,
+        p,
+        codes.view(torch.uint8),
+        out if bias is None else bias.contiguous(),
+        u,
+        v,
+        weight.scale.contiguous(),
+        M,
+        N,
+        K,
+        r,
+        m_bucket(M),
+        out.stride(0),
+        p.stride(0),
+        codes.stride(0),
+        *u.stride(),
+        *v.stride(),
+        float32_scalar(scale),
+        *dropout,
+        HAS_BIAS=bias is not None,
+        W_TRANSPOSED=transposed,
+        LORA_DROPOUT=rank_dropout is not None,
+        R_BLOCK=rank_block(r),
+        DOT_PRECISION=dot_precision(p.dtype),
+        **format_fields(weight),
+        INTERPRETING=INTERPRETING,
+        enable_fp_fusion=False,
+    )
+    return out
