@@ -202,8 +202,9 @@ class CascadeBoundaries:
             if not read["trained"] and not last:
                 logger.warning(
                     "LoRASC cascade %d ends with every fast LoRA as it was drawn (lora_B = 0): "
-                    "no optimizer step reached them since the last boundary; call "
-                    "optimizer.step() before cascade.step()",
+                    "no optimizer step changed them since the last boundary (is "
+                    "optimizer.step() called before cascade.step(), and do they get nonzero "
+                    "gradients at a nonzero learning rate?)",
                     t,
                 )
             # A merge of all-zero B (finalize right after a boundary) adds nothing to record.

@@ -51,6 +51,7 @@ import torch
 from .. import _checks as checks
 from .._files import atomic_write, file_digest
 from ..cascade.driven import driven_layers
+from ..cascade.metrics import DEFAULT_EVERY
 from ..cascade.schedule import Cascade
 from ..cascade.settings import CascadeSettings
 from ..cascade.state import upgraded
@@ -163,10 +164,13 @@ class LoRASCCallback(TrainerCallback):
     ``on_epoch_end``, ``on_save``) raises ``RuntimeError``. A second ``trainer.train()``
     continues the same Cascade on the same model (with the Trainer's optimizer); another
     model, or a finalized Cascade, is refused.
-    ``metrics_every`` and ``metrics_layer`` go to :meth:`Cascade.track_metrics`.
+    ``metrics_every`` and ``metrics_layer`` go to :meth:`Cascade.track_metrics` (its default:
+    every :data:`~lorasc_kernels.cascade.metrics.DEFAULT_EVERY`-th boundary).
     """
 
-    def __init__(self, *, metrics_every: int = 1, metrics_layer: str | None = None, **settings):
+    def __init__(
+        self, *, metrics_every: int = DEFAULT_EVERY, metrics_layer: str | None = None, **settings
+    ):
         self.settings = CascadeSettings(**settings)
         checks.check_int("metrics_every", metrics_every, 0)
         if metrics_layer is not None and not isinstance(metrics_layer, str):

@@ -199,7 +199,7 @@ def cascade_logs(history):
 def test_each_boundary_reaches_the_trainer_logs(tmp_path, first):
     reporter = Recorder()  # where W&B and TensorBoard are: before the user's callbacks
     callback = lorasc_kernels.LoRASCCallback(
-        steps_per_cascade=2, noise_mode="off", keep_history=True
+        steps_per_cascade=2, noise_mode="off", keep_history=True, metrics_every=1
     )
     trainer = train(
         tiny_bert(),
