@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1
-# nvcc for the CUDA extension, which `make test` compiles once in tests/test_cuda_build.py
+# nvcc for the CUDA extension, which `make test` compiles once in tests/backends/test_cuda_build.py
 # (ninja, cached in ~/.cache/lorasc_kernels), not again during pip install.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
 

@@ -1,5 +1,5 @@
 // CPU build of the shared headers (csrc/lorasc/*.cuh), compiled with g++ so
-// tests/test_cuda_host.py can compare the element-wise functions bit for bit with noise.py,
+// tests/backends/test_cuda_host.py can compare the element-wise functions bit for bit with noise.py,
 // formats/rounding.py and the reference merge, and run the data paths of the merge kernel and of
 // the fused GEMM (loads, transforms, tiles, schedule, output writes) one CTA after the
 // other. Inputs are CPU tensors; keys are uint32 values in int64.

@@ -8,8 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# The `backend` fixture: op tests run on every registered backend (tests/backends.py).
-pytest_plugins = ["tests.backends"]
+# The `backend` fixture: op tests run on every registered backend (tests/backend_params.py).
+pytest_plugins = ["tests.backend_params"]
 
 
 def pytest_collection_modifyitems(config, items):

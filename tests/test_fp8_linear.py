@@ -5,13 +5,13 @@ that name what is missing."""
 
 import pytest
 import torch
-from backends import DEVICE
 from helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_error, scaled_backend
 
 from lorasc_kernels import ScaledWeight, lorasc_linear
 from lorasc_kernels.backends import backend_module
 from lorasc_kernels.backends.reference import dropout_keep_mask
 from lorasc_kernels.formats.quantize import quantize
+from tests.backend_params import DEVICE
 
 
 def _inputs(dtype, M, K, N, r, x_dtype, bias=True):

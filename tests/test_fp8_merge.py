@@ -5,13 +5,13 @@ clamped (docs/fp8.md)."""
 
 import pytest
 import torch
-from backends import DEVICE
 from helpers import scaled_backend, scaled_step
 
 from lorasc_kernels import ScaledWeight, merge_lowrank_
 from lorasc_kernels.backends import backend_module
 from lorasc_kernels.formats.quantize import quantize
 from lorasc_kernels.formats.registry import scaled_weight_dtype
+from tests.backend_params import DEVICE
 
 
 def _scaled_inputs(dtype, rows, cols, r, update=1.0, seed=0):

@@ -7,7 +7,6 @@ every accepted call gives the same values on every backend that takes it
 
 import pytest
 import torch
-from backends import DEVICE
 from helpers import scaled_backend, scaled_step
 from test_hostile import refused
 from torch import nn
@@ -16,6 +15,7 @@ from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, lorasc_linear, m
 from lorasc_kernels.formats.quantize import quantize
 from lorasc_kernels.formats.registry import scaled_weight_dtype
 from lorasc_kernels.fp8_linear import Fp8Linear
+from tests.backend_params import DEVICE
 
 MIN_SCALE = 2.0**-64  # every format's smallest row scale
 ROWS, COLS, RANK = 19, 12, 2  # more rows than one program of the Triton scaled merge

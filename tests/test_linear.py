@@ -3,7 +3,7 @@ and float64, then the Triton kernels' own paths (noise pass, noise in the GEMM, 
 row splits).
 
 Without a GPU, Triton runs on CPU tensors under ``TRITON_INTERPRET=1`` and CUDA through
-its host build (tests/backends.py), with tiny shapes; the ``gpu`` tests repeat the checks
+its host build (tests/backend_params.py), with tiny shapes; the ``gpu`` tests repeat the checks
 at real sizes on a CUDA device.
 """
 
@@ -15,7 +15,7 @@ from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import backend_module, composition, reference, resolve_backend
 from lorasc_kernels.backends.specs import DropoutSpec, LinearSpec, NoiseSpec
 from lorasc_kernels.backends.triton import fused_linear, thin
-from tests.backends import DEVICE
+from tests.backend_params import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, reference_float64, rel_error
 
 NOISE_SEED = 2**64 - 7

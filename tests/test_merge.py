@@ -2,7 +2,7 @@
 shards, noise swap, stochastic rounding, non-finite inputs and bad arguments.
 
 Without a GPU the Triton kernel runs on CPU tensors under ``TRITON_INTERPRET=1`` and the
-CUDA kernel's data path through its host build (tests/backends.py).
+CUDA kernel's data path through its host build (tests/backend_params.py).
 """
 
 import math
@@ -17,7 +17,7 @@ import torch
 from lorasc_kernels import merge_lowrank_
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import reference
-from tests.backends import DEVICE
+from tests.backend_params import DEVICE
 from tests.helpers import DTYPES, rel_error
 
 MANTISSA_BITS = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}

@@ -36,7 +36,7 @@ def test_quick_start_runs_as_written(tmp_path):
 
 
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Built by nvcc only (tests/test_cuda_build.py checks it where a toolkit is found).
+# Built by nvcc only (tests/backends/test_cuda_build.py checks it where a toolkit is found).
 COMPILED = {"lorasc_kernels._C"}
 
 

@@ -3,7 +3,7 @@
 A backend is a module satisfying :class:`.contract.Backend`: the primitives the
 forward/backward composition (:mod:`lorasc_kernels.backends.composition`) and the merge run on,
 ``unavailable_reason`` and the dtypes it takes. Adding one is one module and one line of
-:data:`_MODULES`; ``tests/test_backend_contract.py`` then runs
+:data:`_MODULES`; ``tests/backends/test_backend_contract.py`` then runs
 the conformance suite on it.
 
 ``"torch"`` is :mod:`.reference`; ``"triton"`` and ``"cuda"`` are imported lazily, so a

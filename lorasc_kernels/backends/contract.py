@@ -8,7 +8,7 @@ backend implements the primitives only. Arguments arrive validated
 
 The torch backend (:mod:`.reference`) implements them in plain torch and is the oracle:
 noise, dropout masks and merges must match it bit for bit; GEMMs within the tolerances of
-``docs/design.md``. ``tests/test_backend_contract.py`` checks every registered backend.
+``docs/design.md``. ``tests/backends/test_backend_contract.py`` checks every registered backend.
 """
 
 from __future__ import annotations

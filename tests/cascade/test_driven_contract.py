@@ -1,5 +1,5 @@
 """Every driven layer meets the contract a Cascade relies on (lorasc_kernels.cascade.driven), as
-tests/test_backend_contract.py checks every backend: LoRASCLinear with a float weight and
+tests/backends/test_backend_contract.py checks every backend: LoRASCLinear with a float weight and
 with each fp8 format, and the PEFT adapter layer."""
 
 import pytest

@@ -1,6 +1,6 @@
 """The sm_90 compile gate: every Triton kernel of the package compiles for Hopper, on a
 machine without a GPU, for each autotune config and the flag and dtype combinations the
-launchers really use (``tests/sm90_gate.py`` says how they are found and which subset is
+launchers really use (``tests/backends/sm90_gate.py`` says how they are found and which subset is
 compiled). About 3 minutes on 2 cores with an empty Triton cache, seconds with a warm one."""
 
 import importlib.util
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.sm90_gate import SHARED_LIMIT_BYTES
+from tests.backends.sm90_gate import SHARED_LIMIT_BYTES
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -28,7 +28,7 @@ def compiled() -> list[dict]:
     error)."""
     environment = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "sm90_gate.py")],
+        [sys.executable, str(ROOT / "tests" / "backends" / "sm90_gate.py")],
         env=environment,
         capture_output=True,
         text=True,

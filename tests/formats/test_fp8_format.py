@@ -9,7 +9,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import scaled_step
 
 from lorasc_kernels import ScaledWeight
 from lorasc_kernels import noise as noise_lib
@@ -22,6 +21,7 @@ from lorasc_kernels.formats.registry import (
     scaled_weight_dtype,
 )
 from lorasc_kernels.formats.rounding import rescale_rows, round_to_scaled
+from tests.helpers import scaled_step
 
 
 def _codes(tensor):

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
-from helpers import DTYPES, TOLERANCE, lowrank_inputs, reference_float64, rel_error
 
 from lorasc_kernels import functional, merge
 from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import reference
 from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
+from tests.helpers import DTYPES, TOLERANCE, lowrank_inputs, reference_float64, rel_error
 
 pytestmark = pytest.mark.gpu
 

@@ -3,7 +3,7 @@
 Each backend implements the :class:`Backend` Protocol with the Protocol's signatures and
 declares dtypes of the registry; its primitives reproduce the reference's noise and
 dropout bits. The op tests run on every backend too, through the same ``backend`` fixture
-(tests/backends.py): the merge in tests/test_merge.py, the linear's forward and backward
+(tests/backend_params.py): the merge in tests/test_merge.py, the linear's forward and backward
 in tests/test_linear.py. Without a GPU the CUDA backend runs through the host
 build of its kernels' data paths; its compiled kernels are checked by the ``gpu`` tests.
 """
@@ -17,7 +17,7 @@ from lorasc_kernels.backends import BACKENDS, backend_module, reference
 from lorasc_kernels.backends.contract import PRIMITIVES, Backend
 from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 from lorasc_kernels.formats.registry import KERNEL_DTYPES, REFERENCE_DTYPES
-from tests.backends import DEVICE, REGISTERED
+from tests.backend_params import DEVICE, REGISTERED
 
 
 def _module_or_skip(name: str):

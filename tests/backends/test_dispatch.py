@@ -11,7 +11,7 @@ from lorasc_kernels.backends import reference
 from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 from lorasc_kernels.backends.triton import fused_linear, gemm_dispatch
 from lorasc_kernels.formats.quantize import quantize
-from tests.backends import DEVICE
+from tests.backend_params import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, rel_error
 
 CPU = torch.device("cpu")

@@ -4,7 +4,8 @@ bit for bit under the interpreter
 (same tiling, same order of sums), forward and dX, with bias, dropout and any rank; where
 it does not apply the dispatch keeps the tiled one; a layer trains the same through either.
 That both feed the converted weight to the MMA from registers is the compile gate's check
-(tests/test_sm90_compile.py); their agreement with float64 math, tests/test_fp8_linear.py's.
+(tests/backends/test_sm90_compile.py); their agreement with float64 math,
+tests/test_fp8_linear.py's.
 """
 
 import pytest
@@ -20,7 +21,7 @@ from lorasc_kernels.backends.triton.fused_linear_scaled_tma import (
     scaled_unsupported_reason,
 )
 from lorasc_kernels.formats.quantize import quantize
-from tests.backends import DEVICE
+from tests.backend_params import DEVICE
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(

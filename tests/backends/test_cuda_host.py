@@ -8,7 +8,7 @@ from lorasc_kernels import noise as noise_lib
 from lorasc_kernels.backends import cuda, reference
 from lorasc_kernels.backends.specs import DropoutSpec, MergeSpec, NoiseSpec
 from lorasc_kernels.formats.rounding import round_from_fp32
-from tests.backends import host_build
+from tests.backend_params import host_build
 
 NO_NOISE_KEY = -1
 TRANSFORM_NOISE, TRANSFORM_DROPOUT = cuda.TRANSFORM_NOISE, cuda.TRANSFORM_DROPOUT
@@ -161,7 +161,7 @@ def test_autograd_function_on_emulated_ops_matches_reference(monkeypatch, dropou
     autograd, with a non-contiguous x and a column-major dY, against the torch backend."""
     from lorasc_kernels import ops as lorasc_ops
     from lorasc_kernels.backends.specs import LinearSpec
-    from tests.backends import emulate_cuda_on_host
+    from tests.backend_params import emulate_cuda_on_host
     from tests.helpers import lowrank_inputs, rel_error
 
     emulate_cuda_on_host(monkeypatch)
@@ -197,7 +197,7 @@ def gemm_case(case: str, dtype: torch.dtype):
 
     Shapes leave tails in every tile dimension; the operands cover the three load layouts
     (vectors along the depth, along the rows, element by element)."""
-    from helpers import lowrank_inputs
+    from tests.helpers import lowrank_inputs
 
     noise_seed, drop_seed, p, scale = fresh_seed(), fresh_seed(), 0.3, 0.7
     noise = (TRANSFORM_NOISE, noise_lib.stream_key(noise_seed, noise_lib.STREAM_NOISE), 0, 0.1)
@@ -237,7 +237,7 @@ def gemm_case(case: str, dtype: torch.dtype):
     "case", ["forward", "forward_odd", "backward", "dropout_left", "dropout_right_swapped"]
 )
 def test_gemm_data_path_emulated_on_host(host, dtype, case):
-    from helpers import TOLERANCE, rel_error
+    from tests.helpers import TOLERANCE, rel_error
 
     args, expected = gemm_case(case, dtype)
     out = host.emulate_lowrank_gemm(*args)

@@ -14,7 +14,7 @@ import torch
 
 from lorasc_kernels import _build
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 OPS = ("lowrank_gemm", "dropout", "merge_lowrank_")
 
 needs_toolchain = pytest.mark.skipif(

@@ -5,7 +5,7 @@ the layer's forward and backward through it; and the fallback rule.
 
 On the CPU the kernel runs in Triton's interpreter, whose tensor descriptors load and store
 tiles as TMA does (zero fill outside the tensor, stores clipped); that it compiles to TMA
-and wgmma for sm_90 is the compile gate's check (tests/test_sm90_compile.py).
+and wgmma for sm_90 is the compile gate's check (tests/backends/test_sm90_compile.py).
 """
 
 import pytest
@@ -16,7 +16,7 @@ from lorasc_kernels.backends import reference
 from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 from lorasc_kernels.backends.triton import fused_linear, fused_linear_tma, gemm_dispatch
 from lorasc_kernels.formats.quantize import quantize
-from tests.backends import DEVICE
+from tests.backend_params import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, lowrank_inputs, rel_error
 
 pytestmark = pytest.mark.skipif(

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the package for sm_90 on a machine without a GPU.
 
-``python tests/sm90_gate.py`` (run by ``tests/test_sm90_compile.py`` with
+``python tests/backends/sm90_gate.py`` (run by ``tests/backends/test_sm90_compile.py`` with
 ``TRITON_INTERPRET=0``) prints one JSON line per compile. Steps:
 
 1. **Kernels**: every ``triton.jit`` or ``triton.autotune`` object in the modules of
@@ -510,7 +510,7 @@ def main() -> int:
                 {
                     "kernel": name,
                     "error": "never launched by exercise() in "
-                    "tests/sm90_gate.py: add the choices that launch it there",
+                    "tests/backends/sm90_gate.py: add the choices that launch it there",
                 }
             )
         )
