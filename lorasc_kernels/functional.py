@@ -308,9 +308,9 @@ def lorasc_linear(
             if len(_PASSED) >= _PASSED_MAX:
                 _PASSED.clear()
             _PASSED[signature] = checked
-    scaled, scale, dropout_p, noise_scale, backend = checked
-    if scaled and not compiling:  # the values can change: checked per version of the scales
+    elif checked[0]:  # the scales' values can change: checked per version, as the checks do
         _check_scale_values_once(weight)
+    scaled, scale, dropout_p, noise_scale, backend = checked
     if noise_seed is not None:
         noise_seed = checks.check_seed("noise_seed", noise_seed)
     if dropout_seed is not None:
