@@ -35,7 +35,14 @@ from .configs import (
 )
 from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
 
-__all__ = ["format_fields", "scaled_lowrank_gemm"]
+__all__ = [
+    "format_fields",
+    "scaled_decoded",
+    "scaled_weight_tile",
+    "scaled_start",
+    "scaled_end",
+    "scaled_lowrank_gemm",
+]
 
 
 def format_fields(weight: ScaledWeight) -> dict:
@@ -50,7 +57,7 @@ def format_fields(weight: ScaledWeight) -> dict:
 
 
 @triton.jit
-def _decoded(
+def scaled_decoded(
     codes,
     dtype: tl.constexpr,
     MANTISSA_BITS: tl.constexpr,
@@ -58,13 +65,60 @@ def _decoded(
     HAS_INFINITY: tl.constexpr,
     INTERPRETING: tl.constexpr,
 ):
-    """A tile of fp8 codes (loaded in their format's Triton type) in ``dtype``, exactly: by
-    the hardware conversion on a GPU, on integers in the interpreter (no fp8 arithmetic)."""
+    """A tile of fp8 codes loaded as bytes (uint8) in ``dtype``, exactly: reinterpreted as
+    the format's Triton fp8 type and converted by the hardware on a GPU (e4m3fn: 3 mantissa
+    bits, e5m2: 2), on integers in the interpreter (no fp8 arithmetic)."""
     if INTERPRETING:
-        return decode_scaled(
-            codes.to(tl.uint8, bitcast=True), MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY
-        ).to(dtype)
-    return codes.to(dtype)
+        return decode_scaled(codes, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY).to(dtype)
+    if MANTISSA_BITS == 3:
+        return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
+    return codes.to(tl.float8e5, bitcast=True).to(dtype)
+
+
+@triton.jit
+def scaled_weight_tile(
+    codes,
+    dtype: tl.constexpr,
+    w_scale_ptr,
+    ks,
+    K,
+    W_TRANSPOSED: tl.constexpr,
+    MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr,
+    HAS_INFINITY: tl.constexpr,
+    INTERPRETING: tl.constexpr,
+):
+    """The MMA's first operand from a [BLOCK_N, BLOCK_K] tile of codes (bytes) whose
+    reduction indices are ``ks``: decoded to ``dtype``; for dX (``W_TRANSPOSED``) times W's
+    row scale on the reduction index, rounded to ``dtype``."""
+    w = scaled_decoded(codes, dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING)
+    if W_TRANSPOSED:
+        k_scale = tl.load(w_scale_ptr + ks, mask=ks < K, other=0.0)
+        w = round_to(w.to(tl.float32) * k_scale[None, :], dtype, INTERPRETING)
+    return w
+
+
+@triton.jit
+def scaled_start(rank, w_scale_ptr, cols, mask_n, W_TRANSPOSED: tl.constexpr):
+    """The transposed accumulator [BLOCK_N, BLOCK_M] from the rank term [BLOCK_M, BLOCK_N];
+    forward: divided by the output's column scales (W's row scales), which
+    :func:`scaled_end` applies to the whole sum (one accumulator; scales > 0)."""
+    acc = tl.trans(rank)
+    if not W_TRANSPOSED:
+        acc = acc / tl.load(w_scale_ptr + cols, mask=mask_n, other=1.0)[:, None]
+    return acc
+
+
+@triton.jit
+def scaled_end(
+    acc, w_scale_ptr, bias_ptr, cols, mask_n, HAS_BIAS: tl.constexpr, W_TRANSPOSED: tl.constexpr
+):
+    """The transposed output tile in float32: forward, times the column scales; plus the bias."""
+    if not W_TRANSPOSED:
+        acc = acc * tl.load(w_scale_ptr + cols, mask=mask_n, other=1.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    return acc
 
 
 @triton.autotune(
@@ -76,7 +130,7 @@ def _decoded(
 def _scaled_lowrank_kernel(
     out_ptr,
     p_ptr,
-    w_ptr,  # the codes, read as W[n, k] (forward) or W[k, n] (dX: W_TRANSPOSED)
+    w_ptr,  # the codes as bytes, read as W[n, k] (forward) or W[k, n] (dX: W_TRANSPOSED)
     bias_ptr,
     u_ptr,
     v_ptr,
@@ -144,10 +198,7 @@ def _scaled_lowrank_kernel(
         DOT_PRECISION,
         INTERPRETING,
     )
-    acc = tl.trans(acc)  # [BLOCK_N, BLOCK_M]
-    if not W_TRANSPOSED:  # W's row scale is the output's column scale: applied at the end
-        column_scale = tl.load(w_scale_ptr + cols, mask=mask_n, other=1.0)
-        acc = acc / column_scale[:, None]
+    acc = scaled_start(acc, w_scale_ptr, cols, mask_n, W_TRANSPOSED)  # [BLOCK_N, BLOCK_M]
 
     offs_k = tl.arange(0, BLOCK_K)
     ks = offs_k.to(tl.int64)
@@ -158,19 +209,24 @@ def _scaled_lowrank_kernel(
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         p_t = tl.load(p_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w = _decoded(w, p_t.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING)
-        if W_TRANSPOSED:  # W's row scale on the reduction index: dequantized on load
-            k_scale = tl.load(w_scale_ptr + (k0 + offs_k), mask=mask_k, other=0.0)
-            w = round_to(w.to(tl.float32) * k_scale[None, :], p_t.dtype, INTERPRETING)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        w = scaled_weight_tile(
+            w,
+            p_t.dtype,
+            w_scale_ptr,
+            k0 + offs_k,
+            K,
+            W_TRANSPOSED,
+            MANTISSA_BITS,
+            EXPONENT_BIAS,
+            HAS_INFINITY,
+            INTERPRETING,
+        )
         acc = mma(w, p_t, acc, DOT_PRECISION, INTERPRETING)
         w_ptrs += w_step
         p_ptrs += p_step
 
-    if not W_TRANSPOSED:
-        acc = acc * column_scale[:, None]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    acc = scaled_end(acc, w_scale_ptr, bias_ptr, cols, mask_n, HAS_BIAS, W_TRANSPOSED)
     tl.store(
         out_ptr + rows[None, :] * stride_om + cols[:, None] * stride_on,
         round_to(acc, out_ptr.dtype.element_ty, INTERPRETING),
@@ -211,7 +267,7 @@ def scaled_lowrank_gemm(
     _scaled_lowrank_kernel[grid](
         out,
         p,
-        codes,
+        codes.view(torch.uint8),
         out if bias is None else bias.contiguous(),  # read with stride 1
         u,
         v,

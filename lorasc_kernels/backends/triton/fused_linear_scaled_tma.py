@@ -16,30 +16,11 @@ from ...formats.registry import float32_scalar
 from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import dot_precision, m_bucket, persistent_scaled_configs, rank_block
-from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
-from .fused_linear_scaled import format_fields
+from .device import INTERPRETING, grouped_tile, mma, rank_term
+from .fused_linear_scaled import format_fields, scaled_end, scaled_start, scaled_weight_tile
 from .fused_linear_tma import TMA_DTYPES, aligned, ensure_allocator, persistent_programs, store_tile
 
 __all__ = ["scaled_unsupported_reason", "persistent_scaled_lowrank_gemm"]
-
-
-@triton.jit
-def _decoded_bytes(
-    codes,
-    dtype: tl.constexpr,
-    MANTISSA_BITS: tl.constexpr,
-    EXPONENT_BIAS: tl.constexpr,
-    HAS_INFINITY: tl.constexpr,
-    INTERPRETING: tl.constexpr,
-):
-    """A tile of fp8 codes loaded as bytes (uint8) in ``dtype``, exactly: reinterpreted as
-    the format's Triton fp8 type and converted by the hardware on a GPU (e4m3fn: 3 mantissa
-    bits, e5m2: 2), on integers in the interpreter."""
-    if INTERPRETING:
-        return decode_scaled(codes, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY).to(dtype)
-    if MANTISSA_BITS == 3:
-        return codes.to(tl.float8e4nv, bitcast=True).to(dtype)
-    return codes.to(tl.float8e5, bitcast=True).to(dtype)
 
 
 @triton.autotune(
@@ -121,26 +102,27 @@ def _persistent_scaled_kernel(
             DOT_PRECISION,
             INTERPRETING,
         )
-        acc = tl.trans(acc)  # [BLOCK_N, BLOCK_M]
-        if not W_TRANSPOSED:
-            column_scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=1.0)
-            acc = acc / column_scale[:, None]
+        acc = scaled_start(acc, w_scale_ptr, offs_n, mask_n, W_TRANSPOSED)
         for k0 in range(0, K, BLOCK_K):  # out-of-range rows and columns load as zeros
             p = p_desc.load([pid_m * BLOCK_M, k0])
             if W_TRANSPOSED:
                 w = w_desc.load([k0, pid_n * BLOCK_N]).T
             else:
                 w = w_desc.load([pid_n * BLOCK_N, k0])
-            w = _decoded_bytes(w, p.dtype, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING)
-            if W_TRANSPOSED:
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_scale = tl.load(w_scale_ptr + offs_k, mask=offs_k < K, other=0.0)
-                w = round_to(w.to(tl.float32) * k_scale[None, :], p.dtype, INTERPRETING)
+            w = scaled_weight_tile(
+                w,
+                p.dtype,
+                w_scale_ptr,
+                k0 + tl.arange(0, BLOCK_K),
+                K,
+                W_TRANSPOSED,
+                MANTISSA_BITS,
+                EXPONENT_BIAS,
+                HAS_INFINITY,
+                INTERPRETING,
+            )
             acc = mma(w, p.T, acc, DOT_PRECISION, INTERPRETING)
-        if not W_TRANSPOSED:
-            acc = acc * column_scale[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+        acc = scaled_end(acc, w_scale_ptr, bias_ptr, offs_n, mask_n, HAS_BIAS, W_TRANSPOSED)
         store_tile(out_desc, tl.trans(acc), pid_m * BLOCK_M, pid_n * BLOCK_N, BLOCK_N, INTERPRETING)
 
 
