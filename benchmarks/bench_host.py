@@ -19,8 +19,12 @@ around one call, no device sync (the providers are timed in turns, as
 that the device does not hold the host back); ``aten_ops``, every op that a
 :class:`OpCounter` (a ``TorchDispatchMode``) sees, views included, of which ``view_ops``
 views and ``host_read_ops`` ops that read a device value on the host (:func:`is_host_read`,
-a sync on a GPU); ``triton_launches`` (:class:`LaunchCounter`); on a GPU ``cuda_syncs``,
-the synchronizing calls that ``torch.cuda.set_sync_debug_mode("warn")`` reports.
+a sync on a GPU); ``triton_launches`` (:class:`LaunchCounter`); ``python_calls``, the
+Python function calls of one call, of which ``package_calls`` into ``lorasc_kernels``
+(:class:`PythonCallCounter`: a count that the machine's load does not move, where
+``host_us`` does; the stubs' own calls are in ``python_calls`` only); on a GPU
+``cuda_syncs``, the synchronizing calls that ``torch.cuda.set_sync_debug_mode("warn")``
+reports.
 
 On the CPU the Triton kernels would run in the interpreter, which adds its own aten ops
 and milliseconds per launch; there every ``*_kernel`` launch point of
@@ -48,8 +52,10 @@ import collections
 import contextlib
 import csv
 import importlib
+import importlib.util
 import os
 import pkgutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -77,6 +83,7 @@ __all__ = [
     "LaunchCounter",
     "launch_points",
     "SyncCounter",
+    "PythonCallCounter",
     "measure",
     "main",
 ]
@@ -97,6 +104,8 @@ COLUMNS = [
     "view_ops",
     "host_read_ops",
     "triton_launches",
+    "python_calls",
+    "package_calls",
     "launches_stubbed",
     "cuda_syncs",
     "skipped",
@@ -255,6 +264,32 @@ class LaunchCounter:
         self._saved.clear()
 
 
+class PythonCallCounter:
+    """The Python function calls made on this thread while active (``sys.setprofile``):
+    ``count`` in all, ``package`` into ``lorasc_kernels``' own files. Deterministic where a
+    time is not: each call is a frame, its arguments bound, its locals made (a few hundred
+    nanoseconds of host time apiece), whatever the load of the machine."""
+
+    _PACKAGE = str(Path(importlib.util.find_spec("lorasc_kernels").origin).parent)
+
+    def __init__(self):
+        self.count = 0
+        self.package = 0
+
+    def _profile(self, frame, event, arg) -> None:
+        if event == "call":
+            self.count += 1
+            self.package += frame.f_code.co_filename.startswith(self._PACKAGE)
+
+    def __enter__(self) -> PythonCallCounter:
+        self._previous = sys.getprofile()
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sys.setprofile(self._previous)
+
+
 class SyncCounter:
     """On a GPU, the synchronizing CUDA calls made while active, as reported by
     ``torch.cuda.set_sync_debug_mode("warn")`` (``count``); None elsewhere."""
@@ -285,13 +320,16 @@ def _build(name: str, tensors: Tensors, compile_on_cpu: bool) -> torch.nn.Module
     return providers.build(name, tensors)
 
 
-def _count(fn, device: str, stub: bool) -> tuple[OpCounter, LaunchCounter, SyncCounter]:
-    """Ops, Triton launches and syncs of one call of ``fn``."""
+def _count(fn, device: str, stub: bool) -> tuple:
+    """Ops, Triton launches, syncs and Python calls of one call of ``fn`` (the Python calls
+    on a call of their own: a dispatch mode runs Python code per op)."""
     with LaunchCounter(stub) as launches, SyncCounter(device) as syncs, OpCounter() as ops:
+        fn()
+    with LaunchCounter(stub), PythonCallCounter() as calls:
         fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return ops, launches, syncs
+    return ops, launches, syncs, calls
 
 
 def measure(
@@ -332,7 +370,7 @@ def measure(
         if name in skipped:
             row["skipped"] = skipped[name]
         else:
-            ops, launches, syncs = counts[name]
+            ops, launches, syncs, python = counts[name]
             row |= {
                 "host_us": significant(times[name] * 1e3),
                 "calls": rounds * max(1, calls // rounds),
@@ -340,6 +378,8 @@ def measure(
                 "view_ops": ops.views,
                 "host_read_ops": ops.host_reads,
                 "triton_launches": launches.count,
+                "python_calls": python.count,
+                "package_calls": python.package,
                 "launches_stubbed": stub,
                 "cuda_syncs": syncs.count,
             }

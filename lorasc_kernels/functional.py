@@ -8,7 +8,7 @@ codes with per-row scales, ``docs/fp8.md``).
 
 from __future__ import annotations
 
-import contextlib
+from typing import NamedTuple
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -122,43 +122,82 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return None if x.dtype == torch.float64 else torch.get_autocast_dtype(device_type)
 
 
-def _tensor_signature(tensor) -> tuple | None:
-    return None if tensor is None else (tensor.dtype, tensor.shape, tensor.device)
-
-
-# Signatures of the calls whose argument checks passed (:func:`_signature`, then the
-# scalars), with what the checks returned: the checks are functions of the signature alone,
-# so a call with a known one skips them (microseconds per call; the values of a scaled
-# weight's scales are checked per tensor version, seeds per call). Bounded: cleared when full.
-_PASSED: dict[tuple, tuple] = {}
+# The calls whose argument checks passed, by :func:`_call_key`, with what they resolved to
+# (:class:`_Checked`): the checks are functions of the key alone, so a call with a known key
+# skips them (microseconds per call; the values of a scaled weight's scales are checked per
+# tensor version, a dropout seed per call). Bounded: cleared when full.
+_PASSED: dict[tuple, _Checked] = {}
 _PASSED_MAX = 4096
 
 
-def _signature(x, weight, bias, lora_A, lora_B, autocast_dtype) -> tuple | None:
-    """Everything the argument checks of :func:`lorasc_linear` read of its tensors (dtypes,
-    shapes but ``x``'s leading dims, devices, a scaled weight's ``requires_grad``), and
-    autocast's dtype; None if an argument is of a kind the checks refuse."""
-    tensors = (x, lora_A, lora_B) + (() if bias is None else (bias,))
-    if not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
-        return None
+class _Checked(NamedTuple):
+    """What the checks of a call resolved: whether the weight is scaled, the backend's name,
+    the spec when the call draws no dropout mask (else None: its seed is per call) and the
+    scalars that build it."""
+
+    scaled: bool
+    backend: str
+    spec: LinearSpec | None
+    scale: float
+    dropout_p: float
+    noise_seed: int | None
+    noise_scale: float
+
+
+def _call_key(
+    x,
+    weight,
+    bias,
+    lora_A,
+    lora_B,
+    autocast_dtype,
+    scale,
+    dropout_p,
+    noise_seed,
+    noise_scale,
+    dropout_seed,
+    backend,
+) -> tuple | None:
+    """Everything the argument checks of :func:`lorasc_linear` read (dtypes, shapes but
+    ``x``'s leading dims, devices, a scaled weight's ``requires_grad``, autocast's dtype,
+    the scalars with their types, the noise seed, whether a dropout seed is given, the
+    backend's name), as one hashable tuple; None if an argument is of a kind the checks
+    refuse."""
     if isinstance(weight, ScaledWeight):
         codes = weight.codes
         scaled = (codes.requires_grad, weight.scale.requires_grad)
-    elif isinstance(weight, torch.Tensor):
-        codes, scaled = weight, None
     else:
+        codes, scaled = weight, None
+    try:
+        return (
+            x.dtype,
+            x.device,
+            x.shape[-1:],
+            codes.dtype,
+            codes.shape,
+            codes.device,
+            scaled,
+            None if bias is None else (bias.dtype, bias.shape, bias.device),
+            lora_A.dtype,
+            lora_A.shape,
+            lora_A.device,
+            lora_B.dtype,
+            lora_B.shape,
+            lora_B.device,
+            autocast_dtype,
+            type(scale),
+            scale,
+            type(dropout_p),
+            dropout_p,
+            type(noise_seed),
+            noise_seed,
+            type(noise_scale),
+            noise_scale,
+            dropout_seed is None,
+            backend,
+        )
+    except AttributeError:  # not a tensor: the checks say which argument
         return None
-    return (
-        x.dtype,
-        x.device,
-        x.shape[-1:] if x.dim() else None,
-        _tensor_signature(codes),
-        scaled,
-        _tensor_signature(bias),
-        _tensor_signature(lora_A),
-        _tensor_signature(lora_B),
-        autocast_dtype,
-    )
 
 
 def _check_linear_call(
@@ -173,10 +212,9 @@ def _check_linear_call(
     noise_scale,
     backend,
     autocast_dtype,
-) -> tuple:
-    """The argument checks of :func:`lorasc_linear` but the seeds' and the scale values',
-    with the dtypes that ``autocast_dtype`` (:func:`_autocast_dtype`) gives: returns
-    ``(scaled, scale, dropout_p, noise_scale, backend)`` as the call uses them."""
+) -> _Checked:
+    """The argument checks of :func:`lorasc_linear` but the dropout seed's, with the dtypes
+    that ``autocast_dtype`` (:func:`_autocast_dtype`) gives: returns what they resolved."""
     checks.check_tensor("x", x)
     scaled = check_weight(weight)
     if bias is not None:
@@ -228,7 +266,10 @@ def _check_linear_call(
     check_backend_dtype(backend, x=x_dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype)
     if scaled:
         check_backend_scaled(backend, weight)
-    return scaled, scale, dropout_p, noise_scale, backend
+    if noise_seed is not None:
+        noise_seed = checks.check_seed("noise_seed", noise_seed)
+    spec = None if dropout_p > 0.0 else LinearSpec.of(scale, 0.0, None, noise_seed, noise_scale)
+    return _Checked(scaled, backend, spec, scale, dropout_p, noise_seed, noise_scale)
 
 
 def check_backend_scaled(backend: str, weight: ScaledWeight) -> None:
@@ -279,17 +320,26 @@ def lorasc_linear(
     Returns (..., N) in ``x``'s (or autocast's) dtype.
     """
     autocast_dtype = _autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-    compiling = torch.compiler.is_compiling()
-    signature = None
-    if not compiling:  # the checks are constants of a traced graph
-        signature = _signature(x, weight, bias, lora_A, lora_B, autocast_dtype)
-    if signature is not None:
-        signature += (type(scale), scale, type(dropout_p), dropout_p, type(noise_scale))
-        signature += (noise_scale, noise_seed is None, dropout_seed is None, backend)
-    try:
-        checked = None if signature is None else _PASSED.get(signature)
-    except TypeError:  # an unhashable argument: the checks refuse it
-        signature = checked = None
+    key = checked = None
+    if not torch.compiler.is_compiling():  # the checks are constants of a traced graph
+        key = _call_key(
+            x,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
+            autocast_dtype,
+            scale,
+            dropout_p,
+            noise_seed,
+            noise_scale,
+            dropout_seed,
+            backend,
+        )
+        try:
+            checked = None if key is None else _PASSED.get(key)
+        except TypeError:  # an unhashable argument: the checks refuse it
+            key = None
     if checked is None:
         checked = _check_linear_call(
             x,
@@ -304,31 +354,34 @@ def lorasc_linear(
             backend,
             autocast_dtype,
         )
-        if signature is not None:
+        if key is not None:
             if len(_PASSED) >= _PASSED_MAX:
                 _PASSED.clear()
-            _PASSED[signature] = checked
-    elif checked[0]:  # the scales' values can change: checked per version, as the checks do
+            _PASSED[key] = checked
+    elif checked.scaled:  # the scales' values can change: checked per version, as the checks do
         _check_scale_values_once(weight)
-    scaled, scale, dropout_p, noise_scale, backend = checked
-    if noise_seed is not None:
-        noise_seed = checks.check_seed("noise_seed", noise_seed)
+    spec = checked.spec
     if dropout_seed is not None:
         dropout_seed = checks.check_seed("dropout_seed", dropout_seed)
-    elif dropout_p > 0.0:
-        dropout_seed = draw_seed()
+    if spec is None:  # dropout: a mask per call
+        if dropout_seed is None:
+            dropout_seed = draw_seed()
+        spec = LinearSpec.of(
+            checked.scale, checked.dropout_p, dropout_seed, checked.noise_seed, checked.noise_scale
+        )
     if autocast_dtype is not None:
         x = x.to(autocast_dtype)
-        weight = weight if scaled else weight.to(autocast_dtype)
+        weight = weight if checked.scaled else weight.to(autocast_dtype)
         bias = None if bias is None else bias.to(autocast_dtype)
     in_features = x.shape[-1]
     out_features = weight.shape[0]
     lead = x.shape[:-1]
     rows = x if x.dim() == 2 else x.reshape(-1, in_features)  # 2-D: no view op
-    autocast = autocast_dtype is not None
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        spec = LinearSpec.of(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
-        y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, backend)
+    if autocast_dtype is None:
+        y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend)
     if x.dim() == 2:
         return y
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.

@@ -74,14 +74,36 @@ def test_bad_inputs(overrides, error, match):
         ({"scale": True}, TypeError, "scale must be a float"),  # True == 1.0, and hashes alike
         ({"dropout_p": [0.0]}, TypeError, "dropout_p must be a float"),  # unhashable
         ({"backend": ["torch"]}, TypeError, "backend must be a str"),
+        ({"noise_seed": True}, TypeError, "noise_seed must be an int"),  # True == 1
     ],
 )
 def test_a_passed_call_does_not_pass_an_equal_looking_one(overrides, error, match):
     """The cache of passed checks keys a call by its arguments' types too (``True == 1.0``),
     and an unhashable argument reaches the check that refuses it."""
-    _call(scale=1.0, dropout_p=0.0, backend="torch")
+    known = {"scale": 1.0, "dropout_p": 0.0, "backend": "torch", "noise_scale": 0.5}
+    _call(**known, noise_seed=1)
     with pytest.raises(error, match=match):
-        _call(**{"scale": 1.0, "dropout_p": 0.0, "backend": "torch", **overrides})
+        _call(**{**known, "noise_seed": 1, **overrides})
+
+
+def test_a_passed_call_with_another_noise_seed_uses_that_seed():
+    """The spec kept with a passed call's checks is that call's: a new noise seed (once per
+    cascade) gives the output of that seed, as a first call with it does."""
+    x, weight, bias, lora_A, lora_B = lowrank_inputs(M, K, N, R, torch.float32)
+
+    def output(seed):
+        return lorasc_linear(x, weight, bias, lora_A, lora_B, 2.0, noise_seed=seed, noise_scale=0.1)
+
+    first, second = output(5), output(6)
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(output(5), first, rtol=0, atol=0)
+    torch.testing.assert_close(output(6), second, rtol=0, atol=0)
+    noisy = reference.noisy_weight(weight, 6, 0.1).double()
+    x64 = x.double()
+    expected = (
+        x64 @ noisy.t() + bias.double() + 2.0 * (x64 @ lora_A.double().t()) @ lora_B.double().t()
+    )
+    torch.testing.assert_close(second.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_scaled_weight_is_checked_again_when_its_parts_change():

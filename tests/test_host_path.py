@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.bench_host import LaunchCounter, OpCounter
+from benchmarks.bench_host import LaunchCounter, OpCounter, PythonCallCounter
 from lorasc_kernels import Cascade, LoRASCLinear, ScaledWeight, merge_lowrank_
 from lorasc_kernels.formats.quantize import quantize
 from lorasc_kernels.merge import _LEFT_BOUNDS, _stamp, plan_merge
@@ -64,6 +64,34 @@ def test_a_linear_forward_backward_issues_at_most_14_ops_and_reads_nothing(backe
     assert most_ops is None or ops.count <= most_ops, ops.by_name()
     assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
     assert launches.count == (2 if backend == "triton" else 0), launches.by_kernel
+
+
+# Python calls into the package per forward+backward (2-D input, noise and dropout off),
+# as counted on 2026-12-07: the layer, the checks of a known call, the autograd Function,
+# the composition and, on Triton, each launch's dispatch and arguments. More means host
+# time added at every call of every layer: say why in the commit that raises a bound.
+PACKAGE_CALLS = {"triton": 48, "torch": 26}
+
+
+@pytest.mark.parametrize("backend", sorted(PACKAGE_CALLS))
+def test_a_linear_forward_backward_makes_few_python_calls(backend):
+    """Counted with ``sys.setprofile`` (:class:`PythonCallCounter`): a count that the load of
+    the machine does not move, where a time does."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(24, 20, r=4, backend=backend)
+    x = torch.randn(8, 24, requires_grad=True)
+    dy = torch.randn(8, 20)
+
+    def call():
+        x.grad = None
+        layer.zero_grad()
+        layer(x).backward(dy)
+
+    with LaunchCounter(stub=True):
+        call()  # first use: imports, the checks of a new call, the GEMM dispatch's choice
+        with PythonCallCounter() as calls:
+            call()
+    assert 0 < calls.package <= PACKAGE_CALLS[backend], calls.package
 
 
 def _weight(kind: str) -> torch.Tensor | ScaledWeight:

@@ -18,7 +18,14 @@ from ..specs import DropoutSpec
 from .configs import dot_precision, m_bucket, persistent_scaled_configs, rank_block
 from .device import INTERPRETING, grouped_tile, mma, rank_term
 from .fused_linear_scaled import format_fields, scaled_end, scaled_start, scaled_weight_tile
-from .fused_linear_tma import TMA_DTYPES, aligned, ensure_allocator, persistent_programs, store_tile
+from .fused_linear_tma import (
+    TMA_DTYPES,
+    aligned,
+    ensure_allocator,
+    lacks_tma,
+    persistent_programs,
+    store_tile,
+)
 
 __all__ = ["scaled_unsupported_reason", "persistent_scaled_lowrank_gemm"]
 
@@ -136,7 +143,7 @@ def scaled_unsupported_reason(p: torch.Tensor, weight: ScaledWeight) -> str | No
         return f"the TMA variant takes bf16/fp16 P, got {p.dtype}"
     if p.numel() == 0 or codes.numel() == 0:
         return "empty operands"
-    if p.device.type == "cuda" and torch.cuda.get_device_capability(p.device) < (9, 0):
+    if lacks_tma(p.device):
         return "TMA needs compute capability 9.0 or more"
     if p.stride(1) != 1 or codes.stride(1) != 1:
         return "TMA reads tensors with a unit stride in their last dimension"

@@ -21,6 +21,8 @@ allocator with ``triton.set_allocator`` when none is set (Triton 3.6 and 3.8).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,7 @@ __all__ = [
     "aligned",
     "store_tile",
     "ensure_allocator",
+    "lacks_tma",
     "persistent_programs",
     "unsupported_reason",
     "persistent_lowrank_gemm",
@@ -167,6 +170,17 @@ def aligned(tensor: torch.Tensor, stride: int) -> bool:
     )
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def lacks_tma(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU below compute capability 9.0 (no TMA), its capability
+    read once per process (the query costs microseconds, and this is asked at each call)."""
+    return device.type == "cuda" and _capability(device.index) < (9, 0)
+
+
 def unsupported_reason(p, q) -> str | None:
     """``None`` if :func:`persistent_lowrank_gemm` takes these operands, else why not (the
     tiled kernel takes them): TMA reads 16-bit tiles of non-empty 2-D tensors with a unit
@@ -175,7 +189,7 @@ def unsupported_reason(p, q) -> str | None:
         return f"the TMA variant takes bf16/fp16 P and Q of one dtype, got {p.dtype}/{q.dtype}"
     if p.numel() == 0 or q.numel() == 0:
         return "empty operands"
-    if p.device.type == "cuda" and torch.cuda.get_device_capability(p.device) < (9, 0):
+    if lacks_tma(p.device):
         return "TMA needs compute capability 9.0 or more"
     q_stride = q.stride(0) if q.stride(1) == 1 else q.stride(1) if q.stride(0) == 1 else None
     if p.stride(1) != 1 or q_stride is None:

@@ -76,7 +76,7 @@ _MEASURE = "measure"
 class ProblemKey(NamedTuple):
     """What a measured choice is kept for: one problem of one device."""
 
-    device: str
+    device: torch.device
     m_bucket: int  # M rounded up to a power of two, as the autotuners key it
     n: int
     k: int
@@ -125,6 +125,10 @@ class Dispatch:
         says (``mode``: its value if already read, :func:`switch_mode`); measuring runs
         ``run(variant)`` under :attr:`timer`."""
         mode = mode or switch_mode(device)
+        if mode == _MEASURE:  # a key measured before: its choice, nothing else to read
+            chosen = self.chosen.get(key)
+            if chosen is not None:
+                return chosen
         if mode not in (_MEASURE, *VARIANTS):
             raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
         if mode == _MEASURE and device.type != "cuda" and self.timer is _gpu_seconds:
@@ -194,6 +198,18 @@ def addmm_lowrank_gemm(
     return out
 
 
+def _run_variant(variant, p, q, bias, u, v, scale, noise, q_transposed, rank_dropout):
+    """:func:`lowrank_gemm`'s product by ``variant`` (one of :data:`VARIANTS`)."""
+    if isinstance(q, ScaledWeight):  # no noise on scaled weights (the layer refuses it)
+        gemm = persistent_scaled_lowrank_gemm if variant == "persistent" else scaled_lowrank_gemm
+        return gemm(p, q, bias, u, v, scale, q_transposed, rank_dropout)
+    if variant == "persistent":
+        return persistent_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
+    if variant == "addmm":
+        return addmm_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed)
+    return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
+
+
 @on_tensor_device
 def lowrank_gemm(
     p,
@@ -209,30 +225,16 @@ def lowrank_gemm(
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, the
     contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`), by the
     variant :data:`DISPATCH` chooses."""
-
-    def run(variant: str) -> torch.Tensor:
-        if isinstance(q, ScaledWeight):  # no noise on scaled weights (the layer refuses it)
-            gemm = (
-                persistent_scaled_lowrank_gemm if variant == "persistent" else scaled_lowrank_gemm
-            )
-            return gemm(p, q, bias, u, v, scale, q_transposed, rank_dropout)
-        if variant == "persistent":
-            return persistent_lowrank_gemm(
-                p, q, bias, u, v, scale, noise, q_transposed, rank_dropout
-            )
-        if variant == "addmm":
-            return addmm_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed)
-        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
-
+    operands = (p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
     mode = switch_mode(p.device)
     if mode == "tiled":  # it takes every call: no candidates, no key to build
-        return run("tiled")
+        return _run_variant("tiled", *operands)
     options = candidates(p, q, bias, u, v, rank_dropout)
     (M, K), N = p.shape, q.shape[0]
     if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
         N = q.shape[1]
     key = ProblemKey(
-        str(p.device),
+        p.device,
         m_bucket(M),
         N,
         K,
@@ -244,4 +246,7 @@ def lowrank_gemm(
         bias is not None,
         options,
     )
-    return run(DISPATCH.choose(p.device, key, options, run, mode))
+    variant = DISPATCH.choose(
+        p.device, key, options, lambda variant: _run_variant(variant, *operands), mode
+    )
+    return _run_variant(variant, *operands)
