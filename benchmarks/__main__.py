@@ -56,6 +56,8 @@ TABLE_COLUMNS = [
     "peak_mem_MiB",
 ]
 SUMMARY_MODE = "forward+backward"
+# Rows of a non-ratio CSV that --summary prints; the rest are counted, and the file named.
+SUMMARY_ROWS = 40
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -171,7 +173,12 @@ def summarize(paths: list[Path]) -> None:
             pivots = "\n".join(ratio_pivot(rows, mode) for mode in modes)
             print(f"{path} (plot: {png})\n{pivots}\n")
         else:
-            print(f"{path}\n{format_table(rows, list(rows[0]))}\n")
+            print(f"{path}\n{format_table(rows[:SUMMARY_ROWS], list(rows[0]))}")
+            if len(rows) > SUMMARY_ROWS:
+                report = path.with_suffix(".md")
+                where = f"; its report: {report}" if report.exists() else ""
+                print(f"... {len(rows) - SUMMARY_ROWS} more rows in {path}{where}")
+            print()
 
 
 def is_ratio_table(rows: list[dict]) -> bool:

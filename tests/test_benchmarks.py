@@ -288,3 +288,16 @@ def test_gpu_check_names_a_failing_provider_in_its_step_and_the_summary(tmp_path
     assert status["report"].startswith("ok")
     rows = read_rows(next((tmp_path / "out").glob("*.csv")))
     assert {"floor", "peft", "ours-torch", "ours-triton"} <= {row["provider"] for row in rows}
+
+
+def test_summary_shortens_a_long_table_and_names_its_file(tmp_path, capsys):
+    from benchmarks.__main__ import SUMMARY_ROWS, summarize
+
+    path = tmp_path / "long.csv"
+    rows = SUMMARY_ROWS + 7
+    path.write_text("step,loss\n" + "".join(f"{i},{i / 10}\n" for i in range(rows)))
+    path.with_suffix(".md").write_text("# report\n")
+    summarize([path])
+    out = capsys.readouterr().out
+    assert f"{SUMMARY_ROWS - 1} " in out and f"\n{SUMMARY_ROWS} " not in out
+    assert f"... 7 more rows in {path}; its report: {path.with_suffix('.md')}" in out
