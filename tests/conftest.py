@@ -7,6 +7,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The GEMM dispatch's choices on disk (backends/triton/dispatch_store.py): none, so every
+# test process measures afresh and leaves nothing in the user's cache folder.
+os.environ.setdefault("LORASC_DISPATCH_DIR", "")
 
 # The `backend` fixture: op tests run on every registered backend (tests/backend_params.py).
 pytest_plugins = ["tests.backend_params"]

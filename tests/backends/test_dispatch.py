@@ -2,6 +2,7 @@
 switch, the candidates of a call, the choice by measurement with a fake timing source,
 its per-process cache, and the ``addmm`` composition against float64."""
 
+import json
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from lorasc_kernels.backends import reference
 from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
-from lorasc_kernels.backends.triton import fused_linear, gemm_dispatch
+from lorasc_kernels.backends.triton import dispatch_store, fused_linear, gemm_dispatch
 from lorasc_kernels.formats.quantize import quantize
 from tests.backend_params import DEVICE
 from tests.helpers import KERNEL_TOLERANCE, rel_error
@@ -211,3 +212,80 @@ def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypa
     ran.clear()
     backward()
     assert ran == ["persistent"]
+
+
+def _stored(folder, seconds, key="k"):
+    """A fresh Dispatch (another process) over the store in ``folder``: its choice for
+    ``key`` and its timer."""
+    timer = FakeTimer(seconds)
+    dispatch = gemm_dispatch.Dispatch(timer, store=dispatch_store.ChoiceStore(folder))
+    return _choose(dispatch, key), timer
+
+
+def test_a_measured_choice_is_the_choice_of_every_later_process(monkeypatch, tmp_path):
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    first, timer = _stored(tmp_path, {"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
+    assert first == "persistent" and timer.calls == 3
+    # a later process, where addmm would measure faster: it measures nothing, adopts the file
+    later, timer = _stored(tmp_path, {"tiled": 3.0, "persistent": 2.0, "addmm": 1.0})
+    assert later == "persistent" and timer.calls == 0
+    other, timer = _stored(tmp_path, {"tiled": 3.0, "persistent": 2.0, "addmm": 1.0}, "k2")
+    assert other == "addmm" and timer.calls == 3  # another problem: measured, then stored
+    [path] = tmp_path.glob("gemm-variants-cpu-*.json")
+    data = json.loads(path.read_text())
+    assert data == {"format": 1, "choices": {"k": "persistent", "k2": "addmm"}}
+
+
+def test_two_processes_measuring_at_once_settle_on_the_first_stored(monkeypatch, tmp_path):
+    """The second one to store finds the first one's choice in the file and adopts it."""
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    store = dispatch_store.ChoiceStore(tmp_path)
+
+    class Racing(FakeTimer):
+        def __call__(self, run):  # while this process measures, another stores "addmm"
+            if self.calls == 0:
+                store.settle(CPU, "k", "addmm")
+            return super().__call__(run)
+
+    timer = Racing({"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
+    dispatch = gemm_dispatch.Dispatch(timer, store=store)
+    assert _choose(dispatch, "k") == "addmm" and dispatch.chosen == {"k": "addmm"}
+
+
+def test_an_unusable_choice_file_is_reported_once_and_choices_stay_in_memory(monkeypatch, tmp_path):
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    store = dispatch_store.ChoiceStore(tmp_path)
+    store.path(CPU).write_text("{not json")
+    timer = FakeTimer({"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
+    dispatch = gemm_dispatch.Dispatch(timer, store=store)
+    with pytest.warns(UserWarning, match="cannot be read.*choices kept in memory only"):
+        assert _choose(dispatch, "k") == "persistent"
+    assert json.loads(store.path(CPU).read_text())["choices"] == {"k": "persistent"}
+    blocked = dispatch_store.ChoiceStore(tmp_path / "a-file")
+    (tmp_path / "a-file").write_text("")  # its folder is a file: nothing can be written
+    dispatch = gemm_dispatch.Dispatch(timer, store=blocked)
+    with pytest.warns(UserWarning, match="cannot be (read|written)"):
+        assert _choose(dispatch, "k") == "persistent"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once per file
+        assert _choose(dispatch, "k3") == "persistent"
+
+
+def test_the_choice_file_is_per_gpu_model_and_versions(monkeypatch, tmp_path):
+    store = dispatch_store.ChoiceStore(tmp_path)
+    path = store.path(CPU)
+    assert path.parent == tmp_path and path.name.startswith("gemm-variants-cpu-")
+    monkeypatch.setattr(dispatch_store.triton, "__version__", "0.0-other")
+    assert store.path(CPU) != path
+    monkeypatch.setenv(dispatch_store.DIR_SWITCH, "")
+    assert dispatch_store.ChoiceStore.from_environment() is None
+    monkeypatch.setenv(dispatch_store.DIR_SWITCH, str(tmp_path))
+    assert dispatch_store.ChoiceStore.from_environment().folder == tmp_path
+
+
+def test_a_problem_key_is_filed_without_its_device():
+    key = gemm_dispatch.ProblemKey(
+        torch.device("cpu"), 16, 64, 32, 4, torch.bfloat16, True, False, False, True, ALL
+    )
+    assert key.words(device=False) == "dX M<=16 N=64 K=32 r=4 bfloat16 +bias, of " + "/".join(ALL)
+    assert str(key) == "dX M<=16 N=64 K=32 r=4 bfloat16 +bias on cpu, of " + "/".join(ALL)

@@ -21,10 +21,13 @@ The switch ``LORASC_GEMM_VARIANT`` (:data:`SWITCH`, read at each call):
 
 * ``measure`` (the default for CUDA tensors): the first call of a problem with two or
   more candidate variants times each (after its autotuning; one that raises is left out
-  with a warning, except ``tiled``) and keeps the fastest for the process, keyed by
-  (device, M rounded up to a power of two, N, K, r, dtype, forward or dX, noise, dropout,
-  bias, candidates): like ``torch.backends.cudnn.benchmark``, but on by default, so the
-  layer is never slower than the ``addmm`` composition measured on the same problem.
+  with a warning, except ``tiled``) and keeps the fastest, keyed by (device, M rounded up
+  to a power of two, N, K, r, dtype, forward or dX, noise, dropout, bias, candidates):
+  like ``torch.backends.cudnn.benchmark``, but on by default, so the layer is never
+  slower than the ``addmm`` composition measured on the same problem. The choice is kept
+  on disk (:mod:`.dispatch_store`, ``LORASC_DISPATCH_DIR``): every later process on the
+  same GPU model and versions, every rank of a job, runs the variant first chosen, without
+  measuring it again.
 * ``tiled``, ``persistent`` or ``addmm``: that variant wherever it applies, else ``tiled``
   (the default for CPU tensors under ``TRITON_INTERPRET=1``: nothing to measure there;
   ``measure`` asked for on CPU tensors runs ``tiled`` too, with one warning per process).
@@ -34,8 +37,8 @@ then is timed by :attr:`Dispatch.timer` (``triton.testing.do_bench``: about 30 m
 0.1 s per key for three). While a CUDA graph is captured nothing is measured: the key's
 earlier choice, else ``tiled``. Variants round differently (``addmm`` rounds ``P Qᵀ + b``
 to ``P``'s dtype before adding the rank term); the noise and the dropout mask are the same
-bits in all three. Set the switch to a variant for run-to-run identical outputs across
-processes.
+bits in all three. Set the switch to a variant for identical outputs across GPU models
+or versions.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
 from .configs import m_bucket
+from .dispatch_store import ChoiceStore
 from .fused_linear import noisy_operand, tiled_lowrank_gemm
 from .fused_linear_scaled import scaled_lowrank_gemm
 from .fused_linear_scaled_tma import persistent_scaled_lowrank_gemm, scaled_unsupported_reason
@@ -88,14 +92,19 @@ class ProblemKey(NamedTuple):
     bias: bool
     candidates: tuple[str, ...]
 
-    def __str__(self) -> str:
+    def words(self, device: bool = True) -> str:
+        """The problem in words; without its device (``device=False``), the label a
+        :class:`ChoiceStore` files it under."""
         flags = [name for name in ("noise", "rank_dropout", "bias") if getattr(self, name)]
         return (
             f"{'dX' if self.q_transposed else 'forward'} M<={self.m_bucket} N={self.n} "
             f"K={self.k} r={self.r} {str(self.dtype).removeprefix('torch.')}"
-            f"{''.join(' +' + flag for flag in flags)} on {self.device}, "
-            f"of {'/'.join(self.candidates)}"
+            f"{''.join(' +' + flag for flag in flags)}{f' on {self.device}' if device else ''}"
+            f", of {'/'.join(self.candidates)}"
         )
+
+    def __str__(self) -> str:
+        return self.words()
 
 
 def _gpu_seconds(run: Callable[[], object]) -> float:
@@ -104,12 +113,19 @@ def _gpu_seconds(run: Callable[[], object]) -> float:
 
 
 class Dispatch:
-    """The per-process choice of variant, per problem key (a :class:`ProblemKey` from
+    """The choice of variant, per problem key (a :class:`ProblemKey` from
     :func:`lowrank_gemm`). ``timer(run) -> seconds`` times a variant (replaceable: the tests
-    give a fake one); :attr:`chosen` maps each measured key to its variant."""
+    give a fake one); :attr:`chosen` maps each key chosen in this process to its variant;
+    ``store`` (a :class:`ChoiceStore`, or None: this process only) shares the choices with
+    every other process of the same GPU model and versions."""
 
-    def __init__(self, timer: Callable[[Callable[[], object]], float] = _gpu_seconds):
+    def __init__(
+        self,
+        timer: Callable[[Callable[[], object]], float] = _gpu_seconds,
+        store: ChoiceStore | None = None,
+    ):
         self.timer = timer
+        self.store = store
         self.chosen: dict = {}
         self.told_no_timer = False  # measure was asked for on CPU tensors (warned once)
 
@@ -147,6 +163,11 @@ class Dispatch:
         if key not in self.chosen:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return "tiled"
+            label = key.words(device=False) if isinstance(key, ProblemKey) else str(key)
+            stored = None if self.store is None else self.store.read(device).get(label)
+            if stored in options:  # another process measured it: the same choice here
+                self.chosen[key] = stored
+                return stored
             seconds = {}
             for variant in options:
                 try:
@@ -159,11 +180,15 @@ class Dispatch:
                         f"the process: {type(error).__name__}: {error}",
                         stacklevel=3,
                     )
-            self.chosen[key] = min(seconds, key=seconds.__getitem__)
+            fastest = min(seconds, key=seconds.__getitem__)
+            if self.store is not None:
+                settled = self.store.settle(device, label, fastest)
+                fastest = settled if settled in options else fastest
+            self.chosen[key] = fastest
         return self.chosen[key]
 
 
-DISPATCH = Dispatch()
+DISPATCH = Dispatch(store=ChoiceStore.from_environment())
 
 
 def switch_mode(device: torch.device) -> str:
