@@ -19,16 +19,15 @@ from torch import nn
 
 from . import _checks as checks
 from .formats import checks as format_checks
-from .formats.quantize import format_dtype, quantize, row_scales
-from .formats.registry import KERNEL_DTYPES, WEIGHT_FORMATS, dtype_names
+from .formats.quantize import format_dtype, quantize, quantize_rows
+from .formats.registry import ACTIVATION_FORMAT, KERNEL_DTYPES, dtype_names
 from .formats.scaled_weight import ScaledWeight
 from .layer import LoRASCLinear
 
 __all__ = ["INPUT_FORMAT", "Fp8Linear"]
 
-# The format inputs are quantized to, whatever the weight's: e4m3 keeps the most precision,
-# and cuBLAS's fp8 GEMM takes it with every weight format (two e5m2 operands it refuses).
-INPUT_FORMAT = "fp8_e4m3"
+# The format inputs are quantized to, whatever the weight's (the registry's reason).
+INPUT_FORMAT = ACTIVATION_FORMAT
 
 
 class Fp8Linear(nn.Module):
@@ -88,15 +87,12 @@ class Fp8Linear(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         lead = x.shape[:-1]
-        rows = x.reshape(-1, self.in_features).float()
-        x_dtype = WEIGHT_FORMATS[INPUT_FORMAT]
-        x_scale = row_scales(rows, x_dtype)
-        x_q = (rows / x_scale[:, None]).to(x_dtype)
+        rows = quantize_rows(x.reshape(-1, self.in_features).float())
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = torch._scaled_mm(
-            x_q,
+            rows.codes,
             self.weight.t(),
-            scale_a=x_scale[:, None],
+            scale_a=rows.scale[:, None],
             scale_b=self.weight_scale[None, :],
             bias=bias,
             out_dtype=x.dtype,

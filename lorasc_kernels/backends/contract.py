@@ -20,7 +20,7 @@ import torch
 from ..formats.scaled_weight import ScaledWeight
 from .specs import DropoutSpec, MergeSpec, NoiseSpec
 
-__all__ = ["Backend", "PRIMITIVES"]
+__all__ = ["Backend", "PRIMITIVES", "ComputeBackend", "COMPUTE_PRIMITIVES"]
 
 PRIMITIVES = (
     "unavailable_reason",
@@ -29,6 +29,9 @@ PRIMITIVES = (
     "dropout_lowrank_grad",
     "merge_",
 )
+# The fp8 compute mode's primitives (:class:`ComputeBackend`): optional, a backend without
+# them has no compute mode (refused by name before anything runs).
+COMPUTE_PRIMITIVES = ("quantize_rows", "scaled_rows_gemm")
 
 
 @runtime_checkable
@@ -90,3 +93,41 @@ class Backend(Protocol):
         reference; ``weight`` (rows, K) is a block of rows from ``spec.row_offset`` on.
         A :class:`ScaledWeight` has its codes and scales both updated
         (:func:`~lorasc_kernels.backends.reference.merge_scaled_`)."""
+
+
+@runtime_checkable
+class ComputeBackend(Protocol):
+    """The primitives of the fp8 compute mode (``docs/fp8.md``), beside :class:`Backend`'s:
+    activations and gradients quantized per row into
+    :data:`~lorasc_kernels.formats.registry.ACTIVATION_FORMAT`, GEMMs on two fp8 operands.
+    The reference emulates them exactly (quantize, dequantize, float32 matmul): the codes
+    and scales of :meth:`quantize_rows` bit for bit, the GEMMs within float32's summation
+    order. Shapes: ``p`` (M, K), ``lowrank`` (r, K), ``a`` (M, K), ``weight`` (N, K), ``u``
+    (M, r), ``v`` (N, r) (dX: ``v`` (K, r))."""
+
+    def quantize_rows(
+        self,
+        p: torch.Tensor,
+        col_scale: torch.Tensor | None = None,
+        lowrank: torch.Tensor | None = None,
+        dropout: DropoutSpec | None = None,
+    ) -> tuple[ScaledWeight, torch.Tensor | None]:
+        """``(rows, pl)``: ``rows`` the :class:`ScaledWeight` (M, K) of ``p · diag(col_scale)``
+        (float32 products) with per-row absmax scales, rounded to nearest; ``pl = drop(p)
+        lowrankᵀ`` (M, r) in ``p``'s dtype from the same read of ``p``, or None."""
+
+    def scaled_rows_gemm(
+        self,
+        a: ScaledWeight,
+        weight: ScaledWeight,
+        bias: torch.Tensor | None,
+        u: torch.Tensor | None,
+        v: torch.Tensor | None,
+        scale: float,
+        out_dtype: torch.dtype,
+        q_transposed: bool = False,
+        rank_dropout: DropoutSpec | None = None,
+    ) -> torch.Tensor:
+        """(M, N) in ``out_dtype``: ``deq(a) deq(W)ᵀ (+ bias) + scale · U Vᵀ``; with
+        ``q_transposed`` (backward's dX, N = W's columns) ``deq(a) codes(W) + scale · drop(U
+        Vᵀ)``, W's row scales folded into ``a``'s columns before it was quantized."""

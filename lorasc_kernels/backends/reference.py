@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import noise as noise_lib
+from ..formats.quantize import quantize_rows as quantize_values
 from ..formats.registry import REFERENCE_DTYPES, SCALED_DTYPES, float32_scalar, weight_dtype
 from ..formats.rounding import rescale_rows, round_from_fp32, round_to_scaled
 from ..formats.scaled_weight import ScaledWeight
@@ -30,6 +31,8 @@ __all__ = [
     "lowrank_gemm",
     "dropout_lowrank",
     "dropout_lowrank_grad",
+    "quantize_rows",
+    "scaled_rows_gemm",
     "lowrank_delta_fp32",
     "exact_products",
     "merge_",
@@ -128,6 +131,41 @@ def dropout_lowrank(x, lora_A, dropout: DropoutSpec):
 def dropout_lowrank_grad(grad, x, dropout: DropoutSpec):
     """``Gᵀ drop(x)`` (r, K) in ``x``'s dtype."""
     return grad.t() @ apply_dropout(x, dropout.p, dropout.seed)
+
+
+def quantize_rows(p, col_scale=None, lowrank=None, dropout: DropoutSpec | None = None):
+    """``(rows, pl)``: ``rows`` a :class:`ScaledWeight` (M, K) of ``p`` (M, K) in the
+    activation format (:func:`~lorasc_kernels.formats.quantize.quantize_rows`: per-row absmax
+    scales, round to nearest), ``p`` first times ``col_scale`` (K,) per column in float32;
+    ``pl = drop(p) lowrankᵀ`` (M, r) in ``p``'s dtype for ``lowrank`` (r, K), else None."""
+    values = p.float() if col_scale is None else p.float() * col_scale[None, :]
+    pl = None
+    if lowrank is not None:
+        pl = apply_dropout(p, dropout.p, dropout.seed) if dropout is not None else p
+        pl = pl @ lowrank.t()
+    return quantize_values(values), pl
+
+
+def scaled_rows_gemm(
+    a, weight, bias, u, v, scale, out_dtype, q_transposed: bool = False, rank_dropout=None
+):
+    """The fp8 compute mode's GEMM (M, N) in ``out_dtype``, in float32 on the dequantized
+    operands, rounded once: forward ``deq(a) deq(W)ᵀ (+ bias) + scale · U Vᵀ`` for ``a`` (M, K)
+    and ``weight`` W (N, K); with ``q_transposed`` (dX) ``deq(a) codes(W) + scale · drop(U
+    Vᵀ)``, W's row scales having been folded into ``a`` (:func:`quantize_rows`'s
+    ``col_scale``)."""
+    codes = weight.codes.float() if q_transposed else weight.dequantize(torch.float32)
+    out = lowrank_gemm(
+        a.dequantize(torch.float32),
+        codes.t() if q_transposed else codes,
+        None if bias is None else bias.float(),
+        None if u is None else u.float(),
+        None if v is None else v.float(),
+        scale,
+        q_transposed=q_transposed,
+        rank_dropout=rank_dropout,
+    )
+    return out.to(out_dtype)
 
 
 def lowrank_delta_fp32(

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from .registry import WEIGHT_FORMATS, scaled_weight_dtype
+from .registry import ACTIVATION_FORMAT, WEIGHT_FORMATS, scaled_weight_dtype
 from .rounding import round_to_scaled
 from .scaled_weight import ScaledWeight
 
-__all__ = ["format_dtype", "quantize", "row_scales"]
+__all__ = ["format_dtype", "quantize", "quantize_rows", "row_scales"]
 
 
 def format_dtype(weight_format: str) -> torch.dtype:
@@ -78,3 +78,13 @@ def row_scales(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(
         peak / scale > entry.max_value, scale.nextafter(scale.new_full((), float("inf"))), scale
     )
+
+
+def quantize_rows(values: torch.Tensor, dtype: torch.dtype | None = None) -> ScaledWeight:
+    """float32 ``values`` (M, K) (activations, gradients) per row in the scaled format
+    ``dtype`` (default :data:`~lorasc_kernels.formats.registry.ACTIVATION_FORMAT`): scales
+    (M,) from :func:`row_scales`, codes ``round_nearest(values / scale)``. No value check and
+    no host read (a call's inputs, not a weight quantized once)."""
+    dtype = WEIGHT_FORMATS[ACTIVATION_FORMAT] if dtype is None else dtype
+    scale = row_scales(values, dtype)
+    return ScaledWeight(round_to_scaled(values / scale[:, None], dtype, "nearest"), scale)

@@ -34,6 +34,7 @@ __all__ = [
     "SCALED_WEIGHT_DTYPES",
     "WEIGHT_FORMATS",
     "SCALED_DTYPES",
+    "ACTIVATION_FORMAT",
     "scaled_weight_dtype",
     "KERNEL_DTYPES",
     "REFERENCE_DTYPES",
@@ -134,6 +135,10 @@ SCALED_WEIGHT_DTYPES: dict[torch.dtype, ScaledWeightDtype] = {
 WEIGHT_FORMATS: dict[str, torch.dtype] = {
     entry.name: dtype for dtype, entry in SCALED_WEIGHT_DTYPES.items()
 }
+# The format activations and gradients are quantized to (fp8 serving, the fp8 compute mode),
+# whatever the weight's: e4m3 keeps the most precision, and cuBLAS's fp8 GEMM takes it with
+# every weight format (two e5m2 operands it refuses).
+ACTIVATION_FORMAT = "fp8_e4m3"
 KERNEL_DTYPES: tuple[torch.dtype, ...] = tuple(WEIGHT_DTYPES)
 SCALED_DTYPES: tuple[torch.dtype, ...] = tuple(SCALED_WEIGHT_DTYPES)
 # float64 is the torch backend's only: gradcheck and float64 oracles.

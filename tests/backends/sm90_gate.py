@@ -47,6 +47,9 @@ TARGET = ("cuda", 90, 32)
 SHARED_LIMIT_BYTES = 227 * 1024
 # The operand type of the GPU problems (bf16 weights): its every flag combination is compiled.
 HOT_OPERAND = "bf16"
+# Compile only the kernels whose "module:name" starts with this variable's value (a test
+# file that checks one module's kernels); unset: every kernel.
+ONLY = "LORASC_GATE_ONLY"
 # The fused GEMM variants with a Triton kernel, each forced in turn through the dispatch's
 # switch (the third variant, addmm, is cuBLAS).
 FUSED_VARIANTS = ("tiled", "persistent")
@@ -263,6 +266,36 @@ def exercise_fp8(backend, generator) -> None:
         for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
             noise = noise and NoiseSpec(*noise)
             backend.merge_(weight, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise))
+    exercise_fp8_compute(generator)
+
+
+def exercise_fp8_compute(generator) -> None:
+    """The fp8 compute mode's primitives (``backends/triton/fp8_compute.py``) as the linear's
+    forward and dX call them, over every input dtype and weight format: the rows quantized
+    with the thin product (with and without dropout) or without, the GEMM forward (with and
+    without bias) and dX (with and without the rank term's dropout)."""
+    import torch
+
+    from lorasc_kernels.backends.specs import DropoutSpec
+    from lorasc_kernels.backends.triton import fp8_compute as backend
+    from lorasc_kernels.formats.quantize import quantize
+    from lorasc_kernels.formats.registry import KERNEL_DTYPES, SCALED_DTYPES
+
+    for dtype, weight_dtype in itertools.product(KERNEL_DTYPES, SCALED_DTYPES):
+        x = torch.randn(64, 64, generator=generator).to(dtype)
+        dy = torch.randn(64, 48, generator=generator).to(dtype)
+        lora_A = torch.randn(16, 64, generator=generator).to(dtype)
+        lora_B = torch.randn(48, 16, generator=generator).to(dtype)
+        weight = quantize(torch.randn(48, 64, generator=generator), weight_dtype)
+        for bias, dropout in itertools.product((None, lora_B[:, 0].clone()), (None, 0.1)):
+            dropout = dropout and DropoutSpec(7, dropout)
+            rows, xa = backend.quantize_rows(x, None, lora_A, dropout)
+            backend.scaled_rows_gemm(rows, weight, bias, xa, lora_B, 2.0, dtype)
+            grads, dy_b = backend.quantize_rows(dy, weight.scale, lora_B.t())
+            backend.scaled_rows_gemm(
+                grads, weight, None, dy_b, lora_A.t(), 2.0, dtype, True, dropout
+            )
+        backend.quantize_rows(dy, weight.scale)  # dX alone: no thin product
 
 
 def record_launches(found: dict) -> list[Launch]:
@@ -423,9 +456,10 @@ def spill_bytes(compiled) -> int:
     return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr))
 
 
-# Instructions counted in the SASS: Hopper's warpgroup MMA (wgmma), the warp-level MMA of
-# earlier GPUs, fp32 fused multiply-adds on the CUDA cores, and TMA tile loads.
-SASS_OPCODES = ("HGMMA", "HMMA", "FFMA", "UTMALDG")
+# Instructions counted in the SASS: Hopper's warpgroup MMA on 16-bit (HGMMA) and fp8
+# (QGMMA) operands, the warp-level MMA of earlier GPUs, fp32 fused multiply-adds on the CUDA
+# cores, TMA tile loads, and local-memory loads and stores (spills, stack arrays).
+SASS_OPCODES = ("HGMMA", "QGMMA", "HMMA", "FFMA", "UTMALDG", "LDL", "STL")
 
 
 def sass_counts(compiled) -> dict[str, int]:
@@ -503,6 +537,10 @@ def main() -> int:
         return 2
     found = kernels()
     launches = record_launches(found)
+    only = os.environ.get(ONLY)
+    if only:  # a test file's own kernels (each was launched: the check below holds)
+        found = {name: kernel for name, kernel in found.items() if name.startswith(only)}
+        launches = [launch for launch in launches if launch.kernel in found]
     launched = {launch.kernel for launch in launches}
     for name in sorted(set(found) - launched):
         print(

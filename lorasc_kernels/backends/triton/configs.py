@@ -18,6 +18,8 @@ from . import interpreting
 __all__ = [
     "fused_linear_configs",
     "scaled_linear_configs",
+    "fp8_compute_configs",
+    "prune_fp32_outputs",
     "persistent_configs",
     "persistent_scaled_configs",
     "prune_by_operand_size",
@@ -90,6 +92,38 @@ _SCALED_HOPPER = tuple(
 def scaled_linear_configs() -> list[triton.Config]:
     """Configs of the scaled-weight kernel (:mod:`.fused_linear_scaled`): :data:`_SCALED_HOPPER`."""
     return _gemm_configs(_SCALED_HOPPER)
+
+
+# The fp8 compute mode's GEMM (:mod:`.fp8_compute`): two 1-byte operands, so 128-byte K
+# steps are BLOCK_K = 128; the rank term's accumulator joins the main one in the epilogue.
+# Compiled for sm_90, 128×256 tiles on 8 warps and 128×128 on 4 spill (two accumulators).
+_FP8_COMPUTE_HOPPER = (
+    (128, 128, 128, 4, 8),
+    (64, 128, 128, 4, 4),
+    (64, 128, 128, 4, 8),
+    (64, 64, 128, 4, 4),
+)
+# Output elements per thread up to which float32 outputs (a float32 rank term, 3×tf32 dots)
+# compile without spills on sm_90 (128×128 tiles on 8 warps and 64×128 on 4 spill).
+_FP32_TILE_ELEMENTS_PER_THREAD = 32
+
+
+def fp8_compute_configs() -> list[triton.Config]:
+    """Configs of the fp8 compute mode's GEMM: :data:`_FP8_COMPUTE_HOPPER`."""
+    return _gemm_configs(_FP8_COMPUTE_HOPPER)
+
+
+def prune_fp32_outputs(configs, named_args, **kwargs) -> list[triton.Config]:
+    """For float32 outputs, the fp8 compute configs that leave registers for the float32
+    rank term (:data:`_FP32_TILE_ELEMENTS_PER_THREAD`); all configs otherwise."""
+    if named_args["out_ptr"].dtype != torch.float32:
+        return configs
+    return [
+        config
+        for config in configs
+        if config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"]
+        <= _FP32_TILE_ELEMENTS_PER_THREAD * 32 * config.num_warps
+    ]
 
 
 def prune_by_operand_size(configs, named_args, **kwargs) -> list[triton.Config]:

@@ -26,11 +26,11 @@ from .fused_linear_scaled import format_fields
 from .merge_update import noise_arguments, updated
 from .random import element_bits, row_hash
 
-__all__ = ["scaled_merge_tile", "merge_scaled"]
+__all__ = ["encode_scaled", "scaled_merge_tile", "merge_scaled"]
 
 
 @triton.jit
-def _encode_scaled(
+def encode_scaled(
     value, random, STOCHASTIC: tl.constexpr, MANTISSA_BITS: tl.constexpr, MIN_FIELD: tl.constexpr
 ):
     """8-bit codes (uint8) of float32 ``value`` rounded into a scaled format, on integers:
@@ -227,7 +227,7 @@ def _merge_scaled_kernel(
                     )
                 tl.store(
                     ptrs,
-                    _encode_scaled(y * down[:, None], random, STOCHASTIC, MANTISSA_BITS, MIN_FIELD),
+                    encode_scaled(y * down[:, None], random, STOCHASTIC, MANTISSA_BITS, MIN_FIELD),
                     mask=mask,
                 )
     tl.store(scale_ptr + row_ids * stride_scale, tl.math.div_rn(scale, down), mask=row_mask)
