@@ -289,3 +289,23 @@ def test_a_problem_key_is_filed_without_its_device():
     )
     assert key.words(device=False) == "dX M<=16 N=64 K=32 r=4 bfloat16 +bias, of " + "/".join(ALL)
     assert str(key) == "dX M<=16 N=64 K=32 r=4 bfloat16 +bias on cpu, of " + "/".join(ALL)
+
+
+def test_a_call_of_a_known_shape_but_another_alignment_is_another_problem(monkeypatch):
+    """The problems of calls are looked up by their layout: a ``P`` of the same shape and
+    strides whose base pointer is not 16-byte aligned has no TMA variant, and so another
+    key, as :func:`candidates` says when asked afresh."""
+    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch(lambda run: 1.0))
+    base = torch.randn(16, 40, device=DEVICE).to(torch.bfloat16)
+    aligned, shifted = base[:, :32], base[:, 1:33]  # same shape and strides, 2 bytes apart
+    q = torch.randn(16, 32, device=DEVICE).to(torch.bfloat16)
+    u = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
+    v = torch.randn(16, 2, device=DEVICE).to(torch.bfloat16)
+    for p in (aligned, shifted, aligned):
+        gemm_dispatch.lowrank_gemm(p, q, None, u, v, 0.5)
+    keys = list(gemm_dispatch.DISPATCH.chosen)
+    assert [key.candidates for key in keys] == [
+        gemm_dispatch.candidates(p, q, None, u, v, None) for p in (aligned, shifted)
+    ]
+    assert "persistent" not in keys[1].candidates

@@ -223,6 +223,60 @@ def addmm_lowrank_gemm(
     return out
 
 
+# ``(candidates, ProblemKey)`` of the calls seen, by their :func:`_layout`: a known layout
+# skips the checks of :func:`candidates` (a dozen Python calls per launch, on the default
+# ``measure`` path of every CUDA call). Bounded: cleared when full.
+_PROBLEMS: dict[tuple, tuple[tuple[str, ...], ProblemKey]] = {}
+_PROBLEMS_MAX = 4096
+
+
+def _layout(p, q, bias, u, v, noise, q_transposed, rank_dropout) -> tuple:
+    """Everything :func:`candidates` and the :class:`ProblemKey` of a call read, by attribute
+    reads alone: devices, dtypes, shapes, strides, the operands' base-pointer alignment
+    (TMA's 16 bytes), which optional operands are there."""
+    q_data = q.codes if isinstance(q, ScaledWeight) else q
+    return (
+        p.device,
+        p.dtype,
+        p.shape,
+        p.stride(),
+        p.data_ptr() % 16,
+        type(q),
+        q_data.dtype,
+        q_data.shape,
+        q_data.stride(),
+        q_data.data_ptr() % 16,
+        None if bias is None else bias.dtype,
+        None if u is None else (u.dtype, u.shape[1]),
+        None if v is None else v.dtype,
+        noise is None,
+        rank_dropout is None,
+        q_transposed,
+    )
+
+
+def _problem(p, q, bias, u, v, noise, q_transposed, rank_dropout) -> tuple:
+    """``(candidates, ProblemKey)`` of a call."""
+    options = candidates(p, q, bias, u, v, rank_dropout)
+    (M, K), N = p.shape, q.shape[0]
+    if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
+        N = q.shape[1]
+    key = ProblemKey(
+        p.device,
+        m_bucket(M),
+        N,
+        K,
+        0 if u is None else u.shape[1],
+        p.dtype,
+        q_transposed,
+        noise is not None,
+        rank_dropout is not None,
+        bias is not None,
+        options,
+    )
+    return options, key
+
+
 def _run_variant(variant, p, q, bias, u, v, scale, noise, q_transposed, rank_dropout):
     """:func:`lowrank_gemm`'s product by ``variant`` (one of :data:`VARIANTS`)."""
     if isinstance(q, ScaledWeight):  # no noise on scaled weights (the layer refuses it)
@@ -254,23 +308,13 @@ def lowrank_gemm(
     mode = switch_mode(p.device)
     if mode == "tiled":  # it takes every call: no candidates, no key to build
         return _run_variant("tiled", *operands)
-    options = candidates(p, q, bias, u, v, rank_dropout)
-    (M, K), N = p.shape, q.shape[0]
-    if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
-        N = q.shape[1]
-    key = ProblemKey(
-        p.device,
-        m_bucket(M),
-        N,
-        K,
-        0 if u is None else u.shape[1],
-        p.dtype,
-        q_transposed,
-        noise is not None,
-        rank_dropout is not None,
-        bias is not None,
-        options,
-    )
+    layout = _layout(p, q, bias, u, v, noise, q_transposed, rank_dropout)
+    problem = _PROBLEMS.get(layout)
+    if problem is None:
+        if len(_PROBLEMS) >= _PROBLEMS_MAX:
+            _PROBLEMS.clear()
+        problem = _PROBLEMS[layout] = _problem(p, q, bias, u, v, noise, q_transposed, rank_dropout)
+    options, key = problem
     variant = DISPATCH.choose(
         p.device, key, options, lambda variant: _run_variant(variant, *operands), mode
     )
