@@ -9,6 +9,10 @@ TORCH_SPEC ?= torch==2.14.1
 # nvcc for the CUDA extension, which `make test` compiles once in tests/backends/test_cuda_build.py
 # (ninja, cached in ~/.cache/lorasc_kernels), not again during pip install.
 CUDA_HOME ?= $(wildcard /usr/local/cuda)
+# The CUTLASS C++ headers of the CUDA extension's sm90a GEMMs (the wheel's
+# cutlass_library/source/include); only the headers are used, so without its Python deps.
+# The same pin as lorasc_kernels/_build.py's CUTLASS_PACKAGE and pyproject's `cuda` extra.
+CUTLASS_SPEC ?= nvidia-cutlass==4.2.0.0
 
 .PHONY: venv install-run install-test run test bench lint style clean
 
@@ -24,6 +28,7 @@ install-run: venv
 
 install-test: venv
 	$(PIP) install -q "$(TORCH_SPEC)" triton setuptools wheel
+	$(PIP) install -q --no-deps "$(CUTLASS_SPEC)"
 	LORASC_SKIP_CUDA_BUILD=1 $(PIP) install -q --no-build-isolation -e ".[test,dev]"
 
 run: install-run

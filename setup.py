@@ -2,7 +2,9 @@
 
 :func:`cuda_extensions` adds the extension when torch is importable here and a CUDA build,
 and nvcc is found (``lorasc_kernels/_build.py``), for ``TORCH_CUDA_ARCH_LIST`` (default sm_80
-and sm_90). ``pip install .`` builds in an isolated environment without torch, so it never
+and sm_90a, sm_90 where the toolkit lacks sm_90a), with the CUTLASS GEMMs when the
+``nvidia-cutlass`` headers are installed (``pip install --no-build-isolation .[cuda]``).
+``pip install .`` builds in an isolated environment without torch, so it never
 builds the extension; ``pip install --no-build-isolation .`` builds it against the installed
 torch. ``LORASC_SKIP_CUDA_BUILD=1`` skips it; ``LORASC_FORCE_CUDA_BUILD=1`` makes a missing
 toolchain an error. Without it the package stays pure Python and the CUDA backend compiles
@@ -59,7 +61,7 @@ def cuda_extensions():
         return _not_built(reason)
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_ARCH_LIST)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.default_arch_list())
     extension = CUDAExtension("lorasc_kernels._C", **build.extension_kwargs())
     note = (
         f"lorasc_kernels: building the CUDA extension lorasc_kernels._C against torch "

@@ -12,6 +12,7 @@ TORCH_LIBRARY(lorasc_cuda, m) {
       "lowrank_gemm(Tensor p, Tensor q, Tensor? bias, Tensor? u, Tensor? v, float scale, "
       "int p_kind, int p_key, int p_threshold, float p_value, bool p_swap, "
       "int q_kind, int q_key, int q_threshold, float q_value, bool q_swap) -> Tensor");
+  m.def("lowrank_gemm_route(Tensor p, Tensor q, int p_kind, int q_kind) -> int");
   m.def("dropout(Tensor x, int key, int threshold, float inv_keep) -> Tensor");
   m.def(
       "merge_lowrank_(Tensor(a!) weight, Tensor lora_B, Tensor lora_A, float coeff, "
@@ -21,12 +22,14 @@ TORCH_LIBRARY(lorasc_cuda, m) {
 
 TORCH_LIBRARY_IMPL(lorasc_cuda, CUDA, m) {
   m.impl("lowrank_gemm", &lorasc::lowrank_gemm);
+  m.impl("lowrank_gemm_route", &lorasc::lowrank_gemm_route);
   m.impl("dropout", &lorasc::dropout);
   m.impl("merge_lowrank_", &lorasc::merge_lowrank_);
 }
 
 TORCH_LIBRARY_IMPL(lorasc_cuda, CPU, m) {
   m.impl("lowrank_gemm", &lorasc::lowrank_gemm);
+  m.impl("lowrank_gemm_route", &lorasc::lowrank_gemm_route);
   m.impl("dropout", &lorasc::dropout);
   m.impl("merge_lowrank_", &lorasc::merge_lowrank_);
 }

@@ -4,8 +4,13 @@
 // Forward: P = x, Q = W, U = drop(x)·Aᵀ, V = B. Backward: dX = dY·W + (s·dY·B)·A is the same
 // kernel with Q = Wᵀ and V = Aᵀ read through strides (no copies).
 //
-// Main loop: our own tiled kernel (no CUTLASS; a small translation unit that builds in
-// minutes on two cores). A CTA of 256 threads owns a 128×128 output tile and walks the
+// Which kernel runs: lorasc/cutlass_problem.h's route_gemm. On compute capability 9.0 with
+// an sm_90a build, fp16/bf16 operands without load-time transforms and TMA-aligned
+// layouts run the CUTLASS sm90 kernels (lorasc/cutlass_gemm.cuh: out = round(P·Qᵀ + C),
+// C = bias + s·U·Vᵀ in fp32 as the epilogue's source); everything else runs the WMMA
+// kernel below.
+//
+// The WMMA kernel: our own tiled kernel (a small translation unit). A CTA of 256 threads owns a 128×128 output tile and walks the
 // reduction in slices of kDepth, staged global → registers → shared memory with double
 // buffering (one __syncthreads per slice; the next slice's global loads overlap the
 // current slice's math). 16-bit types multiply with WMMA 16×16×16 and fp32 accumulators;
@@ -28,14 +33,19 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
 #include "lorasc/checks.h"
+#include "lorasc/cutlass_problem.h"
 #include "lorasc/weight_types.h"
 #include "lorasc/gemm_tile.cuh"
 #include "lorasc/launch_args.h"
 #include "lorasc/entry_points.h"
+#ifdef LORASC_WITH_CUTLASS
+#include "lorasc/cutlass_gemm.h"
+#endif
 
 namespace lorasc {
 namespace {
@@ -234,6 +244,55 @@ void check_operand(const char* name, const at::Tensor& t, const at::Tensor& p, i
 
 int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+#ifdef LORASC_WITH_CUTLASS
+constexpr bool kCutlassBuilt = true;
+#else
+constexpr bool kCutlassBuilt = false;
+#endif
+
+// The device, the build and LORASC_CUDA_GEMM (wmma: never the CUTLASS kernels), for route_gemm.
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+GemmTarget gemm_target(const at::Tensor& p) {
+  GemmTarget target;
+  target.major = device_attribute(cudaDevAttrComputeCapabilityMajor, p.get_device());
+  target.minor = device_attribute(cudaDevAttrComputeCapabilityMinor, p.get_device());
+  target.cutlass_built = kCutlassBuilt;
+  const char* choice = std::getenv("LORASC_CUDA_GEMM");
+  target.force_wmma = choice != nullptr && std::string(choice) == "wmma";
+#ifdef LORASC_WITH_CUTLASS
+  target.sm90a_code = target.major == 9 && target.minor == 0 && runs_sm90a_code(p.get_device());
+#endif
+  return target;
+}
+
+// out = round(p qᵀ + bias + scale · u vᵀ) by the CUTLASS kernel `kernel`; false when
+// CUTLASS's can_implement refuses the problem (nothing launched).
+bool launch_cutlass(GemmKernel kernel, const at::Tensor& p, const at::Tensor& q,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& u,
+                    const std::optional<at::Tensor>& v, double scale, at::Tensor& out) {
+#ifdef LORASC_WITH_CUTLASS
+  const at::Tensor source = source_term(bias, u, v, scale, out.size(0), out.size(1), p.options());
+  const CutlassProblem problem = make_cutlass_problem(p, q, source, out, kernel);
+  const int device = p.get_device();
+  const int sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool n_major = kernel == kGemmCutlassNMajor;
+  if (p.scalar_type() == at::kHalf) {
+    return n_major ? run_cutlass_gemm<c10::Half, true>(problem, device, sm_count, stream)
+                   : run_cutlass_gemm<c10::Half, false>(problem, device, sm_count, stream);
+  }
+  return n_major ? run_cutlass_gemm<c10::BFloat16, true>(problem, device, sm_count, stream)
+                 : run_cutlass_gemm<c10::BFloat16, false>(problem, device, sm_count, stream);
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
@@ -270,6 +329,12 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
   if (M == 0 || N == 0) return out;
   const Transform p_transform = make_transform("p", p_kind, p_key, p_threshold, p_value, p_swap);
   const Transform q_transform = make_transform("q", q_kind, q_key, q_threshold, q_value, q_swap);
+  const GemmRoute route = route_gemm(p, q, p_kind, q_kind, gemm_target(p));
+  if (route.kernel != kGemmWmma) {
+    if (launch_cutlass(route.kernel, p, q, bias, u, v, scale, out)) return out;
+    TORCH_WARN_ONCE("lowrank_gemm: CUTLASS refused a problem its route accepted (M=", M,
+                    ", N=", N, ", K=", K, "); running the WMMA kernel");
+  }
   const dim3 grid(ceil_div(M, kGemmTile), ceil_div(N, kGemmTile));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   LORASC_DISPATCH_WEIGHT_TYPES(p.scalar_type(), "p", [&] {
@@ -279,6 +344,14 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+int64_t lowrank_gemm_route(const at::Tensor& p, const at::Tensor& q, int64_t p_kind,
+                           int64_t q_kind) {
+  check_cuda_weight_type("p", p, 2);
+  check_operand("q", q, p, q.size(0), p.size(1));
+  const c10::cuda::CUDAGuard guard(p.device());
+  return route_gemm(p, q, p_kind, q_kind, gemm_target(p)).kernel;
 }
 
 at::Tensor dropout(const at::Tensor& x, int64_t key, int64_t threshold, double inv_keep) {

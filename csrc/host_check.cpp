@@ -6,9 +6,12 @@
 #include <torch/extension.h>
 
 #include <memory>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "lorasc/weight_types.h"
+#include "lorasc/cutlass_problem.h"
 #include "lorasc/elementwise.cuh"
 #include "lorasc/gemm_tile.cuh"
 #include "lorasc/launch_args.h"
@@ -178,6 +181,57 @@ torch::Tensor emulate_lowrank_gemm(torch::Tensor p, torch::Tensor q,
   return out;
 }
 
+// route_gemm (lorasc/cutlass_problem.h) for CPU tensors and a stated target: (kernel, reason).
+std::tuple<int64_t, std::string> gemm_route(torch::Tensor p, torch::Tensor q, int64_t p_kind,
+                                            int64_t q_kind, int64_t major, int64_t minor,
+                                            bool cutlass_built, bool sm90a_code,
+                                            bool force_wmma) {
+  lorasc::GemmTarget target;
+  target.major = static_cast<int>(major);
+  target.minor = static_cast<int>(minor);
+  target.cutlass_built = cutlass_built;
+  target.sm90a_code = sm90a_code;
+  target.force_wmma = force_wmma;
+  const lorasc::GemmRoute route = lorasc::route_gemm(p, q, p_kind, q_kind, target);
+  return {route.kernel, route.reason};
+}
+
+// The CUTLASS route of lowrank_gemm on CPU tensors as an sm_90a device would take it: the
+// same route, source term and CutlassProblem as fused_linear.cu, then the GEMM the kernel
+// computes read through the problem's pointers and strides (fp32 sums in k order),
+// out = round(acc + C).
+torch::Tensor emulate_cutlass_gemm(torch::Tensor p, torch::Tensor q,
+                                   std::optional<torch::Tensor> bias,
+                                   std::optional<torch::Tensor> u, std::optional<torch::Tensor> v,
+                                   double scale) {
+  lorasc::GemmTarget hopper;
+  hopper.major = 9;
+  hopper.cutlass_built = hopper.sm90a_code = true;
+  const lorasc::GemmRoute route = lorasc::route_gemm(p, q, 0, 0, hopper);
+  TORCH_CHECK(route.kernel != lorasc::kGemmWmma, "the CUTLASS kernels refuse this problem: ",
+              route.reason);
+  auto out = torch::empty({p.size(0), q.size(0)}, p.options());
+  const at::Tensor source =
+      lorasc::source_term(bias, u, v, scale, out.size(0), out.size(1), p.options());
+  const lorasc::CutlassProblem problem =
+      lorasc::make_cutlass_problem(p, q, source, out, route.kernel);
+  LORASC_DISPATCH_WEIGHT_TYPES(p.scalar_type(), "p", [&] {
+    const auto* a = static_cast<const scalar_t*>(problem.a);
+    const auto* b = static_cast<const scalar_t*>(problem.b);
+    auto* d = static_cast<scalar_t*>(problem.d);
+    for (int64_t m = 0; m < problem.M; ++m)
+      for (int64_t n = 0; n < problem.N; ++n) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < problem.K; ++k) {
+          const scalar_t b_nk = problem.b_n_major ? b[n + k * problem.ldb] : b[n * problem.ldb + k];
+          acc += lorasc::to_float(a[m * problem.lda + k]) * lorasc::to_float(b_nk);
+        }
+        d[m * problem.ldd + n] = lorasc::from_float<scalar_t>(acc + problem.c[m * problem.ldc + n]);
+      }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -189,4 +243,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_lowrank_", &merge_lowrank_, "the merge kernel's data path on CPU tensors");
   m.def("emulate_lowrank_gemm", &emulate_lowrank_gemm,
         "lowrank_gemm's data path on CPU tensors, one CTA after the other");
+  m.def("gemm_route", &gemm_route, "lowrank_gemm's kernel choice for a stated device");
+  m.def("emulate_cutlass_gemm", &emulate_cutlass_gemm,
+        "lowrank_gemm's CUTLASS route on CPU tensors (source term, problem, its GEMM)");
 }

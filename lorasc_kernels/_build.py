@@ -8,7 +8,11 @@
   :func:`load_extension` compiles the same sources with ``torch.utils.cpp_extension.load``
   (ninja) at first use, saying so in a warning, into a cache folder
   (``LORASC_BUILD_DIR``, default ``~/.cache/lorasc_kernels``), for ``TORCH_CUDA_ARCH_LIST``
-  or, if unset, the capability of the given device or :data:`DEFAULT_ARCH_LIST`.
+  or, if unset, the capability of the given device (Hopper as 9.0a) or
+  :func:`default_arch_list` (sm_80 and sm_90a; sm_90 where the toolkit lacks sm_90a).
+* With the ``nvidia-cutlass`` package's headers (:data:`CUTLASS_PACKAGE`) the extension
+  also holds the CUTLASS sm90a GEMMs (:data:`CUTLASS_SOURCES`, ``-DLORASC_WITH_CUTLASS``);
+  without them it is built with the WMMA kernels alone.
 * :func:`load_host_check` compiles the shared element-wise headers with the host C++
   compiler, for the bit-exactness tests on machines without a GPU.
 
@@ -42,6 +46,13 @@ __all__ = [
     "CSRC",
     "CUDA_SOURCES",
     "DEFAULT_ARCH_LIST",
+    "SM90A_ARCH_LIST",
+    "CUTLASS_SOURCES",
+    "CUTLASS_PACKAGE",
+    "cutlass_include",
+    "default_arch_list",
+    "supports_sm90a",
+    "build_estimate",
     "CudaHome",
     "extension_kwargs",
     "find_cuda_home",
@@ -54,9 +65,22 @@ __all__ = [
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 CUDA_SOURCES = ("bindings.cpp", "fused_linear.cu", "merge.cu")
+# The CUTLASS sm90a kernels of lowrank_gemm, one per translation unit (MAX_JOBS builds them
+# side by side), and the probe that tells whether a device runs the sm_90a code. Built when
+# the nvidia-cutlass package's headers are found (CUTLASS_PACKAGE, a test dependency).
+CUTLASS_SOURCES = (
+    "cutlass_gemm_bf16_kmajor.cu",
+    "cutlass_gemm_bf16_nmajor.cu",
+    "cutlass_gemm_half_kmajor.cu",
+    "cutlass_gemm_half_nmajor.cu",
+    "cutlass_probe.cu",
+)
+CUTLASS_PACKAGE = "nvidia-cutlass==4.2.0.0"
 HOST_CHECK_SOURCES = ("host_check.cpp",)
-# Ampere and Hopper; no Hopper-only instructions are used, so no sm_90a.
+# Ampere and Hopper. The WMMA kernels use no Hopper-only instruction; the CUTLASS kernels
+# need sm_90a (wgmma, TMA), so Hopper is built as 9.0a when the toolkit supports it.
 DEFAULT_ARCH_LIST = "8.0;9.0"
+SM90A_ARCH_LIST = "8.0;9.0a"
 
 # The C++ standard is torch's own (C++17 or C++20 by version). -ffp-contract=off: the host
 # build must not fuse the reference's separate multiply and add.
@@ -91,13 +115,75 @@ class CudaHome(NamedTuple):
         return "\n".join(lines)
 
 
+def cutlass_include() -> Path | None:
+    """The CUTLASS C++ headers of the ``nvidia-cutlass`` package
+    (``cutlass_library/source/include``), or None when it is not installed."""
+    spec = importlib.util.find_spec("cutlass_library")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        include = Path(folder) / "source" / "include"
+        if (include / "cutlass" / "cutlass.h").is_file() and (include / "cute").is_dir():
+            return include
+    return None
+
+
+def sources() -> list[str]:
+    """File names in ``csrc/`` of the extension: the CUTLASS ones with their headers."""
+    return [*CUDA_SOURCES, *(CUTLASS_SOURCES if cutlass_include() else ())]
+
+
+def _defines() -> list[str]:
+    return ["-DLORASC_WITH_CUTLASS"] if cutlass_include() else []
+
+
+def include_dirs() -> list[str]:
+    return [str(CSRC), *([str(cutlass_include())] if cutlass_include() else [])]
+
+
 def extension_kwargs() -> dict:
     """Sources (relative to the repository root) and flags of ``lorasc_kernels._C``."""
     return {
-        "sources": [f"csrc/{name}" for name in CUDA_SOURCES],
-        "include_dirs": [str(CSRC)],
-        "extra_compile_args": {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        "sources": [f"csrc/{name}" for name in sources()],
+        "include_dirs": include_dirs(),
+        "extra_compile_args": {"cxx": CXX_FLAGS + _defines(), "nvcc": NVCC_FLAGS + _defines()},
     }
+
+
+# Compile time of one translation unit on one core of a 2-core machine (nvcc 13.0, sm_80
+# and sm_90a): the WMMA kernels and bindings (three units together), each CUTLASS GEMM unit
+# (about 4.5 GB of memory each), the probe.
+BUILD_S_WMMA = 110
+BUILD_S_PER_CUTLASS_UNIT = 90
+BUILD_S_PROBE = 25
+
+
+def build_estimate() -> str:
+    """About how long the build takes: :data:`BUILD_S_*` spread over ``MAX_JOBS`` (else the
+    CPU count) parallel compiles, no more than the CPUs."""
+    cpus = os.cpu_count() or 1
+    jobs = max(1, min(int(os.environ.get("MAX_JOBS") or cpus), cpus))
+    units = len(CUTLASS_SOURCES) - 1 if cutlass_include() else 0  # less the probe
+    seconds = BUILD_S_WMMA + (units * BUILD_S_PER_CUTLASS_UNIT + BUILD_S_PROBE if units else 0)
+    what = f"{units} CUTLASS sm90a kernels" if units else "no CUTLASS kernels"
+    return f"about {seconds / jobs / 60:.0f} min on {jobs} core(s), {what}"
+
+
+def supports_sm90a(nvcc: Path) -> bool:
+    """Whether ``nvcc`` compiles for sm_90a: CUDA 12.0 and later (``nvcc --version``)."""
+    try:
+        result = subprocess.run(
+            [str(nvcc), "--version"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    found = re.search(r"release (\d+)\.(\d+)", result.stdout)
+    return found is not None and int(found.group(1)) >= 12
+
+
+def default_arch_list() -> str:
+    """:data:`SM90A_ARCH_LIST` when the toolkit of :func:`find_cuda_home` supports sm_90a,
+    else :data:`DEFAULT_ARCH_LIST` (the CUTLASS kernels then never run)."""
+    home = find_cuda_home().path
+    return SM90A_ARCH_LIST if home and supports_sm90a(home / "bin" / "nvcc") else DEFAULT_ARCH_LIST
 
 
 def toolkit_problem(root: Path) -> str | None:
@@ -230,7 +316,7 @@ def missing_toolchain() -> str | None:
         return "no CUDA toolkit found: install it or set CUDA_HOME; " + "; ".join(
             f"{c}: {r}" for c, r in home.rejected
         )
-    if not all((CSRC / name).is_file() for name in CUDA_SOURCES):
+    if not all((CSRC / name).is_file() for name in (*CUDA_SOURCES, *CUTLASS_SOURCES)):
         return f"the CUDA sources are missing from {CSRC} (install from a source checkout)"
     return None
 
@@ -240,8 +326,9 @@ def _arch_list(device: torch.device | None) -> str:
         return os.environ["TORCH_CUDA_ARCH_LIST"]
     if device is not None and device.type == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(device)
-        return f"{major}.{minor}"
-    return DEFAULT_ARCH_LIST
+        hopper_a = (major, minor) == (9, 0) and default_arch_list() == SM90A_ARCH_LIST
+        return "9.0a" if hopper_a else f"{major}.{minor}"
+    return default_arch_list()
 
 
 def _build_dir(tag: str) -> Path:
@@ -320,9 +407,10 @@ def _compile(arch_list: str, verbose: bool) -> ModuleType:
     if not (build_dir / f"{JIT_NAME}.so").is_file():
         logger.warning(
             "lorasc_kernels: compiling the CUDA extension at its first use, for "
-            "TORCH_CUDA_ARCH_LIST=%s into %s (minutes, once)",
+            "TORCH_CUDA_ARCH_LIST=%s into %s (once; %s)",
             arch_list,
             build_dir,
+            build_estimate(),
         )
     if not hasattr(cpp_extension, "FileLock"):
         clear_stale_lock(build_dir)
@@ -331,10 +419,10 @@ def _compile(arch_list: str, verbose: bool) -> ModuleType:
     try:
         return cpp_extension.load(
             name=JIT_NAME,
-            sources=[str(CSRC / name) for name in CUDA_SOURCES],
-            extra_include_paths=[str(CSRC)],
-            extra_cflags=CXX_FLAGS,
-            extra_cuda_cflags=NVCC_FLAGS,
+            sources=[str(CSRC / name) for name in sources()],
+            extra_include_paths=include_dirs(),
+            extra_cflags=CXX_FLAGS + _defines(),
+            extra_cuda_cflags=NVCC_FLAGS + _defines(),
             build_directory=str(build_dir),
             verbose=verbose,
         )
@@ -361,7 +449,7 @@ def load_host_check(verbose: bool = False) -> ModuleType:
 
 def main(argv=None) -> int:
     """``--cuda-home``: print the toolkit (the reasons on stderr); ``--build``: build the
-    extension (for the visible GPU, else ``TORCH_CUDA_ARCH_LIST`` or sm_80 and sm_90) and
+    extension (for the visible GPU, else ``TORCH_CUDA_ARCH_LIST`` or sm_80 and sm_90a) and
     print its file, for ``LORASC_CUDA_EXTENSION``."""
     parser = argparse.ArgumentParser(
         prog="python -m lorasc_kernels._build", description=main.__doc__

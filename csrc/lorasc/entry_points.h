@@ -23,6 +23,11 @@ at::Tensor lowrank_gemm(const at::Tensor& p, const at::Tensor& q,
                         int64_t q_kind, int64_t q_key, int64_t q_threshold, double q_value,
                         bool q_swap);
 
+// Which kernel lowrank_gemm runs for these operands on their device (lorasc/cutlass_problem.h:
+// 0 WMMA, 1 CUTLASS with q K-major, 2 CUTLASS with q N-major).
+int64_t lowrank_gemm_route(const at::Tensor& p, const at::Tensor& q, int64_t p_kind,
+                           int64_t q_kind);
+
 // reference.apply_dropout on a 2-D tensor: kept iff (bits >> 8) >= threshold, times inv_keep.
 at::Tensor dropout(const at::Tensor& x, int64_t key, int64_t threshold, double inv_keep);
 

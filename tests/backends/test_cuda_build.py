@@ -15,7 +15,7 @@ import torch
 from lorasc_kernels import _build
 
 ROOT = Path(__file__).resolve().parents[2]
-OPS = ("lowrank_gemm", "dropout", "merge_lowrank_")
+OPS = ("lowrank_gemm", "lowrank_gemm_route", "dropout", "merge_lowrank_")
 
 needs_toolchain = pytest.mark.skipif(
     _build.missing_toolchain() is not None,
@@ -66,6 +66,7 @@ def test_fake_kernels_give_shapes(extension):
             ),
             "p must be a CUDA tensor",
         ),
+        (lambda e, t: e.lowrank_gemm_route(t(4, 8), t(3, 8), 0, 0), "p must be a CUDA tensor"),
         (lambda e, t: e.dropout(t(4, 8), 1, 2, 1.0), "x must be a CUDA tensor"),
         (
             lambda e, t: e.merge_lowrank_(
@@ -97,7 +98,7 @@ def test_setup_builds_the_extension_with_a_cuda_toolchain(monkeypatch):
     assert sorted(extensions[0].sources) == sorted(_build.extension_kwargs()["sources"])
     assert all((ROOT / source).is_file() for source in extensions[0].sources)
     assert "build_ext" in cmdclass
-    assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.DEFAULT_ARCH_LIST
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == _build.default_arch_list()
 
 
 def test_setup_switches(monkeypatch):

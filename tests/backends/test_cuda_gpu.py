@@ -234,3 +234,103 @@ def test_opcheck(cuda_ops):
         cuda_ops.merge_lowrank_.default,
         (weight.clone(), lora_B, lora_A, 0.5, True, 3, -1, 0.0, 9, 0.01, 0),
     )
+
+
+# The CUTLASS sm90a kernels (csrc/lorasc/cutlass_problem.h): K and N multiples of 8.
+# (M, K, N, r): M past one 128-row tile and not a multiple of it, N past one 256-column
+# tile, a single row, rank 1 and 64.
+CUTLASS_SHAPES = [(133, 72, 40, 5), (1, 8, 8, 1), (300, 264, 520, 16), (257, 1024, 264, 64)]
+ROUTE_WMMA, ROUTE_K_MAJOR, ROUTE_N_MAJOR = 0, 1, 2
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+def cutlass_here() -> bool:
+    """Whether this GPU runs the CUTLASS kernels: compute capability 9.0 and an sm_90a build
+    with the CUTLASS headers."""
+    from lorasc_kernels import _build
+
+    return (
+        torch.cuda.get_device_capability(DEVICE) == (9, 0)
+        and _build.cutlass_include() is not None
+        and "9.0a" in _build._arch_list(DEVICE)
+    )
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+def test_cutlass_route_on_this_gpu(cuda_ops, dtype):
+    x, weight, *_ = lowrank_inputs(133, 72, 40, 5, dtype, DEVICE)
+    dy = torch.randn(133, 40, device=DEVICE, dtype=dtype)
+    on = cutlass_here()
+    assert cuda_ops.lowrank_gemm_route(x, weight, 0, 0) == (ROUTE_K_MAJOR if on else ROUTE_WMMA)
+    assert cuda_ops.lowrank_gemm_route(dy, weight.t(), 0, 0) == (
+        ROUTE_N_MAJOR if on else ROUTE_WMMA
+    )
+    # The fused noise and dropout stay on the WMMA kernel, so their bits are unchanged.
+    assert cuda_ops.lowrank_gemm_route(x, weight, 0, 1) == ROUTE_WMMA
+    assert cuda_ops.lowrank_gemm_route(x, weight, 2, 0) == ROUTE_WMMA
+    assert cuda_ops.lowrank_gemm_route(x.float(), weight.float(), 0, 0) == ROUTE_WMMA
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("shape", CUTLASS_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cutlass_forward_and_dx_match_float64(cuda_ops, dtype, shape, bias):
+    M, K, N, r = shape
+    x, weight, b, lora_A, lora_B = lowrank_inputs(M, K, N, r, dtype, DEVICE, bias=bias)
+    leaves = [x.clone().requires_grad_(), lora_A, lora_B]
+    y = functional.lorasc_linear(leaves[0], weight, b, leaves[1], leaves[2], 1.7, backend="cuda")
+    dy = torch.randn(M, N, device=DEVICE).to(dtype)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    y64 = reference_float64(x64, weight, b, lora_A, lora_B, 1.7)
+    y64.backward(dy.double())
+    assert rel_error(y, y64) < TOLERANCE[dtype]
+    assert rel_error(leaves[0].grad, x64.grad) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", HALF_TYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cutlass_equals_wmma_within_tolerance(cuda_ops, dtype, transposed, monkeypatch):
+    M, K, N, r = CUTLASS_SHAPES[2]
+    p = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    if transposed:  # dX's q = Wᵀ, a view
+        q = torch.randn(K, N, device=DEVICE, dtype=dtype).t()
+    else:
+        q = torch.randn(N, K, device=DEVICE, dtype=dtype)
+    b = torch.randn(N, device=DEVICE, dtype=dtype)
+    u = torch.randn(M, r, device=DEVICE, dtype=dtype)
+    v = torch.randn(N, r, device=DEVICE, dtype=dtype)
+    args = (p, q, b, u, v, 0.6, 0, 0, 0, 0.0, False, 0, 0, 0, 0.0, False)
+    by_route = cuda_ops.lowrank_gemm(*args)
+    monkeypatch.setenv("LORASC_CUDA_GEMM", "wmma")
+    assert cuda_ops.lowrank_gemm_route(p, q, 0, 0) == ROUTE_WMMA
+    by_wmma = cuda_ops.lowrank_gemm(*args)
+    expected = p.double() @ q.double().t() + b.double() + 0.6 * (u.double() @ v.double().t())
+    assert rel_error(by_route, expected) < TOLERANCE[dtype]
+    assert rel_error(by_route, by_wmma) < TOLERANCE[dtype]
+
+
+def test_cutlass_rounds_once_to_nearest(cuda_ops):
+    """Small integers: every product and sum is exact in fp32, so the output is the float64
+    result rounded once to bf16, bit for bit, on either kernel."""
+    M, K, N, r = 300, 264, 520, 3
+
+    def integers(*shape):
+        return torch.randint(-8, 9, shape, device=DEVICE).to(torch.bfloat16)
+
+    p, q, b, u, v = integers(M, K), integers(N, K), integers(N), integers(M, r), integers(N, r)
+    out = cuda_ops.lowrank_gemm(p, q, b, u, v, 0.5, 0, 0, 0, 0.0, False, 0, 0, 0, 0.0, False)
+    exact = p.double() @ q.double().t() + b.double() + 0.5 * (u.double() @ v.double().t())
+    assert same_bits(out, exact.to(torch.bfloat16))
+
+
+def test_opcheck_cutlass_shapes(cuda_ops):
+    x = torch.randn(133, 72, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(40, 72, device=DEVICE, dtype=torch.bfloat16)
+    u = torch.randn(133, 5, device=DEVICE, dtype=torch.bfloat16)
+    v = torch.randn(40, 5, device=DEVICE, dtype=torch.bfloat16)
+    bias = torch.randn(40, device=DEVICE, dtype=torch.bfloat16)
+    torch.library.opcheck(
+        cuda_ops.lowrank_gemm.default,
+        (x, weight, bias, u, v, 2.0, 0, 0, 0, 0.0, False, 0, 0, 0, 0.0, False),
+    )
