@@ -105,6 +105,9 @@ class ComputeBackend(Protocol):
     order. Shapes: ``p`` (M, K), ``lowrank`` (r, K), ``a`` (M, K), ``weight`` (N, K), ``u``
     (M, r), ``v`` (N, r) (dX: ``v`` (K, r))."""
 
+    COMPUTE_MODES: tuple[str, ...]
+    """The compute modes it runs (``("fp8",)``); a backend without the attribute has none."""
+
     def quantize_rows(
         self,
         p: torch.Tensor,

@@ -24,6 +24,7 @@ from .specs import DropoutSpec, MergeSpec, NoiseSpec
 __all__ = [
     "WEIGHT_DTYPES",
     "SCALED_WEIGHT_DTYPES",
+    "COMPUTE_MODES",
     "dropout_keep_mask",
     "apply_dropout",
     "noisy_weight",
@@ -41,6 +42,7 @@ __all__ = [
 
 WEIGHT_DTYPES = REFERENCE_DTYPES
 SCALED_WEIGHT_DTYPES = SCALED_DTYPES
+COMPUTE_MODES = ("fp8",)
 
 # Elements of W processed at a time by the merge: bounds its temporaries (float32 values and
 # int64 hash bits, ~56 bytes per element: 3.5 MiB in all), which also keeps them in cache.

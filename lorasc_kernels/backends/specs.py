@@ -62,11 +62,13 @@ class DropoutSpec:
 @dataclass(frozen=True)
 class LinearSpec:
     """Hyper-parameters of one LoRASC linear call: ``y = x (W ⊕ noise)ᵀ + b + scale ·
-    drop(x) Aᵀ Bᵀ``; ``dropout`` / ``noise`` are None when off."""
+    drop(x) Aᵀ Bᵀ``; ``dropout`` / ``noise`` are None when off; ``compute`` ``"fp8"``: a
+    scaled weight's GEMMs on fp8 activations and gradients (``docs/fp8.md``), else None."""
 
     scale: float
     dropout: DropoutSpec | None = None
     noise: NoiseSpec | None = None
+    compute: str | None = None
 
     @classmethod
     def of(
@@ -76,6 +78,7 @@ class LinearSpec:
         dropout_seed: int | None,
         noise_seed: int | None,
         noise_scale: float,
+        compute: str | None = None,
     ) -> LinearSpec:
         """The spec of validated arguments: no dropout at ``p == 0``, no noise at scale 0."""
         dropout = DropoutSpec(dropout_seed, dropout_p) if dropout_p > 0.0 else None
@@ -84,7 +87,7 @@ class LinearSpec:
             if noise_seed is not None and noise_scale != 0.0
             else None
         )
-        return cls(scale, dropout, noise)
+        return cls(scale, dropout, noise, compute)
 
 
 @dataclass(frozen=True)

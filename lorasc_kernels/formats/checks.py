@@ -1,6 +1,7 @@
 """Checks of scaled (fp8) weights: their parts (:func:`check_scaled_pair`), their row
-scales' values (:func:`scale_values_ok`, :func:`check_scale_values`) and their rows' largest
-values (:func:`scaled_row_max`); each error names the argument and what was expected."""
+scales' values (:func:`scale_values_ok`, :func:`check_scale_values`), their rows' largest
+values (:func:`scaled_row_max`) and the compute mode they allow (:func:`check_compute`);
+each error names the argument and what was expected."""
 
 from __future__ import annotations
 
@@ -10,6 +11,26 @@ import torch
 
 from .._checks import check_same_device, check_shape
 from .registry import SCALED_DTYPES, dtype_names, scaled_weight_dtype
+
+# The compute modes a scaled weight may run in besides its storage mode (None): "fp8"
+# quantizes activations and gradients per row and multiplies on fp8 tensor cores (fp8.md).
+COMPUTE_MODES = ("fp8",)
+
+
+def check_compute(compute, weight_dtype: torch.dtype | None) -> str | None:
+    """``compute`` is None or a name of :data:`COMPUTE_MODES`, and a compute mode has a
+    scaled weight (``weight_dtype``: its format, or the float weight's dtype); returns it."""
+    if compute is None:
+        return None
+    if not isinstance(compute, str) or compute not in COMPUTE_MODES:
+        raise ValueError(f"compute must be None or one of {COMPUTE_MODES}, got {compute!r}")
+    if weight_dtype not in SCALED_DTYPES:
+        raise ValueError(
+            f"compute={compute!r} multiplies fp8 codes: it needs a scaled weight "
+            "(weight_format='fp8_e4m3' or 'fp8_e5m2'; ScaledWeight in the functional API), "
+            f"got a {'float' if weight_dtype is None else weight_dtype} weight"
+        )
+    return compute
 
 
 def check_scaled_pair(codes, scale) -> None:

@@ -15,6 +15,12 @@ activation format, and GEMMs on two fp8 operands with their scales in the epilog
   MMA needs, so Triton transposes it on its way into shared memory (the compile gate counts
   it): no transposed copy of the codes exists, so none can disagree with a merge.
 
+Hopper's fp8 MMA accumulates with fewer bits than float32 (DeepSeek-V3's report: about 14
+on the H800), and Triton lets it run unpromoted over the whole reduction by default on
+sm_90; here every ``BLOCK_K`` (128) step's products are summed apart and added to the
+float32 accumulator (``max_num_imprecise_acc=BLOCK_K``, as DeepSeek-V3 promotes every 128),
+so a long reduction keeps float32's precision across steps (not measured on a GPU).
+
 In the interpreter the codes are decoded to float32 (:func:`.device.decode_scaled`, exact)
 and the dot runs in float32: products of two fp8 values are exact there, the sums are
 float32's in the interpreter's order.
@@ -287,8 +293,8 @@ def _scaled_rows_gemm_kernel(
         b = fp8_operand(b, MANTISSA_BITS, EXPONENT_BIAS, HAS_INFINITY, INTERPRETING)
         if INTERPRETING:
             acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        else:  # each K step's products summed apart, then added in float32 (see module doc)
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += a_step
         b_ptrs += b_step
 
