@@ -17,7 +17,8 @@ bool run_cutlass_gemm(const CutlassProblem& problem, int device, int sm_count,
                       cudaStream_t stream);
 
 // Whether `device` runs the sm_90a code of the extension (csrc/cutlass_probe.cu): one
-// probe launch per device, then cached.
+// probe launch per device outside CUDA graph capture, then cached; false while capturing
+// before the first probe.
 bool runs_sm90a_code(int device);
 
 }  // namespace lorasc
