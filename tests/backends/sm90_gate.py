@@ -477,8 +477,9 @@ def sass_counts(compiled) -> dict[str, int]:
 def largest_loop(sass: str) -> dict[str, int]:
     """Of the innermost loops of ``sass`` (each from a backward branch's target to the
     branch, holding no other loop), the one with the most instructions: its
-    ``instructions`` per iteration, its 16-bit global loads (``u16_loads``) and its
-    shared-memory stores (``shared_stores``); zeros when there is no loop."""
+    ``instructions`` per iteration, its 16-bit global loads (``u16_loads``), its
+    shared-memory stores (``shared_stores``) and its float32 adds (``fp32_adds``); zeros
+    when there is no loop."""
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
     addresses = [(int(address, 16), text) for address, text in lines]
     loops = [
@@ -488,7 +489,7 @@ def largest_loop(sass: str) -> dict[str, int]:
         if int(target, 16) < address
     ]
     if not loops:
-        return {"instructions": 0, "u16_loads": 0, "shared_stores": 0}
+        return {"instructions": 0, "u16_loads": 0, "shared_stores": 0, "fp32_adds": 0}
     innermost = [
         (start, end)
         for start, end in loops
@@ -502,6 +503,7 @@ def largest_loop(sass: str) -> dict[str, int]:
         "instructions": len(body),
         "u16_loads": sum(bool(re.search(r"\bLDG\S*\.(U16|S16)\b", text)) for text in body),
         "shared_stores": sum(bool(re.search(r"\bSTS\b", text)) for text in body),
+        "fp32_adds": sum(bool(re.search(r"\bFADD\b", text)) for text in body),
     }
 
 

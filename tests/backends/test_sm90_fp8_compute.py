@@ -79,3 +79,17 @@ def test_the_gemm_runs_on_fp8_warpgroup_mma_forward_and_dx(compiled):
         if not row["sass"]["QGMMA"] or row["sass"]["HMMA"]
     ]
     assert not off_path, "\n".join(off_path)
+
+
+def test_each_k_step_is_promoted_into_the_float32_accumulator(compiled):
+    """``max_num_imprecise_acc=BLOCK_K``: the main loop (the largest innermost loop) adds each
+    step's fp8 products into the float32 accumulator, at least one ``FADD`` per accumulator
+    element of a thread (unpromoted, the wgmma would accumulate in place with none)."""
+    rows = _of(compiled, "_scaled_rows_gemm_kernel")
+    short = []
+    for row in rows:
+        tile, warps = row["constexprs"], row["options"]["num_warps"]
+        per_thread = tile["BLOCK_M"] * tile["BLOCK_N"] // (32 * warps)
+        if row["sass"]["largest_loop"]["fp32_adds"] < per_thread:
+            short.append(f"{_describe(row)}: {row['sass']['largest_loop']} < {per_thread}")
+    assert not short, "\n".join(short)
