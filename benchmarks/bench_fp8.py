@@ -6,7 +6,11 @@ Linear (M=8192, K=N=4096, r=16 on a GPU; M=64, K=N=256 on the CPU), ``forward`` 
 * ``frozen-bf16``: ``torch.nn.functional.linear`` with a frozen bf16 weight, the floor;
 * ``ours-bf16``: ``LoRASCLinear`` on the bf16 weight;
 * ``ours-fp8``: ``LoRASCLinear(weight_format="fp8_e4m3")`` on the same weight (the fused GEMM
-  reads fp8 codes and scales; ``docs/fp8.md``).
+  reads fp8 codes and scales; ``docs/fp8.md``), the storage mode;
+* ``ours-fp8-compute``: the same layer with ``compute="fp8"`` (x and dY quantized per row to
+  e4m3, the GEMMs on fp8 operands);
+* ``scaled-mm-rowwise`` (forward only: it has no backward): ``Fp8Linear``, x quantized per
+  row and ``torch._scaled_mm`` with row-wise scales (cuBLAS's fp8 GEMM), no LoRA.
 
 Merge (``size × size``, r=16: 4096² on a GPU, 512² on the CPU), stochastic rounding:
 ``copy-bf16`` (a device copy of the bf16 weight), ``ours-bf16``, ``ours-fp8``.
@@ -26,8 +30,11 @@ import torch
 from benchmarks.common import append_csv, device_name, family_main, significant, time_all_ms
 from lorasc_kernels import LoRASCLinear, merge_lowrank_
 from lorasc_kernels.formats.quantize import format_dtype, quantize
+from lorasc_kernels.fp8_linear import Fp8Linear
 
 RANK = 16
+# Providers without a backward: timed in the forward only.
+FORWARD_ONLY = ("scaled-mm-rowwise",)
 
 
 def _layers(K: int, N: int, device: str) -> dict:
@@ -36,10 +43,17 @@ def _layers(K: int, N: int, device: str) -> dict:
     linear = torch.nn.Linear(K, N, bias=False, device=device, dtype=torch.bfloat16)
     linear.requires_grad_(False)
     layers = {"frozen-bf16": linear}
-    for name, weight_format in (("ours-bf16", None), ("ours-fp8", "fp8_e4m3")):
-        layer = LoRASCLinear.from_linear(linear, r=RANK, weight_format=weight_format)
+    for name, weight_format, compute in (
+        ("ours-bf16", None, None),
+        ("ours-fp8", "fp8_e4m3", None),
+        ("ours-fp8-compute", "fp8_e4m3", "fp8"),
+    ):
+        layer = LoRASCLinear.from_linear(
+            linear, r=RANK, weight_format=weight_format, compute=compute
+        )
         torch.nn.init.normal_(layer.lora_B, std=0.01)
         layers[name] = layer
+    layers["scaled-mm-rowwise"] = Fp8Linear.from_linear(linear, "fp8_e4m3")
     return layers
 
 
@@ -59,7 +73,11 @@ def measure_linear(M: int, K: int, N: int, device: str, quick: bool) -> list[dic
     rows = []
     for mode, step in (("forward", forward), ("forward+backward", forward_backward)):
         times = time_all_ms(
-            {name: (lambda s=step, layer=layer: s(layer)) for name, layer in layers.items()},
+            {
+                name: (lambda s=step, layer=layer: s(layer))
+                for name, layer in layers.items()
+                if mode == "forward" or name not in FORWARD_ONLY
+            },
             device,
             quick,
         )

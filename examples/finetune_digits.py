@@ -274,6 +274,7 @@ class FinetuneSettings:
     train_head: bool = True
     backend: str = "auto"
     weight_format: str | None = None  # "fp8_e4m3", "fp8_e5m2": LoRA on an fp8 base weight
+    compute: str | None = None  # "fp8" (with a weight_format): GEMMs on fp8 operands
 
 
 FEWSHOT = FinetuneSettings()
@@ -323,6 +324,7 @@ def build_model(
                 target_modules=TARGET_MODULES,
                 backend=settings.backend,
                 weight_format=settings.weight_format,
+                compute=settings.compute,
             ),
         )
         model.head.requires_grad_(settings.train_head)
@@ -629,6 +631,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "fine-tuning keeps float32 weights",
     )
     parser.add_argument(
+        "--compute",
+        default=None,
+        choices=("fp8",),
+        help="with --weight-format: run the GEMMs of lora and lorasc on fp8 inputs and "
+        "gradients (docs/fp8.md's compute mode)",
+    )
+    parser.add_argument(
         "--device", default="auto", help="torch device (default auto: cuda when available)"
     )
     parser.add_argument(
@@ -676,6 +685,7 @@ class Comparison:
             f"{s.slow_other_params}, warmup_steps {s.warmup_steps}, "
             f"{s.epochs_per_cascade} epoch(s)/cascade, device {device_name}"
             + (f", lora/lorasc base weights {s.weight_format}" if s.weight_format else "")
+            + (f", compute={s.compute}" if s.compute else "")
         )
 
 
@@ -706,6 +716,7 @@ def comparisons(args: argparse.Namespace) -> list[Comparison]:
         "warmup_steps": args.warmup_steps,
         "backend": args.backend,
         "weight_format": args.weight_format,
+        "compute": args.compute,
     }
     fewshot = dataclasses.replace(
         FEWSHOT,

@@ -142,6 +142,7 @@ class _Checked(NamedTuple):
     dropout_p: float
     noise_seed: int | None
     noise_scale: float
+    compute: str | None
 
 
 def _call_key(
@@ -157,6 +158,7 @@ def _call_key(
     noise_scale,
     dropout_seed,
     backend,
+    compute=None,
 ) -> tuple | None:
     """Everything the argument checks of :func:`lorasc_linear` read (dtypes, shapes but
     ``x``'s leading dims, devices, a scaled weight's ``requires_grad``, autocast's dtype,
@@ -195,6 +197,7 @@ def _call_key(
             noise_scale,
             dropout_seed is None,
             backend,
+            compute,
         )
     except AttributeError:  # not a tensor: the checks say which argument
         return None
@@ -212,11 +215,13 @@ def _check_linear_call(
     noise_scale,
     backend,
     autocast_dtype,
+    compute=None,
 ) -> _Checked:
     """The argument checks of :func:`lorasc_linear` but the dropout seed's, with the dtypes
     that ``autocast_dtype`` (:func:`_autocast_dtype`) gives: returns what they resolved."""
     checks.check_tensor("x", x)
     scaled = check_weight(weight)
+    compute = format_checks.check_compute(compute, weight.dtype)
     if bias is not None:
         checks.check_tensor("bias", bias, dims=1)
     if x.dim() < 1:
@@ -266,10 +271,18 @@ def _check_linear_call(
     check_backend_dtype(backend, x=x_dtype, lora_A=lora_A.dtype, lora_B=lora_B.dtype)
     if scaled:
         check_backend_scaled(backend, weight)
+    if compute is not None and compute not in getattr(backend_module(backend), "COMPUTE_MODES", ()):
+        raise TypeError(
+            f"compute={compute!r}: backend {backend!r} has no such compute mode (the "
+            "primitives of backends/contract.py's ComputeBackend); use backend='triton' or "
+            "'torch', or compute=None"
+        )
     if noise_seed is not None:
         noise_seed = checks.check_seed("noise_seed", noise_seed)
-    spec = None if dropout_p > 0.0 else LinearSpec.of(scale, 0.0, None, noise_seed, noise_scale)
-    return _Checked(scaled, backend, spec, scale, dropout_p, noise_seed, noise_scale)
+    spec = None
+    if dropout_p == 0.0:
+        spec = LinearSpec.of(scale, 0.0, None, noise_seed, noise_scale, compute)
+    return _Checked(scaled, backend, spec, scale, dropout_p, noise_seed, noise_scale, compute)
 
 
 def check_backend_scaled(backend: str, weight: ScaledWeight) -> None:
@@ -296,6 +309,7 @@ def lorasc_linear(
     noise_scale: float = 0.0,
     backend: str = "auto",
     dropout_seed: int | None = None,
+    compute: str | None = None,
 ) -> torch.Tensor:
     """``y = x Wᵀ + b + scale · (drop(x) Aᵀ) Bᵀ``, with ``W`` perturbed by fused noise.
 
@@ -314,6 +328,9 @@ def lorasc_linear(
             ``round(W + noise_scale · noise(noise_seed))`` (see :mod:`lorasc_kernels.noise`).
         backend: ``"auto" | "torch" | "triton" | "cuda"``.
         dropout_seed: seed of the dropout mask; drawn from torch's generator if None.
+        compute: None, or ``"fp8"`` with a :class:`ScaledWeight` (``docs/fp8.md``): ``x``
+            and the output's gradient are quantized per row to e4m3 and the GEMMs of ``y``
+            and of ``x``'s gradient run on fp8 operands (torch and Triton backends).
 
     Under ``torch.autocast``, ``x``, ``weight`` and ``bias`` are cast to the autocast dtype
     (a :class:`ScaledWeight` is not: its tiles are converted as the kernels load them).
@@ -335,6 +352,7 @@ def lorasc_linear(
             noise_scale,
             dropout_seed,
             backend,
+            compute,
         )
         try:
             checked = None if key is None else _PASSED.get(key)
@@ -353,6 +371,7 @@ def lorasc_linear(
             noise_scale,
             backend,
             autocast_dtype,
+            compute,
         )
         if key is not None:
             if len(_PASSED) >= _PASSED_MAX:
@@ -367,7 +386,12 @@ def lorasc_linear(
         if dropout_seed is None:
             dropout_seed = draw_seed()
         spec = LinearSpec.of(
-            checked.scale, checked.dropout_p, dropout_seed, checked.noise_seed, checked.noise_scale
+            checked.scale,
+            checked.dropout_p,
+            dropout_seed,
+            checked.noise_seed,
+            checked.noise_scale,
+            checked.compute,
         )
     if autocast_dtype is not None:
         x = x.to(autocast_dtype)

@@ -45,13 +45,15 @@ class LoRASCConfig:
     backend: str = "auto"
     lora_dtype: torch.dtype | None = None
     weight_format: str | None = None  # "fp8_e4m3" or "fp8_e5m2": quantized targets (docs/fp8.md)
+    compute: str | None = None  # "fp8" (with a weight_format): GEMMs on fp8 operands (fp8.md)
     trainable: list[str] = field(default_factory=list)
     bias: str = "none"
 
     @classmethod
     def from_peft(cls, lora_config, **kwargs) -> LoRASCConfig:
         """The config of ``lora_config`` (a ``peft.LoraConfig``)'s adapters; ``kwargs`` set
-        the fields PEFT has no word for (``backend``, ``lora_dtype``, ``weight_format``).
+        the fields PEFT has no word for (``backend``, ``lora_dtype``, ``weight_format``,
+        ``compute``).
         See :func:`lorasc_kernels.integrations.peft.lorasc_config_kwargs`."""
         from .integrations.peft import lorasc_config_kwargs
 
@@ -65,6 +67,7 @@ class LoRASCConfig:
         checks.check_layer_dtype("lora_dtype", self.lora_dtype)
         if self.weight_format is not None:
             format_dtype(self.weight_format)
+        LoRASCLinear.check_compute(self.compute, self.weight_format, None)
         checks.check_choice("bias", self.bias, BIAS_MODES)
         if not isinstance(self.trainable, (list, tuple, set)) or not all(
             isinstance(name, str) and name for name in self.trainable
@@ -199,6 +202,7 @@ def inject_lorasc(model: nn.Module, config) -> dict[str, LoRASCLinear]:
                 backend=config.backend,
                 lora_dtype=config.lora_dtype,
                 weight_format=config.weight_format,
+                compute=config.compute,
             ),
         )
         if config.bias == "lora_only" and layer.bias is not None:

@@ -40,6 +40,11 @@ class LoRASCLinear(nn.Linear):
     ``dtype``, and merges keep the format (``docs/fp8.md``). Such a layer runs on the torch
     and Triton backends, takes no fused noise, and must stay out of ``model.to(dtype)``
     (which would cast its fp8 weight).
+
+    ``compute="fp8"`` (with a ``weight_format`` only) runs the forward's and the input
+    gradient's GEMMs on fp8 operands: ``x`` and the output gradient quantized per row to
+    e4m3 (``docs/fp8.md``, the compute mode); the weight, its merges and its state are the
+    storage mode's. A plain attribute: setting it to None returns to the storage mode.
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class LoRASCLinear(nn.Linear):
         dtype=None,
         lora_dtype: torch.dtype | None = None,
         weight_format: str | None = None,
+        compute: str | None = None,
     ):
         in_features = checks.check_int("in_features", in_features, 1)
         out_features = checks.check_int("out_features", out_features, 1)
@@ -64,10 +70,10 @@ class LoRASCLinear(nn.Linear):
         checks.check_choice("backend", backend, BACKENDS)
         checks.check_layer_dtype("dtype", dtype)
         checks.check_layer_dtype("lora_dtype", lora_dtype)
-        if weight_format is not None:
-            format_dtype(weight_format)
+        self.check_compute(compute, weight_format, dtype)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight_format = weight_format
+        self.compute = compute
         # The dtype to_linear() dequantizes an fp8 weight to by default: the layer's own.
         self.dequantize_dtype = self.weight.dtype
         self.register_buffer("weight_scale", None)  # a state_dict key of fp8 layers only
@@ -130,15 +136,18 @@ class LoRASCLinear(nn.Linear):
         backend: str = "auto",
         lora_dtype: torch.dtype | None = None,
         weight_format: str | None = None,
+        compute: str | None = None,
     ) -> LoRASCLinear:
         """A LoRASC layer sharing ``linear``'s weight and bias Parameters (same storage).
 
         Freezes them (``requires_grad=False``). Refuses a ``LoRASCLinear`` (its trained LoRA
         would be lost: finalize or ``merge_lowrank_`` it first) and non-float weights.
         With a ``weight_format`` the weight is quantized once into new storage
-        (per-row absmax scales, round to nearest); the bias is still shared.
+        (per-row absmax scales, round to nearest); the bias is still shared. ``compute``: as
+        for the constructor (checked before anything changes).
         """
         cls.check_linear(linear, weight_format)
+        cls.check_compute(compute, weight_format, linear.weight.dtype)
         weight = linear.weight
         scaled = None
         if weight_format is not None:  # before anything changes: a refusal leaves linear as is
@@ -169,7 +178,18 @@ class LoRASCLinear(nn.Linear):
             layer.bias.requires_grad_(False)
         if scaled is not None:
             layer._take_scaled(scaled, weight_format)
+        layer.compute = compute
         return layer
+
+    @staticmethod
+    def check_compute(compute, weight_format: str | None, dtype: torch.dtype | None) -> None:
+        """``compute`` is None or ``"fp8"``, the latter with a ``weight_format`` (a registered
+        name); ``dtype``: the float weight's (None: not known yet), named when refused."""
+        weight_dtype = dtype if weight_format is None else format_dtype(weight_format)
+        try:
+            format_checks.check_compute(compute, weight_dtype)
+        except ValueError as error:
+            raise ValueError(f"{error} (weight_format={weight_format!r})") from None
 
     @staticmethod
     def check_linear(linear, weight_format: str | None = None) -> None:
@@ -310,6 +330,7 @@ class LoRASCLinear(nn.Linear):
             noise_seed=self.noise_seed,
             noise_scale=self.noise_scale,
             backend=self.backend,  # a dropout seed is drawn per call from torch's generator
+            compute=self.compute,
         )
 
     def extra_repr(self) -> str:
@@ -319,6 +340,8 @@ class LoRASCLinear(nn.Linear):
         )
         if self.weight_format is not None:
             text += f", weight_format={self.weight_format!r}"
+        if self.compute is not None:
+            text += f", compute={self.compute!r}"
         if self.noise_seed is not None:
             text += f", noise_scale={self.noise_scale:.3g}"
         return text

@@ -32,6 +32,7 @@ the graph — compile with ``lora_dropout=0``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -58,7 +59,8 @@ def seed_from_int64(value: int | None) -> int | None:
 
 
 def _linear_op_args(spec: LinearSpec) -> tuple:
-    """``(scale, dropout_p, dropout_seed, noise_seed, noise_scale)`` of the ops' schemas."""
+    """``(scale, dropout_p, dropout_seed, noise_seed, noise_scale)`` of the ops' schemas
+    (``spec.compute`` travels as their last argument, ``compute``)."""
     dropout, noise = spec.dropout, spec.noise
     return (
         spec.scale,
@@ -69,10 +71,17 @@ def _linear_op_args(spec: LinearSpec) -> tuple:
     )
 
 
-def _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale) -> LinearSpec:
-    """Inverse of :func:`_linear_op_args`."""
+def _linear_spec(
+    scale, dropout_p, dropout_seed, noise_seed, noise_scale, compute=None
+) -> LinearSpec:
+    """Inverse of :func:`_linear_op_args` (with ``compute``)."""
     return LinearSpec.of(
-        scale, dropout_p, seed_from_int64(dropout_seed), seed_from_int64(noise_seed), noise_scale
+        scale,
+        dropout_p,
+        seed_from_int64(dropout_seed),
+        seed_from_int64(noise_seed),
+        noise_scale,
+        compute,
     )
 
 
@@ -103,9 +112,10 @@ def _linear_forward(
     noise_scale: float,
     backend: str,
     weight_scale: torch.Tensor | None = None,
+    compute: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` for 2-D ``x`` (M, K); see the module docstring."""
-    spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+    spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale, compute)
     return composition.linear_forward(
         backend_module(backend), x, _pack(weight, weight_scale), bias, lora_A, lora_B, spec
     )
@@ -125,6 +135,7 @@ def _(
     noise_scale,
     backend,
     weight_scale=None,
+    compute=None,
 ):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
 
@@ -145,9 +156,10 @@ def _linear_backward(
     needs: Sequence[bool],
     backend: str,
     weight_scale: torch.Tensor | None = None,
+    compute: str | None = None,
 ) -> list[torch.Tensor]:
     """The gradients that ``needs`` (five bools: x, weight, bias, lora_A, lora_B) asks for."""
-    spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale)
+    spec = _linear_spec(scale, dropout_p, dropout_seed, noise_seed, noise_scale, compute)
     grads = composition.linear_backward(
         backend_module(backend), dy, x, xa, _pack(weight, weight_scale), lora_A, lora_B, spec, needs
     )
@@ -170,6 +182,7 @@ def _(
     needs,
     backend,
     weight_scale=None,
+    compute=None,
 ):
     shapes = (
         (x.shape, x.dtype),
@@ -212,11 +225,12 @@ def _gradients(ctx, dy, run_backward) -> tuple:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _, lora_A, lora_B, *hyper, backend, weight_scale = inputs
+    x, weight, _, lora_A, lora_B, *hyper, backend, weight_scale, compute = inputs
     _save(ctx, x, output[1], weight, lora_A, lora_B, weight_scale)
     ctx.mark_non_differentiable(output[1])
     ctx.hyper = hyper
     ctx.backend = backend
+    ctx.compute = compute
 
 
 def _backward(ctx, dy, _):
@@ -233,6 +247,7 @@ def _backward(ctx, dy, _):
                 list(needs),
                 ctx.backend,
                 weight_scale,
+                ctx.compute,
             )
         )
         return (next(grads) if need else None for need in needs)
@@ -250,7 +265,9 @@ class LinearFunction(torch.autograd.Function):
     Under ``backward(create_graph=True)`` (double backward, e.g. a gradient penalty) the
     backward runs on the torch backend, whose ops autograd records, with ``xa`` recomputed
     from ``x`` and ``A`` so its graph is part of the result: any backend's forward then has
-    second derivatives (the backends share the forward's bits up to float rounding).
+    second derivatives (the backends share the forward's bits up to float rounding). In the
+    fp8 compute mode that backward is the storage mode's (rounding to fp8 has no useful
+    derivative): the first derivatives it returns are then not fp8-quantized.
     """
 
     @staticmethod
@@ -270,13 +287,13 @@ class LinearFunction(torch.autograd.Function):
         def directly(dy, x, xa, weight, lora_A, lora_B, weight_scale, needs):
             backend = ctx.backend
             weight = _pack(weight, weight_scale)
+            spec = ctx.spec
             if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
                 backend = backend_module("torch")
-                _, xa = composition.linear_forward(
-                    backend, x, weight, None, lora_A, lora_B, ctx.spec
-                )
+                spec = dataclasses.replace(spec, compute=None)
+                _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B, spec)
             return composition.linear_backward(
-                backend, dy, x, xa, weight, lora_A, lora_B, ctx.spec, needs
+                backend, dy, x, xa, weight, lora_A, lora_B, spec, needs
             )
 
         return _gradients(ctx, dy, directly)
@@ -342,7 +359,7 @@ def linear(
     if not torch.compiler.is_compiling():
         return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend, weight_scale)
     y, _ = torch.ops.lorasc.linear_forward(
-        x, weight, bias, lora_A, lora_B, *_linear_op_args(spec), backend, weight_scale
+        x, weight, bias, lora_A, lora_B, *_linear_op_args(spec), backend, weight_scale, spec.compute
     )
     return y
 

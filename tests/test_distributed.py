@@ -238,7 +238,7 @@ def test_fsdp_gradients_match_single_process_within_bf16_tolerance(runs):
 
 # -- FSDP2 on fp8 weights ------------------------------------------------------------------
 
-FP8_SCENARIOS = ("default", "paper")
+FP8_SCENARIOS = ("default", "paper", "compute")  # compute: the layers in compute="fp8"
 FP8_ROW_BLOCKS = {"0": ((0, 6), (6, 11)), "2": ((0, 3), (3, 5))}  # each rank's rows
 
 
@@ -285,6 +285,7 @@ def test_fsdp_fp8_merges_equal_the_unsharded_run_bit_for_bit(fp8_runs):
             sharded_noise, unsharded_noise = run[scenario]["noise_scales"]
             assert sharded_noise == unsharded_noise
             assert all(scale > 0 for scale in sharded_noise) == (scenario == "paper")
+            assert (scenario == "compute") == (run[scenario]["compute"] == "fp8")
             for index, merge in enumerate(merges(run[scenario])):
                 where = (scenario, index)
                 assert torch.equal(merge["output"], merge["ref_output"]), where

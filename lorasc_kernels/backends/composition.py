@@ -9,6 +9,13 @@ and ``W ⊕ n`` the weight with the call's fused noise:
 * backward: ``dY_B = dY B`` (M, r), ``dX = dY (W ⊕ n) + s · drop(dY_B A)``,
   ``dA = s · dY_Bᵀ drop(x)``, ``dB = s · dYᵀ xa``, ``dW = dYᵀ x``, ``db = Σ_m dY``.
 
+With ``spec.compute == "fp8"`` (a scaled ``W``, ``docs/fp8.md``) the two big GEMMs run on fp8
+operands, through the backend's :class:`~lorasc_kernels.backends.contract.ComputeBackend`
+primitives: ``x`` is quantized per row in the pass that computes ``xa``, ``y = deq(x_q)
+deq(W)ᵀ + b + s · xa Bᵀ``; ``dY ⊙ s_W`` (W's row scales on dY's columns) is quantized per
+row in the pass that computes ``dY_B``, ``dX = deq(g_q) codes(W) + s · drop(dY_B A)``. ``dA``
+and ``dB`` are the same products as without it (in ``x``'s dtype).
+
 The GEMMs with an (M, N) or (M, K) output go to the backend's fused
 :meth:`~lorasc_kernels.backends.contract.Backend.lowrank_gemm`; the thin products that need
 the dropout mask to its ``dropout_lowrank`` primitives (the mask is regenerated from its
@@ -48,6 +55,9 @@ def linear_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward."""
     A, B = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
+    if spec.compute is not None:  # fp8: x quantized in the pass that computes xa
+        rows, xa = backend.quantize_rows(x, None, A, spec.dropout)
+        return backend.scaled_rows_gemm(rows, weight, bias, xa, B, spec.scale, x.dtype), xa
     if spec.dropout is None:
         xa = x @ A.t()
     else:
@@ -74,9 +84,14 @@ def linear_backward(
     dy = _as(dy, x.dtype)
     A, B = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
     dx = d_a = None
-    if need_x or need_a:
+    if need_x and spec.compute is not None:  # fp8: dY ⊙ s_W quantized in the pass for dY_B
+        grads, dy_b = backend.quantize_rows(dy, weight.scale, B.t())
+        dx = backend.scaled_rows_gemm(
+            grads, weight, None, dy_b, A.t(), spec.scale, x.dtype, True, spec.dropout
+        )
+    elif need_x or need_a:
         dy_b = dy @ B
-    if need_x:  # Q = Wᵀ: a view of a float W; a ScaledWeight is passed as W (the contract)
+    if need_x and dx is None:  # Q = Wᵀ: a view of a float W; a ScaledWeight is passed as W
         q = weight if isinstance(weight, ScaledWeight) else weight.t()
         dx = backend.lowrank_gemm(
             dy,

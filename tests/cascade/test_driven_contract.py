@@ -1,6 +1,6 @@
 """Every driven layer meets the contract a Cascade relies on (lorasc_kernels.cascade.driven), as
 tests/backends/test_backend_contract.py checks every backend: LoRASCLinear with a float weight and
-with each fp8 format, and the PEFT adapter layer."""
+with each fp8 format (storage and compute modes), and the PEFT adapter layer."""
 
 import pytest
 import torch
@@ -15,9 +15,11 @@ from lorasc_kernels.formats.registry import WEIGHT_FORMATS
 IN, OUT, R = 12, 10, 2
 
 
-def lorasc_layer(weight_format):
+def lorasc_layer(weight_format, compute=None):
     def build():
-        layer = LoRASCLinear(IN, OUT, r=R, lora_alpha=4, weight_format=weight_format)
+        layer = LoRASCLinear(
+            IN, OUT, r=R, lora_alpha=4, weight_format=weight_format, compute=compute
+        )
         return nn.Sequential(layer), "0", layer
 
     return build
@@ -36,6 +38,7 @@ def peft_layer():
 LAYERS = {
     "lorasc-float": lorasc_layer(None),
     **{f"lorasc-{name}": lorasc_layer(name) for name in WEIGHT_FORMATS},
+    **{f"lorasc-{name}-compute-fp8": lorasc_layer(name, "fp8") for name in WEIGHT_FORMATS},
     "peft": peft_layer,
 }
 

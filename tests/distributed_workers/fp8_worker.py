@@ -5,7 +5,8 @@ Launched as ``cascade_worker.py`` is. Two ``LoRASCLinear`` layers with fp8 e4m3 
 reference. Before each merge (two boundaries, then ``finalize()``) the fast ``B`` is made
 ``LARGE`` times larger, so that the merges rescale rows held by both ranks, and the
 reference is handed the same fast LoRA. Two scenarios: the default settings, and the
-paper's (noise written into ``W``, ``slow_rate=0.5``). After each merge every rank records
+paper's (noise written into ``W``, ``slow_rate=0.5``), and the default settings with the
+layers in the fp8 compute mode (``compute="fp8"``). After each merge every rank records
 its output on a fixed probe, its ``weight_scale`` buffers and the gathered parameters, and
 the reference's. ``edge``: a one-row fp8 weight, whose rows rank 1 does not hold, rescaled
 by a boundary. Each rank saves to ``<out_dir>/rank<RANK>.pt`` for the test to compare.
@@ -91,12 +92,12 @@ def enlarge_and_hand_over(model, reference):
                 reference.get_parameter(name).copy_(value)
 
 
-def fp8_scenario(rank, world, settings):
+def fp8_scenario(rank, world, settings, compute=None):
     torch.manual_seed(0)
     model = nn.Sequential(
-        LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, weight_format="fp8_e4m3"),
+        LoRASCLinear(IN, HIDDEN, r=3, lora_alpha=6, weight_format="fp8_e4m3", compute=compute),
         nn.Tanh(),
-        LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, weight_format="fp8_e4m3"),
+        LoRASCLinear(HIDDEN, OUT, r=2, lora_alpha=4, weight_format="fp8_e4m3", compute=compute),
     )
     reference = copy.deepcopy(model)
     for layer in lorasc_layers(model).values():
@@ -129,6 +130,7 @@ def fp8_scenario(rank, world, settings):
         final_outputs = (model_of_final(probe), ref_served(probe))
     weights = [served[0].weight, served[2].weight]
     return {
+        "compute": compute,
         "initial_scales": initial_scales,
         "boundaries": boundaries,
         "noise_scales": (cascade.noise_scales, ref_cascade.noise_scales),
@@ -175,6 +177,7 @@ def main(out_dir):
         results = {
             "default": fp8_scenario(rank, world, {}),
             "paper": fp8_scenario(rank, world, PAPER),
+            "compute": fp8_scenario(rank, world, {}, compute="fp8"),
             "edge": edge_scenario(),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")

@@ -8,6 +8,8 @@ Triton kernels. Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET
   register operand) or ``fused_linear_scaled_tma.py`` (persistent, TMA-fed);
 * ``thin.py``: ``dropout_lowrank`` / ``dropout_lowrank_grad``, the thin products with the
   dropout mask regenerated on load;
+* ``fp8_compute.py``: ``quantize_rows`` and ``scaled_rows_gemm``, the fp8 compute mode's
+  primitives (rows quantized into e4m3 with the thin product, GEMMs on two fp8 operands);
 * ``merge.py``: ``merge_``, the in-place merge (a scaled weight's in ``merge_scaled.py``;
   the tile's update, shared, in ``merge_update.py``);
 * ``device.py`` and ``random.py``: device functions the kernels share; ``configs.py``: tile
@@ -36,6 +38,7 @@ except ImportError as error:  # Triton is optional
 __all__ = [
     "WEIGHT_DTYPES",
     "SCALED_WEIGHT_DTYPES",
+    "COMPUTE_MODES",
     "interpreting",
     "on_tensor_device",
     "unavailable_reason",
@@ -43,10 +46,13 @@ __all__ = [
     "dropout_lowrank",
     "dropout_lowrank_grad",
     "merge_",
+    "quantize_rows",
+    "scaled_rows_gemm",
 ]
 
 WEIGHT_DTYPES = KERNEL_DTYPES
 SCALED_WEIGHT_DTYPES = SCALED_DTYPES
+COMPUTE_MODES = ("fp8",)  # quantize_rows and scaled_rows_gemm (fp8_compute.py)
 
 # Primitive of the backend contract → the kernel module defining it.
 _PRIMITIVES = {
@@ -54,6 +60,8 @@ _PRIMITIVES = {
     "dropout_lowrank": "thin",
     "dropout_lowrank_grad": "thin",
     "merge_": "merge",
+    "quantize_rows": "fp8_compute",
+    "scaled_rows_gemm": "fp8_compute",
 }
 
 
