@@ -6,6 +6,7 @@ work in it as in the storage mode. FSDP2: tests/test_distributed.py's ``compute`
 """
 
 import copy
+import importlib.util
 import io
 
 import pytest
@@ -21,15 +22,18 @@ from lorasc_kernels import (
     lorasc_linear,
     merge_lowrank_,
 )
+from lorasc_kernels.backends import backend_module
 from lorasc_kernels.formats.quantize import quantize_rows
 from lorasc_kernels.formats.registry import scaled_weight_dtype
 
-try:
-    import triton  # noqa: F401
-
-    BACKENDS = ["torch", "triton"]
-except ImportError:  # the reference alone
-    BACKENDS = ["torch"]
+# The backends that run on CPU tensors here: the reference, and Triton in its interpreter
+# (without a GPU; on a GPU tests/backends/test_fp8_compute.py runs the kernels themselves).
+BACKENDS = [
+    name
+    for name in ("torch", "triton")
+    if importlib.util.find_spec(name) is not None
+    and backend_module(name).unavailable_reason(torch.device("cpu")) is None
+]
 IN, OUT, R = 37, 29, 5
 # Elementwise bounds of the output's rounding and float32's summation order, relative to
 # the element and to the output's mean magnitude (far below the ~2 % that quantizing x adds).

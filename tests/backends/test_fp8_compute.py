@@ -25,6 +25,9 @@ pytest.importorskip("triton")
 from lorasc_kernels.backends.triton import fp8_compute  # noqa: E402
 
 E4M3 = WEIGHT_FORMATS[ACTIVATION_FORMAT]
+# The relative rounding of one float32 addition; on a GPU, of Hopper's fp8 MMA accumulator
+# within a 128-deep K step (about 14 bits kept: DeepSeek-V3's report; not measured here).
+SUM_UNIT = 2.0**-23 if DEVICE == "cpu" else 2.0**-13
 # design.md §7: the tolerance of a product in x's dtype, relative to the output's largest
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 5e-4}
 
@@ -60,7 +63,8 @@ def test_backends_with_a_compute_mode_have_the_protocols_signatures(name):
 def test_the_reference_quantizes_rows_as_torch_converts_them(dtype):
     """Per-row absmax scales (``max |row| / 448``, one ulp up where needed, 1 for a zero row)
     and torch's own round-to-nearest conversion of ``row / scale``."""
-    values = (torch.randn(23, 41, device=DEVICE) * torch.logspace(-6, 3, 23)[:, None]).to(dtype)
+    magnitudes = torch.logspace(-6, 3, 23, device=DEVICE)[:, None]
+    values = (torch.randn(23, 41, device=DEVICE) * magnitudes).to(dtype)
     values[3] = 0
     col_scale = torch.rand(41, device=DEVICE) + 0.25
     rows, pl = reference.quantize_rows(values, col_scale)
@@ -85,7 +89,9 @@ QUANTIZE_CASES = [(37, 53, 5, None), (16, 16, 0, None), (45, 70, 17, 0.25), (3, 
 @pytest.mark.parametrize("column_scales", [False, True], ids=["x", "dY_sw"])
 def test_triton_quantizes_rows_bit_for_bit(dtype, case, column_scales):
     M, K, r, p = case
-    x = (torch.randn(M, K, device=DEVICE) * torch.logspace(-3, 2, M)[:, None]).to(dtype)
+    x = (torch.randn(M, K, device=DEVICE) * torch.logspace(-3, 2, M, device=DEVICE)[:, None]).to(
+        dtype
+    )
     x[M // 2] = 0
     x_strided = torch.empty(K, M, device=DEVICE, dtype=dtype).t().copy_(x)  # column-major
     col_scale = torch.rand(K, device=DEVICE) * 2**-5 + 2**-7 if column_scales else None
@@ -141,9 +147,9 @@ GEMM_CASES = [(37, 29, 53, 5, None), (16, 48, 16, 0, None), (45, 23, 70, 17, 0.3
 @pytest.mark.parametrize("case", GEMM_CASES, ids=str)
 @pytest.mark.parametrize("q_transposed", [False, True], ids=["forward", "dX"])
 def test_triton_gemm_matches_the_reference_and_float64(dtype, weight_dtype, case, q_transposed):
-    """Within float32's summation order of the reference (fp32 outputs: 1e-6 of the output's
-    scale; 16-bit: one unit of the last place, the rounding that order may flip), and
-    within the order's bound plus the output's rounding of float64 math."""
+    """Within the summation order's bound of the reference (16-bit outputs: plus one unit in
+    the last place, the rounding that order may flip), and within the same of float64
+    math."""
     M, N, K, r, p = case
     a, weight, bias, u, v = _operands(M, N, K, r, dtype, weight_dtype, q_transposed)
     dropout = DropoutSpec(11, p) if p and q_transposed else None  # the dX GEMM's rank mask
@@ -163,26 +169,27 @@ def test_triton_gemm_matches_the_reference_and_float64(dtype, weight_dtype, case
         q_transposed,
         None,
     )
-    order = (K + r + 2) * 2.0**-23 * magnitude
+    order = (K + r + 2) * SUM_UNIT * magnitude
     if dtype == torch.float32:
         assert ((got - expected).abs() <= order).all()
-    else:
-        assert ((got - expected).abs() <= _ulp(expected, dtype)).all()
+    else:  # and the output's rounding, which that order may flip by one unit
+        assert ((got - expected).abs() <= order + _ulp(expected, dtype)).all()
     assert ((got - exact).abs() <= order + _ulp(exact, dtype)).all()
 
 
 @pytest.mark.parametrize("weight_dtype", list(fp8_compute.SCALED_DTYPES), ids=str)
 @pytest.mark.parametrize("q_transposed", [False, True], ids=["forward", "dX"])
 def test_triton_gemm_is_bit_identical_where_every_sum_is_exact(weight_dtype, q_transposed):
-    """Integer codes up to 16 and power-of-two scales: every product and partial sum is an
-    integer below 2²⁴ times a power of two, exact in float32 in any order, so the kernel,
-    the reference and float64 agree bit for bit (a wrong code, scale or index would not)."""
+    """Integer codes up to 4 and power-of-two scales: every product and partial sum is an
+    integer below 2¹¹ times a power of two, exact in float32 (and in an fp8 MMA's narrower
+    accumulator) in any order, so the kernel, the reference and float64 agree bit for bit
+    (a wrong code, scale or index would not)."""
     M, N, K = 37, 29, 70
-    a_codes = torch.randint(-16, 17, (M, K), device=DEVICE).float()
+    a_codes = torch.randint(-4, 5, (M, K), device=DEVICE).float()
     a_scale = torch.exp2(torch.randint(-8, 8, (M,), device=DEVICE).float())
     a = ScaledWeight(a_codes.to(E4M3), a_scale)
     shape = (K, N) if q_transposed else (N, K)
-    weight_codes = torch.randint(-16, 17, shape, device=DEVICE).float().to(weight_dtype)
+    weight_codes = torch.randint(-4, 5, shape, device=DEVICE).float().to(weight_dtype)
     weight_scale = torch.exp2(torch.randint(-8, 8, (shape[0],), device=DEVICE).float())
     weight = ScaledWeight(weight_codes, weight_scale)
     args = (a, weight, None, None, None, 1.0, torch.float32, q_transposed)
