@@ -4,9 +4,10 @@ activation format, and GEMMs on two fp8 operands with their scales in the epilog
 * :func:`quantize_rows`: ``p`` (M, K) (times W's row scales per column for dX) into e4m3
   codes with per-row absmax scales, and the thin product ``drop(p) Lᵀ`` (M, r) from the same
   tiles: a program owns ``BLOCK_M`` whole rows and sweeps them twice, the first for the rows'
-  peaks and the thin product, the second (its tiles from L2) for the codes. Codes and
-  scales are those of :func:`lorasc_kernels.formats.quantize.quantize_rows` bit for bit
-  (division ``div_rn``, rounding on integers by :func:`.merge_scaled.encode_scaled`).
+  peaks and the thin product, the second for the codes (``p`` read twice: from L2 where the
+  programs' rows fit there, docs/fp8.md). Codes and scales are those of
+  :func:`lorasc_kernels.formats.quantize.quantize_rows` bit for bit (division ``div_rn``,
+  rounding on integers by :func:`.merge_scaled.encode_scaled`).
 * :func:`scaled_rows_gemm`: ``out = s_a[m] · (a_codes · b_codesᵀ)[m, n] · s_b[n] (+ bias) +
   scale · drop(U Vᵀ)``: both operands fp8 in ``tl.dot`` (``QGMMA`` on sm_90), accumulated
   in float32, the row scales, the bias and the rank term applied in the epilogue. Forward:
