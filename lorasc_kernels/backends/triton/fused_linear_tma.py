@@ -26,6 +26,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from ...formats.registry import float32_scalar
 from ..specs import DropoutSpec, NoiseSpec
@@ -171,14 +172,18 @@ def aligned(tensor: torch.Tensor, stride: int) -> bool:
 
 
 @functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _properties(index: int):
+    """CUDA device ``index``'s properties, read once per process: the query costs
+    microseconds, and the persistent variants ask at each launch."""
+    return torch.cuda.get_device_properties(index)
 
 
 def lacks_tma(device: torch.device) -> bool:
-    """Whether ``device`` is a GPU below compute capability 9.0 (no TMA), its capability
-    read once per process (the query costs microseconds, and this is asked at each call)."""
-    return device.type == "cuda" and _capability(device.index) < (9, 0)
+    """Whether ``device`` is a GPU below compute capability 9.0 (no TMA)."""
+    if device.type != "cuda":
+        return False
+    properties = _properties(device.index)
+    return (properties.major, properties.minor) < (9, 0)
 
 
 def unsupported_reason(p, q) -> str | None:
@@ -208,8 +213,6 @@ def _workspace(size: int, alignment: int, stream) -> torch.Tensor:
 
 def ensure_allocator() -> None:
     """Give Triton an allocator for the descriptors' workspace, unless one is set."""
-    from triton.runtime import _allocation
-
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
         triton.set_allocator(_workspace)
 
@@ -217,7 +220,7 @@ def ensure_allocator() -> None:
 def persistent_programs(device: torch.device) -> int:
     """Programs of a persistent grid on ``device``: one per SM (two in the interpreter)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _properties(device.index).multi_processor_count
     return _INTERPRETER_PROGRAMS
 
 
