@@ -10,7 +10,7 @@ backward with a fixed ``dY``. Providers:
   skipped on the CPU, its inductor build taking 10 s+, unless ``--compile``);
 * ``ours-<backend>``: ``LoRASCLinear.from_linear(..., backend=...)`` for ``torch``,
   ``triton`` and ``cuda``, as ``providers.build`` makes them (no hooks: a forced GEMM
-  variant is an environment switch set before each call); a backend that cannot
+  variant is the dispatch's mode, set around each call); a backend that cannot
   run here is a row with its reason in ``skipped``.
 
 Columns, per call: ``host_us``, the median over ``--calls`` calls of ``perf_counter``

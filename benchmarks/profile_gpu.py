@@ -24,9 +24,9 @@ sign so W stays bounded over thousands of calls.
 
 Pinned, so nothing is tuned or measured that a row does not time: each Triton GEMM
 autotuner keeps the one config :data:`PINNED_TILE` (with one config Triton times nothing),
-and the GEMM variant is ``LORASC_GEMM_VARIANT`` set for the whole of a row, whatever the
-provider (unset for the dispatch, which then times its candidates at the row's first call,
-before any timing).
+and the GEMM variant is the dispatch's mode (``gemm_dispatch.forced_mode``) for the whole
+of a row, whatever the provider (None, the default, for the dispatch, which then times its
+candidates at the row's first call, before any timing).
 
 Columns per row: ``bench_ms`` (``triton.testing.do_bench`` median; dry: one call timed
 by ``perf_counter``), ``vs_floor`` (``bench_ms`` over the floor's in the same problem and

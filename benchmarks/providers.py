@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -276,24 +275,17 @@ def variant_of(name: str) -> str | None:
 
 @contextlib.contextmanager
 def variant_pinned(variant: str | None):
-    """The Triton GEMM switch set to ``variant`` inside (None: unset, the dispatch's
-    default), restored after."""
-    from lorasc_kernels.backends.triton.gemm_dispatch import SWITCH
+    """The Triton GEMM dispatch's mode set to ``variant`` inside (None: its default, the
+    dispatch's choice), restored after (``gemm_dispatch.forced_mode``)."""
+    from lorasc_kernels.backends.triton import gemm_dispatch
 
-    before = os.environ.pop(SWITCH, None)
-    if variant is not None:
-        os.environ[SWITCH] = variant
-    try:
+    with gemm_dispatch.forced_mode(variant):
         yield
-    finally:
-        os.environ.pop(SWITCH, None)
-        if before is not None:
-            os.environ[SWITCH] = before
 
 
 def pinned(fn, variant: str | None):
     """``fn`` run under :func:`variant_pinned`. Every provider's timed callable is wrapped
-    alike, so each pays the same environment writes, and providers timed in turns never use
+    alike, so each pays the same switch, and providers timed in turns never use
     another's variant."""
 
     def run():

@@ -3,6 +3,7 @@ switch, the candidates of a call, the choice by measurement with a fake timing s
 its per-process cache, and the ``addmm`` composition against float64."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -36,7 +37,7 @@ def _choose(dispatch, key, options=ALL, device=CPU):
 
 
 def test_measure_keeps_the_fastest_per_key_for_the_process(monkeypatch):
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     timer = FakeTimer({"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
     dispatch = gemm_dispatch.Dispatch(timer)
     assert _choose(dispatch, "a") == "persistent"
@@ -49,7 +50,7 @@ def test_measure_keeps_the_fastest_per_key_for_the_process(monkeypatch):
 
 
 def test_a_variant_that_fails_while_measured_is_left_out_with_a_warning(monkeypatch):
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
 
     def run(variant):
         if variant != "tiled":
@@ -68,17 +69,53 @@ def test_forced_variant_where_it_applies_else_tiled(monkeypatch):
     timer = FakeTimer({})
     dispatch = gemm_dispatch.Dispatch(timer)
     for variant in ALL:
-        monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
+        monkeypatch.setattr(gemm_dispatch, "mode", variant)
         assert _choose(dispatch, "k") == variant
         assert _choose(dispatch, "k", options=("tiled",)) == "tiled"
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "fastest")
+    monkeypatch.setattr(gemm_dispatch, "mode", "fastest")
     with pytest.raises(ValueError, match=gemm_dispatch.SWITCH):
         _choose(dispatch, "k")
     assert timer.calls == 0 and not dispatch.chosen
 
 
+def test_forced_mode_is_checked_and_restored(monkeypatch):
+    """``forced_mode`` refuses an unknown mode before changing anything, and puts the
+    previous mode back on the way out, an error included."""
+    monkeypatch.setattr(gemm_dispatch, "mode", "addmm")
+    with pytest.raises(ValueError, match="'fastest'"):
+        with gemm_dispatch.forced_mode("fastest"):
+            pass
+    assert gemm_dispatch.mode == "addmm"
+    with pytest.raises(RuntimeError), gemm_dispatch.forced_mode("persistent"):
+        assert gemm_dispatch.mode_for(CPU) == "persistent"
+        raise RuntimeError
+    assert gemm_dispatch.mode == "addmm"
+    with gemm_dispatch.forced_mode(None):
+        assert gemm_dispatch.mode_for(CPU) == "tiled"
+        assert gemm_dispatch.mode_for(torch.device("cuda")) == "measure"
+
+
+def test_the_mode_is_the_environment_switch_as_set_at_import(tmp_path):
+    """``LORASC_GEMM_VARIANT`` is read when the module is imported (a fresh process here);
+    set later in that process, it changes nothing: the mode is a module attribute."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os\n"
+        "from lorasc_kernels.backends.triton import gemm_dispatch as d\n"
+        "os.environ[d.SWITCH] = 'tiled'\n"
+        "print(d.mode, d.mode_for(__import__('torch').device('cpu')))\n"
+    )
+    env = dict(os.environ, **{gemm_dispatch.SWITCH: "persistent"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["persistent", "persistent"]
+
+
 def test_default_measures_on_cuda_only(monkeypatch):
-    monkeypatch.delenv(gemm_dispatch.SWITCH, raising=False)
+    monkeypatch.setattr(gemm_dispatch, "mode", None)
     timer = FakeTimer({"tiled": 2.0, "persistent": 1.0, "addmm": 3.0})
     dispatch = gemm_dispatch.Dispatch(timer)
     assert _choose(dispatch, "k", device=CPU) == "tiled" and timer.calls == 0
@@ -89,7 +126,7 @@ def test_default_measures_on_cuda_only(monkeypatch):
 @pytest.mark.skipif(DEVICE == "cuda", reason="CPU tensors run in the interpreter only")
 def test_measure_asked_for_on_cpu_tensors_runs_tiled_and_says_so_once(monkeypatch):
     """The GPU timer cannot time the interpreter: ``measure`` falls back to ``tiled``."""
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch())
     p, q, u, v = (
         torch.randn(*shape).to(torch.bfloat16) for shape in ((16, 32), (16, 32), (16, 2), (16, 2))
@@ -147,7 +184,7 @@ def test_addmm_composition_matches_float64_with_the_references_noise(q_transpose
 def test_primitive_returns_the_measured_variants_result(monkeypatch):
     """Through the primitive: every candidate is timed once, the fastest one's output is
     returned, and the next call of the same problem measures nothing."""
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     timer = FakeTimer({"tiled": 2.0, "persistent": 3.0, "addmm": 1.0})
     monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch(timer))
     for variant in ALL:
@@ -194,7 +231,7 @@ def test_benchmark_providers_pin_their_variant_for_forward_and_backward(monkeypa
 
         monkeypatch.setattr(gemm_dispatch, launcher, record)
     # recorded, so that the switch the pinned calls set is undone after the test
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "tiled")
+    monkeypatch.setattr(gemm_dispatch, "mode", "tiled")
     tensors = providers.Tensors.draw(providers.Problem(16, 32, 16, 2, torch.bfloat16, DEVICE))
 
     def timed(name, mode):
@@ -223,7 +260,7 @@ def _stored(folder, seconds, key="k"):
 
 
 def test_a_measured_choice_is_the_choice_of_every_later_process(monkeypatch, tmp_path):
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     first, timer = _stored(tmp_path, {"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
     assert first == "persistent" and timer.calls == 3
     # a later process, where addmm would measure faster: it measures nothing, adopts the file
@@ -238,7 +275,7 @@ def test_a_measured_choice_is_the_choice_of_every_later_process(monkeypatch, tmp
 
 def test_two_processes_measuring_at_once_settle_on_the_first_stored(monkeypatch, tmp_path):
     """The second one to store finds the first one's choice in the file and adopts it."""
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     store = dispatch_store.ChoiceStore(tmp_path)
 
     class Racing(FakeTimer):
@@ -253,7 +290,7 @@ def test_two_processes_measuring_at_once_settle_on_the_first_stored(monkeypatch,
 
 
 def test_an_unusable_choice_file_is_reported_once_and_choices_stay_in_memory(monkeypatch, tmp_path):
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     store = dispatch_store.ChoiceStore(tmp_path)
     store.path(CPU).write_text("{not json")
     timer = FakeTimer({"tiled": 3.0, "persistent": 1.0, "addmm": 2.0})
@@ -295,7 +332,7 @@ def test_a_call_of_a_known_shape_but_another_alignment_is_another_problem(monkey
     """The problems of calls are looked up by their layout: a ``P`` of the same shape and
     strides whose base pointer is not 16-byte aligned has no TMA variant, and so another
     key, as :func:`candidates` says when asked afresh."""
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "measure")
+    monkeypatch.setattr(gemm_dispatch, "mode", "measure")
     monkeypatch.setattr(gemm_dispatch, "DISPATCH", gemm_dispatch.Dispatch(lambda run: 1.0))
     base = torch.randn(16, 40, device=DEVICE).to(torch.bfloat16)
     aligned, shifted = base[:, :32], base[:, 1:33]  # same shape and strides, 2 bytes apart

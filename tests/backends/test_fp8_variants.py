@@ -94,7 +94,7 @@ def test_an_fp8_layer_trains_the_same_through_either_variant(scaled_dtype, monke
     results = []
     kernels = {"tiled": "_scaled_lowrank_kernel", "persistent": "_persistent_scaled_kernel"}
     for variant, kernel in kernels.items():
-        monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
+        monkeypatch.setattr(gemm_dispatch, "mode", variant)
         x.grad = None
         layer.zero_grad()
         with LaunchCounter() as launches:

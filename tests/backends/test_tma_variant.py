@@ -136,7 +136,7 @@ def test_layer_forward_and_backward_through_the_persistent_variant(monkeypatch):
     dy = torch.randn(24, 40, device=DEVICE).to(torch.bfloat16)
 
     def run(variant):
-        monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
+        monkeypatch.setattr(gemm_dispatch, "mode", variant)
         leaves = [t.detach().requires_grad_(True) for t in (x, b, lora_A, lora_B)]
         y = lorasc_linear(
             leaves[0],
@@ -180,7 +180,7 @@ def test_fallback_rule():
 
 def test_forced_persistent_falls_back_to_tiled_where_tma_does_not_apply(monkeypatch):
     """A layout TMA cannot read runs the tiled kernel, with the same result."""
-    monkeypatch.setenv(gemm_dispatch.SWITCH, "persistent")
+    monkeypatch.setattr(gemm_dispatch, "mode", "persistent")
     p = torch.randn(16, 45, device=DEVICE).to(torch.bfloat16)  # 90-byte rows
     q = torch.randn(24, 45, device=DEVICE).to(torch.bfloat16)
     assert "aligned" in fused_linear_tma.unsupported_reason(p, q)
@@ -204,7 +204,7 @@ def test_gpu_persistent_and_measured_layer_at_the_headline_specialization(monkey
     )
     y64.backward(dy.double())
     for variant in ("persistent", "measure"):
-        monkeypatch.setenv(gemm_dispatch.SWITCH, variant)
+        monkeypatch.setattr(gemm_dispatch, "mode", variant)
         leaves = [t.detach().requires_grad_(True) for t in (x, lora_A, lora_B)]
         y = lorasc_linear(leaves[0], weight, None, *leaves[1:], 2.0, backend="triton")
         y.backward(dy)

@@ -17,7 +17,10 @@ A scaled (fp8) weight has these two variants too, in :mod:`.fused_linear_scaled`
   operands of one dtype, unscaled weights and no rank-term dropout. The noise, if any, is
   one :func:`.fused_linear.noisy_weight_pass` first.
 
-The switch ``LORASC_GEMM_VARIANT`` (:data:`SWITCH`, read at each call):
+The mode (:data:`mode`: ``LORASC_GEMM_VARIANT``, :data:`SWITCH`, as set when this module is
+first imported, i.e. at the first GEMM of the Triton backend; changed in the process by
+:func:`forced_mode`; read at each call as a module attribute, not from the environment, which
+would cost microseconds per launch):
 
 * ``measure`` (the default for CUDA tensors): the first call of a problem with two or
   more candidate variants times each (after its autotuning; one that raises is left out
@@ -43,9 +46,10 @@ or versions.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -64,6 +68,9 @@ from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_r
 __all__ = [
     "SWITCH",
     "VARIANTS",
+    "MODES",
+    "mode",
+    "forced_mode",
     "ProblemKey",
     "Dispatch",
     "DISPATCH",
@@ -75,6 +82,25 @@ __all__ = [
 SWITCH = "LORASC_GEMM_VARIANT"
 VARIANTS = ("tiled", "persistent", "addmm")
 _MEASURE = "measure"
+MODES = (_MEASURE, *VARIANTS)
+
+# The mode of every call in this process (module docstring): None, the default of each
+# call's device (measure on CUDA, tiled elsewhere), or one of MODES (checked where used).
+mode: str | None = os.environ.get(SWITCH) or None
+
+
+@contextlib.contextmanager
+def forced_mode(value: str | None) -> Iterator[None]:
+    """:data:`mode` set to ``value`` (one of :data:`MODES`, or None for the default) inside,
+    restored after."""
+    global mode
+    if value is not None and value not in MODES:
+        raise ValueError(f"GEMM dispatch mode {value!r}: expected one of {MODES} or None")
+    before, mode = mode, value
+    try:
+        yield
+    finally:
+        mode = before
 
 
 class ProblemKey(NamedTuple):
@@ -137,16 +163,16 @@ class Dispatch:
         run: Callable[[str], object],
         mode: str | None = None,
     ) -> str:
-        """The variant among ``options`` (``"tiled"`` first) for ``key``, as :data:`SWITCH`
-        says (``mode``: its value if already read, :func:`switch_mode`); measuring runs
+        """The variant among ``options`` (``"tiled"`` first) for ``key``, as the dispatch's
+        mode says (``mode``: that of :func:`mode_for`, if already read); measuring runs
         ``run(variant)`` under :attr:`timer`."""
-        mode = mode or switch_mode(device)
+        mode = mode or mode_for(device)
         if mode == _MEASURE:  # a key measured before: its choice, nothing else to read
             chosen = self.chosen.get(key)
             if chosen is not None:
                 return chosen
-        if mode not in (_MEASURE, *VARIANTS):
-            raise ValueError(f"{SWITCH}={mode!r}: expected one of {(_MEASURE, *VARIANTS)}")
+        if mode not in MODES:
+            raise ValueError(f"GEMM dispatch mode ({SWITCH}) {mode!r}: expected one of {MODES}")
         if mode == _MEASURE and device.type != "cuda" and self.timer is _gpu_seconds:
             if not self.told_no_timer:  # the GPU timer cannot time the interpreter
                 warnings.warn(
@@ -191,9 +217,9 @@ class Dispatch:
 DISPATCH = Dispatch(store=ChoiceStore.from_environment())
 
 
-def switch_mode(device: torch.device) -> str:
-    """:data:`SWITCH`'s value (read now), or its default for ``device``'s tensors."""
-    return os.environ.get(SWITCH) or (_MEASURE if device.type == "cuda" else "tiled")
+def mode_for(device: torch.device) -> str:
+    """:data:`mode`, or its default for ``device``'s tensors."""
+    return mode or (_MEASURE if device.type == "cuda" else "tiled")
 
 
 def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str, ...]:
@@ -304,10 +330,10 @@ def lowrank_gemm(
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, the
     contract's primitive (:class:`~lorasc_kernels.backends.contract.Backend`), by the
     variant :data:`DISPATCH` chooses."""
-    operands = (p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
-    mode = switch_mode(p.device)
+    mode = mode_for(p.device)
     if mode == "tiled":  # it takes every call: no candidates, no key to build
-        return _run_variant("tiled", *operands)
+        return _run_variant("tiled", p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
+    operands = (p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
     layout = _layout(p, q, bias, u, v, noise, q_transposed, rank_dropout)
     problem = _PROBLEMS.get(layout)
     if problem is None:
