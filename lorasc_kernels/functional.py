@@ -110,14 +110,19 @@ def check_backend_dtype(backend: str, **dtypes: torch.dtype | None):
             )
 
 
+# Device type → whether torch.autocast exists for it (fixed for the process).
+_AUTOCAST_AVAILABLE: dict[str, bool] = {}
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` gives ``x``'s call, or None when it is off (or ``x`` is
     float64, which it leaves)."""
-    device_type = x.device.type
-    # not on "meta"; off: no autocast context to leave either (a context costs µs per call)
-    if not (
-        torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    ):
+    device_type = "cuda" if x.is_cuda else x.device.type
+    available = _AUTOCAST_AVAILABLE.get(device_type)
+    if available is None:  # not on "meta": asking whether it is enabled there would raise
+        available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    # off: no autocast context to leave either (a context costs µs per call)
+    if not (available and torch.is_autocast_enabled(device_type)):
         return None
     return None if x.dtype == torch.float64 else torch.get_autocast_dtype(device_type)
 
@@ -397,16 +402,14 @@ def lorasc_linear(
         x = x.to(autocast_dtype)
         weight = weight if checked.scaled else weight.to(autocast_dtype)
         bias = None if bias is None else bias.to(autocast_dtype)
-    in_features = x.shape[-1]
-    out_features = weight.shape[0]
-    lead = x.shape[:-1]
-    rows = x if x.dim() == 2 else x.reshape(-1, in_features)  # 2-D: no view op
+    two_dims = x.dim() == 2
+    rows = x if two_dims else x.reshape(-1, x.shape[-1])  # 2-D: no view op
     if autocast_dtype is None:
         y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend)
     else:
         with torch.autocast(x.device.type, enabled=False):
             y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend)
-    if x.dim() == 2:
+    if two_dims:
         return y
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.
-    return torch.ops.aten._unsafe_view(y, (*lead, out_features))
+    return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))

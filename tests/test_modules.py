@@ -37,6 +37,36 @@ def test_forward_matches_float64_and_nn_linear_at_init():
     assert rel_error(layer(x).reshape(-1, 53), expected) < 1e-5
 
 
+def test_parametrized_and_functionally_called_parameters_are_the_ones_used():
+    """The forward reads its parameters from the module's registries, and by attribute where
+    a name has left them (``torch.nn.utils.parametrize``); ``torch.func.functional_call``
+    swaps them in the registries: both are seen, as ``self.<name>`` would see them."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(12, 10, r=3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 12)
+    doubled = LoRASCLinear(12, 10, r=3)
+    doubled.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        doubled.lora_B.mul_(2)
+        doubled.bias.zero_()
+    params = {name: p.detach().clone() for name, p in doubled.named_parameters()}
+    swapped = torch.func.functional_call(layer, params, (x,))
+    torch.testing.assert_close(swapped, doubled(x), rtol=0, atol=0)
+
+    class Twice(nn.Module):
+        def forward(self, value):
+            return 2 * value
+
+    torch.nn.utils.parametrize.register_parametrization(layer, "lora_B", Twice())
+    with torch.no_grad():
+        layer.bias.zero_()
+    torch.testing.assert_close(layer(x), doubled(x), rtol=0, atol=0)
+    layer(x).sum().backward()
+    assert layer.parametrizations.lora_B.original.grad is not None
+
+
 def test_from_linear_shares_storage():
     linear = nn.Linear(20, 30, dtype=torch.bfloat16)
     layer = LoRASCLinear.from_linear(linear, r=4, lora_alpha=8)

@@ -44,6 +44,13 @@ def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
+def _factors(lora_A, lora_B, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` in ``dtype``, in one call (each call costs host time at every step)."""
+    if lora_A.dtype == dtype and lora_B.dtype == dtype:
+        return lora_A, lora_B
+    return lora_A.to(dtype), lora_B.to(dtype)
+
+
 def linear_forward(
     backend: Backend,
     x: torch.Tensor,
@@ -54,7 +61,7 @@ def linear_forward(
     spec: LinearSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y (M, N), xa (M, r))`` in ``x``'s dtype; ``xa`` is saved for backward."""
-    A, B = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
+    A, B = _factors(lora_A, lora_B, x.dtype)
     if spec.compute is not None:  # fp8: x quantized in the pass that computes xa
         rows, xa = backend.quantize_rows(x, None, A, spec.dropout)
         return backend.scaled_rows_gemm(rows, weight, bias, xa, B, spec.scale, x.dtype), xa
@@ -82,7 +89,7 @@ def linear_backward(
     A :class:`ScaledWeight` is frozen: ``needs`` asks no ``dweight``."""
     need_x, need_weight, need_bias, need_a, need_b = needs
     dy = _as(dy, x.dtype)
-    A, B = _as(lora_A, x.dtype), _as(lora_B, x.dtype)
+    A, B = _factors(lora_A, lora_B, x.dtype)
     dx = d_a = None
     if need_x and spec.compute is not None:  # fp8: dY ⊙ s_W quantized in the pass for dY_B
         grads, dy_b = backend.quantize_rows(dy, weight.scale, B.t())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ...formats.registry import float32_scalar
 from . import interpreting
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "m_bucket",
     "rank_block",
     "dot_precision",
+    "gemm_scalars",
 ]
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps)
@@ -164,6 +166,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
+
+
+# (m, r, scale) → (m_bucket(m), float32_scalar(scale), rank_block(r)) of the GEMM
+# launches seen: one lookup where three calls cost microseconds per launch in a training
+# step (benchmarks/bench_host.py). Zero scales are not kept (0.0 == -0.0 as keys, and a
+# float32 -0.0 is another bit pattern). Bounded: cleared when full.
+_GEMM_SCALARS: dict[tuple, tuple[int, float, int]] = {}
+_GEMM_SCALARS_MAX = 4096
+
+
+def gemm_scalars(m: int, r: int, scale: float, dtype: torch.dtype) -> tuple[int, float, int, str]:
+    """``(m_bucket(m), float32_scalar(scale), rank_block(r), dot_precision(dtype))``: the
+    scalars of a fused GEMM launch of ``m`` rows, rank ``r``, ``dtype`` operands."""
+    key = (m, r, scale)
+    found = _GEMM_SCALARS.get(key)
+    if found is None:
+        found = (m_bucket(m), float32_scalar(scale), rank_block(r))
+        if scale:  # not zero (nor -0.0): kept
+            if len(_GEMM_SCALARS) >= _GEMM_SCALARS_MAX:
+                _GEMM_SCALARS.clear()
+            _GEMM_SCALARS[key] = found
+    return (*found, dot_precision(dtype))
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the persistent TMA variant (16-bit

@@ -33,13 +33,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats.registry import ACTIVATION_FORMAT, SCALED_DTYPES, WEIGHT_FORMATS, float32_scalar
+from ...formats.registry import ACTIVATION_FORMAT, SCALED_DTYPES, WEIGHT_FORMATS
 from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import (
     dot_precision,
     fp8_compute_configs,
-    m_bucket,
+    gemm_scalars,
     prune_fp32_outputs,
     rank_block,
     thin_configs,
@@ -364,6 +364,8 @@ def scaled_rows_gemm(
     if rank_dropout is not None:
         dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
 
+    bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, u.dtype)
+
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
@@ -380,21 +382,21 @@ def scaled_rows_gemm(
         N,
         K,
         r,
-        m_bucket(M),
+        bucket,
         *out.stride(),
         *a.codes.stride(),
         stride_bn,
         stride_bk,
         *u.stride(),
         *v.stride(),
-        float32_scalar(scale),
+        scale32,
         *dropout,
         B_SCALE=not q_transposed,
         B_TRANSPOSED=q_transposed,
         HAS_BIAS=bias is not None,
         LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(u.dtype),
+        R_BLOCK=r_block,
+        DOT_PRECISION=precision,
         **_fields("A_", a),
         **format_fields(weight),
         INTERPRETING=INTERPRETING,

@@ -31,15 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats.registry import float32_scalar
 from ..specs import DropoutSpec, NoiseSpec
-from .configs import (
-    dot_precision,
-    fused_linear_configs,
-    m_bucket,
-    prune_by_operand_size,
-    rank_block,
-)
+from .configs import fused_linear_configs, gemm_scalars, prune_by_operand_size
 from .device import (
     INTERPRETING,
     add_noise_tile,
@@ -288,6 +281,7 @@ def tiled_lowrank_gemm(
     """
     (M, K), N = p.shape, q.shape[0]
     out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
+    bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
 
     def grid(meta):
         return (-(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"]),)  # ceil divisions
@@ -303,20 +297,20 @@ def tiled_lowrank_gemm(
         N,
         K,
         r,
-        m_bucket(M),
+        bucket,
         *out.stride(),
         *p.stride(),
         *q.stride(),
         *u.stride(),
         *v.stride(),
-        float32_scalar(scale),
+        scale32,
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None,
         FUSED_NOISE=noise is not None,
         W_TRANSPOSED=q_transposed,
         LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(p.dtype),
+        R_BLOCK=r_block,
+        DOT_PRECISION=precision,
         INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,
     )

@@ -23,16 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats.registry import float32_scalar
 from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
-from .configs import (
-    dot_precision,
-    m_bucket,
-    prune_by_operand_size,
-    rank_block,
-    scaled_linear_configs,
-)
+from .configs import gemm_scalars, prune_by_operand_size, scaled_linear_configs
 from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
 
 __all__ = [
@@ -261,6 +254,8 @@ def scaled_lowrank_gemm(
     if rank_dropout is not None:
         dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
 
+    bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
+
     def grid(meta):
         return (-(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"]),)  # ceil divisions
 
@@ -276,20 +271,20 @@ def scaled_lowrank_gemm(
         N,
         K,
         r,
-        m_bucket(M),
+        bucket,
         *out.stride(),
         *p.stride(),
         stride_wn,
         stride_wk,
         *u.stride(),
         *v.stride(),
-        float32_scalar(scale),
+        scale32,
         *dropout,
         HAS_BIAS=bias is not None,
         W_TRANSPOSED=transposed,
         LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(p.dtype),
+        R_BLOCK=r_block,
+        DOT_PRECISION=precision,
         **format_fields(weight),
         INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,

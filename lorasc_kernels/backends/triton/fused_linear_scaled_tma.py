@@ -12,10 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...formats.registry import float32_scalar
 from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
-from .configs import dot_precision, m_bucket, persistent_scaled_configs, rank_block
+from .configs import gemm_scalars, persistent_scaled_configs
 from .device import INTERPRETING, grouped_tile, mma, rank_term
 from .fused_linear_scaled import format_fields, scaled_end, scaled_start, scaled_weight_tile
 from .fused_linear_tma import (
@@ -180,6 +179,8 @@ def persistent_scaled_lowrank_gemm(
         ensure_allocator()
     programs = persistent_programs(p.device)
 
+    bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
+
     def grid(meta):
         tiles = -(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"])  # ceil divisions
         return (min(programs, tiles),)
@@ -196,19 +197,19 @@ def persistent_scaled_lowrank_gemm(
         N,
         K,
         r,
-        m_bucket(M),
+        bucket,
         out.stride(0),
         p.stride(0),
         codes.stride(0),
         *u.stride(),
         *v.stride(),
-        float32_scalar(scale),
+        scale32,
         *dropout,
         HAS_BIAS=bias is not None,
         W_TRANSPOSED=transposed,
         LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(p.dtype),
+        R_BLOCK=r_block,
+        DOT_PRECISION=precision,
         **format_fields(weight),
         INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,

@@ -28,9 +28,8 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from ...formats.registry import float32_scalar
 from ..specs import DropoutSpec, NoiseSpec
-from .configs import dot_precision, m_bucket, persistent_configs, prune_noisy_tiles, rank_block
+from .configs import gemm_scalars, persistent_configs, prune_noisy_tiles
 from .device import INTERPRETING, add_noise_tile, grouped_tile, mma, rank_term, round_to
 from .fused_linear import gemm_operands, spec_arguments
 
@@ -245,6 +244,8 @@ def persistent_lowrank_gemm(
         ensure_allocator()
     programs = persistent_programs(p.device)
 
+    bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
+
     def grid(meta):
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
@@ -259,7 +260,7 @@ def persistent_lowrank_gemm(
         N,
         K,
         r,
-        m_bucket(M),
+        bucket,
         out.stride(0),
         p.stride(0),
         q.stride(1) if q_n_contiguous else q.stride(0),
@@ -267,15 +268,15 @@ def persistent_lowrank_gemm(
         u.stride(1),
         v.stride(0),
         v.stride(1),
-        float32_scalar(scale),
+        scale32,
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None,
         FUSED_NOISE=noise is not None,
         W_TRANSPOSED=q_transposed,
         Q_N_CONTIGUOUS=q_n_contiguous,
         LORA_DROPOUT=rank_dropout is not None,
-        R_BLOCK=rank_block(r),
-        DOT_PRECISION=dot_precision(p.dtype),
+        R_BLOCK=r_block,
+        DOT_PRECISION=precision,
         INTERPRETING=INTERPRETING,
         enable_fp_fusion=False,
     )
