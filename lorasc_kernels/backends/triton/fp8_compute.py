@@ -54,6 +54,7 @@ from .device import (
     round_to,
 )
 from .fused_linear_scaled import format_fields
+from .launch import launch
 from .merge_scaled import encode_scaled
 
 __all__ = ["SCALED_DTYPES", "fp8_operand", "quantize_rows", "scaled_rows_gemm"]
@@ -191,7 +192,9 @@ def quantize_rows(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
-    _quantize_rows_kernel[grid](
+    launch(
+        _quantize_rows_kernel,
+        grid,
         codes.view(torch.uint8),
         row_scale,
         row_scale if pl is None else pl,
@@ -369,7 +372,9 @@ def scaled_rows_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _scaled_rows_gemm_kernel[grid](
+    launch(
+        _scaled_rows_gemm_kernel,
+        grid,
         out,
         a.codes.view(torch.uint8),
         a.scale.contiguous(),

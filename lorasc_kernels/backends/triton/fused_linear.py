@@ -41,6 +41,7 @@ from .device import (
     rank_term,
     round_to,
 )
+from .launch import launch
 
 __all__ = [
     "NOISE_IN_GEMM_MAX_ROWS",
@@ -286,7 +287,9 @@ def tiled_lowrank_gemm(
     def grid(meta):
         return (-(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"]),)  # ceil divisions
 
-    _fused_lowrank_kernel[grid](
+    launch(
+        _fused_lowrank_kernel,
+        grid,
         out,
         p,
         q,

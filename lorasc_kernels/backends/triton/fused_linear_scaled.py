@@ -27,6 +27,7 @@ from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import gemm_scalars, prune_by_operand_size, scaled_linear_configs
 from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
+from .launch import launch
 
 __all__ = [
     "format_fields",
@@ -259,7 +260,9 @@ def scaled_lowrank_gemm(
     def grid(meta):
         return (-(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"]),)  # ceil divisions
 
-    _scaled_lowrank_kernel[grid](
+    launch(
+        _scaled_lowrank_kernel,
+        grid,
         out,
         p,
         codes.view(torch.uint8),

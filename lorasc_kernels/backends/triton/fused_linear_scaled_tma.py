@@ -25,6 +25,7 @@ from .fused_linear_tma import (
     persistent_programs,
     store_tile,
 )
+from .launch import launch
 
 __all__ = ["scaled_unsupported_reason", "persistent_scaled_lowrank_gemm"]
 
@@ -185,7 +186,9 @@ def persistent_scaled_lowrank_gemm(
         tiles = -(M // -meta["BLOCK_M"]) * -(N // -meta["BLOCK_N"])  # ceil divisions
         return (min(programs, tiles),)
 
-    _persistent_scaled_kernel[grid](
+    launch(
+        _persistent_scaled_kernel,
+        grid,
         out,
         p,
         codes.view(torch.uint8),

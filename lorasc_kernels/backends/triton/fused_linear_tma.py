@@ -32,6 +32,7 @@ from ..specs import DropoutSpec, NoiseSpec
 from .configs import gemm_scalars, persistent_configs, prune_noisy_tiles
 from .device import INTERPRETING, add_noise_tile, grouped_tile, mma, rank_term, round_to
 from .fused_linear import gemm_operands, spec_arguments
+from .launch import launch
 
 __all__ = [
     "TMA_DTYPES",
@@ -249,7 +250,9 @@ def persistent_lowrank_gemm(
     def grid(meta):
         return (min(programs, triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
 
-    _persistent_lowrank_kernel[grid](
+    launch(
+        _persistent_lowrank_kernel,
+        grid,
         out,
         p,
         q,

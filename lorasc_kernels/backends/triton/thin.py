@@ -21,6 +21,7 @@ from ..specs import DropoutSpec
 from . import on_tensor_device
 from .configs import dot_precision, m_bucket, rank_block, thin_configs
 from .device import INTERPRETING, dropout_tile, mma, round_to
+from .launch import launch
 
 __all__ = ["dropout_lowrank", "dropout_lowrank_grad"]
 
@@ -150,7 +151,9 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec)
     def grid(meta):
         return triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(r, r_block)
 
-    _dropout_lowrank_kernel[grid](
+    launch(
+        _dropout_lowrank_kernel,
+        grid,
         xa,
         x,
         lora_A,
@@ -194,7 +197,9 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
     def grid(meta):
         return triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(r, r_block), splits
 
-    _dropout_lowrank_grad_kernel[grid](
+    launch(
+        _dropout_lowrank_grad_kernel,
+        grid,
         partials,
         grad,
         x,
