@@ -4,6 +4,7 @@ same config, arguments, grid) as through the autotuner every time. Run on the GP
 ``triton.autotune`` (several configs, the JIT function replaced by a recorder)."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,3 +127,15 @@ def test_a_stand_in_is_launched_as_a_kernel_every_time():
         for _ in range(3):
             launch.launch(fused_linear._fused_lowrank_kernel, (1,), *args, **kwargs)
     assert launches.by_kernel == {"_fused_lowrank_kernel": 3}
+
+
+@pytest.mark.parametrize("tensors", [0, 1, 3])
+def test_the_key_holds_each_tensors_dtype_however_many(tensors):
+    """The tensor arguments come back as a tuple for none, one or several tensors (one
+    tensor is not iterated over), the key arguments by position and by keyword."""
+    kernel = SimpleNamespace(arg_names=["t0", "t1", "t2", "K", "N", "FLAG"], keys=["K", "FLAG"])
+    given = [torch.empty(2, dtype=torch.float16) for _ in range(tensors)]
+    args = (*given, *[None] * (3 - tensors), 5, 6)  # t0, t1, t2 (None where no tensor), K, N
+    signature = launch._signature(kernel, args, {"FLAG": True})
+    assert tuple(map(launch._DTYPE, signature.tensors(args))) == (torch.float16,) * tensors
+    assert signature.positional(args) == 5 and signature.keyword({"FLAG": True}) is True

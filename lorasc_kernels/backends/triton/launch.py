@@ -21,6 +21,7 @@ plain JIT function.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -34,7 +35,7 @@ class _Signature(NamedTuple):
 
     positional: operator.itemgetter | None  # the key arguments passed by position
     keyword: operator.itemgetter | None  # ... and by keyword
-    tensors: operator.itemgetter  # the tensor arguments (their dtypes join the key)
+    tensors: Callable[[tuple], tuple]  # the tensor arguments, a tuple (their dtypes join the key)
 
 
 _SIGNATURES: dict[Autotuner, _Signature] = {}
@@ -48,12 +49,20 @@ def _getter(items: list) -> operator.itemgetter | None:
     return operator.itemgetter(*items) if items else None
 
 
+def _tuple_getter(positions: list[int]) -> Callable[[tuple], tuple]:
+    """The arguments at ``positions``, always as a tuple (``itemgetter`` of one position
+    returns the item itself)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    return lambda args: tuple(args[i] for i in positions)
+
+
 def _signature(kernel: Autotuner, args: tuple, kwargs: dict) -> _Signature:
     names = kernel.arg_names
     positional = [names.index(key) for key in kernel.keys if names.index(key) < len(args)]
     keyword = [key for key in kernel.keys if names.index(key) >= len(args) and key in kwargs]
     tensors = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
-    return _Signature(_getter(positional), _getter(keyword), operator.itemgetter(*tensors))
+    return _Signature(_getter(positional), _getter(keyword), _tuple_getter(tensors))
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
