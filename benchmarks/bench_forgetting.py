@@ -36,7 +36,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +47,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from benchmarks import bench_expressiveness as expressiveness
-from benchmarks.common import device_name, family_main
+from benchmarks.common import device_name, example_module, family_main
 from lorasc_kernels import Cascade, LoRASCConfig, inject_lorasc
 from lorasc_kernels._files import atomic_write
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SETTINGS = ("classes", "rotated")
 PAPER = {"slow_rate": 0.5, "noise_lambda": 0.15}
 WARMUP_FRACTION = 0.1  # of a cascade, for lorasc-warmup
@@ -77,17 +75,7 @@ COLUMNS = [
 ]
 
 
-def _digits_example():
-    """``examples/finetune_digits.py`` as a module: its data split, batches and accuracy."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import finetune_digits
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return finetune_digits
-
-
-digits = _digits_example()
+digits = example_module("finetune_digits")  # its data split, batches and accuracy
 
 
 # -- what is run -------------------------------------------------------------------------

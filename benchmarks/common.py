@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import csv
 import gc
+import importlib
 import importlib.metadata
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def example_module(name: str):
+    """``examples/<name>.py`` imported as a module (its data, settings and training code);
+    ``examples/`` is on ``sys.path`` for the import only."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
 
 
 def device_name(device: str) -> str:

@@ -23,17 +23,21 @@ Usage: ``python -m benchmarks.fp8_compute_precision [--quick]``.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import append_csv, device_name, family_main, significant
+from benchmarks.common import (
+    EXAMPLES,
+    append_csv,
+    device_name,
+    example_module,
+    family_main,
+    significant,
+)
 from lorasc_kernels import LoRASCConfig, LoRASCLinear, ScaledWeight, inject_lorasc
 from lorasc_kernels.formats.registry import WEIGHT_FORMATS
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -89,21 +93,12 @@ def random_rows(size: int, rows: int) -> list[dict]:
     return found
 
 
-def _digits_example():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import finetune_digits
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return finetune_digits
-
-
 def digits_rows(quick: bool) -> list[dict]:
     """The ``digits`` layers: the example's fine-tuned model (``quick``: 2 epochs), whose
     finalized float32 linears (the trained fp8 weights dequantized, the LoRA merged) are
     quantized back to e4m3 (the same codes and scales: each row's peak is a code) and given
     a LoRA with ``B ~ 0.01·N(0, 1)``."""
-    digits = _digits_example()
+    digits = example_module("finetune_digits")
     device = torch.device("cpu")
     settings = digits.PretrainSettings()
     finetune = digits.dataclasses.replace(

@@ -7,13 +7,12 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from benchmarks.common import EXAMPLES, example_module
 
 pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
@@ -36,12 +35,7 @@ def run_example(script: str, *args: str, timeout: float = 600) -> subprocess.Com
 @pytest.fixture(scope="module")
 def digits():
     """The digits example imported as a module."""
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import finetune_digits
-    finally:
-        sys.path.remove(str(EXAMPLES))
-    return finetune_digits
+    return example_module("finetune_digits")
 
 
 def test_digits_quick_run_writes_both_comparisons(tmp_path):
