@@ -53,6 +53,7 @@ from .device import (
     rank_term,
     round_to,
 )
+from .fused_linear import dropout_arguments
 from .fused_linear_scaled import format_fields
 from .launch import launch
 from .merge_scaled import encode_scaled
@@ -184,9 +185,6 @@ def quantize_rows(
     row_scale = torch.empty(M, device=p.device, dtype=torch.float32)
     r = 0 if lowrank is None else lowrank.shape[0]
     pl = None if lowrank is None else torch.empty(M, r, device=p.device, dtype=p.dtype)
-    dropout_args = (0, 0, 1.0)
-    if dropout is not None:
-        dropout_args = (dropout.key, dropout.threshold, dropout.keep_scale)
     entry = ScaledWeight(codes, row_scale).format
 
     def grid(meta):
@@ -206,7 +204,7 @@ def quantize_rows(
         r,
         *p.stride(),
         *((0, 0) if lowrank is None else lowrank.stride()),
-        *dropout_args,
+        *dropout_arguments(dropout),
         HAS_COL_SCALE=col_scale is not None,
         LOWRANK=lowrank is not None,
         LORA_DROPOUT=dropout is not None and lowrank is not None,
@@ -363,9 +361,6 @@ def scaled_rows_gemm(
     stride_bn, stride_bk = codes.stride()
     if q_transposed:
         stride_bn, stride_bk = stride_bk, stride_bn
-    dropout = (0, 0, 1.0)
-    if rank_dropout is not None:
-        dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, u.dtype)
 
@@ -395,7 +390,7 @@ def scaled_rows_gemm(
         *u.stride(),
         *v.stride(),
         scale32,
-        *dropout,
+        *dropout_arguments(rank_dropout),
         B_SCALE=not q_transposed,
         B_TRANSPOSED=q_transposed,
         HAS_BIAS=bias is not None,

@@ -48,6 +48,7 @@ __all__ = [
     "noisy_weight_pass",
     "noisy_operand",
     "gemm_operands",
+    "dropout_arguments",
     "spec_arguments",
     "tiled_lowrank_gemm",
 ]
@@ -246,19 +247,25 @@ def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool)
     return out, q, bias, u, v, r, noise
 
 
-_NO_SPEC_ARGUMENTS = (0, 0.0, 0, 0, 1.0)
+_NO_DROPOUT_ARGUMENTS = (0, 0, 1.0)
+_NO_SPEC_ARGUMENTS = (0, 0.0, *_NO_DROPOUT_ARGUMENTS)
+
+
+def dropout_arguments(dropout: DropoutSpec | None) -> tuple:
+    """``(dropout_key, dropout_threshold, keep_scale)`` as the kernels take them;
+    ``(0, 0, 1.0)`` without dropout."""
+    if dropout is None:
+        return _NO_DROPOUT_ARGUMENTS
+    return dropout.key, dropout.threshold, dropout.keep_scale
 
 
 def spec_arguments(noise: NoiseSpec | None, rank_dropout: DropoutSpec | None) -> tuple:
     """``(noise_key, noise_scale, dropout_key, dropout_threshold, keep_scale)`` as the GEMM
-    kernels take them; ``(0, 0.0)`` without noise, ``(0, 0, 1.0)`` without dropout."""
+    kernels take them; ``(0, 0.0)`` without noise, :func:`dropout_arguments` after."""
     if noise is None and rank_dropout is None:
         return _NO_SPEC_ARGUMENTS
-    return ((0, 0.0) if noise is None else (noise.key, noise.scale32)) + (
-        (0, 0, 1.0)
-        if rank_dropout is None
-        else (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
-    )
+    noise_arguments = (0, 0.0) if noise is None else (noise.key, noise.scale32)
+    return noise_arguments + dropout_arguments(rank_dropout)
 
 
 def tiled_lowrank_gemm(

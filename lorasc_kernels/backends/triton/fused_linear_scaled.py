@@ -27,6 +27,7 @@ from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import gemm_scalars, prune_by_operand_size, scaled_linear_configs
 from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
+from .fused_linear import dropout_arguments
 from .launch import launch
 
 __all__ = [
@@ -251,9 +252,6 @@ def scaled_lowrank_gemm(
     stride_wn, stride_wk = codes.stride()
     if transposed:
         stride_wn, stride_wk = stride_wk, stride_wn
-    dropout = (0, 0, 1.0)
-    if rank_dropout is not None:
-        dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
 
@@ -282,7 +280,7 @@ def scaled_lowrank_gemm(
         *u.stride(),
         *v.stride(),
         scale32,
-        *dropout,
+        *dropout_arguments(rank_dropout),
         HAS_BIAS=bias is not None,
         W_TRANSPOSED=transposed,
         LORA_DROPOUT=rank_dropout is not None,

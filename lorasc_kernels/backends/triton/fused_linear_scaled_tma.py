@@ -16,6 +16,7 @@ from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import gemm_scalars, persistent_scaled_configs
 from .device import INTERPRETING, grouped_tile, mma, rank_term
+from .fused_linear import dropout_arguments
 from .fused_linear_scaled import format_fields, scaled_end, scaled_start, scaled_weight_tile
 from .fused_linear_tma import (
     TMA_DTYPES,
@@ -173,9 +174,6 @@ def persistent_scaled_lowrank_gemm(
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out  # never read: r = 0
-    dropout = (0, 0, 1.0)
-    if rank_dropout is not None:
-        dropout = (rank_dropout.key, rank_dropout.threshold, rank_dropout.keep_scale)
     if p.device.type == "cuda":
         ensure_allocator()
     programs = persistent_programs(p.device)
@@ -207,7 +205,7 @@ def persistent_scaled_lowrank_gemm(
         *u.stride(),
         *v.stride(),
         scale32,
-        *dropout,
+        *dropout_arguments(rank_dropout),
         HAS_BIAS=bias is not None,
         W_TRANSPOSED=transposed,
         LORA_DROPOUT=rank_dropout is not None,

@@ -58,9 +58,9 @@ def _tuple_getter(positions: list[int]) -> Callable[[tuple], tuple]:
 
 
 def _signature(kernel: Autotuner, args: tuple, kwargs: dict) -> _Signature:
-    names = kernel.arg_names
-    positional = [names.index(key) for key in kernel.keys if names.index(key) < len(args)]
-    keyword = [key for key in kernel.keys if names.index(key) >= len(args) and key in kwargs]
+    index = {key: kernel.arg_names.index(key) for key in kernel.keys}
+    positional = [i for i in index.values() if i < len(args)]
+    keyword = [key for key, i in index.items() if i >= len(args) and key in kwargs]
     tensors = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
     return _Signature(_getter(positional), _getter(keyword), _tuple_getter(tensors))
 
