@@ -117,7 +117,8 @@ _AUTOCAST_AVAILABLE: dict[str, bool] = {}
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` gives ``x``'s call, or None when it is off (or ``x`` is
     float64, which it leaves)."""
-    device_type = "cuda" if x.is_cuda else x.device.type
+    # is_cuda and is_cpu: read in a tenth of the time of device.type (a new string per read)
+    device_type = "cuda" if x.is_cuda else "cpu" if x.is_cpu else x.device.type
     available = _AUTOCAST_AVAILABLE.get(device_type)
     if available is None:  # not on "meta": asking whether it is enabled there would raise
         available = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
@@ -343,7 +344,8 @@ def lorasc_linear(
     """
     autocast_dtype = _autocast_dtype(x) if isinstance(x, torch.Tensor) else None
     key = checked = None
-    if not torch.compiler.is_compiling():  # the checks are constants of a traced graph
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # the checks are constants of a traced graph
         key = _call_key(
             x,
             weight,
@@ -405,10 +407,10 @@ def lorasc_linear(
     two_dims = x.dim() == 2
     rows = x if two_dims else x.reshape(-1, x.shape[-1])  # 2-D: no view op
     if autocast_dtype is None:
-        y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend)
+        y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend, compiling)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend)
+            y = ops.linear(rows, weight, bias, lora_A, lora_B, spec, checked.backend, compiling)
     if two_dims:
         return y
     # Not a view (as torch.matmul): FSDP2 needs module outputs it can hook in place.

@@ -347,16 +347,27 @@ def _(
 
 
 def linear(
-    x, weight: torch.Tensor | ScaledWeight, bias, lora_A, lora_B, spec: LinearSpec, backend: str
+    x,
+    weight: torch.Tensor | ScaledWeight,
+    bias,
+    lora_A,
+    lora_B,
+    spec: LinearSpec,
+    backend: str,
+    compiling: bool | None = None,
 ) -> torch.Tensor:
     """Differentiable LoRASC linear on validated 2-D ``x`` (M, K) → (M, N).
 
     ``backend`` is a registered name (from
     :func:`~lorasc_kernels.backends.resolve_backend_name`); it runs through the custom ops
-    under ``torch.compile`` and through :class:`LinearFunction` in eager mode.
+    under ``torch.compile`` and through :class:`LinearFunction` in eager mode. ``compiling``:
+    ``torch.compiler.is_compiling()`` where the caller has read it (two frames less per
+    call), else None.
     """
     weight, weight_scale = _unpack(weight)
-    if not torch.compiler.is_compiling():
+    if compiling is None:
+        compiling = torch.compiler.is_compiling()
+    if not compiling:
         return LinearFunction.apply(x, weight, bias, lora_A, lora_B, spec, backend, weight_scale)
     y, _ = torch.ops.lorasc.linear_forward(
         x, weight, bias, lora_A, lora_B, *_linear_op_args(spec), backend, weight_scale, spec.compute

@@ -130,6 +130,24 @@ def test_forward_op_uses_the_seed_it_was_given():
     assert not torch.equal(y, plain)
 
 
+def test_linear_takes_the_compile_state_its_caller_read():
+    """``compiling=True`` runs the custom ops (as under ``torch.compile``; they also run
+    eagerly), ``False`` the autograd Function, None reads ``is_compiling()`` (False here):
+    the same values and gradients either way, through different autograd nodes."""
+    x, weight, b, lora_A, lora_B = lowrank_inputs(5, 8, 6, 2, torch.float32)
+    spec = LinearSpec(2.0)
+    results = {}
+    for compiling in (None, False, True):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, lora_A, lora_B)]
+        y = ops.linear(leaves[0], weight, b, leaves[1], leaves[2], spec, "torch", compiling)
+        y.backward(torch.ones_like(y))
+        results[compiling] = (type(y.grad_fn).__name__, y, *(t.grad for t in leaves))
+    assert results[None][0] == results[False][0] != results[True][0]
+    for compiling in (False, True):
+        for got, expected in zip(results[compiling][1:], results[None][1:], strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("needs", [NEEDS_ALL, [False, False, False, True, True]])
 def test_fake_kernels_match_real_shapes_dtypes_and_strides(needs):
     args = _forward_args("plain", dtype=torch.float16, lora_dtype=torch.float32, grad=False)

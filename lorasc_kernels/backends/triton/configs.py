@@ -157,37 +157,45 @@ def rank_block(r: int) -> int:
     return min(64, max(16, m_bucket(r)))
 
 
+# torch's fp32 matmul precision, read without the Python frame of its public wrapper
+# (``torch.get_float32_matmul_precision``, which calls this) at every fp32 launch
+_matmul_precision = getattr(
+    torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision
+)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for ``dtype`` operands, following torch's fp32 matmul
     precision (``torch.set_float32_matmul_precision``): at ``"highest"`` (torch's default)
     fp32 dots run as 3×tf32 ("tf32x3": error ~1e-6, on tensor cores, whereas Triton's
     IEEE fp32 dot runs on CUDA cores and spills registers at 128×128 tiles), else tf32.
     16-bit operands ignore it."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and _matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
 
 
-# (m, r, scale) → (m_bucket(m), float32_scalar(scale), rank_block(r)) of the GEMM
-# launches seen: one lookup where three calls cost microseconds per launch in a training
-# step (benchmarks/bench_host.py). Zero scales are not kept (0.0 == -0.0 as keys, and a
-# float32 -0.0 is another bit pattern). Bounded: cleared when full.
-_GEMM_SCALARS: dict[tuple, tuple[int, float, int]] = {}
+# (m, r, scale, dtype, torch's fp32 matmul precision) → gemm_scalars(m, r, scale, dtype) of
+# the GEMM launches seen: one lookup where four calls cost microseconds per launch in a
+# training step (benchmarks/bench_host.py); the precision is read at each call (torch's
+# setting may change) and is part of the key. Zero scales are not kept (0.0 == -0.0 as
+# keys, and a float32 -0.0 is another bit pattern). Bounded: cleared when full.
+_GEMM_SCALARS: dict[tuple, tuple[int, float, int, str]] = {}
 _GEMM_SCALARS_MAX = 4096
 
 
 def gemm_scalars(m: int, r: int, scale: float, dtype: torch.dtype) -> tuple[int, float, int, str]:
     """``(m_bucket(m), float32_scalar(scale), rank_block(r), dot_precision(dtype))``: the
     scalars of a fused GEMM launch of ``m`` rows, rank ``r``, ``dtype`` operands."""
-    key = (m, r, scale)
+    key = (m, r, scale, dtype, _matmul_precision())
     found = _GEMM_SCALARS.get(key)
     if found is None:
-        found = (m_bucket(m), float32_scalar(scale), rank_block(r))
+        found = (m_bucket(m), float32_scalar(scale), rank_block(r), dot_precision(dtype))
         if scale:  # not zero (nor -0.0): kept
             if len(_GEMM_SCALARS) >= _GEMM_SCALARS_MAX:
                 _GEMM_SCALARS.clear()
             _GEMM_SCALARS[key] = found
-    return (*found, dot_precision(dtype))
+    return found
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) of the persistent TMA variant (16-bit

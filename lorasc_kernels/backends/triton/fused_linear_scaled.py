@@ -245,7 +245,7 @@ def scaled_lowrank_gemm(
     codes = weight.codes
     M, K = p.shape
     N = codes.shape[1] if transposed else codes.shape[0]
-    out = torch.empty(M, N, device=p.device, dtype=p.dtype)
+    out = p.new_empty(M, N)
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out  # never read: r = 0

@@ -145,7 +145,7 @@ def _dropout_lowrank_grad_kernel(
 def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec) -> torch.Tensor:
     """``drop(x) Aᵀ`` (M, r) in ``x``'s dtype; ``x`` (M, K) any strides, ``lora_A`` (r, K)."""
     (M, K), r = x.shape, lora_A.shape[0]
-    xa = torch.empty(M, r, device=x.device, dtype=x.dtype)
+    xa = x.new_empty(M, r)
     r_block = rank_block(r)
 
     def grid(meta):
