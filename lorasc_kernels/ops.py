@@ -200,10 +200,11 @@ def _(
 
 # -- the autograd of the linear: one formula, two ways to reach the backend ---------------
 # Both the custom op's autograd (traced by torch.compile) and the eager LinearFunction save
-# the same tensors with _save and produce gradients with _gradients; they differ only in how
-# the backward runs: through the ``lorasc::linear_backward`` op, or by calling
-# :func:`composition.linear_backward` directly (no op dispatch: 0.16 ms less per step on the
-# CPU, benchmarks/bench_autograd_paths.py).
+# the same tensors with _save and compute the same five gradients; they differ only in how
+# the backward runs: through the ``lorasc::linear_backward`` op (its gradients fitted to
+# the schema's inputs by _gradients), or by calling :func:`composition.linear_backward`
+# directly (no op dispatch: 0.16 ms less per step on the CPU,
+# benchmarks/bench_autograd_paths.py).
 
 
 def _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale) -> None:
@@ -212,9 +213,9 @@ def _save(ctx, x, xa, weight, lora_A, lora_B, weight_scale) -> None:
 
 
 def _gradients(ctx, dy, run_backward) -> tuple:
-    """One gradient per input of the forward: ``(dx, dweight, dbias, dA, dB)``, None where
-    autograd needs none, then None for each other input (as many as the op's schema or the
-    Function's signature has: ``ctx.needs_input_grad`` holds one flag per input).
+    """One gradient per input of the forward op: ``(dx, dweight, dbias, dA, dB)``, None
+    where autograd needs none, then None for each other input of its schema
+    (``ctx.needs_input_grad`` holds one flag per input).
     ``run_backward(dy, *saved, needs)`` returns the five with None where ``needs`` (five
     bools) is False."""
     needs = tuple(ctx.needs_input_grad[:5])
@@ -259,7 +260,7 @@ _linear_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 class LinearFunction(torch.autograd.Function):
-    """Eager autograd of the custom op's formula (:func:`_save`, :func:`_gradients`),
+    """Eager autograd of the custom op's formula (:func:`_save`, the same five gradients),
     running :mod:`lorasc_kernels.backends.composition` on the backend directly.
 
     Under ``backward(create_graph=True)`` (double backward, e.g. a gradient penalty) the
@@ -284,19 +285,18 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        def directly(dy, x, xa, weight, lora_A, lora_B, weight_scale, needs):
-            backend = ctx.backend
-            weight = _pack(weight, weight_scale)
-            spec = ctx.spec
-            if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
-                backend = backend_module("torch")
-                spec = dataclasses.replace(spec, compute=None)
-                _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B, spec)
-            return composition.linear_backward(
-                backend, dy, x, xa, weight, lora_A, lora_B, spec, needs
-            )
-
-        return _gradients(ctx, dy, directly)
+        # Straight through, without _gradients' generic closure (~2 µs of host time a step)
+        x, xa, weight, lora_A, lora_B, weight_scale = ctx.saved_tensors
+        weight = _pack(weight, weight_scale)
+        backend, spec = ctx.backend, ctx.spec
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients
+            backend = backend_module("torch")
+            spec = dataclasses.replace(spec, compute=None)
+            _, xa = composition.linear_forward(backend, x, weight, None, lora_A, lora_B, spec)
+        grads = composition.linear_backward(
+            backend, dy, x, xa, weight, lora_A, lora_B, spec, ctx.needs_input_grad[:5]
+        )
+        return (*grads, None, None, None)  # none for spec, backend, weight_scale
 
 
 @torch.library.custom_op("lorasc::merge_lowrank_", mutates_args=("weight", "weight_scale"))
