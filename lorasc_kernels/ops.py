@@ -362,7 +362,7 @@ def linear(
     :func:`~lorasc_kernels.backends.resolve_backend_name`); it runs through the custom ops
     under ``torch.compile`` and through :class:`LinearFunction` in eager mode. ``compiling``:
     ``torch.compiler.is_compiling()`` where the caller has read it (two frames less per
-    call), else None.
+    call), else None. Either route gives the same values and gradients.
     """
     weight, weight_scale = _unpack(weight)
     if compiling is None:

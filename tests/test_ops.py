@@ -7,8 +7,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lorasc_kernels import LoRASCLinear, ops
-from lorasc_kernels.backends import composition, reference, resolve_backend_name
-from lorasc_kernels.backends.specs import LinearSpec, MergeSpec, NoiseSpec
+from lorasc_kernels.backends import backend_module, composition, reference, resolve_backend_name
+from lorasc_kernels.backends.specs import DropoutSpec, LinearSpec, MergeSpec, NoiseSpec
 from tests.helpers import lowrank_inputs
 
 NEEDS_ALL = [True, True, True, True, True]
@@ -146,6 +146,77 @@ def test_linear_takes_the_compile_state_its_caller_read():
     for compiling in (False, True):
         for got, expected in zip(results[compiling][1:], results[None][1:], strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_linear_reads_is_compiling_only_without_the_callers_value(monkeypatch):
+    x, weight, _, lora_A, lora_B = lowrank_inputs(5, 8, 6, 2, torch.float32, bias=False)
+    x.requires_grad_()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    names = {
+        compiling: type(
+            ops.linear(x, weight, None, lora_A, lora_B, LinearSpec(2.0), "torch", compiling).grad_fn
+        ).__name__
+        for compiling in (None, False)
+    }
+    assert names[False] == "LinearFunctionBackward" != names[None]
+
+
+def test_lorasc_linear_reads_the_compile_state_once(monkeypatch):
+    """``lorasc_linear`` hands its ``is_compiling()`` to ``ops.linear``, which does not read
+    it again."""
+    layer = LoRASCLinear(12, 8, r=2, backend="torch")
+    x = torch.randn(3, 12)
+    layer(x)  # first call: the checks
+    reads, passed = [], []
+    read, linear = torch.compiler.is_compiling, ops.linear
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: reads.append(1) or read())
+    monkeypatch.setattr(ops, "linear", lambda *args: passed.append(args[7]) or linear(*args))
+    layer(x).sum().backward()
+    assert len(reads) == 1 and passed == [False]
+
+
+def test_a_compiled_layer_traces_the_custom_ops():
+    """Under ``torch.compile`` the graph holds ``lorasc::linear_forward``: a compile flag
+    lost on the way would trace :class:`ops.LinearFunction`, which ``fullgraph=True`` also
+    accepts."""
+    torch._dynamo.reset()
+    model = nn.Sequential(LoRASCLinear(12, 8, r=2, backend="torch"))
+    graphs = []
+
+    def capture(graph_module, inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = torch.randn(3, 12, requires_grad=True)
+    torch.compile(model, fullgraph=True, backend=capture)(x).sum().backward()
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    assert any("lorasc.linear_forward" in target for target in targets), targets
+
+
+@pytest.mark.parametrize(
+    "dtype, lora_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+    ],
+)
+@pytest.mark.parametrize("dropout", [None, DropoutSpec(7, 0.25)], ids=["plain", "dropout"])
+def test_the_composition_returns_each_gradient_in_its_inputs_dtype(
+    backend, dtype, lora_dtype, dropout
+):
+    """Called directly: autograd would cast a gradient of another dtype back silently. A
+    backend's ``dropout_lowrank_grad`` may return float32 (Triton's does)."""
+    module = backend_module(backend)
+    x, weight, _, lora_A, lora_B = lowrank_inputs(9, 32, 24, 4, dtype, lora_dtype=lora_dtype)
+    dropout_p, seed = (0.0, None) if dropout is None else (dropout.p, dropout.seed)
+    spec = LinearSpec.of(1.5, dropout_p, seed, None, 0.0, None)
+    _, xa = composition.linear_forward(module, x, weight, None, lora_A, lora_B, spec)
+    dy = torch.randn(9, 24).to(dtype)
+    grads = composition.linear_backward(
+        module, dy, x, xa, weight, lora_A, lora_B, spec, (True,) * 5
+    )
+    assert [grad.dtype for grad in grads] == [dtype, dtype, dtype, lora_dtype, lora_dtype]
 
 
 @pytest.mark.parametrize("needs", [NEEDS_ALL, [False, False, False, True, True]])

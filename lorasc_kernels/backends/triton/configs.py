@@ -158,7 +158,8 @@ def rank_block(r: int) -> int:
 
 
 # torch's fp32 matmul precision, read without the Python frame of its public wrapper
-# (``torch.get_float32_matmul_precision``, which calls this) at every fp32 launch
+# (``torch.get_float32_matmul_precision``, which calls this) at every GEMM launch (part of
+# gemm_scalars' key)
 _matmul_precision = getattr(
     torch._C, "_get_float32_matmul_precision", torch.get_float32_matmul_precision
 )

@@ -239,7 +239,7 @@ def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool)
     (never read: ``r = 0``); ``bias`` contiguous (read with stride 1)."""
     if noise is not None and p.shape[0] > NOISE_IN_GEMM_MAX_ROWS:
         q, noise = noisy_operand(q, noise, q_transposed), None
-    out = p.new_empty(p.shape[0], q.shape[0])  # about 0.5 µs less per launch than torch.empty
+    out = p.new_empty(p.shape[0], q.shape[0])  # 0.3 µs less than torch.empty(device=, dtype=)
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out
