@@ -14,17 +14,20 @@ backward with a fixed ``dY``. Providers:
   run here is a row with its reason in ``skipped``.
 
 Columns, per call: ``host_us``, the median over ``--calls`` calls of ``perf_counter``
-around one call, no device sync (the providers are timed in turns, as
-:func:`benchmarks.common.time_interleaved_ms` does; on a GPU, keep the problem small, so
-that the device does not hold the host back); ``aten_ops``, every op that a
-:class:`OpCounter` (a ``TorchDispatchMode``) sees, views included, of which ``view_ops``
-views and ``host_read_ops`` ops that read a device value on the host (:func:`is_host_read`,
-a sync on a GPU); ``triton_launches`` (:class:`LaunchCounter`); ``python_calls``, the
-Python function calls of one call, of which ``package_calls`` into ``lorasc_kernels``
-(:class:`PythonCallCounter`: a count that the machine's load does not move, where
-``host_us`` does; the stubs' own calls are in ``python_calls`` only); on a GPU
-``cuda_syncs``, the synchronizing calls that ``torch.cuda.set_sync_debug_mode("warn")``
-reports.
+around one call, no device sync (the providers are timed in turns, :data:`ROUNDS` rounds,
+by :func:`benchmarks.common.time_interleaved_calls_ms`; on a GPU, keep the problem small,
+so that the device does not hold the host back); ``vs_addmm``, the provider's host time
+over ``addmm``'s in the same run, as the median over rounds of the per-round ratio
+(:func:`benchmarks.common.paired_ratio`: a drift of the machine's speed during the run
+moves it less than the ratio of two ``host_us``), empty without an ``addmm`` row;
+``aten_ops``, every op that a :class:`OpCounter` (a ``TorchDispatchMode``) sees, views
+included, of which ``view_ops`` views and ``host_read_ops`` ops that read a device value on
+the host (:func:`is_host_read`, a sync on a GPU); ``triton_launches``
+(:class:`LaunchCounter`); ``python_calls``, the Python function calls of one call, of which
+``package_calls`` into ``lorasc_kernels`` (:class:`PythonCallCounter`: a count that the
+machine's load does not move, where ``host_us`` does; the stubs' own calls are in
+``python_calls`` only); on a GPU ``cuda_syncs``, the synchronizing calls that
+``torch.cuda.set_sync_debug_mode("warn")`` reports.
 
 On the CPU the Triton kernels would run in the interpreter, which adds its own aten ops
 and milliseconds per launch; there every ``*_kernel`` launch point of
@@ -55,6 +58,7 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import statistics
 import sys
 import time
 import warnings
@@ -69,8 +73,9 @@ from benchmarks.common import (
     RESULTS_DIR,
     device_name,
     format_table,
+    paired_ratio,
     significant,
-    time_interleaved_ms,
+    time_interleaved_calls_ms,
 )
 from benchmarks.providers import Problem, Tensors
 
@@ -89,6 +94,10 @@ __all__ = [
 ]
 
 PROVIDERS = ("floor", "addmm", "compile", "ours-torch", "ours-triton", "ours-cuda")
+# Rounds of the interleaved timing (benchmarks.common.time_interleaved_calls_ms): ``--calls``
+# calls per provider are split into this many turns (fewer when there are fewer calls).
+ROUNDS = 20
+
 COLUMNS = [
     "date_utc",
     "device",
@@ -99,6 +108,7 @@ COLUMNS = [
     "r",
     "dtype",
     "host_us",
+    "vs_addmm",
     "calls",
     "aten_ops",
     "view_ops",
@@ -333,7 +343,7 @@ def _count(fn, device: str, stub: bool) -> tuple:
 
 
 def measure(
-    problem: Problem, names=PROVIDERS, calls: int = 200, compile_on_cpu: bool = False
+    problem: Problem, names=PROVIDERS, calls: int = 2000, compile_on_cpu: bool = False
 ) -> list[dict]:
     """One row per provider of ``names`` on ``problem`` (module docstring); a provider that
     cannot run here gets a row with its reason in ``skipped``."""
@@ -350,8 +360,10 @@ def measure(
         for fn in fns.values():  # first calls: compiles, autotuning, the dispatch's choice
             fn()
         counts = {name: _count(fn, device, stub) for name, fn in fns.items()}
-        rounds = 5
-        times = time_interleaved_ms(fns, rounds=rounds, reps=max(1, calls // rounds), warmup=3)
+        rounds = max(1, min(ROUNDS, calls))
+        times = time_interleaved_calls_ms(
+            fns, rounds=rounds, reps=max(1, calls // rounds), warmup=3
+        )
     common = {
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "device": device_name(device),
@@ -371,8 +383,12 @@ def measure(
             row["skipped"] = skipped[name]
         else:
             ops, launches, syncs, python = counts[name]
+            every_call = [value for calls_ms in times[name] for value in calls_ms]
             row |= {
-                "host_us": significant(times[name] * 1e3),
+                "host_us": significant(statistics.median(every_call) * 1e3),
+                "vs_addmm": None
+                if "addmm" not in times
+                else significant(paired_ratio(times[name], times["addmm"])),
                 "calls": rounds * max(1, calls // rounds),
                 "aten_ops": ops.count,
                 "view_ops": ops.views,
@@ -419,7 +435,7 @@ def main(argv=None) -> None:
     parser.add_argument("--N", type=int, default=64)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None)
-    parser.add_argument("--calls", type=int, default=200, help="timed calls per provider")
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per provider")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--compile", action="store_true", help="build torch.compile on a CPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on a CPU")

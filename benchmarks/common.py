@@ -66,19 +66,22 @@ def append_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def time_interleaved_ms(fns: dict, rounds: int = 5, reps: int = 3, warmup: int = 2) -> dict:
-    """Median wall-clock milliseconds of each of ``fns`` (name → callable), timed in turns.
+def time_interleaved_calls_ms(
+    fns: dict, rounds: int = 5, reps: int = 3, warmup: int = 2
+) -> dict[str, list[list[float]]]:
+    """Wall-clock milliseconds of each call of each of ``fns`` (name → callable), timed in
+    turns: ``{name: [round 0's reps times, round 1's, ...]}``.
 
     For CPUs shared with other work: each round times ``reps`` calls of every function,
     in an order rotated by one each round, so a burst of outside load falls on all of them
-    alike instead of on whichever ran then. The median is over all ``rounds × reps`` calls;
-    Python's garbage collector is paused while timing, as ``timeit`` does.
+    alike instead of on whichever ran then. Python's garbage collector is paused while
+    timing, as ``timeit`` does.
     """
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    times = {name: [] for name in names}
+    times = {name: [[] for _ in range(rounds)] for name in names}
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -88,11 +91,31 @@ def time_interleaved_ms(fns: dict, rounds: int = 5, reps: int = 3, warmup: int =
                 for _ in range(reps):
                     start = time.perf_counter()
                     fns[name]()
-                    times[name].append((time.perf_counter() - start) * 1e3)
+                    times[name][round_index].append((time.perf_counter() - start) * 1e3)
     finally:
         if collecting:
             gc.enable()
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def time_interleaved_ms(fns: dict, rounds: int = 5, reps: int = 3, warmup: int = 2) -> dict:
+    """Median wall-clock milliseconds of each of ``fns`` over all ``rounds × reps`` calls of
+    :func:`time_interleaved_calls_ms`."""
+    times = time_interleaved_calls_ms(fns, rounds, reps, warmup)
+    return {
+        name: statistics.median(value for calls in by_round for value in calls)
+        for name, by_round in times.items()
+    }
+
+
+def paired_ratio(by_round: list[list[float]], baseline_by_round: list[list[float]]) -> float:
+    """The median over rounds of (this round's median ÷ the baseline's median in the same
+    round), from :func:`time_interleaved_calls_ms`: a comparison in one run that a drift of
+    the machine's speed between rounds moves less than a ratio of two overall medians."""
+    return statistics.median(
+        statistics.median(calls) / statistics.median(baseline)
+        for calls, baseline in zip(by_round, baseline_by_round, strict=True)
+    )
 
 
 def time_all_ms(fns: dict, device: str, quick: bool = False) -> dict:

@@ -80,10 +80,42 @@ def test_run_writes_one_row_per_provider(tmp_path):
     for name in measured:
         row = rows[name]
         assert float(row["host_us"]) > 0 and int(row["calls"]) == 10
+        assert float(row["vs_addmm"]) > 0
         assert int(row["aten_ops"]) > 0 and int(row["view_ops"]) >= 0
         assert int(row["host_read_ops"]) >= 0 and int(row["triton_launches"]) >= 0
         assert row["cuda_syncs"] == ""  # counted on a GPU only
+    assert float(rows["addmm"]["vs_addmm"]) == 1.0
     assert int(rows["floor"]["triton_launches"]) == 0
     if "ours-triton" in measured:
         assert int(rows["ours-triton"]["triton_launches"]) > 0
         assert rows["ours-triton"]["launches_stubbed"] == "True"
+
+
+def test_interleaved_calls_are_timed_in_rotated_turns(monkeypatch):
+    """Each round times every function ``reps`` times, the order rotated by one per round;
+    the times come back per round."""
+    from benchmarks import common
+
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    clock = iter(range(1000))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    times = common.time_interleaved_calls_ms(fns, rounds=3, reps=2, warmup=1)
+    assert order[:3] == ["a", "b", "c"]  # warm-up, once each
+    assert order[3:] == [*"aabbcc", *"bbccaa", *"ccaabb"]
+    assert {name: [len(calls) for calls in by_round] for name, by_round in times.items()} == {
+        name: [2, 2, 2] for name in "abc"
+    }
+    assert all(value == 1e3 for by_round in times.values() for calls in by_round for value in calls)
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+    """A slower machine in one round moves both sides of that round's ratio alike."""
+    from benchmarks.common import paired_ratio
+
+    ours = [[2.0, 2.2, 1.8], [4.0, 4.0, 4.0], [3.0, 9.0, 3.0]]
+    base = [[2.0, 2.0, 2.0], [5.0, 5.0, 5.0], [1.0, 1.0, 1.0]]
+    assert paired_ratio(ours, base) == 1.0  # rounds: 1.0, 0.8, 3.0
+    assert paired_ratio(base, base) == 1.0
+    with pytest.raises(ValueError):
+        paired_ratio(ours, base[:2])
