@@ -2,6 +2,8 @@
 reads of one ``LoRASCLinear`` forward+backward, one ``merge_lowrank_`` and one Cascade
 boundary. Counts hold on any machine; the times are ``benchmarks/bench_host.py``'s."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -184,6 +186,61 @@ def test_the_compiled_path_custom_ops_read_nothing():
         )
     assert _host_reads(ops) == [] and ops.host_reads == 0, ops.by_name()
     assert launches.count == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_train_step_replayed_from_a_cuda_graph_trains_as_eagerly(backend):
+    """What ``torch.compile(mode="reduce-overhead")`` needs, on a GPU: a ``LoRASCLinear``
+    train step (forward with fused noise, backward, SGD on the factors) captured in a CUDA
+    graph (a sync or a host read in it would fail the capture) and replayed on new inputs
+    gives the factors of the same steps run eagerly."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(256, 192, r=16, backend=backend, device="cuda", dtype=torch.bfloat16)
+    layer.set_noise(7, 0.01)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.02)  # B starts at zero: A's gradient would be zero too
+    twin = copy.deepcopy(layer)
+    before = {name: getattr(layer, name).detach().clone() for name in ("lora_A", "lora_B")}
+    inputs = [torch.randn(64, 256, device="cuda", dtype=torch.bfloat16) for _ in range(6)]
+
+    def train_step(model: LoRASCLinear, x: torch.Tensor):
+        optimizer = torch.optim.SGD([model.lora_A, model.lora_B], lr=0.5)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            model(x).float().square().mean().backward()
+            optimizer.step()
+
+        return step
+
+    static_x = inputs[0].clone()
+    step = train_step(layer, static_x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: the checks, autotuning, the dispatch's choices
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # recorded, not run
+        step()
+    for x in inputs[1:]:
+        static_x.copy_(x)
+        graph.replay()
+
+    twin_x = inputs[0].clone()
+    twin_step = train_step(twin, twin_x)
+    for _ in range(3):
+        twin_step()
+    for x in inputs[1:]:
+        twin_x.copy_(x)
+        twin_step()
+    torch.cuda.synchronize()
+    for name, initial in before.items():
+        replayed, eager = getattr(layer, name), getattr(twin, name)
+        assert not torch.equal(eager, initial)  # the steps train: the comparison means something
+        torch.testing.assert_close(replayed, eager)
 
 
 class _Reads(TorchDispatchMode):
