@@ -67,7 +67,7 @@ fi
 STEPS=(
     "env|30|any|print_environment 2>&1 | tee \$OUT_DIR/environment.txt"
     "build_cuda|150|gpu|build_cuda_extension"
-    "gpu_tests|100|gpu|\$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml=\$OUT_DIR/gpu_tests.xml tests"
+    "gpu_tests|130|gpu|\$PYTHON -m pytest -q -m gpu -p no:cacheprovider --junitxml=\$OUT_DIR/gpu_tests.xml tests"
     "headline|120|any|\$PYTHON -m benchmarks --only linear --problems headline --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
     "kernels|20|gpu|describe_kernels >\$OUT_DIR/kernels.txt; rc=\$?; cat \$OUT_DIR/kernels.txt; exit \$rc"
     "bench_merge|30|any|\$PYTHON -m benchmarks --only merge --out \$OUT_DIR \$BENCH_ARGS \$(skip_unbuilt_cuda)"
