@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from lorasc_kernels import LoRASCLinear, ops
 from lorasc_kernels.backends import backend_module, composition, reference, resolve_backend_name
 from lorasc_kernels.backends.specs import DropoutSpec, LinearSpec, MergeSpec, NoiseSpec
+from tests.backend_params import DEVICE
 from tests.helpers import lowrank_inputs
 
 NEEDS_ALL = [True, True, True, True, True]
@@ -208,11 +209,13 @@ def test_the_composition_returns_each_gradient_in_its_inputs_dtype(
     """Called directly: autograd would cast a gradient of another dtype back silently. A
     backend's ``dropout_lowrank_grad`` may return float32 (Triton's does)."""
     module = backend_module(backend)
-    x, weight, _, lora_A, lora_B = lowrank_inputs(9, 32, 24, 4, dtype, lora_dtype=lora_dtype)
+    x, weight, _, lora_A, lora_B = lowrank_inputs(
+        9, 32, 24, 4, dtype, DEVICE, lora_dtype=lora_dtype
+    )
     dropout_p, seed = (0.0, None) if dropout is None else (dropout.p, dropout.seed)
     spec = LinearSpec.of(1.5, dropout_p, seed, None, 0.0, None)
     _, xa = composition.linear_forward(module, x, weight, None, lora_A, lora_B, spec)
-    dy = torch.randn(9, 24).to(dtype)
+    dy = torch.randn(9, 24, device=DEVICE).to(dtype)
     grads = composition.linear_backward(
         module, dy, x, xa, weight, lora_A, lora_B, spec, (True,) * 5
     )
