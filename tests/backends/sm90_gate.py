@@ -197,7 +197,6 @@ def exercise(backend) -> None:
     for variant, (dtype, precision), rank, rows in itertools.product(
         FUSED_VARIANTS, choices, (5, 17, 64), (64, 2048)
     ):
-        gemm_dispatch.mode = variant  # where it applies, else the tiled kernel
         torch.set_float32_matmul_precision(precision)
         x = torch.randn(rows, K, generator=generator).to(dtype)
         weight = torch.randn(N, K, generator=generator).to(dtype)
@@ -207,11 +206,11 @@ def exercise(backend) -> None:
             (None, weight[:, 0].clone()), (None, 11), (0.0, 0.1)
         ):
             spec = LinearSpec.of(2.0, dropout, 7, noise, 0.05)
-            y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
-            composition.linear_backward(
-                backend, torch.ones_like(y), x, xa, weight, lora_A, lora_B, spec, (True,) * 5
-            )
-    gemm_dispatch.mode = None
+            with gemm_dispatch.forced_mode(variant):  # where it applies, else the tiled kernel
+                y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
+                composition.linear_backward(
+                    backend, torch.ones_like(y), x, xa, weight, lora_A, lora_B, spec, (True,) * 5
+                )
     torch.set_float32_matmul_precision("highest")
     for weight_dtype, lora_dtype in itertools.product(KERNEL_DTYPES, repeat=2):
         weight = torch.randn(64, 96, generator=generator).to(weight_dtype)
@@ -248,21 +247,20 @@ def exercise_fp8(backend, generator) -> None:
         for variant, bias, dropout in itertools.product(
             FUSED_VARIANTS, (None, lora_B[:, 0].clone()), (0.0, 0.1)
         ):
-            gemm_dispatch.mode = variant
             spec = LinearSpec.of(2.0, dropout, 7, None, 0.0)
-            y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
-            composition.linear_backward(
-                backend,
-                torch.ones_like(y),
-                x,
-                xa,
-                weight,
-                lora_A,
-                lora_B,
-                spec,
-                (True, False, True, True, True),
-            )
-        gemm_dispatch.mode = None
+            with gemm_dispatch.forced_mode(variant):
+                y, xa = composition.linear_forward(backend, x, weight, bias, lora_A, lora_B, spec)
+                composition.linear_backward(
+                    backend,
+                    torch.ones_like(y),
+                    x,
+                    xa,
+                    weight,
+                    lora_A,
+                    lora_B,
+                    spec,
+                    (True, False, True, True, True),
+                )
         for rounding, noise in itertools.product(("nearest", "stochastic"), (None, (3, 0.01))):
             noise = noise and NoiseSpec(*noise)
             backend.merge_(weight, lora_B, lora_A, MergeSpec(0.5, rounding, 5, noise, noise))

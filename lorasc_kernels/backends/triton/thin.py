@@ -21,6 +21,7 @@ from ..specs import DropoutSpec
 from . import on_tensor_device
 from .configs import dot_precision, m_bucket, rank_block, thin_configs
 from .device import INTERPRETING, dropout_tile, mma, round_to
+from .fused_linear import dropout_arguments
 from .launch import launch
 
 __all__ = ["dropout_lowrank", "dropout_lowrank_grad"]
@@ -167,9 +168,7 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec)
         x.stride(1),
         lora_A.stride(0),
         lora_A.stride(1),
-        dropout.key,
-        dropout.threshold,
-        dropout.keep_scale,
+        *dropout_arguments(dropout),
         R_BLOCK=r_block,
         DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=INTERPRETING,
@@ -215,9 +214,7 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
         grad.stride(1),
         x.stride(0),
         x.stride(1),
-        dropout.key,
-        dropout.threshold,
-        dropout.keep_scale,
+        *dropout_arguments(dropout),
         R_BLOCK=r_block,
         DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=INTERPRETING,
