@@ -23,13 +23,15 @@ seed, never stored); the other thin and dense products are plain ``torch`` matmu
 (cuBLAS on a GPU: memory-bound reads of ``x`` or ``dY`` with an output of width r), the
 factor ``s`` of ``dA`` and ``dB`` applied inside the GEMM (``addmm``'s ``alpha``, one
 rounding, no extra pass). The host issues few ops: one fwd+bwd of a 2-D input without
-dropout or noise is 11 aten ops and 2 fused-GEMM launches, plus one op per gradient the
-autograd engine accumulates (``tests/test_host_path.py`` counts them).
+dropout or noise is 9 aten ops and 2 fused-GEMM launches, plus one op per gradient the
+autograd engine accumulates (``tests/test_host_path.py`` counts them); dX's GEMM takes
+``W`` and ``A`` as stored and reads them transposed (a Python-made view costs ~1 µs).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..formats.scaled_weight import ScaledWeight
 from .contract import Backend
@@ -59,8 +61,8 @@ def linear_forward(
     if spec.compute is not None:  # fp8: x quantized in the pass that computes xa
         rows, xa = backend.quantize_rows(x, None, A, spec.dropout)
         return backend.scaled_rows_gemm(rows, weight, bias, xa, B, spec.scale, x.dtype), xa
-    if spec.dropout is None:
-        xa = x @ A.t()
+    if spec.dropout is None:  # x Aᵀ: the transpose taken in C++ (no Python call of .t())
+        xa = F.linear(x, A)
     else:
         xa = backend.dropout_lowrank(x, A, spec.dropout)
     y = backend.lowrank_gemm(x, weight, bias, xa, B, spec.scale, noise=spec.noise)
@@ -89,18 +91,17 @@ def linear_backward(
     if need_x and spec.compute is not None:  # fp8: dY ⊙ s_W quantized in the pass for dY_B
         grads, dy_b = backend.quantize_rows(dy, weight.scale, B.t())
         dx = backend.scaled_rows_gemm(
-            grads, weight, None, dy_b, A.t(), spec.scale, x.dtype, True, spec.dropout
+            grads, weight, None, dy_b, A, spec.scale, x.dtype, True, spec.dropout
         )
     elif need_x or need_a:
         dy_b = dy @ B
-    if need_x and dx is None:  # Q = Wᵀ: a view of a float W; a ScaledWeight is passed as W
-        q = weight if isinstance(weight, ScaledWeight) else weight.t()
+    if need_x and dx is None:  # W and A as stored, read transposed (q_transposed)
         dx = backend.lowrank_gemm(
             dy,
-            q,
+            weight,
             None,
             dy_b,
-            A.t(),
+            A,
             spec.scale,
             noise=spec.noise,
             q_transposed=True,

@@ -61,15 +61,19 @@ class Backend(Protocol):
         q_transposed: bool = False,
         rank_dropout: DropoutSpec | None = None,
     ) -> torch.Tensor:
-        """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``p``'s dtype.
+        """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``p``'s dtype; with
+        ``q_transposed`` (backward's dX) ``P (Q ⊕ noise) + scale · drop(U V)``.
 
-        ``q`` is a weight ``W`` (N, K), or with ``q_transposed`` a view ``Wᵀ``: ``noise``
-        is keyed by ``W``'s (row, col), and ``Q ⊕ noise`` is
+        ``q`` is the weight ``W`` as stored in both orientations: (N, K), or with
+        ``q_transposed`` (K, N), read transposed through its strides (no view, no copy);
+        ``v`` likewise: (N, r), or with ``q_transposed`` (r, N) (the factor as stored:
+        ``B`` forward, ``A`` for dX; a view per call costs ~1 µs of host time). ``noise`` is
+        keyed by ``W``'s (row, col): ``Q ⊕ noise`` is
         :func:`~lorasc_kernels.backends.reference.noisy_weight` of ``W``. ``rank_dropout``
         masks the rank term's ``(m, n)`` entries (``m < M``, ``n < N``). ``u``/``v`` None:
         no rank term. Any strides. A scaled ``W`` (format in :attr:`SCALED_WEIGHT_DTYPES`,
-        no noise) is a :class:`ScaledWeight` of ``W`` itself in either orientation: with
-        ``q_transposed`` the GEMM reads it as ``Wᵀ`` (its scale then runs along ``K``).
+        no noise) is a :class:`ScaledWeight`, the same in both orientations (with
+        ``q_transposed`` its scale runs along ``K``).
         """
 
     def dropout_lowrank(
@@ -103,7 +107,7 @@ class ComputeBackend(Protocol):
     The reference emulates them exactly (quantize, dequantize, float32 matmul): the codes
     and scales of :meth:`quantize_rows` bit for bit, the GEMMs within float32's summation
     order. Shapes: ``p`` (M, K), ``lowrank`` (r, K), ``a`` (M, K), ``weight`` (N, K), ``u``
-    (M, r), ``v`` (N, r) (dX: ``v`` (K, r))."""
+    (M, r), ``v`` (N, r) (dX: ``v`` is ``A`` (r, K), as :meth:`Backend.lowrank_gemm` takes it)."""
 
     COMPUTE_MODES: tuple[str, ...]
     """The compute modes it runs (``("fp8",)``); a backend without the attribute has none."""
@@ -133,4 +137,4 @@ class ComputeBackend(Protocol):
     ) -> torch.Tensor:
         """(M, N) in ``out_dtype``: ``deq(a) deq(W)ᵀ (+ bias) + scale · U Vᵀ``; with
         ``q_transposed`` (backward's dX, N = W's columns) ``deq(a) codes(W) + scale · drop(U
-        Vᵀ)``, W's row scales folded into ``a``'s columns before it was quantized."""
+        V)``, W's row scales folded into ``a``'s columns before it was quantized."""

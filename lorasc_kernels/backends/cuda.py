@@ -164,8 +164,11 @@ def lowrank_gemm(
     q_transposed: bool = False,
     rank_dropout: DropoutSpec | None = None,
 ) -> torch.Tensor:
-    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract."""
+    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N), with ``q_transposed``
+    ``P (Q ⊕ noise) + scale · drop(U V)``; see the contract."""
     _refuse_scaled(q)
+    if q_transposed:  # the kernels read Wᵀ and Aᵀ through the views' strides
+        q, v = q.t(), None if v is None else v.t()
     noise_transform = _noise_transform(noise, q_transposed)
     bias = None if bias is None else bias.contiguous()
     if rank_dropout is None:

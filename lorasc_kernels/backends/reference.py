@@ -94,16 +94,16 @@ def lowrank_gemm(
     q_transposed: bool = False,
     rank_dropout: DropoutSpec | None = None,
 ):
-    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N); see the contract.
+    """``P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N), with ``q_transposed``
+    ``P (Q ⊕ noise) + scale · drop(U V)``; see the contract.
 
     A :class:`ScaledWeight` ``q`` is dequantized in float32 and the whole sum computed in
     float32, rounded once to ``p``'s dtype.
     """
     if isinstance(q, ScaledWeight):
-        weight = q.dequantize(torch.float32)
         out = lowrank_gemm(
             p.float(),
-            weight.t() if q_transposed else weight,
+            q.dequantize(torch.float32),
             None if bias is None else bias.float(),
             None if u is None else u.float(),
             None if v is None else v.float(),
@@ -113,16 +113,15 @@ def lowrank_gemm(
         )
         return out.to(p.dtype)
     if noise is not None:
-        if q_transposed:
-            q = noisy_weight(q.t(), noise.seed, noise.scale).t()
-        else:
-            q = noisy_weight(q, noise.seed, noise.scale)
-    out = p @ q.t() if bias is None else torch.addmm(bias, p, q.t())
+        q = noisy_weight(q, noise.seed, noise.scale)
+    q_t = q if q_transposed else q.t()  # the GEMM's (K, N) operand
+    out = p @ q_t if bias is None else torch.addmm(bias, p, q_t)
     if u is None:
         return out
+    v_t = v if q_transposed else v.t()  # (r, N)
     if rank_dropout is None:
-        return out.addmm_(u, v.t(), alpha=scale)  # accumulated in place: no (M, N) temporary
-    return out.add_(apply_dropout(u @ v.t(), rank_dropout.p, rank_dropout.seed), alpha=scale)
+        return out.addmm_(u, v_t, alpha=scale)  # accumulated in place: no (M, N) temporary
+    return out.add_(apply_dropout(u @ v_t, rank_dropout.p, rank_dropout.seed), alpha=scale)
 
 
 def dropout_lowrank(x, lora_A, dropout: DropoutSpec):
@@ -154,12 +153,12 @@ def scaled_rows_gemm(
     """The fp8 compute mode's GEMM (M, N) in ``out_dtype``, in float32 on the dequantized
     operands, rounded once: forward ``deq(a) deq(W)ᵀ (+ bias) + scale · U Vᵀ`` for ``a`` (M, K)
     and ``weight`` W (N, K); with ``q_transposed`` (dX) ``deq(a) codes(W) + scale · drop(U
-    Vᵀ)``, W's row scales having been folded into ``a`` (:func:`quantize_rows`'s
+    V)``, W's row scales having been folded into ``a`` (:func:`quantize_rows`'s
     ``col_scale``)."""
     codes = weight.codes.float() if q_transposed else weight.dequantize(torch.float32)
     out = lowrank_gemm(
         a.dequantize(torch.float32),
-        codes.t() if q_transposed else codes,
+        codes,
         None if bias is None else bias.float(),
         None if u is None else u.float(),
         None if v is None else v.float(),

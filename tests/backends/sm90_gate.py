@@ -290,9 +290,7 @@ def exercise_fp8_compute(generator) -> None:
             rows, xa = backend.quantize_rows(x, None, lora_A, dropout)
             backend.scaled_rows_gemm(rows, weight, bias, xa, lora_B, 2.0, dtype)
             grads, dy_b = backend.quantize_rows(dy, weight.scale, lora_B.t())
-            backend.scaled_rows_gemm(
-                grads, weight, None, dy_b, lora_A.t(), 2.0, dtype, True, dropout
-            )
+            backend.scaled_rows_gemm(grads, weight, None, dy_b, lora_A, 2.0, dtype, True, dropout)
         backend.quantize_rows(dy, weight.scale)  # dX alone: no thin product
 
 

@@ -18,6 +18,7 @@ from lorasc_kernels.backends.contract import PRIMITIVES, Backend
 from lorasc_kernels.backends.specs import DropoutSpec, NoiseSpec
 from lorasc_kernels.formats.registry import KERNEL_DTYPES, REFERENCE_DTYPES
 from tests.backend_params import DEVICE, REGISTERED
+from tests.helpers import KERNEL_TOLERANCE, rel_error
 
 
 def _module_or_skip(name: str):
@@ -74,16 +75,32 @@ def test_lowrank_gemm_adds_the_references_noise(backend, dtype, q_transposed):
     noise = NoiseSpec(2**64 - 5, 0.03)
     expected = reference.noisy_weight(weight, noise.seed, noise.scale)
     module = backend_module(backend)
-    if q_transposed:  # P (37, 37) · ((Wᵀ) ⊕ n)ᵀ = W ⊕ n
+    if q_transposed:  # P (37, 37) · (W ⊕ n), W passed as stored = W ⊕ n
         eye = torch.eye(37, device=DEVICE, dtype=dtype)
         got = module.lowrank_gemm(
-            eye, weight.t(), None, None, None, 1.0, noise=noise, q_transposed=True
+            eye, weight, None, None, None, 1.0, noise=noise, q_transposed=True
         )
     else:  # P (45, 45) · (W ⊕ n)ᵀ = (W ⊕ n)ᵀ
         eye = torch.eye(45, device=DEVICE, dtype=dtype)
         got = module.lowrank_gemm(eye, weight, None, None, None, 1.0, noise=noise).t()
     assert not torch.equal(expected, weight)
     _same(got, expected)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_transposed_lowrank_gemm_reads_the_weight_and_factor_as_stored(backend, dtype):
+    """dX's GEMM: ``q`` = W (K, N) and ``v`` = A (r, N) as stored, non-square and strided
+    (every dimension different, so an operand read in the wrong orientation cannot fit),
+    give ``P W + s · U A`` to float64 within the kernels' tolerance."""
+    M, K, N, r = 19, 24, 40, 5
+    weight = torch.randn(K, 2 * N, device=DEVICE).to(dtype)[:, ::2]  # strided columns
+    lora_A = torch.randn(r, N, device=DEVICE).to(dtype)
+    p = torch.randn(M, K, device=DEVICE).to(dtype)
+    u = torch.randn(M, r, device=DEVICE).to(dtype)
+    got = backend_module(backend).lowrank_gemm(p, weight, None, u, lora_A, 0.7, q_transposed=True)
+    expected = p.double() @ weight.double() + 0.7 * u.double() @ lora_A.double()
+    assert got.shape == (M, N) and got.dtype == dtype
+    assert rel_error(got, expected) < KERNEL_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)

@@ -163,19 +163,19 @@ def test_candidates_of_a_call():
 def test_addmm_composition_matches_float64_with_the_references_noise(q_transposed):
     p = torch.randn(20, 32, device=DEVICE).to(torch.float16)
     weight = (torch.randn(24, 32, device=DEVICE) / 6).to(torch.float16)
-    if q_transposed:  # the dX GEMM: P (20, 24), Q = Wᵀ (32, 24)
-        p = p[:, :24].contiguous()
-    q = weight.t() if q_transposed else weight
+    n = 24
+    if q_transposed:  # the dX GEMM: P (20, 24) · W (24, 32), V = A (3, 32) as stored
+        p, n = p[:, :24].contiguous(), 32
     u = torch.randn(20, 3, device=DEVICE).half()
-    v = torch.randn(q.shape[0], 3, device=DEVICE).half()
-    bias = torch.randn(q.shape[0], device=DEVICE).half()
+    v = torch.randn(*((3, n) if q_transposed else (n, 3)), device=DEVICE).half()
+    bias = torch.randn(n, device=DEVICE).half()
     noise = NoiseSpec(77, 0.05)
-    got = gemm_dispatch.addmm_lowrank_gemm(p, q, bias, u, v, 1.5, noise, q_transposed)
+    got = gemm_dispatch.addmm_lowrank_gemm(p, weight, bias, u, v, 1.5, noise, q_transposed)
     noisy = reference.noisy_weight(weight, noise.seed, noise.scale).double()
     expected = (
         p.double() @ (noisy if q_transposed else noisy.t())
         + bias.double()
-        + 1.5 * u.double() @ v.double().t()
+        + 1.5 * u.double() @ (v.double() if q_transposed else v.double().t())
     )
     assert got.dtype == torch.float16
     assert rel_error(got, expected) < KERNEL_TOLERANCE[torch.float16]

@@ -112,13 +112,15 @@ def test_triton_quantizes_rows_bit_for_bit(dtype, case, column_scales):
 
 def _operands(M, N, K, r, dtype, weight_dtype, q_transposed):
     """Quantized rows ``a`` (M, K), a scaled weight (N, K) or, for dX, (K, N) (its row scales
-    then folded into ``a``'s columns, as backward does), and the rank term's factors, bias."""
+    then folded into ``a``'s columns, as backward does), and the rank term's factors (``v``
+    (N, r), for dX (r, N)), bias."""
     shape = (K, N) if q_transposed else (N, K)
     weight = quantize(torch.randn(*shape, device=DEVICE) * 0.02, weight_dtype)
     col_scale = weight.scale if q_transposed else None  # dX: W's row scales fold into dY
     a, _ = reference.quantize_rows(torch.randn(M, K, device=DEVICE).to(dtype), col_scale)
     u = torch.randn(M, r, device=DEVICE).to(dtype) if r else None
-    v = torch.randn(N, r, device=DEVICE).to(dtype) if r else None
+    v_shape = (r, N) if q_transposed else (N, r)  # dX: A as stored
+    v = torch.randn(*v_shape, device=DEVICE).to(dtype) if r else None
     bias = None if q_transposed else torch.randn(N, device=DEVICE).to(dtype)
     return a, weight, bias, u, v
 
@@ -131,7 +133,7 @@ def _float64(a, weight, bias, u, v, scale, q_transposed, dropout):
     if bias is not None:
         out += bias.double()
     if u is not None:
-        rank = u.double() @ v.double().t()
+        rank = u.double() @ (v.double() if q_transposed else v.double().t())
         if dropout is not None:
             rank = reference.apply_dropout(rank, dropout.p, dropout.seed)
         out += scale * rank

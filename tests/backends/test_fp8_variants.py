@@ -45,7 +45,8 @@ def _inputs(M, N, K, r, bias, scaled_dtype, transposed):
     out_features = K if transposed else N
     p = torch.randn(M, N if transposed else K, device=DEVICE).bfloat16()
     u = torch.randn(M, r, device=DEVICE).bfloat16() if r else None
-    v = torch.randn(out_features, r, device=DEVICE).bfloat16() if r else None
+    v_shape = (r, out_features) if transposed else (out_features, r)  # dX: A as stored
+    v = torch.randn(*v_shape, device=DEVICE).bfloat16() if r else None
     b = torch.randn(out_features, device=DEVICE).bfloat16() if bias and not transposed else None
     return p, weight, b, u, v
 

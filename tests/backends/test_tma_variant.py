@@ -50,11 +50,10 @@ def _gemm_arguments(case, dtype):
     M, K, N, r, bias, noise, dropout, transposed = case
     p = torch.randn(M, K, device=DEVICE).to(dtype)
     weight = (torch.randn(K, N) if transposed else torch.randn(N, K)).to(DEVICE, dtype)
-    q = weight.t() if transposed else weight
     u = torch.randn(M, r, device=DEVICE).to(dtype) if r else None
-    v = torch.randn(N, r, device=DEVICE).to(dtype) if r else None
+    v = torch.randn(*((r, N) if transposed else (N, r)), device=DEVICE).to(dtype) if r else None
     b = torch.randn(N, device=DEVICE).to(dtype) if bias else None
-    return (p, q, b, u, v, 1.5), dict(
+    return (p, weight, b, u, v, 1.5), dict(
         noise=NOISE if noise else None,
         q_transposed=transposed,
         rank_dropout=DROPOUT if dropout else None,
@@ -62,14 +61,12 @@ def _gemm_arguments(case, dtype):
 
 
 def _float64(p, q, b, u, v, scale, noise, q_transposed, rank_dropout):
-    """The GEMM in float64, from the reference's noisy weight and dropout mask."""
-    weight = q.t() if q_transposed else q
-    if noise is not None:
-        weight = reference.noisy_weight(weight, noise.seed, noise.scale)
-    q64 = (weight.t() if q_transposed else weight).double()
-    out = p.double() @ q64.t()
+    """The GEMM in float64, from the reference's noisy weight and dropout mask (``q`` and
+    ``v`` as stored, read transposed with ``q_transposed``)."""
+    weight = q if noise is None else reference.noisy_weight(q, noise.seed, noise.scale)
+    out = p.double() @ (weight.double() if q_transposed else weight.double().t())
     if u is not None:
-        rank = u.double() @ v.double().t()
+        rank = u.double() @ (v.double() if q_transposed else v.double().t())
         if rank_dropout is not None:
             rank = reference.apply_dropout(rank, rank_dropout.p, rank_dropout.seed)
         out += scale * rank
@@ -80,7 +77,7 @@ def _float64(p, q, b, u, v, scale, noise, q_transposed, rank_dropout):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_persistent_equals_tiled_and_float64(case, dtype):
     args, kwargs = _gemm_arguments(case, dtype)
-    assert fused_linear_tma.unsupported_reason(args[0], args[1]) is None
+    assert fused_linear_tma.unsupported_reason(args[0], args[1], kwargs["q_transposed"]) is None
     got = fused_linear_tma.persistent_lowrank_gemm(*args, **kwargs)
     tiled = fused_linear.tiled_lowrank_gemm(*args, **kwargs)
     assert got.dtype == dtype and got.shape == tiled.shape
@@ -99,7 +96,7 @@ def test_persistent_adds_the_references_noise(q_transposed):
     if q_transposed:
         eye = torch.eye(48, device=DEVICE, dtype=torch.bfloat16)
         got = fused_linear_tma.persistent_lowrank_gemm(
-            eye, weight.t(), None, None, None, 1.0, NOISE, q_transposed=True
+            eye, weight, None, None, None, 1.0, NOISE, q_transposed=True
         )
     else:
         eye = torch.eye(32, device=DEVICE, dtype=torch.bfloat16)

@@ -12,9 +12,10 @@ activation format, and GEMMs on two fp8 operands with their scales in the epilog
   scale · drop(U Vᵀ)``: both operands fp8 in ``tl.dot`` (``QGMMA`` on sm_90), accumulated
   in float32, the row scales, the bias and the rank term applied in the epilogue. Forward:
   ``b = W`` (N, K), read K-major. dX: ``b = Wᵀ`` read from W's codes by strides, without
-  ``s_b`` (W's scales were folded into ``a``); its tile is not K-major, which Hopper's fp8
-  MMA needs, so Triton transposes it on its way into shared memory (the compile gate counts
-  it): no transposed copy of the codes exists, so none can disagree with a merge.
+  ``s_b`` (W's scales were folded into ``a``), and ``V = Aᵀ`` from ``A`` (r, N) likewise;
+  its tile is not K-major, which Hopper's fp8 MMA needs, so Triton transposes it on its way
+  into shared memory (the compile gate counts it): no transposed copy of the codes exists,
+  so none can disagree with a merge.
 
 Hopper's fp8 MMA accumulates with fewer bits than float32 (DeepSeek-V3's report: about 14
 on the H800), and Triton lets it run unpromoted over the whole reduction by default on
@@ -349,7 +350,8 @@ def scaled_rows_gemm(
     rank_dropout: DropoutSpec | None = None,
 ) -> torch.Tensor:
     """``out`` (M, N) in ``out_dtype``: forward ``deq(a) deq(W)ᵀ (+ bias) + scale · U Vᵀ``,
-    with ``q_transposed`` ``deq(a) codes(W) + scale · drop(U Vᵀ)``; the contract's primitive.
+    with ``q_transposed`` ``deq(a) codes(W) + scale · drop(U V)`` (``v`` (r, N) as stored); the
+    contract's primitive.
     ``a`` (M, K) contiguous codes, ``weight`` any strides; ``u = v = None``: no rank term."""
     codes = weight.codes
     M, K = a.shape
@@ -358,9 +360,10 @@ def scaled_rows_gemm(
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out  # never read: r = 0
-    stride_bn, stride_bk = codes.stride()
-    if q_transposed:
+    (stride_bn, stride_bk), v_strides = codes.stride(), v.stride()
+    if q_transposed:  # W and A as stored, read transposed
         stride_bn, stride_bk = stride_bk, stride_bn
+        v_strides = v_strides[::-1]
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, u.dtype)
 
@@ -388,7 +391,7 @@ def scaled_rows_gemm(
         stride_bn,
         stride_bk,
         *u.stride(),
-        *v.stride(),
+        *v_strides,
         scale32,
         *dropout_arguments(rank_dropout),
         B_SCALE=not q_transposed,

@@ -5,8 +5,9 @@ chooses).
 
 Shapes: ``p`` (M, K), ``q`` (N, K), ``bias`` (N,), ``u`` (M, r), ``v`` (N, r). The linear's
 forward uses it as ``y = x Wᵀ + b + s · xa Bᵀ``; its backward as ``dX = dY W + s ·
-drop((dY B) A)``, with ``Q = Wᵀ`` read through strides (no transposed copy) and the dropout
-mask applied to the rank term (:mod:`lorasc_kernels.backends.composition`).
+drop((dY B) A)``, ``W`` and ``A`` passed as stored and read transposed through their
+strides (no view, no copy) and the dropout mask applied to the rank term
+(:mod:`lorasc_kernels.backends.composition`).
 
 The rank-r term is one extra ``tl.dot`` of ``[BLOCK_M, r] × [r, BLOCK_N]`` into the fp32
 accumulator of each output tile (r padded to a power of two ≥ 16, masked).
@@ -46,7 +47,6 @@ from .launch import launch
 __all__ = [
     "NOISE_IN_GEMM_MAX_ROWS",
     "noisy_weight_pass",
-    "noisy_operand",
     "gemm_operands",
     "dropout_arguments",
     "spec_arguments",
@@ -226,25 +226,28 @@ def noisy_weight_pass(
     return out.t() if transposed else out
 
 
-def noisy_operand(q, noise: NoiseSpec, q_transposed: bool) -> torch.Tensor:
-    """``Q ⊕ noise`` by one :func:`noisy_weight_pass`: ``q`` is ``W`` or, with
-    ``q_transposed``, ``Wᵀ``, and so is the result."""
-    return noisy_weight_pass(q.t(), noise).t() if q_transposed else noisy_weight_pass(q, noise)
-
-
 def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool):
-    """``(out, q, bias, u, v, r, noise)`` as the GEMM kernels take them: ``out`` (M, N) empty
-    in ``P``'s dtype; above :data:`NOISE_IN_GEMM_MAX_ROWS` rows ``q`` is the noisy weight of
-    :func:`noisy_operand` and ``noise`` None; without a rank term ``u = v = out``
-    (never read: ``r = 0``); ``bias`` contiguous (read with stride 1)."""
+    """``(out, q, bias, u, v, r, noise, q_strides, v_strides)`` as the GEMM kernels take
+    them: ``out`` (M, N) empty in ``P``'s dtype; above :data:`NOISE_IN_GEMM_MAX_ROWS` rows
+    ``q`` is the noisy weight of :func:`noisy_weight_pass` and ``noise`` None; without a
+    rank term ``u = v = out`` (never read: ``r = 0``); ``bias`` contiguous (read with stride
+    1). ``q_strides`` ``(n, k)`` and ``v_strides`` ``(n, r)`` are the strides of ``Q`` (N, K)
+    and ``V`` (N, r) as the kernels index them: with ``q_transposed`` ``W`` and ``A``'s,
+    swapped (read transposed without a view)."""
     if noise is not None and p.shape[0] > NOISE_IN_GEMM_MAX_ROWS:
-        q, noise = noisy_operand(q, noise, q_transposed), None
-    out = p.new_empty(p.shape[0], q.shape[0])  # 0.3 µs less than torch.empty(device=, dtype=)
+        q, noise = noisy_weight_pass(q, noise), None
+    q_strides = q.stride()
+    if q_transposed:
+        out = p.new_empty(p.shape[0], q.shape[1])  # 0.3 µs less than torch.empty(...)
+        q_strides = q_strides[::-1]
+    else:
+        out = p.new_empty(p.shape[0], q.shape[0])
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out
+    v_strides = v.stride()[::-1] if q_transposed else v.stride()
     bias = None if bias is None else bias.contiguous()
-    return out, q, bias, u, v, r, noise
+    return out, q, bias, u, v, r, noise, q_strides, v_strides
 
 
 _NO_DROPOUT_ARGUMENTS = (0, 0, 1.0)
@@ -282,13 +285,16 @@ def tiled_lowrank_gemm(
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, by the
     tiled kernel: one program per output tile, any dtype, layout and weight format.
 
-    ``q`` is ``W`` (N, K) or, with ``q_transposed``, ``Wᵀ``; any strides. Up to
-    :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded ``Q`` tile, above
-    by one pass that writes the noisy ``W``. A float ``W`` only: a scaled one has its own
-    kernels (:mod:`.fused_linear_scaled`).
+    ``q`` is ``W`` (N, K) and ``v`` (N, r); with ``q_transposed`` ``W`` (K, N) and ``v``
+    (r, N) as stored, read transposed (``P (Q ⊕ noise) + scale · drop(U V)``); any
+    strides. Up to :data:`NOISE_IN_GEMM_MAX_ROWS` rows the noise is added to each loaded
+    ``Q`` tile, above by one pass that writes the noisy ``W``. A float ``W`` only: a scaled
+    one has its own kernels (:mod:`.fused_linear_scaled`).
     """
-    (M, K), N = p.shape, q.shape[0]
-    out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
+    out, q, bias, u, v, r, noise, q_strides, v_strides = gemm_operands(
+        p, q, bias, u, v, noise, q_transposed
+    )
+    (M, K), N = p.shape, out.shape[1]
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
 
     def grid(meta):
@@ -310,9 +316,9 @@ def tiled_lowrank_gemm(
         bucket,
         *out.stride(),
         *p.stride(),
-        *q.stride(),
+        *q_strides,
         *u.stride(),
-        *v.stride(),
+        *v_strides,
         scale32,
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None,

@@ -1,9 +1,10 @@
 """The tiled fused low-rank GEMM for a scaled weight (fp8 codes with per-row scales,
 ``docs/fp8.md``): ``out = P (s ⊙ W)ᵀ (+ bias) + scale · drop(U Vᵀ)``, or for backward's dX
-``out = P (s ⊙ W) + scale · drop(U Vᵀ)``, ``s`` W's row scales.
+``out = P (s ⊙ W) + scale · drop(U V)``, ``s`` W's row scales.
 
-Shapes: ``p`` (M, K), ``W`` codes (N_w, K_w), ``u`` (M, r), ``v`` (N, r), ``out`` (M, N):
-forward ``N = N_w``, ``K = K_w``; dX ``N = K_w``, ``K = N_w``.
+Shapes: ``p`` (M, K), ``W`` codes (N_w, K_w), ``u`` (M, r), ``out`` (M, N): forward ``N =
+N_w``, ``K = K_w``, ``v`` (N, r); dX ``N = K_w``, ``K = N_w``, ``v`` (r, N) (``A`` as
+stored, read transposed).
 
 The weight is the dot's first operand: each program computes the transposed output tile
 ``W_tile · P_tileᵀ`` ([BLOCK_N, BLOCK_M]) and stores it transposed. A Hopper warpgroup MMA
@@ -240,8 +241,8 @@ def scaled_lowrank_gemm(
     rank_dropout: DropoutSpec | None = None,
 ) -> torch.Tensor:
     """``out`` (M, N) in ``P``'s dtype: ``P (s ⊙ W)ᵀ (+ bias) + scale · drop(U Vᵀ)``, or with
-    ``transposed`` (backward's dX) ``P (s ⊙ W) + scale · drop(U Vᵀ)``; module docstring.
-    ``weight`` any strides; without a rank term ``u = v = None``."""
+    ``transposed`` (backward's dX) ``P (s ⊙ W) + scale · drop(U V)``, ``v`` (r, N) as stored;
+    module docstring. ``weight`` any strides; without a rank term ``u = v = None``."""
     codes = weight.codes
     M, K = p.shape
     N = codes.shape[1] if transposed else codes.shape[0]
@@ -249,9 +250,10 @@ def scaled_lowrank_gemm(
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out  # never read: r = 0
-    stride_wn, stride_wk = codes.stride()
-    if transposed:
+    (stride_wn, stride_wk), v_strides = codes.stride(), v.stride()
+    if transposed:  # W and A as stored, read transposed
         stride_wn, stride_wk = stride_wk, stride_wn
+        v_strides = v_strides[::-1]
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
 
@@ -278,7 +280,7 @@ def scaled_lowrank_gemm(
         stride_wn,
         stride_wk,
         *u.stride(),
-        *v.stride(),
+        *v_strides,
         scale32,
         *dropout_arguments(rank_dropout),
         HAS_BIAS=bias is not None,

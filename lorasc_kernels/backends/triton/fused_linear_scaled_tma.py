@@ -174,6 +174,7 @@ def persistent_scaled_lowrank_gemm(
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out  # never read: r = 0
+    v_strides = v.stride()[::-1] if transposed else v.stride()  # dX: A (r, N) as stored
     if p.device.type == "cuda":
         ensure_allocator()
     programs = persistent_programs(p.device)
@@ -203,7 +204,7 @@ def persistent_scaled_lowrank_gemm(
         p.stride(0),
         codes.stride(0),
         *u.stride(),
-        *v.stride(),
+        *v_strides,
         scale32,
         *dropout_arguments(rank_dropout),
         HAS_BIAS=bias is not None,

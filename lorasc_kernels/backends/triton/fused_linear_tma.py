@@ -2,13 +2,14 @@
 ``out = P (Q ⊕ noise)ᵀ (+ bias) + s · drop(U Vᵀ)``, the same computation, in the same order,
 as :func:`.fused_linear.tiled_lowrank_gemm`.
 
-Shapes: ``p`` (M, K), ``q`` (N, K) (``W``, or ``Wᵀ`` for dX), ``bias`` (N,), ``u`` (M, r),
-``v`` (N, r). One program per SM walks the output tiles (``GROUP_M``-grouped, as the tiled
-kernel orders them); the ``P`` and ``Q`` tiles and the output come and go through tensor
-descriptors (``tl.make_tensor_descriptor``: TMA on sm_90), the K loop software-pipelined by
-Triton, the output stored in two ``BLOCK_N / 2`` halves. The rank term, dropout
-mask, noise and bias are the tiled kernel's device functions (:mod:`.device`), in its order
-(rank term first, K steps in order, bias last), so both variants round the same sums.
+Shapes: ``p`` (M, K), ``q`` (N, K), ``bias`` (N,), ``u`` (M, r), ``v`` (N, r) (for dX ``W``
+and ``A`` as stored, read transposed). One program per SM walks the output tiles
+(``GROUP_M``-grouped, as the tiled kernel orders them); the ``P`` and ``Q`` tiles and the
+output come and go through tensor descriptors (``tl.make_tensor_descriptor``: TMA on sm_90),
+the K loop software-pipelined by Triton, the output stored in two ``BLOCK_N / 2`` halves.
+The rank term, dropout mask, noise and bias are the tiled kernel's device functions
+(:mod:`.device`), in its order (rank term first, K steps in order, bias last), so both
+variants round the same sums.
 
 Where it applies (:func:`unsupported_reason`): bf16/fp16 operands of one dtype, unscaled
 weights, ``P`` and ``out`` with unit column stride, ``Q`` with one unit stride (``W`` or
@@ -186,10 +187,11 @@ def lacks_tma(device: torch.device) -> bool:
     return (properties.major, properties.minor) < (9, 0)
 
 
-def unsupported_reason(p, q) -> str | None:
+def unsupported_reason(p, q, q_transposed: bool = False) -> str | None:
     """``None`` if :func:`persistent_lowrank_gemm` takes these operands, else why not (the
     tiled kernel takes them): TMA reads 16-bit tiles of non-empty 2-D tensors with a unit
-    stride, 16-byte aligned base pointers and other strides."""
+    stride, 16-byte aligned base pointers and other strides. ``q`` is ``W`` as stored, read
+    transposed with ``q_transposed``."""
     if p.dtype not in TMA_DTYPES or q.dtype != p.dtype:
         return f"the TMA variant takes bf16/fp16 P and Q of one dtype, got {p.dtype}/{q.dtype}"
     if p.numel() == 0 or q.numel() == 0:
@@ -199,7 +201,7 @@ def unsupported_reason(p, q) -> str | None:
     q_stride = q.stride(0) if q.stride(1) == 1 else q.stride(1) if q.stride(0) == 1 else None
     if p.stride(1) != 1 or q_stride is None:
         return "TMA reads tensors with a unit stride in their last dimension"
-    out_row_bytes = q.shape[0] * p.element_size()
+    out_row_bytes = q.shape[1 if q_transposed else 0] * p.element_size()
     if not (
         aligned(p, p.stride(0)) and aligned(q, q_stride) and out_row_bytes % _TMA_ALIGN_BYTES == 0
     ):
@@ -238,9 +240,11 @@ def persistent_lowrank_gemm(
     """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · drop(U Vᵀ)`` (M, N) in ``P``'s dtype, by the
     persistent TMA kernel; arguments as :func:`.fused_linear.tiled_lowrank_gemm` (no scaled
     weights), operands as :func:`unsupported_reason` accepts."""
-    (M, K), N = p.shape, q.shape[0]
-    out, q, bias, u, v, r, noise = gemm_operands(p, q, bias, u, v, noise, q_transposed)
-    q_n_contiguous = q.stride(1) != 1
+    out, q, bias, u, v, r, noise, (stride_qn, stride_qk), v_strides = gemm_operands(
+        p, q, bias, u, v, noise, q_transposed
+    )
+    (M, K), N = p.shape, out.shape[1]
+    q_n_contiguous = stride_qk != 1
     if p.device.type == "cuda":
         ensure_allocator()
     programs = persistent_programs(p.device)
@@ -266,11 +270,9 @@ def persistent_lowrank_gemm(
         bucket,
         out.stride(0),
         p.stride(0),
-        q.stride(1) if q_n_contiguous else q.stride(0),
-        u.stride(0),
-        u.stride(1),
-        v.stride(0),
-        v.stride(1),
+        stride_qk if q_n_contiguous else stride_qn,
+        *u.stride(),
+        *v_strides,
         scale32,
         *spec_arguments(noise, rank_dropout),
         HAS_BIAS=bias is not None,

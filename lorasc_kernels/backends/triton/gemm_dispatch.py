@@ -60,7 +60,7 @@ from ..specs import DropoutSpec, NoiseSpec
 from . import on_tensor_device
 from .configs import m_bucket
 from .dispatch_store import ChoiceStore
-from .fused_linear import noisy_operand, tiled_lowrank_gemm
+from .fused_linear import noisy_weight_pass, tiled_lowrank_gemm
 from .fused_linear_scaled import scaled_lowrank_gemm
 from .fused_linear_scaled_tma import persistent_scaled_lowrank_gemm, scaled_unsupported_reason
 from .fused_linear_tma import TMA_DTYPES, persistent_lowrank_gemm, unsupported_reason
@@ -227,13 +227,15 @@ def mode_for(on_gpu: bool) -> str:
     return mode or _DEFAULT_MODE[on_gpu]
 
 
-def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str, ...]:
+def candidates(
+    p, q, bias, u, v, rank_dropout: DropoutSpec | None, q_transposed: bool = False
+) -> tuple[str, ...]:
     """The variants that compute this call (module docstring), ``"tiled"`` first; a
     :class:`ScaledWeight` ``q`` has a tiled and a persistent kernel of its own."""
     if isinstance(q, ScaledWeight):
         return ("tiled",) + (("persistent",) if scaled_unsupported_reason(p, q) is None else ())
     found = ["tiled"]
-    if unsupported_reason(p, q) is None:
+    if unsupported_reason(p, q, q_transposed) is None:
         found.append("persistent")
     operands = [q] + [t for t in (bias, u, v) if t is not None]
     if p.dtype in TMA_DTYPES and rank_dropout is None and all(t.dtype == p.dtype for t in operands):
@@ -244,13 +246,15 @@ def candidates(p, q, bias, u, v, rank_dropout: DropoutSpec | None) -> tuple[str,
 def addmm_lowrank_gemm(
     p, q, bias, u, v, scale, noise: NoiseSpec | None = None, q_transposed: bool = False
 ) -> torch.Tensor:
-    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · U Vᵀ`` by two ``addmm`` calls (cuBLAS on a
+    """``out = P (Q ⊕ noise)ᵀ (+ bias) + scale · U Vᵀ`` (with ``q_transposed``, ``W`` and
+    ``v`` as stored: ``P (Q ⊕ noise) + scale · U V``) by two ``addmm`` calls (cuBLAS on a
     GPU): ``P Qᵀ + b`` rounded to ``P``'s dtype, then the rank term added in place."""
     if noise is not None:
-        q = noisy_operand(q, noise, q_transposed)
-    out = p @ q.t() if bias is None else torch.addmm(bias, p, q.t())
+        q = noisy_weight_pass(q, noise)
+    q_t = q if q_transposed else q.t()  # the GEMM's (K, N) operand
+    out = p @ q_t if bias is None else torch.addmm(bias, p, q_t)
     if u is not None:
-        out.addmm_(u, v.t(), alpha=scale)
+        out.addmm_(u, v if q_transposed else v.t(), alpha=scale)
     return out
 
 
@@ -288,10 +292,8 @@ def _layout(p, q, bias, u, v, noise, q_transposed, rank_dropout) -> tuple:
 
 def _problem(p, q, bias, u, v, noise, q_transposed, rank_dropout) -> tuple:
     """``(candidates, ProblemKey)`` of a call."""
-    options = candidates(p, q, bias, u, v, rank_dropout)
-    (M, K), N = p.shape, q.shape[0]
-    if isinstance(q, ScaledWeight) and q_transposed:  # the contract: it holds W, not Wᵀ
-        N = q.shape[1]
+    options = candidates(p, q, bias, u, v, rank_dropout, q_transposed)
+    (M, K), N = p.shape, q.shape[1 if q_transposed else 0]  # q: W as stored (the contract)
     key = ProblemKey(
         p.device,
         m_bucket(M),
