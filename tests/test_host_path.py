@@ -69,6 +69,33 @@ def test_a_linear_forward_backward_issues_at_most_12_ops_and_reads_nothing(backe
     assert launches.count == (2 if backend == "triton" else 0), launches.by_kernel
 
 
+@pytest.mark.parametrize("rows, most_ops", [(8, 12), (300, 13)], ids=["one-range", "row-ranges"])
+def test_with_dropout_the_thin_kernels_scale_dA_themselves(rows, most_ops):
+    """Dropout on (Triton): the mask's seed drawn from torch's CPU generator (``randint`` and
+    its read, no device involved), four launches (y, the thin ``drop(x) Aᵀ``, ``dA`` and
+    dX). ``dA``'s scale is applied by its kernel (no ``mul_``), and on up to 256 rows its one
+    row range is the result (no ``sum`` of partials; above, one)."""
+    torch.manual_seed(0)
+    layer = LoRASCLinear(24, 20, r=4, lora_dropout=0.1, backend="triton")
+    x = torch.randn(rows, 24, requires_grad=True)
+    dy = torch.randn(rows, 20)
+
+    def call():
+        x.grad = None
+        layer.zero_grad()
+        layer(x).backward(dy)
+
+    with LaunchCounter(stub=True):
+        call()
+    with LaunchCounter(stub=True) as launches, OpCounter() as ops:
+        call()
+    names = ops.by_name()
+    assert ops.count <= most_ops and launches.count == 4, (names, launches.by_kernel)
+    assert names["aten.mul_.Tensor"] == 0
+    assert names["aten.sum.dim_IntList"] == (rows > 256)
+    assert _host_reads(ops) == ["aten._local_scalar_dense.default"], names  # the seed
+
+
 # Python calls into the package per forward+backward (2-D input, noise and dropout off),
 # as counted on 2026-12-07: the layer, the checks of a known call, the autograd Function,
 # the composition and, on Triton, each launch's dispatch and arguments (no device-switch

@@ -111,7 +111,7 @@ def linear_backward(
         if spec.dropout is None:  # s · dY_Bᵀ x, scaled in the GEMM (A: ignored, beta=0)
             d_a = torch.addmm(A, dy_b.t(), x, beta=0, alpha=spec.scale)
         else:
-            d_a = backend.dropout_lowrank_grad(dy_b, x, spec.dropout).mul_(spec.scale)
+            d_a = backend.dropout_lowrank_grad(dy_b, x, spec.dropout, spec.scale)
         if d_a.dtype != lora_A.dtype:  # a cast A, or a float32 dropout_lowrank_grad
             d_a = d_a.to(lora_A.dtype)
     dweight = (dy.t() @ x).to(weight.dtype) if need_weight else None

@@ -82,9 +82,10 @@ class Backend(Protocol):
         """``drop(x) Aᵀ`` (M, r) in ``x``'s dtype, the mask regenerated, never stored."""
 
     def dropout_lowrank_grad(
-        self, grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec
+        self, grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec, scale: float = 1.0
     ) -> torch.Tensor:
-        """``Gᵀ drop(x)`` (r, K) for ``G = grad`` (M, r), in float32 or ``x``'s dtype."""
+        """``scale · Gᵀ drop(x)`` (r, K) for ``G = grad`` (M, r), in float32 or ``x``'s
+        dtype (the scale applied by the GEMM: no pass of its own)."""
 
     def merge_(
         self,

@@ -187,11 +187,14 @@ def dropout_lowrank(x, lora_A, dropout: DropoutSpec) -> torch.Tensor:
     return _gemm(x, lora_A, p_transform=_dropout_transform(dropout, False))
 
 
-def dropout_lowrank_grad(grad, x, dropout: DropoutSpec) -> torch.Tensor:
-    """``Gᵀ drop(x)`` (r, K): the GEMM of ``Gᵀ`` and ``xᵀ``, the mask on ``xᵀ`` as loaded."""
+def dropout_lowrank_grad(grad, x, dropout: DropoutSpec, scale: float = 1.0) -> torch.Tensor:
+    """``scale · Gᵀ drop(x)`` (r, K): the GEMM of ``Gᵀ`` and ``xᵀ``, the mask on ``xᵀ`` as
+    loaded (the scale by one pass after it: the kernel's output is unscaled)."""
     if x.shape[0] == 0:  # the GEMM needs a nonempty reduction
-        return grad.t() @ x
-    return _gemm(grad.t(), x.t(), q_transform=_dropout_transform(dropout, True))
+        product = grad.t() @ x
+    else:
+        product = _gemm(grad.t(), x.t(), q_transform=_dropout_transform(dropout, True))
+    return product if scale == 1.0 else product.mul_(scale)
 
 
 def _noise_key(noise: NoiseSpec | None) -> tuple[int, float]:

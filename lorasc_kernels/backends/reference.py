@@ -129,9 +129,10 @@ def dropout_lowrank(x, lora_A, dropout: DropoutSpec):
     return apply_dropout(x, dropout.p, dropout.seed) @ lora_A.t()
 
 
-def dropout_lowrank_grad(grad, x, dropout: DropoutSpec):
-    """``Gᵀ drop(x)`` (r, K) in ``x``'s dtype."""
-    return grad.t() @ apply_dropout(x, dropout.p, dropout.seed)
+def dropout_lowrank_grad(grad, x, dropout: DropoutSpec, scale: float = 1.0):
+    """``scale · Gᵀ drop(x)`` (r, K) in ``x``'s dtype."""
+    product = grad.t() @ apply_dropout(x, dropout.p, dropout.seed)
+    return product if scale == 1.0 else product.mul_(scale)
 
 
 def quantize_rows(p, col_scale=None, lowrank=None, dropout: DropoutSpec | None = None):

@@ -131,6 +131,22 @@ def test_dropout_primitives_regenerate_the_references_mask(backend, dtype):
     assert 0.2 < float((expected == 0).float().mean()) < 0.6
 
 
+@pytest.mark.parametrize("rows", [0, 37, 300], ids=["no-rows", "one-split", "row-splits"])
+def test_dropout_lowrank_grad_applies_its_scale(backend, rows):
+    """``scale · Gᵀ drop(x)``: the scale taken by the primitive (no pass of the caller's),
+    on no rows (zeros), one row range and several (Triton's partials, each scaled)."""
+    x = torch.randn(rows, 24, device=DEVICE)
+    g = torch.randn(rows, 3, device=DEVICE)
+    dropout = DropoutSpec(2**63 + 3, 0.3)
+    got = backend_module(backend).dropout_lowrank_grad(g, x, dropout, 0.37)
+    expected = 0.37 * (g.double().t() @ reference.apply_dropout(x, 0.3, dropout.seed).double())
+    assert got.shape == (3, 24)
+    if rows == 0:
+        assert torch.equal(got, torch.zeros_like(got))
+    else:
+        assert rel_error(got, expected) < KERNEL_TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize(
     "bad",
     [0.0, -1.0, float("nan"), float("inf"), 1e-30],

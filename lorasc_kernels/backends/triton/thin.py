@@ -3,7 +3,7 @@
 Shapes: ``x`` (M, K), ``lora_A`` (r, K), ``grad`` (M, r).
 
 * :func:`dropout_lowrank` — ``xa = drop(x) Aᵀ`` (M, r) for the forward;
-* :func:`dropout_lowrank_grad` — ``Gᵀ drop(x)`` (r, K) for backward's ``dA``.
+* :func:`dropout_lowrank_grad` — ``s · Gᵀ drop(x)`` (r, K) for backward's ``dA``.
 
 Both regenerate the keep-mask of :func:`~lorasc_kernels.backends.reference.dropout_keep_mask`
 from the seed for each ``x`` tile they load (one hash per element of ``x``) and never store
@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...formats.registry import float32_scalar
 from ..specs import DropoutSpec
 from . import on_tensor_device
 from .configs import dot_precision, m_bucket, rank_block, thin_configs
@@ -90,7 +91,7 @@ def _dropout_lowrank_kernel(
 def _dropout_lowrank_grad_kernel(
     part_ptr,
     g_ptr,
-    x_ptr,  # part[s] (R, K) = G[rows of split s]ᵀ @ drop(x)[rows of split s]
+    x_ptr,  # part[s] (R, K) = scale · G[rows of split s]ᵀ @ drop(x)[rows of split s]
     M,
     K,
     R,
@@ -103,6 +104,7 @@ def _dropout_lowrank_grad_kernel(
     stride_gr,
     stride_xm,
     stride_xk,
+    scale,  # of the product, applied to the float32 partial
     key,
     threshold,
     keep_scale,  # dropout mask
@@ -137,7 +139,7 @@ def _dropout_lowrank_grad_kernel(
         acc = mma(g_t, x, acc, DOT_PRECISION, INTERPRETING)
     tl.store(
         part_ptr + split * stride_ps + ranks[:, None] * stride_pr + cols[None, :] * stride_pk,
-        acc,
+        acc * scale,
         mask=(offs_r[:, None] < R) & (offs_k[None, :] < K),
     )
 
@@ -177,20 +179,24 @@ def dropout_lowrank(x: torch.Tensor, lora_A: torch.Tensor, dropout: DropoutSpec)
 
 
 @on_tensor_device
-def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec) -> torch.Tensor:
-    """``Gᵀ drop(x)`` (r, K) in float32 for ``G = grad`` (M, r) and ``x`` (M, K).
+def dropout_lowrank_grad(
+    grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSpec, scale: float = 1.0
+) -> torch.Tensor:
+    """``scale · Gᵀ drop(x)`` (r, K) in float32 for ``G = grad`` (M, r) and ``x`` (M, K).
 
-    The reduction over M is split in up to 16 row ranges whose fp32 partials are summed
-    here, so that enough programs run when ``K`` is small; the order is fixed, so the
-    result is deterministic.
+    The reduction over M is split in up to 16 row ranges whose fp32 partials (each scaled
+    in the kernel) are summed here, so that enough programs run when ``K`` is small; the
+    order is fixed, so the result is deterministic. One range (M ≤ 256) is written as the
+    result itself: no partials, no sum.
     """
     (M, K), r = x.shape, grad.shape[1]
     rows_per_split = max(
         _GRAD_ROWS_PER_SPLIT,
         triton.cdiv(triton.cdiv(M, _GRAD_MAX_SPLITS), _GRAD_ROWS_PER_SPLIT) * _GRAD_ROWS_PER_SPLIT,
     )
-    splits = triton.cdiv(M, rows_per_split)
-    partials = torch.empty(splits, r, K, device=x.device, dtype=torch.float32)
+    splits = max(1, triton.cdiv(M, rows_per_split))  # M = 0: one split, of no rows (zeros)
+    shape = (r, K) if splits == 1 else (splits, r, K)
+    partials = torch.empty(shape, device=x.device, dtype=torch.float32)
     r_block = rank_block(r)
 
     def grid(meta):
@@ -207,16 +213,16 @@ def dropout_lowrank_grad(grad: torch.Tensor, x: torch.Tensor, dropout: DropoutSp
         r,
         rows_per_split,
         m_bucket(M),
-        partials.stride(0),
-        partials.stride(1),
-        partials.stride(2),
+        0 if splits == 1 else partials.stride(0),
+        *partials.stride()[-2:],
         grad.stride(0),
         grad.stride(1),
         x.stride(0),
         x.stride(1),
+        float32_scalar(scale),
         *dropout_arguments(dropout),
         R_BLOCK=r_block,
         DOT_PRECISION=dot_precision(x.dtype),
         INTERPRETING=INTERPRETING,
     )
-    return partials.sum(0)
+    return partials if splits == 1 else partials.sum(0)
