@@ -58,7 +58,6 @@ import importlib
 import importlib.util
 import os
 import pkgutil
-import statistics
 import sys
 import time
 import warnings
@@ -73,6 +72,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     device_name,
     format_table,
+    median_of_calls,
     paired_ratio,
     significant,
     time_interleaved_calls_ms,
@@ -383,9 +383,8 @@ def measure(
             row["skipped"] = skipped[name]
         else:
             ops, launches, syncs, python = counts[name]
-            every_call = [value for calls_ms in times[name] for value in calls_ms]
             row |= {
-                "host_us": significant(statistics.median(every_call) * 1e3),
+                "host_us": significant(median_of_calls(times[name]) * 1e3),
                 "vs_addmm": None
                 if "addmm" not in times
                 else significant(paired_ratio(times[name], times["addmm"])),

@@ -102,10 +102,12 @@ def time_interleaved_ms(fns: dict, rounds: int = 5, reps: int = 3, warmup: int =
     """Median wall-clock milliseconds of each of ``fns`` over all ``rounds × reps`` calls of
     :func:`time_interleaved_calls_ms`."""
     times = time_interleaved_calls_ms(fns, rounds, reps, warmup)
-    return {
-        name: statistics.median(value for calls in by_round for value in calls)
-        for name, by_round in times.items()
-    }
+    return {name: median_of_calls(by_round) for name, by_round in times.items()}
+
+
+def median_of_calls(by_round: list[list[float]]) -> float:
+    """The median over every call of every round of :func:`time_interleaved_calls_ms`."""
+    return statistics.median(value for calls in by_round for value in calls)
 
 
 def paired_ratio(by_round: list[list[float]], baseline_by_round: list[list[float]]) -> float:

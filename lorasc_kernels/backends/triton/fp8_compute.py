@@ -360,10 +360,9 @@ def scaled_rows_gemm(
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out  # never read: r = 0
-    (stride_bn, stride_bk), v_strides = codes.stride(), v.stride()
+    b_strides, v_strides = codes.stride(), v.stride()
     if q_transposed:  # W and A as stored, read transposed
-        stride_bn, stride_bk = stride_bk, stride_bn
-        v_strides = v_strides[::-1]
+        b_strides, v_strides = b_strides[::-1], v_strides[::-1]
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, u.dtype)
 
@@ -388,8 +387,7 @@ def scaled_rows_gemm(
         bucket,
         *out.stride(),
         *a.codes.stride(),
-        stride_bn,
-        stride_bk,
+        *b_strides,
         *u.stride(),
         *v_strides,
         scale32,

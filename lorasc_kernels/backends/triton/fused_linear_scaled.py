@@ -28,7 +28,7 @@ from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import gemm_scalars, prune_by_operand_size, scaled_linear_configs
 from .device import INTERPRETING, decode_scaled, grouped_tile, mma, rank_term, round_to
-from .fused_linear import dropout_arguments
+from .fused_linear import dropout_arguments, gemm_operands
 from .launch import launch
 
 __all__ = [
@@ -243,17 +243,10 @@ def scaled_lowrank_gemm(
     """``out`` (M, N) in ``P``'s dtype: ``P (s ⊙ W)ᵀ (+ bias) + scale · drop(U Vᵀ)``, or with
     ``transposed`` (backward's dX) ``P (s ⊙ W) + scale · drop(U V)``, ``v`` (r, N) as stored;
     module docstring. ``weight`` any strides; without a rank term ``u = v = None``."""
-    codes = weight.codes
-    M, K = p.shape
-    N = codes.shape[1] if transposed else codes.shape[0]
-    out = p.new_empty(M, N)
-    r = 0 if u is None else u.shape[1]
-    if u is None:
-        u = v = out  # never read: r = 0
-    (stride_wn, stride_wk), v_strides = codes.stride(), v.stride()
-    if transposed:  # W and A as stored, read transposed
-        stride_wn, stride_wk = stride_wk, stride_wn
-        v_strides = v_strides[::-1]
+    out, codes, bias, u, v, r, _, w_strides, v_strides = gemm_operands(
+        p, weight.codes, bias, u, v, None, transposed
+    )
+    (M, K), N = p.shape, out.shape[1]
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, p.dtype)
 
@@ -266,7 +259,7 @@ def scaled_lowrank_gemm(
         out,
         p,
         codes.view(torch.uint8),
-        out if bias is None else bias.contiguous(),  # read with stride 1
+        out if bias is None else bias,
         u,
         v,
         weight.scale.contiguous(),
@@ -277,8 +270,7 @@ def scaled_lowrank_gemm(
         bucket,
         *out.stride(),
         *p.stride(),
-        stride_wn,
-        stride_wk,
+        *w_strides,
         *u.stride(),
         *v_strides,
         scale32,

@@ -16,7 +16,7 @@ from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import gemm_scalars, persistent_scaled_configs
 from .device import INTERPRETING, grouped_tile, mma, rank_term
-from .fused_linear import dropout_arguments
+from .fused_linear import dropout_arguments, gemm_operands
 from .fused_linear_scaled import format_fields, scaled_end, scaled_start, scaled_weight_tile
 from .fused_linear_tma import (
     TMA_DTYPES,
@@ -167,14 +167,10 @@ def persistent_scaled_lowrank_gemm(
 ) -> torch.Tensor:
     """:func:`scaled_lowrank_gemm` by the persistent TMA kernel, on operands that
     :func:`scaled_unsupported_reason` accepts."""
-    codes = weight.codes
-    M, K = p.shape
-    N = codes.shape[1] if transposed else codes.shape[0]
-    out = p.new_empty(M, N)
-    r = 0 if u is None else u.shape[1]
-    if u is None:
-        u = v = out  # never read: r = 0
-    v_strides = v.stride()[::-1] if transposed else v.stride()  # dX: A (r, N) as stored
+    out, codes, bias, u, v, r, _, _, v_strides = gemm_operands(
+        p, weight.codes, bias, u, v, None, transposed
+    )
+    (M, K), N = p.shape, out.shape[1]
     if p.device.type == "cuda":
         ensure_allocator()
     programs = persistent_programs(p.device)
@@ -191,7 +187,7 @@ def persistent_scaled_lowrank_gemm(
         out,
         p,
         codes.view(torch.uint8),
-        out if bias is None else bias.contiguous(),
+        out if bias is None else bias,
         u,
         v,
         weight.scale.contiguous(),
