@@ -65,7 +65,7 @@ def test_later_launches_of_a_key_skip_the_autotuner_with_its_config(tuned, monke
     )
     args, kwargs = _args(16, 64, 64, 16, torch.bfloat16)
     for _ in range(3):
-        launch.launch(kernel, (4,), *args, **kwargs)
+        launch.launch(kernel, (4,), args, kwargs)
     assert len(autotuner_runs) == 1 and len(kernel.fn.runs) == 3
     first, *later = kernel.fn.runs
     assert all(run == first for run in later)  # same arguments, grid and config
@@ -90,24 +90,24 @@ def test_every_part_of_the_autotuning_key_is_a_new_key(tuned, change):
     kernel, choice = tuned
     base = dict(m=16, n=64, k=64, r=16, dtype=torch.bfloat16)
     args, kwargs = _args(**base)
-    launch.launch(kernel, (1,), *args, **kwargs)
+    launch.launch(kernel, (1,), args, kwargs)
     choice[0] = 2  # the new key tunes to another config
     args, kwargs = _args(**(base | change))
-    launch.launch(kernel, (1,), *args, **kwargs)
-    launch.launch(kernel, (1,), *args, **kwargs)
+    launch.launch(kernel, (1,), args, kwargs)
+    launch.launch(kernel, (1,), args, kwargs)
     assert [run[1]["BLOCK_N"] for run in kernel.fn.runs] == [128, 64, 64]
     args, kwargs = _args(**base)  # and the first key keeps its own
-    launch.launch(kernel, (1,), *args, **kwargs)
+    launch.launch(kernel, (1,), args, kwargs)
     assert kernel.fn.runs[-1][1]["BLOCK_N"] == 128
 
 
 def test_m_within_one_bucket_is_the_same_key(tuned):
     kernel, choice = tuned
     args, kwargs = _args(17, 64, 64, 16, torch.bfloat16)
-    launch.launch(kernel, (1,), *args, **kwargs)
+    launch.launch(kernel, (1,), args, kwargs)
     choice[0] = 2
     args, kwargs = _args(30, 64, 64, 16, torch.bfloat16)
-    launch.launch(kernel, (1,), *args, **kwargs)
+    launch.launch(kernel, (1,), args, kwargs)
     assert [run[1]["BLOCK_N"] for run in kernel.fn.runs] == [128, 128]
 
 
@@ -116,7 +116,7 @@ def test_the_chosen_configs_are_bounded(tuned, monkeypatch):
     monkeypatch.setattr(launch, "_CHOSEN_MAX", 2)
     for k in (32, 48, 64, 80):
         args, kwargs = _args(16, 64, k, 16, torch.bfloat16)
-        launch.launch(kernel, (1,), *args, **kwargs)
+        launch.launch(kernel, (1,), args, kwargs)
         assert len(launch._CHOSEN) <= 2
 
 
@@ -125,7 +125,7 @@ def test_a_stand_in_is_launched_as_a_kernel_every_time():
     args, kwargs = _args(16, 64, 64, 16, torch.float32)
     with LaunchCounter(stub=True) as launches:
         for _ in range(3):
-            launch.launch(fused_linear._fused_lowrank_kernel, (1,), *args, **kwargs)
+            launch.launch(fused_linear._fused_lowrank_kernel, (1,), args, kwargs)
     assert launches.by_kernel == {"_fused_lowrank_kernel": 3}
 
 

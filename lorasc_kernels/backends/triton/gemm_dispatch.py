@@ -339,7 +339,9 @@ def lowrank_gemm(
     variant :data:`DISPATCH` chooses."""
     current = mode or _DEFAULT_MODE[p.is_cuda]  # mode_for(p.is_cuda), without its frame
     if current == "tiled":  # it takes every call: no candidates, no key to build
-        return _run_variant("tiled", p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
+        if isinstance(q, ScaledWeight):
+            return scaled_lowrank_gemm(p, q, bias, u, v, scale, q_transposed, rank_dropout)
+        return tiled_lowrank_gemm(p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
     operands = (p, q, bias, u, v, scale, noise, q_transposed, rank_dropout)
     layout = _layout(p, q, bias, u, v, noise, q_transposed, rank_dropout)
     problem = _PROBLEMS.get(layout)
@@ -348,7 +350,11 @@ def lowrank_gemm(
             _PROBLEMS.clear()
         problem = _PROBLEMS[layout] = _problem(p, q, bias, u, v, noise, q_transposed, rank_dropout)
     options, key = problem
-    variant = DISPATCH.choose(
-        p.device, key, options, lambda variant: _run_variant(variant, *operands), current
-    )
+    # a key measured before: its choice, read here (Dispatch.choose's first step, without
+    # its frame and the closure it is given: host time at every launch of every layer)
+    variant = DISPATCH.chosen.get(key) if current == _MEASURE else None
+    if variant is None:
+        variant = DISPATCH.choose(
+            p.device, key, options, lambda variant: _run_variant(variant, *operands), current
+        )
     return _run_variant(variant, *operands)

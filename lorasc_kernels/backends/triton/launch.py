@@ -57,34 +57,39 @@ def _tuple_getter(positions: list[int]) -> Callable[[tuple], tuple]:
     return lambda args: tuple(args[i] for i in positions)
 
 
-def _signature(kernel: Autotuner, args: tuple, kwargs: dict) -> _Signature:
+def _signature(kernel: Autotuner, args: tuple, constexprs: dict) -> _Signature:
     index = {key: kernel.arg_names.index(key) for key in kernel.keys}
     positional = [i for i in index.values() if i < len(args)]
-    keyword = [key for key, i in index.items() if i >= len(args) and key in kwargs]
+    keyword = [key for key, i in index.items() if i >= len(args) and key in constexprs]
     tensors = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor)]
     return _Signature(_getter(positional), _getter(keyword), _tuple_getter(tensors))
 
 
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, through the autotuner once per autotuning key."""
+def launch(kernel, grid, args: tuple, constexprs: dict) -> None:
+    """``kernel[grid](*args, **constexprs)``, through the autotuner once per autotuning key.
+
+    ``args`` are the kernel's runtime arguments by position, ``constexprs`` its
+    ``tl.constexpr`` parameters (and compile options) by name: handed over as two objects,
+    not spread into this call and gathered again (0.4 µs per launch on this project's CPU).
+    """
     if not isinstance(kernel, Autotuner):  # a plain JIT function, or a stand-in
-        kernel[grid](*args, **kwargs)
+        kernel[grid](*args, **constexprs)
         return
     signature = _SIGNATURES.get(kernel)
     if signature is None:
-        signature = _SIGNATURES[kernel] = _signature(kernel, args, kwargs)
+        signature = _SIGNATURES[kernel] = _signature(kernel, args, constexprs)
     positional, keyword, tensors = signature
     key = (
         kernel,
         None if positional is None else positional(args),
-        None if keyword is None else keyword(kwargs),
+        None if keyword is None else keyword(constexprs),
         tuple(map(_DTYPE, tensors(args))),
     )
     chosen = _CHOSEN.get(key)
     if chosen is not None:
-        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs, **chosen)
+        kernel.fn.run(*args, grid=grid, warmup=False, **constexprs, **chosen)
         return
-    kernel[grid](*args, **kwargs)  # tunes a new key (on a GPU), sets best_config
+    kernel[grid](*args, **constexprs)  # tunes a new key (on a GPU), sets best_config
     config = kernel.best_config
     if config.pre_hook is None:  # a hook runs at each launch: left to the autotuner
         if len(_CHOSEN) >= _CHOSEN_MAX:
