@@ -33,6 +33,7 @@ from .launch import launch
 
 __all__ = [
     "format_fields",
+    "gemm_constexprs",
     "scaled_decoded",
     "scaled_weight_tile",
     "scaled_start",
@@ -49,6 +50,28 @@ def format_fields(weight: ScaledWeight) -> dict:
         "MANTISSA_BITS": entry.mantissa_bits,
         "EXPONENT_BIAS": entry.exponent_bias,
         "HAS_INFINITY": entry.has_infinity,
+    }
+
+
+def gemm_constexprs(
+    weight: ScaledWeight,
+    bias: torch.Tensor | None,
+    transposed: bool,
+    rank_dropout: DropoutSpec | None,
+    r_block: int,
+    precision: str,
+) -> dict:
+    """The constexprs (and compile options) of both scaled-weight GEMM kernels, tiled and
+    persistent, as :func:`.launch.launch` takes them."""
+    return {
+        "HAS_BIAS": bias is not None,
+        "W_TRANSPOSED": transposed,
+        "LORA_DROPOUT": rank_dropout is not None,
+        "R_BLOCK": r_block,
+        "DOT_PRECISION": precision,
+        **format_fields(weight),
+        "INTERPRETING": INTERPRETING,
+        "enable_fp_fusion": False,
     }
 
 
@@ -277,15 +300,6 @@ def scaled_lowrank_gemm(
             scale32,
             *dropout_arguments(rank_dropout),
         ),
-        {
-            "HAS_BIAS": bias is not None,
-            "W_TRANSPOSED": transposed,
-            "LORA_DROPOUT": rank_dropout is not None,
-            "R_BLOCK": r_block,
-            "DOT_PRECISION": precision,
-            **format_fields(weight),
-            "INTERPRETING": INTERPRETING,
-            "enable_fp_fusion": False,
-        },
+        gemm_constexprs(weight, bias, transposed, rank_dropout, r_block, precision),
     )
     return out

@@ -15,9 +15,9 @@ import triton.language as tl
 from ...formats.scaled_weight import ScaledWeight
 from ..specs import DropoutSpec
 from .configs import gemm_scalars, persistent_scaled_configs
-from .device import INTERPRETING, grouped_tile, mma, rank_term
+from .device import grouped_tile, mma, rank_term
 from .fused_linear import dropout_arguments, gemm_operands
-from .fused_linear_scaled import format_fields, scaled_end, scaled_start, scaled_weight_tile
+from .fused_linear_scaled import gemm_constexprs, scaled_end, scaled_start, scaled_weight_tile
 from .fused_linear_tma import (
     TMA_DTYPES,
     aligned,
@@ -205,15 +205,6 @@ def persistent_scaled_lowrank_gemm(
             scale32,
             *dropout_arguments(rank_dropout),
         ),
-        {
-            "HAS_BIAS": bias is not None,
-            "W_TRANSPOSED": transposed,
-            "LORA_DROPOUT": rank_dropout is not None,
-            "R_BLOCK": r_block,
-            "DOT_PRECISION": precision,
-            **format_fields(weight),
-            "INTERPRETING": INTERPRETING,
-            "enable_fp_fusion": False,
-        },
+        gemm_constexprs(weight, bias, transposed, rank_dropout, r_block, precision),
     )
     return out
