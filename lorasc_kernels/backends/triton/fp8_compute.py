@@ -54,7 +54,7 @@ from .device import (
     rank_term,
     round_to,
 )
-from .fused_linear import dropout_arguments
+from .fused_linear import dropout_arguments, gemm_operands
 from .fused_linear_scaled import format_fields
 from .launch import launch
 from .merge_scaled import encode_scaled
@@ -357,16 +357,10 @@ def scaled_rows_gemm(
     with ``q_transposed`` ``deq(a) codes(W) + scale · drop(U V)`` (``v`` (r, N) as stored); the
     contract's primitive.
     ``a`` (M, K) contiguous codes, ``weight`` any strides; ``u = v = None``: no rank term."""
-    codes = weight.codes
-    M, K = a.shape
-    N = codes.shape[1] if q_transposed else codes.shape[0]
-    out = torch.empty(M, N, device=a.device, dtype=out_dtype)
-    r = 0 if u is None else u.shape[1]
-    if u is None:
-        u = v = out  # never read: r = 0
-    b_strides, v_strides = codes.stride(), v.stride()
-    if q_transposed:  # W and A as stored, read transposed
-        b_strides, v_strides = b_strides[::-1], v_strides[::-1]
+    out, codes, bias, u, v, r, _, b_strides, v_strides = gemm_operands(
+        a.codes, weight.codes, bias, u, v, None, q_transposed, out_dtype
+    )
+    (M, K), N = a.shape, out.shape[1]
 
     bucket, scale32, r_block, precision = gemm_scalars(M, r, scale, u.dtype)
 
@@ -382,7 +376,7 @@ def scaled_rows_gemm(
             a.scale.contiguous(),
             codes.view(torch.uint8),
             weight.scale.contiguous(),
-            out if bias is None else bias.contiguous(),  # read with stride 1
+            out if bias is None else bias,
             u,
             v,
             M,

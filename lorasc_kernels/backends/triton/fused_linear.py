@@ -226,19 +226,23 @@ def noisy_weight_pass(
     return out.t() if transposed else out
 
 
-def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool):
+def gemm_operands(p, q, bias, u, v, noise: NoiseSpec | None, q_transposed: bool, out_dtype=None):
     """``(out, q, bias, u, v, r, noise, q_strides, v_strides)`` as the GEMM kernels take
-    them: ``out`` (M, N) empty in ``P``'s dtype; above :data:`NOISE_IN_GEMM_MAX_ROWS` rows
-    ``q`` is the noisy weight of :func:`noisy_weight_pass` and ``noise`` None; without a
-    rank term ``u = v = out`` (never read: ``r = 0``); ``bias`` contiguous (read with stride
-    1). ``q_strides`` ``(n, k)`` and ``v_strides`` ``(n, r)`` are the strides of ``Q`` (N, K)
-    and ``V`` (N, r) as the kernels index them: with ``q_transposed`` ``W`` and ``A``'s,
-    swapped (read transposed without a view). ``q`` may be a scaled weight's codes (then
-    ``noise`` is None)."""
+    them: ``out`` (M, N) empty in ``out_dtype`` (None: ``P``'s dtype); above
+    :data:`NOISE_IN_GEMM_MAX_ROWS` rows ``q`` is the noisy weight of
+    :func:`noisy_weight_pass` and ``noise`` None; without a rank term ``u = v = out`` (never
+    read: ``r = 0``); ``bias`` contiguous (read with stride 1). ``q_strides`` ``(n, k)`` and
+    ``v_strides`` ``(n, r)`` are the strides of ``Q`` (N, K) and ``V`` (N, r) as the kernels
+    index them: with ``q_transposed`` ``W`` and ``A``'s, swapped (read transposed without a
+    view). ``q`` may be a scaled weight's codes (then ``noise`` is None), ``p`` fp8 codes
+    (then ``out_dtype`` is given)."""
     if noise is not None and p.shape[0] > NOISE_IN_GEMM_MAX_ROWS:
         q, noise = noisy_weight_pass(q, noise), None
     # p.new_empty: 0.3 µs less than torch.empty(..., device=, dtype=)
-    out = p.new_empty(p.shape[0], q.shape[1 if q_transposed else 0])
+    rows, cols = p.shape[0], q.shape[1 if q_transposed else 0]
+    out = (
+        p.new_empty(rows, cols) if out_dtype is None else p.new_empty((rows, cols), dtype=out_dtype)
+    )
     r = 0 if u is None else u.shape[1]
     if u is None:
         u = v = out
